@@ -1,0 +1,242 @@
+"""The configuration schema: one source of truth for every key, its default and its meaning.
+
+A run's configuration is the schema's defaults, overlaid by YAML files (in order) and then by
+``--set section.key=value`` overrides. Unknown keys and values outside a key's choices are
+errors that name the valid ones, so a typo never silently falls back to a default.
+
+``configs/default.yaml`` is rendered from this schema (:func:`render_yaml`); a test keeps the two
+in step.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that medeman cannot use."""
+
+
+@dataclass(frozen=True)
+class Option:
+    """One configuration key: its default, a one-line meaning, and the allowed values if fixed."""
+
+    default: Any
+    help: str
+    choices: tuple | None = None
+
+
+SCHEMA: dict[str, dict[str, Option]] = {
+    "data": {
+        "spacing": Option([1.5, 1.5, 1.5], "target voxel spacing in mm (x, y, z) after resampling; null keeps each scan's own"),
+        "patch_size": Option([96, 96, 96], "training patch size in voxels (x, y, z); validation and inference use it as the sliding window"),
+        "modality": Option("CT", "intensity normalization: CT clips to intensity_window and scales to [0, 1]; MR z-scores each scan on its foreground", ("CT", "MR")),
+        "intensity_window": Option([-175.0, 250.0], "CT window in HU [low, high] clipped and scaled to [0, 1] (ignored for MR)"),
+        "num_classes": Option(2, "number of classes including background; label values must lie in 0..num_classes-1"),
+        "in_channels": Option(1, "image channels per case (nnU-Net _0000, _0001, ... files grouped into one case)"),
+        "val_fraction": Option(0.2, "fraction of labeled cases held out for validation when no --val folder is given"),
+        "split_seed": Option(0, "seed of the deterministic train/validation split"),
+        "cache": Option("memory", "cache of preprocessed volumes: memory (CacheDataset), disk (PersistentDataset) or none", ("memory", "disk", "none")),
+        "cache_dir": Option(None, "folder for the disk cache; null means <run dir>/cache"),
+        "batch_size_labeled": Option(2, "labeled patches per training step"),
+        "batch_size_unlabeled": Option(2, "unlabeled patches (weak+strong view pairs) per training step"),
+        "num_workers": Option(4, "DataLoader worker processes for training batches"),
+        "pos_fraction": Option(0.67, "fraction of labeled patches centred on foreground (RandCropByPosNegLabeld)"),
+        "flip_prob": Option(0.5, "probability of a flip per axis, applied identically to both unlabeled views"),
+        "rotate90_prob": Option(0.25, "probability of an axial 90-degree rotation, identical for both views"),
+        "affine_prob": Option(0.0, "probability of a small random affine (rotation/scale), identical for both views"),
+        "strong_noise_std": Option(0.1, "std of the Gaussian noise of the strong view (normalized intensity units)"),
+        "strong_contrast": Option([0.7, 1.5], "gamma range of the strong view's contrast adjustment"),
+        "strong_blur_sigma": Option([0.5, 1.0], "sigma range in voxels of the strong view's Gaussian blur"),
+        "strong_brightness": Option(0.1, "max absolute intensity shift of the strong view"),
+        "strong_cutout": Option(False, "cut out random boxes of the strong view"),
+        "unlabeled_from_imagesTs": Option(False, "nnU-Net/MSD layout: use imagesTs as unlabeled scans"),
+    },
+    "model": {
+        "name": Option("unet", "student architecture from MONAI, always built with BatchNorm", ("unet", "basicunet", "vnet", "segresnet", "dynunet")),
+        "channels": Option([16, 32, 64, 128, 256], "feature channels per resolution level (UNet, DynUNet; BasicUNet takes 6, SegResNet uses the first as init_filters)"),
+        "num_res_units": Option(2, "residual units per UNet block"),
+        "dropout": Option(0.0, "dropout probability in the student (and hence the teacher)"),
+    },
+    "ssl": {
+        "method": Option("mean_teacher", "supervised (labeled data only, the baseline) or mean_teacher", ("supervised", "mean_teacher")),
+        "teacher_norm": Option("eman", "teacher normalization: eman (EMA'd running statistics, Cai et al. 2021) or bn (batch statistics, classic mean teacher)", ("eman", "bn")),
+        "ema_momentum": Option(0.99, "EMA momentum m of teacher weights (and EMAN statistics): theta' <- m theta' + (1-m) theta"),
+        "momentum_warmup": Option(True, "use min(1 - 1/(step+1), ema_momentum) so the teacher follows the student early on"),
+        "consistency": Option("mse", "consistency loss between student and teacher softmax: mse, kl or none", ("mse", "kl", "none")),
+        "consistency_weight": Option(1.0, "weight lambda of the unsupervised losses at the end of the ramp-up"),
+        "pseudo_label_threshold": Option(None, "teacher confidence above which a voxel's argmax is a pseudo-label; null turns pseudo-labels off"),
+        "pseudo_label_weight": Option(1.0, "weight of the pseudo-label loss relative to the consistency loss"),
+        "pseudo_label_dice": Option(False, "add a masked Dice term to the pseudo-label cross-entropy"),
+        "rampup_steps": Option(1000, "steps of the sigmoid ramp-up exp(-5(1-t)^2) of the unsupervised weight"),
+        "warmup_steps": Option(0, "supervised-only steps before the unsupervised losses start ramping up"),
+    },
+    "train": {
+        "max_steps": Option(20000, "optimizer steps of the whole run"),
+        "lr": Option(1e-3, "learning rate"),
+        "optimizer": Option("adamw", "optimizer", ("adamw", "adam", "sgd")),
+        "weight_decay": Option(1e-5, "weight decay"),
+        "lr_schedule": Option("poly", "learning-rate schedule over max_steps: poly (power 0.9), cosine or constant", ("poly", "cosine", "constant")),
+        "val_every_steps": Option(500, "validate teacher and student on whole volumes every this many steps"),
+        "precision": Option("32", "Lightning precision: 32, bf16-mixed or 16-mixed", ("32", "bf16-mixed", "16-mixed")),
+        "accumulate_grad_batches": Option(1, "batches per optimizer step"),
+        "seed": Option(0, "global seed (python, numpy, torch, dataloader workers)"),
+        "accelerator": Option("auto", "Lightning accelerator: auto uses a GPU when present", ("auto", "cpu", "gpu")),
+        "devices": Option(1, "devices per node"),
+        "num_nodes": Option(1, "nodes"),
+        "strategy": Option("auto", "Lightning strategy (auto, ddp, ...)"),
+        "sync_batchnorm": Option(True, "convert the student's BatchNorm to SyncBatchNorm on more than one GPU"),
+        "log_every_steps": Option(10, "log training losses every this many steps"),
+    },
+    "infer": {
+        "sw_batch_size": Option(4, "sliding-window patches per forward pass"),
+        "overlap": Option(0.5, "sliding-window overlap fraction"),
+        "tta": Option(False, "average the softmax over flips along each axis"),
+        "precision": Option("32", "inference precision: 32 or bf16 (autocast where supported)", ("32", "bf16")),
+    },
+    "tune": {
+        "ema_momentum": Option([0.9, 0.9999], "EMA momentum range, sampled log-uniformly on 1 - m"),
+        "consistency_weight": Option([0.01, 100.0], "consistency weight range, log-uniform"),
+        "pseudo_label_threshold": Option(None, "pseudo-label threshold range [low, high]; null leaves it out of the search"),
+        "rampup_steps": Option(None, "ramp-up length range [low, high]; null leaves it out of the search"),
+        "max_steps": Option(None, "steps per trial; null uses train.max_steps"),
+        "sampler_seed": Option(0, "seed of the TPE sampler"),
+        "pruner_warmup_steps": Option(0, "validation reports before a trial may be pruned"),
+        "n_startup_trials": Option(5, "trials before the pruner starts pruning"),
+    },
+}
+
+
+def default_config() -> dict[str, dict[str, Any]]:
+    """Return a fresh nested dict of every key's default."""
+    return {section: {key: copy.deepcopy(opt.default) for key, opt in options.items()} for section, options in SCHEMA.items()}
+
+
+def _valid_keys() -> list[str]:
+    return [f"{section}.{key}" for section, options in SCHEMA.items() for key in options]
+
+
+def _unknown(name: str, where: str) -> ConfigError:
+    return ConfigError(f"{where}: unknown config key '{name}'. Valid keys: {', '.join(_valid_keys())}")
+
+
+def merge(cfg: dict, overlay: Mapping, where: str = "config") -> dict:
+    """Overlay a nested mapping onto ``cfg`` in place, rejecting unknown sections and keys."""
+    if overlay is None:
+        return cfg
+    if not isinstance(overlay, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of sections ({', '.join(SCHEMA)}), got {type(overlay).__name__}")
+    for section, values in overlay.items():
+        if section not in SCHEMA:
+            raise _unknown(str(section), where)
+        if values is None:
+            continue
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{where}: section '{section}' must be a mapping of keys, got {values!r}")
+        for key, value in values.items():
+            if key not in SCHEMA[section]:
+                raise _unknown(f"{section}.{key}", where)
+            cfg[section][key] = value
+    return cfg
+
+
+def parse_set(item: str) -> tuple[str, str, Any]:
+    """Parse one ``section.key=value`` override; the value is read as YAML (numbers, lists, null)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. ssl.ema_momentum=0.999")
+    name, raw = item.split("=", 1)
+    parts = name.strip().split(".")
+    if len(parts) != 2 or parts[0] not in SCHEMA or parts[1] not in SCHEMA[parts[0]]:
+        raise _unknown(name.strip(), "--set")
+    return parts[0], parts[1], yaml.safe_load(raw)
+
+
+def validate(cfg: dict) -> dict:
+    """Check choices and basic value constraints; return ``cfg``."""
+    for section, options in SCHEMA.items():
+        for key, opt in options.items():
+            value = cfg[section][key]
+            if opt.choices is not None:
+                value = str(value) if key == "precision" else value
+                cfg[section][key] = value
+                if value not in opt.choices:
+                    raise ConfigError(f"{section}.{key}: {value!r} is not one of {', '.join(map(str, opt.choices))}")
+    m = cfg["ssl"]["ema_momentum"]
+    if not isinstance(m, (int, float)) or not 0.0 <= m <= 1.0:
+        raise ConfigError(f"ssl.ema_momentum: {m!r} must be a number in [0, 1]")
+    thr = cfg["ssl"]["pseudo_label_threshold"]
+    if thr is not None and not (isinstance(thr, (int, float)) and 0.0 <= thr <= 1.0):
+        raise ConfigError(f"ssl.pseudo_label_threshold: {thr!r} must be null or a number in [0, 1]")
+    if int(cfg["data"]["num_classes"]) < 2:
+        raise ConfigError("data.num_classes must be at least 2 (background and one structure)")
+    for key in ("patch_size",):
+        value = cfg["data"][key]
+        if not (isinstance(value, (list, tuple)) and len(value) == 3 and all(int(v) > 0 for v in value)):
+            raise ConfigError(f"data.{key}: {value!r} must be three positive integers")
+    spacing = cfg["data"]["spacing"]
+    if spacing is not None and not (isinstance(spacing, (list, tuple)) and len(spacing) == 3 and all(float(v) > 0 for v in spacing)):
+        raise ConfigError(f"data.spacing: {spacing!r} must be null or three positive numbers (mm)")
+    for key in ("max_steps", "val_every_steps", "accumulate_grad_batches"):
+        if int(cfg["train"][key]) < 1:
+            raise ConfigError(f"train.{key} must be a positive integer, got {cfg['train'][key]!r}")
+    return cfg
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Read a YAML file with ``yaml.safe_load``, turning read and syntax errors into ConfigError."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return yaml.safe_load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+
+
+def load_config(paths: Iterable[str | Path] = (), sets: Iterable[str] = ()) -> dict:
+    """Build a run's configuration: defaults, then each YAML file in order, then ``--set`` overrides.
+
+    Args:
+        paths: YAML files, each a partial config (sections and keys of :data:`SCHEMA`).
+        sets: ``section.key=value`` strings; values are parsed as YAML.
+
+    Returns:
+        The resolved, validated nested dict.
+
+    Raises:
+        ConfigError: on an unreadable file, an unknown key (listing the valid ones) or a bad value.
+    """
+    cfg = default_config()
+    for path in paths:
+        merge(cfg, read_yaml(path), where=str(path))
+    for item in sets:
+        section, key, value = parse_set(item)
+        cfg[section][key] = value
+    return validate(cfg)
+
+
+def render_yaml(cfg: dict | None = None) -> str:
+    """Render a config as YAML with each key's one-line meaning as a comment."""
+    cfg = default_config() if cfg is None else cfg
+    lines = ["# medeman configuration: every key, its default and its meaning (rendered from medeman/config.py)."]
+    for section, options in SCHEMA.items():
+        lines.append(f"{section}:")
+        for key, opt in options.items():
+            value = yaml.safe_dump(cfg[section][key], default_flow_style=True, width=1000).strip()
+            if value.endswith("\n..."):
+                value = value[: -len("\n...")]
+            value = value.removesuffix("...").strip()
+            choices = f" [{' | '.join(map(str, opt.choices))}]" if opt.choices else ""
+            lines.append(f"  {key}: {value}  # {opt.help}{choices}")
+    return "\n".join(lines) + "\n"
+
+
+def save_config(cfg: dict, path: str | Path) -> None:
+    """Write the resolved config as commented YAML."""
+    Path(path).write_text(render_yaml(cfg), encoding="utf-8")
