@@ -1,0 +1,75 @@
+"""Network factory: the student architectures medeman trains, always built with BatchNorm.
+
+EMAN needs BatchNorm with running statistics, and a mean-teacher ablation (``teacher_norm: bn``)
+needs it too, so every network here is built with ``norm="batch"`` whatever MONAI's default is
+(InstanceNorm for UNet, GroupNorm for SegResNet).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from monai.networks.nets import BasicUNet, DynUNet, SegResNet, UNet, VNet
+from torch import nn
+
+NETWORKS = ("unet", "basicunet", "vnet", "segresnet", "dynunet")
+
+
+def build_network(cfg: dict[str, Any]) -> nn.Module:
+    """Build the student network described by ``cfg["model"]`` for ``cfg["data"]``'s channels and classes.
+
+    Args:
+        cfg: a resolved medeman config (see :mod:`medeman.config`).
+
+    Returns:
+        A MONAI 3D network with BatchNorm that maps ``(B, in_channels, X, Y, Z)`` to
+        ``(B, num_classes, X, Y, Z)`` logits.
+    """
+    model, data = cfg["model"], cfg["data"]
+    name = model["name"]
+    in_ch, out_ch = int(data["in_channels"]), int(data["num_classes"])
+    channels = [int(c) for c in model["channels"]]
+    dropout = float(model["dropout"])
+    if name == "unet":
+        if len(channels) < 2:
+            raise ValueError("model.channels needs at least two levels for unet")
+        return UNet(
+            spatial_dims=3, in_channels=in_ch, out_channels=out_ch, channels=channels,
+            strides=[2] * (len(channels) - 1), num_res_units=int(model["num_res_units"]),
+            norm="batch", dropout=dropout,
+        )
+    if name == "basicunet":
+        features = channels if len(channels) == 6 else _basicunet_features(channels)
+        return BasicUNet(spatial_dims=3, in_channels=in_ch, out_channels=out_ch, features=features, norm="batch", dropout=dropout)
+    if name == "vnet":  # MONAI's VNet is BatchNorm-only with fixed widths (16, 32, 64, 128, 256)
+        return VNet(spatial_dims=3, in_channels=in_ch, out_channels=out_ch,
+                    dropout_prob_down=dropout or None, dropout_prob_up=(dropout or None, dropout))
+    if name == "segresnet":
+        return SegResNet(spatial_dims=3, init_filters=channels[0], in_channels=in_ch, out_channels=out_ch,
+                         norm="batch", dropout_prob=dropout or None)
+    if name == "dynunet":
+        n = len(channels)
+        return DynUNet(
+            spatial_dims=3, in_channels=in_ch, out_channels=out_ch, kernel_size=[3] * n,
+            strides=[1] + [2] * (n - 1), upsample_kernel_size=[2] * (n - 1), filters=channels,
+            norm_name="batch", dropout=dropout or None, res_block=True,
+        )
+    raise ValueError(f"unknown model.name {name!r}: choose one of {', '.join(NETWORKS)}")
+
+
+def _basicunet_features(channels: list[int]) -> list[int]:
+    if len(channels) < 4:
+        raise ValueError("model.channels for basicunet needs 6 values, or at least 4 to derive them from")
+    return [channels[0], channels[0], channels[1], channels[2], channels[3], channels[0]]
+
+
+def size_divisor(cfg: dict[str, Any]) -> int:
+    """The factor every patch side must be divisible by for the network's down-sampling."""
+    name, levels = cfg["model"]["name"], len(cfg["model"]["channels"])
+    if name == "vnet":
+        return 16
+    if name == "basicunet":
+        return 16
+    if name == "segresnet":
+        return 8
+    return 2 ** (levels - 1)
