@@ -1,8 +1,9 @@
 """Network factory: the student architectures medeman trains, always built with BatchNorm.
 
 EMAN needs BatchNorm with running statistics, and a mean-teacher ablation (``teacher_norm: bn``)
-needs it too, so every network here is built with ``norm="batch"`` whatever MONAI's default is
-(InstanceNorm for UNet, GroupNorm for SegResNet).
+needs it too, so every network here is built with ``model.norm: batch`` (the default) whatever
+MONAI's default is (InstanceNorm for UNet, GroupNorm for SegResNet). ``model.norm: instance`` exists
+for supervised baselines; VNet is BatchNorm-only.
 """
 
 from __future__ import annotations
@@ -30,29 +31,30 @@ def build_network(cfg: dict[str, Any]) -> nn.Module:
     in_ch, out_ch = int(data["in_channels"]), int(data["num_classes"])
     channels = [int(c) for c in model["channels"]]
     dropout = float(model["dropout"])
+    norm = model.get("norm", "batch")
     if name == "unet":
         if len(channels) < 2:
             raise ValueError("model.channels needs at least two levels for unet")
         return UNet(
             spatial_dims=3, in_channels=in_ch, out_channels=out_ch, channels=channels,
             strides=[2] * (len(channels) - 1), num_res_units=int(model["num_res_units"]),
-            norm="batch", dropout=dropout,
+            norm=norm, dropout=dropout,
         )
     if name == "basicunet":
         features = channels if len(channels) == 6 else _basicunet_features(channels)
-        return BasicUNet(spatial_dims=3, in_channels=in_ch, out_channels=out_ch, features=features, norm="batch", dropout=dropout)
+        return BasicUNet(spatial_dims=3, in_channels=in_ch, out_channels=out_ch, features=features, norm=norm, dropout=dropout)
     if name == "vnet":  # MONAI's VNet is BatchNorm-only with fixed widths (16, 32, 64, 128, 256)
         return VNet(spatial_dims=3, in_channels=in_ch, out_channels=out_ch,
                     dropout_prob_down=dropout or None, dropout_prob_up=(dropout or None, dropout))
     if name == "segresnet":
         return SegResNet(spatial_dims=3, init_filters=channels[0], in_channels=in_ch, out_channels=out_ch,
-                         norm="batch", dropout_prob=dropout or None)
+                         norm=norm, dropout_prob=dropout or None)
     if name == "dynunet":
         n = len(channels)
         return DynUNet(
             spatial_dims=3, in_channels=in_ch, out_channels=out_ch, kernel_size=[3] * n,
             strides=[1] + [2] * (n - 1), upsample_kernel_size=[2] * (n - 1), filters=channels,
-            norm_name="batch", dropout=dropout or None, res_block=True,
+            norm_name=norm, dropout=dropout or None, res_block=True,
         )
     raise ValueError(f"unknown model.name {name!r}: choose one of {', '.join(NETWORKS)}")
 

@@ -1,0 +1,184 @@
+"""The LightningModule: a student trained on labeled patches (Dice+CE) and, as a mean teacher, on
+unlabeled patches through an EMA teacher with EMAN (Cai et al., CVPR 2021).
+
+One training step::
+
+    student(labeled image ++ strong view)   -> supervised DiceCE on the labeled half
+    teacher(weak view), no grad              -> probabilities p_t
+    lambda(t) * [consistency(student_strong, p_t) + w_pl * pseudo_label_loss(student_strong, p_t)]
+    optimizer step, then update_teacher(teacher, student, momentum_at(step))
+
+The method is chosen by config only (``ssl.method``, ``ssl.teacher_norm``), so ablations differ
+in configuration, not code.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from monai.inferers import sliding_window_inference
+from monai.losses import DiceCELoss
+from monai.metrics import DiceMetric, HausdorffDistanceMetric
+from torch import nn
+
+from medeman.eman import make_teacher, momentum_at, update_teacher
+from medeman.losses import (
+    CONSISTENCY_LOSSES,
+    masked_cross_entropy,
+    masked_dice,
+    unsupervised_weight,
+    voxel_pseudo_labels,
+)
+from medeman.nets import build_network
+
+
+class SSLSegModule(pl.LightningModule):
+    """Mean teacher (or supervised baseline) for 3D segmentation.
+
+    Args:
+        cfg: resolved medeman config (:mod:`medeman.config`).
+        sync_batchnorm: convert the student's BatchNorm to SyncBatchNorm (multi-GPU). The teacher
+            is made before the conversion, so its EMAN layers never synchronize.
+
+    Examples:
+        >>> from medeman.config import load_config
+        >>> module = SSLSegModule(load_config(sets=["model.channels=[4,8]"]))
+        >>> module.teacher is not None
+        True
+    """
+
+    def __init__(self, cfg: dict[str, Any], sync_batchnorm: bool = False):
+        super().__init__()
+        self.save_hyperparameters({"cfg": cfg})
+        self.cfg = cfg
+        self.ssl = cfg["ssl"]
+        self.num_classes = int(cfg["data"]["num_classes"])
+        self.student = build_network(cfg)
+        self.teacher: nn.Module | None = None
+        if self.ssl["method"] == "mean_teacher":
+            self.teacher = make_teacher(self.student, norm=self.ssl["teacher_norm"])
+        if sync_batchnorm:
+            self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
+        self.supervised_loss = DiceCELoss(to_onehot_y=True, softmax=True)
+        self.consistency_loss = CONSISTENCY_LOSSES.get(self.ssl["consistency"])
+        self.dice_metrics = {name: DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=False) for name in ("teacher", "student")}
+        self.hd95_metrics = {name: HausdorffDistanceMetric(include_background=False, percentile=95, reduction="mean_batch") for name in ("teacher", "student")}
+
+    # ---- training ----------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        labeled = batch["labeled"]
+        image, label = labeled["image"], labeled["label"]
+        unlabeled = batch.get("unlabeled") if self.teacher is not None else None
+        step = self.global_step
+        weight = 0.0
+        if unlabeled is not None:
+            weight = unsupervised_weight(step, self.ssl["consistency_weight"], self.ssl["rampup_steps"], self.ssl["warmup_steps"])
+        n_labeled = image.shape[0]
+        if weight > 0.0:
+            logits = self.student(torch.cat([image, unlabeled["strong"]]))
+            labeled_logits, strong_logits = logits[:n_labeled], logits[n_labeled:]
+        else:  # supervised-only warm-up (or baseline): skip the unlabeled passes entirely
+            labeled_logits, strong_logits = self.student(image), None
+        sup = self.supervised_loss(labeled_logits.float(), label)
+        loss = sup
+        logs = {"loss/sup": sup.detach()}
+        if strong_logits is not None:
+            unsup = self._unsupervised_loss(strong_logits, unlabeled["weak"], logs)
+            loss = loss + weight * unsup
+            logs["loss/unsup"] = unsup.detach()
+        logs["loss/total"] = loss.detach()
+        logs["ssl/weight"] = torch.tensor(weight)
+        batch_size = n_labeled
+        self.log_dict(logs, on_step=True, on_epoch=False, batch_size=batch_size)
+        self.log("sup", sup.detach(), prog_bar=True, on_step=True, on_epoch=False, logger=False, batch_size=batch_size)
+        if "loss/unsup" in logs:
+            self.log("unsup", logs["loss/unsup"], prog_bar=True, on_step=True, on_epoch=False, logger=False, batch_size=batch_size)
+        return loss
+
+    def _unsupervised_loss(self, strong_logits: torch.Tensor, weak: torch.Tensor, logs: dict) -> torch.Tensor:
+        with torch.no_grad():
+            teacher_probs = torch.softmax(self.teacher(weak).float(), dim=1)
+        total = strong_logits.new_zeros((), dtype=torch.float32)
+        if self.consistency_loss is not None:
+            consistency = self.consistency_loss(strong_logits, teacher_probs)
+            logs["loss/consistency"] = consistency.detach()
+            total = total + consistency
+        threshold = self.ssl["pseudo_label_threshold"]
+        if threshold is not None:
+            labels, mask = voxel_pseudo_labels(teacher_probs, float(threshold))
+            pseudo = masked_cross_entropy(strong_logits, labels, mask)
+            if self.ssl["pseudo_label_dice"]:
+                pseudo = pseudo + masked_dice(strong_logits, labels, mask)
+            logs["loss/pseudo_label"] = pseudo.detach()
+            logs["ssl/pseudo_label_fraction"] = mask.float().mean()
+            total = total + float(self.ssl["pseudo_label_weight"]) * pseudo
+        return total
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """Step the optimizer, then EMA-update the teacher (so accumulation steps never update it)."""
+        super().optimizer_step(*args, **kwargs)
+        if self.teacher is not None:
+            momentum = momentum_at(self.global_step, self.ssl["ema_momentum"], self.ssl["momentum_warmup"])
+            update_teacher(self.teacher, self.student, momentum)
+
+    def configure_optimizers(self):
+        train = self.cfg["train"]
+        params = self.student.parameters()
+        lr, wd = float(train["lr"]), float(train["weight_decay"])
+        if train["optimizer"] == "sgd":
+            optimizer = torch.optim.SGD(params, lr=lr, momentum=0.99, nesterov=True, weight_decay=wd)
+        elif train["optimizer"] == "adam":
+            optimizer = torch.optim.Adam(params, lr=lr, weight_decay=wd)
+        else:
+            optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+        total = max(int(train["max_steps"]), 1)
+        schedules = {
+            "poly": lambda s: (1.0 - min(s, total) / total) ** 0.9,
+            "cosine": lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, total) / total)),
+            "constant": lambda s: 1.0,
+        }
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules[train["lr_schedule"]])
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- validation: whole volumes, teacher and student -----------------------------------------
+    def _networks(self) -> dict[str, nn.Module]:
+        nets = {"student": self.student}
+        if self.teacher is not None:
+            nets["teacher"] = self.teacher
+        return nets
+
+    def predict_logits(self, net: nn.Module, image: torch.Tensor) -> torch.Tensor:
+        """Sliding-window logits over a whole volume with Gaussian blending."""
+        infer = self.cfg["infer"]
+        return sliding_window_inference(
+            image, roi_size=[int(s) for s in self.cfg["data"]["patch_size"]], sw_batch_size=int(infer["sw_batch_size"]),
+            predictor=net, overlap=float(infer["overlap"]), mode="gaussian",
+        )
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        image, label = batch["image"], batch["label"]
+        onehot_label = nn.functional.one_hot(label[:, 0].long(), self.num_classes).movedim(-1, 1)
+        spacing = self.cfg["data"]["spacing"]
+        for name, net in self._networks().items():
+            logits = self.predict_logits(net, image)
+            pred = nn.functional.one_hot(logits.argmax(1), self.num_classes).movedim(-1, 1)
+            self.dice_metrics[name](pred, onehot_label)
+            self.hd95_metrics[name](pred, onehot_label, spacing=spacing)
+
+    def on_validation_epoch_end(self) -> None:
+        results = {name: (self.dice_metrics[name].aggregate(), self.hd95_metrics[name].aggregate()) for name in self._networks()}
+        if self.teacher is None:  # supervised baseline: the student is the deployed model, logged as both
+            results["teacher"] = results["student"]
+        for name, (dice, hd95) in results.items():
+            dice = dice.to(self.device).float()
+            hd95 = hd95.to(self.device).float()
+            hd95 = torch.where(torch.isfinite(hd95), hd95, torch.full_like(hd95, float("nan")))
+            self.log(f"val/dice_{name}", dice.mean(), prog_bar=name == "teacher", sync_dist=True)
+            self.log(f"val/hd95_{name}", hd95.nanmean(), sync_dist=True)
+            for c, value in enumerate(dice, start=1):
+                self.log(f"val/dice_{name}_class{c}", value, sync_dist=True)
+        for metric in (*self.dice_metrics.values(), *self.hd95_metrics.values()):
+            metric.reset()

@@ -1,0 +1,248 @@
+"""Training entry point: config + folders -> Lightning run -> run folder with ``teacher.pt``.
+
+Run folder layout::
+
+    config.yaml           resolved configuration (commented, loads with --config)
+    split.json            train/validation split of the labeled cases (when no --val folder)
+    teacher.pt            best teacher by val/dice_teacher: state_dict + config (weights_only-safe)
+    metrics.csv           every logged value (CSVLogger)
+    tensorboard/          TensorBoard event files
+    checkpoints/          Lightning checkpoints: best-*.ckpt and last.ckpt (for --resume)
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from medeman.checkpoint import save_teacher
+from medeman.config import ConfigError, load_config, save_config
+
+RUN_OUTPUTS = ("config.yaml", "split.json", "teacher.pt", "metrics.csv", "hparams.yaml", "tensorboard", "checkpoints", "cache")
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports."""
+
+    run_dir: Path
+    best_dice_teacher: float
+    last_dice_teacher: float
+    last_dice_student: float
+    steps: int
+
+
+class TeacherExport(Callback):
+    """Writes ``teacher.pt`` whenever ``val/dice_teacher`` improves (the model users deploy)."""
+
+    def __init__(self, path: Path, cfg: dict):
+        self.path, self.cfg = Path(path), cfg
+        self.best = -math.inf
+        self.last: dict[str, float] = {}
+
+    def _export(self, trainer: pl.Trainer, module: pl.LightningModule, score: float) -> None:
+        if trainer.is_global_zero:
+            net = module.teacher if module.teacher is not None else module.student
+            save_teacher(self.path, net, self.cfg, step=trainer.global_step, val_dice_teacher=score)
+
+    def on_validation_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        self.last = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/dice_")}
+        score = self.last.get("val/dice_teacher", math.nan)
+        if not math.isnan(score) and score > self.best:
+            self.best = score
+            self._export(trainer, module, score)
+
+    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if not self.path.exists():  # never validated: still leave a usable model
+            self._export(trainer, module, math.nan)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best = float(state_dict["best"])
+
+
+def _multi_gpu(cfg: dict) -> bool:
+    train = cfg["train"]
+    gpu = train["accelerator"] in ("gpu", "auto") and torch.cuda.is_available()
+    devices = train["devices"]
+    many = (devices == -1 or (isinstance(devices, int) and devices > 1) or isinstance(devices, (list, tuple)) and len(devices) > 1)
+    return gpu and (many or int(train["num_nodes"]) > 1)
+
+
+def _sync_batchnorm(cfg: dict) -> bool:
+    train = cfg["train"]
+    if not train["sync_batchnorm"]:
+        return False
+    if _multi_gpu(cfg):
+        return True
+    devices = train["devices"]
+    if (isinstance(devices, int) and devices > 1) or int(train["num_nodes"]) > 1:
+        warnings.warn(
+            "train.sync_batchnorm is on but this multi-process run is on CPU, where PyTorch refuses SyncBatchNorm: "
+            "the student keeps plain BatchNorm (per-process statistics) and DDP broadcasts rank 0's BN buffers, "
+            "so the EMAN statistics the teacher averages are rank 0's.",
+            stacklevel=2,
+        )
+    return False
+
+
+def prepare_run_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Create the run folder; refuse to clobber an earlier run unless resuming or ``overwrite``."""
+    existing = [name for name in RUN_OUTPUTS if (out_dir / name).exists()]
+    if resume:
+        if not (out_dir / "checkpoints" / "last.ckpt").is_file():
+            raise ConfigError(f"{out_dir}: nothing to resume (no checkpoints/last.ckpt); start a new run without --resume")
+        return
+    if existing and not overwrite:
+        raise ConfigError(
+            f"{out_dir} already holds a run ({', '.join(existing)}); pass --resume to continue it, "
+            "--overwrite to replace it, or choose another --out"
+        )
+    for name in existing:
+        path = out_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def fit(
+    cfg: dict,
+    labeled: str | Path,
+    unlabeled: str | Path | None = None,
+    val: str | Path | None = None,
+    out_dir: str | Path = "runs/medeman",
+    *,
+    callbacks: Iterable[Callback] = (),
+    resume: bool = False,
+    overwrite: bool = False,
+    progress_bar: bool = True,
+    logger: bool = True,
+) -> TrainResult:
+    """Train a model as ``cfg`` says and leave a run folder (see module docstring).
+
+    Args:
+        cfg: resolved config from :func:`medeman.config.load_config`.
+        labeled: labeled cohort (``images/`` + ``labels/``, an MSD ``dataset.json`` or nnU-Net folder).
+        unlabeled: folder of unlabeled scans (required for ``mean_teacher``).
+        val: optional labeled validation cohort; without it a split of ``labeled`` is used.
+        out_dir: run folder.
+        callbacks: extra Lightning callbacks (e.g. Optuna's pruning callback).
+        resume: continue from ``out_dir/checkpoints/last.ckpt`` with the teacher restored exactly.
+        overwrite: replace an earlier run's outputs in ``out_dir``.
+        progress_bar: show Lightning's progress bar.
+        logger: write ``metrics.csv`` and TensorBoard logs.
+
+    Raises:
+        ConfigError: inconsistent config or run folder. ``DataError``: bad input data.
+    """
+    from medeman.data import SSLDataModule  # imported late: the data stack is heavy
+    from medeman.module import SSLSegModule
+
+    out_dir = Path(out_dir)
+    if cfg["ssl"]["method"] == "mean_teacher" and unlabeled is None:
+        raise ConfigError("ssl.method=mean_teacher needs unlabeled scans: pass --unlabeled DIR, or use ssl.method=supervised")
+    if cfg["ssl"]["method"] == "mean_teacher" and cfg["model"]["norm"] != "batch":
+        raise ConfigError(
+            f"ssl.teacher_norm={cfg['ssl']['teacher_norm']} needs a BatchNorm network, but model.norm={cfg['model']['norm']} "
+            "(InstanceNorm has no running statistics for EMAN to average): set model.norm=batch"
+        )
+    prepare_run_dir(out_dir, resume, overwrite)
+    pl.seed_everything(int(cfg["train"]["seed"]), workers=True, verbose=False)
+    datamodule = SSLDataModule(cfg, labeled=labeled, unlabeled=unlabeled if cfg["ssl"]["method"] == "mean_teacher" else None, val=val, run_dir=out_dir)
+    datamodule.setup("fit")  # every data check runs here, before any training
+    if not resume:
+        save_config(cfg, out_dir / "config.yaml")
+    module = SSLSegModule(cfg, sync_batchnorm=_sync_batchnorm(cfg))
+    export = TeacherExport(out_dir / "teacher.pt", cfg)
+    checkpoint = ModelCheckpoint(
+        dirpath=out_dir / "checkpoints", filename="best-step{step}", monitor="val/dice_teacher", mode="max",
+        save_last=True, save_top_k=1, auto_insert_metric_name=False,
+    )
+    loggers = [CSVLogger(out_dir, name="", version=""), TensorBoardLogger(out_dir, name="tensorboard", version="")] if logger else False
+    train = cfg["train"]
+    trainer = pl.Trainer(
+        accelerator=train["accelerator"], devices=train["devices"], num_nodes=int(train["num_nodes"]),
+        strategy=train["strategy"], precision=train["precision"], max_steps=int(train["max_steps"]), max_epochs=-1,
+        accumulate_grad_batches=int(train["accumulate_grad_batches"]), check_val_every_n_epoch=1,
+        num_sanity_val_steps=0, log_every_n_steps=int(train["log_every_steps"]),
+        callbacks=[checkpoint, export, *callbacks], logger=loggers, default_root_dir=out_dir,
+        enable_progress_bar=progress_bar, enable_model_summary=False, use_distributed_sampler=False,
+    )
+    ckpt_path = out_dir / "checkpoints" / "last.ckpt" if resume else None
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True if resume else None)
+    return TrainResult(
+        run_dir=out_dir,
+        best_dice_teacher=export.best if export.best > -math.inf else math.nan,
+        last_dice_teacher=export.last.get("val/dice_teacher", math.nan),
+        last_dice_student=export.last.get("val/dice_student", math.nan),
+        steps=trainer.global_step,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medeman train",
+        description="Train a 3D segmentation model from labeled and unlabeled scans: mean teacher with EMAN (or a baseline).",
+    )
+    parser.add_argument("--labeled", required=True, help="labeled cohort: images/ + labels/, an MSD dataset.json, or an nnU-Net raw folder")
+    parser.add_argument("--unlabeled", help="folder of unlabeled scans (searched recursively)")
+    parser.add_argument("--val", help="labeled validation cohort (default: a split of --labeled)")
+    parser.add_argument("--config", action="append", default=[], help="YAML config; repeat to overlay (e.g. sample.yaml then mt_bn.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one key, e.g. ssl.ema_momentum=0.999")
+    parser.add_argument("--out", default="runs/medeman", help="run folder (default: runs/medeman)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
+    parser.add_argument("--seed", type=int, help="shorthand for --set train.seed=N")
+    parser.add_argument("--devices", help="shorthand for --set train.devices=N")
+    parser.add_argument("--strategy", help="shorthand for --set train.strategy=NAME (e.g. ddp)")
+    parser.add_argument("--num-nodes", type=int, help="shorthand for --set train.num_nodes=M")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> dict:
+    """Resolve the config of a CLI call (a resumed run starts from its saved config.yaml)."""
+    sets = list(args.set)
+    for flag, key in (("seed", "train.seed"), ("devices", "train.devices"), ("strategy", "train.strategy"), ("num_nodes", "train.num_nodes")):
+        if getattr(args, flag, None) is not None:
+            sets.append(f"{key}={getattr(args, flag)}")
+    paths: list[str | Path] = list(args.config)
+    if getattr(args, "resume", False):
+        paths = [Path(args.out) / "config.yaml"]
+    return load_config(paths, sets)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``medeman train`` / ``scripts/train_ssl_seg.py``."""
+    from medeman.data import DataError
+
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        result = fit(cfg, args.labeled, args.unlabeled, args.val, args.out, resume=args.resume, overwrite=args.overwrite, progress_bar=not args.no_progress)
+    except (ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(
+        f"done: {result.steps} steps; validation Dice teacher {result.last_dice_teacher:.3f}, student {result.last_dice_student:.3f} "
+        f"(best teacher {result.best_dice_teacher:.3f}); model {result.run_dir / 'teacher.pt'}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
