@@ -53,7 +53,8 @@ def softmax_kl(student_logits: torch.Tensor, teacher_probs: torch.Tensor) -> tor
     per-voxel KL divided by the number of classes), matching :func:`softmax_mse`'s reduction.
     """
     log_student = torch.log_softmax(student_logits.float(), dim=1)
-    return F.kl_div(log_student, teacher_probs.float(), reduction="mean")
+    teacher_probs = teacher_probs.float()
+    return (torch.xlogy(teacher_probs, teacher_probs) - teacher_probs * log_student).mean()
 
 
 CONSISTENCY_LOSSES = {"mse": softmax_mse, "kl": softmax_kl}
