@@ -24,6 +24,7 @@ Typical use::
 from __future__ import annotations
 
 import copy
+import weakref
 
 import torch
 from torch import nn
@@ -31,14 +32,25 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 NORMS = ("eman", "bn")
 _NORM_ATTR = "medeman_teacher_norm"
-_CHECKED_ATTR = "_medeman_checked_student"
+# teacher -> weakref to the student it was last checked against; kept outside the teacher so the
+# teacher still pickles, and weak so a freed student's id can never pass for a checked one.
+_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class _AlwaysEvalNorm:
-    """Mixin for the teacher's BatchNorm layers: ``.train()`` never switches them to batch statistics."""
+    """Mixin for the teacher's BatchNorm layers: they never switch to batch statistics.
 
-    def train(self, mode: bool = True):  # noqa: D102 - same contract as nn.Module.train
-        return super().train(False)
+    ``training`` is pinned to False rather than only overriding ``.train()``, because Lightning
+    restores module modes by assigning ``module.training`` directly.
+    """
+
+    @property
+    def training(self) -> bool:
+        return False
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        pass
 
 
 class EMANBatchNorm1d(_AlwaysEvalNorm, nn.BatchNorm1d):
@@ -131,10 +143,11 @@ def make_teacher(student: nn.Module, norm: str = "eman") -> nn.Module:
         )
     teacher = copy.deepcopy(student)
     teacher.requires_grad_(False)
+    for param in teacher.parameters():
+        param.grad = None  # deepcopy also copies the student's accumulated gradients
     if norm == "eman":
         for module in tracked_batchnorms(teacher):
             module.__class__ = _eman_class(type(module))
-            module.train(False)
     setattr(teacher, _NORM_ATTR, norm)
     return teacher
 
@@ -173,7 +186,7 @@ def update_teacher(teacher: nn.Module, student: nn.Module, momentum: float) -> N
     All floating tensors go through one fused ``torch._foreach_lerp_``.
 
     Args:
-        teacher: made by :func:`make_teacher` from ``student``.
+        teacher: made by :func:`make_teacher` from ``student`` (may be compiled).
         student: the trained network, plain, DDP-wrapped or compiled.
         momentum: m in [0, 1]; 1 freezes the teacher, 0 copies the student.
 
@@ -182,10 +195,11 @@ def update_teacher(teacher: nn.Module, student: nn.Module, momentum: float) -> N
     """
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"EMA momentum must be in [0, 1], got {momentum}")
-    student = unwrap(student)
-    if getattr(teacher, _CHECKED_ATTR, None) != id(student):
+    teacher, student = unwrap(teacher), unwrap(student)
+    checked = _CHECKED.get(teacher)
+    if checked is None or checked() is not student:
         _check_same_architecture(teacher, student)
-        object.__setattr__(teacher, _CHECKED_ATTR, id(student))
+        _CHECKED[teacher] = weakref.ref(student)
     t_float = list(teacher.parameters())
     s_float = list(student.parameters())
     if teacher_norm(teacher) == "eman":
@@ -216,6 +230,8 @@ def momentum_at(step: int, base: float, warmup: bool = True) -> float:
     """
     if not 0.0 <= base <= 1.0:
         raise ValueError(f"EMA momentum must be in [0, 1], got {base}")
+    if step < 0:
+        raise ValueError(f"step counts optimizer steps taken and must be >= 0, got {step}")
     if not warmup:
         return float(base)
     return float(min(1.0 - 1.0 / (step + 1), base))

@@ -44,8 +44,13 @@ def build_network(cfg: dict[str, Any]) -> nn.Module:
         features = channels if len(channels) == 6 else _basicunet_features(channels)
         return BasicUNet(spatial_dims=3, in_channels=in_ch, out_channels=out_ch, features=features, norm=norm, dropout=dropout)
     if name == "vnet":  # MONAI's VNet is BatchNorm-only with fixed widths (16, 32, 64, 128, 256)
-        return VNet(spatial_dims=3, in_channels=in_ch, out_channels=out_ch,
-                    dropout_prob_down=dropout or None, dropout_prob_up=(dropout or None, dropout))
+        net = VNet(spatial_dims=3, in_channels=in_ch, out_channels=out_ch,
+                   dropout_prob_down=dropout or None, dropout_prob_up=(dropout or None, dropout))
+        # its up_tr64/up_tr32 hard-code Dropout3d(0.5) on the skips: model.dropout must govern all of them
+        for module in net.modules():
+            if isinstance(module, nn.modules.dropout._DropoutNd):
+                module.p = dropout
+        return net
     if name == "segresnet":
         return SegResNet(spatial_dims=3, init_filters=channels[0], in_channels=in_ch, out_channels=out_ch,
                          norm=norm, dropout_prob=dropout or None)
