@@ -121,8 +121,28 @@ class SSLSegModule(pl.LightningModule):
         """Step the optimizer, then EMA-update the teacher (so accumulation steps never update it)."""
         super().optimizer_step(*args, **kwargs)
         if self.teacher is not None:
+            self._average_student_bn_statistics()
             momentum = momentum_at(self.global_step, self.ssl["ema_momentum"], self.ssl["momentum_warmup"])
             update_teacher(self.teacher, self.student, momentum)
+
+    def _average_student_bn_statistics(self) -> None:
+        """Average the student's BN running statistics over ranks when BN is not synchronized.
+
+        With SyncBatchNorm (multi-GPU) the statistics are already global. Plain BatchNorm under
+        multi-process DDP (always the case on CPU, where PyTorch refuses SyncBatchNorm) keeps
+        per-rank statistics; averaging them keeps the EMAN teacher identical on every rank.
+        """
+        if self.trainer.world_size <= 1 or not torch.distributed.is_initialized():
+            return
+        buffers = [m for m in self.student.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                   and not isinstance(m, nn.SyncBatchNorm) and m.track_running_stats]
+        tensors = [t for m in buffers for t in (m.running_mean, m.running_var)]
+        if not tensors:
+            return
+        flat = torch.cat([t.flatten() for t in tensors])
+        torch.distributed.all_reduce(flat)
+        flat /= self.trainer.world_size
+        torch._foreach_copy_(tensors, list(torch.split(flat, [t.numel() for t in tensors])))
 
     def configure_optimizers(self):
         train = self.cfg["train"]
