@@ -11,11 +11,28 @@ in step.
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import yaml
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads ``1e-4`` as a float: PyYAML's YAML 1.1 rules need a dot
+    (``1.0e-4``) and would hand ``train.lr: 1e-4`` or ``--set train.lr=1e-4`` over as a string."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _load_yaml(stream: Any) -> Any:
+    return yaml.load(stream, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 class ConfigError(ValueError):
@@ -153,7 +170,7 @@ def parse_set(item: str) -> tuple[str, str, Any]:
     parts = name.strip().split(".")
     if len(parts) != 2 or parts[0] not in SCHEMA or parts[1] not in SCHEMA[parts[0]]:
         raise _unknown(name.strip(), "--set")
-    return parts[0], parts[1], yaml.safe_load(raw)
+    return parts[0], parts[1], _load_yaml(raw)
 
 
 def validate(cfg: dict) -> dict:
@@ -167,7 +184,7 @@ def validate(cfg: dict) -> dict:
                 if value not in opt.choices:
                     raise ConfigError(f"{section}.{key}: {value!r} is not one of {', '.join(map(str, opt.choices))}")
     m = cfg["ssl"]["ema_momentum"]
-    if not isinstance(m, (int, float)) or not 0.0 <= m <= 1.0:
+    if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0.0 <= m <= 1.0:
         raise ConfigError(f"ssl.ema_momentum: {m!r} must be a number in [0, 1]")
     thr = cfg["ssl"]["pseudo_label_threshold"]
     if thr is not None and not (isinstance(thr, (int, float)) and 0.0 <= thr <= 1.0):
@@ -188,11 +205,11 @@ def validate(cfg: dict) -> dict:
 
 
 def read_yaml(path: str | Path) -> Any:
-    """Read a YAML file with ``yaml.safe_load``, turning read and syntax errors into ConfigError."""
+    """Read a YAML file safely (``1e-4`` is a float), turning read and syntax errors into ConfigError."""
     path = Path(path)
     try:
         with open(path, encoding="utf-8") as handle:
-            return yaml.safe_load(handle)
+            return _load_yaml(handle)
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except yaml.YAMLError as err:
