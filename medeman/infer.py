@@ -1,0 +1,526 @@
+"""Segment new scans with a trained teacher and write each mask in its scan's own geometry.
+
+A case goes through the model's own preprocessing (:func:`medeman.transforms.preprocessing`,
+rebuilt from the config saved in ``teacher.pt``), sliding-window inference with Gaussian blending
+(:func:`predict_volume`), and back through MONAI ``Invertd``: the softmax is resampled to the
+scan's grid and orientation, then the argmax is written as ``<case>.nii.gz`` with the scan's
+own affine (or in the scan's format with ``output_format="input"``), so it opens aligned with
+the scan in any viewer.
+
+Typical use::
+
+    results = infer_cases("runs/demo", "sample_data/test/images", "runs/demo/pred")
+    failed = [r for r in results if r.status == "failed"]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from itertools import combinations
+from pathlib import Path
+from typing import Sequence
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.inferers import sliding_window_inference
+from monai.transforms import Invertd
+from torch import nn
+from tqdm import tqdm
+
+from medeman.checkpoint import ModelFileError, load_teacher
+from medeman.transforms import preprocessing
+
+SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+ITK_SUFFIXES = (".nrrd", ".mha")  # read and written with SimpleITK (MONAI's ITKReader needs `itk`)
+CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+# Test-time augmentation mirrors each patch along every combination of the three spatial axes
+# (identity, 3 single, 3 pairs, all three: 8 passes, as nnU-Net) and averages the softmax.
+TTA_FLIPS: tuple[tuple[int, ...], ...] = tuple(c for n in range(4) for c in combinations((2, 3, 4), n))
+
+
+class CaseError(RuntimeError):
+    """A case that cannot be segmented; the message names the file and the reason in one line."""
+
+
+@dataclass
+class Case:
+    """One scan to segment: its id and its image files, one per channel in channel order."""
+
+    case_id: str
+    files: list[Path]
+
+
+@dataclass
+class CaseResult:
+    """What happened to one case: ``status`` is ``written``, ``skipped`` (output exists) or ``failed``."""
+
+    case_id: str
+    status: str
+    seconds: float = 0.0
+    output: Path | None = None
+    probabilities: Path | None = None
+    message: str = ""
+
+
+# --------------------------------------------------------------------------- volumes on disk
+
+
+def strip_suffix(path: str | Path) -> str:
+    """The file name without its image suffix (``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha``)."""
+    name = Path(path).name
+    for suffix in SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """The image files directly inside ``folder`` (hidden files left out), sorted by name."""
+    return sorted(
+        p for p in Path(folder).iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(SUFFIXES)
+    )
+
+
+def voxel_spacing(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel sizes in mm along the array's three axes: the lengths of the affine's columns."""
+    return tuple(float(v) for v in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))
+
+
+def _sitk_affine(image) -> np.ndarray:
+    """RAS affine of a SimpleITK image (ITK stores LPS: flip the first two world axes)."""
+    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+    affine = np.eye(4)
+    affine[:3, :3] = direction * np.asarray(image.GetSpacing(), dtype=float)
+    affine[:3, 3] = image.GetOrigin()
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+
+
+def read_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read an image or mask as ``(array indexed [x, y, z(, c)], RAS affine)``.
+
+    NIfTI through nibabel (the affine is the file's), ``.nrrd``/``.mha`` through SimpleITK (LPS
+    converted to RAS), so both index the voxels the same way.
+
+    Raises:
+        CaseError: the file cannot be read, with the reader's reason in one line.
+    """
+    path = Path(path)
+    try:
+        if path.name.lower().endswith(ITK_SUFFIXES):
+            import SimpleITK as sitk
+
+            image = sitk.ReadImage(str(path))
+            array = sitk.GetArrayFromImage(image)  # [z, y, x(, c)]
+            array = np.transpose(array, (2, 1, 0) + tuple(range(3, array.ndim)))
+            return np.ascontiguousarray(array), _sitk_affine(image)
+        image = nib.load(str(path))
+        return np.asanyarray(image.dataobj), np.asarray(image.affine, dtype=float)
+    except Exception as err:  # any reader failure is reported, never a reader traceback
+        raise CaseError(f"{path}: cannot read: {_one_line(err)}") from None
+
+
+def read_geometry(path: str | Path) -> tuple[tuple[int, ...], np.ndarray]:
+    """Spatial shape and RAS affine of an image file, reading only its header."""
+    path = Path(path)
+    try:
+        if path.name.lower().endswith(ITK_SUFFIXES):
+            import SimpleITK as sitk
+
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()
+            image = sitk.Image([1, 1, 1], sitk.sitkUInt8)
+            image.SetSpacing(reader.GetSpacing())
+            image.SetOrigin(reader.GetOrigin())
+            image.SetDirection(reader.GetDirection())
+            return tuple(int(s) for s in reader.GetSize()[:3]), _sitk_affine(image)
+        image = nib.load(str(path))
+        return tuple(int(s) for s in image.shape[:3]), np.asarray(image.affine, dtype=float)
+    except Exception as err:
+        raise CaseError(f"{path}: cannot read: {_one_line(err)}") from None
+
+
+def write_like(array: np.ndarray, reference: str | Path, path: str | Path, intent: str = "label") -> Path:
+    """Write ``array`` (``[x, y, z(, c)]``) on the grid of the image file ``reference``.
+
+    ``.nii.gz``/``.nii`` outputs copy the reference's qform/sform when it is NIfTI (else the RAS
+    affine); ``.nrrd``/``.mha`` outputs copy origin, spacing and direction with SimpleITK. The file
+    is written beside its final name and renamed, so a crash never leaves half a file.
+    """
+    reference, path = Path(reference), Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.name[len(strip_suffix(path)):]}")
+    try:
+        if path.name.lower().endswith(ITK_SUFFIXES):
+            import SimpleITK as sitk
+
+            out = sitk.GetImageFromArray(np.transpose(array, (2, 1, 0) + tuple(range(3, array.ndim))),
+                                         isVector=array.ndim == 4)
+            if reference.name.lower().endswith(ITK_SUFFIXES):
+                reader = sitk.ImageFileReader()
+                reader.SetFileName(str(reference))
+                reader.ReadImageInformation()
+                out.SetOrigin(reader.GetOrigin())
+                out.SetSpacing(reader.GetSpacing())
+                out.SetDirection(reader.GetDirection())
+            else:
+                _set_sitk_geometry(out, read_geometry(reference)[1])
+            sitk.WriteImage(out, str(tmp), useCompression=True)
+        else:
+            if reference.name.lower().endswith((".nii", ".nii.gz")):
+                ref = nib.load(str(reference))  # keep its qform/sform codes and units exactly
+                out = nib.Nifti1Image(array, ref.affine, header=ref.header.copy())
+            else:
+                out = nib.Nifti1Image(array, read_geometry(reference)[1])
+                out.set_qform(out.affine, code=1)
+                out.set_sform(out.affine, code=1)
+                out.header.set_xyzt_units("mm")
+            out.header.set_data_dtype(array.dtype)
+            out.header.set_slope_inter(1.0, 0.0)  # a CT's rescale intercept must not shift the labels
+            out.header["cal_min"], out.header["cal_max"] = 0.0, 0.0
+            out.header.set_intent(intent)
+            out.header["descrip"] = b"medeman"
+            nib.save(out, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _set_sitk_geometry(image, affine: np.ndarray) -> None:
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(affine, dtype=float)
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    image.SetSpacing([float(s) for s in spacing])
+    image.SetDirection([float(v) for v in (lps[:3, :3] / spacing).ravel()])
+    image.SetOrigin([float(v) for v in lps[:3, 3]])
+
+
+# --------------------------------------------------------------------------- cases
+
+
+def find_cases(inputs: str | Path | Sequence[str | Path], in_channels: int = 1) -> tuple[list[Case], list[str]]:
+    """Group image files into cases.
+
+    Files named the nnU-Net way (``<case>_0000.nii.gz``, ``<case>_0001.nii.gz``, ...: every file
+    has a four-digit suffix below ``in_channels``) are grouped per case, channel suffix stripped;
+    otherwise each file is one case named after it (so ``liver_0007.nii.gz`` stays ``liver_0007``).
+
+    Returns:
+        ``(cases, problems)``; a problem is a one-line message for a case whose channel files are
+        incomplete or whose id is given twice.
+    """
+    if isinstance(inputs, (str, Path)):
+        path = Path(inputs)
+        if path.is_dir():
+            files = image_files(path)
+        elif path.is_file():
+            files = [path]
+        else:
+            raise FileNotFoundError(f"{path}: no such input file or folder")
+    else:
+        files = [Path(p) for p in inputs]
+    unsupported = [f for f in files if not f.name.lower().endswith(SUFFIXES)]
+    if unsupported:
+        raise ValueError(f"{unsupported[0]}: not an image file medeman reads ({', '.join(SUFFIXES)})")
+
+    stems = [strip_suffix(f) for f in files]
+    matches = [CHANNEL_SUFFIX.match(s) for s in stems]
+    nnunet = bool(files) and all(m and int(m["channel"]) < in_channels for m in matches)
+    groups: dict[str, dict[int, Path]] = {}
+    problems: list[str] = []
+    for file, stem, match in zip(files, stems, matches):
+        case_id, channel = (match["case"], int(match["channel"])) if nnunet else (stem, 0)
+        if channel in groups.setdefault(case_id, {}):
+            problems.append(f"{case_id}: {file} and {groups[case_id][channel]} give the same case; skipped the second")
+            continue
+        groups[case_id][channel] = file
+    cases = []
+    for case_id, channels in groups.items():
+        expected = range(in_channels) if nnunet else [0]
+        missing = [f"_{c:04d}" for c in expected if c not in channels]
+        if missing:
+            problems.append(f"{case_id}: missing channel file(s) {', '.join(missing)} (the model takes {in_channels})")
+            continue
+        cases.append(Case(case_id, [channels[c] for c in expected]))
+    return cases, problems
+
+
+# --------------------------------------------------------------------------- prediction
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device``: bfloat16 where supported, else None (float32)."""
+    if str(precision) != "bf16":
+        return None
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        warnings.warn(f"bf16 is not supported on {torch.cuda.get_device_name(device)}; inferring in float32")
+        return None
+    if device.type not in ("cuda", "cpu"):
+        warnings.warn(f"bf16 autocast is not supported on {device.type}; inferring in float32")
+        return None
+    return torch.bfloat16
+
+
+def predict_volume(
+    net: nn.Module,
+    image: torch.Tensor,
+    cfg: dict,
+    tta: bool = False,
+    *,
+    sw_batch_size: int | None = None,
+    overlap: float | None = None,
+    precision: str | None = None,
+    device: str | torch.device | None = None,
+) -> torch.Tensor:
+    """Softmax probabilities of one preprocessed image by Gaussian-blended sliding windows.
+
+    Args:
+        net: the network in eval mode (its parameters' device is used unless ``device`` is given).
+        image: ``(in_channels, X, Y, Z)``, preprocessed; a MetaTensor's metadata is ignored.
+        cfg: the model's config: ``data.patch_size`` is the window, ``infer.*`` the defaults of the
+            keyword arguments.
+        tta: average the softmax over the 8 mirrorings in :data:`TTA_FLIPS`.
+        precision: ``"bf16"`` runs the network under autocast where supported; the blending and
+            the returned probabilities are float32 either way.
+
+    Returns:
+        ``(num_classes, X, Y, Z)`` float32 probabilities on ``device``.
+    """
+    infer = cfg["infer"]
+    sw_batch_size = int(infer["sw_batch_size"] if sw_batch_size is None else sw_batch_size)
+    overlap = float(infer["overlap"] if overlap is None else overlap)
+    device = torch.device(device) if device is not None else next(net.parameters()).device
+    dtype = autocast_dtype(infer["precision"] if precision is None else precision, device)
+    flips = TTA_FLIPS if tta else ((),)
+
+    def predictor(patch: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros((), device=patch.device)
+        for dims in flips:
+            with torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
+                logits = net(patch.flip(dims) if dims else patch)
+            probs = torch.softmax(logits.float(), dim=1)
+            total = total + (probs.flip(dims) if dims else probs)
+        return total / len(flips)
+
+    x = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
+    x = x.to(device=device, dtype=torch.float32)[None]
+    with torch.inference_mode():
+        probs = sliding_window_inference(
+            x, roi_size=[int(s) for s in cfg["data"]["patch_size"]], sw_batch_size=sw_batch_size,
+            predictor=predictor, overlap=overlap, mode="gaussian", sw_device=device, device=device,
+        )
+    probs = probs.as_tensor() if isinstance(probs, MetaTensor) else probs
+    return probs[0].float()
+
+
+def invert_to_input(probs: torch.Tensor, image: MetaTensor, transform) -> torch.Tensor:
+    """Map ``(C, X, Y, Z)`` probabilities on the preprocessed grid back to the scan's voxel grid.
+
+    ``Invertd`` undoes resampling (linearly, so the argmax afterwards is a smooth boundary) and
+    reorientation using ``image``'s transform history.
+    """
+    data = {"image": image, "pred": MetaTensor(probs.detach().cpu(), affine=image.affine)}
+    inverter = Invertd(keys="pred", transform=transform, orig_keys="image", nearest_interp=False, to_tensor=True)
+    out = inverter(data)["pred"]
+    return out.as_tensor() if isinstance(out, MetaTensor) else torch.as_tensor(out)
+
+
+# --------------------------------------------------------------------------- cases end to end
+
+
+def infer_cases(
+    model: str | Path | tuple[nn.Module, dict],
+    inputs: str | Path | Sequence[str | Path],
+    output_dir: str | Path,
+    *,
+    tta: bool | None = None,
+    probabilities: bool = False,
+    overwrite: bool = False,
+    device: str | torch.device | None = None,
+    sw_batch_size: int | None = None,
+    overlap: float | None = None,
+    precision: str | None = None,
+    output_format: str = "nii.gz",
+    progress: bool = True,
+) -> list[CaseResult]:
+    """Segment every case of ``inputs`` and write ``<case>.nii.gz`` masks into ``output_dir``.
+
+    Args:
+        model: a run folder or ``teacher.pt`` (loaded with ``weights_only=True``), or an already
+            loaded ``(network, config)`` pair.
+        inputs: a folder of scans, one scan file, or a list of files (see :func:`find_cases`).
+        output_dir: created if needed; an existing output is skipped unless ``overwrite``.
+        tta, sw_batch_size, overlap, precision: override the config's ``infer`` section.
+        probabilities: also write ``<case>_probs.nii.gz``, one float32 channel per class (4D).
+        output_format: ``"nii.gz"`` or ``"input"`` (each mask in its scan's own format).
+        device: ``None`` picks CUDA when available.
+
+    Returns:
+        One :class:`CaseResult` per case, in order; failures carry a one-line message naming the file.
+
+    Raises:
+        ModelFileError: ``model`` is not a medeman model file.
+        FileNotFoundError, ValueError: ``inputs`` is missing or not image files.
+    """
+    if output_format not in ("nii.gz", "input"):
+        raise ValueError(f"output_format {output_format!r}: choose nii.gz or input")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if isinstance(model, (str, Path)):
+        net, cfg, _ = load_teacher(model, device)
+    else:
+        net, cfg = model
+        net = net.to(device).eval()
+    tta = bool(cfg["infer"]["tta"] if tta is None else tta)
+    transform = preprocessing(cfg, keys=("image",))
+    in_channels = int(cfg["data"]["in_channels"])
+    cases, problems = find_cases(inputs, in_channels)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    results = [CaseResult(p.split(":", 1)[0], "failed", message=p) for p in problems]
+    for message in problems:
+        tqdm.write(f"error: {message}", file=sys.stderr)
+    bar = tqdm(cases, desc="infer", unit="case", disable=not progress, file=sys.stderr)
+    for case in bar:
+        bar.set_postfix_str(case.case_id)
+        suffix = ".nii.gz" if output_format == "nii.gz" else case.files[0].name[len(strip_suffix(case.files[0])):]
+        out_path = output_dir / f"{case.case_id}{suffix}"
+        probs_path = output_dir / f"{case.case_id}_probs.nii.gz" if probabilities else None
+        targets = [p for p in (out_path, probs_path) if p is not None]
+        if any(p.resolve() in {f.resolve() for f in case.files} for p in targets):
+            result = CaseResult(case.case_id, "failed", message=f"{out_path}: would overwrite the input scan; choose another --output")
+        elif not overwrite and any(p.exists() for p in targets):
+            existing = next(p for p in targets if p.exists())
+            result = CaseResult(case.case_id, "skipped", output=out_path,
+                                message=f"{existing} exists; kept (pass --overwrite to replace)")
+        else:
+            start = time.perf_counter()
+            try:
+                _segment_case(case, net, cfg, transform, out_path, probs_path, tta=tta, device=device,
+                              sw_batch_size=sw_batch_size, overlap=overlap, precision=precision)
+                result = CaseResult(case.case_id, "written", time.perf_counter() - start, out_path, probs_path)
+            except CaseError as err:
+                result = CaseResult(case.case_id, "failed", time.perf_counter() - start, message=str(err))
+            except Exception as err:  # one bad scan must not stop the others
+                result = CaseResult(case.case_id, "failed", time.perf_counter() - start,
+                                    message=f"{case.files[0]}: {_one_line(err)}")
+        results.append(result)
+        if result.status == "written":
+            tqdm.write(f"{case.case_id}: {result.seconds:.2f} s -> {out_path}")
+        elif result.status == "skipped":
+            tqdm.write(f"{case.case_id}: skipped, {result.message}")
+        else:
+            tqdm.write(f"error: {result.message}", file=sys.stderr)
+    return results
+
+
+def _segment_case(case: Case, net, cfg, transform, out_path: Path, probs_path: Path | None, *, tta: bool,
+                  device: torch.device, sw_batch_size, overlap, precision) -> None:
+    """Preprocess, predict, invert and write one case; raise CaseError with a one-line reason."""
+    with tempfile.TemporaryDirectory(prefix="medeman-infer-") as tmp:
+        loadable = [_as_nifti(f, Path(tmp)) for f in case.files]
+        try:
+            data = transform({"image": [str(f) for f in loadable] if len(loadable) > 1 else str(loadable[0])})
+        except Exception as err:
+            raise CaseError(f"{case.files[0]}: cannot read or preprocess: {_one_line(err)}") from None
+    image = data["image"]
+    expected = int(cfg["data"]["in_channels"])
+    if image.shape[0] != expected:
+        raise CaseError(f"{case.files[0]}: has {image.shape[0]} channel(s), the model takes {expected}")
+    probs = predict_volume(net, image, cfg, tta, sw_batch_size=sw_batch_size, overlap=overlap,
+                           precision=precision, device=device)
+    probs = invert_to_input(probs, image, transform)
+    shape, _ = read_geometry(case.files[0])
+    if tuple(probs.shape[1:4]) != shape:
+        raise CaseError(f"{case.files[0]}: prediction came back as {tuple(probs.shape[1:])}, not the scan's {shape}")
+    labels = torch.argmax(probs, dim=0).numpy().astype(np.uint8)
+    write_like(labels, case.files[0], out_path)
+    if probs_path is not None:
+        write_like(np.moveaxis(probs.numpy().astype(np.float32), 0, -1), case.files[0], probs_path, intent="none")
+
+
+def _as_nifti(path: Path, tmp: Path) -> Path:
+    """A path MONAI can load: NIfTI as is, ``.nrrd``/``.mha`` converted to a temporary NIfTI."""
+    if not path.name.lower().endswith(ITK_SUFFIXES):
+        return path
+    array, affine = read_volume(path)
+    out = tmp / f"{strip_suffix(path)}.nii.gz"
+    nib.save(nib.Nifti1Image(array, affine), str(out))
+    return out
+
+
+def _one_line(err: BaseException) -> str:
+    """The innermost cause of ``err`` as one short line (MONAI wraps reader errors in transform errors)."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    text = lines[0] if lines else type(err).__name__
+    return text if len(text) <= 240 else text[:237] + "..."
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medeman infer",
+        description="Segment scans with a trained medeman teacher; each mask has its scan's shape and affine.",
+    )
+    parser.add_argument("--model", required=True, help="run folder with teacher.pt, or the teacher.pt file")
+    parser.add_argument("--input", required=True, help="folder of scans (.nii.gz, .nii, .nrrd, .mha) or one scan")
+    parser.add_argument("--output", required=True, help="folder for <case>.nii.gz masks")
+    parser.add_argument("--tta", action="store_true", default=None, help="average the softmax over 8 mirrorings (default: config infer.tta)")
+    parser.add_argument("--probabilities", action="store_true", help="also write <case>_probs.nii.gz, one channel per class")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: keep them and skip the case)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--sw-batch-size", type=int, help="sliding-window patches per forward pass (default: config)")
+    parser.add_argument("--overlap", type=float, help="sliding-window overlap in [0, 1) (default: config)")
+    parser.add_argument("--precision", choices=("32", "bf16"), help="bf16 autocast where supported (default: config)")
+    parser.add_argument("--output-format", choices=("nii.gz", "input"), default="nii.gz",
+                        help="nii.gz, or input: each mask in its scan's format (.nrrd, .mha, ...)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``medeman infer``: 0 when every case was written or kept, 1 when any failed, 2 on a bad model or input."""
+    args = build_parser().parse_args(argv)
+    if args.overlap is not None and not 0.0 <= args.overlap < 1.0:
+        print(f"error: --overlap {args.overlap}: must be in [0, 1)", file=sys.stderr)
+        return 2
+    if args.sw_batch_size is not None and args.sw_batch_size < 1:
+        print(f"error: --sw-batch-size {args.sw_batch_size}: must be at least 1", file=sys.stderr)
+        return 2
+    device = None if args.device == "auto" else args.device
+    try:
+        results = infer_cases(
+            args.model, args.input, args.output, tta=args.tta, probabilities=args.probabilities,
+            overwrite=args.overwrite, device=device, sw_batch_size=args.sw_batch_size, overlap=args.overlap,
+            precision=args.precision, output_format=args.output_format,
+        )
+    except (ModelFileError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    counts = {s: sum(r.status == s for r in results) for s in ("written", "skipped", "failed")}
+    print(f"infer: {counts['written']} written, {counts['skipped']} kept (already there), {counts['failed']} failed"
+          f" -> {args.output}")
+    for r in results:
+        if r.status == "failed":
+            print(f"  failed: {r.message}", file=sys.stderr)
+    if not results:
+        print(f"error: {args.input}: no scans found ({', '.join(SUFFIXES)})", file=sys.stderr)
+        return 1
+    return 1 if counts["failed"] else 0
