@@ -3,22 +3,48 @@
 :func:`preprocessing` is the deterministic part shared by training, validation and inference
 (load, channel-first, RAS orientation, resampling, intensity normalization); it is invertible with
 ``monai.transforms.Invertd`` so predictions go back to each scan's own geometry.
+
+The training chains add a foreground crop and padding to the patch size (still deterministic, so
+``CacheDataset``/``PersistentDataset`` cache everything up to there), then random patches:
+:func:`labeled_transforms` samples them with ``RandCropByPosNegLabeld``; :func:`unlabeled_transforms`
+takes a random crop, applies the spatial augmentation once and only then copies it into a
+``weak`` (teacher) and a ``strong`` (student) view, so both views hold the same voxels and only the
+strong view's intensities are perturbed.
 """
 
 from __future__ import annotations
 
 from typing import Any, Sequence
 
+import torch
 from monai.transforms import (
     Compose,
+    CopyItemsd,
+    CropForegroundd,
+    DeleteItemsd,
     EnsureChannelFirstd,
     EnsureTyped,
+    FgBgToIndicesd,
     LoadImaged,
     NormalizeIntensityd,
     Orientationd,
+    RandAdjustContrastd,
+    RandAffined,
+    RandCoarseDropoutd,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandGaussianNoised,
+    RandGaussianSmoothd,
+    RandRotate90d,
+    RandShiftIntensityd,
+    RandSpatialCropd,
     ScaleIntensityRanged,
+    SelectItemsd,
     Spacingd,
+    SpatialPadd,
 )
+
+from medeman.data.readers import VolumeReader
 
 
 def preprocessing(cfg: dict[str, Any], keys: Sequence[str] = ("image", "label")) -> Compose:
@@ -34,9 +60,9 @@ def preprocessing(cfg: dict[str, Any], keys: Sequence[str] = ("image", "label"))
     """
     data = cfg["data"]
     keys = list(keys)
-    modes = ["nearest" if key == "label" else "bilinear" for key in keys]
+    modes = _modes(keys)
     chain: list = [
-        LoadImaged(keys=keys, image_only=True),
+        LoadImaged(keys=keys, reader=VolumeReader(), image_only=True),
         EnsureChannelFirstd(keys=keys),
         Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
     ]
@@ -49,3 +75,108 @@ def preprocessing(cfg: dict[str, Any], keys: Sequence[str] = ("image", "label"))
         chain.append(NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True))
     chain.append(EnsureTyped(keys="image", dtype="float32", track_meta=True))
     return Compose(chain)
+
+
+def _modes(keys: Sequence[str], label_mode: str = "nearest", image_mode: str = "bilinear") -> list[str]:
+    return [label_mode if key == "label" else image_mode for key in keys]
+
+
+def _patch(cfg: dict[str, Any]) -> list[int]:
+    return [int(s) for s in cfg["data"]["patch_size"]]
+
+
+def is_foreground(image: torch.Tensor) -> torch.Tensor:
+    """Body voxels: after normalization air is exactly 0 (CT below the window, MR outside the foreground)."""
+    return image != 0
+
+
+def _cropped_and_padded(cfg: dict[str, Any], keys: Sequence[str]) -> list:
+    keys = list(keys)
+    return [
+        *preprocessing(cfg, keys).transforms,
+        CropForegroundd(keys=keys, source_key="image", select_fn=is_foreground, allow_smaller=True),
+        SpatialPadd(keys=keys, spatial_size=_patch(cfg)),
+    ]
+
+
+def spatial_augmentation(cfg: dict[str, Any], keys: Sequence[str]) -> list:
+    """Random flips, axial 90-degree rotations and a small affine, identical for every key of a sample.
+
+    The rotation is left out when the patch is not square in-plane (it would change the patch shape).
+    """
+    data, keys = cfg["data"], list(keys)
+    chain: list = [RandFlipd(keys=keys, prob=float(data["flip_prob"]), spatial_axis=axis) for axis in range(3)]
+    patch = _patch(cfg)
+    if float(data["rotate90_prob"]) > 0 and patch[0] == patch[1]:
+        chain.append(RandRotate90d(keys=keys, prob=float(data["rotate90_prob"]), spatial_axes=(0, 1)))
+    if float(data["affine_prob"]) > 0:
+        chain.append(RandAffined(
+            keys=keys, prob=float(data["affine_prob"]), rotate_range=(0.15, 0.15, 0.15), scale_range=(0.1, 0.1, 0.1),
+            mode=_modes(keys), padding_mode="zeros",
+        ))
+    return chain
+
+
+def strong_augmentation(cfg: dict[str, Any], key: str = "strong") -> list:
+    """Intensity perturbations of the student's view: contrast (gamma), brightness, blur, noise, cut-out."""
+    data = cfg["data"]
+    p = float(data["strong_prob"])
+    sigma = tuple(float(s) for s in data["strong_blur_sigma"])
+    chain: list = [
+        RandAdjustContrastd(keys=key, prob=p, gamma=tuple(float(g) for g in data["strong_contrast"])),
+        RandShiftIntensityd(keys=key, prob=p, offsets=float(data["strong_brightness"])),
+        RandGaussianSmoothd(keys=key, prob=p, sigma_x=sigma, sigma_y=sigma, sigma_z=sigma),
+        RandGaussianNoised(keys=key, prob=p, mean=0.0, std=float(data["strong_noise_std"])),
+    ]
+    if data["strong_cutout"]:
+        hole = [max(1, s // 6) for s in _patch(cfg)]
+        chain.append(RandCoarseDropoutd(keys=key, prob=p, holes=4, spatial_size=hole, fill_value=0.0))
+    return chain
+
+
+def labeled_transforms(cfg: dict[str, Any]) -> Compose:
+    """Labeled training chain: preprocessing, foreground crop, padding, then one
+    ``RandCropByPosNegLabeld`` patch with spatial augmentation.
+
+    Output (a one-element list, as MONAI's patch samplers return; collate with
+    ``monai.data.list_data_collate``): ``{"image": float32 (C, *patch), "label": float32 (1, *patch)}``.
+    """
+    data = cfg["data"]
+    keys = ["image", "label"]
+    pos = float(data["pos_fraction"])
+    return Compose([
+        *_cropped_and_padded(cfg, keys),
+        FgBgToIndicesd(keys="label", fg_postfix="_fg", bg_postfix="_bg"),
+        RandCropByPosNegLabeld(
+            keys=keys, label_key="label", spatial_size=_patch(cfg), pos=pos, neg=1.0 - pos, num_samples=1,
+            fg_indices_key="label_fg", bg_indices_key="label_bg",
+        ),
+        DeleteItemsd(keys=["label_fg", "label_bg"]),
+        *spatial_augmentation(cfg, keys),
+        SelectItemsd(keys=keys),
+        EnsureTyped(keys=keys, dtype=torch.float32, track_meta=False),
+    ])
+
+
+def unlabeled_transforms(cfg: dict[str, Any]) -> Compose:
+    """Unlabeled training chain: preprocessing, foreground crop, padding, a random patch, spatial
+    augmentation, then two views of the same voxels.
+
+    Output: ``{"weak": float32 (C, *patch), "strong": float32 (C, *patch)}``; ``strong`` is ``weak``
+    after :func:`strong_augmentation`.
+    """
+    return Compose([
+        *_cropped_and_padded(cfg, ["image"]),
+        RandSpatialCropd(keys="image", roi_size=_patch(cfg), random_size=False),
+        *spatial_augmentation(cfg, ["image"]),
+        CopyItemsd(keys="image", times=2, names=["weak", "strong"]),
+        *strong_augmentation(cfg, "strong"),
+        SelectItemsd(keys=["weak", "strong"]),
+        EnsureTyped(keys=["weak", "strong"], dtype=torch.float32, track_meta=False),
+    ])
+
+
+def validation_transforms(cfg: dict[str, Any], keys: Sequence[str] = ("image", "label")) -> Compose:
+    """Whole preprocessed volumes for validation, padded to at least the patch size (MetaTensors)."""
+    keys = list(keys)
+    return Compose([*preprocessing(cfg, keys).transforms, SpatialPadd(keys=keys, spatial_size=_patch(cfg))])

@@ -1,0 +1,78 @@
+"""``medeman check-data``: print a table of a cohort and every problem found; exit 1 if there is any.
+
+Usage::
+
+    python scripts/check_data.py --labeled DIR [--unlabeled DIR] [--val DIR] [--config FILE ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Iterable
+
+from medeman.config import ConfigError, load_config
+from medeman.data.checks import CaseReport, check_cases
+from medeman.data.discovery import discover_labeled, discover_unlabeled
+from medeman.data.errors import DataError
+
+COLUMNS = ("set", "case", "shape", "spacing (mm)", "orient", "intensity", "classes (voxels)", "status")
+
+
+def _row(part: str, r: CaseReport) -> tuple[str, ...]:
+    shape = "x".join(map(str, r.shape)) + (f" c{r.channels}" if r.channels > 1 else "") if r.shape else "-"
+    spacing = "x".join(f"{s:.2f}" for s in r.spacing) if r.spacing else "-"
+    intensity = f"{r.intensity[0]:.6g}..{r.intensity[1]:.6g}" if r.intensity else "-"
+    classes = " ".join(f"{k}:{v}" for k, v in sorted(r.classes.items())) if r.classes else "-"
+    status = "ok" if not r.problems else f"{len(r.problems)} problem(s)"
+    return part, r.id, shape, spacing, r.orientation, intensity, classes, status
+
+
+def format_table(rows: Iterable[tuple[str, ...]]) -> str:
+    """Left-aligned plain-text table with a header row."""
+    rows = [COLUMNS, *rows]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Check the cohort; return 0 when clean, 1 when any problem was found, 2 on a bad config."""
+    parser = argparse.ArgumentParser(prog="medeman check-data", description=__doc__.splitlines()[0])
+    parser.add_argument("--labeled", required=True, help="labeled folder (images/ + labels/) or Decathlon/nnU-Net dataset root")
+    parser.add_argument("--unlabeled", help="folder of unlabeled scans, searched recursively")
+    parser.add_argument("--val", help="labeled validation folder")
+    parser.add_argument("--config", action="append", default=[], help="YAML config (repeatable); uses data.num_classes and data.in_channels")
+    parser.add_argument("--set", action="append", default=[], dest="sets", metavar="SECTION.KEY=VALUE", help="config override")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.sets)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    problems: list[str] = []
+    parts: list[tuple[str, list[dict]]] = []
+    try:
+        parts.append(("labeled", discover_labeled(args.labeled, cfg, problems)))
+        if args.val:
+            parts.append(("val", discover_labeled(args.val, cfg, problems)))
+        if args.unlabeled:
+            parts.append(("unlabeled", discover_unlabeled(args.unlabeled, cfg, problems)))
+    except DataError as err:  # an unreadable dataset.json stops discovery of that part
+        problems.extend(str(err).splitlines())
+    rows = []
+    for part, cases in parts:
+        for report in check_cases(cases, cfg):
+            rows.append(_row(part, report))
+            problems.extend(report.problems)
+    print(format_table(rows))
+    counts = ", ".join(f"{len(cases)} {part}" for part, cases in parts)
+    print(f"\n{counts} case(s); data.num_classes={cfg['data']['num_classes']}, data.in_channels={cfg['data']['in_channels']}")
+    if problems:
+        print(f"\n{len(problems)} problem(s):")
+        print("\n".join(problems))
+        return 1
+    print("no problems found")
+    return 0

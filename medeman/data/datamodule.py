@@ -1,0 +1,149 @@
+"""The Lightning DataModule of semi-supervised training: labeled patches, unlabeled view pairs, whole validation volumes."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import CombinedLoader
+from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset, list_data_collate
+from torch.utils.data import RandomSampler
+
+from medeman import transforms as tfm
+from medeman.data.checks import check_cases, raise_problems, report_problems
+from medeman.data.discovery import discover_labeled, discover_unlabeled, has_unlabeled_list, split_cases, write_split
+
+
+class SSLDataModule(pl.LightningDataModule):
+    """Labeled and unlabeled training batches and whole validation volumes, from folders of scans.
+
+    ``setup("fit")`` discovers and checks every case before any training step and raises one
+    :class:`~medeman.data.DataError` listing every problem. Without a ``val`` folder the labeled
+    cases are split deterministically (``data.val_fraction``, ``data.split_seed``) and the split is
+    written to ``run_dir/split.json``.
+
+    Training batches come as ``{"labeled": {"image", "label"}, "unlabeled": {"weak", "strong"}}``
+    from a ``CombinedLoader`` in ``max_size_cycle`` mode (only ``"labeled"`` for
+    ``ssl.method: supervised`` or without unlabeled scans). Each loader samples with replacement
+    exactly ``train.val_every_steps * train.accumulate_grad_batches`` batches per epoch, so one
+    epoch is one validation interval. Under DDP, run the Trainer with ``use_distributed_sampler=False``:
+    each rank then draws its own stream (seeded with ``train.seed`` and the rank).
+
+    Args:
+        cfg: resolved medeman config.
+        labeled: labeled folder (``images/`` + ``labels/``) or Decathlon/nnU-Net dataset root.
+        unlabeled: folder of unlabeled scans (searched recursively) or dataset root; ``None`` uses a
+            dataset root's ``unlabeled`` list (or ``imagesTs`` with ``data.unlabeled_from_imagesTs``), if any.
+        val: labeled validation folder; ``None`` splits ``labeled``.
+        run_dir: where ``split.json`` (and the default disk cache) go.
+
+    Examples:
+        >>> dm = SSLDataModule(cfg, "sample_data/labeled", "sample_data/unlabeled", run_dir="runs/demo")
+        >>> dm.setup("fit")
+        >>> batch = next(iter(dm.train_dataloader()))[0]
+        >>> batch["labeled"]["image"].shape, batch["unlabeled"]["weak"].shape
+    """
+
+    def __init__(
+        self,
+        cfg: dict[str, Any],
+        labeled: str | Path,
+        unlabeled: str | Path | None = None,
+        val: str | Path | None = None,
+        run_dir: str | Path | None = None,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.labeled = Path(labeled)
+        self.unlabeled = Path(unlabeled) if unlabeled is not None else None
+        self.val = Path(val) if val is not None else None
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.train_cases: list[dict] = []
+        self.val_cases: list[dict] = []
+        self.unlabeled_cases: list[dict] = []
+        self._datasets: dict[str, Any] = {}
+        self._loaders: dict[str, Any] = {}
+
+    @property
+    def use_unlabeled(self) -> bool:
+        """Whether training draws unlabeled batches (mean teacher with unlabeled scans)."""
+        return self.cfg["ssl"]["method"] != "supervised" and bool(self.unlabeled_cases)
+
+    def discover(self) -> None:
+        """Find and check every case; raise one DataError listing all problems."""
+        cfg, data = self.cfg, self.cfg["data"]
+        problems: list[str] = []
+        labeled = discover_labeled(self.labeled, cfg, problems)
+        val = discover_labeled(self.val, cfg, problems) if self.val is not None else None
+        unlabeled: list[dict] = []
+        if self.unlabeled is not None:
+            unlabeled = discover_unlabeled(self.unlabeled, cfg, problems)
+        elif has_unlabeled_list(self.labeled, cfg):
+            unlabeled = discover_unlabeled(self.labeled, cfg, problems)
+        everything = labeled + (val or []) + (unlabeled if cfg["ssl"]["method"] != "supervised" else [])
+        problems += report_problems(check_cases(everything, cfg))
+        raise_problems(problems, f"{len(problems)} problem(s) in the input data, found before training:")
+        if val is None:
+            self.train_cases, self.val_cases = split_cases(labeled, float(data["val_fraction"]), int(data["split_seed"]))
+            if self.run_dir is not None:
+                write_split(self.run_dir / "split.json", self.train_cases, self.val_cases, float(data["val_fraction"]), int(data["split_seed"]))
+        else:
+            self.train_cases, self.val_cases = labeled, val
+        self.unlabeled_cases = unlabeled
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._datasets:
+            return
+        self.discover()
+        self._datasets["labeled"] = self._dataset(self.train_cases, tfm.labeled_transforms(self.cfg), "labeled")
+        if self.use_unlabeled:
+            self._datasets["unlabeled"] = self._dataset(self.unlabeled_cases, tfm.unlabeled_transforms(self.cfg), "unlabeled")
+        if self.val_cases:
+            self._datasets["val"] = self._dataset(self.val_cases, tfm.validation_transforms(self.cfg), "val")
+
+    def _dataset(self, cases: list[dict], transform, name: str):
+        data = self.cfg["data"]
+        if data["cache"] == "memory":
+            workers = max(1, int(data["num_workers"]))
+            return CacheDataset(cases, transform, cache_rate=1.0, num_workers=workers, progress=False)
+        if data["cache"] == "disk":
+            root = data["cache_dir"] or (self.run_dir / "cache" if self.run_dir is not None else tempfile.mkdtemp(prefix="medeman-cache-"))
+            return PersistentDataset(cases, transform, cache_dir=Path(root) / name)
+        return Dataset(cases, transform)
+
+    def _seed(self) -> int:
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        return int(self.cfg["train"]["seed"]) + 1000 * rank
+
+    def _train_loader(self, name: str, batch_size: int, offset: int) -> DataLoader:
+        train, data = self.cfg["train"], self.cfg["data"]
+        n_batches = int(train["val_every_steps"]) * int(train["accumulate_grad_batches"])
+        seed = self._seed() + offset
+        sampler = RandomSampler(self._datasets[name], replacement=True, num_samples=n_batches * batch_size,
+                                generator=torch.Generator().manual_seed(seed))
+        workers = int(data["num_workers"])
+        # monai's DataLoader seeds every worker's (or, without workers, the dataset's) random transforms from this generator
+        return DataLoader(
+            self._datasets[name], batch_size=batch_size, sampler=sampler, num_workers=workers,
+            collate_fn=list_data_collate, persistent_workers=workers > 0, drop_last=True,
+            generator=torch.Generator().manual_seed(seed + 1), pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> CombinedLoader:
+        """``CombinedLoader({"labeled", "unlabeled"}, mode="max_size_cycle")``, one validation interval long."""
+        if "labeled" not in self._loaders:  # built once so persistent workers survive across epochs
+            data = self.cfg["data"]
+            loaders = {"labeled": self._train_loader("labeled", int(data["batch_size_labeled"]), 0)}
+            if self.use_unlabeled:
+                loaders["unlabeled"] = self._train_loader("unlabeled", int(data["batch_size_unlabeled"]), 2)
+            self._loaders = loaders
+        return CombinedLoader(self._loaders, mode="max_size_cycle")
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Whole preprocessed validation volumes, one at a time: ``{"image": (1, C, ...), "label": (1, 1, ...)}``."""
+        if "val" not in self._datasets:
+            return []
+        return DataLoader(self._datasets["val"], batch_size=1, shuffle=False, num_workers=0)

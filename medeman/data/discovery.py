@@ -1,0 +1,309 @@
+"""Find the cases of a cohort: plain folders, the Medical Segmentation Decathlon and nnU-Net v2 layouts.
+
+A case is a dict ``{"id": str, "image": path or [path per channel], "label": path}`` (no
+``"label"`` for unlabeled scans), the form MONAI's dictionary transforms take.
+
+Layouts of a labeled folder ``LABELED``:
+
+* ``LABELED/images/*`` and ``LABELED/labels/*``, matched by case id: the label has the image's
+  name, or the name with a ``_seg``, ``_label`` or ``_mask`` suffix. With ``data.in_channels > 1``
+  nnU-Net's ``_0000``, ``_0001``, ... suffixes group the channel files of one case; with one
+  channel a ``_0000`` suffix is dropped from the id.
+* ``LABELED/dataset.json`` of the Decathlon (its ``training`` list and optional ``unlabeled``
+  list) or of nnU-Net v2 (``imagesTr``, ``labelsTr``; ``imagesTs`` is unlabeled on request).
+
+An unlabeled folder is any folder of images, searched recursively, or such a dataset root.
+Discovery functions collect every problem rather than stop at the first; pass a ``problems``
+list to receive them, otherwise they are raised together as one :class:`DataError`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+from medeman.data.errors import DataError
+from medeman.data.readers import IMAGE_SUFFIXES, image_suffix
+
+LABEL_SUFFIXES = ("_seg", "_label", "_mask")
+_CHANNEL = re.compile(r"^(?P<id>.+)_(?P<channel>\d{4})$")
+
+
+def _stem(path: Path) -> str:
+    return path.name[: -len(image_suffix(path))]
+
+
+def _images_in(folder: Path, recursive: bool = False) -> list[Path]:
+    files = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(p for p in files if p.is_file() and not p.name.startswith(".") and image_suffix(p))
+
+
+def _raise_or_collect(problems: list[str] | None, found: list[str]) -> None:
+    if problems is None:
+        if found:
+            raise DataError("\n".join(found))
+    else:
+        problems.extend(found)
+
+
+def _in_channels(cfg: dict | None) -> int:
+    return int(cfg["data"]["in_channels"]) if cfg else 1
+
+
+def group_channels(files: list[Path], in_channels: int, root: Path | None = None) -> tuple[dict[str, list[Path]], list[str]]:
+    """Group image files into cases: ``{case id: [file per channel]}``, and the problems found.
+
+    With ``in_channels == 1`` every file is a case (a trailing ``_0000`` is dropped from its id).
+    With more channels, files named ``<id>_<NNNN>`` are grouped by ``<id>`` and ordered by channel;
+    a case must have exactly channels ``0000`` to ``in_channels - 1``.
+
+    Args:
+        files: image files.
+        in_channels: channels per case (``data.in_channels``).
+        root: when given, ids are paths relative to it (so equal names in sub-folders stay apart).
+    """
+    cases: dict[str, dict[int, Path]] = {}
+    problems: list[str] = []
+    for path in files:
+        stem = _stem(path)
+        prefix = "" if root is None else str(path.parent.relative_to(root)).replace("\\", "/")
+        prefix = "" if prefix in ("", ".") else prefix + "/"
+        match = _CHANNEL.match(stem)
+        if in_channels == 1:
+            case_id, channel = (match["id"] if match and match["channel"] == "0000" else stem), 0
+        elif match is None:
+            problems.append(f"{path}: no _0000.._{in_channels - 1:04d} channel suffix, but data.in_channels={in_channels}")
+            continue
+        else:
+            case_id, channel = match["id"], int(match["channel"])
+        channels = cases.setdefault(prefix + case_id, {})
+        if channel in channels:
+            problems.append(f"{path}: same case and channel as {channels[channel]}")
+            continue
+        channels[channel] = path
+    grouped: dict[str, list[Path]] = {}
+    for case_id, channels in cases.items():
+        if in_channels > 1 and sorted(channels) != list(range(in_channels)):
+            found = ", ".join(f"{c:04d}" for c in sorted(channels))
+            problems.append(f"{channels[min(channels)]}: case '{case_id}' has channel files {found}, expected 0000..{in_channels - 1:04d} (data.in_channels={in_channels})")
+            continue
+        grouped[case_id] = [channels[c] for c in sorted(channels)]
+    return grouped, problems
+
+
+def label_id(path: Path) -> str:
+    """Case id of a label file: its name without extension and without a ``_seg``/``_label``/``_mask`` suffix."""
+    stem = _stem(path)
+    for suffix in LABEL_SUFFIXES:
+        if stem.endswith(suffix) and len(stem) > len(suffix):
+            return stem[: -len(suffix)]
+    return stem
+
+
+def match_labels(image_files: list[Path], label_files: list[Path], in_channels: int = 1) -> tuple[list[dict], list[str]]:
+    """Pair image files with label files by case id; return the cases and every unmatched file.
+
+    Args:
+        image_files: image files (channel files of a case are grouped, see :func:`group_channels`).
+        label_files: label files, named like the case or with a ``_seg``/``_label``/``_mask`` suffix.
+        in_channels: channels per case.
+
+    Returns:
+        ``(cases, problems)``: case dicts sorted by id, and one line per problem naming the file.
+    """
+    groups, problems = group_channels(image_files, in_channels)
+    labels: dict[str, Path] = {}
+    for path in label_files:
+        key = label_id(path)
+        if key in labels:
+            problems.append(f"{path}: a second label for case '{key}' (first: {labels[key]})")
+            continue
+        labels[key] = path
+    cases, used = [], set()
+    for case_id, files in sorted(groups.items()):
+        full = _stem(files[0])
+        key = case_id if case_id in labels else full if full in labels else None
+        if key is None:
+            problems.append(f"{files[0]}: image without label (expected {case_id}{image_suffix(files[0])} or {case_id}_seg/_label/_mask in the labels folder)")
+            continue
+        used.add(key)
+        cases.append({"id": case_id, "image": str(files[0]) if len(files) == 1 else [str(f) for f in files], "label": str(labels[key])})
+    for key, path in sorted(labels.items()):
+        if key not in used:
+            problems.append(f"{path}: label without image (no image named {key}* in the images folder)")
+    return cases, problems
+
+
+def _require_folder(path: Path, what: str) -> list[str]:
+    if not path.exists():
+        return [f"{path}: {what} folder does not exist"]
+    if not path.is_dir():
+        return [f"{path}: {what} is not a folder"]
+    return []
+
+
+def read_dataset_json(path: str | Path) -> dict[str, Any]:
+    """Read a Decathlon or nnU-Net v2 ``dataset.json``, raising :class:`DataError` if it is unusable."""
+    path = Path(path)
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: unreadable dataset.json ({err})") from None
+    if not isinstance(meta, dict) or not ("training" in meta or "file_ending" in meta or "channel_names" in meta):
+        raise DataError(f"{path}: neither a Decathlon dataset.json (no 'training' list) nor an nnU-Net v2 one (no 'file_ending'/'channel_names')")
+    return meta
+
+
+def _msd_entry(root: Path, entry: Any, key: str) -> str | list[str]:
+    value = entry[key] if isinstance(entry, dict) else entry
+    if isinstance(value, (list, tuple)):
+        return [str((root / v).resolve()) for v in value]
+    return str((root / value).resolve())
+
+
+def _msd_id(image: str | list[str]) -> str:
+    first = Path(image[0] if isinstance(image, list) else image)
+    return _stem(first)
+
+
+def _dataset_labeled(root: Path, meta: dict, in_channels: int) -> tuple[list[dict], list[str]]:
+    if "training" in meta:  # Decathlon: explicit list of image/label pairs (multi-modal images are 4D files)
+        cases, problems = [], []
+        for entry in meta["training"]:
+            if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
+                problems.append(f"{root / 'dataset.json'}: training entry {entry!r} lacks 'image' or 'label'")
+                continue
+            case = {"image": _msd_entry(root, entry, "image"), "label": _msd_entry(root, entry, "label")}
+            for key in ("image", "label"):
+                for file in case[key] if isinstance(case[key], list) else [case[key]]:
+                    if not Path(file).is_file():
+                        problems.append(f"{file}: listed as {key} in {root / 'dataset.json'} but missing")
+            cases.append({"id": _msd_id(case["image"]), **case})
+        return sorted(cases, key=lambda c: c["id"]), problems
+    n_channels = len(meta.get("channel_names", meta.get("modality", {}))) or in_channels
+    problems = _require_folder(root / "imagesTr", "imagesTr") + _require_folder(root / "labelsTr", "labelsTr")
+    if problems:
+        return [], problems
+    return match_labels(_images_in(root / "imagesTr"), _images_in(root / "labelsTr"), n_channels)
+
+
+def discover_labeled(path: str | Path, cfg: dict | None = None, problems: list[str] | None = None) -> list[dict]:
+    """Find the labeled cases under ``path`` (``images/`` + ``labels/``, or a ``dataset.json`` root).
+
+    Args:
+        path: the labeled folder, or a Decathlon/nnU-Net ``dataset.json`` (or its folder).
+        cfg: resolved config; ``data.in_channels`` decides channel grouping (default 1).
+        problems: if given, problems are appended here instead of raised.
+
+    Returns:
+        Case dicts ``{"id", "image", "label"}`` sorted by id.
+
+    Raises:
+        DataError: listing every problem (missing folder, unmatched image or label, no case at all).
+    """
+    path = Path(path)
+    root = path.parent if path.name == "dataset.json" else path
+    found = _require_folder(root, "labeled")
+    cases: list[dict] = []
+    if not found:
+        if (root / "dataset.json").is_file():
+            cases, found = _dataset_labeled(root, read_dataset_json(root / "dataset.json"), _in_channels(cfg))
+        elif (root / "images").is_dir() or (root / "labels").is_dir():
+            found = _require_folder(root / "images", "images") + _require_folder(root / "labels", "labels")
+            if not found:
+                cases, found = match_labels(_images_in(root / "images"), _images_in(root / "labels"), _in_channels(cfg))
+        else:
+            found = [f"{root}: expected images/ and labels/ sub-folders or a dataset.json (Decathlon / nnU-Net v2)"]
+        if not cases:
+            found.append(f"{root}: no labeled case found (images with matching labels, formats {', '.join(IMAGE_SUFFIXES)})")
+    _raise_or_collect(problems, found)
+    return cases
+
+
+def discover_unlabeled(path: str | Path, cfg: dict | None = None, problems: list[str] | None = None) -> list[dict]:
+    """Find the unlabeled scans under ``path``, searched recursively.
+
+    A Decathlon/nnU-Net root gives its ``unlabeled`` list if it has one, else ``imagesTs``.
+
+    Args:
+        path: a folder of images (any depth), or a dataset root.
+        cfg: resolved config; ``data.in_channels`` decides channel grouping (default 1).
+        problems: if given, problems are appended here instead of raised.
+
+    Returns:
+        Case dicts ``{"id", "image"}`` sorted by id.
+
+    Raises:
+        DataError: if the folder is missing or holds no image.
+    """
+    path = Path(path)
+    root = path.parent if path.name == "dataset.json" else path
+    found = _require_folder(root, "unlabeled")
+    cases: list[dict] = []
+    if not found:
+        if (root / "dataset.json").is_file():
+            meta = read_dataset_json(root / "dataset.json")
+            if meta.get("unlabeled"):
+                for entry in meta["unlabeled"]:
+                    image = _msd_entry(root, entry, "image")
+                    for file in image if isinstance(image, list) else [image]:
+                        if not Path(file).is_file():
+                            found.append(f"{file}: listed as unlabeled in {root / 'dataset.json'} but missing")
+                    cases.append({"id": _msd_id(image), "image": image})
+            elif (root / "imagesTs").is_dir():
+                n_channels = len(meta.get("channel_names", {})) or _in_channels(cfg)
+                groups, found = group_channels(_images_in(root / "imagesTs"), n_channels)
+                cases = [{"id": k, "image": str(v[0]) if len(v) == 1 else [str(f) for f in v]} for k, v in groups.items()]
+        else:
+            groups, found = group_channels(_images_in(root, recursive=True), _in_channels(cfg), root=root)
+            cases = [{"id": k, "image": str(v[0]) if len(v) == 1 else [str(f) for f in v]} for k, v in groups.items()]
+        if not cases:
+            found.append(f"{root}: empty unlabeled folder: no image found (formats {', '.join(IMAGE_SUFFIXES)}, searched recursively)")
+    _raise_or_collect(problems, found)
+    return sorted(cases, key=lambda c: c["id"])
+
+
+def has_unlabeled_list(path: str | Path, cfg: dict | None = None) -> bool:
+    """Whether a dataset root offers unlabeled scans (a Decathlon ``unlabeled`` list, or ``imagesTs`` when
+    ``data.unlabeled_from_imagesTs`` is set)."""
+    root = Path(path)
+    root = root.parent if root.name == "dataset.json" else root
+    if not (root / "dataset.json").is_file():
+        return False
+    meta = read_dataset_json(root / "dataset.json")
+    return bool(meta.get("unlabeled")) or bool(cfg and cfg["data"]["unlabeled_from_imagesTs"] and (root / "imagesTs").is_dir())
+
+
+def split_cases(cases: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Deterministically split labeled cases into training and validation.
+
+    The cases are sorted by id and shuffled with ``random.Random(seed)``, so the split depends only
+    on the case ids, the fraction and the seed. At least one case stays in training, and at least
+    one goes to validation when ``val_fraction > 0`` and there are two cases or more.
+
+    Returns:
+        ``(train, val)`` lists of case dicts.
+    """
+    ordered = sorted(cases, key=lambda c: c["id"])
+    random.Random(seed).shuffle(ordered)
+    n_val = 0
+    if val_fraction > 0 and len(ordered) >= 2:
+        n_val = min(max(1, round(val_fraction * len(ordered))), len(ordered) - 1)
+    val, train = ordered[:n_val], ordered[n_val:]
+    return sorted(train, key=lambda c: c["id"]), sorted(val, key=lambda c: c["id"])
+
+
+def write_split(path: str | Path, train: list[dict], val: list[dict], val_fraction: float, seed: int) -> Path:
+    """Write the split as JSON (``{"train": [ids], "val": [ids], "val_fraction", "seed", "cases"}``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "val_fraction": val_fraction, "seed": seed,
+        "train": [c["id"] for c in train], "val": [c["id"] for c in val],
+        "cases": {c["id"]: {k: v for k, v in c.items() if k != "id"} for c in train + val},
+    }
+    path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return path

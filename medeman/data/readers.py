@@ -1,0 +1,109 @@
+"""A MONAI image reader for NRRD and MetaImage (``.mha``/``.mhd``) files through SimpleITK.
+
+MONAI reads these formats through ITK (``itk``) or pynrrd, neither of which medeman depends on;
+SimpleITK is already a dependency, so this reader plugs it into ``LoadImage``. NIfTI stays with
+MONAI's ``NibabelReader``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+from monai.data import ImageReader, NibabelReader
+from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+IMAGE_SUFFIXES = NIFTI_SUFFIXES + SITK_SUFFIXES
+
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def image_suffix(path: str | Path) -> str | None:
+    """Return the image suffix of ``path`` (``.nii.gz``, ``.mha``, ...) or ``None`` if it is not an image."""
+    name = str(path).lower()
+    return next((s for s in sorted(IMAGE_SUFFIXES, key=len, reverse=True) if name.endswith(s)), None)
+
+
+class SimpleITKReader(ImageReader):
+    """Read ``.nrrd``/``.nhdr``/``.mha``/``.mhd`` with SimpleITK as ``(x, y, z[, c])`` arrays and a RAS affine.
+
+    Several files are stacked as channels on a new first axis, as MONAI's readers do.
+
+    Examples:
+        >>> from monai.transforms import LoadImage
+        >>> img = LoadImage(reader=SimpleITKReader(), image_only=True)("scan.mha")
+    """
+
+    def verify_suffix(self, filename: Sequence[str | Path] | str | Path) -> bool:
+        return all(str(f).lower().endswith(SITK_SUFFIXES) for f in ensure_tuple(filename))
+
+    def read(self, data: Sequence[str | Path] | str | Path, **kwargs) -> list[sitk.Image] | sitk.Image:
+        names = ensure_tuple(data)
+        if not self.verify_suffix(names):
+            raise ValueError(f"SimpleITKReader reads {', '.join(SITK_SUFFIXES)} only, got {names}")
+        images = [sitk.ReadImage(str(n)) for n in names]
+        return images if len(images) > 1 else images[0]
+
+    def get_data(self, img) -> tuple[np.ndarray, dict]:
+        arrays, meta = [], {}
+        for image in img if isinstance(img, (list, tuple)) else [img]:  # ensure_tuple would iterate a sitk.Image
+            array = sitk.GetArrayFromImage(image)  # (z, y, x[, c])
+            ndim = image.GetDimension()
+            array = np.transpose(array, tuple(reversed(range(ndim))) + tuple(range(ndim, array.ndim)))
+            affine = _LPS_TO_RAS @ sitk_affine(image)
+            header = {
+                MetaKeys.AFFINE: affine,
+                MetaKeys.ORIGINAL_AFFINE: affine.copy(),
+                MetaKeys.SPATIAL_SHAPE: np.asarray(array.shape[:ndim]),
+                MetaKeys.SPACE: SpaceKeys.RAS,
+                MetaKeys.ORIGINAL_CHANNEL_DIM: -1 if array.ndim > ndim else float("nan"),
+                "spacing": np.asarray(image.GetSpacing()),
+            }
+            if not meta:
+                meta = header
+            elif not np.allclose(meta[MetaKeys.AFFINE], affine) or not np.array_equal(meta[MetaKeys.SPATIAL_SHAPE], header[MetaKeys.SPATIAL_SHAPE]):
+                raise RuntimeError("channel files of one case differ in shape or affine")
+            arrays.append(array)
+        if len(arrays) == 1:
+            return arrays[0], meta
+        meta[MetaKeys.ORIGINAL_CHANNEL_DIM] = 0
+        return np.stack(arrays, axis=0), meta
+
+
+def sitk_affine(image: sitk.Image) -> np.ndarray:
+    """The 4x4 LPS voxel-to-world affine of a 3D SimpleITK image (direction x spacing, origin)."""
+    ndim = image.GetDimension()
+    direction = np.asarray(image.GetDirection(), dtype=float).reshape(ndim, ndim)
+    affine = np.eye(4)
+    affine[:ndim, :ndim] = direction * np.asarray(image.GetSpacing(), dtype=float)
+    affine[:ndim, 3] = image.GetOrigin()
+    return affine
+
+
+class VolumeReader(ImageReader):
+    """Every medeman image format in one reader: NIfTI through nibabel, NRRD/MetaImage through SimpleITK.
+
+    One reader (rather than a list that ``LoadImage`` tries in turn) keeps a truncated file's own
+    error message instead of a chain of "unable to load" attempts.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nifti, self.sitk = NibabelReader(), SimpleITKReader()
+
+    def _pick(self, filename) -> ImageReader:
+        return self.sitk if self.sitk.verify_suffix(filename) else self.nifti
+
+    def verify_suffix(self, filename: Sequence[str | Path] | str | Path) -> bool:
+        return all(image_suffix(f) is not None for f in ensure_tuple(filename))
+
+    def read(self, data: Sequence[str | Path] | str | Path, **kwargs):
+        return self._pick(data).read(data, **kwargs)
+
+    def get_data(self, img) -> tuple[np.ndarray, dict]:
+        first = img[0] if isinstance(img, (list, tuple)) else img
+        return (self.sitk if isinstance(first, sitk.Image) else self.nifti).get_data(img)
