@@ -71,6 +71,7 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "strong_contrast": Option([0.7, 1.5], "gamma range of the strong view's contrast adjustment"),
         "strong_blur_sigma": Option([0.5, 1.0], "sigma range in voxels of the strong view's Gaussian blur"),
         "strong_brightness": Option(0.1, "max absolute intensity shift of the strong view"),
+        "strong_prob": Option(0.8, "probability of each strong-view intensity augmentation (contrast, brightness, blur, noise, cut-out)"),
         "strong_cutout": Option(False, "cut out random boxes of the strong view"),
         "unlabeled_from_imagesTs": Option(False, "nnU-Net/MSD layout: use imagesTs as unlabeled scans"),
     },
