@@ -78,6 +78,7 @@ SCHEMA: dict[str, dict[str, Option]] = {
     "model": {
         "name": Option("unet", "student architecture from MONAI, always built with BatchNorm", ("unet", "basicunet", "vnet", "segresnet", "dynunet")),
         "channels": Option([16, 32, 64, 128, 256], "feature channels per resolution level (UNet, DynUNet; BasicUNet takes 6, SegResNet uses the first as init_filters)"),
+        "norm": Option("batch", "normalization layers of the student; EMAN and the bn teacher need batch", ("batch", "instance")),
         "num_res_units": Option(2, "residual units per UNet block"),
         "dropout": Option(0.0, "dropout probability in the student (and hence the teacher)"),
     },
