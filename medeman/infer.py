@@ -40,8 +40,10 @@ from tqdm import tqdm
 from medeman.checkpoint import ModelFileError, load_teacher
 from medeman.transforms import preprocessing
 
-SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
-ITK_SUFFIXES = (".nrrd", ".mha")  # read and written with SimpleITK (MONAI's ITKReader needs `itk`)
+SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")  # read and written with SimpleITK (MONAI's ITKReader needs `itk`)
+# With output_format="input", detached-header formats are written as their single-file twin.
+SINGLE_FILE = {".nhdr": ".nrrd", ".mhd": ".mha"}
 CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 # Test-time augmentation mirrors each patch along every combination of the three spatial axes
@@ -77,7 +79,7 @@ class CaseResult:
 
 
 def strip_suffix(path: str | Path) -> str:
-    """The file name without its image suffix (``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha``)."""
+    """The file name without its image suffix (one of :data:`SUFFIXES`)."""
     name = Path(path).name
     for suffix in SUFFIXES:
         if name.lower().endswith(suffix):
@@ -397,7 +399,8 @@ def infer_cases(
     bar = tqdm(cases, desc="infer", unit="case", disable=not progress, file=sys.stderr)
     for case in bar:
         bar.set_postfix_str(case.case_id)
-        suffix = ".nii.gz" if output_format == "nii.gz" else case.files[0].name[len(strip_suffix(case.files[0])):]
+        suffix = ".nii.gz" if output_format == "nii.gz" else case.files[0].name[len(strip_suffix(case.files[0])):].lower()
+        suffix = SINGLE_FILE.get(suffix, suffix)
         out_path = output_dir / f"{case.case_id}{suffix}"
         probs_path = output_dir / f"{case.case_id}_probs.nii.gz" if probabilities else None
         targets = [p for p in (out_path, probs_path) if p is not None]
@@ -481,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Segment scans with a trained medeman teacher; each mask has its scan's shape and affine.",
     )
     parser.add_argument("--model", required=True, help="run folder with teacher.pt, or the teacher.pt file")
-    parser.add_argument("--input", required=True, help="folder of scans (.nii.gz, .nii, .nrrd, .mha) or one scan")
+    parser.add_argument("--input", required=True, help=f"folder of scans ({', '.join(SUFFIXES)}) or one scan")
     parser.add_argument("--output", required=True, help="folder for <case>.nii.gz masks")
     parser.add_argument("--tta", action="store_true", default=None, help="average the softmax over 8 mirrorings (default: config infer.tta)")
     parser.add_argument("--probabilities", action="store_true", help="also write <case>_probs.nii.gz, one channel per class")
@@ -491,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overlap", type=float, help="sliding-window overlap in [0, 1) (default: config)")
     parser.add_argument("--precision", choices=("32", "bf16"), help="bf16 autocast where supported (default: config)")
     parser.add_argument("--output-format", choices=("nii.gz", "input"), default="nii.gz",
-                        help="nii.gz, or input: each mask in its scan's format (.nrrd, .mha, ...)")
+                        help="nii.gz, or input: each mask in its scan's format (.nii, .nrrd, .mha; .nhdr/.mhd as .nrrd/.mha)")
     return parser
 
 

@@ -1,0 +1,145 @@
+"""Evaluation: Dice, HD95 and ASD in mm on hand-made masks whose scores are known, and case matching."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medeman.evaluate import evaluate_folder, label_case_id, main, mask_scores
+
+SHAPE = (12, 10, 14)
+
+
+def cube(lo, hi, shape=SHAPE):
+    mask = np.zeros(shape, dtype=bool)
+    mask[tuple(slice(a, b) for a, b in zip(lo, hi))] = True
+    return mask
+
+
+def plane(axis, index, shape=SHAPE):
+    """A one-voxel-thick full plane: every voxel is on its surface, so surface distances are exact."""
+    mask = np.zeros(shape, dtype=bool)
+    mask[(slice(None),) * axis + (index,)] = True
+    return mask
+
+
+NAN = math.nan
+SCORE_CASES = [
+    # (name, prediction, reference, spacing, expected (dice, hd95 mm, asd mm))
+    ("identical", cube((2, 2, 2), (8, 8, 8)), cube((2, 2, 2), (8, 8, 8)), (1.0, 1.0, 1.0), (1.0, 0.0, 0.0)),
+    ("planes 3 apart in z, 2 mm slices", plane(2, 4), plane(2, 7), (0.7, 0.9, 2.0), (0.0, 6.0, 6.0)),
+    ("planes 3 apart in x, 0.5 mm voxels", plane(0, 2), plane(0, 5), (0.5, 1.0, 3.0), (0.0, 1.5, 1.5)),
+    ("planes 1 apart in y", plane(1, 6), plane(1, 5), (1.0, 1.25, 1.0), (0.0, 1.25, 1.25)),
+    ("box shifted by 2 of 10 in z", cube((1, 0, 2), (11, 10, 12)), cube((1, 0, 4), (11, 10, 14)), (1.0, 1.0, 1.0), (0.8, None, None)),
+    ("half the reference", cube((0, 0, 0), (6, 10, 14)), cube((0, 0, 0), (12, 10, 14)), (1.0, 1.0, 1.0), (2 * 0.5 / 1.5, None, None)),
+    ("both empty", np.zeros(SHAPE, bool), np.zeros(SHAPE, bool), (1.0, 1.0, 1.0), (1.0, NAN, NAN)),
+    ("prediction empty", np.zeros(SHAPE, bool), cube((2, 2, 2), (5, 5, 5)), (1.0, 1.0, 1.0), (0.0, NAN, NAN)),
+    ("reference empty", cube((2, 2, 2), (5, 5, 5)), np.zeros(SHAPE, bool), (1.0, 1.0, 1.0), (0.0, NAN, NAN)),
+]
+
+
+@pytest.mark.parametrize("name, pred, ref, spacing, expected", SCORE_CASES, ids=[c[0] for c in SCORE_CASES])
+def test_mask_scores_on_hand_made_masks(name, pred, ref, spacing, expected):
+    got = mask_scores(pred, ref, spacing)
+    for value, want in zip(got, expected):
+        if want is None:
+            continue
+        if math.isnan(want):
+            assert math.isnan(value), (name, got)
+        else:
+            assert value == pytest.approx(want, abs=1e-5), (name, got)
+
+
+def test_mask_scores_refuses_different_shapes():
+    with pytest.raises(ValueError, match="shape"):
+        mask_scores(np.zeros((3, 3, 3)), np.zeros((3, 3, 4)), (1, 1, 1))
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("case1.nii.gz", "case1"), ("case1_seg.nii.gz", "case1"), ("case1_label.nrrd", "case1"),
+    ("case1_mask.mha", "case1"), ("case_seg_2.nii", "case_seg_2"), ("segment.nii.gz", "segment"),
+])
+def test_label_case_id(name, expected):
+    assert label_case_id(name) == expected
+
+
+AFFINE = np.diag([0.8, 0.8, 2.0, 1.0])  # distances along z count 2 mm per voxel
+
+
+def save(path, array, affine=AFFINE):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.asarray(array, dtype=np.uint8), affine), str(path))
+    return path
+
+
+@pytest.fixture()
+def cohort(tmp_path):
+    """Three scored cases with known scores, plus a missing, an extra and a mismatched case."""
+    pred, lab = tmp_path / "pred", tmp_path / "labels"
+    two = plane(2, 4).astype(np.uint8) + 2 * plane(2, 10)          # class 1 and class 2
+    save(pred / "a.nii.gz", two)
+    save(lab / "a_seg.nii.gz", two)                                 # perfect
+    save(pred / "b.nii.gz", plane(2, 4))
+    save(lab / "b_label.nii.gz", plane(2, 7))                       # class 1: 3 slices = 6 mm off; no class 2
+    save(pred / "b_probs.nii.gz", np.zeros(SHAPE + (2,)))          # probability maps are not predictions
+    save(pred / "c.nii.gz", np.zeros(SHAPE))
+    save(lab / "c_mask.nii.gz", plane(2, 4))                        # class 1 missed entirely
+    save(lab / "missing.nii.gz", plane(2, 4))                       # no prediction
+    save(pred / "extra.nii.gz", plane(2, 4))                        # no label
+    save(pred / "bad.nii.gz", np.zeros((12, 10, 13)))
+    save(lab / "bad.nii.gz", np.zeros(SHAPE))                       # shapes differ
+    return pred, lab
+
+
+def test_evaluate_folder_scores_and_names_every_problem(cohort, tmp_path):
+    pred, lab = cohort
+    summary = evaluate_folder(pred, lab, csv=tmp_path / "scores.csv")
+    assert summary.cases == ["a", "b", "c"]
+    by = {(s.case_id, s.label): s for s in summary.scores}
+    assert set(by) == {(c, k) for c in "abc" for k in (1, 2)}
+    assert (by["a", 1].dice, by["a", 1].hd95, by["a", 1].asd) == (1.0, 0.0, 0.0)
+    assert by["b", 1].dice == 0.0 and by["b", 1].hd95 == pytest.approx(6.0) and by["b", 1].asd == pytest.approx(6.0)
+    assert by["b", 2].dice == 1.0 and math.isnan(by["b", 2].hd95)   # absent from both: filled in
+    assert by["c", 1].dice == 0.0 and math.isnan(by["c", 1].asd)
+    stats = summary.per_class()
+    assert stats[1]["n"] == 3 and stats[1]["dice_mean"] == pytest.approx(1 / 3)
+    assert stats[1]["dice_std"] == pytest.approx(np.std([1.0, 0.0, 0.0]))
+    assert stats[1]["hd95_n"] == 2 and stats[1]["hd95_mean"] == pytest.approx(3.0)
+    problems = "\n".join(summary.problems)
+    assert "missing: no prediction" in problems and "bad:" in problems and "(12, 10, 13)" in problems
+    assert any(n.startswith("extra: no reference label") for n in summary.notes)
+
+    rows = list(csv.DictReader(open(tmp_path / "scores.csv")))
+    scored = [r for r in rows if r["class"]]
+    assert len(scored) == 6 and {r["case"] for r in scored} == {"a", "b", "c"}
+    row = next(r for r in scored if r["case"] == "b" and r["class"] == "1")
+    assert float(row["hd95_mm"]) == pytest.approx(6.0) and row["reference_voxels"] == str(12 * 10)
+    assert {r["case"] for r in rows if not r["class"]} == {"missing", "bad", "extra"}
+
+
+def test_main_prints_a_summary_and_fails_on_problems(cohort, capsys):
+    pred, lab = cohort
+    assert main(["--pred", str(pred), "--labels", str(lab)]) == 1
+    out, err = capsys.readouterr()
+    assert "±" in out and "HD95" in out and "(n=2)" in out
+    assert "missing" in err and "bad" in err and "Traceback" not in err
+
+
+def test_main_succeeds_on_a_clean_cohort(tmp_path, capsys):
+    save(tmp_path / "p" / "x.nii.gz", cube((2, 2, 2), (6, 6, 6)))
+    save(tmp_path / "l" / "x.nii.gz", cube((2, 2, 2), (6, 6, 6)))
+    assert main(["--pred", str(tmp_path / "p"), "--labels", str(tmp_path / "l"), "--csv", str(tmp_path / "s.csv")]) == 0
+    assert "1.000 ± 0.000" in capsys.readouterr().out
+
+
+def test_unreadable_label_is_named(tmp_path, capsys):
+    save(tmp_path / "p" / "x.nii.gz", cube((2, 2, 2), (6, 6, 6)))
+    (tmp_path / "l").mkdir()
+    (tmp_path / "l" / "x.nii.gz").write_bytes(b"garbage")
+    assert main(["--pred", str(tmp_path / "p"), "--labels", str(tmp_path / "l")]) == 1
+    err = capsys.readouterr().err
+    assert "x.nii.gz: cannot read" in err and "Traceback" not in err
