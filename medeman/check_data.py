@@ -11,7 +11,7 @@ import argparse
 import sys
 from typing import Iterable
 
-from medeman.config import ConfigError, load_config
+from medeman.config import ConfigError, load_config, read_yaml
 from medeman.data.checks import CaseReport, check_cases
 from medeman.data.discovery import discover_labeled, discover_unlabeled
 from medeman.data.errors import DataError
@@ -37,21 +37,34 @@ def format_table(rows: Iterable[tuple[str, ...]]) -> str:
     return "\n".join(lines)
 
 
+def _declares_num_classes(configs: list[str], sets: list[str]) -> bool:
+    if any(item.split("=", 1)[0].strip() == "data.num_classes" for item in sets):
+        return True
+    for path in configs:
+        raw = read_yaml(path)
+        if isinstance(raw, dict) and isinstance(raw.get("data"), dict) and "num_classes" in raw["data"]:
+            return True
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     """Check the cohort; return 0 when clean, 1 when any problem was found, 2 on a bad config."""
     parser = argparse.ArgumentParser(prog="medeman check-data", description=__doc__.splitlines()[0])
     parser.add_argument("--labeled", required=True, help="labeled folder (images/ + labels/) or Decathlon/nnU-Net dataset root")
     parser.add_argument("--unlabeled", help="folder of unlabeled scans, searched recursively")
     parser.add_argument("--val", help="labeled validation folder")
-    parser.add_argument("--config", action="append", default=[], help="YAML config (repeatable); uses data.num_classes and data.in_channels")
+    parser.add_argument("--config", action="append", default=[], help="YAML config (repeatable); uses data.num_classes (if not set, the classes found are reported) and data.in_channels")
     parser.add_argument("--set", action="append", default=[], dest="sets", metavar="SECTION.KEY=VALUE", help="config override")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.sets)
+        declared = _declares_num_classes(args.config, args.sets)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
+    if not declared:  # check label values for integers >= 0 only, then report the classes found
+        cfg["data"]["num_classes"] = 2 ** 31
     problems: list[str] = []
     parts: list[tuple[str, list[dict]]] = []
     try:
@@ -62,14 +75,22 @@ def main(argv: list[str] | None = None) -> int:
             parts.append(("unlabeled", discover_unlabeled(args.unlabeled, cfg, problems)))
     except DataError as err:  # an unreadable dataset.json stops discovery of that part
         problems.extend(str(err).splitlines())
-    rows = []
+    rows, classes = [], set()
     for part, cases in parts:
         for report in check_cases(cases, cfg):
             rows.append(_row(part, report))
             problems.extend(report.problems)
+            classes.update(report.classes)
     print(format_table(rows))
     counts = ", ".join(f"{len(cases)} {part}" for part, cases in parts)
-    print(f"\n{counts} case(s); data.num_classes={cfg['data']['num_classes']}, data.in_channels={cfg['data']['in_channels']}")
+    print(f"\n{counts} case(s); data.in_channels={cfg['data']['in_channels']}")
+    if declared:
+        print(f"data.num_classes={cfg['data']['num_classes']}")
+    elif classes:
+        n = max(classes) + 1
+        missing = sorted(set(range(n)) - classes)
+        print(f"label classes found: {', '.join(map(str, sorted(classes)))}; set data.num_classes: {n} in your config"
+              + (f" (classes {', '.join(map(str, missing))} never appear)" if missing else ""))
     if problems:
         print(f"\n{len(problems)} problem(s):")
         print("\n".join(problems))
