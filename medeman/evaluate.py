@@ -116,9 +116,11 @@ def mask_scores(prediction: np.ndarray, reference: np.ndarray, spacing) -> tuple
     p = torch.from_numpy(pred[box])[None, None].float()
     r = torch.from_numpy(ref[box])[None, None].float()
     spacing = [float(s) for s in spacing]
-    dice = compute_dice(p, r, include_background=True, ignore_empty=False)
-    hd95 = compute_hausdorff_distance(p, r, include_background=True, percentile=95, spacing=spacing)
-    asd = compute_average_surface_distance(p, r, include_background=True, symmetric=True, spacing=spacing)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # MONAI 1.5+ deprecation inside get_mask_edges
+        dice = compute_dice(p, r, include_background=True, ignore_empty=False)
+        hd95 = compute_hausdorff_distance(p, r, include_background=True, percentile=95, spacing=spacing)
+        asd = compute_average_surface_distance(p, r, include_background=True, symmetric=True, spacing=spacing)
     return float(dice[0, 0]), float(hd95[0, 0]), float(asd[0, 0])
 
 
@@ -294,6 +296,31 @@ def _num(value: float) -> str:
     return "nan" if not math.isfinite(value) else f"{value:.6g}"
 
 
+def segment_and_score(
+    model,
+    images_dir: str | Path,
+    labels_dir: str | Path | None,
+    output_dir: str | Path,
+    png_dir: str | Path | None = None,
+    csv: str | Path | None = None,
+    **infer_options,
+):
+    """Segment every scan of ``images_dir`` into ``output_dir``, then score and draw them (what ``make demo`` shows).
+
+    Args:
+        model: a run folder, ``teacher.pt`` or ``(network, config)``, as for :func:`medeman.infer.infer_cases`.
+        infer_options: passed to :func:`~medeman.infer.infer_cases` (``overwrite``, ``tta``, ``device``, ...).
+
+    Returns:
+        ``(case results, EvaluationSummary)``; print ``summary.table()`` for the table.
+    """
+    from medeman.infer import infer_cases
+
+    results = infer_cases(model, images_dir, output_dir, **infer_options)
+    summary = evaluate_folder(output_dir, labels_dir, csv=csv, png_dir=png_dir, images_dir=images_dir)
+    return results, summary
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medeman evaluate",
@@ -314,13 +341,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.labels is None and args.png is None:
         print("error: give --labels to score, or --png to draw the predictions", file=sys.stderr)
         return 2
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # MONAI warns on empty masks; the docstring defines those scores
-        try:
-            summary = evaluate_folder(args.pred, args.labels, csv=args.csv, png_dir=args.png, images_dir=args.images)
-        except FileNotFoundError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+    try:
+        summary = evaluate_folder(args.pred, args.labels, csv=args.csv, png_dir=args.png, images_dir=args.images)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     for note in summary.notes:
         print(f"note: {note}")
     for problem in summary.problems:

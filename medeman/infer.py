@@ -509,6 +509,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = None if args.device == "auto" else args.device
     try:
+        if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            print(f"error: --device {device}: CUDA is not available here (use cpu or auto)", file=sys.stderr)
+            return 2
+    except RuntimeError as err:
+        print(f"error: --device {device}: {_one_line(err)}", file=sys.stderr)
+        return 2
+    try:
         results = infer_cases(
             args.model, args.input, args.output, tta=args.tta, probabilities=args.probabilities,
             overwrite=args.overwrite, device=device, sw_batch_size=args.sw_batch_size, overlap=args.overlap,

@@ -83,6 +83,7 @@ def save_case_figure(
     axes = fig.subplots(1, 3)
     aspects = (sy / sx, sz / sx, sz / sy)  # height / width of a pixel in each view
     names = ("axial", "coronal", "sagittal")
+    sides = (("R", "L", "A", "P"), ("R", "L", "S", "I"), ("A", "P", "S", "I"))  # left, right, top, bottom
     if img is not None:
         low, high = np.percentile(img, [0.5, 99.5])
         underlays = _views(img, centre)
@@ -91,7 +92,7 @@ def save_case_figure(
         underlays = [np.full(v.shape, 0.15, dtype=np.float32) for v in _views(pred, centre)]
     pred_views = _views(pred, centre)
     ref_views = _views(ref, centre) if ref is not None else [None] * 3
-    for ax, name, aspect, under, pv, rv in zip(axes, names, aspects, underlays, pred_views, ref_views):
+    for ax, name, side, aspect, under, pv, rv in zip(axes, names, sides, aspects, underlays, pred_views, ref_views):
         ax.imshow(under, cmap="gray", vmin=low, vmax=high if high > low else low + 1, aspect=aspect, interpolation="nearest")
         for i, c in enumerate(classes):
             colour = COLOURS[i % len(COLOURS)]
@@ -100,6 +101,8 @@ def save_case_figure(
             if (pv == c).any():
                 ax.contour(pv == c, levels=[0.5], colors=[colour], linewidths=1.6, linestyles="dashed")
         ax.set_title(name)
+        for (x, y), letter in zip(((0.02, 0.5), (0.98, 0.5), (0.5, 0.97), (0.5, 0.03)), side):
+            ax.text(x, y, letter, transform=ax.transAxes, color="yellow", fontsize=9, ha="center", va="center")
         ax.set_axis_off()
     handles = []
     for i, c in enumerate(classes):

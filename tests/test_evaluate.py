@@ -143,3 +143,24 @@ def test_unreadable_label_is_named(tmp_path, capsys):
     assert main(["--pred", str(tmp_path / "p"), "--labels", str(tmp_path / "l")]) == 1
     err = capsys.readouterr().err
     assert "x.nii.gz: cannot read" in err and "Traceback" not in err
+
+
+def test_segment_and_score_runs_inference_then_evaluation(tmp_path):
+    import torch
+
+    from medeman.checkpoint import save_teacher
+    from medeman.config import default_config
+    from medeman.evaluate import segment_and_score
+    from medeman.nets import build_network
+
+    cfg = default_config()
+    cfg["model"]["channels"], cfg["model"]["num_res_units"] = [4, 8], 0
+    cfg["data"]["patch_size"] = [16, 16, 16]
+    torch.manual_seed(0)
+    save_teacher(tmp_path / "teacher.pt", build_network(cfg), cfg, step=0)
+    save(tmp_path / "images" / "x_0000.nii.gz", cube((2, 2, 2), (6, 6, 6)) * 200)
+    save(tmp_path / "labels" / "x.nii.gz", cube((2, 2, 2), (6, 6, 6)))
+    results, summary = segment_and_score(tmp_path / "teacher.pt", tmp_path / "images", tmp_path / "labels",
+                                         tmp_path / "pred", png_dir=tmp_path / "png", device="cpu", progress=False)
+    assert [r.status for r in results] == ["written"]
+    assert summary.cases == ["x"] and (tmp_path / "png" / "x.png").is_file()

@@ -25,6 +25,13 @@ OBLIQUE_AFFINE = np.array([
     [0.0, 0.0, 0.0, 1.0],
 ])
 SHAPE = (19, 13, 9)
+_t = np.deg2rad(15.0)  # a tilted gantry: RAS-like axes rotated about x, anisotropic
+TILTED_AFFINE = np.array([
+    [0.9, 0.0, 0.0, -8.0],
+    [0.0, 0.7 * np.cos(_t), -2.0 * np.sin(_t), 5.0],
+    [0.0, 0.7 * np.sin(_t), 2.0 * np.cos(_t), 60.0],
+    [0.0, 0.0, 0.0, 1.0],
+])
 
 
 def tiny_config(spacing=(1.5, 1.5, 1.5), in_channels=1):
@@ -87,18 +94,19 @@ def dice(a, b):
 
 
 GEOMETRY_CASES = [
-    # (scan file name, data.spacing, output format, expected output name)
-    ("scan_0000.nii.gz", None, "nii.gz", "scan.nii.gz"),
-    ("scan_0000.nii.gz", (1.5, 1.5, 1.5), "nii.gz", "scan.nii.gz"),
-    ("scan.nii", (1.0, 2.0, 1.5), "nii.gz", "scan.nii.gz"),
-    ("scan.nrrd", (1.5, 1.5, 1.5), "nii.gz", "scan.nii.gz"),
-    ("scan.mha", None, "input", "scan.mha"),
+    # (scan file name, its affine, data.spacing, output format, expected output name)
+    ("scan_0000.nii.gz", OBLIQUE_AFFINE, None, "nii.gz", "scan.nii.gz"),
+    ("scan_0000.nii.gz", OBLIQUE_AFFINE, (1.5, 1.5, 1.5), "nii.gz", "scan.nii.gz"),
+    ("scan.nii", OBLIQUE_AFFINE, (1.0, 2.0, 1.5), "nii.gz", "scan.nii.gz"),
+    ("scan.nii.gz", TILTED_AFFINE, (1.2, 1.2, 1.2), "nii.gz", "scan.nii.gz"),
+    ("scan.nrrd", OBLIQUE_AFFINE, (1.5, 1.5, 1.5), "nii.gz", "scan.nii.gz"),
+    ("scan.mha", TILTED_AFFINE, None, "input", "scan.mha"),
 ]
 
 
-@pytest.mark.parametrize("name, spacing, output_format, expected", GEOMETRY_CASES)
-def test_mask_has_the_scans_shape_affine_and_content(tmp_path, name, spacing, output_format, expected):
-    scan = write_scan(tmp_path / "in" / name, blob())
+@pytest.mark.parametrize("name, affine, spacing, output_format, expected", GEOMETRY_CASES)
+def test_mask_has_the_scans_shape_affine_and_content(tmp_path, name, affine, spacing, output_format, expected):
+    scan = write_scan(tmp_path / "in" / name, blob(), affine)
     cfg = tiny_config(spacing)
     results = infer_cases((ThresholdNet(), cfg), scan, tmp_path / "out", output_format=output_format,
                           probabilities=True, device="cpu", progress=False)
@@ -111,7 +119,7 @@ def test_mask_has_the_scans_shape_affine_and_content(tmp_path, name, spacing, ou
     np.testing.assert_allclose(out_affine, in_affine, atol=1e-5)
     if out.name.endswith(".nii.gz"):
         assert nib.load(str(out)).get_data_dtype() == np.uint8
-        np.testing.assert_allclose(nib.load(str(out)).affine, OBLIQUE_AFFINE, atol=1e-5)
+        np.testing.assert_allclose(nib.load(str(out)).affine, affine, atol=1e-5)
         mask = np.asarray(nib.load(str(out)).dataobj)
     else:
         mask = np.transpose(sitk.GetArrayFromImage(sitk.ReadImage(str(out))), (2, 1, 0))
