@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from monai.metrics import compute_average_surface_distance, compute_dice, compute_hausdorff_distance
 
-from medeman.infer import CHANNEL_SUFFIX, CaseError, image_files, read_volume, strip_suffix, voxel_spacing
+from medeman.infer import CHANNEL_SUFFIX, CaseError, image_files, one_line, read_volume, strip_suffix, voxel_spacing
 
 LABEL_SUFFIX = re.compile(r"^(?P<case>.+?)_(?:seg|label|mask)$")
 CSV_COLUMNS = ("case", "class", "dice", "hd95_mm", "asd_mm", "reference_voxels", "predicted_voxels", "note")
@@ -229,6 +229,8 @@ def evaluate_folder(
                 _draw(case_id, pred, ref, affine, images.get(case_id), Path(png_dir), summary)
         except CaseError as err:
             summary.problems.append(str(err))
+        except Exception as err:  # one bad case is named, the others still scored
+            summary.problems.append(f"{case_id}: {preds[case_id]}: {one_line(err)}")
 
     _fill_absent_classes(summary)
     if csv is not None:

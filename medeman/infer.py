@@ -130,7 +130,7 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         image = nib.load(str(path))
         return np.asanyarray(image.dataobj), np.asarray(image.affine, dtype=float)
     except Exception as err:  # any reader failure is reported, never a reader traceback
-        raise CaseError(f"{path}: cannot read: {_one_line(err)}") from None
+        raise CaseError(f"{path}: cannot read: {one_line(err)}") from None
 
 
 def read_geometry(path: str | Path) -> tuple[tuple[int, ...], np.ndarray]:
@@ -151,7 +151,7 @@ def read_geometry(path: str | Path) -> tuple[tuple[int, ...], np.ndarray]:
         image = nib.load(str(path))
         return tuple(int(s) for s in image.shape[:3]), np.asarray(image.affine, dtype=float)
     except Exception as err:
-        raise CaseError(f"{path}: cannot read: {_one_line(err)}") from None
+        raise CaseError(f"{path}: cannot read: {one_line(err)}") from None
 
 
 def write_like(array: np.ndarray, reference: str | Path, path: str | Path, intent: str = "label") -> Path:
@@ -420,7 +420,7 @@ def infer_cases(
                 result = CaseResult(case.case_id, "failed", time.perf_counter() - start, message=str(err))
             except Exception as err:  # one bad scan must not stop the others
                 result = CaseResult(case.case_id, "failed", time.perf_counter() - start,
-                                    message=f"{case.files[0]}: {_one_line(err)}")
+                                    message=f"{case.files[0]}: {one_line(err)}")
         results.append(result)
         if result.status == "written":
             tqdm.write(f"{case.case_id}: {result.seconds:.2f} s -> {out_path}")
@@ -439,7 +439,7 @@ def _segment_case(case: Case, net, cfg, transform, out_path: Path, probs_path: P
         try:
             data = transform({"image": [str(f) for f in loadable] if len(loadable) > 1 else str(loadable[0])})
         except Exception as err:
-            raise CaseError(f"{case.files[0]}: cannot read or preprocess: {_one_line(err)}") from None
+            raise CaseError(f"{case.files[0]}: cannot read or preprocess: {one_line(err)}") from None
     image = data["image"]
     expected = int(cfg["data"]["in_channels"])
     if image.shape[0] != expected:
@@ -466,7 +466,7 @@ def _as_nifti(path: Path, tmp: Path) -> Path:
     return out
 
 
-def _one_line(err: BaseException) -> str:
+def one_line(err: BaseException) -> str:
     """The innermost cause of ``err`` as one short line (MONAI wraps reader errors in transform errors)."""
     while err.__cause__ is not None:
         err = err.__cause__
@@ -513,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --device {device}: CUDA is not available here (use cpu or auto)", file=sys.stderr)
             return 2
     except RuntimeError as err:
-        print(f"error: --device {device}: {_one_line(err)}", file=sys.stderr)
+        print(f"error: --device {device}: {one_line(err)}", file=sys.stderr)
         return 2
     try:
         results = infer_cases(
