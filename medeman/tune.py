@@ -338,13 +338,13 @@ def write_best(study: optuna.Study, cfg: dict, out_dir: Path, config_paths: Sequ
     """Write ``best_params.yaml`` (overlay of the tuned keys) and ``best_config.yaml`` (the full config to train)."""
     best = study.best_trial
     overlay = best_overlay(study)
-    bases = " ".join(f"--config {p}" for p in config_paths)
+    params_path = out_dir / "best_params.yaml"
+    bases = " ".join(f"--config {p}" for p in [*config_paths, params_path])
     header = (
         f"# Best of Optuna study '{study.study_name}': trial {best.number}, {MONITOR}={best.value:.4f} "
         f"after {trial_steps(cfg)} steps.\n"
-        f"# Overlay it on the tuned config: medeman train {bases} --config best_params.yaml ...\n"
+        f"# Overlay it on the tuned config: medeman train {bases} ...\n"
     )
-    params_path = out_dir / "best_params.yaml"
     params_path.write_text(header + yaml.safe_dump(overlay, sort_keys=False), encoding="utf-8")
     config_path = out_dir / "best_config.yaml"
     full = trial_config(cfg, best.params, shortened=False)
