@@ -13,6 +13,7 @@ Run folder layout::
 from __future__ import annotations
 
 import argparse
+import csv
 import math
 import shutil
 import sys
@@ -183,7 +184,10 @@ def fit(
         enable_progress_bar=progress_bar, enable_model_summary=False, use_distributed_sampler=False,
     )
     ckpt_path = out_dir / "checkpoints" / "last.ckpt" if resume else None
+    earlier_metrics = _read_metrics(out_dir / "metrics.csv") if resume and logger else []
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True if resume else None)
+    if earlier_metrics and trainer.is_global_zero:  # Lightning's CSVLogger starts metrics.csv afresh
+        _prepend_metrics(out_dir / "metrics.csv", earlier_metrics)
     return TrainResult(
         run_dir=out_dir,
         best_dice_teacher=export.best if export.best > -math.inf else math.nan,
@@ -191,6 +195,26 @@ def fit(
         last_dice_student=export.last.get("val/dice_student", math.nan),
         steps=trainer.global_step,
     )
+
+
+def _read_metrics(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _prepend_metrics(path: Path, earlier: list[dict[str, str]]) -> None:
+    """Put a resumed run's earlier rows back in front of the rows the resumed part wrote."""
+    later = _read_metrics(path)
+    first_new_step = min((int(r["step"]) for r in later if r.get("step")), default=None)
+    if first_new_step is not None:
+        earlier = [r for r in earlier if r.get("step") and int(r["step"]) < first_new_step]
+    fields = sorted({key for row in earlier + later for key in row})
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(earlier + later)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -223,6 +247,8 @@ def config_from_args(args: argparse.Namespace) -> dict:
     paths: list[str | Path] = list(args.config)
     if getattr(args, "resume", False):
         paths = [Path(args.out) / "config.yaml"]
+        if not paths[0].is_file():
+            raise ConfigError(f"{args.out}: nothing to resume (no config.yaml); start a new run without --resume")
     return load_config(paths, sets)
 
 

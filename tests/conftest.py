@@ -1,4 +1,4 @@
-"""Tiny synthetic volumes on disk for the data tests (16-24 voxels a side)."""
+"""Shared fixtures: tiny synthetic volumes and cohorts on disk (16-24 voxels a side)."""
 
 from __future__ import annotations
 

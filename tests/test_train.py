@@ -1,0 +1,136 @@
+"""medeman.train: short real runs on tiny cohorts, resume, run-folder safety and config errors."""
+
+import csv
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from medeman.checkpoint import load_teacher, read_teacher_file
+from medeman.config import ConfigError, load_config
+from medeman.train import fit, main
+
+TINY = ["model.channels=[4,8]", "model.num_res_units=1", "data.patch_size=[16,16,16]", "data.spacing=[1,1,1]",
+        "data.num_classes=3", "data.num_workers=0", "data.cache=none", "data.val_fraction=0.34",
+        "train.val_every_steps=2", "train.log_every_steps=1", "ssl.rampup_steps=2"]
+
+
+def _metrics(run):
+    with open(run / "metrics.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+METHODS = [
+    ("supervised", ["ssl.method=supervised"]),
+    ("mt_eman", ["ssl.teacher_norm=eman"]),
+    ("mt_bn_kl_pseudo", ["ssl.teacher_norm=bn", "ssl.consistency=kl", "ssl.pseudo_label_threshold=0.5", "ssl.pseudo_label_dice=true"]),
+]
+
+
+@pytest.mark.parametrize("name, sets", METHODS, ids=[m[0] for m in METHODS])
+def test_each_method_trains_and_leaves_a_run_folder(make_cohort, tmp_path, name, sets):
+    root = make_cohort(3, 2)
+    cfg = load_config(sets=TINY + sets + ["train.max_steps=4"])
+    run = tmp_path / name
+    result = fit(cfg, root / "labeled", root / "unlabeled", out_dir=run, progress_bar=False)
+    assert result.steps == 4
+    for item in ("teacher.pt", "config.yaml", "metrics.csv", "split.json", "checkpoints/last.ckpt", "tensorboard"):
+        assert (run / item).exists(), item
+    rows = _metrics(run)
+    losses = [float(r["loss/total"]) for r in rows if r.get("loss/total")]
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
+    assert 0.0 <= result.best_dice_teacher <= 1.0
+    net, saved_cfg, payload = load_teacher(run)
+    assert saved_cfg["ssl"]["method"] == cfg["ssl"]["method"]
+    assert load_config([run / "config.yaml"]) == cfg
+    if name == "mt_bn_kl_pseudo":
+        kept = [float(r["ssl/pseudo_label_fraction"]) for r in rows if r.get("ssl/pseudo_label_fraction")]
+        assert kept and all(0.0 <= v <= 1.0 for v in kept)
+
+
+def test_unsupervised_weight_is_zero_in_warmup_then_ramps(make_cohort, tmp_path):
+    root = make_cohort(3, 2)
+    cfg = load_config(sets=TINY + ["train.max_steps=6", "ssl.warmup_steps=2", "ssl.rampup_steps=3", "ssl.consistency_weight=2.0"])
+    fit(cfg, root / "labeled", root / "unlabeled", out_dir=tmp_path / "run", progress_bar=False)
+    rows = [r for r in _metrics(tmp_path / "run") if r.get("ssl/weight")]
+    weights = [float(r["ssl/weight"]) for r in rows]
+    expected = [0.0, 0.0] + [2.0 * math.exp(-5 * (1 - min(s / 3, 1)) ** 2) for s in range(4)]
+    assert weights == pytest.approx(expected, rel=1e-5)
+    assert all(not r.get("loss/unsup") for r in rows[:2])  # no unlabeled pass at all in the warm-up
+    assert all(r.get("loss/unsup") for r in rows[2:])
+
+
+class _TeacherAtStart(pl.Callback):
+    def on_train_start(self, trainer, module):
+        self.step = trainer.global_step
+        self.state = {k: v.detach().clone() for k, v in module.teacher.state_dict().items()}
+
+
+def test_resume_continues_at_the_right_step_with_the_identical_teacher(make_cohort, tmp_path):
+    root = make_cohort(3, 2)
+    run = tmp_path / "run"
+    cfg = load_config(sets=TINY + ["train.max_steps=4"])
+    fit(cfg, root / "labeled", root / "unlabeled", out_dir=run, progress_bar=False)
+    saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    saved_teacher = {k[len("teacher."):]: v for k, v in saved["state_dict"].items() if k.startswith("teacher.")}
+    probe = _TeacherAtStart()
+    cfg = load_config([run / "config.yaml"], ["train.max_steps=6"])
+    result = fit(cfg, root / "labeled", root / "unlabeled", out_dir=run, resume=True, callbacks=[probe], progress_bar=False)
+    assert probe.step == 4 and result.steps == 6
+    assert saved_teacher.keys() == probe.state.keys()
+    for name, value in saved_teacher.items():
+        torch.testing.assert_close(probe.state[name], value, rtol=0, atol=0, msg=name)
+    assert read_teacher_file(run)["step"] in (4, 6)
+    steps = [int(r["step"]) for r in _metrics(run) if r.get("loss/total")]
+    # metrics.csv keeps the rows from before the resume (Lightning may offset the logged step index by one after it)
+    assert len(steps) == 6 and steps[:4] == [0, 1, 2, 3] and steps == sorted(set(steps))
+
+
+def test_existing_run_folder_is_never_replaced_without_overwrite(make_cohort, tmp_path, capsys):
+    root = make_cohort(3, 2)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "teacher.pt").write_bytes(b"user's file")
+    args = ["--labeled", str(root / "labeled"), "--unlabeled", str(root / "unlabeled"), "--out", str(run), "--no-progress"]
+    args += [x for s in TINY + ["train.max_steps=2"] for x in ("--set", s)]
+    assert main(args) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (run / "teacher.pt").read_bytes() == b"user's file"
+    assert main(args + ["--resume"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+
+
+BAD = [
+    (["--set", "ssl.ema_momentun=0.9"], "unknown config key 'ssl.ema_momentun'"),
+    (["--set", "model.norm=instance"], "set model.norm=batch"),
+    (["--set", "ssl.teacher_norm=batch"], "ssl.teacher_norm: 'batch' is not one of eman, bn"),
+]
+
+
+@pytest.mark.parametrize("extra, message", BAD)
+def test_bad_configs_fail_with_their_message(make_cohort, tmp_path, capsys, extra, message):
+    root = make_cohort(3, 2)
+    args = ["--labeled", str(root / "labeled"), "--unlabeled", str(root / "unlabeled"), "--out", str(tmp_path / "run")]
+    assert main(args + extra) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run" / "teacher.pt").exists()
+
+
+def test_mean_teacher_without_unlabeled_scans_is_refused(make_cohort, tmp_path, capsys):
+    root = make_cohort(3, 0)
+    assert main(["--labeled", str(root / "labeled"), "--out", str(tmp_path / "run")]) == 2
+    assert "needs unlabeled scans" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = ["--labeled", str(root / "labeled"), "--unlabeled", str(empty), "--out", str(tmp_path / "run2")]
+    args += [x for s in TINY for x in ("--set", s)]
+    assert main(args) == 2
+    assert str(empty) in capsys.readouterr().err
+
+
+def test_unknown_key_in_config_file_lists_valid_keys(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ssl:\n  consistancy: mse\n")
+    with pytest.raises(ConfigError, match="unknown config key 'ssl.consistancy'.*ssl.consistency"):
+        load_config([bad])
