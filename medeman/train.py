@@ -33,6 +33,17 @@ from medeman.config import ConfigError, load_config, save_config
 RUN_OUTPUTS = ("config.yaml", "split.json", "teacher.pt", "metrics.csv", "hparams.yaml", "tensorboard", "checkpoints", "cache")
 
 
+# Warnings that say nothing wrong about a medeman run: the EMAN teacher's BN layers are in eval mode
+# by design; a resumed run reuses its folders; an organ missed early in training has no HD95.
+_EXPECTED_WARNINGS = (
+    r".*module\(s\) in eval mode.*",
+    r".*Experiment logs directory .* exists and is not empty.*",
+    r".*Checkpoint directory .* exists and is not empty.*",
+    r".*(prediction|ground truth) of class \d+ is all 0.*",
+    r".*does not have many workers which may be a bottleneck.*",
+)
+
+
 @dataclass
 class TrainResult:
     """What a finished run reports."""
@@ -185,7 +196,10 @@ def fit(
     )
     ckpt_path = out_dir / "checkpoints" / "last.ckpt" if resume else None
     earlier_metrics = _read_metrics(out_dir / "metrics.csv") if resume and logger else []
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True if resume else None)
+    with warnings.catch_warnings():
+        for message in _EXPECTED_WARNINGS:
+            warnings.filterwarnings("ignore", message=message)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True if resume else None)
     if earlier_metrics and trainer.is_global_zero:  # Lightning's CSVLogger starts metrics.csv afresh
         _prepend_metrics(out_dir / "metrics.csv", earlier_metrics)
     return TrainResult(
