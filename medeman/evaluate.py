@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import csv as csv_module
 import math
-import re
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -32,9 +31,11 @@ import numpy as np
 import torch
 from monai.metrics import compute_average_surface_distance, compute_dice, compute_hausdorff_distance
 
-from medeman.infer import CHANNEL_SUFFIX, CaseError, image_files, one_line, read_volume, strip_suffix, voxel_spacing
+from medeman.data.discovery import CHANNEL_SUFFIX, index_by_case, label_id, list_images
+from medeman.data.readers import image_stem, read_volume, voxel_spacing
+from medeman.infer import CaseError, one_line
 
-LABEL_SUFFIX = re.compile(r"^(?P<case>.+?)_(?:seg|label|mask)$")
+label_case_id = label_id  # a label file's case id: name without image suffix and without _seg/_label/_mask
 CSV_COLUMNS = ("case", "class", "dice", "hd95_mm", "asd_mm", "reference_voxels", "predicted_voxels", "note")
 
 
@@ -135,32 +136,18 @@ def case_scores(case_id: str, prediction: np.ndarray, reference: np.ndarray, spa
     return out
 
 
-def label_case_id(path: str | Path) -> str:
-    """A label file's case id: its name without image suffix and without ``_seg``/``_label``/``_mask``."""
-    stem = strip_suffix(path)
-    match = LABEL_SUFFIX.match(stem)
-    return match["case"] if match else stem
-
-
 def _index(files: list[Path], case_id, what: str, problems: list[str]) -> dict[str, Path]:
-    out: dict[str, Path] = {}
-    for file in files:
-        key = case_id(file)
-        if key in out:
-            problems.append(f"{key}: two {what} files, {out[key]} and {file}; using the first")
-            continue
-        out[key] = file
-    return out
+    return index_by_case(files, case_id, problems, f"{{id}}: two {what} files, {{first}} and {{file}}; using the first")
 
 
 def _image_index(images_dir: Path) -> dict[str, Path]:
     """Scans by case id: ``<case>_0000`` (first channel) or ``<case>``."""
     out: dict[str, Path] = {}
-    for file in image_files(images_dir):
-        stem = strip_suffix(file)
+    for file in list_images(images_dir):
+        stem = image_stem(file)
         match = CHANNEL_SUFFIX.match(stem)
         if match and int(match["channel"]) == 0:
-            out[match["case"]] = file
+            out[match["id"]] = file
         elif not match:
             out.setdefault(stem, file)
     return out
@@ -189,13 +176,13 @@ def evaluate_folder(
     summary = EvaluationSummary()
     if not pred_dir.is_dir():
         raise FileNotFoundError(f"{pred_dir}: no such prediction folder")
-    preds = _index([p for p in image_files(pred_dir) if not strip_suffix(p).endswith("_probs")],
-                   strip_suffix, "prediction", summary.problems)
+    preds = _index([p for p in list_images(pred_dir) if not image_stem(p).endswith("_probs")],
+                   image_stem, "prediction", summary.problems)
     labels: dict[str, Path] = {}
     if label_dir is not None:
         if not Path(label_dir).is_dir():
             raise FileNotFoundError(f"{label_dir}: no such label folder")
-        labels = _index(image_files(label_dir), label_case_id, "label", summary.problems)
+        labels = _index(list_images(label_dir), label_id, "label", summary.problems)
     if images_dir is not None and not Path(images_dir).is_dir():
         raise FileNotFoundError(f"{images_dir}: no such image folder")
     images = _image_index(Path(images_dir)) if images_dir is not None else {}
@@ -208,11 +195,11 @@ def evaluate_folder(
 
     for case_id in sorted(preds):
         try:
-            pred, affine = read_volume(preds[case_id])
+            pred, affine = _read(preds[case_id])
             pred = _labels_3d(pred, preds[case_id])
             ref = None
             if case_id in labels:
-                ref, ref_affine = read_volume(labels[case_id])
+                ref, ref_affine = _read(labels[case_id])
                 ref = _labels_3d(ref, labels[case_id])
                 if pred.shape != ref.shape:
                     raise CaseError(f"{case_id}: prediction {preds[case_id]} has shape {pred.shape}, "
@@ -238,6 +225,14 @@ def evaluate_folder(
     return summary
 
 
+def _read(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`~medeman.data.readers.read_volume`; a reader failure is a one-line :class:`CaseError` naming the file."""
+    try:
+        return read_volume(path)
+    except Exception as err:  # any reader failure is reported, never a reader traceback
+        raise CaseError(f"{path}: cannot read: {one_line(err)}") from None
+
+
 def _labels_3d(array: np.ndarray, path: Path) -> np.ndarray:
     array = np.asarray(array)
     if array.ndim == 4 and array.shape[3] == 1:
@@ -256,7 +251,7 @@ def _draw(case_id, pred, ref, affine, image_path, png_dir: Path, summary: Evalua
     image = None
     if image_path is not None:
         try:
-            image, _ = read_volume(image_path)
+            image, _ = _read(image_path)
             image = np.asarray(image, dtype=np.float32)
             image = image[..., 0] if image.ndim == 4 else image
             if image.shape != pred.shape:

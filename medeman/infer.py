@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import re
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -38,13 +36,23 @@ from torch import nn
 from tqdm import tqdm
 
 from medeman.checkpoint import ModelFileError, load_teacher
+from medeman.data.discovery import CHANNEL_SUFFIX, image_entry, list_images
+from medeman.data.readers import (
+    IMAGE_SUFFIXES,
+    LPS_TO_RAS,
+    NIFTI_SUFFIXES,
+    SITK_SUFFIXES,
+    image_stem,
+    image_suffix,
+    read_geometry,
+    voxel_spacing,
+)
 from medeman.transforms import preprocessing
 
-SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
-ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")  # read and written with SimpleITK (MONAI's ITKReader needs `itk`)
+# The formats medeman reads, as messages and --help list them: the usual .nii.gz first.
+SUFFIXES = (".nii.gz", *(s for s in IMAGE_SUFFIXES if s != ".nii.gz"))
 # With output_format="input", detached-header formats are written as their single-file twin.
 SINGLE_FILE = {".nhdr": ".nrrd", ".mhd": ".mha"}
-CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 # Test-time augmentation mirrors each patch along every combination of the three spatial axes
 # (identity, 3 single, 3 pairs, all three: 8 passes, as nnU-Net) and averages the softmax.
@@ -78,82 +86,6 @@ class CaseResult:
 # --------------------------------------------------------------------------- volumes on disk
 
 
-def strip_suffix(path: str | Path) -> str:
-    """The file name without its image suffix (one of :data:`SUFFIXES`)."""
-    name = Path(path).name
-    for suffix in SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def image_files(folder: str | Path) -> list[Path]:
-    """The image files directly inside ``folder`` (hidden files left out), sorted by name."""
-    return sorted(
-        p for p in Path(folder).iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(SUFFIXES)
-    )
-
-
-def voxel_spacing(affine: np.ndarray) -> tuple[float, float, float]:
-    """Voxel sizes in mm along the array's three axes: the lengths of the affine's columns."""
-    return tuple(float(v) for v in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))
-
-
-def _sitk_affine(image) -> np.ndarray:
-    """RAS affine of a SimpleITK image (ITK stores LPS: flip the first two world axes)."""
-    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
-    affine = np.eye(4)
-    affine[:3, :3] = direction * np.asarray(image.GetSpacing(), dtype=float)
-    affine[:3, 3] = image.GetOrigin()
-    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
-
-
-def read_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Read an image or mask as ``(array indexed [x, y, z(, c)], RAS affine)``.
-
-    NIfTI through nibabel (the affine is the file's), ``.nrrd``/``.mha`` through SimpleITK (LPS
-    converted to RAS), so both index the voxels the same way.
-
-    Raises:
-        CaseError: the file cannot be read, with the reader's reason in one line.
-    """
-    path = Path(path)
-    try:
-        if path.name.lower().endswith(ITK_SUFFIXES):
-            import SimpleITK as sitk
-
-            image = sitk.ReadImage(str(path))
-            array = sitk.GetArrayFromImage(image)  # [z, y, x(, c)]
-            array = np.transpose(array, (2, 1, 0) + tuple(range(3, array.ndim)))
-            return np.ascontiguousarray(array), _sitk_affine(image)
-        image = nib.load(str(path))
-        return np.asanyarray(image.dataobj), np.asarray(image.affine, dtype=float)
-    except Exception as err:  # any reader failure is reported, never a reader traceback
-        raise CaseError(f"{path}: cannot read: {one_line(err)}") from None
-
-
-def read_geometry(path: str | Path) -> tuple[tuple[int, ...], np.ndarray]:
-    """Spatial shape and RAS affine of an image file, reading only its header."""
-    path = Path(path)
-    try:
-        if path.name.lower().endswith(ITK_SUFFIXES):
-            import SimpleITK as sitk
-
-            reader = sitk.ImageFileReader()
-            reader.SetFileName(str(path))
-            reader.ReadImageInformation()
-            image = sitk.Image([1, 1, 1], sitk.sitkUInt8)
-            image.SetSpacing(reader.GetSpacing())
-            image.SetOrigin(reader.GetOrigin())
-            image.SetDirection(reader.GetDirection())
-            return tuple(int(s) for s in reader.GetSize()[:3]), _sitk_affine(image)
-        image = nib.load(str(path))
-        return tuple(int(s) for s in image.shape[:3]), np.asarray(image.affine, dtype=float)
-    except Exception as err:
-        raise CaseError(f"{path}: cannot read: {one_line(err)}") from None
-
-
 def write_like(array: np.ndarray, reference: str | Path, path: str | Path, intent: str = "label") -> Path:
     """Write ``array`` (``[x, y, z(, c)]``) on the grid of the image file ``reference``.
 
@@ -162,14 +94,14 @@ def write_like(array: np.ndarray, reference: str | Path, path: str | Path, inten
     is written beside its final name and renamed, so a crash never leaves half a file.
     """
     reference, path = Path(reference), Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.name[len(strip_suffix(path)):]}")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.name[len(image_stem(path)):]}")
     try:
-        if path.name.lower().endswith(ITK_SUFFIXES):
+        if path.name.lower().endswith(SITK_SUFFIXES):
             import SimpleITK as sitk
 
             out = sitk.GetImageFromArray(np.transpose(array, (2, 1, 0) + tuple(range(3, array.ndim))),
                                          isVector=array.ndim == 4)
-            if reference.name.lower().endswith(ITK_SUFFIXES):
+            if reference.name.lower().endswith(SITK_SUFFIXES):
                 reader = sitk.ImageFileReader()
                 reader.SetFileName(str(reference))
                 reader.ReadImageInformation()
@@ -180,7 +112,7 @@ def write_like(array: np.ndarray, reference: str | Path, path: str | Path, inten
                 _set_sitk_geometry(out, read_geometry(reference)[1])
             sitk.WriteImage(out, str(tmp), useCompression=True)
         else:
-            if reference.name.lower().endswith((".nii", ".nii.gz")):
+            if reference.name.lower().endswith(NIFTI_SUFFIXES):
                 ref = nib.load(str(reference))  # keep its qform/sform codes and units exactly
                 out = nib.Nifti1Image(array, ref.affine, header=ref.header.copy())
             else:
@@ -202,8 +134,8 @@ def write_like(array: np.ndarray, reference: str | Path, path: str | Path, inten
 
 
 def _set_sitk_geometry(image, affine: np.ndarray) -> None:
-    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(affine, dtype=float)
-    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    lps = LPS_TO_RAS @ np.asarray(affine, dtype=float)
+    spacing = np.asarray(voxel_spacing(lps))
     image.SetSpacing([float(s) for s in spacing])
     image.SetDirection([float(v) for v in (lps[:3, :3] / spacing).ravel()])
     image.SetOrigin([float(v) for v in lps[:3, 3]])
@@ -226,24 +158,24 @@ def find_cases(inputs: str | Path | Sequence[str | Path], in_channels: int = 1) 
     if isinstance(inputs, (str, Path)):
         path = Path(inputs)
         if path.is_dir():
-            files = image_files(path)
+            files = list_images(path)
         elif path.is_file():
             files = [path]
         else:
             raise FileNotFoundError(f"{path}: no such input file or folder")
     else:
         files = [Path(p) for p in inputs]
-    unsupported = [f for f in files if not f.name.lower().endswith(SUFFIXES)]
+    unsupported = [f for f in files if image_suffix(f.name) is None]
     if unsupported:
         raise ValueError(f"{unsupported[0]}: not an image file medeman reads ({', '.join(SUFFIXES)})")
 
-    stems = [strip_suffix(f) for f in files]
+    stems = [image_stem(f) for f in files]
     matches = [CHANNEL_SUFFIX.match(s) for s in stems]
     nnunet = bool(files) and all(m and int(m["channel"]) < in_channels for m in matches)
     groups: dict[str, dict[int, Path]] = {}
     problems: list[str] = []
     for file, stem, match in zip(files, stems, matches):
-        case_id, channel = (match["case"], int(match["channel"])) if nnunet else (stem, 0)
+        case_id, channel = (match["id"], int(match["channel"])) if nnunet else (stem, 0)
         if channel in groups.setdefault(case_id, {}):
             problems.append(f"{case_id}: {file} and {groups[case_id][channel]} give the same case; skipped the second")
             continue
@@ -399,7 +331,7 @@ def infer_cases(
     bar = tqdm(cases, desc="infer", unit="case", disable=not progress, file=sys.stderr)
     for case in bar:
         bar.set_postfix_str(case.case_id)
-        suffix = ".nii.gz" if output_format == "nii.gz" else case.files[0].name[len(strip_suffix(case.files[0])):].lower()
+        suffix = ".nii.gz" if output_format == "nii.gz" else image_suffix(case.files[0])
         suffix = SINGLE_FILE.get(suffix, suffix)
         out_path = output_dir / f"{case.case_id}{suffix}"
         probs_path = output_dir / f"{case.case_id}_probs.nii.gz" if probabilities else None
@@ -434,12 +366,10 @@ def infer_cases(
 def _segment_case(case: Case, net, cfg, transform, out_path: Path, probs_path: Path | None, *, tta: bool,
                   device: torch.device, sw_batch_size, overlap, precision) -> None:
     """Preprocess, predict, invert and write one case; raise CaseError with a one-line reason."""
-    with tempfile.TemporaryDirectory(prefix="medeman-infer-") as tmp:
-        loadable = [_as_nifti(f, Path(tmp)) for f in case.files]
-        try:
-            data = transform({"image": [str(f) for f in loadable] if len(loadable) > 1 else str(loadable[0])})
-        except Exception as err:
-            raise CaseError(f"{case.files[0]}: cannot read or preprocess: {one_line(err)}") from None
+    try:
+        data = transform({"image": image_entry(case.files)})
+    except Exception as err:
+        raise CaseError(f"{case.files[0]}: cannot read or preprocess: {one_line(err)}") from None
     image = data["image"]
     expected = int(cfg["data"]["in_channels"])
     if image.shape[0] != expected:
@@ -454,16 +384,6 @@ def _segment_case(case: Case, net, cfg, transform, out_path: Path, probs_path: P
     write_like(labels, case.files[0], out_path)
     if probs_path is not None:
         write_like(np.moveaxis(probs.numpy().astype(np.float32), 0, -1), case.files[0], probs_path, intent="none")
-
-
-def _as_nifti(path: Path, tmp: Path) -> Path:
-    """A path MONAI can load: NIfTI as is, ``.nrrd``/``.mha`` converted to a temporary NIfTI."""
-    if not path.name.lower().endswith(ITK_SUFFIXES):
-        return path
-    array, affine = read_volume(path)
-    out = tmp / f"{strip_suffix(path)}.nii.gz"
-    nib.save(nib.Nifti1Image(array, affine), str(out))
-    return out
 
 
 def one_line(err: BaseException) -> str:

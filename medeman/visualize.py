@@ -17,13 +17,15 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from nibabel.orientations import apply_orientation, io_orientation
 
+from medeman.data.readers import voxel_spacing
+
 COLOURS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45", "#ffe119", "#469990")
 
 
 def to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, tuple[float, float, float]]:
     """Reorder and flip a ``[x, y, z]`` array so its axes run to Right, Anterior, Superior; return it and its voxel sizes."""
     ornt = io_orientation(affine)
-    spacing = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
+    spacing = voxel_spacing(affine)
     ras_spacing = [0.0, 0.0, 0.0]
     for axis, (target, _) in enumerate(ornt):
         ras_spacing[int(target)] = float(spacing[axis])

@@ -15,7 +15,7 @@ import numpy as np
 from nibabel.orientations import aff2axcodes
 
 from medeman.data.errors import DataError
-from medeman.data.readers import VolumeReader
+from medeman.data.readers import read_volume, voxel_spacing
 
 AFFINE_TOLERANCE_MM = 1e-3
 """Largest difference (mm) between an image's and its label's affine entries, relative to the voxel size."""
@@ -47,10 +47,8 @@ class _Volume:
 
 
 def _read(path: str, problems: list[str]) -> _Volume | None:
-    reader = VolumeReader()
     try:
-        array, meta = reader.get_data(reader.read(path))
-        array = np.asarray(array)
+        array, affine = read_volume(path)
     except Exception as err:  # nibabel, SimpleITK and zlib raise many types for a bad file
         problems.append(f"{path}: unreadable or truncated file ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})")
         return None
@@ -59,16 +57,12 @@ def _read(path: str, problems: list[str]) -> _Volume | None:
     if array.ndim not in (3, 4):
         problems.append(f"{path}: not a 3D volume (array shape {tuple(array.shape)})")
         return None
-    return _Volume(array, np.asarray(meta["affine"], dtype=float))
-
-
-def _spacing(affine: np.ndarray) -> tuple[float, ...]:
-    return tuple(float(s) for s in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
+    return _Volume(array, affine)
 
 
 def _orientation(affine: np.ndarray) -> str:
     codes = "".join(aff2axcodes(affine))
-    direction = affine[:3, :3] / np.asarray(_spacing(affine))
+    direction = affine[:3, :3] / np.asarray(voxel_spacing(affine))
     oblique = not np.allclose(np.abs(direction), np.round(np.abs(direction)), atol=1e-3)
     return codes + ("~" if oblique else "")
 
@@ -123,7 +117,7 @@ def inspect_case(case: dict, num_classes: int, in_channels: int = 1) -> CaseRepo
             low, high = min(low, float(arr[finite].min())), max(high, float(arr[finite].max()))
     if ref is not None:
         report.shape = tuple(int(s) for s in ref[1].array.shape[:3])
-        report.spacing = _spacing(ref[1].affine)
+        report.spacing = voxel_spacing(ref[1].affine)
         report.orientation = _orientation(ref[1].affine)
         report.channels = channels
         report.intensity = (low, high) if low <= high else None
@@ -136,7 +130,7 @@ def inspect_case(case: dict, num_classes: int, in_channels: int = 1) -> CaseRepo
 
 
 def _affines_close(a: np.ndarray, b: np.ndarray) -> bool:
-    scale = max(1.0, max(_spacing(a)))
+    scale = max(1.0, max(voxel_spacing(a)))
     return bool(np.abs(a - b).max() <= AFFINE_TOLERANCE_MM * scale)
 
 

@@ -23,22 +23,48 @@ import json
 import random
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 from medeman.data.errors import DataError
-from medeman.data.readers import IMAGE_SUFFIXES, image_suffix
+from medeman.data.readers import IMAGE_SUFFIXES, image_stem, image_suffix
 
 LABEL_SUFFIXES = ("_seg", "_label", "_mask")
-_CHANNEL = re.compile(r"^(?P<id>.+)_(?P<channel>\d{4})$")
+CHANNEL_SUFFIX = re.compile(r"^(?P<id>.+)_(?P<channel>\d{4})$")
+"""nnU-Net's channel files: a file stem ``<id>_0000``, ``<id>_0001``, ... (groups ``id`` and ``channel``)."""
 
 
-def _stem(path: Path) -> str:
-    return path.name[: -len(image_suffix(path))]
-
-
-def _images_in(folder: Path, recursive: bool = False) -> list[Path]:
+def list_images(folder: str | Path, recursive: bool = False) -> list[Path]:
+    """The image files in ``folder`` (or below it, ``recursive``), hidden files left out, sorted."""
+    folder = Path(folder)
     files = folder.rglob("*") if recursive else folder.iterdir()
     return sorted(p for p in files if p.is_file() and not p.name.startswith(".") and image_suffix(p))
+
+
+def image_entry(files: list[str | Path]) -> str | list[str]:
+    """A case's ``"image"`` entry: the path of its one file, or a list of paths, one per channel."""
+    return str(files[0]) if len(files) == 1 else [str(f) for f in files]
+
+
+def index_by_case(files: Iterable[Path], case_id: Callable[[Path], str], problems: list[str], duplicate: str) -> dict[str, Path]:
+    """Files by ``case_id(file)``, the first of each id kept.
+
+    A later file with a taken id is left out and reported in ``problems`` as
+    ``duplicate.format(id=..., file=..., first=...)``.
+    """
+    out: dict[str, Path] = {}
+    for file in files:
+        key = case_id(file)
+        if key in out:
+            problems.append(duplicate.format(id=key, file=file, first=out[key]))
+            continue
+        out[key] = file
+    return out
+
+
+def _dataset_root(path: str | Path) -> Path:
+    """The folder of a cohort given as the folder or as its ``dataset.json``."""
+    path = Path(path)
+    return path.parent if path.name == "dataset.json" else path
 
 
 def _raise_or_collect(problems: list[str] | None, found: list[str]) -> None:
@@ -68,10 +94,10 @@ def group_channels(files: list[Path], in_channels: int, root: Path | None = None
     cases: dict[str, dict[int, Path]] = {}
     problems: list[str] = []
     for path in files:
-        stem = _stem(path)
+        stem = image_stem(path)
         prefix = "" if root is None else str(path.parent.relative_to(root)).replace("\\", "/")
         prefix = "" if prefix in ("", ".") else prefix + "/"
-        match = _CHANNEL.match(stem)
+        match = CHANNEL_SUFFIX.match(stem)
         if in_channels == 1:
             case_id, channel = (match["id"] if match and match["channel"] == "0000" else stem), 0
         elif match is None:
@@ -94,9 +120,9 @@ def group_channels(files: list[Path], in_channels: int, root: Path | None = None
     return grouped, problems
 
 
-def label_id(path: Path) -> str:
+def label_id(path: str | Path) -> str:
     """Case id of a label file: its name without extension and without a ``_seg``/``_label``/``_mask`` suffix."""
-    stem = _stem(path)
+    stem = image_stem(path)
     for suffix in LABEL_SUFFIXES:
         if stem.endswith(suffix) and len(stem) > len(suffix):
             return stem[: -len(suffix)]
@@ -115,22 +141,16 @@ def match_labels(image_files: list[Path], label_files: list[Path], in_channels: 
         ``(cases, problems)``: case dicts sorted by id, and one line per problem naming the file.
     """
     groups, problems = group_channels(image_files, in_channels)
-    labels: dict[str, Path] = {}
-    for path in label_files:
-        key = label_id(path)
-        if key in labels:
-            problems.append(f"{path}: a second label for case '{key}' (first: {labels[key]})")
-            continue
-        labels[key] = path
+    labels = index_by_case(label_files, label_id, problems, "{file}: a second label for case '{id}' (first: {first})")
     cases, used = [], set()
     for case_id, files in sorted(groups.items()):
-        full = _stem(files[0])
+        full = image_stem(files[0])
         key = case_id if case_id in labels else full if full in labels else None
         if key is None:
             problems.append(f"{files[0]}: image without label (expected {case_id}{image_suffix(files[0])} or {case_id}_seg/_label/_mask in the labels folder)")
             continue
         used.add(key)
-        cases.append({"id": case_id, "image": str(files[0]) if len(files) == 1 else [str(f) for f in files], "label": str(labels[key])})
+        cases.append({"id": case_id, "image": image_entry(files), "label": str(labels[key])})
     for key, path in sorted(labels.items()):
         if key not in used:
             problems.append(f"{path}: label without image (no image named {key}* in the images folder)")
@@ -165,8 +185,7 @@ def _msd_entry(root: Path, entry: Any, key: str) -> str | list[str]:
 
 
 def _msd_id(image: str | list[str]) -> str:
-    first = Path(image[0] if isinstance(image, list) else image)
-    return _stem(first)
+    return image_stem(image[0] if isinstance(image, list) else image)
 
 
 def _dataset_labeled(root: Path, meta: dict, in_channels: int) -> tuple[list[dict], list[str]]:
@@ -187,7 +206,7 @@ def _dataset_labeled(root: Path, meta: dict, in_channels: int) -> tuple[list[dic
     problems = _require_folder(root / "imagesTr", "imagesTr") + _require_folder(root / "labelsTr", "labelsTr")
     if problems:
         return [], problems
-    return match_labels(_images_in(root / "imagesTr"), _images_in(root / "labelsTr"), n_channels)
+    return match_labels(list_images(root / "imagesTr"), list_images(root / "labelsTr"), n_channels)
 
 
 def discover_labeled(path: str | Path, cfg: dict | None = None, problems: list[str] | None = None) -> list[dict]:
@@ -204,8 +223,7 @@ def discover_labeled(path: str | Path, cfg: dict | None = None, problems: list[s
     Raises:
         DataError: listing every problem (missing folder, unmatched image or label, no case at all).
     """
-    path = Path(path)
-    root = path.parent if path.name == "dataset.json" else path
+    root = _dataset_root(path)
     found = _require_folder(root, "labeled")
     cases: list[dict] = []
     if not found:
@@ -214,7 +232,7 @@ def discover_labeled(path: str | Path, cfg: dict | None = None, problems: list[s
         elif (root / "images").is_dir() or (root / "labels").is_dir():
             found = _require_folder(root / "images", "images") + _require_folder(root / "labels", "labels")
             if not found:
-                cases, found = match_labels(_images_in(root / "images"), _images_in(root / "labels"), _in_channels(cfg))
+                cases, found = match_labels(list_images(root / "images"), list_images(root / "labels"), _in_channels(cfg))
         else:
             found = [f"{root}: expected images/ and labels/ sub-folders or a dataset.json (Decathlon / nnU-Net v2)"]
         if not cases:
@@ -239,8 +257,7 @@ def discover_unlabeled(path: str | Path, cfg: dict | None = None, problems: list
     Raises:
         DataError: if the folder is missing or holds no image.
     """
-    path = Path(path)
-    root = path.parent if path.name == "dataset.json" else path
+    root = _dataset_root(path)
     found = _require_folder(root, "unlabeled")
     cases: list[dict] = []
     if not found:
@@ -255,11 +272,11 @@ def discover_unlabeled(path: str | Path, cfg: dict | None = None, problems: list
                     cases.append({"id": _msd_id(image), "image": image})
             elif (root / "imagesTs").is_dir():
                 n_channels = len(meta.get("channel_names", {})) or _in_channels(cfg)
-                groups, found = group_channels(_images_in(root / "imagesTs"), n_channels)
-                cases = [{"id": k, "image": str(v[0]) if len(v) == 1 else [str(f) for f in v]} for k, v in groups.items()]
+                groups, found = group_channels(list_images(root / "imagesTs"), n_channels)
+                cases = [{"id": k, "image": image_entry(v)} for k, v in groups.items()]
         else:
-            groups, found = group_channels(_images_in(root, recursive=True), _in_channels(cfg), root=root)
-            cases = [{"id": k, "image": str(v[0]) if len(v) == 1 else [str(f) for f in v]} for k, v in groups.items()]
+            groups, found = group_channels(list_images(root, recursive=True), _in_channels(cfg), root=root)
+            cases = [{"id": k, "image": image_entry(v)} for k, v in groups.items()]
         if not cases:
             found.append(f"{root}: empty unlabeled folder: no image found (formats {', '.join(IMAGE_SUFFIXES)}, searched recursively)")
     _raise_or_collect(problems, found)
@@ -269,8 +286,7 @@ def discover_unlabeled(path: str | Path, cfg: dict | None = None, problems: list
 def has_unlabeled_list(path: str | Path, cfg: dict | None = None) -> bool:
     """Whether a dataset root offers unlabeled scans (a Decathlon ``unlabeled`` list, or ``imagesTs`` when
     ``data.unlabeled_from_imagesTs`` is set)."""
-    root = Path(path)
-    root = root.parent if root.name == "dataset.json" else root
+    root = _dataset_root(path)
     if not (root / "dataset.json").is_file():
         return False
     meta = read_dataset_json(root / "dataset.json")

@@ -1,8 +1,9 @@
-"""A MONAI image reader for NRRD and MetaImage (``.mha``/``.mhd``) files through SimpleITK.
+"""Reading medeman's image files: NIfTI through nibabel, NRRD and MetaImage (``.mha``/``.mhd``) through SimpleITK.
 
-MONAI reads these formats through ITK (``itk``) or pynrrd, neither of which medeman depends on;
-SimpleITK is already a dependency, so this reader plugs it into ``LoadImage``. NIfTI stays with
-MONAI's ``NibabelReader``.
+MONAI reads NRRD/MetaImage through ITK (``itk``) or pynrrd, neither of which medeman depends on;
+SimpleITK is already a dependency, so :class:`SimpleITKReader` plugs it into ``LoadImage``. NIfTI
+stays with MONAI's ``NibabelReader``. :func:`read_volume` and :func:`read_geometry` give the same
+arrays and RAS affines outside a transform chain (evaluation, data checks, inference outputs).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 from monai.data import ImageReader, NibabelReader
@@ -19,13 +21,25 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 IMAGE_SUFFIXES = NIFTI_SUFFIXES + SITK_SUFFIXES
 
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+"""ITK stores LPS world coordinates, NIfTI and MONAI RAS: the first two world axes flip (its own inverse)."""
 
 
 def image_suffix(path: str | Path) -> str | None:
     """Return the image suffix of ``path`` (``.nii.gz``, ``.mha``, ...) or ``None`` if it is not an image."""
     name = str(path).lower()
     return next((s for s in sorted(IMAGE_SUFFIXES, key=len, reverse=True) if name.endswith(s)), None)
+
+
+def image_stem(path: str | Path) -> str:
+    """The file name of ``path`` without its image suffix (the whole name if it has none)."""
+    name, suffix = Path(path).name, image_suffix(path)
+    return name[: -len(suffix)] if suffix else name
+
+
+def voxel_spacing(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel sizes in mm along the array's three axes: the lengths of the affine's columns."""
+    return tuple(float(v) for v in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))
 
 
 class SimpleITKReader(ImageReader):
@@ -54,7 +68,7 @@ class SimpleITKReader(ImageReader):
             array = sitk.GetArrayFromImage(image)  # (z, y, x[, c])
             ndim = image.GetDimension()
             array = np.transpose(array, tuple(reversed(range(ndim))) + tuple(range(ndim, array.ndim)))
-            affine = _LPS_TO_RAS @ sitk_affine(image)
+            affine = ras_affine(image)
             header = {
                 MetaKeys.AFFINE: affine,
                 MetaKeys.ORIGINAL_AFFINE: affine.copy(),
@@ -74,14 +88,19 @@ class SimpleITKReader(ImageReader):
         return np.stack(arrays, axis=0), meta
 
 
-def sitk_affine(image: sitk.Image) -> np.ndarray:
-    """The 4x4 LPS voxel-to-world affine of a 3D SimpleITK image (direction x spacing, origin)."""
+def sitk_affine(image: sitk.Image | sitk.ImageFileReader) -> np.ndarray:
+    """The 4x4 LPS voxel-to-world affine of a 3D SimpleITK image or read header (direction x spacing, origin)."""
     ndim = image.GetDimension()
     direction = np.asarray(image.GetDirection(), dtype=float).reshape(ndim, ndim)
     affine = np.eye(4)
     affine[:ndim, :ndim] = direction * np.asarray(image.GetSpacing(), dtype=float)
     affine[:ndim, 3] = image.GetOrigin()
     return affine
+
+
+def ras_affine(image: sitk.Image | sitk.ImageFileReader) -> np.ndarray:
+    """The 4x4 RAS voxel-to-world affine of a SimpleITK image or read header, as NIfTI and MONAI use."""
+    return LPS_TO_RAS @ sitk_affine(image)
 
 
 class VolumeReader(ImageReader):
@@ -107,3 +126,25 @@ class VolumeReader(ImageReader):
     def get_data(self, img) -> tuple[np.ndarray, dict]:
         first = img[0] if isinstance(img, (list, tuple)) else img
         return (self.sitk if isinstance(first, sitk.Image) else self.nifti).get_data(img)
+
+
+def read_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read one image file as ``(array indexed [x, y, z(, c)], RAS affine)`` with :class:`VolumeReader`.
+
+    Raises:
+        Exception: whatever nibabel, SimpleITK or zlib raise for a missing, unreadable or truncated file.
+    """
+    reader = VolumeReader()
+    array, meta = reader.get_data(reader.read(str(path)))
+    return np.asarray(array), np.asarray(meta[MetaKeys.AFFINE], dtype=float)
+
+
+def read_geometry(path: str | Path) -> tuple[tuple[int, ...], np.ndarray]:
+    """Spatial shape and RAS affine of an image file, reading only its header."""
+    if str(path).lower().endswith(SITK_SUFFIXES):
+        header = sitk.ImageFileReader()
+        header.SetFileName(str(path))
+        header.ReadImageInformation()
+        return tuple(int(s) for s in header.GetSize()[:3]), ras_affine(header)
+    image = nib.load(str(path))
+    return tuple(int(s) for s in image.shape[:3]), np.asarray(image.affine, dtype=float)
