@@ -90,7 +90,7 @@ class SSLSegModule(pl.LightningModule):
             loss = loss + weight * unsup
             logs["loss/unsup"] = unsup.detach()
         logs["loss/total"] = loss.detach()
-        logs["ssl/weight"] = torch.tensor(weight)
+        logs["ssl/weight"] = float(weight)
         batch_size = n_labeled
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=batch_size)
         self.log("sup", sup.detach(), prog_bar=True, on_step=True, on_epoch=False, logger=False, batch_size=batch_size)

@@ -25,6 +25,7 @@ METHODS = [
     ("supervised", ["ssl.method=supervised"]),
     ("mt_eman", ["ssl.teacher_norm=eman"]),
     ("mt_bn_kl_pseudo", ["ssl.teacher_norm=bn", "ssl.consistency=kl", "ssl.pseudo_label_threshold=0.5", "ssl.pseudo_label_dice=true"]),
+    ("mt_eman_bf16", ["ssl.teacher_norm=eman", "train.precision=bf16-mixed"]),
 ]
 
 
@@ -42,6 +43,7 @@ def test_each_method_trains_and_leaves_a_run_folder(make_cohort, tmp_path, name,
     assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
     assert 0.0 <= result.best_dice_teacher <= 1.0
     net, saved_cfg, payload = load_teacher(run)
+    assert all(t.dtype == torch.float32 for t in payload["state_dict"].values() if t.is_floating_point())  # EMA stays fp32
     assert saved_cfg["ssl"]["method"] == cfg["ssl"]["method"]
     assert load_config([run / "config.yaml"]) == cfg
     if name == "mt_bn_kl_pseudo":
