@@ -288,15 +288,12 @@ def test_bn_teacher_keeps_plain_batchnorm():
 
 
 def test_teacher_pickles():
-    import io
+    import pickle
 
     student = small_unet()
     teacher = make_teacher(student)
     update_teacher(teacher, student, 0.5)
-    buffer = io.BytesIO()
-    torch.save(teacher, buffer)
-    buffer.seek(0)
-    loaded = torch.load(buffer, weights_only=False)
+    loaded = pickle.loads(pickle.dumps(teacher))  # e.g. for ddp_spawn; teacher.pt itself holds only a state_dict
     assert teacher_norm(loaded) == "eman"
     assert all(isinstance(bn, EMANBatchNorm3d) for bn in tracked_batchnorms(loaded))
 
