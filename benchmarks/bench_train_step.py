@@ -1,0 +1,288 @@
+"""Time one semi-supervised training step: the compute floor, medeman through Lightning, an SSL4MIS-style loop.
+
+Every variant does the same three network passes on the same net, patch and batch (student on
+``cat(labeled, strong)`` with backward and an AdamW step, teacher on ``weak`` without grad) and
+the same losses (DiceCE on the labeled half + softmax MSE to the teacher):
+
+    a  floor      the passes and the optimizer step on pre-made tensors: no Lightning, no loader
+    b  medeman    ``medeman.train.fit`` on a generated NIfTI cohort (cache: memory): Lightning, the
+                  DataModule's loaders and augmentation, logging, the EMAN teacher update
+    c  ssl4mis    a Python loop over uncached MONAI Datasets (each item re-reads its NIfTI file, as
+                  SSL4MIS re-reads h5), a ``copy.deepcopy`` teacher kept in train mode and the
+                  per-tensor parameter EMA
+
+A step is timed from one step's start to the next one's (loader waits count); ``--warmup`` steps
+are left out and the median of ``--steps`` is reported, with the window mean (wall time of all
+timed steps / steps) beside it so nothing hides between steps. (b) never validates:
+``train.val_every_steps`` is set past the run. Each variant runs in its own process, so the peak
+RSS printed for it (``ru_maxrss`` of the process, and of its largest loader worker) is its own.
+
+    python benchmarks/bench_train_step.py --steps 60 --warmup 10 --rounds 2 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+VARIANTS = {"a": "floor (tensors, no Lightning)", "b": "medeman fit (Lightning + loaders)", "c": "ssl4mis loop (uncached, EMA loop)"}
+LIGHTNING_PRECISION = {"32": "32", "bf16": "bf16-mixed"}
+
+
+def peak_rss_mib() -> tuple[float, float]:
+    """Peak resident set size of this process and of its largest finished child (loader workers), MiB."""
+    scale = 1024.0 if sys.platform != "darwin" else 1024.0 * 1024.0  # ru_maxrss is KiB on Linux, bytes on macOS
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale,
+            resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / scale)
+
+
+def bench_config(args: argparse.Namespace, precision: str) -> dict:
+    from medeman.config import load_config
+
+    total = args.warmup + args.steps + 1
+    sets = [
+        f"data.patch_size=[{args.patch},{args.patch},{args.patch}]",
+        f"data.batch_size_labeled={args.batch}", f"data.batch_size_unlabeled={args.batch}",
+        f"train.max_steps={total}", f"train.val_every_steps={total + 100}",
+        f"train.precision={LIGHTNING_PRECISION[precision]}", "train.accelerator=cpu", "train.devices=1",
+        *args.set,
+    ]
+    if args.num_workers is not None:
+        sets.append(f"data.num_workers={args.num_workers}")
+    return load_config([REPO / "configs" / "sample.yaml"], sets)
+
+
+def autocast(precision: str):
+    import torch
+
+    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+
+def step_loss(student, teacher, dice_ce, image, label, weak, strong, precision: str):
+    """The step's compute, shared by (a) and (c): one student pass on cat(labeled, strong), one teacher pass on weak."""
+    import torch
+
+    from medeman.losses import softmax_mse
+
+    n = image.shape[0]
+    with autocast(precision):
+        logits = student(torch.cat([image, strong]))
+        with torch.no_grad():
+            teacher_probs = torch.softmax(teacher(weak).float(), dim=1)
+    return dice_ce(logits[:n].float(), label) + softmax_mse(logits[n:], teacher_probs)
+
+
+def run_floor(args: argparse.Namespace, cfg: dict, precision: str) -> dict:
+    """(a) the passes and the optimizer step on tensors made once."""
+    import torch
+    from monai.losses import DiceCELoss
+
+    from medeman.eman import make_teacher
+    from medeman.nets import build_network
+
+    torch.manual_seed(int(cfg["train"]["seed"]))
+    student = build_network(cfg).train()
+    teacher = make_teacher(student, norm=cfg["ssl"]["teacher_norm"])
+    optimizer = torch.optim.AdamW(student.parameters(), lr=float(cfg["train"]["lr"]), weight_decay=float(cfg["train"]["weight_decay"]))
+    dice_ce = DiceCELoss(to_onehot_y=True, softmax=True)
+    b, p = args.batch, args.patch
+    image, weak = torch.rand(b, 1, p, p, p), torch.rand(b, 1, p, p, p)
+    strong = weak + 0.05 * torch.randn_like(weak)
+    label = torch.randint(0, int(cfg["data"]["num_classes"]), (b, 1, p, p, p)).float()
+    starts = []
+    for _ in range(args.warmup + args.steps + 1):
+        starts.append(time.perf_counter())
+        optimizer.zero_grad(set_to_none=True)
+        loss = step_loss(student, teacher, dice_ce, image, label, weak, strong, precision)
+        loss.backward()
+        optimizer.step()
+    return {"starts": starts}
+
+
+def run_medeman(args: argparse.Namespace, cfg: dict, precision: str, data: Path) -> dict:
+    """(b) ``medeman.train.fit`` exactly as ``medeman train`` runs it, minus the progress bar."""
+    from lightning.pytorch.callbacks import Callback
+
+    from medeman.train import fit
+
+    class StepTimer(Callback):
+        def __init__(self) -> None:
+            self.starts: list[float] = []
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+            self.starts.append(time.perf_counter())
+
+    timer = StepTimer()
+    with tempfile.TemporaryDirectory(prefix="medeman-bench-run-") as run:
+        start = time.perf_counter()
+        fit(cfg, data / "labeled", data / "unlabeled", out_dir=run, callbacks=[timer], progress_bar=False, logger=not args.no_logger)
+        total = time.perf_counter() - start
+    return {"starts": timer.starts, "fit_s": total}
+
+
+def run_ssl4mis(args: argparse.Namespace, cfg: dict, precision: str, data: Path) -> dict:
+    """(c) the SSL4MIS training loop on medeman's crops: uncached datasets, train-mode teacher, per-tensor EMA."""
+    import torch
+    from monai.data import DataLoader, Dataset, list_data_collate
+    from monai.losses import DiceCELoss
+
+    from medeman import transforms as tfm
+    from medeman.data import SSLDataModule
+    from medeman.nets import build_network
+
+    dm = SSLDataModule(cfg, data / "labeled", data / "unlabeled")
+    dm.discover()  # the same training cases as (b)
+    workers = int(cfg["data"]["num_workers"])
+    torch.manual_seed(int(cfg["train"]["seed"]))
+    student = build_network(cfg).train()
+    teacher = copy.deepcopy(student)  # SSL4MIS: create_model(ema=True), never put in eval mode
+    for param in teacher.parameters():
+        param.detach_()
+    loaders = [
+        DataLoader(Dataset(cases, chain), batch_size=args.batch, shuffle=True, num_workers=workers,
+                   collate_fn=list_data_collate, drop_last=True, persistent_workers=workers > 0)
+        for cases, chain in ((dm.train_cases, tfm.labeled_transforms(cfg)), (dm.unlabeled_cases, tfm.unlabeled_transforms(cfg)))
+    ]
+    optimizer = torch.optim.AdamW(student.parameters(), lr=float(cfg["train"]["lr"]), weight_decay=float(cfg["train"]["weight_decay"]))
+    dice_ce = DiceCELoss(to_onehot_y=True, softmax=True)
+    alpha, base_lr, max_steps = float(cfg["ssl"]["ema_momentum"]), float(cfg["train"]["lr"]), int(cfg["train"]["max_steps"])
+
+    def forever(loader):
+        while True:
+            yield from loader
+
+    labeled, unlabeled = forever(loaders[0]), forever(loaders[1])
+    starts = []
+    for step in range(args.warmup + args.steps + 1):
+        starts.append(time.perf_counter())
+        lab, unl = next(labeled), next(unlabeled)
+        loss = step_loss(student, teacher, dice_ce, lab["image"], lab["label"], unl["weak"], unl["strong"], precision)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        a = min(1 - 1 / (step + 1), alpha)
+        for ema_p, p in zip(teacher.parameters(), student.parameters()):
+            ema_p.data.mul_(a).add_(p.data, alpha=1 - a)
+        for group in optimizer.param_groups:  # SSL4MIS's per-iteration poly learning rate
+            group["lr"] = base_lr * (1.0 - step / max_steps) ** 0.9
+        float(loss)  # SSL4MIS logs loss.item() every iteration
+    del labeled, unlabeled, loaders
+    return {"starts": starts}
+
+
+def child(args: argparse.Namespace) -> None:
+    """Run one variant in this process and print its timings as one JSON line."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    cfg = bench_config(args, args.precision)
+    data = Path(args.data)
+    run = {"a": run_floor, "b": run_medeman, "c": run_ssl4mis}[args.variant]
+    out = run(args, cfg, args.precision) if args.variant == "a" else run(args, cfg, args.precision, data)
+    import gc
+
+    gc.collect()  # loader workers exit and are reaped before their peak RSS is read
+    starts = out.pop("starts")
+    steps = [b - a for a, b in zip(starts, starts[1:])][args.warmup:args.warmup + args.steps]
+    rss, workers_rss = peak_rss_mib()
+    print("RESULT " + json.dumps({"steps": steps, "window_s": starts[args.warmup + len(steps)] - starts[args.warmup],
+                                  "rss_mib": rss, "workers_rss_mib": workers_rss, "threads": torch.get_num_threads(), **out}))
+
+
+def make_data(args: argparse.Namespace) -> Path:
+    from medeman.sample_data import make_cohort
+
+    root = Path(tempfile.mkdtemp(prefix="medeman-bench-data-"))
+    make_cohort(root, n_labeled=args.labeled, n_unlabeled=args.unlabeled, n_test=0, seed=1, other_formats=False)
+    return root
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=60, help="timed steps per variant (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps before timing")
+    parser.add_argument("--rounds", type=int, default=1, help="run every variant this many times, interleaved; steps are pooled")
+    parser.add_argument("--patch", type=int, default=32, help="cubic patch side (configs/sample.yaml: 32)")
+    parser.add_argument("--batch", type=int, default=2, help="labeled and unlabeled patches per step, each (sample.yaml: 2)")
+    parser.add_argument("--precision", choices=("32", "bf16"), nargs="+", default=["32", "bf16"])
+    parser.add_argument("--variants", default="abc", help="which of a, b, c to run")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads in every variant (1: see benchmarks/README.md)")
+    parser.add_argument("--num-workers", type=int, help="data.num_workers for (b) and (c) (default: sample.yaml's)")
+    parser.add_argument("--labeled", type=int, default=6, help="labeled cases of the generated cohort")
+    parser.add_argument("--unlabeled", type=int, default=12, help="unlabeled scans of the generated cohort")
+    parser.add_argument("--data", help="use this cohort (labeled/, unlabeled/) instead of generating one")
+    parser.add_argument("--no-logger", action="store_true", help="(b) without the CSV/TensorBoard loggers")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for every variant")
+    parser.add_argument("--variant", choices=tuple(VARIANTS), help=argparse.SUPPRESS)  # internal: run one variant
+    args = parser.parse_args(argv)
+    if args.variant:
+        args.precision = args.precision[0]
+        child(args)
+        return
+
+    start = time.perf_counter()
+    data = Path(args.data) if args.data else make_data(args)
+    print(f"cohort: {data} ({time.perf_counter() - start:.0f} s to write)", flush=True)
+    forwarded = [f"--steps={args.steps}", f"--warmup={args.warmup}", f"--patch={args.patch}", f"--batch={args.batch}",
+                 f"--threads={args.threads}", f"--data={data}", *[f"--set={s}" for s in args.set]]
+    if args.num_workers is not None:
+        forwarded.append(f"--num-workers={args.num_workers}")
+    if args.no_logger:
+        forwarded.append("--no-logger")
+    results: dict[tuple[str, str], list[dict]] = {}
+    for _ in range(args.rounds):
+        for precision in args.precision:
+            for variant in args.variants:
+                cmd = [sys.executable, __file__, f"--variant={variant}", f"--precision={precision}", *forwarded]
+                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+                if proc.returncode or not lines:
+                    sys.exit(f"variant {variant} {precision} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+                result = json.loads(lines[-1][len("RESULT "):])
+                results.setdefault((variant, precision), []).append(result)
+                print(f"  {variant} {precision}: median {statistics.median(result['steps']):.4f} s/step", flush=True)
+
+    import torch
+
+    from medeman.nets import build_network
+
+    cfg = bench_config(args, "32")
+    n_params = sum(p.numel() for p in build_network(cfg).parameters())
+    print(f"\nUNet channels={cfg['model']['channels']} num_res_units={cfg['model']['num_res_units']} ({n_params / 1e6:.2f} M params), "
+          f"patch {args.patch}^3, batch {args.batch} labeled + {args.batch} unlabeled, data.num_workers={cfg['data']['num_workers']}, "
+          f"{args.threads} torch threads, torch {torch.__version__}, CPU")
+    print(f"{args.steps} timed steps after {args.warmup} warm-up, {args.rounds} round(s); cohort {args.labeled} labeled "
+          f"(split into train/val) + {args.unlabeled} unlabeled NIfTI scans\n")
+    header = f"{'variant':<36} {'precision':>9} {'median s/step':>13} {'window s/step':>13} {'vs (a)':>7} {'peak RSS MiB':>12} {'workers MiB':>11}"
+    print(header)
+    print("-" * len(header))
+    for precision in args.precision:
+        floor = statistics.median([t for r in results.get(("a", precision), []) for t in r["steps"]] or [float("nan")])
+        for variant in args.variants:
+            runs = results[(variant, precision)]
+            median = statistics.median([t for r in runs for t in r["steps"]])
+            window = sum(r["window_s"] for r in runs) / sum(len(r["steps"]) for r in runs)
+            rss = max(r["rss_mib"] for r in runs)
+            workers = max(r["workers_rss_mib"] for r in runs)
+            rounds = " (rounds: " + ", ".join(f"{statistics.median(r['steps']):.4f}" for r in runs) + ")" if len(runs) > 1 else ""
+            print(f"{variant + ' ' + VARIANTS[variant]:<36} {precision:>9} {median:>13.4f} {window:>13.4f} {median / floor:>6.2f}x "
+                  f"{rss:>12.0f} {workers:>11.0f}{rounds}")
+    if "b" in args.variants:
+        fits = ", ".join(f"{p} {statistics.mean(r['fit_s'] for r in results[('b', p)]):.1f} s" for p in args.precision)
+        print(f"\n(b) whole fit() call incl. discovery, caching, Trainer set-up and teardown: {fits} "
+              f"for {args.warmup + args.steps + 1} steps")
+
+
+if __name__ == "__main__":
+    main()
