@@ -96,6 +96,9 @@ def _cropped_and_padded(cfg: dict[str, Any], keys: Sequence[str]) -> list:
         *preprocessing(cfg, keys).transforms,
         CropForegroundd(keys=keys, source_key="image", select_fn=is_foreground, allow_smaller=True),
         SpatialPadd(keys=keys, spatial_size=_patch(cfg)),
+        # training patches are never inverted: plain tensors from here (and in the cache) halve the
+        # CPU cost of the random transforms that follow, which runs every step in the loader workers
+        EnsureTyped(keys=keys, track_meta=False),
     ]
 
 
