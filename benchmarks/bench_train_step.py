@@ -27,6 +27,7 @@ import copy
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -234,6 +235,15 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     data = Path(args.data) if args.data else make_data(args)
     print(f"cohort: {data} ({time.perf_counter() - start:.0f} s to write)", flush=True)
+    try:
+        run_all(args, data)
+    finally:
+        if not args.data:
+            shutil.rmtree(data, ignore_errors=True)
+
+
+def run_all(args: argparse.Namespace, data: Path) -> None:
+    """Run every variant in its own process, ``--rounds`` times interleaved, and print the table."""
     forwarded = [f"--steps={args.steps}", f"--warmup={args.warmup}", f"--patch={args.patch}", f"--batch={args.batch}",
                  f"--threads={args.threads}", f"--data={data}", *[f"--set={s}" for s in args.set]]
     if args.num_workers is not None:
