@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
 def run(args: argparse.Namespace, cfg: dict, tmp: Path) -> None:
     from medeman.checkpoint import save_teacher
     from medeman.infer import infer_cases, invert_to_input, predict_volume, read_geometry, write_like
+    from medeman.labels import argmax_labels
     from medeman.nets import build_network
     from medeman.transforms import preprocessing
 
@@ -148,7 +149,7 @@ def run(args: argparse.Namespace, cfg: dict, tmp: Path) -> None:
             marks.append(time.perf_counter())
             probs = invert_to_input(probs, img, transform)
             marks.append(time.perf_counter())
-            write_like(torch.argmax(probs, dim=0).numpy().astype(np.uint8), scan, tmp / "staged.nii.gz")
+            write_like(argmax_labels(probs, dim=0).numpy(), scan, tmp / "staged.nii.gz")
             marks.append(time.perf_counter())
             for name, a, b in zip(stages, marks, marks[1:]):
                 stages[name].append(b - a)

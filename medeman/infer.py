@@ -48,6 +48,7 @@ from medeman.data.readers import (
     voxel_spacing,
 )
 from medeman.transforms import preprocessing
+from medeman.labels import argmax_labels
 
 # The formats medeman reads, as messages and --help list them: the usual .nii.gz first.
 SUFFIXES = (".nii.gz", *(s for s in IMAGE_SUFFIXES if s != ".nii.gz"))
@@ -380,7 +381,7 @@ def _segment_case(case: Case, net, cfg, transform, out_path: Path, probs_path: P
     shape, _ = read_geometry(case.files[0])
     if tuple(probs.shape[1:4]) != shape:
         raise CaseError(f"{case.files[0]}: prediction came back as {tuple(probs.shape[1:])}, not the scan's {shape}")
-    labels = torch.argmax(probs, dim=0).numpy().astype(np.uint8)
+    labels = argmax_labels(probs, dim=0).numpy()
     write_like(labels, case.files[0], out_path)
     if probs_path is not None:
         write_like(np.moveaxis(probs.numpy().astype(np.float32), 0, -1), case.files[0], probs_path, intent="none")

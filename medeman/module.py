@@ -25,6 +25,7 @@ from monai.metrics import DiceMetric, HausdorffDistanceMetric
 from torch import nn
 
 from medeman.eman import make_teacher, momentum_at, update_teacher
+from medeman.labels import argmax_labels
 from medeman.losses import (
     CONSISTENCY_LOSSES,
     masked_cross_entropy,
@@ -184,7 +185,7 @@ class SSLSegModule(pl.LightningModule):
         spacing = self.cfg["data"]["spacing"]
         for name, net in self._networks().items():
             logits = self.predict_logits(net, image)
-            pred = nn.functional.one_hot(logits.argmax(1), self.num_classes).movedim(-1, 1)
+            pred = nn.functional.one_hot(argmax_labels(logits, dim=1, dtype=torch.long), self.num_classes).movedim(-1, 1)
             self.dice_metrics[name](pred, onehot_label)
             self.hd95_metrics[name](pred, onehot_label, spacing=spacing)
 
