@@ -13,7 +13,8 @@ three models:
 (the supervised baseline has no teacher: its "teacher" rows are its student, best and last).
 A case's score is its mean foreground Dice (classes 1..C-1); a run's score is the mean over the
 test cases; the table gives mean ± std over seeds. Runs go one at a time; a run folder that
-already holds ``scores.json`` is reused with ``--reuse``, so an interrupted ablation continues.
+already holds ``scores.json`` is reused with ``--reuse``, so an interrupted ablation continues;
+text under the notes marker of an existing result file is kept when the table is rewritten.
 
     python benchmarks/ssl_ablation.py --seeds 0 1 2 --out runs/ablation
     python benchmarks/ssl_ablation.py --methods mt_bn mt_eman --set ssl.ema_momentum=0.97 --out runs/abl_m097 --tag m097
@@ -42,8 +43,9 @@ METHODS = {
     "mt_eman": "configs/mt_eman.yaml",
 }
 MODELS = ("teacher_best", "teacher_last", "student_last")
+NOTES_MARKER = "<!-- notes: text below this line is kept when the table is regenerated -->"
 CSV_COLUMNS = ("method", "seed", "model", "dice_fg", "dice_class1", "dice_class2", "val_best_teacher",
-               "steps", "train_s", "run_dir")
+               "steps", "last_ckpt_step", "train_s", "run_dir")
 
 
 class FinalState(Callback):
@@ -144,7 +146,8 @@ def write_results(records: list[dict], args: argparse.Namespace, wall_s: float, 
     for r in records:
         for model, scores in r["models"].items():
             rows.append({"method": r["method"], "seed": r["seed"], "model": model, **{k: f"{v:.4f}" for k, v in scores.items()},
-                         "val_best_teacher": f"{r['val_best_teacher']:.4f}", "steps": r["steps"], "train_s": r["train_s"],
+                         "val_best_teacher": f"{r['val_best_teacher']:.4f}", "steps": r["steps"],
+                         "last_ckpt_step": r.get("last_ckpt_step", ""), "train_s": r["train_s"],
                          "run_dir": r["run_dir"]})
     with open(csv_path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
@@ -153,7 +156,8 @@ def write_results(records: list[dict], args: argparse.Namespace, wall_s: float, 
 
     from medeman.config import load_config
 
-    cfg = load_config([args.config], args.set)
+    # the budget as the runs recorded it (the base config may have changed since they trained)
+    cfg = load_config([Path(records[0]["run_dir"]) / "config.yaml"] if records else [args.config], [] if records else args.set)
     train, ssl = cfg["train"], cfg["ssl"]
     lines = [
         "# Semi-supervised ablation: supervised vs mean teacher (BN) vs mean teacher + EMAN",
@@ -179,18 +183,22 @@ def write_results(records: list[dict], args: argparse.Namespace, wall_s: float, 
         f"- Cohort: `{args.data}`: {_count(args.data / 'labeled' / 'labels')} labeled cases split by `data.split_seed="
         f"{cfg['data']['split_seed']}`, `data.val_fraction={cfg['data']['val_fraction']}` into training and validation "
         f"(the same for every run), {_count(args.data / 'unlabeled')} unlabeled scans, {_count(args.data / 'test' / 'labels')} test cases.",
-        f"- Budget (every run): `{args.config}` — {train['max_steps']} steps, lr {train['lr']} ({train['lr_schedule']}), "
+        f"- Budget (every run, from the runs' `config.yaml`): `{args.config}` — {train['max_steps']} steps, lr {train['lr']} ({train['lr_schedule']}), "
         f"batch {cfg['data']['batch_size_labeled']} labeled + {cfg['data']['batch_size_unlabeled']} unlabeled patches of "
         f"{cfg['data']['patch_size']}; mean teacher: ema_momentum {ssl['ema_momentum']}, {ssl['consistency']} consistency "
         f"weight {ssl['consistency_weight']}, ramp-up {ssl['rampup_steps']} steps"
         + (f"; overrides {' '.join(args.set)}" if args.set else "") + ".",
         f"- Seeds: {' '.join(map(str, args.seeds))} (`train.seed`).",
         f"- Hardware: {_hardware()}; one run at a time.",
-        f"- Wall time: {wall_s / 60:.1f} min in this invocation (training + test inference); training per run "
-        f"{mean_std([r['train_s'] for r in records])} s.",
+        f"- Wall time: training {sum(r['train_s'] for r in records) / 60:.1f} min over {len(records)} runs "
+        f"({mean_std([r['train_s'] for r in records])} s per run; `train_s` per run in the CSV), this invocation "
+        f"{wall_s / 60:.1f} min (training + test inference of the runs it did not reuse).",
         f"- Every run and model: `{csv_path.name}`.",
     ]
-    md_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    notes = ""
+    if md_path.is_file() and NOTES_MARKER in md_path.read_text(encoding="utf-8"):  # hand-written findings survive a rerun
+        notes = md_path.read_text(encoding="utf-8").split(NOTES_MARKER, 1)[1]
+    md_path.write_text("\n".join(lines) + "\n\n" + NOTES_MARKER + (notes or "\n"), encoding="utf-8")
     return md_path, csv_path
 
 
@@ -223,17 +231,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "results"), help="where the .md and .csv go")
     parser.add_argument("--tag", default="", help="suffix of the result files (ssl_ablation_<tag>.md) for side studies")
     parser.add_argument("--reuse", action="store_true", help="reuse finished runs (their scores.json) instead of retraining")
+    parser.add_argument("--report-only", action="store_true", help="only rewrite the table from finished runs; train nothing")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    command = "python benchmarks/ssl_ablation.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python benchmarks/ssl_ablation.py " + " ".join(a for a in (sys.argv[1:] if argv is None else argv) if a != "--report-only")
     start = time.perf_counter()
     records = []
     for seed in args.seeds:  # seed-major: a cut-short ablation still has every method at the seeds it reached
         for method in args.methods:
             t0 = time.perf_counter()
+            if args.report_only and not (Path(args.out) / method / f"seed{seed}" / "scores.json").is_file():
+                continue
+            args.reuse = args.reuse or args.report_only
             try:
                 record = run_one(method, seed, args)
             except Exception as err:  # one failed run must not cost the others; rerun with --reuse
