@@ -190,10 +190,14 @@ def fit(
         save_config(cfg, out_dir / "config.yaml")
     module = SSLSegModule(cfg, sync_batchnorm=_sync_batchnorm(cfg))
     export = TeacherExport(out_dir / "teacher.pt", cfg)
-    checkpoint = ModelCheckpoint(
+    best = ModelCheckpoint(
         dirpath=out_dir / "checkpoints", filename="best-step{step}", monitor="val/dice_teacher", mode="max",
-        save_last=True, save_top_k=1, auto_insert_metric_name=False,
+        save_top_k=1, auto_insert_metric_name=False,
     )
+    # Lightning writes save_last only together with a new best; a plain per-epoch checkpoint keeps
+    # last.ckpt at the final state, which is what --resume continues from.
+    last = ModelCheckpoint(dirpath=out_dir / "checkpoints", filename="last", monitor=None, save_top_k=1,
+                           enable_version_counter=False)
     loggers = [CSVLogger(out_dir, name="", version=""), TensorBoardLogger(out_dir, name="tensorboard", version="")] if logger else False
     train = cfg["train"]
     trainer = pl.Trainer(
@@ -201,7 +205,7 @@ def fit(
         strategy=train["strategy"], precision=train["precision"], max_steps=int(train["max_steps"]), max_epochs=-1,
         accumulate_grad_batches=int(train["accumulate_grad_batches"]), check_val_every_n_epoch=1,
         num_sanity_val_steps=0, log_every_n_steps=int(train["log_every_steps"]),
-        callbacks=[checkpoint, export, *callbacks], logger=loggers, default_root_dir=out_dir,
+        callbacks=[best, last, export, *callbacks], logger=loggers, default_root_dir=out_dir,
         enable_progress_bar=progress_bar, enable_model_summary=False, use_distributed_sampler=False,
     )
     ckpt_path = out_dir / "checkpoints" / "last.ckpt" if resume else None

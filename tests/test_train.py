@@ -38,6 +38,7 @@ def test_each_method_trains_and_leaves_a_run_folder(make_cohort, tmp_path, name,
     assert result.steps == 4
     for item in ("teacher.pt", "config.yaml", "metrics.csv", "split.json", "checkpoints/last.ckpt", "tensorboard"):
         assert (run / item).exists(), item
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
     rows = _metrics(run)
     losses = [float(r["loss/total"]) for r in rows if r.get("loss/total")]
     assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
