@@ -39,13 +39,20 @@ def read_teacher_file(path: str | Path) -> dict:
     try:
         payload = torch.load(str(path), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelFileError(
-            f"{path}: refused: not a medeman model that loads safely with weights_only=True ({first})"
-        ) from None
+        raise ModelFileError(f"{path}: refused: not a medeman model that loads safely with weights_only=True ({_why(err)})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ModelFileError(f"{path}: not a medeman model (no '{FORMAT}' marker); pass the teacher.pt of a medeman run")
     return payload
+
+
+def _why(err: BaseException) -> str:
+    """One line on why torch.load refused a file, without PyTorch's advice to retry unsafely."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        detail = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0].strip()
+        return f"it holds pickled code or objects beyond tensors and plain values, or is no PyTorch file: {detail}"
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
 
 
 def load_teacher(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict, dict]:
