@@ -39,13 +39,12 @@ from medeman.checkpoint import ModelFileError, load_teacher
 from medeman.data.discovery import CHANNEL_SUFFIX, image_entry, list_images
 from medeman.data.readers import (
     IMAGE_SUFFIXES,
-    LPS_TO_RAS,
     NIFTI_SUFFIXES,
     SITK_SUFFIXES,
     image_stem,
     image_suffix,
     read_geometry,
-    voxel_spacing,
+    set_sitk_geometry,
 )
 from medeman.transforms import preprocessing
 from medeman.labels import argmax_labels
@@ -110,7 +109,7 @@ def write_like(array: np.ndarray, reference: str | Path, path: str | Path, inten
                 out.SetSpacing(reader.GetSpacing())
                 out.SetDirection(reader.GetDirection())
             else:
-                _set_sitk_geometry(out, read_geometry(reference)[1])
+                set_sitk_geometry(out, read_geometry(reference)[1])
             sitk.WriteImage(out, str(tmp), useCompression=True)
         else:
             if reference.name.lower().endswith(NIFTI_SUFFIXES):
@@ -132,14 +131,6 @@ def write_like(array: np.ndarray, reference: str | Path, path: str | Path, inten
         if tmp.exists():
             tmp.unlink()
     return path
-
-
-def _set_sitk_geometry(image, affine: np.ndarray) -> None:
-    lps = LPS_TO_RAS @ np.asarray(affine, dtype=float)
-    spacing = np.asarray(voxel_spacing(lps))
-    image.SetSpacing([float(s) for s in spacing])
-    image.SetDirection([float(v) for v in (lps[:3, :3] / spacing).ravel()])
-    image.SetOrigin([float(v) for v in lps[:3, 3]])
 
 
 # --------------------------------------------------------------------------- cases

@@ -18,10 +18,9 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
-import SimpleITK as sitk
 from scipy.ndimage import gaussian_filter
+from medeman.data.readers import write_volume
 
 CLASSES = {0: "background", 1: "liver", 2: "kidneys"}
 FIELD_OF_VIEW_MM = (124.0, 100.0, 92.0)
@@ -153,23 +152,6 @@ def make_case(rng: np.random.Generator, scanner: Scanner) -> tuple[np.ndarray, n
     return image, label, affine
 
 
-def _write(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.name.endswith((".nii", ".nii.gz")):
-        img = nib.Nifti1Image(array, affine)
-        img.set_qform(affine, code=1)
-        img.set_sform(affine, code=1)
-        nib.save(img, str(path))
-        return
-    image = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(array, (2, 1, 0))))
-    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
-    spacing = np.sqrt((lps[:3, :3] ** 2).sum(axis=0))
-    image.SetSpacing(spacing.tolist())
-    image.SetDirection((lps[:3, :3] / spacing).flatten().tolist())
-    image.SetOrigin(lps[:3, 3].tolist())
-    sitk.WriteImage(image, str(path), useCompression=True)
-
-
 def make_cohort(out: str | Path, n_labeled: int = 6, n_unlabeled: int = 24, n_test: int = 6, seed: int = 0, other_formats: bool = True) -> Path:
     """Write a cohort: ``labeled/{images,labels}``, ``unlabeled/`` and ``test/{images,labels}``.
 
@@ -192,10 +174,10 @@ def make_cohort(out: str | Path, n_labeled: int = 6, n_unlabeled: int = 24, n_te
             name = f"case_{index:03d}"
             if part == "unlabeled":
                 suffix = {1: ".mha", 2: ".nrrd"}.get(i, ".nii.gz") if other_formats else ".nii.gz"
-                _write(image, affine, out / part / f"{name}{suffix}")
+                write_volume(image, affine, out / part / f"{name}{suffix}")
             else:
-                _write(image, affine, out / part / "images" / f"{name}.nii.gz")
-                _write(label, affine, out / part / "labels" / f"{name}.nii.gz")
+                write_volume(image, affine, out / part / "images" / f"{name}.nii.gz")
+                write_volume(label, affine, out / part / "labels" / f"{name}.nii.gz")
     return out
 
 

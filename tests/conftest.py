@@ -4,30 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
-import SimpleITK as sitk
 
 from medeman.config import default_config
+from medeman.data.readers import write_volume as medeman_write_volume
 
 
 def write_volume(path: Path, array: np.ndarray, affine: np.ndarray | None = None) -> Path:
     """Write ``array`` (x, y, z) as NIfTI, or through SimpleITK for .nrrd/.mha/.mhd (affine taken as RAS)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    affine = np.eye(4) if affine is None else affine
-    if path.name.endswith((".nii", ".nii.gz")):
-        nib.save(nib.Nifti1Image(array, affine), str(path))
-        return path
-    image = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(array, (2, 1, 0))))
-    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
-    spacing = np.sqrt((lps[:3, :3] ** 2).sum(axis=0))
-    image.SetSpacing(spacing.tolist())
-    image.SetDirection((lps[:3, :3] / spacing).flatten().tolist())
-    image.SetOrigin(lps[:3, 3].tolist())
-    sitk.WriteImage(image, str(path))
-    return path
+    return medeman_write_volume(array, np.eye(4) if affine is None else affine, path)
 
 
 def phantom(shape=(20, 20, 16), seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -148,3 +148,29 @@ def read_geometry(path: str | Path) -> tuple[tuple[int, ...], np.ndarray]:
         return tuple(int(s) for s in header.GetSize()[:3]), ras_affine(header)
     image = nib.load(str(path))
     return tuple(int(s) for s in image.shape[:3]), np.asarray(image.affine, dtype=float)
+
+
+def set_sitk_geometry(image: sitk.Image, affine: np.ndarray) -> None:
+    """Give a SimpleITK image the geometry of a RAS voxel-to-world ``affine`` (SimpleITK is LPS)."""
+    lps = LPS_TO_RAS @ np.asarray(affine, dtype=float)
+    spacing = np.sqrt((lps[:3, :3] ** 2).sum(axis=0))
+    image.SetSpacing([float(v) for v in spacing])
+    image.SetDirection([float(v) for v in (lps[:3, :3] / spacing).ravel()])
+    image.SetOrigin([float(v) for v in lps[:3, 3]])
+
+
+def write_volume(array: np.ndarray, affine: np.ndarray, path: str | Path) -> Path:
+    """Write an ``(x, y, z)`` array with a RAS ``affine`` as NIfTI, or as NRRD/MHA/MHD through SimpleITK."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.name.endswith((".nii", ".nii.gz")):
+        img = nib.Nifti1Image(array, affine)
+        img.set_qform(affine, code=1)
+        img.set_sform(affine, code=1)
+        nib.save(img, str(path))
+        return path
+    image = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(array, (2, 1, 0))))
+    set_sitk_geometry(image, affine)
+    sitk.WriteImage(image, str(path), useCompression=True)
+    return path
+
