@@ -137,3 +137,12 @@ def test_unknown_key_in_config_file_lists_valid_keys(tmp_path):
     bad.write_text("ssl:\n  consistancy: mse\n")
     with pytest.raises(ConfigError, match="unknown config key 'ssl.consistancy'.*ssl.consistency"):
         load_config([bad])
+
+
+def test_cpu_multiprocess_run_warns_that_syncbatchnorm_is_unavailable():
+    from medeman.train import _sync_batchnorm
+
+    cfg = load_config(sets=["train.accelerator=cpu", "train.devices=2", "train.strategy=ddp"])
+    with pytest.warns(UserWarning, match="PyTorch refuses SyncBatchNorm"):
+        assert _sync_batchnorm(cfg) is False
+    assert _sync_batchnorm(load_config(sets=["train.accelerator=cpu", "train.devices=2", "train.sync_batchnorm=false"])) is False
