@@ -8,37 +8,10 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import CombinedLoader
-from torch.utils.data import DataLoader, Dataset
 
 from medeman.config import load_config
 from medeman.module import SSLSegModule
-
-
-class RankPatches(Dataset):
-    """Different random patches on every rank, as DDP would see with a distributed sampler."""
-
-    def __init__(self, unlabeled: bool):
-        self.unlabeled = unlabeled
-
-    def __len__(self):
-        return 6
-
-    def __getitem__(self, i):
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        g = torch.Generator().manual_seed(1000 * rank + i)
-        x = torch.randn(1, 16, 16, 16, generator=g) * (1 + rank)
-        if self.unlabeled:
-            return {"weak": x, "strong": x + 0.1 * torch.randn(x.shape, generator=g)}
-        return {"image": x, "label": (x > 0.3).long()}
-
-
-class Data(pl.LightningDataModule):
-    def train_dataloader(self):
-        return CombinedLoader(
-            {"labeled": DataLoader(RankPatches(False), batch_size=2), "unlabeled": DataLoader(RankPatches(True), batch_size=2)},
-            "max_size_cycle",
-        )
+from tiny_patches import TinyData
 
 
 class SaveTeacher(pl.Callback):
@@ -59,4 +32,4 @@ if __name__ == "__main__":
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, use_distributed_sampler=False,
         callbacks=[SaveTeacher(out)],
     )
-    trainer.fit(SSLSegModule(cfg), datamodule=Data())
+    trainer.fit(SSLSegModule(cfg), datamodule=TinyData(n=6, per_rank=True))

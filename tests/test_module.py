@@ -3,37 +3,13 @@
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.utilities import CombinedLoader
-from torch.utils.data import DataLoader, Dataset
 
 from medeman.config import load_config
 from medeman.eman import momentum_at, tracked_batchnorms
 from medeman.module import SSLSegModule
+from tiny_patches import TinyData
 
 TINY = ["model.channels=[4,8]", "model.num_res_units=1", "data.patch_size=[16,16,16]", "data.spacing=null", "train.lr=0.01"]
-
-
-class _Patches(Dataset):
-    def __init__(self, n: int, unlabeled: bool):
-        self.n, self.unlabeled = n, unlabeled
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        g = torch.Generator().manual_seed(i + 100 * self.unlabeled)
-        x = torch.randn(1, 16, 16, 16, generator=g)
-        if self.unlabeled:
-            return {"weak": x, "strong": x + 0.1 * torch.randn(x.shape, generator=g)}
-        return {"image": x, "label": (x > 0.3).long()}
-
-
-class _TinyData(pl.LightningDataModule):
-    def train_dataloader(self):
-        return CombinedLoader(
-            {"labeled": DataLoader(_Patches(8, False), batch_size=2), "unlabeled": DataLoader(_Patches(8, True), batch_size=2)},
-            "max_size_cycle",
-        )
 
 
 class _StudentHistory(pl.Callback):
@@ -56,7 +32,7 @@ def _train(sets, steps=4, accumulate=1):
         accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, limit_val_batches=0, accumulate_grad_batches=accumulate, callbacks=[history],
     )
-    trainer.fit(module, datamodule=_TinyData())
+    trainer.fit(module, datamodule=TinyData())
     return cfg, module, initial, history.states
 
 
