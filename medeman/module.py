@@ -19,12 +19,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
 from torch import nn
 
-from medeman.eman import make_teacher, momentum_at, update_teacher
+from medeman.eman import make_teacher, momentum_at, tracked_batchnorms, update_teacher
+from medeman.infer import predict_volume
 from medeman.labels import argmax_labels
 from medeman.losses import (
     CONSISTENCY_LOSSES,
@@ -122,7 +122,8 @@ class SSLSegModule(pl.LightningModule):
         """Step the optimizer, then EMA-update the teacher (so accumulation steps never update it)."""
         super().optimizer_step(*args, **kwargs)
         if self.teacher is not None:
-            self._average_student_bn_statistics()
+            if self.ssl["teacher_norm"] == "eman":  # a bn teacher keeps its own statistics
+                self._average_student_bn_statistics()
             momentum = momentum_at(self.global_step, self.ssl["ema_momentum"], self.ssl["momentum_warmup"])
             update_teacher(self.teacher, self.student, momentum)
 
@@ -135,9 +136,8 @@ class SSLSegModule(pl.LightningModule):
         """
         if self.trainer.world_size <= 1 or not torch.distributed.is_initialized():
             return
-        buffers = [m for m in self.student.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                   and not isinstance(m, nn.SyncBatchNorm) and m.track_running_stats]
-        tensors = [t for m in buffers for t in (m.running_mean, m.running_var)]
+        layers = [m for m in tracked_batchnorms(self.student) if not isinstance(m, nn.SyncBatchNorm)]
+        tensors = [t for m in layers for t in (m.running_mean, m.running_var)]
         if not tensors:
             return
         flat = torch.cat([t.flatten() for t in tensors])
@@ -171,21 +171,13 @@ class SSLSegModule(pl.LightningModule):
             nets["teacher"] = self.teacher
         return nets
 
-    def predict_logits(self, net: nn.Module, image: torch.Tensor) -> torch.Tensor:
-        """Sliding-window logits over a whole volume with Gaussian blending."""
-        infer = self.cfg["infer"]
-        return sliding_window_inference(
-            image, roi_size=[int(s) for s in self.cfg["data"]["patch_size"]], sw_batch_size=int(infer["sw_batch_size"]),
-            predictor=net, overlap=float(infer["overlap"]), mode="gaussian",
-        )
-
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         image, label = batch["image"], batch["label"]
         onehot_label = nn.functional.one_hot(label[:, 0].long(), self.num_classes).movedim(-1, 1)
         spacing = self.cfg["data"]["spacing"]
-        for name, net in self._networks().items():
-            logits = self.predict_logits(net, image)
-            pred = nn.functional.one_hot(argmax_labels(logits, dim=1, dtype=torch.long), self.num_classes).movedim(-1, 1)
+        for name, net in self._networks().items():  # the same sliding window as `medeman infer`
+            probs = torch.stack([predict_volume(net, volume, self.cfg) for volume in image])
+            pred = nn.functional.one_hot(argmax_labels(probs, dim=1, dtype=torch.long), self.num_classes).movedim(-1, 1)
             self.dice_metrics[name](pred, onehot_label)
             self.hd95_metrics[name](pred, onehot_label, spacing=spacing)
 

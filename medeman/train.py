@@ -98,28 +98,22 @@ class TeacherExport(Callback):
         self.best = float(state_dict["best"])
 
 
-def _multi_gpu(cfg: dict) -> bool:
-    train = cfg["train"]
-    gpu = train["accelerator"] in ("gpu", "auto") and torch.cuda.is_available()
-    devices = train["devices"]
-    many = (devices == -1 or (isinstance(devices, int) and devices > 1) or isinstance(devices, (list, tuple)) and len(devices) > 1)
-    return gpu and (many or int(train["num_nodes"]) > 1)
-
-
 def _sync_batchnorm(cfg: dict) -> bool:
+    """Whether to convert the student to SyncBatchNorm: on, several processes, and GPUs."""
     train = cfg["train"]
-    if not train["sync_batchnorm"]:
-        return False
-    if _multi_gpu(cfg):
-        return True
     devices = train["devices"]
-    if (isinstance(devices, int) and devices > 1) or int(train["num_nodes"]) > 1:
-        warnings.warn(
-            "train.sync_batchnorm is on but this multi-process run is on CPU, where PyTorch refuses SyncBatchNorm: "
-            "the student keeps plain BatchNorm (per-process statistics) and DDP broadcasts rank 0's BN buffers, "
-            "so the EMAN statistics the teacher averages are rank 0's.",
-            stacklevel=2,
-        )
+    several = (devices == -1 or (isinstance(devices, int) and devices > 1)
+               or (isinstance(devices, (list, tuple)) and len(devices) > 1) or int(train["num_nodes"]) > 1)
+    if not (train["sync_batchnorm"] and several):
+        return False
+    if train["accelerator"] in ("gpu", "auto") and torch.cuda.is_available():
+        return True
+    warnings.warn(
+        "train.sync_batchnorm is on but this multi-process run is on CPU, where PyTorch refuses SyncBatchNorm: "
+        "the student keeps plain BatchNorm (per-process statistics), and medeman averages them across "
+        "processes before each EMAN teacher update.",
+        stacklevel=2,
+    )
     return False
 
 
