@@ -152,7 +152,8 @@ def make_case(rng: np.random.Generator, scanner: Scanner) -> tuple[np.ndarray, n
     return image, label, affine
 
 
-def make_cohort(out: str | Path, n_labeled: int = 6, n_unlabeled: int = 24, n_test: int = 6, seed: int = 0, other_formats: bool = True) -> Path:
+def make_cohort(out: str | Path, n_labeled: int = 6, n_unlabeled: int = 24, n_test: int = 6, seed: int = 0, other_formats: bool = True,
+                n_val: int = 0, unlabeled_labels: bool = False) -> Path:
     """Write a cohort: ``labeled/{images,labels}``, ``unlabeled/`` and ``test/{images,labels}``.
 
     Args:
@@ -160,13 +161,18 @@ def make_cohort(out: str | Path, n_labeled: int = 6, n_unlabeled: int = 24, n_te
         n_labeled, n_unlabeled, n_test: cases per part; scanners alternate across cases.
         seed: the cohort depends only on it (and the counts).
         other_formats: write a few unlabeled scans as ``.mha`` and ``.nrrd`` as real cohorts mix formats.
+        n_val: labeled validation cases in ``val/{images,labels}`` (``medeman train --val``); rendered
+            after all other parts, so adding them leaves every other case unchanged.
+        unlabeled_labels: also write the ground truth of each unlabeled scan, under the scan's own name,
+            to ``unlabeled_labels/`` (outside ``unlabeled/``, so training never sees it): for
+            "supervised on all labels" upper bounds in ablations.
 
     Returns:
         ``out`` as a Path.
     """
     out = Path(out)
     index = 0
-    for part, count in (("labeled", n_labeled), ("test", n_test), ("unlabeled", n_unlabeled)):
+    for part, count in (("labeled", n_labeled), ("test", n_test), ("unlabeled", n_unlabeled), ("val", n_val)):
         for i in range(count):
             rng = np.random.default_rng([seed, index])
             image, label, affine = make_case(rng, SCANNERS[index % len(SCANNERS)])
@@ -175,6 +181,8 @@ def make_cohort(out: str | Path, n_labeled: int = 6, n_unlabeled: int = 24, n_te
             if part == "unlabeled":
                 suffix = {1: ".mha", 2: ".nrrd"}.get(i, ".nii.gz") if other_formats else ".nii.gz"
                 write_volume(image, affine, out / part / f"{name}{suffix}")
+                if unlabeled_labels:
+                    write_volume(label, affine, out / "unlabeled_labels" / f"{name}{suffix}")
             else:
                 write_volume(image, affine, out / part / "images" / f"{name}.nii.gz")
                 write_volume(label, affine, out / part / "labels" / f"{name}.nii.gz")
@@ -189,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--unlabeled", type=int, default=24, help="unlabeled scans")
     parser.add_argument("--test", type=int, default=6, help="held-out labeled test cases")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the whole cohort")
+    parser.add_argument("--val", type=int, default=0, help="labeled validation cases in <out>/val")
+    parser.add_argument("--unlabeled-labels", action="store_true", help="write the unlabeled scans' ground truth to <out>/unlabeled_labels")
     args = parser.parse_args(argv)
-    out = make_cohort(args.out, args.labeled, args.unlabeled, args.test, args.seed)
-    print(f"wrote {args.labeled} labeled, {args.unlabeled} unlabeled and {args.test} test cases to {out}")
+    out = make_cohort(args.out, args.labeled, args.unlabeled, args.test, args.seed, n_val=args.val, unlabeled_labels=args.unlabeled_labels)
+    print(f"wrote {args.labeled} labeled, {args.val} validation, {args.unlabeled} unlabeled and {args.test} test cases to {out}")
     return 0

@@ -1,0 +1,56 @@
+"""The sample cohort generator: validation cases and the unlabeled scans' ground truth for ablations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medeman.sample_data import SCANNERS, make_case, make_cohort
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def _array(path: Path) -> np.ndarray:
+    return np.asarray(nib.load(str(path)).dataobj)
+
+
+@pytest.mark.parametrize(
+    "n_val, unlabeled_labels, extra",
+    [
+        (0, False, []),
+        (1, False, ["val/images/case_005.nii.gz", "val/labels/case_005.nii.gz"]),
+        (0, True, ["unlabeled_labels/case_003.nii.gz", "unlabeled_labels/case_004.nii.gz"]),
+    ],
+)
+def test_layout_of_the_optional_parts(tmp_path, n_val, unlabeled_labels, extra):
+    root = make_cohort(tmp_path / "c", n_labeled=1, n_unlabeled=2, n_test=1, other_formats=False, n_val=n_val, unlabeled_labels=unlabeled_labels)
+    base = ["labeled/images/case_001.nii.gz", "labeled/labels/case_001.nii.gz", "test/images/case_002.nii.gz",
+            "test/labels/case_002.nii.gz", "unlabeled/case_003.nii.gz", "unlabeled/case_004.nii.gz"]
+    assert _files(root) == sorted(base + extra)
+
+
+def test_validation_cases_leave_the_other_parts_unchanged(tmp_path):
+    plain = make_cohort(tmp_path / "plain", n_labeled=1, n_unlabeled=1, n_test=1, other_formats=False)
+    with_val = make_cohort(tmp_path / "val", n_labeled=1, n_unlabeled=1, n_test=1, other_formats=False, n_val=1)
+    for rel in _files(plain):
+        np.testing.assert_array_equal(_array(plain / rel), _array(with_val / rel), err_msg=rel)
+    # the validation case is the next phantom of the cohort's sequence (index 3, scanner 3 % 3)
+    image, label, affine = make_case(np.random.default_rng([0, 3]), SCANNERS[0])
+    np.testing.assert_array_equal(_array(with_val / "val" / "images" / "case_004.nii.gz"), image)
+    np.testing.assert_array_equal(_array(with_val / "val" / "labels" / "case_004.nii.gz"), label)
+
+
+def test_unlabeled_ground_truth_is_the_scans_own_label_on_its_grid(tmp_path):
+    root = make_cohort(tmp_path / "c", n_labeled=0, n_unlabeled=2, n_test=0, other_formats=False, unlabeled_labels=True)
+    for index, name in enumerate(("case_001", "case_002")):
+        _, label, affine = make_case(np.random.default_rng([0, index]), SCANNERS[index])
+        scan = nib.load(str(root / "unlabeled" / f"{name}.nii.gz"))
+        truth = nib.load(str(root / "unlabeled_labels" / f"{name}.nii.gz"))
+        np.testing.assert_array_equal(np.asarray(truth.dataobj), label)
+        np.testing.assert_allclose(truth.affine, scan.affine, atol=1e-5)
+        assert set(np.unique(label)) <= {0, 1, 2} and (label > 0).any()
