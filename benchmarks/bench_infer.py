@@ -95,10 +95,11 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(args: argparse.Namespace, cfg: dict, tmp: Path) -> None:
     from medeman.checkpoint import save_teacher
-    from medeman.infer import infer_cases, invert_to_input, predict_volume, read_geometry, write_like
+    from medeman.infer import infer_cases, read_geometry, write_like
+    from medeman.predict import invert_to_input, predict_volume
     from medeman.labels import argmax_labels
     from medeman.nets import build_network
-    from medeman.transforms import preprocessing
+    from medeman.data.transforms import preprocessing
 
     infer = cfg["infer"]
     roi = [int(s) for s in cfg["data"]["patch_size"]]

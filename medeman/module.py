@@ -24,7 +24,7 @@ from monai.metrics import DiceMetric, HausdorffDistanceMetric
 from torch import nn
 
 from medeman.eman import make_teacher, momentum_at, tracked_batchnorms, update_teacher
-from medeman.infer import predict_volume
+from medeman.predict import predict_volume
 from medeman.labels import argmax_labels
 from medeman.losses import (
     CONSISTENCY_LOSSES,

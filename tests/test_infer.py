@@ -14,7 +14,8 @@ from torch import nn
 
 from medeman.checkpoint import FORMAT, save_teacher
 from medeman.config import default_config
-from medeman.infer import TTA_FLIPS, find_cases, infer_cases, main, predict_volume, read_geometry
+from medeman.infer import find_cases, infer_cases, main, read_geometry
+from medeman.predict import TTA_FLIPS, predict_volume
 from medeman.nets import build_network
 
 # Odd shape, anisotropic spacing, axes permuted and flipped (an "LIP"-like scan, far from RAS).
