@@ -138,7 +138,7 @@ def run_ssl4mis(args: argparse.Namespace, cfg: dict, precision: str, data: Path)
     from monai.data import DataLoader, Dataset, list_data_collate
     from monai.losses import DiceCELoss
 
-    from medeman import transforms as tfm
+    from medeman.data import transforms as tfm
     from medeman.data import SSLDataModule
     from medeman.nets import build_network
 

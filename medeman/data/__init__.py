@@ -1,22 +1,36 @@
-"""Data: cohort discovery, input checks, and the semi-supervised Lightning DataModule."""
+"""Data: cohort discovery, input checks, readers, MONAI transform chains, and the semi-supervised DataModule.
 
-from medeman.data.checks import CaseReport, check_cases, inspect_case, raise_problems, report_problems
-from medeman.data.datamodule import SSLDataModule
-from medeman.data.discovery import (
-    discover_labeled,
-    discover_unlabeled,
-    group_channels,
-    label_id,
-    match_labels,
-    read_dataset_json,
-    split_cases,
-    write_split,
-)
-from medeman.data.errors import DataError
-from medeman.data.readers import IMAGE_SUFFIXES, SimpleITKReader, VolumeReader
+The package face is lazy (PEP 562 ``__getattr__``): ``import medeman.data`` loads nothing heavy, and
+each name imports its submodule on first use, so ``medeman.data.readers``/``transforms`` never pull in
+Lightning through the DataModule (and no submodule import can close a circle through this file).
+"""
 
-__all__ = [
-    "CaseReport", "DataError", "IMAGE_SUFFIXES", "SSLDataModule", "SimpleITKReader", "VolumeReader",
-    "check_cases", "discover_labeled", "discover_unlabeled", "group_channels", "inspect_case", "label_id",
-    "match_labels", "raise_problems", "read_dataset_json", "report_problems", "split_cases", "write_split",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "CaseReport": "checks", "check_cases": "checks", "inspect_case": "checks",
+    "raise_problems": "checks", "report_problems": "checks",
+    "SSLDataModule": "datamodule",
+    "discover_labeled": "discovery", "discover_unlabeled": "discovery", "group_channels": "discovery",
+    "label_id": "discovery", "match_labels": "discovery", "read_dataset_json": "discovery",
+    "split_cases": "discovery", "write_split": "discovery",
+    "DataError": "errors",
+    "IMAGE_SUFFIXES": "readers", "SimpleITKReader": "readers", "VolumeReader": "readers",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'medeman.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"medeman.data.{_EXPORTS[name]}"), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

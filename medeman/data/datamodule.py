@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import CombinedLoader
 from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset, list_data_collate
 from torch.utils.data import RandomSampler
 
-from medeman import transforms as tfm
+from medeman.data import transforms as tfm
 from medeman.data.checks import check_cases, raise_problems, report_problems
 from medeman.data.discovery import discover_labeled, discover_unlabeled, has_unlabeled_list, split_cases, write_split
 

@@ -12,7 +12,7 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from medeman.data import SSLDataModule
-from medeman.transforms import labeled_transforms, unlabeled_transforms
+from medeman.data.transforms import labeled_transforms, unlabeled_transforms
 
 SAMPLE_DATA = Path(__file__).resolve().parents[2] / "sample_data"
 

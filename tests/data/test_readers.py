@@ -8,7 +8,7 @@ import pytest
 from medeman.config import default_config
 from medeman.data import VolumeReader
 from medeman.data.readers import image_suffix
-from medeman.transforms import preprocessing
+from medeman.data.transforms import preprocessing
 
 LPS_ANISOTROPIC = np.array([[-1.5, 0, 0, 10.0], [0, -2.0, 0, -20.0], [0, 0, 3.0, 5.0], [0, 0, 0, 1]])
 TILTED = np.array([[0.8, 0, 0, 0], [0, 0.8 * np.cos(0.2), -2.5 * np.sin(0.2), 0], [0, 0.8 * np.sin(0.2), 2.5 * np.cos(0.2), 0], [0, 0, 0, 1]])
