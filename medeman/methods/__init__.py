@@ -1,0 +1,1 @@
+"""Semi-supervised methods as plug-ins (one file per method) and their building blocks."""
