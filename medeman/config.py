@@ -83,15 +83,20 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "dropout": Option(0.0, "dropout probability in the student (and hence the teacher)"),
     },
     "ssl": {
-        "method": Option("mean_teacher", "supervised (labeled data only, the baseline) or mean_teacher", ("supervised", "mean_teacher")),
-        "teacher_norm": Option("eman", "teacher normalization: eman (EMA'd running statistics, Cai et al. 2021) or bn (batch statistics, classic mean teacher)", ("eman", "bn")),
-        "ema_momentum": Option(0.99, "EMA momentum m of teacher weights (and EMAN statistics): theta' <- m theta' + (1-m) theta"),
-        "momentum_warmup": Option(True, "use min(1 - 1/(step+1), ema_momentum) so the teacher follows the student early on"),
+        "method": Option("mean_teacher", "supervised (labeled data only, the baseline), supervised_ema (labeled data only, deployed EMA teacher: the weight-averaging control) or mean_teacher", ("supervised", "supervised_ema", "mean_teacher")),
+        "teacher_norm": Option("eman", "teacher normalization: eman (EMA'd running statistics, Cai et al. 2021), bn (batch statistics, classic mean teacher) or ema (weight EMA only, for networks without BatchNorm, e.g. model.norm=instance)", ("eman", "bn", "ema")),
+        "teacher_bn_recalibration": Option("always", "re-estimate the teacher's BatchNorm statistics from its own forward passes (precise-BN) before each teacher validation and export (always), only for teacher.pt (export), or never (off); pseudo-labels keep the EMA'd statistics", ("off", "export", "always")),
+        "recalibration_batches": Option(16, "unlabeled weak-view batches (labeled images without unlabeled scans) used to re-estimate the teacher's BatchNorm statistics"),
+        "ema_momentum": Option(0.99, "EMA momentum m of teacher weights (and EMAN statistics): theta' <- m theta' + (1-m) theta; the base of the constant and cosine schedules"),
+        "momentum_schedule": Option("window", "EMA momentum over the run: constant (ema_momentum), cosine (BYOL: from ema_momentum to 1 over train.max_steps) or window (m = 1 - 1/(momentum_window * train.max_steps))", ("constant", "cosine", "window")),
+        "momentum_window": Option(0.1, "window schedule: the teacher averages over about this fraction of train.max_steps"),
+        "momentum_warmup": Option(True, "use min(1 - 1/(step+1), scheduled momentum) so the teacher follows the student early on"),
         "consistency": Option("mse", "consistency loss between student and teacher softmax: mse, kl or none", ("mse", "kl", "none")),
         "consistency_weight": Option(1.0, "weight lambda of the unsupervised losses at the end of the ramp-up"),
         "pseudo_label_threshold": Option(None, "teacher confidence above which a voxel's argmax is a pseudo-label; null turns pseudo-labels off"),
         "pseudo_label_weight": Option(1.0, "weight of the pseudo-label loss relative to the consistency loss"),
         "pseudo_label_dice": Option(False, "add a masked Dice term to the pseudo-label cross-entropy"),
+        "pseudo_label_reduction": Option("all", "pseudo-label cross-entropy averaged over all voxels, (ce * mask).mean() as FixMatch/EMAN, or over the kept voxels only", ("all", "kept")),
         "rampup_steps": Option(1000, "steps of the sigmoid ramp-up exp(-5(1-t)^2) of the unsupervised weight"),
         "warmup_steps": Option(0, "supervised-only steps before the unsupervised losses start ramping up"),
     },
@@ -100,6 +105,7 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "lr": Option(1e-3, "learning rate"),
         "optimizer": Option("adamw", "optimizer", ("adamw", "adam", "sgd")),
         "weight_decay": Option(1e-5, "weight decay"),
+        "batch_dice": Option(True, "supervised Dice over the whole batch (DiceCELoss(batch=True), nnU-Net) rather than per patch, so a class absent from one patch does not dilute it"),
         "lr_schedule": Option("poly", "learning-rate schedule over max_steps: poly (power 0.9), cosine or constant", ("poly", "cosine", "constant")),
         "val_every_steps": Option(500, "validate teacher and student on whole volumes every this many steps"),
         "precision": Option("32", "Lightning precision: 32, bf16-mixed or 16-mixed", ("32", "bf16-mixed", "16-mixed")),
@@ -188,6 +194,12 @@ def validate(cfg: dict) -> dict:
     m = cfg["ssl"]["ema_momentum"]
     if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0.0 <= m <= 1.0:
         raise ConfigError(f"ssl.ema_momentum: {m!r} must be a number in [0, 1]")
+    window = cfg["ssl"]["momentum_window"]
+    if isinstance(window, bool) or not isinstance(window, (int, float)) or not window > 0.0:
+        raise ConfigError(f"ssl.momentum_window: {window!r} must be a positive fraction of train.max_steps")
+    batches = cfg["ssl"]["recalibration_batches"]
+    if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
+        raise ConfigError(f"ssl.recalibration_batches: {batches!r} must be a positive integer")
     thr = cfg["ssl"]["pseudo_label_threshold"]
     if thr is not None and not (isinstance(thr, (int, float)) and 0.0 <= thr <= 1.0):
         raise ConfigError(f"ssl.pseudo_label_threshold: {thr!r} must be null or a number in [0, 1]")

@@ -199,7 +199,7 @@ CHOICE_CASES = [
     [key, bad]
     for key, bad in [
         ("model.name", "resnet"),
-        ("ssl.teacher_norm", "ema"),
+        ("ssl.teacher_norm", "group"),
         ("ssl.method", "fixmatch"),
         ("ssl.consistency", "l1"),
         ("data.modality", "PET"),
