@@ -11,6 +11,7 @@ COMMANDS = {
     "infer": ("medeman.infer", "segment scans with a trained EMA teacher"),
     "evaluate": ("medeman.evaluate", "Dice, HD95 and surface distance of predictions against labels"),
     "tune": ("medeman.tune", "tune EMA momentum and consistency weight with Optuna"),
+    "rank": ("medeman.rank", "rank unlabeled scans for annotation by the teacher's doubt"),
 }
 
 
