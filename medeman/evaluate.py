@@ -11,6 +11,18 @@ Empty masks: a class absent from both prediction and reference scores Dice 1; ab
 one, Dice 0. A surface distance needs two surfaces, so HD95 and ASD are NaN when either mask of
 the class is empty; summary means leave NaN out and say over how many cases they were taken.
 
+Lesion-wise figures (per class, for lesions, tumours, nodules): each mask of the class is split
+into connected components (:func:`scipy.ndimage.label`, 26-neighbourhood by default). A reference
+lesion is *detected* when the predicted components that touch it cover it with an IoU of at least
+``lesion_overlap`` (0: any overlap); a predicted component is a *true positive* under the same rule
+against the reference lesions it touches, else a *false positive*. Sensitivity = detected /
+reference lesions, precision = true-positive components / predicted components, F1 their harmonic
+mean; the summary pools the counts over cases. One component covering two separate reference
+lesions detects both and is one true positive; two lesions that touch are one component, as in
+every connected-component count. Lesion-wise Dice (BraTS 2023): per reference lesion, the Dice
+with the predicted components touching it (0 when none), averaged with a 0 for every predicted
+component that touches no reference lesion; 1 when a case has neither.
+
 Typical use::
 
     summary = evaluate_folder("runs/demo/pred", "sample_data/test/labels", csv="runs/demo/metrics.csv")
@@ -30,13 +42,56 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.metrics import compute_average_surface_distance, compute_dice, compute_hausdorff_distance
+from scipy import ndimage
 
 from medeman.data.discovery import CHANNEL_SUFFIX, index_by_case, label_id, list_images
 from medeman.data.readers import image_stem, read_volume, voxel_spacing
 from medeman.infer import CaseError, one_line
 
 label_case_id = label_id  # a label file's case id: name without image suffix and without _seg/_label/_mask
-CSV_COLUMNS = ("case", "class", "dice", "hd95_mm", "asd_mm", "reference_voxels", "predicted_voxels", "note")
+CSV_COLUMNS = ("case", "class", "name", "dice", "hd95_mm", "asd_mm", "reference_voxels", "predicted_voxels",
+               "reference_lesions", "detected_lesions", "missed_lesions", "predicted_lesions", "false_positive_lesions",
+               "lesion_sensitivity", "lesion_precision", "lesion_f1", "lesion_dice", "note")
+DEFAULT_LESION_OVERLAP = 0.1  # IoU a lesion needs to count as detected; 0 means any overlap
+
+
+@dataclass(frozen=True)
+class LesionCounts:
+    """Connected-component detection figures of one class in one case (see the module docstring)."""
+
+    reference: int = 0         # reference lesions (components)
+    detected: int = 0          # reference lesions found at the overlap rule
+    predicted: int = 0         # predicted components
+    true_positive: int = 0     # predicted components that match reference lesions at the overlap rule
+    dice: float = 1.0          # lesion-wise Dice (BraTS 2023)
+
+    @property
+    def missed(self) -> int:
+        return self.reference - self.detected
+
+    @property
+    def false_positive(self) -> int:
+        return self.predicted - self.true_positive
+
+    @property
+    def sensitivity(self) -> float:
+        return self.detected / self.reference if self.reference else math.nan
+
+    @property
+    def precision(self) -> float:
+        return self.true_positive / self.predicted if self.predicted else math.nan
+
+    @property
+    def f1(self) -> float:
+        return f1_score(self.sensitivity, self.precision)
+
+
+def f1_score(sensitivity: float, precision: float) -> float:
+    """Harmonic mean; NaN when either is undefined (no reference or no predicted lesion), 0 when both are 0."""
+    if not (math.isfinite(sensitivity) and math.isfinite(precision)):
+        return math.nan
+    total = sensitivity + precision
+    return 2 * sensitivity * precision / total if total > 0 else 0.0
 
 
 @dataclass
@@ -50,6 +105,7 @@ class ClassScore:
     asd: float
     reference_voxels: int
     predicted_voxels: int
+    lesions: LesionCounts = field(default_factory=LesionCounts)
 
 
 @dataclass
@@ -60,10 +116,49 @@ class EvaluationSummary:
     problems: list[str] = field(default_factory=list)  # unreadable, mismatched, missing prediction
     notes: list[str] = field(default_factory=list)     # predictions without a label, affine warnings
     cases: list[str] = field(default_factory=list)     # the case ids that were scored
+    class_names: dict[int, str] = field(default_factory=dict)  # shown beside the label values
+    lesion_overlap: float = DEFAULT_LESION_OVERLAP
 
     @property
     def classes(self) -> list[int]:
         return sorted({s.label for s in self.scores})
+
+    def class_name(self, label: int) -> str:
+        """``"2 kidneys"`` when the class has a name, else ``"2"``."""
+        name = self.class_names.get(int(label))
+        return f"{label} {name}" if name else str(label)
+
+    def lesion_totals(self) -> dict[int, dict[str, float]]:
+        """Per class, lesion counts pooled over cases, sensitivity, precision and F1 of the pooled counts,
+        and the lesion-wise Dice's mean and std over cases."""
+        out = {}
+        for label in self.classes:
+            counts = [s.lesions for s in self.scores if s.label == label]
+            total = {key: sum(getattr(c, key) for c in counts)
+                     for key in ("reference", "detected", "missed", "predicted", "true_positive", "false_positive")}
+            total["sensitivity"] = total["detected"] / total["reference"] if total["reference"] else math.nan
+            total["precision"] = total["true_positive"] / total["predicted"] if total["predicted"] else math.nan
+            total["f1"] = f1_score(total["sensitivity"], total["precision"])
+            dice = np.array([c.dice for c in counts], dtype=float)
+            total["dice_mean"] = float(dice.mean()) if len(dice) else math.nan
+            total["dice_std"] = float(dice.std()) if len(dice) else math.nan
+            out[label] = total
+        return out
+
+    def lesion_table(self) -> str:
+        """Lesion-wise detection per class: counts summed over cases, sensitivity/precision/F1 of the sums."""
+        rule = "any overlap" if self.lesion_overlap <= 0 else f"IoU >= {self.lesion_overlap:g}"
+        lines = [f"Lesion-wise (connected components; a lesion is detected at {rule}; counts summed over cases)"]
+        width = max([7] + [len(self.class_name(c)) + 2 for c in self.classes])
+        lines.append(f"{'class':<{width}}{'lesions':>8}{'detected':>9}{'missed':>7}{'predicted':>10}{'FP':>5}"
+                     f"{'sensitivity':>12}{'precision':>10}{'F1':>7}  lesion Dice")
+        for label, t in self.lesion_totals().items():
+            def rate(value: float) -> str:
+                return "n/a" if not math.isfinite(value) else f"{value:.3f}"
+            lines.append(f"{self.class_name(label):<{width}}{t['reference']:>8}{t['detected']:>9}{t['missed']:>7}"
+                         f"{t['predicted']:>10}{t['false_positive']:>5}{rate(t['sensitivity']):>12}"
+                         f"{rate(t['precision']):>10}{rate(t['f1']):>7}  {t['dice_mean']:.3f} ± {t['dice_std']:.3f}")
+        return "\n".join(lines)
 
     def per_class(self) -> dict[int, dict[str, float]]:
         """Per class: ``n`` cases, ``dice_mean``/``dice_std``, and ``hd95_*``/``asd_*`` over finite values with their ``*_n``."""
@@ -83,16 +178,19 @@ class EvaluationSummary:
     def table(self) -> str:
         """The summary table: mean ± std per class, distances in mm."""
         lines = [f"{len(self.cases)} case(s) scored; HD95 and ASD in mm, NaN (a mask empty) left out of the mean"]
-        lines.append(f"{'class':<7}{'cases':>6}  {'Dice':<17}{'HD95 mm':<22}{'ASD mm':<22}")
+        width = max([7] + [len(self.class_name(c)) + 2 for c in self.classes])
+        lines.append(f"{'class':<{width}}{'cases':>6}  {'Dice':<17}{'HD95 mm':<22}{'ASD mm':<22}")
         for label, st in self.per_class().items():
             def cell(name: str, digits: int) -> str:
                 if not st[f"{name}_n"]:
                     return "n/a"
                 text = f"{st[f'{name}_mean']:.{digits}f} ± {st[f'{name}_std']:.{digits}f}"
                 return text if st[f"{name}_n"] == st["n"] else f"{text} (n={st[f'{name}_n']})"
-            lines.append(f"{label:<7}{st['n']:>6}  {cell('dice', 3):<17}{cell('hd95', 2):<22}{cell('asd', 2):<22}")
+            lines.append(f"{self.class_name(label):<{width}}{st['n']:>6}  {cell('dice', 3):<17}{cell('hd95', 2):<22}{cell('asd', 2):<22}")
         if not self.classes:
             lines.append("(no foreground class in any prediction or reference)")
+        else:
+            lines += ["", self.lesion_table()]
         return "\n".join(lines)
 
 
@@ -125,14 +223,70 @@ def mask_scores(prediction: np.ndarray, reference: np.ndarray, spacing) -> tuple
     return float(dice[0, 0]), float(hd95[0, 0]), float(asd[0, 0])
 
 
-def case_scores(case_id: str, prediction: np.ndarray, reference: np.ndarray, spacing) -> list[ClassScore]:
-    """Scores of every foreground class present in either label array."""
+def lesion_counts(prediction: np.ndarray, reference: np.ndarray, overlap: float = DEFAULT_LESION_OVERLAP,
+                  connectivity: int = 3) -> LesionCounts:
+    """Lesion-wise detection and lesion-wise Dice of two binary masks (rules in the module docstring).
+
+    Args:
+        prediction, reference: binary masks on one grid.
+        overlap: IoU a lesion (or a predicted component) needs with what it touches to count as found;
+            0 means any overlap.
+        connectivity: 1 (6-), 2 (18-) or 3 (26-neighbourhood) for :func:`scipy.ndimage.label`.
+
+    Returns:
+        The :class:`LesionCounts`.
+
+    Example:
+        >>> ref = np.zeros((9, 9, 9), bool); ref[1:3, 1:3, 1:3] = ref[6:8, 6:8, 6:8] = True
+        >>> pred = ref.copy(); pred[6:8, 6:8, 6:8] = False; pred[1:3, 6:8, 1:3] = True
+        >>> lesion_counts(pred, ref)  # one lesion found, one missed, one false positive
+        LesionCounts(reference=2, detected=1, predicted=2, true_positive=1, dice=0.3333333333333333)
+    """
+    pred, ref = np.asarray(prediction, dtype=bool), np.asarray(reference, dtype=bool)
+    if pred.shape != ref.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from reference shape {ref.shape}")
+    if connectivity not in (1, 2, 3):
+        raise ValueError(f"connectivity must be 1, 2 or 3 (6-, 18- or 26-neighbourhood), got {connectivity}")
+    structure = ndimage.generate_binary_structure(3, connectivity)
+    ref_ids, n_ref = ndimage.label(ref, structure)
+    pred_ids, n_pred = ndimage.label(pred, structure)
+    if n_ref == 0 and n_pred == 0:
+        return LesionCounts()
+    ref_size = np.bincount(ref_ids.ravel(), minlength=n_ref + 1).astype(float)
+    pred_size = np.bincount(pred_ids.ravel(), minlength=n_pred + 1).astype(float)
+    # voxels shared by each touching (reference, predicted) pair: sparse, never an n_ref x n_pred table
+    both = ref & pred
+    pairs, shared = np.unique(np.stack([ref_ids[both], pred_ids[both]]), axis=1, return_counts=True)
+    r, p = pairs if pairs.size else (np.zeros(0, int), np.zeros(0, int))
+    # components of one mask are disjoint, so a lesion's overlap with the union of the components
+    # touching it is the sum of its pairwise overlaps, and that union's size the sum of their sizes
+    ref_inter = np.bincount(r, weights=shared, minlength=n_ref + 1)[1:]
+    ref_union_pred = np.bincount(r, weights=pred_size[p], minlength=n_ref + 1)[1:]
+    pred_inter = np.bincount(p, weights=shared, minlength=n_pred + 1)[1:]
+    pred_union_ref = np.bincount(p, weights=ref_size[r], minlength=n_pred + 1)[1:]
+
+    def found(inter: np.ndarray, own: np.ndarray, touched: np.ndarray) -> np.ndarray:
+        iou = inter / np.maximum(own + touched - inter, 1.0)
+        return (inter > 0) & (iou >= overlap)
+
+    detected = found(ref_inter, ref_size[1:], ref_union_pred)
+    true_positive = found(pred_inter, pred_size[1:], pred_union_ref)
+    per_lesion_dice = 2 * ref_inter / np.maximum(ref_size[1:] + ref_union_pred, 1.0)
+    unmatched = int((pred_inter == 0).sum())  # predicted components touching no reference lesion
+    dice = float(per_lesion_dice.sum() / (n_ref + unmatched))
+    return LesionCounts(int(n_ref), int(detected.sum()), int(n_pred), int(true_positive.sum()), dice)
+
+
+def case_scores(case_id: str, prediction: np.ndarray, reference: np.ndarray, spacing,
+                lesion_overlap: float = DEFAULT_LESION_OVERLAP, connectivity: int = 3) -> list[ClassScore]:
+    """Scores (voxel-wise and lesion-wise) of every foreground class present in either label array."""
     labels = sorted((set(np.unique(prediction).tolist()) | set(np.unique(reference).tolist())) - {0})
     out = []
     for label in labels:
         pred, ref = prediction == label, reference == label
         dice, hd95, asd = mask_scores(pred, ref, spacing)
-        out.append(ClassScore(case_id, int(label), dice, hd95, asd, int(ref.sum()), int(pred.sum())))
+        lesions = lesion_counts(pred, ref, lesion_overlap, connectivity)
+        out.append(ClassScore(case_id, int(label), dice, hd95, asd, int(ref.sum()), int(pred.sum()), lesions))
     return out
 
 
@@ -159,6 +313,9 @@ def evaluate_folder(
     csv: str | Path | None = None,
     png_dir: str | Path | None = None,
     images_dir: str | Path | None = None,
+    class_names: dict[int, str] | None = None,
+    lesion_overlap: float = DEFAULT_LESION_OVERLAP,
+    connectivity: int = 3,
 ) -> EvaluationSummary:
     """Score every prediction in ``pred_dir`` against its label in ``label_dir``.
 
@@ -168,12 +325,17 @@ def evaluate_folder(
         csv: write one row per case and class (and one per problem) here.
         png_dir: write ``<case>.png`` per case (see :func:`medeman.visualize.save_case_figure`).
         images_dir: the scans, drawn under the contours when given.
+        class_names: names by label value for the table, CSV and pictures (see :func:`load_class_names`).
+        lesion_overlap: IoU a lesion needs to count as detected (0: any overlap); see :func:`lesion_counts`.
+        connectivity: neighbourhood of the connected components, 1 (6), 2 (18) or 3 (26 neighbours).
 
     Returns:
         The :class:`EvaluationSummary`; nothing is printed.
     """
     pred_dir = Path(pred_dir)
-    summary = EvaluationSummary()
+    summary = EvaluationSummary(class_names=dict(class_names or {}), lesion_overlap=float(lesion_overlap))
+    if not 0.0 <= summary.lesion_overlap <= 1.0:
+        raise ValueError(f"lesion overlap {lesion_overlap!r} must be an IoU in [0, 1] (0: any overlap)")
     if not pred_dir.is_dir():
         raise FileNotFoundError(f"{pred_dir}: no such prediction folder")
     preds = _index([p for p in list_images(pred_dir) if not image_stem(p).endswith("_probs")],
@@ -208,7 +370,7 @@ def evaluate_folder(
                 if gap > 1e-3:
                     summary.notes.append(f"{case_id}: affines of prediction and label differ by up to {gap:.3g}; "
                                          "scored voxel by voxel with the label's spacing")
-                scores = case_scores(case_id, pred, ref, voxel_spacing(ref_affine))
+                scores = case_scores(case_id, pred, ref, voxel_spacing(ref_affine), lesion_overlap, connectivity)
                 summary.scores.extend(scores)
                 summary.cases.append(case_id)
                 affine = ref_affine
@@ -261,7 +423,8 @@ def _draw(case_id, pred, ref, affine, image_path, png_dir: Path, summary: Evalua
         except CaseError as err:
             summary.notes.append(f"{err}; drawn without the scan")
     scores = {s.label: s.dice for s in summary.scores if s.case_id == case_id}
-    save_case_figure(png_dir / f"{case_id}.png", pred, affine, reference=ref, image=image, title=case_id, scores=scores)
+    save_case_figure(png_dir / f"{case_id}.png", pred, affine, reference=ref, image=image, title=case_id, scores=scores,
+                     names=summary.class_names)
 
 
 def _fill_absent_classes(summary: EvaluationSummary) -> None:
@@ -282,10 +445,13 @@ def write_csv(summary: EvaluationSummary, path: str | Path) -> Path:
         writer = csv_module.writer(handle)
         writer.writerow(CSV_COLUMNS)
         for s in summary.scores:
-            writer.writerow([s.case_id, s.label, _num(s.dice), _num(s.hd95), _num(s.asd),
-                             s.reference_voxels, s.predicted_voxels, ""])
+            les = s.lesions
+            writer.writerow([s.case_id, s.label, summary.class_names.get(s.label, ""), _num(s.dice), _num(s.hd95),
+                             _num(s.asd), s.reference_voxels, s.predicted_voxels, les.reference, les.detected,
+                             les.missed, les.predicted, les.false_positive, _num(les.sensitivity),
+                             _num(les.precision), _num(les.f1), _num(les.dice), ""])
         for message in summary.problems + summary.notes:
-            writer.writerow([message.split(":", 1)[0], "", "", "", "", "", "", message])
+            writer.writerow([message.split(":", 1)[0]] + [""] * (len(CSV_COLUMNS) - 2) + [message])
     return path
 
 
@@ -300,12 +466,15 @@ def segment_and_score(
     output_dir: str | Path,
     png_dir: str | Path | None = None,
     csv: str | Path | None = None,
+    class_names: dict[int, str] | None = None,
+    lesion_overlap: float = DEFAULT_LESION_OVERLAP,
     **infer_options,
 ):
     """Segment every scan of ``images_dir`` into ``output_dir``, then score and draw them (what ``make demo`` shows).
 
     Args:
         model: a run folder, ``teacher.pt`` or ``(network, config)``, as for :func:`medeman.infer.infer_cases`.
+        class_names, lesion_overlap: as for :func:`evaluate_folder`.
         infer_options: passed to :func:`~medeman.infer.infer_cases` (``overwrite``, ``tta``, ``device``, ...).
 
     Returns:
@@ -314,8 +483,71 @@ def segment_and_score(
     from medeman.infer import infer_cases
 
     results = infer_cases(model, images_dir, output_dir, **infer_options)
-    summary = evaluate_folder(output_dir, labels_dir, csv=csv, png_dir=png_dir, images_dir=images_dir)
+    summary = evaluate_folder(output_dir, labels_dir, csv=csv, png_dir=png_dir, images_dir=images_dir,
+                              class_names=class_names, lesion_overlap=lesion_overlap)
     return results, summary
+
+
+def load_class_names(spec: str | Path) -> dict[int, str]:
+    """Class names by label value, from a file or written out.
+
+    Args:
+        spec: one of
+            - an MSD or nnU-Net v2 ``dataset.json`` (``"labels": {"1": "liver"}`` or ``{"liver": 1}``);
+            - a medeman YAML config or a run folder (its ``config.yaml``): the ``data.labels`` map;
+            - a folder holding a ``dataset.json``;
+            - names written out: ``1=liver,2=kidneys`` or ``liver,kidneys`` (classes 1, 2, ... in order).
+
+    Returns:
+        ``{label value: name}``, background left out.
+
+    Raises:
+        ValueError: a file without a usable map, or a map that is not label values and names.
+    """
+    from medeman.config import read_yaml
+
+    path = Path(spec)
+    if path.is_dir():
+        found = [f for f in (path / "config.yaml", path / "dataset.json") if f.is_file()]
+        if not found:
+            raise ValueError(f"{path}: no config.yaml (run folder) or dataset.json with class names in it")
+        path = found[0]
+    if path.is_file():
+        if path.suffix == ".json":
+            import json
+
+            try:
+                raw = json.loads(path.read_text(encoding="utf-8")).get("labels")
+            except (ValueError, AttributeError) as err:
+                raise ValueError(f"{path}: not a dataset.json with a 'labels' map: {one_line(err)}") from None
+        else:
+            cfg = read_yaml(path)
+            raw = ((cfg or {}).get("data") or {}).get("labels") if isinstance(cfg, dict) else None
+        if not raw:
+            raise ValueError(f"{path}: no class names in it (a 'labels' map in dataset.json, data.labels in a config)")
+        return _names_from_map(raw, str(path))
+    text = str(spec).strip()
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if items and all("=" in item for item in items):
+        return _names_from_map(dict(item.split("=", 1) for item in items), f"--classes {text}")
+    if items and not any("=" in item for item in items):
+        return {i: name for i, name in enumerate(items, start=1)}
+    raise ValueError(f"--classes {text!r}: give a dataset.json, a config or run folder, '1=liver,2=kidneys' or 'liver,kidneys'")
+
+
+def _names_from_map(raw, where: str) -> dict[int, str]:
+    """``{value: name}`` (MSD, medeman) or ``{name: value}`` (nnU-Net v2) -> ``{int value: name}`` without background."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: class names must be a map of label values and names, got {raw!r}")
+    out = {}
+    for key, value in raw.items():
+        number, name = (key, value) if str(key).strip().lstrip("-").isdigit() else (value, key)
+        if isinstance(number, bool) or not str(number).strip().isdigit():
+            raise ValueError(f"{where}: {key!r}: {value!r} is not a label value and a name "
+                             "(nnU-Net region labels with several values are not supported)")
+        out[int(str(number).strip())] = str(name).strip()
+    out.pop(0, None)
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -329,6 +561,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--csv", help="write per-case, per-class scores to this CSV file")
     parser.add_argument("--png", help="write one picture per case into this folder")
     parser.add_argument("--images", help="folder of the scans, drawn under the contours in --png pictures")
+    parser.add_argument("--classes", help="class names for the table and pictures: a dataset.json, a config or run folder "
+                                          "(data.labels), or '1=liver,2=kidneys' / 'liver,kidneys'")
+    parser.add_argument("--lesion-overlap", type=float, default=DEFAULT_LESION_OVERLAP,
+                        help="IoU with the prediction a reference lesion (connected component) needs to count as "
+                             f"detected; 0 means any overlap (default {DEFAULT_LESION_OVERLAP})")
+    parser.add_argument("--connectivity", type=int, default=3, choices=(1, 2, 3),
+                        help="connected components over 6 (1), 18 (2) or 26 (3, default) neighbours")
     return parser
 
 
@@ -339,8 +578,10 @@ def main(argv: list[str] | None = None) -> int:
         print("error: give --labels to score, or --png to draw the predictions", file=sys.stderr)
         return 2
     try:
-        summary = evaluate_folder(args.pred, args.labels, csv=args.csv, png_dir=args.png, images_dir=args.images)
-    except FileNotFoundError as err:
+        names = load_class_names(args.classes) if args.classes else None
+        summary = evaluate_folder(args.pred, args.labels, csv=args.csv, png_dir=args.png, images_dir=args.images,
+                                  class_names=names, lesion_overlap=args.lesion_overlap, connectivity=args.connectivity)
+    except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for note in summary.notes:

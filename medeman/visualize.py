@@ -50,6 +50,15 @@ def _views(volume: np.ndarray, centre: tuple[int, int, int]) -> list[np.ndarray]
     return [axial, coronal, sagittal]
 
 
+def legend_labels(label: int, with_reference: bool, scores: Mapping[int, float] | None = None,
+                  names: Mapping[int, str] | None = None) -> list[str]:
+    """Legend entries of one class: ``["liver reference", "liver prediction (Dice 0.912)"]``."""
+    name = (names or {}).get(label) or f"class {label}"
+    score = scores.get(label) if scores else None
+    score = f" (Dice {score:.3f})" if score is not None and np.isfinite(score) else ""
+    return ([f"{name} reference"] if with_reference else []) + [f"{name} prediction{score}"]
+
+
 def save_case_figure(
     path: str | Path,
     prediction: np.ndarray,
@@ -58,6 +67,7 @@ def save_case_figure(
     image: np.ndarray | None = None,
     title: str = "",
     scores: Mapping[int, float] | None = None,
+    names: Mapping[int, str] | None = None,
 ) -> Path:
     """Write a PNG of three orthogonal slices with per-class contours.
 
@@ -69,6 +79,7 @@ def save_case_figure(
         image: the scan on the same grid, the grey underlay, or None.
         title: shown above the panels (e.g. the case id).
         scores: per-class Dice added to the legend, or None.
+        names: class names by label value for the legend (``class 2`` when a class has none).
 
     Returns:
         ``path``.
@@ -84,7 +95,7 @@ def save_case_figure(
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 3)
     aspects = (sy / sx, sz / sx, sz / sy)  # height / width of a pixel in each view
-    names = ("axial", "coronal", "sagittal")
+    view_names = ("axial", "coronal", "sagittal")
     sides = (("R", "L", "A", "P"), ("R", "L", "S", "I"), ("A", "P", "S", "I"))  # left, right, top, bottom
     if img is not None:
         low, high = np.percentile(img, [0.5, 99.5])
@@ -94,7 +105,7 @@ def save_case_figure(
         underlays = [np.full(v.shape, 0.15, dtype=np.float32) for v in _views(pred, centre)]
     pred_views = _views(pred, centre)
     ref_views = _views(ref, centre) if ref is not None else [None] * 3
-    for ax, name, side, aspect, under, pv, rv in zip(axes, names, sides, aspects, underlays, pred_views, ref_views):
+    for ax, name, side, aspect, under, pv, rv in zip(axes, view_names, sides, aspects, underlays, pred_views, ref_views):
         ax.imshow(under, cmap="gray", vmin=low, vmax=high if high > low else low + 1, aspect=aspect, interpolation="nearest")
         for i, c in enumerate(classes):
             colour = COLOURS[i % len(COLOURS)]
@@ -109,10 +120,8 @@ def save_case_figure(
     handles = []
     for i, c in enumerate(classes):
         colour = COLOURS[i % len(COLOURS)]
-        score = f" (Dice {scores[c]:.3f})" if scores and c in scores and np.isfinite(scores[c]) else ""
-        if ref is not None:
-            handles.append(Line2D([], [], color=colour, linestyle="solid", label=f"class {c} reference"))
-        handles.append(Line2D([], [], color=colour, linestyle="dashed", label=f"class {c} prediction{score}"))
+        for style, label in zip(("solid", "dashed")[ref is None:], legend_labels(c, ref is not None, scores, names)):
+            handles.append(Line2D([], [], color=colour, linestyle=style, label=label))
     if handles:
         fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), frameon=False)
     else:

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medeman.evaluate import evaluate_folder, label_case_id, main, mask_scores
+from medeman.evaluate import evaluate_folder, label_case_id, lesion_counts, load_class_names, main, mask_scores
 
 SHAPE = (12, 10, 14)
 
@@ -164,3 +164,129 @@ def test_segment_and_score_runs_inference_then_evaluation(tmp_path):
                                          tmp_path / "pred", png_dir=tmp_path / "png", device="cpu", progress=False)
     assert [r.status for r in results] == ["written"]
     assert summary.cases == ["x"] and (tmp_path / "png" / "x.png").is_file()
+
+
+# ---- lesion-wise detection (connected components) -------------------------------------------
+
+L = (16, 16, 16)
+A, B, C = cube((2, 2, 2), (4, 4, 4), L), cube((2, 2, 5), (4, 4, 7), L), cube((10, 10, 10), (12, 12, 12), L)
+A_NEXT = cube((2, 2, 4), (4, 4, 6), L)                        # shares a face with A
+CORNER = cube((4, 4, 4), (6, 6, 6), L)                        # touches A only at a corner
+BIG = cube((2, 2, 2), (6, 6, 6), L)                           # 64 voxels
+SPECK = cube((3, 3, 3), (4, 4, 4), L)                         # one voxel inside BIG
+EMPTY = np.zeros(L, bool)
+LESION_CASES = [
+    # (name, prediction, reference, overlap, connectivity,
+    #  expected (reference, detected, predicted, true positive, lesion Dice))
+    ("one hit", A, A, 0.1, 3, (1, 1, 1, 1, 1.0)),
+    ("one miss", EMPTY, A, 0.1, 3, (1, 0, 0, 0, 0.0)),
+    ("one false positive", A, EMPTY, 0.1, 3, (0, 0, 1, 0, 0.0)),
+    ("neither", EMPTY, EMPTY, 0.1, 3, (0, 0, 0, 0, 1.0)),
+    ("hit, miss and false positive", A | C, A | B, 0.1, 3, (2, 1, 2, 1, 1 / 3)),
+    # two touching lesions are one component; half of it found: IoU 8/16, Dice 2*8/(16+8)
+    ("two touching lesions are one", A, A | A_NEXT, 0.1, 3, (1, 1, 1, 1, 2 / 3)),
+    ("corner contact joins at 26 neighbours", A, A | CORNER, 0.1, 3, (1, 1, 1, 1, 2 / 3)),
+    ("corner contact splits at 6 neighbours", A, A | CORNER, 0.1, 1, (2, 1, 1, 1, 0.5)),
+    # one component over two lesions (8 + 8 voxels, 20 predicted): each lesion IoU 8/20, Dice 16/28; one TP
+    ("one prediction over two lesions", cube((2, 2, 2), (4, 4, 7), L), A | B, 0.1, 3, (2, 2, 1, 1, 16 / 28)),
+    # one voxel of a 64-voxel lesion: IoU 1/64 is below 0.1 (a miss and a false positive) but any overlap counts at 0
+    ("overlap below the IoU rule", SPECK, BIG, 0.1, 3, (1, 0, 1, 0, 2 / 65)),
+    ("any overlap", SPECK, BIG, 0.0, 3, (1, 1, 1, 1, 2 / 65)),
+]
+
+
+@pytest.mark.parametrize("name, pred, ref, overlap, connectivity, expected", LESION_CASES, ids=[c[0] for c in LESION_CASES])
+def test_lesion_counts_on_hand_made_components(name, pred, ref, overlap, connectivity, expected):
+    got = lesion_counts(pred, ref, overlap=overlap, connectivity=connectivity)
+    assert (got.reference, got.detected, got.predicted, got.true_positive) == expected[:4], name
+    assert got.dice == pytest.approx(expected[4]), name
+    assert got.missed == expected[0] - expected[1] and got.false_positive == expected[2] - expected[3]
+
+
+@pytest.mark.parametrize("pred, ref, sensitivity, precision, f1", [
+    (A | C, A | B, 0.5, 0.5, 0.5),
+    (A, A | B, 0.5, 1.0, 2 * 0.5 / 1.5),
+    (EMPTY, A, 0.0, NAN, NAN),            # no predicted lesion: precision and F1 undefined
+    (C, A, 0.0, 0.0, 0.0),
+])
+def test_lesion_rates(pred, ref, sensitivity, precision, f1):
+    got = lesion_counts(pred, ref)
+    for value, want in ((got.sensitivity, sensitivity), (got.precision, precision), (got.f1, f1)):
+        assert (math.isnan(value) and math.isnan(want)) or value == pytest.approx(want)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"prediction": np.zeros((3, 3, 3)), "reference": np.zeros((3, 3, 4))}, "shape"),
+    ({"prediction": A, "reference": A, "connectivity": 4}, "connectivity"),
+])
+def test_lesion_counts_refuses_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        lesion_counts(**kwargs)
+
+
+def test_lesion_figures_are_pooled_over_cases_in_csv_and_table(tmp_path, capsys):
+    # case p: lesion class 2 hit + missed + a false positive; case q: one lesion hit; class 1 a large organ
+    organ = cube((13, 0, 0), (16, 16, 16), L)
+    save(tmp_path / "pred" / "p.nii.gz", organ + 2 * (A | C))
+    save(tmp_path / "labels" / "p.nii.gz", organ + 2 * (A | B))
+    save(tmp_path / "pred" / "q.nii.gz", organ + 2 * A)
+    save(tmp_path / "labels" / "q.nii.gz", organ + 2 * A)
+    assert main(["--pred", str(tmp_path / "pred"), "--labels", str(tmp_path / "labels"), "--csv", str(tmp_path / "s.csv"),
+                 "--classes", "1=liver,2=lesion", "--lesion-overlap", "0.2"]) == 0
+    out = capsys.readouterr().out
+    assert "IoU >= 0.2" in out and "2 lesion" in out and "1 liver" in out
+    lesion_table = out.split("Lesion-wise", 1)[1].splitlines()
+    lesion_row = next(line for line in lesion_table if line.startswith("2 lesion"))
+    # pooled: 3 reference lesions, 2 detected, 1 missed, 3 predicted, 1 FP; sensitivity = precision = F1 = 2/3;
+    # lesion Dice per case 1/3 and 1: mean 2/3, std 1/3
+    assert lesion_row.split()[2:10] == ["3", "2", "1", "3", "1", "0.667", "0.667", "0.667"]
+    assert "0.667 ± 0.333" in lesion_row
+    rows = list(csv.DictReader(open(tmp_path / "s.csv")))
+    row = next(r for r in rows if r["case"] == "p" and r["class"] == "2")
+    assert row["name"] == "lesion" and (row["reference_lesions"], row["detected_lesions"], row["missed_lesions"]) == ("2", "1", "1")
+    assert (row["predicted_lesions"], row["false_positive_lesions"]) == ("2", "1")
+    assert float(row["lesion_f1"]) == pytest.approx(0.5) and float(row["lesion_dice"]) == pytest.approx(1 / 3)
+
+
+# ---- class names -------------------------------------------------------------------------------
+
+def _write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+NAME_CASES = [
+    ("msd dataset.json", "dataset.json", '{"labels": {"0": "background", "1": "liver", "2": "tumour"}}', {1: "liver", 2: "tumour"}),
+    ("nnU-Net v2 dataset.json", "dataset.json", '{"labels": {"background": 0, "liver": 1, "tumour": 2}}', {1: "liver", 2: "tumour"}),
+    ("medeman config", "cfg.yaml", "data:\n  labels: {1: liver, 3: lesion}\n", {1: "liver", 3: "lesion"}),
+    ("run folder", "run/config.yaml", "data:\n  labels: {2: kidneys}\n", {2: "kidneys"}),
+]
+
+
+@pytest.mark.parametrize("name, file, text, expected", NAME_CASES, ids=[c[0] for c in NAME_CASES])
+def test_class_names_from_files(tmp_path, name, file, text, expected):
+    path = _write(tmp_path / file, text)
+    spec = path.parent if name == "run folder" else path
+    assert load_class_names(spec) == expected
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("1=liver,3=lesion", {1: "liver", 3: "lesion"}),
+    ("liver, kidneys ,lesion", {1: "liver", 2: "kidneys", 3: "lesion"}),
+])
+def test_class_names_written_out(spec, expected):
+    assert load_class_names(spec) == expected
+
+
+@pytest.mark.parametrize("file, text, spec, message", [
+    ("dataset.json", '{"name": "x"}', None, "no class names"),
+    ("dataset.json", '{"labels": {"liver": [1, 2]}}', None, "region labels"),
+    ("cfg.yaml", "data:\n  num_classes: 3\n", None, "no class names"),
+    (None, None, "1=liver,kidneys", "give a dataset.json"),
+])
+def test_class_names_refused_with_the_reason(tmp_path, file, text, spec, message):
+    if file:
+        spec = str(_write(tmp_path / file, text))
+    with pytest.raises(ValueError, match=message):
+        load_class_names(spec)

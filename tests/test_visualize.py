@@ -8,7 +8,7 @@ import pytest
 from matplotlib.image import imread
 
 from medeman.evaluate import evaluate_folder
-from medeman.visualize import _views, centre_voxel, save_case_figure, to_ras
+from medeman.visualize import _views, centre_voxel, legend_labels, save_case_figure, to_ras
 
 # Axis 0 runs to Posterior (0.8 mm), axis 1 to Superior (1.3 mm), axis 2 to Left (2.5 mm).
 PIL_AFFINE = np.array([[0.0, 0.0, -2.5, 0.0], [-0.8, 0.0, 0.0, 0.0], [0.0, 1.3, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
@@ -72,3 +72,22 @@ def test_evaluate_writes_one_picture_per_case(tmp_path):
     summary = evaluate_folder(tmp_path / "pred", tmp_path / "labels", png_dir=tmp_path / "png", images_dir=tmp_path / "images")
     assert summary.cases == ["a"]
     assert sorted(p.name for p in (tmp_path / "png").iterdir()) == ["a.png", "b.png"]  # b: over the scan, no label
+
+
+@pytest.mark.parametrize("label, with_reference, scores, names, expected", [
+    (2, True, {2: 0.5}, {2: "kidneys"}, ["kidneys reference", "kidneys prediction (Dice 0.500)"]),
+    (3, True, None, {2: "kidneys"}, ["class 3 reference", "class 3 prediction"]),
+    (1, False, {1: float("nan")}, None, ["class 1 prediction"]),
+])
+def test_legend_names_classes_and_their_dice(label, with_reference, scores, names, expected):
+    assert legend_labels(label, with_reference, scores, names) == expected
+
+
+def test_evaluate_draws_with_class_names(tmp_path):
+    mask = np.zeros((16, 16, 8), np.uint8)
+    mask[4:12, 5:11, 2:6] = 1
+    for folder in ("pred", "labels"):
+        (tmp_path / folder).mkdir()
+        nib.save(nib.Nifti1Image(mask, np.eye(4)), str(tmp_path / folder / "a.nii.gz"))
+    summary = evaluate_folder(tmp_path / "pred", tmp_path / "labels", png_dir=tmp_path / "png", class_names={1: "liver"})
+    assert not summary.problems and (tmp_path / "png" / "a.png").is_file()
