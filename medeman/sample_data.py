@@ -7,6 +7,9 @@ gas as distractors) and two labeled organs that vary in shape, size and position
 liver-like large organ and ``2`` a pair of kidney-like small organs. Intensities are int16 HU:
 each of a few simulated scanners has its own noise level, blur and cupping, and each case its own
 contrast phase and bias field, so intensity statistics differ across cases as in real cohorts.
+With ``lesions=True`` (``--lesions``) each liver also holds 1-3 small lesions, label ``3``, of varied
+size (3.5-7 mm radius, about 0.1 % of the scan together) and look (hypodense, hyperdense, or a dark
+core with an enhancing rim): a small-structure task like liver-tumour segmentation.
 
 Run ``python scripts/make_sample_data.py`` to rebuild ``sample_data/`` (fixed seed), or with
 ``--out DIR --unlabeled 500`` for a larger cohort of the same kind.
@@ -19,10 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy.ndimage import gaussian_filter
+from scipy.ndimage import binary_erosion, gaussian_filter
 from medeman.data.readers import write_volume
 
 CLASSES = {0: "background", 1: "liver", 2: "kidneys"}
+LESION_LABEL = 3  # with lesions=True: small liver lesions, the rare class
+LESION_CLASSES = {**CLASSES, LESION_LABEL: "lesion"}
 FIELD_OF_VIEW_MM = (124.0, 100.0, 92.0)
 
 
@@ -78,8 +83,34 @@ def _blob(p: np.ndarray, centre, radii, rng: np.random.Generator, wobble: float 
     return f < 1.0
 
 
-def make_case(rng: np.random.Generator, scanner: Scanner) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Render one phantom: ``(image int16 HU, label uint8, affine)``."""
+def _add_lesions(rng: np.random.Generator, p: np.ndarray, hu: np.ndarray, label: np.ndarray, liver: np.ndarray) -> None:
+    """Draw 1-3 small lesions inside the liver into ``hu`` and ``label`` (``LESION_LABEL``), in place.
+
+    Sizes, shapes and looks vary from lesion to lesion as in liver metastases and cysts: a radius of
+    3.5-7 mm, a slightly irregular outline, and a hypodense (-25..-70 HU against the liver), a
+    hyperdense (+25..+60 HU) or a rim-enhancing look (dark core, bright one-voxel rim).
+    """
+    inside = np.argwhere(liver)
+    if not len(inside):
+        return
+    liver_hu = float(np.median(hu[liver]))
+    for _ in range(rng.integers(1, 4)):
+        centre = p[tuple(inside[rng.integers(len(inside))])]
+        radius = rng.uniform(3.5, 7.0)
+        lesion = _blob(p, centre, radius * rng.uniform(0.8, 1.2, 3), rng, 0.1, rng.uniform(0, np.pi)) & liver
+        if not lesion.any():
+            continue
+        look = rng.choice(("hypo", "hyper", "rim"))
+        delta = rng.uniform(25, 60) if look == "hyper" else -rng.uniform(25, 70)
+        hu[lesion] = liver_hu + delta + rng.normal(0, 4, int(lesion.sum()))  # some texture of its own
+        if look == "rim":
+            rim = lesion & ~binary_erosion(lesion)
+            hu[rim] = liver_hu + rng.uniform(20, 50)
+        label[lesion] = LESION_LABEL
+
+
+def make_case(rng: np.random.Generator, scanner: Scanner, lesions: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Render one phantom: ``(image int16 HU, label uint8, affine)``; with ``lesions``, liver lesions labeled 3."""
     spacing = np.asarray(scanner.spacings[rng.integers(len(scanner.spacings))]) * rng.uniform(0.95, 1.05, 3)
     spacing = np.round(spacing, 3)
     fov = np.asarray(FIELD_OF_VIEW_MM) * rng.uniform(0.95, 1.05, 3)
@@ -134,6 +165,8 @@ def make_case(rng: np.random.Generator, scanner: Scanner) -> tuple[np.ndarray, n
         ) & visceral & ~liver
         label[kidney] = 2
         hu[kidney] = 35 + 1.8 * enhancement + rng.uniform(-5, 5)
+    if lesions:  # a generator of its own: however many lesions, the draws after this stay the same
+        _add_lesions(np.random.default_rng(rng.integers(2**63)), p, hu, label, liver)
 
     # scanner: point-spread blur, cupping and a smooth per-case bias field, then quantum noise
     hu = gaussian_filter(hu, scanner.blur_vox)
@@ -153,7 +186,7 @@ def make_case(rng: np.random.Generator, scanner: Scanner) -> tuple[np.ndarray, n
 
 
 def make_cohort(out: str | Path, n_labeled: int = 6, n_unlabeled: int = 24, n_test: int = 6, seed: int = 0, other_formats: bool = True,
-                n_val: int = 0, unlabeled_labels: bool = False) -> Path:
+                n_val: int = 0, unlabeled_labels: bool = False, lesions: bool = False) -> Path:
     """Write a cohort: ``labeled/{images,labels}``, ``unlabeled/`` and ``test/{images,labels}``.
 
     Args:
@@ -166,6 +199,7 @@ def make_cohort(out: str | Path, n_labeled: int = 6, n_unlabeled: int = 24, n_te
         unlabeled_labels: also write the ground truth of each unlabeled scan, under the scan's own name,
             to ``unlabeled_labels/`` (outside ``unlabeled/``, so training never sees it): for
             "supervised on all labels" upper bounds in ablations.
+        lesions: add 1-3 small liver lesions (label 3) to every case (see :func:`make_case`).
 
     Returns:
         ``out`` as a Path.
@@ -175,7 +209,7 @@ def make_cohort(out: str | Path, n_labeled: int = 6, n_unlabeled: int = 24, n_te
     for part, count in (("labeled", n_labeled), ("test", n_test), ("unlabeled", n_unlabeled), ("val", n_val)):
         for i in range(count):
             rng = np.random.default_rng([seed, index])
-            image, label, affine = make_case(rng, SCANNERS[index % len(SCANNERS)])
+            image, label, affine = make_case(rng, SCANNERS[index % len(SCANNERS)], lesions=lesions)
             index += 1
             name = f"case_{index:03d}"
             if part == "unlabeled":
@@ -199,7 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="random seed of the whole cohort")
     parser.add_argument("--val", type=int, default=0, help="labeled validation cases in <out>/val")
     parser.add_argument("--unlabeled-labels", action="store_true", help="write the unlabeled scans' ground truth to <out>/unlabeled_labels")
+    parser.add_argument("--lesions", action="store_true", help="add 1-3 small liver lesions per scan as label 3 (a rare class)")
     args = parser.parse_args(argv)
-    out = make_cohort(args.out, args.labeled, args.unlabeled, args.test, args.seed, n_val=args.val, unlabeled_labels=args.unlabeled_labels)
+    out = make_cohort(args.out, args.labeled, args.unlabeled, args.test, args.seed, n_val=args.val, unlabeled_labels=args.unlabeled_labels,
+                      lesions=args.lesions)
     print(f"wrote {args.labeled} labeled, {args.val} validation, {args.unlabeled} unlabeled and {args.test} test cases to {out}")
     return 0

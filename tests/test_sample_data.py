@@ -54,3 +54,29 @@ def test_unlabeled_ground_truth_is_the_scans_own_label_on_its_grid(tmp_path):
         np.testing.assert_array_equal(np.asarray(truth.dataobj), label)
         np.testing.assert_allclose(truth.affine, scan.affine, atol=1e-5)
         assert set(np.unique(label)) <= {0, 1, 2} and (label > 0).any()
+
+
+def test_lesions_are_small_varied_components_inside_the_liver():
+    from scipy import ndimage
+
+    from medeman.sample_data import LESION_LABEL
+
+    counts, fractions, contrasts = [], [], []
+    for index in range(6):
+        plain = make_case(np.random.default_rng([0, index]), SCANNERS[index % 3])[1]
+        image, label, _ = make_case(np.random.default_rng([0, index]), SCANNERS[index % 3], lesions=True)
+        # the lesions replace liver voxels and nothing else: the anatomy is the plain phantom's
+        np.testing.assert_array_equal(np.where(label == LESION_LABEL, 1, label), plain)
+        lesion = label == LESION_LABEL
+        counts.append(ndimage.label(lesion, np.ones((3, 3, 3)))[1])
+        fractions.append(lesion.mean())
+        contrasts.append(float(np.median(image[lesion])) - float(np.median(image[label == 1])))
+    assert set(np.unique(label)) == {0, 1, 2, 3}
+    assert all(1 <= n <= 3 for n in counts)
+    assert 0.0003 < np.mean(fractions) < 0.003               # about 0.1 % of the scan
+    assert min(contrasts) < -10 and max(contrasts) > 10      # darker and brighter lesions both occur
+
+
+def test_lesion_option_of_the_cohort_writer(tmp_path):
+    root = make_cohort(tmp_path / "c", n_labeled=1, n_unlabeled=0, n_test=0, other_formats=False, lesions=True)
+    assert (_array(root / "labeled" / "labels" / "case_001.nii.gz") == 3).any()
