@@ -26,3 +26,14 @@ def argmax_labels(scores: torch.Tensor, dim: int = 0, dtype: torch.dtype = torch
         labels.masked_fill_(better, index)
         torch.maximum(best, score, out=best)
     return labels
+
+
+def label_dtype(num_classes: int) -> torch.dtype:
+    """The smallest integer dtype that holds class indices ``0..num_classes-1`` and NIfTI stores.
+
+    ``uint8`` up to 256 classes (a quarter of the bytes of ``int32`` to write and compress),
+    then ``int16``, then ``int32``.
+    """
+    if num_classes <= 256:
+        return torch.uint8
+    return torch.int16 if num_classes <= 2 ** 15 else torch.int32

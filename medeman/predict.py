@@ -14,18 +14,22 @@ Typical use::
 from __future__ import annotations
 
 import contextlib
+import itertools
 import warnings
-from itertools import combinations
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 from monai.transforms import Invertd
 from torch import nn
 
+from medeman.labels import argmax_labels
+
 # Test-time augmentation mirrors each patch along every combination of the three spatial axes
 # (identity, 3 single, 3 pairs, all three: 8 passes, as nnU-Net) and averages the softmax.
-TTA_FLIPS: tuple[tuple[int, ...], ...] = tuple(c for n in range(4) for c in combinations((2, 3, 4), n))
+TTA_FLIPS: tuple[tuple[int, ...], ...] = tuple(c for n in range(4) for c in itertools.combinations((2, 3, 4), n))
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -96,10 +100,135 @@ def predict_volume(
 def invert_to_input(probs: torch.Tensor, image: MetaTensor, transform) -> torch.Tensor:
     """Map ``(C, X, Y, Z)`` probabilities on the preprocessed grid back to the scan's voxel grid.
 
-    ``Invertd`` undoes resampling (linearly, so the argmax afterwards is a smooth boundary) and
-    reorientation using ``image``'s transform history.
+    The same trilinear resampling (border values beyond the edge) and reorientation that MONAI
+    ``Invertd`` applies from ``image``'s transform history, done on ``probs``' device. When the
+    preprocessed grid is axis-aligned with the scan's (always with medeman's preprocessing:
+    ``Orientationd`` permutes and flips axes, ``Spacingd`` keeps the direction cosines and scales
+    them) the trilinear interpolation is separable: three 1D linear interpolations, one per axis,
+    a fraction of the cost of a 3D grid; identity axes are skipped. Other grids go through
+    ``Invertd``.
+
+    Returns:
+        ``(C, x, y, z)`` float32 probabilities on the scan's grid, on ``probs``' device.
     """
+    axes = scan_axes(image, probs.device)
+    if axes is None:
+        return _invertd(probs, image, transform)
+    # one channel at a time bounds the memory to about two scan-sized float volumes
+    return torch.cat([_resample_separable(probs[c:c + 1], _order(axes), axes) for c in range(probs.shape[0])])
+
+
+def labels_on_input(probs: torch.Tensor, image: MetaTensor, transform, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """The class map on the scan's grid: the argmax of :func:`invert_to_input`'s probabilities, faster.
+
+    Interpolation is linear, so the argmax of the resampled probabilities is the argmax of
+    ``[0, p_1 - p_0, ..., p_{C-1} - p_0]`` resampled: one channel fewer to resample. The last axis
+    is resampled one channel at a time straight into the running maximum, so no ``(C, x, y, z)``
+    float volume on the scan's grid is ever made. Only rounding can tell the two apart, on voxels
+    where two classes tie to about 1e-7.
+
+    Args:
+        probs: ``(C, X, Y, Z)`` probabilities on the preprocessed grid.
+        image: the preprocessed image (its metadata holds both grids).
+        transform: the preprocessing ``Compose``, used only when the grids are not axis-aligned.
+        dtype: integer dtype of the labels (ties go to the lower class, as with ``argmax_labels``).
+    """
+    axes = scan_axes(image, probs.device)
+    if axes is None:
+        return argmax_labels(invert_to_input(probs, image, transform), dim=0, dtype=dtype)
+    *first, last = _order(axes) or [None]
+    best = labels = None
+    for c in range(1, probs.shape[0]):
+        score = _resample_separable(probs[c:c + 1] - probs[:1], first, permute=None)
+        if last is not None:
+            score = _lerp_axis(score, last)
+        score = score[0].permute(*(a.source for a in axes))
+        if best is None:
+            best = torch.zeros_like(score)
+            labels = torch.zeros(score.shape, dtype=dtype, device=score.device)
+        better = score > best
+        labels.masked_fill_(better, c)
+        torch.maximum(best, score, out=best)
+    if labels is None:  # one class
+        labels = torch.zeros([int(a.lo.numel()) for a in axes], dtype=dtype, device=probs.device)
+    return labels
+
+
+@dataclass(frozen=True)
+class _Axis:
+    """How one scan axis samples the preprocessed grid: ``lerp(source[lo], source[hi], weight)``."""
+
+    source: int  # the preprocessed axis it runs along
+    lo: torch.Tensor  # (n,) lower neighbour per scan index
+    hi: torch.Tensor  # (n,) upper neighbour (== lo at the last voxel)
+    weight: torch.Tensor  # (n,) float32 weight of ``hi``, in [0, 1)
+    gather_only: bool  # every weight is 0 (a flip, a crop): no interpolation
+    identity: bool  # scan index i is source index i: nothing to do
+    ratio: float  # scan length / source length: axes that shrink the volume go first
+
+
+def scan_axes(image: MetaTensor, device: torch.device | str = "cpu", atol: float = 1e-3) -> list[_Axis] | None:
+    """Per scan axis, where it samples the preprocessed grid; None when the grids are not axis-aligned.
+
+    The map from scan voxel to preprocessed voxel is ``inv(A_pre) @ A_scan`` (both voxel-centre
+    affines, from ``image.affine`` and the ``original_affine``/``spatial_shape`` that
+    ``LoadImaged`` recorded). It is axis-aligned when each scan axis moves along one preprocessed
+    axis only; an off-axis component that shifts samples by less than ``atol`` voxels across the
+    whole scan (rounding in the affines) counts as zero.
+    """
+    meta = getattr(image, "meta", {})
+    if "original_affine" not in meta or "spatial_shape" not in meta:
+        return None
+    pre = np.asarray(image.affine, dtype=np.float64)
+    scan = np.asarray(meta["original_affine"], dtype=np.float64)
+    shape = [int(n) for n in np.asarray(meta["spatial_shape"]).ravel()[:3]]
+    size = [int(n) for n in image.shape[1:4]]
+    mapping = np.linalg.solve(pre, scan)
+    linear, offset = mapping[:3, :3], mapping[:3, 3]
+    sources = [int(p) for p in np.abs(linear).argmax(axis=0)]
+    if sorted(sources) != [0, 1, 2]:
+        return None
+    axes = []
+    for d, (n, p) in enumerate(zip(shape, sources)):
+        if np.abs(np.delete(linear[:, d], p)).max() * max(n - 1, 1) > atol:
+            return None
+        x = np.clip(linear[p, d] * np.arange(n) + offset[p], 0, size[p] - 1)  # border: Spacingd's padding
+        lo = np.floor(x).astype(np.int64)
+        hi = np.minimum(lo + 1, size[p] - 1)
+        weight = (x - lo).astype(np.float32)
+        weight[weight < 1e-6] = 0.0  # rounding of an on-grid sample must not make it a two-voxel blend
+        identity = n == size[p] and bool(np.array_equal(lo, np.arange(n))) and not weight.any()
+        axes.append(_Axis(p, torch.from_numpy(lo).to(device), torch.from_numpy(hi).to(device),
+                          torch.from_numpy(weight).to(device), not weight.any(), identity, n / size[p]))
+    return axes
+
+
+def _order(axes: list[_Axis]) -> list[_Axis]:
+    return sorted((a for a in axes if not a.identity), key=lambda a: a.ratio)
+
+
+def _lerp_axis(volume: torch.Tensor, axis: _Axis) -> torch.Tensor:
+    """Resample ``volume``'s dimension ``axis.source + 1`` onto the scan's samples along it."""
+    dim = axis.source + 1
+    lo = volume.index_select(dim, axis.lo)
+    if axis.gather_only:
+        return lo
+    weight = axis.weight.view([-1 if i == dim else 1 for i in range(volume.ndim)]).to(volume.dtype)
+    return torch.lerp(lo, volume.index_select(dim, axis.hi), weight)
+
+
+def _resample_separable(volume: torch.Tensor, axes: list[_Axis], permute: list[_Axis] | None = None) -> torch.Tensor:
+    """Resample ``(k, X, Y, Z)`` along each of ``axes`` (in this order), then put the dimensions
+    in scan order when ``permute`` (all three axes, in scan order) is given."""
+    for axis in axes:
+        volume = _lerp_axis(volume, axis)
+    return volume if permute is None else volume.permute(0, *(a.source + 1 for a in permute))
+
+
+def _invertd(probs: torch.Tensor, image: MetaTensor, transform) -> torch.Tensor:
+    """MONAI ``Invertd`` on the CPU: undoes resampling (trilinear) and reorientation from ``image``'s history."""
     data = {"image": image, "pred": MetaTensor(probs.detach().cpu(), affine=image.affine)}
     inverter = Invertd(keys="pred", transform=transform, orig_keys="image", nearest_interp=False, to_tensor=True)
     out = inverter(data)["pred"]
-    return out.as_tensor() if isinstance(out, MetaTensor) else torch.as_tensor(out)
+    out = out.as_tensor() if isinstance(out, MetaTensor) else torch.as_tensor(out)
+    return out.to(probs.device)
