@@ -64,7 +64,12 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "batch_size_labeled": Option(2, "labeled patches per training step"),
         "batch_size_unlabeled": Option(2, "unlabeled patches (weak+strong view pairs) per training step"),
         "num_workers": Option(4, "DataLoader worker processes for training batches"),
-        "pos_fraction": Option(0.67, "fraction of labeled patches centred on foreground (RandCropByPosNegLabeld)"),
+        "fg_class_fraction": Option(0.33, "class_ratios null (nnU-Net rule): share of labeled patches centred on a voxel of a foreground class drawn uniformly among those present in the scan; the rest are random windows"),
+        "class_ratios": Option(None, "null: the fg_class_fraction rule; or one ratio per class, background first (e.g. [1, 1, 4] for a rare class 2), as MONAI RandCropByLabelClassesd: classes absent from a scan get 0, the rest are renormalized"),
+        "unlabeled_focus_fraction": Option(0.0, "share of unlabeled patches centred on a voxel the teacher assigns to a rare class (unlabeled_focus_classes); 0 turns it off"),
+        "unlabeled_focus_classes": Option(None, "classes the unlabeled focus centres on, e.g. [3]; null: every foreground class, drawn uniformly among those the teacher predicts in the scan"),
+        "unlabeled_focus_every_steps": Option(500, "the teacher re-segments the cached unlabeled volumes (sliding window, no overlap) every this many steps to refresh the focus centres"),
+        "unlabeled_focus_stride": Option(4, "focus centres are taken on a grid of this stride in voxels (the low-resolution class map kept per scan)"),
         "flip_prob": Option(0.5, "probability of a flip per axis, applied identically to both unlabeled views"),
         "rotate90_prob": Option(0.25, "probability of an axial 90-degree rotation, identical for both views"),
         "affine_prob": Option(0.0, "probability of a small random affine (rotation/scale), identical for both views"),
@@ -97,6 +102,9 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "pseudo_label_threshold": Option(None, "teacher confidence above which a voxel's argmax is a pseudo-label; null turns pseudo-labels off"),
         "pseudo_label_weight": Option(1.0, "weight of the pseudo-label loss relative to the consistency loss"),
         "pseudo_label_dice": Option(False, "add a masked Dice term to the pseudo-label cross-entropy"),
+        "pseudo_label_threshold_mode": Option("fixed", "fixed: one threshold (pseudo_label_threshold) for every class; adaptive: per-class thresholds from the teacher's EMA'd confidence (FreeMatch-style, medeman.pseudo_labels), capped by pseudo_label_threshold", ("fixed", "adaptive")),
+        "adaptive_threshold_momentum": Option(0.999, "EMA momentum of the adaptive thresholds' confidence statistics (FreeMatch's lambda)"),
+        "pseudo_label_reduction": Option("all", "pseudo-label cross-entropy averaged over all voxels, (ce * mask).mean() as FixMatch/EMAN, or over the kept voxels only", ("all", "kept")),
         "pseudo_label_reduction": Option("all", "pseudo-label cross-entropy averaged over all voxels, (ce * mask).mean() as FixMatch/EMAN, or over the kept voxels only", ("all", "kept")),
         "rampup_steps": Option(1000, "steps of the sigmoid ramp-up exp(-5(1-t)^2) of the unsupervised weight"),
         "warmup_steps": Option(0, "supervised-only steps before the unsupervised losses start ramping up"),
@@ -118,6 +126,9 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "strategy": Option("auto", "Lightning strategy (auto, ddp, ...)"),
         "sync_batchnorm": Option(True, "convert the student's BatchNorm to SyncBatchNorm on more than one GPU"),
         "log_every_steps": Option(10, "log training losses every this many steps"),
+        "ce_class_weights": Option(None, "per-class weights of the supervised cross-entropy, background first (e.g. [1, 1, 10]); null: unweighted"),
+        "deep_supervision": Option(False, "dynunet only: add the loss of the decoder's lower-resolution outputs with weights 1/2^i (nnU-Net)"),
+        "deep_supervision_heads": Option(2, "lower-resolution outputs used by deep_supervision (DynUNet deep_supr_num)"),
     },
     "infer": {
         "sw_batch_size": Option(4, "sliding-window patches per forward pass"),
@@ -220,7 +231,43 @@ def validate(cfg: dict) -> dict:
     for key in ("max_steps", "val_every_steps", "accumulate_grad_batches"):
         if int(cfg["train"][key]) < 1:
             raise ConfigError(f"train.{key} must be a positive integer, got {cfg['train'][key]!r}")
+    _validate_small_structures(cfg)
     return cfg
+
+
+def _validate_small_structures(cfg: dict) -> None:
+    """Patch sampling, adaptive pseudo-labels, CE class weights and deep supervision (issue 11)."""
+    data, train = cfg["data"], cfg["train"]
+    num_classes = int(data["num_classes"])
+
+    def per_class(name: str, value: Any) -> None:
+        if value is None:
+            return
+        if not (isinstance(value, (list, tuple)) and len(value) == num_classes
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in value) and sum(value) > 0):
+            raise ConfigError(f"{name}: {value!r} must be null or {num_classes} non-negative numbers (one per class, background first), not all 0")
+
+    per_class("data.class_ratios", data["class_ratios"])
+    per_class("train.ce_class_weights", train["ce_class_weights"])
+    for key in ("fg_class_fraction", "unlabeled_focus_fraction"):
+        value = data[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise ConfigError(f"data.{key}: {value!r} must be a number in [0, 1]")
+    focus = data["unlabeled_focus_classes"]
+    if focus is not None and not (isinstance(focus, (list, tuple)) and focus and all(
+            isinstance(c, int) and not isinstance(c, bool) and 1 <= c < num_classes for c in focus)):
+        raise ConfigError(f"data.unlabeled_focus_classes: {focus!r} must be null or a list of foreground classes in 1..{num_classes - 1}")
+    for key in ("unlabeled_focus_every_steps", "unlabeled_focus_stride"):
+        if int(data[key]) < 1:
+            raise ConfigError(f"data.{key} must be a positive integer, got {data[key]!r}")
+    momentum = cfg["ssl"]["adaptive_threshold_momentum"]
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
+        raise ConfigError(f"ssl.adaptive_threshold_momentum: {momentum!r} must be a number in [0, 1)")
+    if train["deep_supervision"] and cfg["model"]["name"] != "dynunet":
+        raise ConfigError(f"train.deep_supervision needs model.name=dynunet (the MONAI network with deep-supervision heads), not {cfg['model']['name']}")
+    if train["deep_supervision"] and not 1 <= int(train["deep_supervision_heads"]) <= len(cfg["model"]["channels"]) - 2:
+        raise ConfigError(f"train.deep_supervision_heads: {train['deep_supervision_heads']!r} must lie in 1..{len(cfg['model']['channels']) - 2} "
+                          f"(DynUNet with {len(cfg['model']['channels'])} levels)")
 
 
 def read_yaml(path: str | Path) -> Any:

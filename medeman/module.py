@@ -19,7 +19,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from monai.losses import DiceCELoss
+from monai.losses import DeepSupervisionLoss, DiceCELoss
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
 from torch import nn
 
@@ -33,7 +33,9 @@ from medeman.losses import (
     unsupervised_weight,
     voxel_pseudo_labels,
 )
-from medeman.nets import build_network
+from medeman.nets import build_network, deep_supervision_heads, deep_supervision_weights, main_output
+from medeman.pseudo_labels import AdaptiveThresholds, kept_fraction_per_class
+from medeman.teacher_focus import TeacherFocus
 
 
 class SSLSegModule(pl.LightningModule):
@@ -63,7 +65,18 @@ class SSLSegModule(pl.LightningModule):
             self.teacher = make_teacher(self.student, norm=self.ssl["teacher_norm"])
         if sync_batchnorm:
             self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
-        self.supervised_loss = DiceCELoss(to_onehot_y=True, softmax=True)
+        train = cfg["train"]
+        ce_weights = None if train["ce_class_weights"] is None else torch.tensor([float(w) for w in train["ce_class_weights"]])
+        self.supervised_loss = DiceCELoss(to_onehot_y=True, softmax=True, weight=ce_weights)
+        if ce_weights is not None:  # MONAI weights its Dice too; train.ce_class_weights is for the cross-entropy only
+            self.supervised_loss.dice.class_weight = None
+        if train["deep_supervision"]:  # a list of heads, full resolution first, weighted 1/2^i (nnU-Net)
+            self.supervised_loss = DeepSupervisionLoss(self.supervised_loss, weights=deep_supervision_weights(1 + int(train["deep_supervision_heads"])))
+        # per-class pseudo-label thresholds; a submodule, so their EMA'd state is saved in checkpoints
+        self.adaptive_thresholds: AdaptiveThresholds | None = None
+        if self.ssl["pseudo_label_threshold_mode"] == "adaptive" and self.ssl["pseudo_label_threshold"] is not None:
+            self.adaptive_thresholds = AdaptiveThresholds(
+                self.num_classes, float(self.ssl["adaptive_threshold_momentum"]), cap=float(self.ssl["pseudo_label_threshold"]))
         self.consistency_loss = CONSISTENCY_LOSSES.get(self.ssl["consistency"])
         self.dice_metrics = {name: DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=False) for name in ("teacher", "student")}
         self.hd95_metrics = {name: HausdorffDistanceMetric(include_background=False, percentile=95, reduction="mean_batch") for name in ("teacher", "student")}
@@ -80,10 +93,13 @@ class SSLSegModule(pl.LightningModule):
         n_labeled = image.shape[0]
         if weight > 0.0:
             logits = self.student(torch.cat([image, unlabeled["strong"]]))
-            labeled_logits, strong_logits = logits[:n_labeled], logits[n_labeled:]
+            labeled_logits, strong_logits = logits[:n_labeled], main_output(logits[n_labeled:])
         else:  # supervised-only warm-up (or baseline): skip the unlabeled passes entirely
             labeled_logits, strong_logits = self.student(image), None
-        sup = self.supervised_loss(labeled_logits.float(), label)
+        if self.cfg["train"]["deep_supervision"]:
+            sup = self.supervised_loss([head.float() for head in deep_supervision_heads(labeled_logits)], label)
+        else:
+            sup = self.supervised_loss(labeled_logits.float(), label)
         loss = sup
         logs = {"loss/sup": sup.detach()}
         if strong_logits is not None:
@@ -101,7 +117,7 @@ class SSLSegModule(pl.LightningModule):
 
     def _unsupervised_loss(self, strong_logits: torch.Tensor, weak: torch.Tensor, logs: dict) -> torch.Tensor:
         with torch.no_grad():
-            teacher_probs = torch.softmax(self.teacher(weak).float(), dim=1)
+            teacher_probs = torch.softmax(main_output(self.teacher(weak)).float(), dim=1)
         total = strong_logits.new_zeros((), dtype=torch.float32)
         if self.consistency_loss is not None:
             consistency = self.consistency_loss(strong_logits, teacher_probs)
@@ -109,7 +125,15 @@ class SSLSegModule(pl.LightningModule):
             total = total + consistency
         threshold = self.ssl["pseudo_label_threshold"]
         if threshold is not None:
-            labels, mask = voxel_pseudo_labels(teacher_probs, float(threshold))
+            if self.adaptive_thresholds is not None:
+                labels, mask = self.adaptive_thresholds(teacher_probs)
+                for c, value in enumerate(self.adaptive_thresholds.thresholds()):
+                    logs[f"ssl/threshold_class{c}"] = value
+            else:
+                labels, mask = voxel_pseudo_labels(teacher_probs, float(threshold))
+            for c, value in enumerate(kept_fraction_per_class(labels, mask, self.num_classes)):
+                if not torch.isnan(value):  # a class the teacher predicts nowhere in this batch
+                    logs[f"ssl/pseudo_label_kept_class{c}"] = value
             pseudo = masked_cross_entropy(strong_logits, labels, mask)
             if self.ssl["pseudo_label_dice"]:
                 pseudo = pseudo + masked_dice(strong_logits, labels, mask)
@@ -117,6 +141,12 @@ class SSLSegModule(pl.LightningModule):
             logs["ssl/pseudo_label_fraction"] = mask.float().mean()
             total = total + float(self.ssl["pseudo_label_weight"]) * pseudo
         return total
+
+    def configure_callbacks(self) -> list:
+        """The teacher-focused unlabeled sampling's refresh (``data.unlabeled_focus_fraction`` > 0), when there is a teacher."""
+        if self.teacher is None or float(self.cfg["data"]["unlabeled_focus_fraction"]) <= 0:
+            return []
+        return [TeacherFocus(self.cfg)]
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """Step the optimizer, then EMA-update the teacher (so accumulation steps never update it)."""

@@ -4,12 +4,18 @@ EMAN needs BatchNorm with running statistics, and a mean-teacher ablation (``tea
 needs it too, so every network here is built with ``model.norm: batch`` (the default) whatever
 MONAI's default is (InstanceNorm for UNet, GroupNorm for SegResNet). ``model.norm: instance`` exists
 for supervised baselines; VNet is BatchNorm-only.
+
+``train.deep_supervision`` builds DynUNet with its deep-supervision heads (Lee et al., "Deeply-Supervised
+Nets", AISTATS 2015; as nnU-Net); :func:`deep_supervision_heads` and :func:`main_output` read its
+training-mode output, and in eval mode (validation, inference, the exported teacher) it returns
+only the full-resolution logits.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from monai.networks.nets import BasicUNet, DynUNet, SegResNet, UNet, VNet
 from torch import nn
 
@@ -56,12 +62,36 @@ def build_network(cfg: dict[str, Any]) -> nn.Module:
                          norm=norm, dropout_prob=dropout or None)
     if name == "dynunet":
         n = len(channels)
+        train = cfg.get("train", {})  # configs saved in older teacher.pt files have no deep-supervision keys
+        deep = bool(train.get("deep_supervision", False))
         return DynUNet(
             spatial_dims=3, in_channels=in_ch, out_channels=out_ch, kernel_size=[3] * n,
             strides=[1] + [2] * (n - 1), upsample_kernel_size=[2] * (n - 1), filters=channels,
             norm_name=norm, dropout=dropout or None, res_block=True,
+            deep_supervision=deep, deep_supr_num=int(train.get("deep_supervision_heads", 1)) if deep else 1,
         )
     raise ValueError(f"unknown model.name {name!r}: choose one of {', '.join(NETWORKS)}")
+
+
+def deep_supervision_heads(output: torch.Tensor) -> list[torch.Tensor]:
+    """The outputs of a forward pass as a list, full resolution first.
+
+    A DynUNet built with ``train.deep_supervision`` returns, in training mode only, its full-resolution
+    logits and its decoder's lower-resolution logits (upsampled to full size by MONAI) stacked on
+    dim 1: ``(B, 1 + heads, C, X, Y, Z)``. Any other output is one ``(B, C, X, Y, Z)`` head.
+    """
+    return list(torch.unbind(output, dim=1)) if output.ndim == 6 else [output]
+
+
+def main_output(output: torch.Tensor) -> torch.Tensor:
+    """The full-resolution logits of a forward pass (see :func:`deep_supervision_heads`)."""
+    return output[:, 0] if output.ndim == 6 else output
+
+
+def deep_supervision_weights(heads: int) -> list[float]:
+    """Loss weights of the full-resolution output and ``heads - 1`` lower ones: ``1/2^i``, summing to 1 (nnU-Net)."""
+    weights = [0.5**i for i in range(heads)]
+    return [w / sum(weights) for w in weights]
 
 
 def _basicunet_features(channels: list[int]) -> list[int]:

@@ -10,11 +10,13 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import CombinedLoader
 from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset, list_data_collate
+from monai.transforms import Compose, Randomizable
 from torch.utils.data import RandomSampler
 
 from medeman.data import transforms as tfm
 from medeman.data.checks import check_cases, raise_problems, report_problems
 from medeman.data.discovery import discover_labeled, discover_unlabeled, has_unlabeled_list, split_cases, write_split
+from medeman.data.sampling import FocusCentres
 
 
 class SSLDataModule(pl.LightningDataModule):
@@ -66,6 +68,7 @@ class SSLDataModule(pl.LightningDataModule):
         self.unlabeled_cases: list[dict] = []
         self._datasets: dict[str, Any] = {}
         self._loaders: dict[str, Any] = {}
+        self.focus: FocusCentres | None = None  # teacher-focused unlabeled crop centres (data.unlabeled_focus_fraction)
 
     @property
     def use_unlabeled(self) -> bool:
@@ -100,7 +103,11 @@ class SSLDataModule(pl.LightningDataModule):
         self.discover()
         self._datasets["labeled"] = self._dataset(self.train_cases, tfm.labeled_transforms(self.cfg), "labeled")
         if self.use_unlabeled:
-            self._datasets["unlabeled"] = self._dataset(self.unlabeled_cases, tfm.unlabeled_transforms(self.cfg), "unlabeled")
+            cases = self.unlabeled_cases
+            if float(self.cfg["data"]["unlabeled_focus_fraction"]) > 0:  # shared before any loader worker starts
+                self.focus = FocusCentres(len(cases))
+                cases = [{**case, "case_index": i} for i, case in enumerate(cases)]
+            self._datasets["unlabeled"] = self._dataset(cases, tfm.unlabeled_transforms(self.cfg, self.focus), "unlabeled")
         if self.val_cases:
             self._datasets["val"] = self._dataset(self.val_cases, tfm.validation_transforms(self.cfg), "val")
 
@@ -113,6 +120,23 @@ class SSLDataModule(pl.LightningDataModule):
             root = data["cache_dir"] or (self.run_dir / "cache" if self.run_dir is not None else tempfile.mkdtemp(prefix="medeman-cache-"))
             return PersistentDataset(cases, transform, cache_dir=Path(root) / name)
         return Dataset(cases, transform)
+
+    def preprocessed_unlabeled(self, index: int) -> torch.Tensor:
+        """Unlabeled scan ``index`` as the training chain caches it (preprocessed, cropped, padded): ``(C, X, Y, Z)``.
+
+        Read from the dataset's cache where there is one (no file is read again); the frame is the
+        one :class:`~medeman.data.sampling.RandFocusCropd` crops in.
+        """
+        dataset = self._datasets["unlabeled"]
+        if isinstance(dataset, CacheDataset):
+            item = dataset._cache[index]  # monai keeps the deterministic prefix's output here
+        elif isinstance(dataset, PersistentDataset):
+            item = dataset._cachecheck(dataset.data[index])  # loads (or writes) the cached file
+        else:
+            chain = dataset.transform
+            first_random = chain.get_index_of_first(lambda t: isinstance(t, Randomizable))
+            item = Compose(chain.transforms[:first_random])(dict(dataset.data[index]))
+        return torch.as_tensor(item["image"])
 
     def _seed(self) -> int:
         rank = self.trainer.global_rank if self.trainer is not None else 0

@@ -6,10 +6,11 @@
 
 The training chains add a foreground crop and padding to the patch size (still deterministic, so
 ``CacheDataset``/``PersistentDataset`` cache everything up to there), then random patches:
-:func:`labeled_transforms` samples them with ``RandCropByPosNegLabeld``; :func:`unlabeled_transforms`
-takes a random crop, applies the spatial augmentation once and only then copies it into a
-``weak`` (teacher) and a ``strong`` (student) view, so both views hold the same voxels and only the
-strong view's intensities are perturbed.
+:func:`labeled_transforms` samples them class-aware (:class:`~medeman.data.sampling.RandClassCropd`,
+the nnU-Net rule, from class locations cached with the volume); :func:`unlabeled_transforms`
+takes a random crop (or one centred where the teacher sees a rare class), applies the spatial
+augmentation once and only then copies it into a ``weak`` (teacher) and a ``strong`` (student)
+view, so both views hold the same voxels and only the strong view's intensities are perturbed.
 """
 
 from __future__ import annotations
@@ -19,19 +20,17 @@ from typing import Any, Sequence
 import torch
 from monai.transforms import (
     Compose,
+    ClassesToIndicesd,
     CopyItemsd,
     CropForegroundd,
-    DeleteItemsd,
     EnsureChannelFirstd,
     EnsureTyped,
-    FgBgToIndicesd,
     LoadImaged,
     NormalizeIntensityd,
     Orientationd,
     RandAdjustContrastd,
     RandAffined,
     RandCoarseDropoutd,
-    RandCropByPosNegLabeld,
     RandFlipd,
     RandGaussianNoised,
     RandGaussianSmoothd,
@@ -45,6 +44,7 @@ from monai.transforms import (
 )
 
 from medeman.data.readers import VolumeReader
+from medeman.data.sampling import MAX_LOCATIONS_PER_CLASS, FocusCentres, RandClassCropd, RandFocusCropd
 
 
 def preprocessing(cfg: dict[str, Any], keys: Sequence[str] = ("image", "label")) -> Compose:
@@ -138,39 +138,52 @@ def strong_augmentation(cfg: dict[str, Any], key: str = "strong") -> list:
 
 
 def labeled_transforms(cfg: dict[str, Any]) -> Compose:
-    """Labeled training chain: preprocessing, foreground crop, padding, then one
-    ``RandCropByPosNegLabeld`` patch with spatial augmentation.
+    """Labeled training chain: preprocessing, foreground crop, padding, class locations (all cached),
+    then one class-aware patch (:class:`~medeman.data.sampling.RandClassCropd`) with spatial augmentation.
+
+    ``data.class_ratios`` null: ``data.fg_class_fraction`` of the patches are centred on a foreground
+    class drawn uniformly among those present in the scan, the rest are random (nnU-Net); a list:
+    per-class ratios as MONAI ``RandCropByLabelClassesd``.
 
     Output (a one-element list, as MONAI's patch samplers return; collate with
     ``monai.data.list_data_collate``): ``{"image": float32 (C, *patch), "label": float32 (1, *patch)}``.
     """
     data = cfg["data"]
     keys = ["image", "label"]
-    pos = float(data["pos_fraction"])
+    num_classes = int(data["num_classes"])
     return Compose([
         *_cropped_and_padded(cfg, keys),
-        FgBgToIndicesd(keys="label", fg_postfix="_fg", bg_postfix="_bg"),
-        RandCropByPosNegLabeld(
-            keys=keys, label_key="label", spatial_size=_patch(cfg), pos=pos, neg=1.0 - pos, num_samples=1,
-            fg_indices_key="label_fg", bg_indices_key="label_bg",
-        ),
-        DeleteItemsd(keys=["label_fg", "label_bg"]),
+        # deterministic, so CacheDataset/PersistentDataset keep the class locations with the volume
+        ClassesToIndicesd(keys="label", indices_postfix="_cls_indices", num_classes=num_classes,
+                          max_samples_per_class=MAX_LOCATIONS_PER_CLASS),
+        RandClassCropd(keys=keys, spatial_size=_patch(cfg), num_classes=num_classes,
+                       fg_fraction=float(data["fg_class_fraction"]), ratios=data["class_ratios"],
+                       label_key="label", indices_key="label_cls_indices"),
         *spatial_augmentation(cfg, keys),
         SelectItemsd(keys=keys),
         EnsureTyped(keys=keys, dtype=torch.float32, track_meta=False),
     ])
 
 
-def unlabeled_transforms(cfg: dict[str, Any]) -> Compose:
+def unlabeled_transforms(cfg: dict[str, Any], focus: FocusCentres | None = None) -> Compose:
     """Unlabeled training chain: preprocessing, foreground crop, padding, a random patch, spatial
     augmentation, then two views of the same voxels.
+
+    With ``focus`` (and ``data.unlabeled_focus_fraction`` > 0) that share of patches is centred on
+    the teacher's rare-class voxels (:class:`~medeman.data.sampling.RandFocusCropd`); the case dicts
+    must then carry their row in ``focus`` as ``"case_index"``.
 
     Output: ``{"weak": float32 (C, *patch), "strong": float32 (C, *patch)}``; ``strong`` is ``weak``
     after :func:`strong_augmentation`.
     """
+    fraction = float(cfg["data"]["unlabeled_focus_fraction"])
+    if focus is not None and fraction > 0:
+        crop = RandFocusCropd(keys="image", spatial_size=_patch(cfg), focus=focus, fraction=fraction, index_key="case_index")
+    else:
+        crop = RandSpatialCropd(keys="image", roi_size=_patch(cfg), random_size=False)
     return Compose([
         *_cropped_and_padded(cfg, ["image"]),
-        RandSpatialCropd(keys="image", roi_size=_patch(cfg), random_size=False),
+        crop,
         *spatial_augmentation(cfg, ["image"]),
         CopyItemsd(keys="image", times=2, names=["weak", "strong"]),
         *strong_augmentation(cfg, "strong"),

@@ -61,7 +61,7 @@ def test_views_voxel_aligned_with_strong_augmentation(tmp_path, cfg, volume_writ
 
 @pytest.mark.parametrize("spatial", SPATIAL_CASES)
 def test_labeled_patch_keeps_label_on_its_voxels(tmp_path, cfg, volume_writer, phantom_maker, spatial):
-    cfg["data"].update(spatial, pos_fraction=1.0)
+    cfg["data"].update(spatial, fg_class_fraction=1.0)
     image, label = phantom_maker((24, 22, 20))
     case = {"image": str(volume_writer(tmp_path / "i.nii.gz", image)), "label": str(volume_writer(tmp_path / "l.nii.gz", label))}
     chain = labeled_transforms(cfg)
@@ -70,7 +70,7 @@ def test_labeled_patch_keeps_label_on_its_voxels(tmp_path, cfg, volume_writer, p
         (out,) = chain(copy.deepcopy(case))
         img, lab = out["image"][0], out["label"][0]
         assert out["image"].shape == out["label"].shape == (1, 16, 16, 16)
-        assert (lab > 0).any()  # pos_fraction=1 centres on foreground
+        assert (lab > 0).any()  # fg_class_fraction=1 centres on a foreground class
         if spatial["affine_prob"] == 0:  # without interpolation intensities and labels coincide exactly
             assert torch.equal(img > 0.6, lab > 0)  # organs are 120/200 HU (> 0.69), tissue at most 50 HU (< 0.53)
         else:

@@ -1,0 +1,113 @@
+"""Unlabeled patches where the small structures are: the teacher's rare-class voxels become crop centres.
+
+A random unlabeled patch seldom holds a lesion, so the consistency and pseudo-label losses are
+spent on background and large organs. :class:`TeacherFocus` refreshes, every
+``data.unlabeled_focus_every_steps`` optimizer steps, the crop centres of
+:class:`medeman.data.sampling.RandFocusCropd`: the teacher segments every cached unlabeled volume
+(sliding window without overlap, at the training resolution the network was trained at), and on
+a grid of stride ``data.unlabeled_focus_stride`` the voxels it assigns to the focus classes
+(``data.unlabeled_focus_classes``, default every foreground class) are kept; per scan, up to
+:attr:`FocusCentres.capacity` centres are drawn with the class uniform among the focus classes
+the teacher predicts there, then a voxel of that class uniformly. So a class predicted in 0.1 %
+of a scan gets the same share of focused patches as a large one.
+
+Cost: no per-step work beyond one random draw in the loader; every N steps one teacher pass over
+the unlabeled volumes (about ``volume / patch`` windows per scan) in the training process, logged
+as ``focus/refresh_seconds``; divided by N it is the amortized cost per step. Before the first
+refresh, or for a scan with no focus class predicted, the patch is random.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+
+from medeman.labels import argmax_labels
+from medeman.nets import main_output
+
+
+def focus_centres(
+    labels: torch.Tensor, classes: list[int], count: int, stride: int, rand: np.random.RandomState
+) -> np.ndarray:
+    """Up to ``count`` voxel coordinates on the predicted ``classes`` of one label map, on a ``stride`` grid.
+
+    The class of each centre is uniform among the ``classes`` present on the grid, then the voxel
+    is uniform among that class's grid voxels.
+
+    Args:
+        labels: ``(X, Y, Z)`` integer class map.
+        classes: the focus classes.
+        count: centres to draw.
+        stride: grid stride in voxels (the map is read at ``labels[::s, ::s, ::s]``).
+        rand: random state.
+
+    Returns:
+        ``(N, 3)`` int array in ``labels``' coordinates, ``N = count``, or 0 when no focus class is predicted.
+    """
+    grid = labels[::stride, ::stride, ::stride]
+    locations = [torch.nonzero(grid == c) for c in classes]
+    locations = [loc for loc in locations if len(loc)]
+    if not locations:
+        return np.zeros((0, 3), dtype=np.int64)
+    picks = rand.randint(len(locations), size=count)
+    rows = [locations[p][rand.randint(len(locations[p]))] for p in picks]
+    return (torch.stack(rows) * stride).cpu().numpy()
+
+
+class TeacherFocus(pl.Callback):
+    """Refresh the teacher-focused unlabeled crop centres every ``data.unlabeled_focus_every_steps`` steps.
+
+    Needs the Trainer's DataModule to be an :class:`~medeman.data.SSLDataModule` built with
+    ``data.unlabeled_focus_fraction`` > 0 (it then holds ``focus``, the shared centres); added by
+    ``SSLSegModule.configure_callbacks``. Under DDP every rank refreshes its own copy.
+
+    Args:
+        cfg: resolved medeman config.
+        seed: seed of the centre draws (default: ``train.seed``).
+    """
+
+    def __init__(self, cfg: dict[str, Any], seed: int | None = None) -> None:
+        data = cfg["data"]
+        self.cfg = cfg
+        self.every = int(data["unlabeled_focus_every_steps"])
+        self.stride = int(data["unlabeled_focus_stride"])
+        num_classes = int(data["num_classes"])
+        self.classes = [int(c) for c in data["unlabeled_focus_classes"]] if data["unlabeled_focus_classes"] else list(range(1, num_classes))
+        self.rand = np.random.RandomState(int(cfg["train"]["seed"]) if seed is None else seed)
+        self.last_refresh: int | None = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step > 0 and step % self.every == 0 and step != self.last_refresh:
+            self.last_refresh = step  # with gradient accumulation several batches end on one step
+            seconds, focused = self.refresh(trainer.datamodule, pl_module.teacher, pl_module.device)
+            pl_module.log_dict({"focus/refresh_seconds": seconds, "focus/scans_with_centres": float(focused)},
+                               on_step=True, on_epoch=False, batch_size=1)
+
+    @torch.no_grad()
+    def refresh(self, datamodule: Any, teacher: torch.nn.Module, device: torch.device) -> tuple[float, int]:
+        """Re-segment every unlabeled scan with ``teacher`` and store new centres; return (seconds, scans with centres)."""
+        focus = getattr(datamodule, "focus", None)
+        if focus is None:
+            return 0.0, 0
+        start, focused = time.perf_counter(), 0
+        roi = [int(s) for s in self.cfg["data"]["patch_size"]]
+        was_training = teacher.training
+        teacher.eval()  # deep-supervision heads off, dropout off; EMAN layers use their statistics anyway
+        try:
+            for index in range(len(focus)):
+                image = datamodule.preprocessed_unlabeled(index).to(device)[None].float()
+                logits = sliding_window_inference(
+                    image, roi, int(self.cfg["infer"]["sw_batch_size"]), lambda x: main_output(teacher(x)), overlap=0.0)
+                labels = argmax_labels(logits, dim=1, dtype=torch.long)[0]
+                centres = focus_centres(labels, self.classes, focus.capacity, self.stride, self.rand)
+                focus.set(index, centres)
+                focused += int(len(centres) > 0)
+        finally:
+            teacher.train(was_training)
+        return time.perf_counter() - start, focused

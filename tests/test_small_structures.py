@@ -1,0 +1,143 @@
+"""Small structures in training: CE class weights, DynUNet deep supervision, adaptive thresholds and the teacher focus, wired."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+
+from medeman.config import ConfigError, load_config
+from medeman.data import SSLDataModule
+from medeman.module import SSLSegModule
+from medeman.nets import build_network, deep_supervision_weights
+from medeman.teacher_focus import TeacherFocus, focus_centres
+from tiny_patches import TinyData
+
+TINY = ["model.channels=[4,8]", "model.num_res_units=1", "data.patch_size=[16,16,16]", "data.spacing=null", "train.lr=0.01"]
+DYNUNET = ["model.name=dynunet", "model.channels=[4,8,16]", "data.patch_size=[16,16,16]", "data.spacing=null"]
+
+
+def _fit(cfg, steps=2):
+    module = SSLSegModule(cfg)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, datamodule=TinyData())
+    return module, trainer
+
+
+def _logits_and_label():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 4, 4, 4)
+    label = torch.randint(0, 3, (2, 1, 4, 4, 4))
+    return logits, label
+
+
+def test_ce_class_weights_weight_the_cross_entropy_only():
+    logits, label = _logits_and_label()
+    plain = SSLSegModule(load_config(sets=TINY + ["data.num_classes=3"])).supervised_loss
+    weighted = SSLSegModule(load_config(sets=TINY + ["data.num_classes=3", "train.ce_class_weights=[1, 2, 10]"])).supervised_loss
+    ce = nn.functional.cross_entropy(logits, label[:, 0])
+    weighted_ce = nn.functional.cross_entropy(logits, label[:, 0], weight=torch.tensor([1.0, 2.0, 10.0]))
+    # same Dice in both: the difference is exactly the difference of the cross-entropies
+    assert (weighted(logits, label) - plain(logits, label)).item() == pytest.approx((weighted_ce - ce).item(), rel=1e-5)
+
+
+def test_deep_supervision_loss_is_the_weighted_sum_over_heads():
+    cfg = load_config(sets=DYNUNET + ["data.num_classes=3", "train.deep_supervision=true", "train.deep_supervision_heads=1"])
+    module = SSLSegModule(cfg)
+    plain = SSLSegModule(load_config(sets=DYNUNET + ["data.num_classes=3"])).supervised_loss
+    logits, label = _logits_and_label()
+    low = torch.randn_like(logits)
+    w = deep_supervision_weights(2)
+    assert w == pytest.approx([2 / 3, 1 / 3])
+    expected = w[0] * plain(logits, label) + w[1] * plain(low, label)
+    assert module.supervised_loss([logits, low], label).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_deep_supervision_trains_and_evaluates_with_one_output():
+    cfg = load_config(sets=DYNUNET + ["train.deep_supervision=true", "train.deep_supervision_heads=1", "ssl.pseudo_label_threshold=0.5", "ssl.rampup_steps=0"])
+    module, trainer = _fit(cfg)
+    assert trainer.global_step == 2
+    x = torch.randn(1, 1, 16, 16, 16)
+    module.student.train()
+    assert module.student(x).shape == (1, 2, 2, 16, 16, 16)  # full resolution + 1 deep-supervision head, stacked
+    module.eval()
+    assert module.student(x).shape == module.teacher(x).shape == (1, 2, 16, 16, 16)  # validation, export, inference
+    deployed = build_network(cfg)  # what medeman.checkpoint rebuilds from teacher.pt's config
+    deployed.load_state_dict(module.teacher.state_dict())
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["train.deep_supervision=true"], "needs model.name=dynunet"),
+    (DYNUNET + ["train.deep_supervision=true", "train.deep_supervision_heads=2"], "must lie in 1..1"),
+    (["train.ce_class_weights=[1, 2, 3]"], "must be null or 2 non-negative numbers"),
+    (["data.class_ratios=[0, 0]"], "not all 0"),
+    (["data.fg_class_fraction=1.5"], "must be a number in"),
+    (["data.unlabeled_focus_classes=[0]"], "foreground classes in 1..1"),
+    (["ssl.adaptive_threshold_momentum=1.0"], "must be a number in"),
+])
+def test_bad_small_structure_settings_are_refused(sets, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(sets=sets)
+
+
+def test_adaptive_thresholds_train_and_travel_in_the_checkpoint(tmp_path):
+    cfg = load_config(sets=TINY + ["ssl.pseudo_label_threshold=0.9", "ssl.pseudo_label_threshold_mode=adaptive",
+                                   "ssl.adaptive_threshold_momentum=0.5", "ssl.rampup_steps=0"])
+    module, trainer = _fit(cfg)
+    state = module.adaptive_thresholds.state_dict()
+    assert not torch.allclose(state["class_confidence"], torch.full((2,), 0.5))  # moved off 1/C
+    trainer.save_checkpoint(tmp_path / "a.ckpt")
+    saved = torch.load(tmp_path / "a.ckpt", weights_only=True)["state_dict"]
+    torch.testing.assert_close(saved["adaptive_thresholds.class_confidence"], state["class_confidence"])
+    assert (module.adaptive_thresholds.thresholds() <= 0.9).all()
+
+
+def test_fixed_mode_has_no_adaptive_state():
+    assert SSLSegModule(load_config(sets=TINY + ["ssl.pseudo_label_threshold=0.9"])).adaptive_thresholds is None
+
+
+# ---- teacher focus -------------------------------------------------------------------------------------
+
+
+def test_focus_centres_choose_the_class_uniformly_then_the_voxel():
+    labels = torch.zeros(16, 16, 16, dtype=torch.long)
+    labels[:8] = 1  # a big class: 2048 voxels
+    labels[10, 10, 10] = 2  # one voxel
+    centres = focus_centres(labels, [1, 2], 400, 1, __import__("numpy").random.RandomState(0))
+    on_two = (centres == [10, 10, 10]).all(axis=1).mean()
+    assert 0.4 < on_two < 0.6  # half the centres on the one-voxel class
+    assert (labels[tuple(torch.as_tensor(centres).T)] > 0).all()
+    on_grid = focus_centres(labels, [1, 2], 50, 4, __import__("numpy").random.RandomState(0))
+    assert (on_grid % 4 == 0).all() and not (on_grid == [10, 10, 10]).all(axis=1).any()  # (10,10,10) is off the stride-4 grid
+    assert len(focus_centres(labels, [3], 10, 1, __import__("numpy").random.RandomState(0))) == 0
+
+
+class _BrightIsClassTwo(nn.Module):
+    """A stand-in teacher: class 2 wherever the normalized intensity exceeds 0.8 (the phantom's 200 HU organ)."""
+
+    def forward(self, x):
+        return torch.cat([torch.zeros_like(x), torch.zeros_like(x), 10.0 * (x > 0.8).float()], dim=1)
+
+
+@pytest.mark.parametrize("cache", ["memory", "none"])
+def test_refreshed_focus_centres_unlabeled_patches_on_the_teacher_class(make_cohort, cfg, tmp_path, cache):
+    root = make_cohort(2, 3)
+    cfg["data"].update(cache=cache, unlabeled_focus_fraction=1.0, unlabeled_focus_stride=1, flip_prob=0.0, rotate90_prob=0.0,
+                       strong_prob=0.0, patch_size=[8, 8, 8])
+    dm = SSLDataModule(cfg, root / "labeled", root / "unlabeled", run_dir=tmp_path)
+    dm.setup("fit")
+    assert dm.focus is not None and dm.focus.centres.is_shared()  # loader workers see refreshes in place
+    seconds, focused = TeacherFocus(cfg).refresh(dm, _BrightIsClassTwo(), torch.device("cpu"))
+    assert focused == 3 and seconds >= 0
+    for _ in range(2):
+        batch = next(iter(dm.train_dataloader()))[0]["unlabeled"]["weak"]
+        assert (batch[:, 0, 4, 4, 4] > 0.8).all()  # every patch centred on a voxel the teacher calls class 2
+
+
+def test_module_adds_the_focus_callback_only_when_asked():
+    assert SSLSegModule(load_config(sets=TINY)).configure_callbacks() == []
+    callbacks = SSLSegModule(load_config(sets=TINY + ["data.unlabeled_focus_fraction=0.5"])).configure_callbacks()
+    assert [type(c) for c in callbacks] == [TeacherFocus]
+    assert SSLSegModule(load_config(sets=TINY + ["data.unlabeled_focus_fraction=0.5", "ssl.method=supervised"])).configure_callbacks() == []
