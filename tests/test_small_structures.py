@@ -121,7 +121,7 @@ class _BrightIsClassTwo(nn.Module):
         return torch.cat([torch.zeros_like(x), torch.zeros_like(x), 10.0 * (x > 0.8).float()], dim=1)
 
 
-@pytest.mark.parametrize("cache", ["memory", "none"])
+@pytest.mark.parametrize("cache", ["memory", "disk", "none"])
 def test_refreshed_focus_centres_unlabeled_patches_on_the_teacher_class(make_cohort, cfg, tmp_path, cache):
     root = make_cohort(2, 3)
     cfg["data"].update(cache=cache, unlabeled_focus_fraction=1.0, unlabeled_focus_stride=1, flip_prob=0.0, rotate90_prob=0.0,
