@@ -103,7 +103,7 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "pseudo_label_weight": Option(1.0, "weight of the pseudo-label loss relative to the consistency loss"),
         "pseudo_label_dice": Option(False, "add a masked Dice term to the pseudo-label cross-entropy"),
         "pseudo_label_threshold_mode": Option("fixed", "fixed: one threshold (pseudo_label_threshold) for every class; adaptive: per-class thresholds from the teacher's EMA'd confidence (FreeMatch-style, medeman.pseudo_labels), capped by pseudo_label_threshold", ("fixed", "adaptive")),
-        "adaptive_threshold_momentum": Option(0.999, "EMA momentum of the adaptive thresholds' confidence statistics (FreeMatch's lambda)"),
+        "adaptive_threshold_momentum": Option(0.999, "EMA momentum m of the adaptive thresholds' confidence statistics (FreeMatch's lambda); they start at 1/num_classes and follow the teacher over ~1/(1-m) steps: 0.999 for runs of 10k+ steps, about 0.99 for a few hundred"),
         "pseudo_label_reduction": Option("all", "pseudo-label cross-entropy averaged over all voxels, (ce * mask).mean() as FixMatch/EMAN, or over the kept voxels only", ("all", "kept")),
         "pseudo_label_reduction": Option("all", "pseudo-label cross-entropy averaged over all voxels, (ce * mask).mean() as FixMatch/EMAN, or over the kept voxels only", ("all", "kept")),
         "rampup_steps": Option(1000, "steps of the sigmoid ramp-up exp(-5(1-t)^2) of the unsupervised weight"),
