@@ -38,6 +38,17 @@ from medeman.pseudo_labels import AdaptiveThresholds, kept_fraction_per_class
 from medeman.teacher_focus import TeacherFocus
 
 
+def pool_statistics(means: torch.Tensor, variances: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pool per-rank BatchNorm statistics ``(ranks, channels)`` of equally many voxels per rank.
+
+    The pooled mean is the mean of the means; the pooled variance is the mean of the variances
+    plus the variance of the means (law of total variance): averaging the variances alone
+    under-estimates it whenever the ranks' batches differ.
+    """
+    mean = means.mean(0)
+    return mean, variances.mean(0) + (means - mean).square().mean(0)
+
+
 class SSLSegModule(pl.LightningModule):
     """Mean teacher (or supervised baseline) for 3D segmentation.
 
@@ -61,6 +72,7 @@ class SSLSegModule(pl.LightningModule):
         self.num_classes = int(cfg["data"]["num_classes"])
         self.student = build_network(cfg)
         self.teacher: nn.Module | None = None
+        self.teacher_updates = 0  # the momentum schedule's clock (optimizer steps less those the grad scaler skipped)
         if self.ssl["method"] == "mean_teacher":
             self.teacher = make_teacher(self.student, norm=self.ssl["teacher_norm"])
         if sync_batchnorm:
@@ -149,13 +161,31 @@ class SSLSegModule(pl.LightningModule):
         return [TeacherFocus(self.cfg)]
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        """Step the optimizer, then EMA-update the teacher (so accumulation steps never update it)."""
+        """Step the optimizer, then EMA-update the teacher (so accumulation steps never update it).
+
+        A step that 16-mixed's gradient scaler skips (inf/NaN gradients: the student did not move)
+        updates no teacher and does not advance the momentum schedule, which counts teacher
+        updates (``self.teacher_updates``, kept in checkpoints) rather than optimizer steps.
+        """
+        scale = self._grad_scale()
         super().optimizer_step(*args, **kwargs)
-        if self.teacher is not None:
+        if self.teacher is not None and not (scale is not None and self._grad_scale() < scale):  # the scaler backs off only on a skip
             if self.ssl["teacher_norm"] == "eman":  # a bn teacher keeps its own statistics
                 self._average_student_bn_statistics()
-            momentum = momentum_at(self.global_step, self.ssl["ema_momentum"], self.ssl["momentum_warmup"])
+            momentum = momentum_at(self.teacher_updates, self.ssl["ema_momentum"], self.ssl["momentum_warmup"])
             update_teacher(self.teacher, self.student, momentum)
+            self.teacher_updates += 1
+    def _grad_scale(self) -> float | None:
+        """The loss scale of 16-mixed's gradient scaler (``None`` without one)."""
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
+        return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["medeman_teacher_updates"] = self.teacher_updates
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.teacher_updates = int(checkpoint.get("medeman_teacher_updates", checkpoint.get("global_step", 0)))
+
 
     def _average_student_bn_statistics(self) -> None:
         """Average the student's BN running statistics over ranks when BN is not synchronized.
@@ -167,13 +197,17 @@ class SSLSegModule(pl.LightningModule):
         if self.trainer.world_size <= 1 or not torch.distributed.is_initialized():
             return
         layers = [m for m in tracked_batchnorms(self.student) if not isinstance(m, nn.SyncBatchNorm)]
-        tensors = [t for m in layers for t in (m.running_mean, m.running_var)]
-        if not tensors:
+        if not layers:
             return
-        flat = torch.cat([t.flatten() for t in tensors])
-        torch.distributed.all_reduce(flat)
-        flat /= self.trainer.world_size
-        torch._foreach_copy_(tensors, list(torch.split(flat, [t.numel() for t in tensors])))
+        means = torch.cat([m.running_mean.flatten() for m in layers])
+        variances = torch.cat([m.running_var.flatten() for m in layers])
+        gathered = [torch.empty_like(means) for _ in range(self.trainer.world_size)], [torch.empty_like(variances) for _ in range(self.trainer.world_size)]
+        torch.distributed.all_gather(gathered[0], means)
+        torch.distributed.all_gather(gathered[1], variances)
+        mean, var = pool_statistics(torch.stack(gathered[0]), torch.stack(gathered[1]))
+        sizes = [m.running_mean.numel() for m in layers]
+        torch._foreach_copy_([m.running_mean for m in layers], list(torch.split(mean, sizes)))
+        torch._foreach_copy_([m.running_var for m in layers], list(torch.split(var, sizes)))
 
     def configure_optimizers(self):
         train = self.cfg["train"]

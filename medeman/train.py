@@ -29,7 +29,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from medeman.checkpoint import save_teacher
-from medeman.config import ConfigError, load_config, save_config
+from medeman.config import ConfigError, load_config, save_config, validate
 
 RUN_OUTPUTS = ("config.yaml", "split.json", "teacher.pt", "metrics.csv", "hparams.yaml", "tensorboard", "checkpoints", "cache")
 
@@ -171,11 +171,7 @@ def fit(
     out_dir = Path(out_dir)
     if cfg["ssl"]["method"] == "mean_teacher" and unlabeled is None:
         raise ConfigError("ssl.method=mean_teacher needs unlabeled scans: pass --unlabeled DIR, or use ssl.method=supervised")
-    if cfg["ssl"]["method"] == "mean_teacher" and cfg["model"]["norm"] != "batch":
-        raise ConfigError(
-            f"ssl.teacher_norm={cfg['ssl']['teacher_norm']} needs a BatchNorm network, but model.norm={cfg['model']['norm']} "
-            "(InstanceNorm has no running statistics for EMAN to average): set model.norm=batch"
-        )
+    validate(cfg)  # types, choices and the rules between keys (config.validate), also for a config built in code
     prepare_run_dir(out_dir, resume, overwrite)
     pl.seed_everything(int(cfg["train"]["seed"]), workers=True, verbose=False)
     datamodule = SSLDataModule(cfg, labeled=labeled, unlabeled=unlabeled if cfg["ssl"]["method"] == "mean_teacher" else None, val=val, run_dir=out_dir)

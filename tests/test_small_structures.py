@@ -92,6 +92,9 @@ def test_adaptive_thresholds_train_and_travel_in_the_checkpoint(tmp_path):
     saved = torch.load(tmp_path / "a.ckpt", weights_only=True)["state_dict"]
     torch.testing.assert_close(saved["adaptive_thresholds.class_confidence"], state["class_confidence"])
     assert (module.adaptive_thresholds.thresholds() <= 0.9).all()
+    logged = trainer.callback_metrics  # logged at step 0 (train.log_every_steps)
+    assert {"ssl/threshold_class0", "ssl/threshold_class1"} <= set(logged)
+    assert any(key.startswith("ssl/pseudo_label_kept_class") for key in logged)
 
 
 def test_fixed_mode_has_no_adaptive_state():

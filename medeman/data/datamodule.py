@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+import numpy as np
 
 import lightning.pytorch as pl
 import torch
@@ -17,6 +22,34 @@ from medeman.data import transforms as tfm
 from medeman.data.checks import check_cases, raise_problems, report_problems
 from medeman.data.discovery import discover_labeled, discover_unlabeled, has_unlabeled_list, split_cases, write_split
 from medeman.data.sampling import FocusCentres
+
+
+# Cohorts shared by the data modules made inside `shared_cohorts()` (the trials of one tuning worker).
+_SHARED: dict[str, dict[str, Any]] | None = None
+
+
+@contextlib.contextmanager
+def shared_cohorts() -> Iterator[None]:
+    """Within the block, data modules on the same folders with the same ``data:`` config (and
+    ``ssl.method``) discover, check and preprocess the cohort once and share it in memory.
+
+    For tuning: every trial would otherwise re-read and re-check every scan and rebuild its
+    ``CacheDataset``. What is shared holds no training state (crop centres of the teacher focus
+    are reset for each module), and the loaders are still made per module, seeded as in a fresh run.
+    """
+    global _SHARED
+    outer = _SHARED
+    _SHARED = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _SHARED = outer
+
+
+def preprocessing_digest(data: dict[str, Any]) -> str:
+    """Short hash of the ``data:`` config (less ``cache_dir``): names a disk cache, so a changed config never reads a stale one."""
+    text = json.dumps({k: v for k, v in data.items() if k != "cache_dir"}, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
 class SSLDataModule(pl.LightningDataModule):
@@ -100,6 +133,28 @@ class SSLDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self._datasets:
             return
+        key = json.dumps([str(self.labeled), str(self.unlabeled), str(self.val), self.cfg["ssl"]["method"], self.cfg["data"]], sort_keys=True, default=str)
+        if _SHARED is not None and key in _SHARED:
+            self._share(_SHARED[key])
+            return
+        self._setup()
+        if _SHARED is not None:
+            _SHARED[key] = {"train": self.train_cases, "val": self.val_cases, "unlabeled": self.unlabeled_cases,
+                            "datasets": dict(self._datasets), "focus": self.focus, "cohort": getattr(self, "cohort", None)}
+
+    def _share(self, cohort: dict[str, Any]) -> None:
+        """Take a cohort prepared by another module in :func:`shared_cohorts` (and write this run's split.json)."""
+        self.train_cases, self.val_cases, self.unlabeled_cases = cohort["train"], cohort["val"], cohort["unlabeled"]
+        self._datasets, self.focus = dict(cohort["datasets"]), cohort["focus"]
+        if cohort["cohort"] is not None:
+            self.cohort = cohort["cohort"]
+        if self.focus is not None:
+            self.focus.counts.zero_()  # the previous run's teacher chose those centres
+        data = self.cfg["data"]
+        if self.val is None and self.run_dir is not None:
+            write_split(self.run_dir / "split.json", self.train_cases, self.val_cases, float(data["val_fraction"]), int(data["split_seed"]))
+
+    def _setup(self) -> None:
         self.discover()
         self._datasets["labeled"] = self._dataset(self.train_cases, tfm.labeled_transforms(self.cfg), "labeled")
         if self.use_unlabeled:
@@ -118,7 +173,8 @@ class SSLDataModule(pl.LightningDataModule):
             return CacheDataset(cases, transform, cache_rate=1.0, num_workers=workers, progress=False)
         if data["cache"] == "disk":
             root = data["cache_dir"] or (self.run_dir / "cache" if self.run_dir is not None else tempfile.mkdtemp(prefix="medeman-cache-"))
-            return PersistentDataset(cases, transform, cache_dir=Path(root) / name)
+            # keyed by the data config: runs (and tuning workers) with one preprocessing share a cache, others never read it
+            return PersistentDataset(cases, transform, cache_dir=Path(root) / f"{name}-{preprocessing_digest(data)}")
         return Dataset(cases, transform)
 
     def preprocessed_unlabeled(self, index: int) -> torch.Tensor:
@@ -145,7 +201,9 @@ class SSLDataModule(pl.LightningDataModule):
     def _train_loader(self, name: str, batch_size: int, offset: int) -> DataLoader:
         train, data = self.cfg["train"], self.cfg["data"]
         n_batches = int(train["val_every_steps"]) * int(train["accumulate_grad_batches"])
-        seed = self._seed() + offset
+        # Seeded with the step too: a resumed run continues with new batches instead of replaying the stream's start.
+        step = int(self.trainer.global_step) if self.trainer is not None else 0
+        seed = int(np.random.SeedSequence([self._seed(), offset, step]).generate_state(1)[0])
         sampler = RandomSampler(self._datasets[name], replacement=True, num_samples=n_batches * batch_size,
                                 generator=torch.Generator().manual_seed(seed))
         workers = int(data["num_workers"])
