@@ -8,7 +8,7 @@ liver-like large organ and ``2`` a pair of kidney-like small organs. Intensities
 each of a few simulated scanners has its own noise level, blur and cupping, and each case its own
 contrast phase and bias field, so intensity statistics differ across cases as in real cohorts.
 With ``lesions=True`` (``--lesions``) each liver also holds 1-3 small lesions, label ``3``, of varied
-size (3.5-7 mm radius, about 0.1 % of the scan together) and look (hypodense, hyperdense, or a dark
+size (4.5-8 mm radius, about 0.1-0.2 % of the scan together) and look (hypodense, hyperdense, or a dark
 core with an enhancing rim): a small-structure task like liver-tumour segmentation.
 
 Run ``python scripts/make_sample_data.py`` to rebuild ``sample_data/`` (fixed seed), or with
@@ -87,8 +87,9 @@ def _add_lesions(rng: np.random.Generator, p: np.ndarray, hu: np.ndarray, label:
     """Draw 1-3 small lesions inside the liver into ``hu`` and ``label`` (``LESION_LABEL``), in place.
 
     Sizes, shapes and looks vary from lesion to lesion as in liver metastases and cysts: a radius of
-    3.5-7 mm, a slightly irregular outline, and a hypodense (-25..-70 HU against the liver), a
-    hyperdense (+25..+60 HU) or a rim-enhancing look (dark core, bright one-voxel rim).
+    4.5-8 mm, a slightly irregular outline, and a hypodense (-40..-90 HU against the liver), a
+    hyperdense (+35..+70 HU) or a rim-enhancing look (dark core, bright one-voxel rim). The scanner's
+    blur and noise, added afterwards, take a third to a half of that contrast from the smallest ones.
     """
     inside = np.argwhere(liver)
     if not len(inside):
@@ -96,16 +97,16 @@ def _add_lesions(rng: np.random.Generator, p: np.ndarray, hu: np.ndarray, label:
     liver_hu = float(np.median(hu[liver]))
     for _ in range(rng.integers(1, 4)):
         centre = p[tuple(inside[rng.integers(len(inside))])]
-        radius = rng.uniform(3.5, 7.0)
+        radius = rng.uniform(4.5, 8.0)
         lesion = _blob(p, centre, radius * rng.uniform(0.8, 1.2, 3), rng, 0.1, rng.uniform(0, np.pi)) & liver
         if not lesion.any():
             continue
         look = rng.choice(("hypo", "hyper", "rim"))
-        delta = rng.uniform(25, 60) if look == "hyper" else -rng.uniform(25, 70)
+        delta = rng.uniform(35, 70) if look == "hyper" else -rng.uniform(40, 90)
         hu[lesion] = liver_hu + delta + rng.normal(0, 4, int(lesion.sum()))  # some texture of its own
         if look == "rim":
             rim = lesion & ~binary_erosion(lesion)
-            hu[rim] = liver_hu + rng.uniform(20, 50)
+            hu[rim] = liver_hu + rng.uniform(30, 60)
         label[lesion] = LESION_LABEL
 
 

@@ -1,0 +1,322 @@
+"""Lesion benchmark: can a 0.1 % class be learned from few labels, and how much do unlabeled scans add?
+
+On the lesion sample cohort (``medeman.sample_data`` with ``lesions=True``: liver, kidneys and 1-3
+small liver lesions per scan, label 3) three methods train with ``configs/lesion.yaml`` on the same
+step budget, over several seeds, and are scored on the same held-out test cases:
+
+    supervised_few   the few labeled scans only (``configs/supervised.yaml``)        -- the baseline
+    mt_eman          the few labeled scans + the unlabeled scans, mean teacher with EMAN (``mt_eman.yaml``)
+    supervised_all   every scan labeled (the labeled ones + the unlabeled ones with their ground truth)
+                     -- the upper bound the unlabeled scans could reach at most
+
+Every run validates on the same ``val/`` cases (so model selection never sees the test cases) and
+is scored through ``teacher.pt``, the network ``medeman train`` leaves for deployment, with
+``medeman.evaluate``: the lesion class's voxel Dice per case (mean over cases), and its
+lesion-wise detection (connected components, a lesion found at IoU >= 0.1; sensitivity,
+precision and F1 of the counts pooled over the test cases) and lesion-wise Dice. Methods are
+compared per seed (paired: the same seed gives the same initial network and data order), and the
+share of the gap that the unlabeled scans close is ``(mt_eman - few) / (all - few)``.
+
+    python benchmarks/lesion_benchmark.py --seeds 0 1 2             # the recorded study
+    python benchmarks/lesion_benchmark.py --smoke                   # seconds: does it run end to end
+
+Runs go one at a time (``nice``, one torch thread is the caller's choice); a finished run
+(``scores.json``) is reused with ``--reuse``; ``--report-only`` rewrites the table from finished runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = {
+    "supervised_few": ("configs/supervised.yaml", "labeled"),
+    "mt_eman": ("configs/mt_eman.yaml", "labeled"),
+    "supervised_all": ("configs/supervised.yaml", "all_labeled"),
+}
+LESION = 3
+COHORT = {"n_labeled": 3, "n_val": 3, "n_unlabeled": 24, "n_test": 8}
+SMOKE_COHORT = {"n_labeled": 1, "n_val": 1, "n_unlabeled": 2, "n_test": 1}
+SMOKE_SETS = ["train.max_steps=4", "train.val_every_steps=2", "model.channels=[4,8]", "model.num_res_units=0",
+              "data.cache=none", "data.num_workers=0", "ssl.recalibration_batches=1"]
+CSV_COLUMNS = ("method", "seed", "lesion_dice", "lesion_f1", "lesion_sensitivity", "lesion_precision", "lesionwise_dice",
+               "reference_lesions", "detected", "predicted", "false_positives", "dice_liver", "dice_kidneys",
+               "val_best_teacher", "steps", "train_s", "commit", "run_dir")
+NOTES_MARKER = "<!-- notes: text below this line is kept when the table is regenerated -->"
+
+
+def make_lesion_cohort(root: Path, counts: dict) -> Path:
+    """Write the lesion cohort (once) and ``all_labeled/``: the labeled scans plus the unlabeled ones with their truth.
+
+    ``all_labeled`` holds symbolic links, so the upper bound trains on exactly the scans the
+    others see; its validation cases are the shared ``val/`` folder.
+    """
+    from medeman.sample_data import make_cohort
+
+    if not (root / "test" / "labels").is_dir():
+        make_cohort(root, seed=11, other_formats=False, unlabeled_labels=True, lesions=True, **counts)
+    everything = root / "all_labeled"
+    if not everything.is_dir():
+        for sub in ("images", "labels"):
+            (everything / sub).mkdir(parents=True)
+        for scan in sorted((root / "labeled" / "images").iterdir()):
+            (everything / "images" / scan.name).symlink_to(scan.resolve())
+            (everything / "labels" / scan.name).symlink_to((root / "labeled" / "labels" / scan.name).resolve())
+        for scan in sorted((root / "unlabeled").iterdir()):
+            (everything / "images" / scan.name).symlink_to(scan.resolve())
+            (everything / "labels" / scan.name).symlink_to((root / "unlabeled_labels" / scan.name).resolve())
+    return root
+
+
+def score_teacher(run_dir: Path, data: Path, lesion_overlap: float) -> dict[str, float]:
+    """Segment ``<data>/test/images`` with the run's ``teacher.pt``; lesion and organ figures of the test cases."""
+    from medeman.evaluate import segment_and_score
+
+    _, summary = segment_and_score(run_dir, data / "test" / "images", data / "test" / "labels", run_dir / "pred_test",
+                                   csv=run_dir / "test_scores.csv", lesion_overlap=lesion_overlap,
+                                   overwrite=True, progress=False, device="cpu")
+    if summary.problems:
+        raise RuntimeError(f"{run_dir}: {len(summary.problems)} test case(s) not scored: {summary.problems[0]}")
+    dice = summary.per_class()
+    lesions = summary.lesion_totals().get(LESION)
+    if lesions is None:  # neither reference nor prediction has the class: cannot happen on this cohort
+        raise RuntimeError(f"{data}/test: no lesion class in any test case")
+
+    def class_dice(label: int) -> float:
+        return dice[label]["dice_mean"] if label in dice else float("nan")
+
+    return {"lesion_dice": class_dice(LESION), "lesion_f1": lesions["f1"], "lesion_sensitivity": lesions["sensitivity"],
+            "lesion_precision": lesions["precision"], "lesionwise_dice": lesions["dice_mean"],
+            "reference_lesions": lesions["reference"], "detected": lesions["detected"], "predicted": lesions["predicted"],
+            "false_positives": lesions["false_positive"], "dice_liver": class_dice(1), "dice_kidneys": class_dice(2)}
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout
+        return out + ("+dirty" if dirty.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
+    """Train one (method, seed) run unless ``--reuse`` finds it scored, then score its teacher on the test cases."""
+    from medeman.config import load_config
+    from medeman.train import fit
+
+    run_dir = Path(args.out) / method / f"seed{seed}"
+    done = run_dir / "scores.json"
+    if args.reuse and done.is_file():
+        return json.loads(done.read_text())
+    overlay, labeled = METHODS[method]
+    cfg = load_config([args.config, REPO / overlay], [*args.set, f"train.seed={seed}"])
+    trained = run_dir / "train.json"
+    if args.reuse and trained.is_file() and (run_dir / "teacher.pt").is_file():
+        record = json.loads(trained.read_text())
+    else:
+        start = time.perf_counter()
+        unlabeled = args.data / "unlabeled" if cfg["ssl"]["method"] == "mean_teacher" else None
+        result = fit(cfg, args.data / labeled, unlabeled, val=args.data / "val", out_dir=run_dir,
+                     progress_bar=False, logger=not args.smoke, overwrite=True)
+        record = {"method": method, "seed": seed, "steps": result.steps, "train_s": round(time.perf_counter() - start, 1),
+                  "val_best_teacher": result.best_dice_teacher, "commit": _commit(), "run_dir": str(run_dir)}
+        trained.write_text(json.dumps(record, indent=1))
+    record["scores"] = score_teacher(run_dir, args.data, args.lesion_overlap)
+    done.write_text(json.dumps(record, indent=1))
+    return record
+
+
+def mean_std(values: list[float], digits: int = 3) -> str:
+    values = [v for v in values if v == v]  # NaN (e.g. no predicted lesion: precision undefined) left out
+    if not values:
+        return "n/a"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.{digits}f} ± {std:.{digits}f}"
+
+
+def paired(records: list[dict], method: str, base: str, key: str) -> list[float]:
+    """Per-seed differences ``method - base`` of one score, over the seeds both finished."""
+    by = {(r["method"], r["seed"]): r["scores"][key] for r in records}
+    return [by[method, s] - by[base, s] for s in sorted({r["seed"] for r in records}) if (method, s) in by and (base, s) in by]
+
+
+def gap_closed(records: list[dict], key: str) -> tuple[str, list[float]]:
+    """Share of the few -> all gap the mean teacher closes: from the seed means, and per seed."""
+    ssl, full = paired(records, "mt_eman", "supervised_few", key), paired(records, "supervised_all", "supervised_few", key)
+    per_seed = [a / b for a, b in zip(ssl, full) if abs(b) > 1e-9]
+    if not ssl or not full or statistics.fmean(full) <= 1e-9:
+        return "n/a (all labels do not beat few)", per_seed
+    return f"{100 * statistics.fmean(ssl) / statistics.fmean(full):.0f} %", per_seed
+
+
+def write_results(records: list[dict], args: argparse.Namespace, wall_s: float, command: str) -> Path:
+    """The CSV of every run and the markdown report (table, paired differences, set-up)."""
+    from medeman.config import load_config
+
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = results / "lesion_benchmark.csv", results / "lesion_benchmark.md"
+    with open(csv_path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for r in records:
+            row = {k: r.get(k, "") for k in CSV_COLUMNS}
+            row.update({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r["scores"].items()})
+            row["val_best_teacher"] = f"{r['val_best_teacher']:.4f}"
+            writer.writerow(row)
+
+    cfg = load_config([Path(records[0]["run_dir"]) / "config.yaml"]) if records else load_config([args.config], args.set)
+    train, data, model, ssl = cfg["train"], cfg["data"], cfg["model"], cfg["ssl"]
+    keys = [("lesion_dice", "lesion Dice"), ("lesion_f1", "lesion F1"), ("lesion_sensitivity", "sensitivity"),
+            ("lesion_precision", "precision"), ("lesionwise_dice", "lesion-wise Dice"), ("dice_liver", "liver Dice"),
+            ("dice_kidneys", "kidney Dice")]
+    lines = ["# Lesion benchmark: supervised on few vs mean teacher (EMAN) vs supervised on all", "",
+             f"Test scores of each run's `teacher.pt` on `{args.data}/test` ({_count(args.data / 'test' / 'labels')} cases), "
+             "mean ± std over seeds. Lesion = class 3 (1-3 small liver lesions per scan, about 0.1 % of the volume). "
+             "*lesion Dice*: voxel Dice of class 3 per case, averaged over cases; *lesion F1, sensitivity, precision*: "
+             f"connected components, a lesion found at IoU >= {args.lesion_overlap:g}, counts pooled over the test cases; "
+             "*lesion-wise Dice*: BraTS 2023 (per reference lesion, 0 for each false-positive component).", "",
+             "| method | seeds | " + " | ".join(name for _, name in keys) + " | val Dice (best) | train s |",
+             "|---|---|" + "---|" * (len(keys) + 2)]
+    for method in METHODS:
+        runs = [r for r in records if r["method"] == method]
+        if not runs:
+            continue
+        cols = [mean_std([r["scores"][k] for r in runs]) for k, _ in keys]
+        lines.append(f"| {method} | {len(runs)} | {' | '.join(cols)} | {mean_std([r['val_best_teacher'] for r in runs])} | "
+                     f"{statistics.fmean(r['train_s'] for r in runs):.0f} |")
+    lines += ["", "Paired per-seed differences (same seed: same initial network and data order), mean ± std over seeds, "
+              "and the share of the few -> all gap that the unlabeled scans close (from the seed means; per seed in brackets):", "",
+              "| score | mt_eman - few | all - few | gap closed by mt_eman |", "|---|---|---|---|"]
+    for key, name in keys[:2] + keys[4:5]:
+        share, per_seed = gap_closed(records, key)
+        lines.append(f"| {name} | {mean_std(paired(records, 'mt_eman', 'supervised_few', key))} | "
+                     f"{mean_std(paired(records, 'supervised_all', 'supervised_few', key))} | {share} "
+                     f"({', '.join(f'{100 * v:.0f} %' for v in per_seed) or '–'}) |")
+    commits = sorted({r.get("commit", "?") for r in records})
+    lines += [
+        "",
+        f"- Command: `{command}`; code at commit(s) {', '.join(commits)} (`+dirty`: the shared tree had uncommitted edits of others).",
+        f"- Cohort: `medeman.sample_data.make_cohort(seed=11, lesions=True)`: {_count(args.data / 'labeled' / 'labels')} labeled "
+        f"training scans, {_count(args.data / 'val' / 'labels')} validation scans (every method selects its best teacher on them), "
+        f"{_count(args.data / 'unlabeled')} unlabeled scans (their ground truth only for `supervised_all`), "
+        f"{_count(args.data / 'test' / 'labels')} test scans.",
+        f"- Budget (every run, `{args.config}` from the runs' `config.yaml`): {train['max_steps']} steps, lr {train['lr']}, "
+        f"batch {data['batch_size_labeled']} labeled (+ {data['batch_size_unlabeled']} unlabeled for mt_eman) patches of "
+        f"{data['patch_size']} at {data['spacing']} mm, {model['name']} {model['channels']}; batch Dice {train['batch_dice']}; "
+        f"labeled patches: {_sampling(data)}; mean teacher: ema_momentum {ssl['ema_momentum']} ({ssl['momentum_schedule']}), "
+        f"{ssl['consistency']} consistency weight {ssl['consistency_weight']}, pseudo-labels {_pseudo(ssl)}"
+        + (f"; overrides {' '.join(args.set)}" if args.set else "") + ".",
+        f"- Seeds: {' '.join(str(s) for s in sorted({r['seed'] for r in records}))} (`train.seed`).",
+        f"- Hardware: {_hardware()}; one run at a time. Training wall time {sum(r['train_s'] for r in records) / 60:.1f} min "
+        f"over {len(records)} runs; this invocation {wall_s / 60:.1f} min (runs it did not reuse, with test inference).",
+        f"- Every run: `{csv_path.name}`.",
+    ]
+    notes = ""
+    if md_path.is_file() and NOTES_MARKER in md_path.read_text(encoding="utf-8"):  # hand-written findings survive a rerun
+        notes = md_path.read_text(encoding="utf-8").split(NOTES_MARKER, 1)[1]
+    md_path.write_text("\n".join(lines) + "\n\n" + NOTES_MARKER + (notes or "\n"), encoding="utf-8")
+    return md_path
+
+
+def _sampling(data: dict) -> str:
+    if "class_ratios" not in data:
+        return f"RandCropByPosNegLabeld, pos_fraction {data.get('pos_fraction')}"
+    if data["class_ratios"]:
+        return f"class ratios {data['class_ratios']}"
+    return f"nnU-Net rule, {data.get('fg_class_fraction')} centred on a present foreground class"
+
+
+def _pseudo(ssl: dict) -> str:
+    if ssl.get("pseudo_label_threshold") is None:
+        return "off"
+    return f"{ssl.get('pseudo_label_threshold_mode', 'fixed')} threshold {ssl['pseudo_label_threshold']} weight {ssl['pseudo_label_weight']}"
+
+
+def _count(folder: Path) -> int:
+    return sum(1 for p in Path(folder).glob("*") if p.name.endswith((".nii.gz", ".nii", ".mha", ".nrrd"))) if Path(folder).is_dir() else 0
+
+
+def _hardware() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU only"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=Path("runs/lesion_data"), help="the lesion cohort (written here if absent)")
+    parser.add_argument("--config", type=Path, default=REPO / "configs" / "lesion.yaml", help="base config shared by every method")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
+    parser.add_argument("--lesion-overlap", type=float, default=0.1, help="IoU a lesion needs to count as detected (0: any overlap)")
+    parser.add_argument("--out", default="runs/lesion_benchmark", help="run folders: <out>/<method>/seed<N>")
+    parser.add_argument("--results", default=str(REPO / "benchmarks" / "results"), help="where lesion_benchmark.md/.csv go")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine)")
+    parser.add_argument("--reuse", action="store_true", help="reuse scored runs (scores.json) instead of retraining")
+    parser.add_argument("--report-only", action="store_true", help="only rewrite the report from scored runs")
+    parser.add_argument("--smoke", action="store_true", help="tiny cohort, 4 steps, one seed, results in a temporary folder")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    command = "python benchmarks/lesion_benchmark.py " + " ".join(a for a in (sys.argv[1:] if argv is None else argv) if a != "--report-only")
+    torch.set_num_threads(args.threads)
+    scratch = None
+    if args.smoke:  # everything under a temporary folder: the recorded results are never touched
+        scratch = tempfile.TemporaryDirectory(prefix="lesion_smoke_")
+        root = Path(scratch.name)
+        args.data, args.out, args.results = root / "data", str(root / "runs"), str(root / "results")
+        args.seeds, args.set = args.seeds[:1], [*SMOKE_SETS, *args.set]
+    make_lesion_cohort(args.data, SMOKE_COHORT if args.smoke else COHORT)
+    start = time.perf_counter()
+    records = []
+    for seed in args.seeds:  # seed-major: a cut-short study still has every method at the seeds it reached
+        for method in args.methods:
+            if args.report_only and not (Path(args.out) / method / f"seed{seed}" / "scores.json").is_file():
+                continue
+            args.reuse = args.reuse or args.report_only
+            t0 = time.perf_counter()
+            try:
+                record = run_one(method, seed, args)
+            except Exception as err:  # one failed run must not cost the others; rerun with --reuse
+                print(f"{method} seed {seed}: FAILED: {type(err).__name__}: {err}", flush=True)
+                if args.smoke:
+                    raise
+                continue
+            records.append(record)
+            s = record["scores"]
+            print(f"{method} seed {seed}: lesion Dice {s['lesion_dice']:.3f}, lesion F1 {s['lesion_f1']:.3f} "
+                  f"({s['detected']}/{s['reference_lesions']} found, {s['false_positives']} FP), liver {s['dice_liver']:.3f}, "
+                  f"kidneys {s['dice_kidneys']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            md = write_results(records, args, time.perf_counter() - start, command)
+    if records:
+        print(md.read_text())
+    if scratch is not None:
+        scratch.cleanup()
+    return 0 if records else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
