@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from medeman.checkpoint import read_teacher_file
 from medeman.config import load_config
 from medeman.evaluate import segment_and_score
 from medeman.train import fit
@@ -42,6 +43,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     trained = time.perf_counter()
     print(f"      validation Dice after {result.steps} steps: teacher {result.last_dice_teacher:.3f}, student {result.last_dice_student:.3f} "
           f"(best teacher {result.best_dice_teacher:.3f}, kept in {out / 'teacher.pt'})")
+    stats = read_teacher_file(out / "teacher.pt")["extra"].get("teacher_bn_stats", "unknown")
+    print(f"      teacher.pt holds {stats} BatchNorm statistics (ssl.teacher_bn_recalibration={cfg['ssl']['teacher_bn_recalibration']})")
 
     print(f"[2/3] segmenting {data / 'test/images'} with the EMA teacher -> {out / 'pred'}")
     results, summary = segment_and_score(

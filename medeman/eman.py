@@ -13,24 +13,39 @@ and those statistics are an EMA of the student's with the same momentum as the w
 So a scan's teacher output no longer depends on the other scans in its batch, and the statistics
 match the averaged weights.
 
+Two additions make the teacher right at any training length:
+
+* :func:`scheduled_momentum` sets m from the run length (a window of a fixed fraction of the run,
+  or BYOL's cosine increase to 1), so a short run does not average over most of its own history;
+* :func:`recalibrate_batchnorm` re-estimates a (copy of the) teacher's BatchNorm statistics from
+  its own forward passes before it is validated or deployed (precise-BN), because EMA'd
+  statistics lag and over-estimate the variance while the student still moves within the
+  averaging window.
+
 Typical use::
 
     teacher = make_teacher(student, norm="eman")
     ...
     optimizer.step()
-    update_teacher(teacher, student, momentum_at(step, 0.99))
+    m = momentum_at(step, scheduled_momentum(step, max_steps, schedule="window", window=0.1))
+    update_teacher(teacher, student, m)
+    ...
+    deployed = recalibrate_batchnorm(copy.deepcopy(teacher), weak_view_batches)
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import weakref
+from typing import Iterable
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-NORMS = ("eman", "bn")
+NORMS = ("eman", "bn", "ema")
+SCHEDULES = ("constant", "cosine", "window")
 _NORM_ATTR = "medeman_teacher_norm"
 # teacher -> weakref to the student it was last checked against; kept outside the teacher so the
 # teacher still pickles, and weak so a freed student's id can never pass for a checked one.
@@ -101,6 +116,18 @@ def tracked_batchnorms(model: nn.Module) -> list[_BatchNorm]:
     return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
 
 
+def _eval_mode(module: nn.Module, args: tuple) -> None:
+    """Forward pre-hook of ``eman``/``ema`` teachers: the whole teacher runs as in ``eval()``.
+
+    A module-level function (not a lambda) so that the teacher still pickles and deep-copies.
+    Dropout, and any other layer that behaves differently in training, is thereby off, whatever
+    ``.train()`` calls or Lightning's mode restoring did since (the official EMAN code keeps the
+    teacher in ``eval()``).
+    """
+    if any(m.training for m in module.modules()):
+        module.train(False)
+
+
 def make_teacher(student: nn.Module, norm: str = "eman") -> nn.Module:
     """Build the mean teacher: a frozen deep copy of ``student``.
 
@@ -115,7 +142,10 @@ def make_teacher(student: nn.Module, norm: str = "eman") -> nn.Module:
             statistics, just as the weights start as a copy of the student's weights, so weights
             and statistics stay a matched pair from step 0. ``"bn"`` - the classic mean-teacher
             baseline (as in SSL4MIS): the teacher's BatchNorm follows the module's train/eval mode
-            and, in training, uses the statistics of its own current batch.
+            and, in training, uses the statistics of its own current batch. ``"ema"`` - a plain
+            weight-EMA teacher for networks without BatchNorm (InstanceNorm, GroupNorm): parameters
+            are averaged, buffers are the teacher's own. ``eman`` and ``ema`` teachers always run as
+            in ``eval()`` (dropout off), so their outputs are deterministic.
 
     Returns:
         The teacher module.
@@ -133,13 +163,16 @@ def make_teacher(student: nn.Module, norm: str = "eman") -> nn.Module:
         False
     """
     if norm not in NORMS:
-        raise ValueError(f"unknown teacher norm {norm!r}: use 'eman' (EMA'd BatchNorm statistics) or 'bn' (batch statistics)")
+        raise ValueError(
+            f"unknown teacher norm {norm!r}: use 'eman' (EMA'd BatchNorm statistics), 'bn' (batch statistics) "
+            "or 'ema' (weight EMA only, for networks without BatchNorm)"
+        )
     student = unwrap(student)
     if norm == "eman" and not tracked_batchnorms(student):
         raise ValueError(
             f"norm='eman' needs BatchNorm layers that track running statistics, and {type(student).__name__} has none. "
             "MONAI's UNet defaults to InstanceNorm and SegResNet to GroupNorm: build the network with norm='batch' "
-            "(e.g. UNet(..., norm='batch')), or use norm='bn'."
+            "(e.g. UNet(..., norm='batch')), or use norm='ema' (weight EMA only) or norm='bn'."
         )
     teacher = copy.deepcopy(student)
     teacher.requires_grad_(False)
@@ -148,6 +181,9 @@ def make_teacher(student: nn.Module, norm: str = "eman") -> nn.Module:
     if norm == "eman":
         for module in tracked_batchnorms(teacher):
             module.__class__ = _eman_class(type(module))
+    if norm in ("eman", "ema"):
+        teacher.register_forward_pre_hook(_eval_mode)
+        teacher.train(False)
     setattr(teacher, _NORM_ATTR, norm)
     return teacher
 
@@ -182,7 +218,7 @@ def update_teacher(teacher: nn.Module, student: nn.Module, momentum: float) -> N
 
     Parameters are always averaged. In ``eman`` mode every floating buffer (BatchNorm
     ``running_mean`` and ``running_var``) is averaged with the same momentum and integer buffers
-    (``num_batches_tracked``) are copied; in ``bn`` mode the teacher's buffers are its own.
+    (``num_batches_tracked``) are copied; in ``bn`` and ``ema`` mode the teacher's buffers are its own.
     All floating tensors go through one fused ``torch._foreach_lerp_``.
 
     Args:
@@ -235,3 +271,132 @@ def momentum_at(step: int, base: float, warmup: bool = True) -> float:
     if not warmup:
         return float(base)
     return float(min(1.0 - 1.0 / (step + 1), base))
+
+
+def scheduled_momentum(step: int, max_steps: int, base: float = 0.99, schedule: str = "constant", window: float = 0.1) -> float:
+    """EMA momentum before warm-up at optimizer step ``step`` of a ``max_steps`` run (pure).
+
+    * ``constant``: ``base``.
+    * ``cosine`` (BYOL; Grill et al., NeurIPS 2020): ``1 - (1 - base) (cos(pi k / K) + 1) / 2``,
+      rising from ``base`` at step 0 to 1 at ``max_steps``; the teacher freezes as the student
+      converges.
+    * ``window``: ``1 - 1 / (window * max_steps)``, constant over the run: the teacher averages
+      over about the last ``window`` fraction of the run's steps, whatever its length (0 when the
+      window is shorter than one step: the teacher is then the student).
+
+    Combine with the warm-up as ``momentum_at(step, scheduled_momentum(...))``.
+
+    Args:
+        step: optimizer steps taken before this update (clipped to ``max_steps``).
+        max_steps: optimizer steps of the whole run (``train.max_steps``).
+        base: the momentum of ``constant`` and the start of ``cosine``, in [0, 1].
+        schedule: one of :data:`SCHEDULES`.
+        window: the ``window`` schedule's fraction of ``max_steps``, > 0.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown momentum schedule {schedule!r}: use one of {', '.join(SCHEDULES)}")
+    if not 0.0 <= base <= 1.0:
+        raise ValueError(f"EMA momentum must be in [0, 1], got {base}")
+    if step < 0 or max_steps < 1:
+        raise ValueError(f"need step >= 0 and max_steps >= 1, got step={step}, max_steps={max_steps}")
+    if schedule == "constant":
+        return float(base)
+    if schedule == "cosine":
+        progress = min(step, max_steps) / max_steps
+        return float(1.0 - (1.0 - base) * (math.cos(math.pi * progress) + 1.0) / 2.0)
+    if not window > 0.0:
+        raise ValueError(f"the momentum window must be a positive fraction of the run, got {window}")
+    return float(max(0.0, 1.0 - 1.0 / (window * max_steps)))
+
+
+class _Moments:
+    """Per-channel count, sum and sum of squares of a BatchNorm layer's inputs, in float64."""
+
+    def __init__(self, channels: int):
+        self.count = 0
+        self.sum = torch.zeros(channels, dtype=torch.float64)
+        self.sumsq = torch.zeros(channels, dtype=torch.float64)
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        x = args[0].detach().to(torch.float64).transpose(0, 1).reshape(args[0].shape[1], -1)
+        self.count += x.shape[1]
+        self.sum += x.sum(1).cpu()
+        self.sumsq += (x * x).sum(1).cpu()
+
+
+def _plain_class(cls: type) -> type:
+    """The ordinary BatchNorm class under an EMAN layer's always-eval mixin."""
+    return next(c for c in cls.__mro__ if issubclass(c, _BatchNorm) and not issubclass(c, _AlwaysEvalNorm))
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
+    """Re-estimate ``model``'s BatchNorm running statistics from its own forward passes (precise-BN).
+
+    The model's weights are averages of the student's, and so should its statistics be: statistics
+    of the *averaged* network's activations. An EMAN teacher's statistics are instead an EMA of the
+    student's, which lag and over-estimate the variance while the student still moves within the
+    averaging window. As for averaged weights in SWA (``torch.optim.swa_utils.update_bn``; Izmailov
+    et al., UAI 2018) and as precise-BN (Wu & Johnson, "Rethinking 'Batch' in BatchNorm", 2021),
+    the statistics are recomputed: every tracked BatchNorm layer normalizes each batch with its
+    batch statistics (as in training, dropout off) while the per-channel mean and unbiased
+    variance of its inputs are pooled over *all* voxels of *all* batches, so they do not depend on
+    how the same voxels were grouped into batches at that layer. Parameters and
+    ``num_batches_tracked`` are untouched; modes, classes and momenta are restored.
+
+    Use it on a copy (``copy.deepcopy(teacher)``) when the EMA'd statistics must live on: the EMAN
+    teacher that makes pseudo-labels during training keeps them (that is EMAN).
+
+    Args:
+        model: a network (an EMAN, bn or plain one) on the batches' device.
+        batches: input tensors ``(B, C, ...)``; e.g. weak views of unlabeled patches.
+
+    Returns:
+        The number of batches used (0 leaves the statistics unchanged, as does a model without
+        tracked BatchNorm).
+
+    Examples:
+        >>> teacher = make_teacher(student, norm="eman")
+        >>> deployed = copy.deepcopy(teacher)
+        >>> recalibrate_batchnorm(deployed, (torch.randn(2, 1, 16, 16, 16) for _ in range(8)))
+        8
+    """
+    layers = tracked_batchnorms(unwrap(model))
+    if not layers:
+        return 0
+    modes = {m: m.training for m in model.modules()}
+    classes = {bn: type(bn) for bn in layers}
+    moments = {bn: _Moments(bn.num_features) for bn in layers}
+    handles = [bn.register_forward_pre_hook(moments[bn]) for bn in layers]
+    hooks = dict(model._forward_pre_hooks)  # an EMAN teacher's _eval_mode hook would undo train mode
+    model._forward_pre_hooks.clear()
+    saved = [(bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()) for bn in layers]
+    n = 0
+    try:
+        model.train(False)
+        for bn in layers:
+            bn.__class__ = _plain_class(classes[bn])
+            bn.train(True)  # normalize with batch statistics, as the student does in training
+        for batch in batches:
+            model(batch)
+            n += 1
+    finally:
+        model._forward_pre_hooks.update(hooks)
+        for handle in handles:
+            handle.remove()
+        for bn, (mean, var, count) in zip(layers, saved):
+            bn.__class__ = classes[bn]
+            bn.running_mean.copy_(mean)
+            bn.running_var.copy_(var)
+            bn.num_batches_tracked.copy_(count)
+        for module, mode in modes.items():
+            module.training = mode
+    if n == 0:
+        return 0
+    for bn in layers:
+        stats = moments[bn]
+        mean = stats.sum / stats.count
+        var = (stats.sumsq - stats.count * mean * mean) / max(stats.count - 1, 1)
+        bn.running_mean.copy_(mean.to(bn.running_mean))
+        bn.running_var.copy_(var.clamp_min(0.0).to(bn.running_var))
+    return n

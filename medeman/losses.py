@@ -70,10 +70,24 @@ def voxel_pseudo_labels(teacher_probs: torch.Tensor, threshold: float) -> tuple[
     return labels, confidence >= threshold
 
 
-def masked_cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy averaged over the masked voxels only (0 when no voxel is kept)."""
+PSEUDO_LABEL_REDUCTIONS = ("all", "kept")
+
+
+def masked_cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, reduction: str = "all") -> torch.Tensor:
+    """Cross-entropy of the kept (masked) voxels.
+
+    Args:
+        reduction: ``"all"`` - ``(ce * mask).mean()`` over every voxel, as FixMatch (Sohn et al.
+            2020) and EMAN write it: the loss grows with the fraction of confident voxels, so an
+            unsure teacher pulls less. ``"kept"`` - the mean over the kept voxels only (0 when
+            none is kept): a few confident voxels pull as hard as a whole patch.
+    """
+    if reduction not in PSEUDO_LABEL_REDUCTIONS:
+        raise ValueError(f"unknown pseudo-label reduction {reduction!r}: use 'all' or 'kept'")
     per_voxel = F.cross_entropy(student_logits.float(), labels, reduction="none")
     kept = mask.to(per_voxel.dtype)
+    if reduction == "all":
+        return (per_voxel * kept).mean()
     return (per_voxel * kept).sum() / kept.sum().clamp_min(1.0)
 
 

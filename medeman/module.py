@@ -10,20 +10,34 @@ One training step::
 
 The method is chosen by config only (``ssl.method``, ``ssl.teacher_norm``), so ablations differ
 in configuration, not code.
+
+The teacher that is validated and deployed (``teacher.pt``) can be a copy whose BatchNorm
+statistics are re-estimated from its own forward passes (``ssl.teacher_bn_recalibration``,
+:func:`medeman.eman.recalibrate_batchnorm`); the teacher that makes pseudo-labels keeps its EMA'd
+statistics.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from monai.losses import DeepSupervisionLoss, DiceCELoss
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
 from torch import nn
 
-from medeman.eman import make_teacher, momentum_at, tracked_batchnorms, update_teacher
+from medeman.eman import (
+    make_teacher,
+    momentum_at,
+    recalibrate_batchnorm,
+    scheduled_momentum,
+    tracked_batchnorms,
+    update_teacher,
+)
 from medeman.predict import predict_volume
 from medeman.labels import argmax_labels
 from medeman.losses import (
@@ -71,15 +85,26 @@ class SSLSegModule(pl.LightningModule):
         self.ssl = cfg["ssl"]
         self.num_classes = int(cfg["data"]["num_classes"])
         self.student = build_network(cfg)
+        if cfg["train"]["channels_last"]:  # NDHWC, oneDNN's and cuDNN's fast conv3d layout; the teacher copies it
+            self.student = self.student.to(memory_format=torch.channels_last_3d)
         self.teacher: nn.Module | None = None
         self.teacher_updates = 0  # the momentum schedule's clock (optimizer steps less those the grad scaler skipped)
-        if self.ssl["method"] == "mean_teacher":
+        if self.ssl["method"] in ("mean_teacher", "supervised_ema"):
             self.teacher = make_teacher(self.student, norm=self.ssl["teacher_norm"])
+        # the re-estimated copy of the teacher validated at a step, kept out of the module's state
+        # (checkpoints hold the EMA teacher only): {"step": int, "net": nn.Module}
+        self._recalibrated: dict[str, Any] = {}
+        self._compare_raw_teacher = True  # validate the EMA'd-statistics teacher too, the first time
+        self._validated: dict[str, nn.Module] = {}
         if sync_batchnorm:
             self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
+        if cfg["train"]["compile"]:  # in place (nn.Module.compile): state_dict keys and the EMAN update are unchanged
+            for net in (self.student, self.teacher):
+                if net is not None:
+                    net.compile()
         train = cfg["train"]
         ce_weights = None if train["ce_class_weights"] is None else torch.tensor([float(w) for w in train["ce_class_weights"]])
-        self.supervised_loss = DiceCELoss(to_onehot_y=True, softmax=True, weight=ce_weights)
+        self.supervised_loss = DiceCELoss(to_onehot_y=True, softmax=True, batch=bool(cfg["train"]["batch_dice"]), weight=ce_weights)
         if ce_weights is not None:  # MONAI weights its Dice too; train.ce_class_weights is for the cross-entropy only
             self.supervised_loss.dice.class_weight = None
         if train["deep_supervision"]:  # a list of heads, full resolution first, weighted 1/2^i (nnU-Net)
@@ -90,14 +115,14 @@ class SSLSegModule(pl.LightningModule):
             self.adaptive_thresholds = AdaptiveThresholds(
                 self.num_classes, float(self.ssl["adaptive_threshold_momentum"]), cap=float(self.ssl["pseudo_label_threshold"]))
         self.consistency_loss = CONSISTENCY_LOSSES.get(self.ssl["consistency"])
-        self.dice_metrics = {name: DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=False) for name in ("teacher", "student")}
-        self.hd95_metrics = {name: HausdorffDistanceMetric(include_background=False, percentile=95, reduction="mean_batch") for name in ("teacher", "student")}
+        self.dice_metrics = {name: DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=False) for name in ("teacher", "teacher_raw", "student")}
+        self.hd95_metrics = {name: HausdorffDistanceMetric(include_background=False, percentile=95, reduction="mean_batch") for name in ("teacher", "teacher_raw", "student")}
 
     # ---- training ----------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         labeled = batch["labeled"]
         image, label = labeled["image"], labeled["label"]
-        unlabeled = batch.get("unlabeled") if self.teacher is not None else None
+        unlabeled = batch.get("unlabeled") if self.ssl["method"] == "mean_teacher" else None
         step = self.global_step
         weight = 0.0
         if unlabeled is not None:
@@ -139,20 +164,26 @@ class SSLSegModule(pl.LightningModule):
         if threshold is not None:
             if self.adaptive_thresholds is not None:
                 labels, mask = self.adaptive_thresholds(teacher_probs)
-                for c, value in enumerate(self.adaptive_thresholds.thresholds()):
-                    logs[f"ssl/threshold_class{c}"] = value
             else:
                 labels, mask = voxel_pseudo_labels(teacher_probs, float(threshold))
-            for c, value in enumerate(kept_fraction_per_class(labels, mask, self.num_classes)):
-                if not torch.isnan(value):  # a class the teacher predicts nowhere in this batch
-                    logs[f"ssl/pseudo_label_kept_class{c}"] = value
-            pseudo = masked_cross_entropy(strong_logits, labels, mask)
+            if self.global_step % int(self.cfg["train"]["log_every_steps"]) == 0:  # one device sync, at logging steps only
+                self._log_pseudo_label_classes(labels, mask, logs)
+            pseudo = masked_cross_entropy(strong_logits, labels, mask, self.ssl["pseudo_label_reduction"])
             if self.ssl["pseudo_label_dice"]:
                 pseudo = pseudo + masked_dice(strong_logits, labels, mask)
             logs["loss/pseudo_label"] = pseudo.detach()
             logs["ssl/pseudo_label_fraction"] = mask.float().mean()
             total = total + float(self.ssl["pseudo_label_weight"]) * pseudo
         return total
+
+    def _log_pseudo_label_classes(self, labels: torch.Tensor, mask: torch.Tensor, logs: dict) -> None:
+        """Kept fraction of each class's pseudo-label voxels (classes the teacher predicts in the batch), and the adaptive thresholds."""
+        for c, value in enumerate(kept_fraction_per_class(labels, mask, self.num_classes).tolist()):
+            if not math.isnan(value):
+                logs[f"ssl/pseudo_label_kept_class{c}"] = value
+        if self.adaptive_thresholds is not None:
+            for c, value in enumerate(self.adaptive_thresholds.thresholds().tolist()):
+                logs[f"ssl/threshold_class{c}"] = value
 
     def configure_callbacks(self) -> list:
         """The teacher-focused unlabeled sampling's refresh (``data.unlabeled_focus_fraction`` > 0), when there is a teacher."""
@@ -172,9 +203,9 @@ class SSLSegModule(pl.LightningModule):
         if self.teacher is not None and not (scale is not None and self._grad_scale() < scale):  # the scaler backs off only on a skip
             if self.ssl["teacher_norm"] == "eman":  # a bn teacher keeps its own statistics
                 self._average_student_bn_statistics()
-            momentum = momentum_at(self.teacher_updates, self.ssl["ema_momentum"], self.ssl["momentum_warmup"])
-            update_teacher(self.teacher, self.student, momentum)
+            update_teacher(self.teacher, self.student, self.teacher_momentum(self.teacher_updates))
             self.teacher_updates += 1
+
     def _grad_scale(self) -> float | None:
         """The loss scale of 16-mixed's gradient scaler (``None`` without one)."""
         scaler = getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
@@ -186,6 +217,11 @@ class SSLSegModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.teacher_updates = int(checkpoint.get("medeman_teacher_updates", checkpoint.get("global_step", 0)))
 
+    def teacher_momentum(self, step: int) -> float:
+        """The EMA momentum of the update after optimizer step ``step``: the schedule, then the warm-up."""
+        ssl = self.ssl
+        base = scheduled_momentum(step, int(self.cfg["train"]["max_steps"]), float(ssl["ema_momentum"]), ssl["momentum_schedule"], float(ssl["momentum_window"]))
+        return momentum_at(step, base, ssl["momentum_warmup"])
 
     def _average_student_bn_statistics(self) -> None:
         """Average the student's BN running statistics over ranks when BN is not synchronized.
@@ -228,12 +264,76 @@ class SSLSegModule(pl.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules[train["lr_schedule"]])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    # ---- the deployed teacher: re-estimated BatchNorm statistics --------------------------------
+    def _recalibrates(self, when: str) -> bool:
+        mode = self.ssl["teacher_bn_recalibration"]
+        wanted = mode == "always" or (mode == "export" and when == "export")
+        return wanted and self.teacher is not None and bool(tracked_batchnorms(self.teacher))
+
+    def _recalibration_inputs(self):
+        """Weak views of unlabeled patches (labeled images without them), from the DataModule."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        loader_of = getattr(datamodule, "recalibration_dataloader", None)
+        if loader_of is None:
+            return None
+        return (
+            (batch["weak"] if "weak" in batch else batch["image"]).to(self.device)
+            for batch in loader_of(int(self.ssl["recalibration_batches"]))
+        )
+
+    def recalibrated_teacher(self) -> nn.Module | None:
+        """A copy of the teacher with BatchNorm statistics re-estimated at this step (cached per step).
+
+        ``None`` when no batches can be drawn (no DataModule with ``recalibration_dataloader``).
+        """
+        if self._recalibrated.get("step") == self.global_step:
+            return self._recalibrated["net"]
+        inputs = self._recalibration_inputs()
+        if inputs is None:
+            rank_zero_warn("ssl.teacher_bn_recalibration: the DataModule has no recalibration_dataloader; the teacher keeps its statistics")
+            return None
+        net = copy.deepcopy(self.teacher)
+        if recalibrate_batchnorm(net, inputs) == 0:
+            rank_zero_warn("ssl.teacher_bn_recalibration: no batches to re-estimate the teacher's BatchNorm statistics from")
+            return None
+        self._recalibrated = {"step": self.global_step, "net": net}
+        return net
+
+    def deployed_network(self) -> tuple[nn.Module, str]:
+        """The network written to ``teacher.pt`` and which BatchNorm statistics it holds.
+
+        Returns:
+            ``(network, stats)`` with ``stats`` one of ``"recalibrated"`` (re-estimated from its own
+            forward passes), ``"ema"`` (EMAN's EMA of the student's), ``"batch"`` (running averages of
+            batch statistics: a bn teacher's own, or the supervised student's) and ``"none"`` (no
+            BatchNorm, e.g. an ``ema`` teacher on InstanceNorm).
+        """
+        if self.teacher is None:
+            return self.student, "batch" if tracked_batchnorms(self.student) else "none"
+        if not tracked_batchnorms(self.teacher):
+            return self.teacher, "none"
+        if self._recalibrates("export"):
+            net = self.recalibrated_teacher()
+            if net is not None:
+                return net, "recalibrated"
+        return self.teacher, "ema" if self.ssl["teacher_norm"] == "eman" else "batch"
+
     # ---- validation: whole volumes, teacher and student -----------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._validated = {"student": self.student}
+        if self.teacher is None:
+            return
+        teacher = self.recalibrated_teacher() if self._recalibrates("validation") else None
+        if teacher is None:
+            self._validated["teacher"] = self.teacher
+            return
+        self._validated["teacher"] = teacher
+        if self._compare_raw_teacher and not self.trainer.sanity_checking:
+            self._validated["teacher_raw"] = self.teacher  # with its EMA'd (or own) statistics, once
+
     def _networks(self) -> dict[str, nn.Module]:
-        nets = {"student": self.student}
-        if self.teacher is not None:
-            nets["teacher"] = self.teacher
-        return nets
+        """The networks this validation scores, by name (set in :meth:`on_validation_epoch_start`)."""
+        return self._validated
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         image, label = batch["image"], batch["label"]
@@ -249,11 +349,21 @@ class SSLSegModule(pl.LightningModule):
         results = {name: (self.dice_metrics[name].aggregate(), self.hd95_metrics[name].aggregate()) for name in self._networks()}
         if self.teacher is None:  # supervised baseline: the student is the deployed model, logged as both
             results["teacher"] = results["student"]
+        if "teacher_raw" in results:
+            self._compare_raw_teacher = False
+            held = "EMA'd" if self.ssl["teacher_norm"] == "eman" else "own"
+            rank_zero_info(
+                f"teacher validation Dice at step {self.global_step}: {results['teacher_raw'][0].mean().item():.3f} with its "
+                f"{held} BatchNorm statistics, "
+                f"{results['teacher'][0].mean().item():.3f} re-estimated (ssl.teacher_bn_recalibration={self.ssl['teacher_bn_recalibration']})"
+            )
         for name, (dice, hd95) in results.items():
             dice = dice.to(self.device).float()
             hd95 = hd95.to(self.device).float()
             hd95 = torch.where(torch.isfinite(hd95), hd95, torch.full_like(hd95, float("nan")))
             self.log(f"val/dice_{name}", dice.mean(), prog_bar=name == "teacher", sync_dist=True)
+            if name == "teacher_raw":
+                continue
             self.log(f"val/hd95_{name}", hd95.nanmean(), sync_dist=True)
             for c, value in enumerate(dice, start=1):
                 self.log(f"val/dice_{name}_class{c}", value, sync_dist=True)

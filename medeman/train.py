@@ -4,7 +4,8 @@ Run folder layout::
 
     config.yaml           resolved configuration (commented, loads with --config)
     split.json            train/validation split of the labeled cases (when no --val folder)
-    teacher.pt            best teacher by val/dice_teacher: state_dict + config (weights_only-safe)
+    teacher.pt            best teacher by val/dice_teacher: state_dict + config (weights_only-safe), with
+                          extra["teacher_bn_stats"]: recalibrated | ema | batch | none
     metrics.csv           every logged value (CSVLogger)
     tensorboard/          TensorBoard event files
     checkpoints/          Lightning checkpoints: best-*.ckpt and last.ckpt (for --resume)
@@ -75,8 +76,8 @@ class TeacherExport(Callback):
 
     def _export(self, trainer: pl.Trainer, module: pl.LightningModule, score: float) -> None:
         if trainer.is_global_zero:
-            net = module.teacher if module.teacher is not None else module.student
-            save_teacher(self.path, net, self.cfg, step=trainer.global_step, val_dice_teacher=score)
+            net, stats = module.deployed_network()  # the teacher as validated (re-estimated statistics, if on)
+            save_teacher(self.path, net, self.cfg, step=trainer.global_step, val_dice_teacher=score, teacher_bn_stats=stats)
 
     def on_validation_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         if trainer.sanity_checking:

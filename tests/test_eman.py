@@ -16,6 +16,8 @@ from medeman.eman import (
     EMANBatchNorm3d,
     make_teacher,
     momentum_at,
+    recalibrate_batchnorm,
+    scheduled_momentum,
     teacher_norm,
     tracked_batchnorms,
     unwrap,
@@ -427,13 +429,16 @@ ERROR_CASES = [
     ["unet-instancenorm", lambda: make_teacher(UNet(3, 1, 2, (4, 8), (2,)), norm="eman"), "norm='batch'"],
     ["segresnet-groupnorm", lambda: make_teacher(SegResNet(3, init_filters=8), norm="eman"), "norm='batch'"],
     ["no-running-stats", lambda: make_teacher(nn.Sequential(nn.Conv3d(1, 2, 1), nn.BatchNorm3d(2, track_running_stats=False))), "running statistics"],
-    ["unknown-norm", lambda: make_teacher(tiny_net(), norm="ema"), "'eman'"],
+    ["unknown-norm", lambda: make_teacher(tiny_net(), norm="group"), "'eman'"],
     ["unknown-norm-none", lambda: make_teacher(tiny_net(), norm=None), "'bn'"],
     ["momentum-negative", lambda: update_teacher(make_teacher(tiny_net()), tiny_net(), -0.1), "[0, 1]"],
     ["momentum-above-one", lambda: update_teacher(make_teacher(tiny_net()), tiny_net(), 1.01), "[0, 1]"],
     ["momentum-nan", lambda: update_teacher(make_teacher(tiny_net()), tiny_net(), float("nan")), "[0, 1]"],
     ["momentum_at-base", lambda: momentum_at(3, 1.5), "[0, 1]"],
     ["momentum_at-step", lambda: momentum_at(-1, 0.99), ">= 0"],
+    ["schedule-unknown", lambda: scheduled_momentum(0, 10, schedule="linear"), "cosine"],
+    ["schedule-window", lambda: scheduled_momentum(0, 10, schedule="window", window=0.0), "positive"],
+    ["schedule-steps", lambda: scheduled_momentum(0, 0), "max_steps >= 1"],
     ["arch-widths", lambda: update_teacher(make_teacher(small_unet()), UNet(3, 1, 2, (4, 8, 32), (2, 2), num_res_units=1, norm="batch"), 0.9), "different architectures"],
     ["arch-depth", lambda: update_teacher(make_teacher(small_unet()), UNet(3, 1, 2, (4, 8), (2,), num_res_units=1, norm="batch"), 0.9), "different architectures"],
     ["arch-family", lambda: update_teacher(make_teacher(tiny_net()), nn.Sequential(nn.Linear(2, 2)), 0.9), "make_teacher(student)"],
@@ -463,3 +468,125 @@ def test_architecture_checked_again_for_new_student():
     for _ in range(3):  # freed ids get reused; the check must not be skipped for them
         with pytest.raises(ValueError, match="different architectures"):
             update_teacher(teacher, UNet(3, 1, 2, (4, 8, 32), (2, 2), num_res_units=1, norm="batch"), 0.9)
+
+
+# ---------------------------------------------------------------- momentum schedules
+
+# [schedule, base, window, T, {step: expected}]
+SCHEDULE_CASES = [
+    ["constant", 0.99, 0.1, 500, {0: 0.99, 250: 0.99, 500: 0.99}],
+    ["cosine", 0.99, 0.1, 500, {0: 0.99, 250: 0.995, 500: 1.0, 900: 1.0}],
+    ["cosine", 0.9, 0.1, 2000, {0: 0.9, 1000: 0.95, 2000: 1.0}],
+    ["window", 0.5, 0.1, 500, {0: 1 - 1 / 50, 250: 1 - 1 / 50, 500: 1 - 1 / 50}],
+    ["window", 0.5, 0.1, 2000, {0: 1 - 1 / 200, 1000: 1 - 1 / 200, 2000: 1 - 1 / 200}],
+    ["window", 0.5, 0.01, 50, {0: 0.0, 25: 0.0, 50: 0.0}],  # a window under one step copies the student
+]
+
+
+@pytest.mark.parametrize("schedule, base, window, total, expected", SCHEDULE_CASES)
+def test_scheduled_momentum_at_start_middle_and_end(schedule, base, window, total, expected):
+    for step, value in expected.items():
+        assert scheduled_momentum(step, total, base, schedule, window) == pytest.approx(value, abs=1e-12), step
+
+
+def test_warmup_stays_exact_under_a_schedule():
+    """The warm-up 1 - 1/(k+1) still wins early: the teacher is the plain average of the first students."""
+    for step in range(10):
+        assert momentum_at(step, scheduled_momentum(step, 500, 0.99, "cosine")) == 1.0 - 1.0 / (step + 1)
+
+
+# ---------------------------------------------------------------- precise-BN re-estimation
+
+def _batches(x: torch.Tensor, size: int) -> list[torch.Tensor]:
+    return list(torch.split(x, size))
+
+
+def _hand_stats(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased variance per channel of the BN input (conv1(x)) over every voxel of every scan."""
+    with torch.no_grad():
+        h = net[0](x).transpose(0, 1).reshape(2, -1).double()
+    return h.mean(1), h.var(1, unbiased=True)
+
+
+@pytest.mark.parametrize("norm", ["eman", "bn"])
+def test_recalibration_equals_hand_statistics_and_leaves_weights_untouched(norm):
+    student = tiny_net()
+    train_student(student)
+    teacher = make_teacher(student, norm=norm)
+    weights = {k: v.clone() for k, v in teacher.named_parameters()}
+    count = tracked_batchnorms(teacher)[0].num_batches_tracked.clone()
+    x = torch.randn(8, 1, 4, 4, 4) * 3.0 + 1.0
+    assert recalibrate_batchnorm(teacher, _batches(x, 2)) == 4
+    mean, var = _hand_stats(teacher, x)
+    bn = tracked_batchnorms(teacher)[0]
+    torch.testing.assert_close(bn.running_mean, mean.float())
+    torch.testing.assert_close(bn.running_var, var.float())
+    for name, value in teacher.named_parameters():
+        assert torch.equal(value, weights[name]), name
+    assert torch.equal(bn.num_batches_tracked, count)
+    if norm == "eman":  # still an EMAN layer in eval mode afterwards
+        assert isinstance(bn, EMANBatchNorm3d) and not bn.training
+
+
+@pytest.mark.parametrize("sizes", [(8,), (4,), (2,), (1,), (3,)])
+def test_recalibration_is_independent_of_batch_composition(sizes):
+    """The same eight scans, grouped into batches differently (shuffled too), give the same statistics."""
+    student = tiny_net()
+    train_student(student)
+    x = torch.randn(8, 1, 4, 4, 4) * 2.0 - 0.5
+    reference = make_teacher(student)
+    recalibrate_batchnorm(reference, [x])
+    teacher = make_teacher(student)
+    recalibrate_batchnorm(teacher, _batches(x[torch.randperm(8)], sizes[0]))
+    for a, b in zip(tracked_batchnorms(teacher), tracked_batchnorms(reference)):
+        torch.testing.assert_close(a.running_mean, b.running_mean)
+        torch.testing.assert_close(a.running_var, b.running_var)
+
+
+def test_recalibration_without_batches_or_batchnorm_changes_nothing():
+    teacher = make_teacher(tiny_net())
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    assert recalibrate_batchnorm(teacher, []) == 0
+    for name, value in teacher.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    instance = make_teacher(UNet(3, 1, 2, (4, 8), (2,)), norm="ema")
+    assert recalibrate_batchnorm(instance, [torch.randn(2, 1, 8, 8, 8)]) == 0
+
+
+def test_recalibrated_unet_still_normalizes_each_scan_alone():
+    """After re-estimation the EMAN teacher again normalizes with running statistics (batch-independent)."""
+    student = small_unet()
+    train_student(student)
+    teacher = make_teacher(student)
+    recalibrate_batchnorm(teacher, [torch.randn(2, 1, SIDE, SIDE, SIDE) for _ in range(3)])
+    teacher.train()
+    x = torch.randn(4, 1, SIDE, SIDE, SIDE)
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(x)[:1], teacher(x[:1]))
+
+
+# ---------------------------------------------------------------- deterministic teacher, plain EMA
+
+def dropout_unet(norm: str = "batch") -> nn.Module:
+    return UNet(3, 1, 2, (4, 8), (2,), num_res_units=1, norm=norm, dropout=0.5)
+
+
+@pytest.mark.parametrize("norm, net_norm, deterministic", [("eman", "batch", True), ("ema", "instance", True), ("ema", "batch", True), ("bn", "batch", False)])
+def test_teacher_output_after_train_is_deterministic_except_bn(norm, net_norm, deterministic):
+    teacher = make_teacher(dropout_unet(net_norm), norm=norm)
+    teacher.train()
+    x = torch.randn(2, 1, SIDE, SIDE, SIDE)
+    with torch.no_grad():
+        first, second = teacher(x), teacher(x)
+    assert torch.equal(first, second) == deterministic
+
+
+def test_ema_teacher_on_instancenorm_averages_weights_only():
+    student = UNet(3, 1, 2, (4, 8), (2,), num_res_units=1)  # MONAI's default InstanceNorm, no running statistics
+    teacher = make_teacher(student, norm="ema")
+    assert teacher_norm(teacher) == "ema"
+    fill(student, 1.0, 0.0, 1.0, 0)
+    fill(teacher, 3.0, 0.0, 1.0, 0)
+    update_teacher(teacher, student, 0.75)
+    for p in teacher.parameters():
+        torch.testing.assert_close(p, torch.full_like(p, 2.5))

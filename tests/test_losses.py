@@ -83,8 +83,34 @@ def test_masked_cross_entropy_averages_kept_voxels_only():
     labels = torch.randint(0, 3, (2, 4, 4, 4))
     mask = torch.rand(2, 4, 4, 4) > 0.5
     expected = F.cross_entropy(logits.permute(0, 2, 3, 4, 1)[mask], labels[mask])
-    assert masked_cross_entropy(logits, labels, mask).item() == pytest.approx(expected.item(), rel=1e-5)
-    assert masked_cross_entropy(logits, labels, torch.zeros_like(mask)).item() == 0.0
+    assert masked_cross_entropy(logits, labels, mask, "kept").item() == pytest.approx(expected.item(), rel=1e-5)
+    assert masked_cross_entropy(logits, labels, torch.zeros_like(mask), "kept").item() == 0.0
+
+
+# logits of 4 voxels (2 classes), labels, kept mask -> expected CE for reduction "all" and "kept", by hand
+_CE = [math.log(2.0), math.log(1 + math.exp(-2.0)), math.log(1 + math.exp(2.0)), math.log(1 + math.exp(-4.0))]
+REDUCTION_CASES = [
+    ([True, True, True, True], sum(_CE) / 4, sum(_CE) / 4),
+    ([True, False, True, False], (_CE[0] + _CE[2]) / 4, (_CE[0] + _CE[2]) / 2),
+    ([False, True, False, False], _CE[1] / 4, _CE[1]),
+    ([False, False, False, False], 0.0, 0.0),
+]
+
+
+@pytest.mark.parametrize("kept, expected_all, expected_kept", REDUCTION_CASES)
+def test_pseudo_label_reduction_all_divides_by_every_voxel_kept_by_kept_ones(kept, expected_all, expected_kept):
+    # voxel logits (class 0, class 1) and labels: CE = log(1 + exp(z_other - z_label))
+    logits = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 2.0], [0.0, 4.0]]).T.reshape(1, 2, 4, 1, 1)
+    labels = torch.tensor([0, 0, 0, 1]).reshape(1, 4, 1, 1)
+    mask = torch.tensor(kept).reshape(1, 4, 1, 1)
+    assert masked_cross_entropy(logits, labels, mask, "all").item() == pytest.approx(expected_all, rel=1e-6)
+    assert masked_cross_entropy(logits, labels, mask, "kept").item() == pytest.approx(expected_kept, rel=1e-6)
+    assert masked_cross_entropy(logits, labels, mask).item() == pytest.approx(expected_all, rel=1e-6)  # FixMatch's is the default
+
+
+def test_unknown_pseudo_label_reduction_is_refused():
+    with pytest.raises(ValueError, match="'all' or 'kept'"):
+        masked_cross_entropy(torch.zeros(1, 2, 1, 1, 1), torch.zeros(1, 1, 1, 1, dtype=torch.long), torch.ones(1, 1, 1, 1, dtype=torch.bool), "sum")
 
 
 def test_masked_dice_is_zero_for_perfect_prediction_and_ignores_masked_voxels():

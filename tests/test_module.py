@@ -36,9 +36,9 @@ def _train(sets, steps=4, accumulate=1):
     return cfg, module, initial, history.states
 
 
-@pytest.mark.parametrize("norm, accumulate", [("eman", 1), ("bn", 1), ("eman", 2)])
-def test_teacher_equals_hand_computed_ema_of_student_history(norm, accumulate):
-    cfg, module, initial, states = _train([f"ssl.teacher_norm={norm}", "ssl.ema_momentum=0.8", "ssl.rampup_steps=0"], 4, accumulate)
+@pytest.mark.parametrize("norm, accumulate, method", [("eman", 1, "mean_teacher"), ("bn", 1, "mean_teacher"), ("eman", 2, "mean_teacher"), ("eman", 1, "supervised_ema")])
+def test_teacher_equals_hand_computed_ema_of_student_history(norm, accumulate, method):
+    cfg, module, initial, states = _train([f"ssl.teacher_norm={norm}", "ssl.ema_momentum=0.8", "ssl.momentum_schedule=constant", "ssl.rampup_steps=0", f"ssl.method={method}"], 4, accumulate)
     assert len(states) == 4  # one teacher update per optimizer step, whatever the accumulation
     expected = {k: v.clone() for k, v in initial.items()}
     for step, student in enumerate(states):
@@ -79,3 +79,59 @@ def test_teacher_gets_no_gradient_and_is_not_optimized():
     optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert not optimized & {id(p) for p in module.teacher.parameters()}
     assert all(not p.requires_grad for p in module.teacher.parameters())
+
+
+@pytest.mark.parametrize("schedule, window, expected", [("constant", 0.1, 0.8), ("cosine", 0.1, 0.9), ("window", 0.25, 0.8)])
+def test_module_momentum_follows_the_schedule_after_warmup(schedule, window, expected):
+    """max_steps=20: cosine from 0.8 is 0.9 at step 10; a window of 25 % of 20 steps gives 1 - 1/5 = 0.8."""
+    module = SSLSegModule(load_config(sets=TINY + ["train.max_steps=20", "ssl.ema_momentum=0.8", f"ssl.momentum_schedule={schedule}",
+                                                   f"ssl.momentum_window={window}"]))
+    assert module.teacher_momentum(10) == pytest.approx(min(expected, 1 - 1 / 11))
+    assert module.teacher_momentum(0) == 0.0  # the warm-up starts as a copy of the student
+
+
+def _dice_ce_by_hand(logits, label, batch):
+    """MONAI DiceCELoss(to_onehot_y, softmax, include_background) written out: Dice over (B, C) or C, plus mean CE."""
+    probs = torch.softmax(logits, 1)
+    onehot = torch.nn.functional.one_hot(label[:, 0], logits.shape[1]).movedim(-1, 1).float()
+    dims = (0, 2, 3, 4) if batch else (2, 3, 4)
+    inter, total = (probs * onehot).sum(dims), probs.sum(dims) + onehot.sum(dims)
+    dice = 1.0 - (2.0 * inter + 1e-5) / (total + 1e-5)
+    return dice.mean() + torch.nn.functional.cross_entropy(logits, label[:, 0])
+
+
+@pytest.mark.parametrize("batch_dice", [True, False])
+def test_supervised_loss_batch_dice_switch_matches_hand_computation(batch_dice):
+    """Patch 2 has no class 2: per-patch Dice counts that as a near-total loss, batch Dice does not."""
+    module = SSLSegModule(load_config(sets=TINY + [f"train.batch_dice={str(batch_dice).lower()}", "data.num_classes=3"]))
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 4, 4, 4)
+    label = torch.zeros(2, 1, 4, 4, 4, dtype=torch.long)
+    label[0, 0, :2] = 1
+    label[0, 0, 2:, :2] = 2
+    label[1, 0, :, :3] = 1
+    expected = _dice_ce_by_hand(logits, label, batch_dice)
+    assert module.supervised_loss(logits, label).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert expected.item() != pytest.approx(_dice_ce_by_hand(logits, label, not batch_dice).item(), rel=1e-3)
+
+
+def test_deployed_teacher_has_recalibrated_statistics_and_the_training_teacher_keeps_its_ema():
+    _, module, _, _ = _train(["ssl.teacher_bn_recalibration=export", "ssl.recalibration_batches=2"], 3)
+    ema_state = {k: v.clone() for k, v in module.teacher.state_dict().items()}
+    deployed, stats = module.deployed_network()
+    assert stats == "recalibrated" and deployed is not module.teacher
+    for name, value in module.teacher.state_dict().items():
+        assert torch.equal(value, ema_state[name]), name  # EMAN's pseudo-label teacher is untouched
+    deployed_state = deployed.state_dict()
+    means = [k for k in ema_state if k.endswith("running_mean")]
+    assert means and not all(torch.equal(deployed_state[k], ema_state[k]) for k in means)
+    assert all(torch.equal(deployed_state[k], v) for k, v in module.teacher.named_parameters())
+
+
+@pytest.mark.parametrize("sets, stats", [(["ssl.teacher_bn_recalibration=off"], "ema"), (["ssl.teacher_norm=bn", "ssl.teacher_bn_recalibration=off"], "batch"),
+                                         (["ssl.method=supervised"], "batch")])
+def test_deployed_network_names_the_statistics_it_holds(sets, stats):
+    _, module, _, _ = _train(sets, 1)
+    net, held = module.deployed_network()
+    assert held == stats
+    assert net is (module.student if module.teacher is None else module.teacher)

@@ -48,3 +48,6 @@ class TinyData(pl.LightningDataModule):
             "unlabeled": DataLoader(Patches(self.n, True, self.per_rank), batch_size=2),
         }
         return CombinedLoader(loaders, "max_size_cycle")
+
+    def recalibration_dataloader(self, n_batches):
+        return DataLoader(Patches(2 * n_batches, True, self.per_rank), batch_size=2)

@@ -224,6 +224,21 @@ class SSLDataModule(pl.LightningDataModule):
             self._loaders = loaders
         return CombinedLoader(self._loaders, mode="max_size_cycle")
 
+    def recalibration_dataloader(self, n_batches: int) -> DataLoader:
+        """``n_batches`` training batches for re-estimating the teacher's BatchNorm statistics.
+
+        Weak views of unlabeled patches (``{"weak", "strong"}``), or labeled patches
+        (``{"image", "label"}``) without unlabeled scans; the same patches at every call (fixed
+        seed), drawn in the main process.
+        """
+        name = "unlabeled" if "unlabeled" in self._datasets else "labeled"
+        size = int(self.cfg["data"][f"batch_size_{name}"])
+        seed = self._seed() + 4
+        sampler = RandomSampler(self._datasets[name], replacement=True, num_samples=n_batches * size,
+                                generator=torch.Generator().manual_seed(seed))
+        return DataLoader(self._datasets[name], batch_size=size, sampler=sampler, num_workers=0,
+                          collate_fn=list_data_collate, drop_last=True, generator=torch.Generator().manual_seed(seed + 1))
+
     def val_dataloader(self) -> DataLoader | list:
         """Whole preprocessed validation volumes, one at a time: ``{"image": (1, C, ...), "label": (1, 1, ...)}``."""
         if "val" not in self._datasets:
