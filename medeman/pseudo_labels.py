@@ -33,16 +33,17 @@ def class_confidence(teacher_probs: torch.Tensor) -> tuple[torch.Tensor, torch.T
         teacher_probs: ``(B, C, *spatial)`` probabilities.
 
     Returns:
-        ``(stats, counts, labels)``: ``stats`` float64 ``(1 + C,)`` holds the sum of max-probabilities
+        ``(stats, counts, labels)``: ``stats`` float32 ``(1 + C,)`` holds the sum of max-probabilities
         over all voxels, then per class over the voxels whose argmax is that class; ``counts`` the
         matching voxel counts; ``labels`` the argmax ``(B, *spatial)``.
     """
     num_classes = teacher_probs.shape[1]
     confidence, labels = teacher_probs.float().max(dim=1)
-    per_class = torch.zeros(num_classes, dtype=torch.float64, device=teacher_probs.device)
-    per_class.index_add_(0, labels.flatten(), confidence.flatten().double())
-    counts = torch.bincount(labels.flatten(), minlength=num_classes).double()
-    stats = torch.cat([confidence.sum().double().reshape(1), per_class])
+    # float32 sums (float64 is missing on some accelerators, e.g. MPS): the means need no more
+    per_class = torch.zeros(num_classes, dtype=torch.float32, device=teacher_probs.device)
+    per_class.index_add_(0, labels.flatten(), confidence.flatten())
+    counts = torch.bincount(labels.flatten(), minlength=num_classes).float()
+    stats = torch.cat([confidence.sum().reshape(1), per_class])
     counts = torch.cat([counts.sum().reshape(1), counts])
     return stats, counts, labels
 
@@ -102,10 +103,11 @@ class AdaptiveThresholds(nn.Module):
         means = (stats / counts.clamp_min(1.0)).to(self.class_confidence.dtype)
         seen = counts > 0
         m = self.momentum
-        if seen[0]:
-            self.global_confidence.mul_(m).add_((1 - m) * means[0])
-        updated = m * self.class_confidence + (1 - m) * means[1:]
-        self.class_confidence.copy_(torch.where(seen[1:], updated, self.class_confidence))
+        # torch.where, not `if`: no device-to-host sync in the training step
+        current = torch.cat([self.global_confidence.reshape(1), self.class_confidence])
+        current = torch.where(seen, m * current + (1 - m) * means, current)
+        self.global_confidence.copy_(current[0])
+        self.class_confidence.copy_(current[1:])
         return labels
 
     def forward(self, teacher_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
