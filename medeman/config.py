@@ -11,6 +11,7 @@ in step.
 from __future__ import annotations
 
 import copy
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,33 +42,82 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Option:
-    """One configuration key: its default, a one-line meaning, and the allowed values if fixed."""
+    """One configuration key: its default, a one-line meaning, the allowed values if fixed, and its type.
+
+    ``type`` is what a value must be (a type or a tuple of types); left out, it is the default's
+    type (a key whose default is ``None`` should declare it, or it is not checked). ``nullable`` (default: whether the
+    default is ``None``) allows ``null``. An ``int`` is accepted for a ``float`` key, a whole
+    ``float`` (``2e4``) for an ``int`` key and a number for a ``str`` key (YAML reads ``32`` as a
+    number), each converted; anything else is refused at load time, naming the key.
+    """
 
     default: Any
     help: str
     choices: tuple | None = None
+    type: type | tuple[type, ...] | None = None
+    nullable: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.type is None:
+            # a None default without a declared type is not checked: declare one
+            kind = object if self.default is None else list if isinstance(self.default, tuple) else type(self.default)
+            object.__setattr__(self, "type", kind)
+        if self.nullable is None:
+            object.__setattr__(self, "nullable", self.default is None)
+
+    def convert(self, name: str, value: Any) -> Any:
+        """``value`` as this key's type (see the class docstring); raise ConfigError naming ``name``."""
+        if value is None:
+            if self.nullable:
+                return None
+            raise ConfigError(f"{name}: null is not allowed (expected {_type_name(self.type)})")
+        types = self.type if isinstance(self.type, tuple) else (self.type,)
+        for kind in types:
+            if kind is bool and isinstance(value, bool):
+                return value
+            if kind is str and isinstance(value, bool) and self.choices and ("on" if value else "off") in self.choices:
+                return "on" if value else "off"  # YAML 1.1 reads a bare off/on as false/true
+            if isinstance(value, bool):  # YAML's true/false are not numbers here
+                continue
+            if kind is int and (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+                return int(value)
+            if kind is float and isinstance(value, (int, float)):
+                return float(value)
+            if kind is str and isinstance(value, (str, int, float)):
+                return str(value)
+            if kind is list and isinstance(value, (list, tuple)):
+                return list(value)
+            if kind not in (bool, int, float, str, list) and isinstance(value, kind):
+                return value
+        raise ConfigError(f"{name}: {value!r} is not {_type_name(self.type)}")
+
+
+def _type_name(kind: type | tuple[type, ...]) -> str:
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a mapping"}
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
 SCHEMA: dict[str, dict[str, Option]] = {
     "data": {
-        "spacing": Option([1.5, 1.5, 1.5], "target voxel spacing in mm (x, y, z) after resampling; null keeps each scan's own"),
+        "spacing": Option([1.5, 1.5, 1.5], "target voxel spacing in mm (x, y, z) after resampling; null keeps each scan's own", nullable=True),
         "patch_size": Option([96, 96, 96], "training patch size in voxels (x, y, z); validation and inference use it as the sliding window"),
         "modality": Option("CT", "intensity normalization: CT clips to intensity_window and scales to [0, 1]; MR z-scores each scan on its foreground", ("CT", "MR")),
         "intensity_window": Option([-175.0, 250.0], "CT window in HU [low, high] clipped and scaled to [0, 1] (ignored for MR)"),
         "num_classes": Option(2, "number of classes including background; label values must lie in 0..num_classes-1"),
-        "labels": Option(None, "class names by label value, e.g. {1: liver, 2: lesion}, shown by medeman evaluate --classes; null: numbers only"),
+        "labels": Option(None, "class names by label value, e.g. {1: liver, 2: lesion}, shown by medeman evaluate --classes; null: numbers only", type=dict),
         "in_channels": Option(1, "image channels per case (nnU-Net _0000, _0001, ... files grouped into one case)"),
         "val_fraction": Option(0.2, "fraction of labeled cases held out for validation when no --val folder is given"),
         "split_seed": Option(0, "seed of the deterministic train/validation split"),
         "cache": Option("memory", "cache of preprocessed volumes: memory (CacheDataset), disk (PersistentDataset) or none", ("memory", "disk", "none")),
-        "cache_dir": Option(None, "folder for the disk cache; null means <run dir>/cache"),
+        "cache_dir": Option(None, "folder for the disk cache; null means <run dir>/cache", type=str),
         "batch_size_labeled": Option(2, "labeled patches per training step"),
         "batch_size_unlabeled": Option(2, "unlabeled patches (weak+strong view pairs) per training step"),
         "num_workers": Option(4, "DataLoader worker processes for training batches"),
         "fg_class_fraction": Option(0.33, "class_ratios null (nnU-Net rule): share of labeled patches centred on a voxel of a foreground class drawn uniformly among those present in the scan; the rest are random windows"),
-        "class_ratios": Option(None, "null: the fg_class_fraction rule; or one ratio per class, background first (e.g. [1, 1, 4] for a rare class 2), as MONAI RandCropByLabelClassesd: classes absent from a scan get 0, the rest are renormalized"),
+        "class_ratios": Option(None, "null: the fg_class_fraction rule; or one ratio per class, background first (e.g. [1, 1, 4] for a rare class 2), as MONAI RandCropByLabelClassesd: classes absent from a scan get 0, the rest are renormalized", type=list),
         "unlabeled_focus_fraction": Option(0.0, "share of unlabeled patches centred on a voxel the teacher assigns to a rare class (unlabeled_focus_classes); 0 turns it off"),
-        "unlabeled_focus_classes": Option(None, "classes the unlabeled focus centres on, e.g. [3]; null: every foreground class, drawn uniformly among those the teacher predicts in the scan"),
+        "unlabeled_focus_classes": Option(None, "classes the unlabeled focus centres on, e.g. [3]; null: every foreground class, drawn uniformly among those the teacher predicts in the scan", type=list),
         "unlabeled_focus_every_steps": Option(500, "the teacher re-segments the cached unlabeled volumes (sliding window, no overlap) every this many steps to refresh the focus centres"),
         "unlabeled_focus_stride": Option(4, "focus centres are taken on a grid of this stride in voxels (the low-resolution class map kept per scan)"),
         "flip_prob": Option(0.5, "probability of a flip per axis, applied identically to both unlabeled views"),
@@ -80,6 +130,8 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "strong_prob": Option(0.8, "probability of each strong-view intensity augmentation (contrast, brightness, blur, noise, cut-out)"),
         "strong_cutout": Option(False, "cut out random boxes of the strong view"),
         "unlabeled_from_imagesTs": Option(False, "nnU-Net/MSD layout: use imagesTs as unlabeled scans"),
+        "exclude": Option([], "files, folders or glob patterns never used as unlabeled scans, by path or by content (e.g. a test set: [/data/test/**])", type=list),
+        "keep_label_like_unlabeled": Option(False, "keep unlabeled volumes that look like label maps (few non-negative integer values in 0..num_classes-1); false excludes and reports them"),
     },
     "model": {
         "name": Option("unet", "student architecture from MONAI, always built with BatchNorm", ("unet", "basicunet", "vnet", "segresnet", "dynunet")),
@@ -99,12 +151,11 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "momentum_warmup": Option(True, "use min(1 - 1/(step+1), scheduled momentum) so the teacher follows the student early on"),
         "consistency": Option("mse", "consistency loss between student and teacher softmax: mse, kl or none", ("mse", "kl", "none")),
         "consistency_weight": Option(1.0, "weight lambda of the unsupervised losses at the end of the ramp-up"),
-        "pseudo_label_threshold": Option(None, "teacher confidence above which a voxel's argmax is a pseudo-label; null turns pseudo-labels off"),
+        "pseudo_label_threshold": Option(None, "teacher confidence above which a voxel's argmax is a pseudo-label; null turns pseudo-labels off", type=float),
         "pseudo_label_weight": Option(1.0, "weight of the pseudo-label loss relative to the consistency loss"),
         "pseudo_label_dice": Option(False, "add a masked Dice term to the pseudo-label cross-entropy"),
         "pseudo_label_threshold_mode": Option("fixed", "fixed: one threshold (pseudo_label_threshold) for every class; adaptive: per-class thresholds from the teacher's EMA'd confidence (FreeMatch-style, medeman.pseudo_labels), capped by pseudo_label_threshold", ("fixed", "adaptive")),
         "adaptive_threshold_momentum": Option(0.999, "EMA momentum m of the adaptive thresholds' confidence statistics (FreeMatch's lambda); they start at 1/num_classes and follow the teacher over ~1/(1-m) steps: 0.999 for runs of 10k+ steps, about 0.99 for a few hundred"),
-        "pseudo_label_reduction": Option("all", "pseudo-label cross-entropy averaged over all voxels, (ce * mask).mean() as FixMatch/EMAN, or over the kept voxels only", ("all", "kept")),
         "pseudo_label_reduction": Option("all", "pseudo-label cross-entropy averaged over all voxels, (ce * mask).mean() as FixMatch/EMAN, or over the kept voxels only", ("all", "kept")),
         "rampup_steps": Option(1000, "steps of the sigmoid ramp-up exp(-5(1-t)^2) of the unsupervised weight"),
         "warmup_steps": Option(0, "supervised-only steps before the unsupervised losses start ramping up"),
@@ -121,12 +172,14 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "accumulate_grad_batches": Option(1, "batches per optimizer step"),
         "seed": Option(0, "global seed (python, numpy, torch, dataloader workers)"),
         "accelerator": Option("auto", "Lightning accelerator: auto uses a GPU when present", ("auto", "cpu", "gpu")),
-        "devices": Option(1, "devices per node"),
+        "devices": Option(1, "devices per node", type=(int, list, str)),
         "num_nodes": Option(1, "nodes"),
         "strategy": Option("auto", "Lightning strategy (auto, ddp, ...)"),
         "sync_batchnorm": Option(True, "convert the student's BatchNorm to SyncBatchNorm on more than one GPU"),
         "log_every_steps": Option(10, "log training losses every this many steps"),
-        "ce_class_weights": Option(None, "per-class weights of the supervised cross-entropy, background first (e.g. [1, 1, 10]); null: unweighted"),
+        "channels_last": Option(True, "train student and teacher in the channels_last_3d memory layout (NDHWC), the fast layout of oneDNN and cuDNN 3D convolutions; same results to float rounding"),
+        "compile": Option(False, "torch.compile student and teacher (inductor); minutes of compilation first, pays only on long GPU runs (benchmarks/README.md)"),
+        "ce_class_weights": Option(None, "per-class weights of the supervised cross-entropy, background first (e.g. [1, 1, 10]); null: unweighted", type=list),
         "deep_supervision": Option(False, "dynunet only: add the loss of the decoder's lower-resolution outputs with weights 1/2^i (nnU-Net)"),
         "deep_supervision_heads": Option(2, "lower-resolution outputs used by deep_supervision (DynUNet deep_supr_num)"),
     },
@@ -137,14 +190,19 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "precision": Option("32", "inference precision: 32 or bf16 (autocast where supported)", ("32", "bf16")),
     },
     "tune": {
-        "ema_momentum": Option([0.9, 0.9999], "EMA momentum range, sampled log-uniformly on 1 - m"),
-        "consistency_weight": Option([0.01, 100.0], "consistency weight range, log-uniform"),
-        "pseudo_label_threshold": Option(None, "pseudo-label threshold range [low, high]; null leaves it out of the search"),
-        "rampup_steps": Option(None, "ramp-up length range [low, high]; null leaves it out of the search"),
-        "max_steps": Option(None, "steps per trial; null uses train.max_steps"),
-        "sampler_seed": Option(0, "seed of the TPE sampler"),
-        "pruner_warmup_steps": Option(0, "validation reports before a trial may be pruned"),
-        "n_startup_trials": Option(5, "trials before the pruner starts pruning"),
+        "momentum_window": Option([0.01, 0.5], "range of the teacher's averaging window as a fraction of the run, log-uniform; a run of T steps gets m = 1 - 1/(window * T) (ssl.momentum_window itself with the window schedule); null leaves the momentum out of the search", type=list, nullable=True),
+        "consistency_weight": Option([0.01, 100.0], "consistency weight range, log-uniform; null leaves it out of the search", type=list, nullable=True),
+        "pseudo_label_threshold": Option(None, "pseudo-label threshold range [low, high]; null leaves it out of the search", type=list),
+        "rampup_steps": Option(None, "ramp-up length range [low, high] in steps of the full run (scaled in shorter trials), log-uniform; null leaves it out of the search", type=list),
+        "max_steps": Option(None, "steps per trial; null uses train.max_steps. Shorter trials scale every step-based key (ramp-up, warm-up, momentum window) by max_steps / train.max_steps", type=int),
+        "validations": Option(4, "validations per trial: a trial validates every ceil(trial steps / validations) steps"),
+        "objective_last_k": Option(2, "a trial's value is the mean val/dice_teacher of its last k validations (all of them if fewer), robust to one noisy validation"),
+        "prune_after": Option(0.5, "fraction of a trial's steps before it may be pruned (early teacher Dice favours fast teachers)"),
+        "n_startup_trials": Option(5, "complete trials before the pruner starts pruning"),
+        "sampler_seed": Option(0, "seed of the TPE sampler (multivariate, constant liar)"),
+        "heartbeat_interval": Option(60, "seconds between a running trial's heartbeats in a database storage; a trial silent for grace_period is failed and retried with the same parameters; null turns it off", type=int, nullable=True),
+        "grace_period": Option(None, "seconds without a heartbeat before a running trial counts as dead; null: 2 x heartbeat_interval", type=int),
+        "max_retries": Option(2, "times a dead worker's trial is retried (with the same parameters); it counts once against --max-trials"),
     },
 }
 
@@ -194,15 +252,17 @@ def parse_set(item: str) -> tuple[str, str, Any]:
 
 
 def validate(cfg: dict) -> dict:
-    """Check choices and basic value constraints; return ``cfg``."""
+    """Check every key's type and choices, value constraints and the rules between keys; return ``cfg``.
+
+    Values are converted to their key's type in place (``--set train.lr=1`` becomes ``1.0``,
+    ``train.precision: 32`` becomes ``"32"``). This is the one place a config is checked: training
+    and tuning rely on it.
+    """
     for section, options in SCHEMA.items():
         for key, opt in options.items():
-            value = cfg[section][key]
-            if opt.choices is not None:
-                value = str(value) if key == "precision" else value
-                cfg[section][key] = value
-                if value not in opt.choices:
-                    raise ConfigError(f"{section}.{key}: {value!r} is not one of {', '.join(map(str, opt.choices))}")
+            value = cfg[section][key] = opt.convert(f"{section}.{key}", cfg[section][key])
+            if opt.choices is not None and value not in opt.choices:
+                raise ConfigError(f"{section}.{key}: {value!r} is not one of {', '.join(map(str, opt.choices))}")
     m = cfg["ssl"]["ema_momentum"]
     if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0.0 <= m <= 1.0:
         raise ConfigError(f"ssl.ema_momentum: {m!r} must be a number in [0, 1]")
@@ -232,7 +292,59 @@ def validate(cfg: dict) -> dict:
         if int(cfg["train"][key]) < 1:
             raise ConfigError(f"train.{key} must be a positive integer, got {cfg['train'][key]!r}")
     _validate_small_structures(cfg)
+    _validate_teacher_norm(cfg)
+    _validate_tune(cfg)
     return cfg
+
+
+def _validate_teacher_norm(cfg: dict) -> None:
+    """EMAN averages BatchNorm running statistics: a teacher with ``teacher_norm: eman`` needs a BatchNorm student."""
+    ssl = cfg["ssl"]
+    if ssl["method"] != "supervised" and ssl["teacher_norm"] == "eman" and cfg["model"]["norm"] != "batch":
+        raise ConfigError(
+            f"ssl.teacher_norm=eman needs a BatchNorm network, but model.norm={cfg['model']['norm']} "
+            "(InstanceNorm has no running statistics for EMAN to average): set model.norm=batch, "
+            "or ssl.teacher_norm=ema (a plain weight-EMA teacher)"
+        )
+
+
+def _tune_range(tune: dict, key: str, low_min: float, high_max: float, positive: bool = False) -> None:
+    value = tune[key]
+    if value is None:
+        return
+    if not (len(value) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+        raise ConfigError(f"tune.{key}: {value!r} must be a range [low, high] (or null to leave it out of the search)")
+    low, high = float(value[0]), float(value[1])
+    if not low_min <= low < high <= high_max or (positive and low <= 0):
+        bound = f"0 < low < high <= {high_max}" if positive else f"{low_min} <= low < high <= {high_max}"
+        raise ConfigError(f"tune.{key}: [{value[0]}, {value[1]}] must satisfy {bound}")
+
+
+def _validate_tune(cfg: dict) -> None:
+    """The ``tune:`` search space and trial budget (read by :mod:`medeman.tune`)."""
+    tune = cfg["tune"]
+    _tune_range(tune, "momentum_window", 0.0, 1.0, positive=True)  # a window over the whole run is the warm-up's plain average
+    _tune_range(tune, "consistency_weight", 0.0, math.inf, positive=True)  # log-uniform
+    _tune_range(tune, "pseudo_label_threshold", 0.0, 1.0)
+    _tune_range(tune, "rampup_steps", 1.0, math.inf)
+    if tune["rampup_steps"] is not None and not all(float(v).is_integer() for v in tune["rampup_steps"]):
+        raise ConfigError(f"tune.rampup_steps: {tune['rampup_steps']!r} must be whole numbers of steps")
+    steps = int(cfg["train"]["max_steps"] if tune["max_steps"] is None else tune["max_steps"])
+    if steps < 1:
+        raise ConfigError(f"tune.max_steps must be a positive integer or null, got {tune['max_steps']!r}")
+    if tune["validations"] < 1:  # more than the trial's steps: it validates after every step
+        raise ConfigError(f"tune.validations: {tune['validations']!r} must be a positive integer")
+    if tune["objective_last_k"] < 1:  # more than the trial's validations: the mean of all of them
+        raise ConfigError(f"tune.objective_last_k: {tune['objective_last_k']!r} must be a positive integer")
+    if not 0.0 <= tune["prune_after"] <= 1.0:
+        raise ConfigError(f"tune.prune_after: {tune['prune_after']!r} must be a fraction of the trial in [0, 1]")
+    for key in ("heartbeat_interval", "grace_period"):
+        if tune[key] is not None and tune[key] < 1:
+            raise ConfigError(f"tune.{key}: {tune[key]!r} must be a positive number of seconds or null")
+    if tune["grace_period"] is not None and tune["heartbeat_interval"] is not None and tune["grace_period"] <= tune["heartbeat_interval"]:
+        raise ConfigError(f"tune.grace_period={tune['grace_period']} must exceed tune.heartbeat_interval={tune['heartbeat_interval']}")
+    if tune["max_retries"] < 0 or tune["n_startup_trials"] < 0:
+        raise ConfigError("tune.max_retries and tune.n_startup_trials must be >= 0")
 
 
 def _validate_small_structures(cfg: dict) -> None:

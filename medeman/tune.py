@@ -1,10 +1,25 @@
 """Tune how much to trust the teacher (EMA momentum) and how hard to pull toward it (consistency weight).
 
-Each Optuna trial is a (shortened) training run; its value is the best ``val/dice_teacher``. The
-search space is the config's ``tune:`` section: EMA momentum sampled log-uniformly on ``1 - m``
-(0.99 and 0.999 are as far apart as 0.9 and 0.99), consistency weight log-uniform, and optionally
-the pseudo-label threshold and the ramp-up length. Trials that fall behind the median at the same
-step are pruned (``MedianPruner`` fed by Optuna's Lightning callback).
+Each Optuna trial is a (shortened) training run. What is searched, what is measured, and why:
+
+* **Momentum as a window.** The teacher averages the student over about ``1 / (1 - m)`` steps, and
+  with the EMA warm-up every ``m >= 1 - 1/T`` behaves alike in a ``T``-step run. So the search is
+  over the averaging window as a fraction ``w`` of the run (``tune.momentum_window``, log-uniform
+  in (0, 1]); a run of ``T`` steps gets ``m = 1 - 1/(w T)`` (with ``ssl.momentum_schedule: window``
+  the config holds ``w`` itself). No part of the prior is degenerate, and the same ``w`` means the
+  same thing in a 200-step trial and in the 20000-step run it stands for.
+* **Shortened trials are the full run, scaled.** With ``tune.max_steps`` below ``train.max_steps``
+  every step-based key is scaled by the same factor (ramp-up, warm-up, the momentum window; the
+  learning-rate schedule follows ``train.max_steps``), and the written ``best_params.yaml`` and
+  ``best_config.yaml`` hold the values for the full run (:func:`trial_config`, :func:`full_config`).
+* **A robust objective.** A trial validates ``tune.validations`` times; its value is the mean
+  ``val/dice_teacher`` of its last ``tune.objective_last_k`` validations, not the best single one
+  (the maximum of noisy validations rewards noise). Pruning (``MedianPruner``) compares that same
+  running mean at the same step, and only after ``tune.prune_after`` of the trial: early in a run
+  a teacher with a long window lags the student by construction, so early teacher Dice would
+  prune exactly the slow teachers the search is about.
+* **TPE** is multivariate (momentum and weight interact) with a constant liar, so workers that
+  share a study do not all sample the same point while their trials run.
 
 The study lives in a storage that any number of workers may share, each running the same command:
 
@@ -13,10 +28,14 @@ The study lives in a storage that any number of workers may share, each running 
   on many machines share;
 * any other value is a path to an Optuna journal file, for a shared filesystem without a database.
 
-``--n-trials`` is what this worker runs; ``--max-trials`` caps the study's total across all
-workers and runs. Each trial's run folder ``<out>/trial_NNNN`` is kept. At the end the best
-parameters are written as a config overlay (``best_params.yaml``) and a full config
-(``best_config.yaml``), a table of trials is printed and plots are saved.
+In a database, each running trial records a heartbeat (``tune.heartbeat_interval``); a trial whose
+worker died (``kill -9``, a lost node) is failed after ``tune.grace_period`` by the next worker
+that looks, and retried with the same parameters (``RetryHeartbeatStaleTrialCallback``, formerly
+``RetryFailedTrialCallback``). ``--n-trials`` is what this worker runs; ``--max-trials`` caps the
+study's total across all workers and runs, a retried trial counting once. Each trial's run folder
+``<out>/trial_NNNN`` is kept. At the end the best parameters are written as a config overlay
+(``best_params.yaml``) and a full config (``best_config.yaml``), a table of trials is printed and
+plots are saved.
 
 Example:
     medeman tune --config configs/sample.yaml --labeled sample_data/labeled \\
@@ -26,6 +45,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import logging
@@ -36,79 +56,43 @@ import time
 import traceback
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import optuna
 import yaml
-from optuna.trial import TrialState
+from lightning.pytorch.callbacks import Callback
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
 
-from medeman.config import ConfigError, load_config, render_yaml
+from medeman.config import ConfigError, load_config, render_yaml, validate
 
 MONITOR = "val/dice_teacher"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 STARTED = (TrialState.RUNNING, *FINISHED)
 _log = logging.getLogger("medeman.tune")
 
-# Optuna parameter name -> (config key, value from the sampled number). The one place that says how a
-# trial's parameters become a config, used by the trials and by best_params.yaml alike.
-PARAMS: dict[str, tuple[str, str, Callable[[float], Any]]] = {
-    "one_minus_ema_momentum": ("ssl", "ema_momentum", lambda x: round(1.0 - x, 12)),
-    "consistency_weight": ("ssl", "consistency_weight", float),
-    "pseudo_label_threshold": ("ssl", "pseudo_label_threshold", float),
-    "rampup_steps": ("ssl", "rampup_steps", int),
+# Optuna parameter -> the ``tune:`` range it is drawn from, and whether log-uniform. The values are
+# in units of the full run (a window fraction, a weight, full-run ramp-up steps); how they become a
+# run's config is :func:`run_config`, the one place for trials and best_*.yaml alike.
+PARAMS: dict[str, bool] = {
+    "momentum_window": True,
+    "consistency_weight": True,
+    "pseudo_label_threshold": False,
+    "rampup_steps": True,
 }
 
 
-def _range(tune: dict, key: str, low_min: float, high_max: float) -> tuple[float, float] | None:
-    value = tune[key]
-    if value is None:
-        return None
-    if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)):
-        raise ConfigError(f"tune.{key}: {value!r} must be a range [low, high] (or null to leave it out)")
-    low, high = float(value[0]), float(value[1])
-    if not low_min <= low < high <= high_max:
-        raise ConfigError(f"tune.{key}: [{low}, {high}] must satisfy {low_min} <= low < high <= {high_max}")
-    return low, high
-
-
-def check_space(tune: dict) -> None:
-    """Validate the ``tune:`` ranges before any trial starts; raise ConfigError naming the bad key."""
-    momentum = _range(tune, "ema_momentum", 0.0, 1.0)
-    if momentum is None or momentum[1] >= 1.0:
-        raise ConfigError(f"tune.ema_momentum: {tune['ema_momentum']!r} must be a range [low, high] with high < 1")
-    if _range(tune, "consistency_weight", 0.0, math.inf) is None or tune["consistency_weight"][0] <= 0:
-        raise ConfigError(f"tune.consistency_weight: {tune['consistency_weight']!r} must be a positive range (it is log-uniform)")
-    _range(tune, "pseudo_label_threshold", 0.0, 1.0)
-    rampup = _range(tune, "rampup_steps", 1.0, math.inf)
-    if rampup is not None and not all(float(v).is_integer() for v in rampup):
-        raise ConfigError(f"tune.rampup_steps: {tune['rampup_steps']!r} must be whole numbers of steps")
-
-
 def suggest(trial: optuna.Trial, tune: dict) -> dict[str, Any]:
-    """Sample one point of the ``tune:`` search space; return it as config overrides ``{(section, key): value}``."""
-    low, high = _range(tune, "ema_momentum", 0.0, 1.0)
-    trial.suggest_float("one_minus_ema_momentum", 1.0 - high, 1.0 - low, log=True)
-    trial.suggest_float("consistency_weight", *_range(tune, "consistency_weight", 0.0, math.inf), log=True)
-    if (threshold := _range(tune, "pseudo_label_threshold", 0.0, 1.0)) is not None:
-        trial.suggest_float("pseudo_label_threshold", *threshold)
-    if (rampup := _range(tune, "rampup_steps", 1.0, math.inf)) is not None:
-        trial.suggest_int("rampup_steps", int(rampup[0]), int(rampup[1]), log=True)
-    return overrides(trial.params)
-
-
-def overrides(params: dict[str, Any]) -> dict[tuple[str, str], Any]:
-    """Turn a trial's Optuna parameters into config overrides ``{(section, key): value}``."""
-    return {(PARAMS[name][0], PARAMS[name][1]): PARAMS[name][2](value) for name, value in params.items() if name in PARAMS}
-
-
-def trial_config(cfg: dict, params: dict[str, Any], shortened: bool = True) -> dict:
-    """A deep copy of ``cfg`` with the trial's parameters set (and ``tune.max_steps`` as the run length)."""
-    cfg = copy.deepcopy(cfg)
-    for (section, key), value in overrides(params).items():
-        cfg[section][key] = value
-    if shortened and cfg["tune"]["max_steps"] is not None:
-        cfg["train"]["max_steps"] = int(cfg["tune"]["max_steps"])
-    return cfg
+    """Sample one point of the ``tune:`` search space (ranges checked by :func:`medeman.config.validate`)."""
+    for name, log in PARAMS.items():
+        if tune[name] is None:
+            continue
+        low, high = tune[name]
+        if name == "rampup_steps":
+            trial.suggest_int(name, int(low), int(high), log=log)
+        else:
+            trial.suggest_float(name, float(low), float(high), log=log)
+    return dict(trial.params)
 
 
 def trial_steps(cfg: dict) -> int:
@@ -116,30 +100,121 @@ def trial_steps(cfg: dict) -> int:
     return int(cfg["tune"]["max_steps"] if cfg["tune"]["max_steps"] is not None else cfg["train"]["max_steps"])
 
 
-def _pruning_callback_class():
-    from optuna_integration import PyTorchLightningPruningCallback
+def momentum_window(cfg: dict, params: dict[str, Any]) -> float | None:
+    """The teacher's averaging window as a fraction of the run: the tuned one, else the config's.
 
-    class StepPruningCallback(PyTorchLightningPruningCallback):
-        """Optuna's Lightning pruning callback, reporting at the optimizer step instead of the epoch.
+    ``None`` for a config whose momentum is 1 (a frozen teacher has no window).
+    """
+    if "momentum_window" in params:
+        return float(params["momentum_window"])
+    ssl = cfg["ssl"]
+    if ssl["momentum_schedule"] == "window":
+        return float(ssl["momentum_window"])
+    m = float(ssl["ema_momentum"])
+    return None if m >= 1.0 else 1.0 / ((1.0 - m) * int(cfg["train"]["max_steps"]))
 
-        medeman's runs are counted in steps; keying reports by step makes every trial's curve
-        comparable at the same point of training whatever an epoch is. Distributed runs keep the
-        upstream logic.
-        """
 
-        def on_validation_end(self, trainer, pl_module) -> None:
-            if self.is_ddp_backend or trainer.sanity_checking:
-                return super().on_validation_end(trainer, pl_module)
-            score = trainer.callback_metrics.get(self.monitor)
-            if score is None:
-                warnings.warn(f"'{self.monitor}' was not logged at step {trainer.global_step}: the trial cannot be pruned there")
-                return
-            step = int(trainer.global_step)
-            self._trial.report(float(score), step=step)
-            if self._trial.should_prune():
-                raise optuna.TrialPruned(f"pruned at step {step} with {self.monitor}={float(score):.4f}")
+def momentum_for(window: float, steps: int) -> float:
+    """EMA momentum whose averaging window is ``window`` of a ``steps``-step run: ``1 - 1/(window * steps)``, at least 0."""
+    return round(max(0.0, 1.0 - 1.0 / (window * steps)), 12)
 
-    return StepPruningCallback
+
+def run_config(cfg: dict, params: dict[str, Any], steps: int) -> dict:
+    """``cfg`` with the trial parameters ``params`` set, for a run of ``steps`` optimizer steps.
+
+    ``cfg`` describes the full run (``train.max_steps``) and the parameters are in its units. With
+    ``r = steps / train.max_steps``, the ramp-up and warm-up become ``round(r x)`` steps, and the
+    momentum keeps its window fraction ``w``: ``ssl.momentum_window = w`` with the window schedule,
+    else ``ssl.ema_momentum = 1 - 1/(w steps)`` (the start of the cosine schedule). ``cfg`` is not
+    changed.
+    """
+    out = copy.deepcopy(cfg)
+    ssl = out["ssl"]
+    full = int(cfg["train"]["max_steps"])
+    scale = steps / full
+    for key in ("consistency_weight", "pseudo_label_threshold"):
+        if key in params:
+            ssl[key] = float(params[key])
+    rampup = int(params.get("rampup_steps", ssl["rampup_steps"]))
+    ssl["rampup_steps"] = max(1, round(rampup * scale)) if rampup > 0 else 0
+    ssl["warmup_steps"] = round(int(ssl["warmup_steps"]) * scale)
+    window = momentum_window(cfg, params)
+    if ssl["momentum_schedule"] == "window":
+        ssl["momentum_window"] = window
+    elif window is not None and ("momentum_window" in params or steps != full):
+        ssl["ema_momentum"] = momentum_for(window, steps)
+    out["train"]["max_steps"] = int(steps)
+    return validate(out)
+
+
+def trial_config(cfg: dict, params: dict[str, Any]) -> dict:
+    """The config of one trial: :func:`run_config` for ``tune.max_steps`` steps, validating ``tune.validations`` times."""
+    steps = trial_steps(cfg)
+    out = run_config(cfg, params, steps)
+    out["train"]["val_every_steps"] = math.ceil(steps / int(cfg["tune"]["validations"]))
+    return out
+
+
+def full_config(cfg: dict, params: dict[str, Any]) -> dict:
+    """The config of the full run (``train.max_steps``) with the trial parameters ``params``: what best_config.yaml holds."""
+    return run_config(cfg, params, int(cfg["train"]["max_steps"]))
+
+
+def tuned_keys(cfg: dict, params: dict[str, Any]) -> dict[tuple[str, str], Any]:
+    """The full-run config values that ``params`` set, ``{(section, key): value}``: best_params.yaml and the table."""
+    full = full_config(cfg, params)
+    keys = [("ssl", name) for name in params if name in PARAMS and name != "momentum_window"]
+    if "momentum_window" in params:
+        keys.insert(0, ("ssl", "momentum_window" if cfg["ssl"]["momentum_schedule"] == "window" else "ema_momentum"))
+    return {(section, key): full[section][key] for section, key in keys}
+
+
+class TrialReporter(Callback):
+    """Reports a trial's validations to Optuna and prunes it; its :meth:`value` is the trial's objective.
+
+    At every validation the running mean of the last ``k`` ``val/dice_teacher`` values is reported
+    at the optimizer step, so the median pruner compares the objective's own statistic between
+    trials at the same step; ``MedianPruner(n_warmup_steps=...)`` holds pruning off for the first
+    ``tune.prune_after`` of the trial. In a multi-process run rank 0 reports and decides, and every
+    rank stops.
+    """
+
+    def __init__(self, trial: optuna.Trial, last_k: int):
+        self.trial, self.last_k = trial, int(last_k)
+        self.history: list[tuple[int, float]] = []
+        self.pruned_at: int | None = None
+
+    def value(self) -> float:
+        """Mean of the last ``k`` validations (NaN when the run never validated)."""
+        scores = [score for _, score in self.history[-self.last_k:]]
+        return sum(scores) / len(scores) if scores else math.nan
+
+    def record(self, step: int, score: float) -> bool:
+        """Record a validation at ``step``, report the running objective; return whether to prune."""
+        self.history.append((int(step), float(score)))
+        self.trial.report(self.value(), step=int(step))
+        return self.trial.should_prune()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        score = trainer.callback_metrics.get(MONITOR)
+        if score is None:
+            warnings.warn(f"'{MONITOR}' was not logged at step {trainer.global_step}: the trial cannot be scored there")
+            return
+        prune = self.record(trainer.global_step, float(score)) if trainer.is_global_zero else False
+        if trainer.world_size > 1:
+            prune = trainer.strategy.broadcast(prune)
+        if prune:
+            self.pruned_at = int(trainer.global_step)
+            if trainer.world_size > 1:
+                trainer.should_stop = True  # an exception on one rank would hang the others
+            else:
+                raise optuna.TrialPruned(f"pruned at step {self.pruned_at} with the mean of the last {self.last_k} {MONITOR}={self.value():.4f}")
+
+    def check_pruned(self) -> None:
+        if self.pruned_at is not None:
+            raise optuna.TrialPruned(f"pruned at step {self.pruned_at}")
 
 
 def objective(
@@ -150,20 +225,28 @@ def objective(
     val: str | Path | None,
     out_dir: Path,
     train_fn: Callable | None = None,
+    test: str | Path | None = None,
 ) -> float:
-    """Train once with the trial's parameters in ``<out_dir>/trial_NNNN``; return the best ``val/dice_teacher``."""
+    """Train once with the trial's parameters in ``<out_dir>/trial_NNNN``; return the mean of its last k ``val/dice_teacher``.
+
+    ``test``: a test cohort that is never used as unlabeled scans (passed on to ``train_fn`` as ``test=``).
+    """
     if train_fn is None:
         from medeman.train import fit as train_fn
-    suggest(trial, cfg["tune"])
+    params = suggest(trial, cfg["tune"])
     run_dir = Path(out_dir) / f"trial_{trial.number:04d}"
     trial.set_user_attr("run_dir", str(run_dir.resolve()))
-    pruning = _pruning_callback_class()(trial, monitor=MONITOR)
-    result = train_fn(
-        trial_config(cfg, trial.params), labeled, unlabeled, val, run_dir,
-        callbacks=[pruning], overwrite=True, progress_bar=False, logger=True,
-    )
-    pruning.check_pruned()  # distributed runs defer the pruning decision to here
-    return float(result.best_dice_teacher)
+    reporter = TrialReporter(trial, cfg["tune"]["objective_last_k"])
+    try:
+        train_fn(
+            trial_config(cfg, params), labeled, unlabeled, val, run_dir,
+            callbacks=[reporter], overwrite=True, progress_bar=False, logger=True,
+            **({"test": test} if test is not None else {}),  # stand-ins in tests need not know it
+        )
+    finally:
+        trial.set_user_attr("validations", [[step, round(score, 6)] for step, score in reporter.history])
+    reporter.check_pruned()
+    return reporter.value()
 
 
 def database_url(url: str) -> str:
@@ -176,8 +259,13 @@ def database_url(url: str) -> str:
     return url
 
 
-def open_storage(storage: str | None, out_dir: Path) -> optuna.storages.BaseStorage:
-    """Storage from ``--storage``: default SQLite in ``out_dir``, an SQLAlchemy URL, or a journal file path."""
+def open_storage(storage: str | None, out_dir: Path, tune: dict | None = None) -> optuna.storages.BaseStorage:
+    """Storage from ``--storage``: default SQLite in ``out_dir``, an SQLAlchemy URL, or a journal file path.
+
+    A database storage records heartbeats of running trials (``tune.heartbeat_interval``, ``tune.grace_period``)
+    and retries a trial whose heartbeat stopped up to ``tune.max_retries`` times; Optuna's journal
+    storage has no heartbeat.
+    """
     if storage is None:
         out_dir.mkdir(parents=True, exist_ok=True)
         storage = f"sqlite:///{(out_dir / 'study.db').resolve()}"
@@ -185,13 +273,27 @@ def open_storage(storage: str | None, out_dir: Path) -> optuna.storages.BaseStor
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
         Path(storage).parent.mkdir(parents=True, exist_ok=True)
+        if tune is not None and tune["heartbeat_interval"] is not None:
+            _log.info("a journal storage has no heartbeat: a trial whose worker dies stays RUNNING (use a database to retry it)")
         return JournalStorage(JournalFileBackend(str(storage)))
     storage = database_url(storage)
     engine_kwargs = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else {"pool_pre_ping": True}
+    heartbeat: dict[str, Any] = {}
+    if tune is not None and tune["heartbeat_interval"] is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            retry = RetryHeartbeatStaleTrialCallback(max_retry=int(tune["max_retries"]))
+        heartbeat = {
+            "heartbeat_interval": int(tune["heartbeat_interval"]),
+            "grace_period": None if tune["grace_period"] is None else int(tune["grace_period"]),
+            "heartbeat_stale_trial_callback": retry,
+        }
     # Workers that start together race to create the schema; the loser's error is harmless, so retry.
     for attempt in range(5):
         try:
-            return optuna.storages.RDBStorage(storage, engine_kwargs=engine_kwargs)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(storage, engine_kwargs=engine_kwargs, **heartbeat)
         except Exception as err:  # sqlalchemy's OperationalError/IntegrityError/ProgrammingError
             if attempt == 4 or "sqlalchemy" not in type(err).__module__:
                 raise
@@ -199,48 +301,88 @@ def open_storage(storage: str | None, out_dir: Path) -> optuna.storages.BaseStor
     raise AssertionError("unreachable")
 
 
+def make_sampler(seed: int) -> optuna.samplers.TPESampler:
+    """Multivariate TPE (momentum and weight interact), with a constant liar for the trials other workers are running."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
+
+
 def open_study(cfg: dict, study_name: str, storage: optuna.storages.BaseStorage) -> optuna.Study:
     """Create the study, or load it when it exists (another worker, or an earlier run of this command)."""
     tune = cfg["tune"]
-    # Reports are keyed by optimizer step, one every val_every_steps: skipping k reports means
-    # pruning from step k * val_every_steps + 1 on.
-    warmup_reports = int(tune["pruner_warmup_steps"])
-    warmup_steps = warmup_reports * int(cfg["train"]["val_every_steps"]) + 1 if warmup_reports > 0 else 0
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=int(tune["n_startup_trials"]), n_warmup_steps=warmup_steps)
-    sampler = optuna.samplers.TPESampler(seed=int(tune["sampler_seed"]))
+    # Reports are keyed by optimizer step; nothing is pruned before prune_after of the trial.
+    pruner = optuna.pruners.MedianPruner(
+        n_startup_trials=int(tune["n_startup_trials"]), n_warmup_steps=math.ceil(float(tune["prune_after"]) * trial_steps(cfg)),
+    )
     return optuna.create_study(
-        study_name=study_name, storage=storage, sampler=sampler, pruner=pruner, direction="maximize", load_if_exists=True,
+        study_name=study_name, storage=storage, sampler=make_sampler(int(tune["sampler_seed"])), pruner=pruner,
+        direction="maximize", load_if_exists=True,
     )
 
 
-def _n_started(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=STARTED))
+def original_number(trial: FrozenTrial) -> int:
+    """The number of the trial that ``trial`` retries (its own number when it is no retry)."""
+    history = trial.system_attrs.get("retry_history") or []
+    return int(history[0]) if history else trial.number
+
+
+def _counted(trials: Sequence[FrozenTrial]) -> set[int]:
+    """Trials that count against ``--max-trials``: started ones and queued retries, a trial and its retries once."""
+    return {original_number(t) for t in trials if t.state in STARTED or (t.state == TrialState.WAITING and t.system_attrs.get("retry_history"))}
+
+
+def n_counted(study: optuna.Study) -> int:
+    """How many trials the study holds for ``--max-trials`` (a retried trial counts once)."""
+    return len(_counted(study.get_trials(deepcopy=False)))
+
+
+def fail_dead_trials(study: optuna.Study) -> None:
+    """Fail the running trials whose heartbeat stopped (their worker died) and queue their retries."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
 
 
 def _claim(study: optuna.Study, storage: optuna.storages.BaseStorage, max_trials: int | None) -> optuna.Trial | None:
-    """Start a trial unless the study holds ``max_trials`` already; ``None`` when it is full.
+    """Start a trial (a queued retry first) unless the study holds ``max_trials`` already; ``None`` when it is full.
 
     Optuna's ``MaxTrialsCallback`` counts after a trial ends, so two workers that finish together
-    can both start one more. Here a trial that turns out to be beyond the cap (other workers took
-    the last places between our count and our ask) goes back to the queue as WAITING, untouched,
-    for the next run to take.
+    can both start one more. Here a new trial that turns out to be beyond the cap (other workers
+    took the last places between our count and our ask) goes back to the queue as WAITING,
+    untouched, for the next run to take. A retry never exceeds the cap: its trial counts already.
     """
-    if max_trials is not None and _n_started(study) >= max_trials:
+    full = max_trials is not None and n_counted(study) >= max_trials
+    if full and not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         return None
-    trial = study.ask()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+        trial = study.ask()
     if max_trials is None:
         return trial
-    ahead = sum(1 for t in study.get_trials(deepcopy=False, states=STARTED) if t.number < trial.number)
-    if ahead >= max_trials:
+    trials = study.get_trials(deepcopy=False)
+    mine = next(t for t in trials if t.number == trial.number)
+    if original_number(mine) != trial.number:
+        return trial
+    ahead = _counted([t for t in trials if t.number < trial.number]) - {trial.number}
+    if full or len(ahead) >= max_trials:
         storage.set_trial_state_values(trial._trial_id, TrialState.WAITING)
         return None
     return trial
 
 
+def _heartbeat(study: optuna.Study, trial: optuna.Trial) -> contextlib.AbstractContextManager:
+    # The heartbeat thread Study.optimize runs around each trial; ask-and-tell has to start it itself.
+    from optuna.storages._heartbeat import get_heartbeat_thread
+
+    return get_heartbeat_thread(trial._trial_id, study._storage)
+
+
 def _run_trial(study: optuna.Study, trial: optuna.Trial, func: Callable[[optuna.Trial], float]) -> None:
     """Run one trial and record it: COMPLETE with its value, PRUNED, or FAIL with the error."""
     try:
-        value = func(trial)
+        with _heartbeat(study, trial):
+            value = func(trial)
     except optuna.TrialPruned as err:
         study.tell(trial, state=TrialState.PRUNED)
         _log.info("trial %d pruned: %s", trial.number, err)
@@ -253,11 +395,11 @@ def _run_trial(study: optuna.Study, trial: optuna.Trial, func: Callable[[optuna.
         _log.warning("trial %d failed: %s", trial.number, traceback.format_exc())
     else:
         if math.isnan(value):
-            trial.set_user_attr("error", f"no {MONITOR} was logged: the run never validated (train.val_every_steps > steps?)")
+            trial.set_user_attr("error", f"no {MONITOR} was logged: the run never validated")
             study.tell(trial, state=TrialState.FAIL)
         else:
             study.tell(trial, value)
-            _log.info("trial %d finished: %s=%.4f", trial.number, MONITOR, value)
+            _log.info("trial %d finished: mean of the last %s=%.4f", trial.number, MONITOR, value)
     finally:
         gc.collect()
         _empty_cuda_cache()
@@ -267,6 +409,10 @@ def _empty_cuda_cache() -> None:
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def _others_running(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
 
 
 def run_study(
@@ -282,102 +428,133 @@ def run_study(
     max_trials: int | None = None,
     timeout: float | None = None,
     train_fn: Callable | None = None,
+    test: str | Path | None = None,
 ) -> optuna.Study:
     """Run trials of ``study_name`` in this process until ``n_trials``, ``timeout`` or the study's ``max_trials``.
+
+    Before each trial, running trials whose heartbeat stopped are failed and queued again with the
+    same parameters; a queued retry is run before a new point is sampled. When the cap is reached
+    while other workers' trials still run (database storages), the worker waits for them, so that a
+    trial whose worker dies is still retried.
 
     Args:
         cfg: resolved config (:func:`medeman.config.load_config`); its ``tune:`` section is the search.
         labeled, unlabeled, val: data folders, as for :func:`medeman.train.fit`.
+        test: test cohort, never used as unlabeled scans (as ``medeman train --test``); never tuned on.
         study_name: the study to create or join.
         out_dir: trial run folders ``trial_NNNN`` (and the default SQLite storage).
         storage: SQLAlchemy URL or journal file path; ``None`` is ``sqlite:///<out_dir>/study.db``.
         n_trials: trials this call runs at most (``None``: no limit, stop on ``timeout`` or ``max_trials``).
-        max_trials: cap on the study's trials across every worker and run (running ones count).
-        timeout: seconds after which no new trial starts.
+        max_trials: cap on the study's trials across every worker and run (running ones count, a
+            retried trial once).
+        timeout: seconds after which no new trial starts (nor does the worker wait any longer).
         train_fn: stand-in for :func:`medeman.train.fit` (same signature), for tests.
 
     Returns:
         The study, with the trials of every worker.
     """
-    check_space(cfg["tune"])
-    if trial_steps(cfg) < int(cfg["train"]["val_every_steps"]):
-        raise ConfigError(
-            f"a trial runs {trial_steps(cfg)} steps but validates every train.val_every_steps={cfg['train']['val_every_steps']}: "
-            "it would never measure val/dice_teacher; lower train.val_every_steps or raise tune.max_steps"
-        )
+    from medeman.data.datamodule import shared_cohorts
+
+    validate(cfg)
     out_dir = Path(out_dir)
-    backend = open_storage(storage, out_dir)
+    backend = open_storage(storage, out_dir, cfg["tune"])
     study = open_study(cfg, study_name, backend)
     seed = int(cfg["tune"]["sampler_seed"])
+    heartbeat = getattr(backend, "get_heartbeat_interval", lambda: None)() is not None
     deadline = None if timeout is None else time.monotonic() + timeout
-    done = 0
-    while n_trials is None or done < n_trials:
-        if deadline is not None and time.monotonic() >= deadline:
-            break
-        trial = _claim(study, backend, max_trials)
-        if trial is None:
-            _log.info("study %s holds %d trials, its cap: this worker stops", study_name, max_trials)
-            break
-        # Seed each trial by its number: a resumed study or a second worker draws new points, and a
-        # single worker's study is reproducible. TPE keeps no state beyond its RNG (history is in storage).
-        study.sampler = optuna.samplers.TPESampler(seed=seed + trial.number)
-        _run_trial(study, trial, lambda t: objective(t, cfg, labeled, unlabeled, val, out_dir, train_fn))
-        done += 1
+    done, waiting = 0, False
+    with shared_cohorts():  # the trials of this worker preprocess the cohort once
+        while n_trials is None or done < n_trials:
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            fail_dead_trials(study)
+            trial = _claim(study, backend, max_trials)
+            if trial is None:
+                if heartbeat and _others_running(study):
+                    if not waiting:
+                        _log.info("study %s is at its cap of %d trials: waiting for the %d running one(s) "
+                                  "(a trial whose worker died is retried here)", study_name, max_trials, _others_running(study))
+                    waiting = True
+                    time.sleep(float(cfg["tune"]["heartbeat_interval"]))
+                    continue
+                _log.info("study %s holds %d trials, its cap: this worker stops", study_name, max_trials)
+                break
+            waiting = False
+            # Seed each trial by its number: a resumed study or a second worker draws new points, and a
+            # single worker's study is reproducible. TPE keeps no state beyond its RNG (history is in storage).
+            study.sampler = make_sampler(seed + trial.number)
+            retried = backend.get_trial(trial._trial_id).system_attrs.get("retry_history")
+            if retried:
+                _log.info("trial %d retries trial %d, whose worker stopped (same parameters)", trial.number, retried[-1])
+            with warnings.catch_warnings():  # ask-and-tell with a heartbeat: _run_trial runs the heartbeat thread
+                warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+                _run_trial(study, trial, lambda t: objective(t, cfg, labeled, unlabeled, val, out_dir, train_fn, test))
+            done += 1
     return study
 
 
-def best_overlay(study: optuna.Study) -> dict[str, dict[str, Any]]:
-    """The best trial's parameters as a config overlay ``{section: {key: value}}``."""
+def best_overlay(study: optuna.Study, cfg: dict) -> dict[str, dict[str, Any]]:
+    """The best trial's parameters as a config overlay ``{section: {key: value}}`` for the full run."""
     overlay: dict[str, dict[str, Any]] = {}
-    for (section, key), value in overrides(study.best_trial.params).items():
+    for (section, key), value in tuned_keys(cfg, study.best_trial.params).items():
         overlay.setdefault(section, {})[key] = value
     return overlay
 
 
 def write_best(study: optuna.Study, cfg: dict, out_dir: Path, config_paths: Sequence[str]) -> tuple[Path, Path]:
-    """Write ``best_params.yaml`` (overlay of the tuned keys) and ``best_config.yaml`` (the full config to train)."""
+    """Write ``best_params.yaml`` (overlay of the tuned keys) and ``best_config.yaml`` (the full config to train), both for the full run."""
     best = study.best_trial
-    overlay = best_overlay(study)
+    overlay = best_overlay(study, cfg)
     params_path = out_dir / "best_params.yaml"
     bases = " ".join(f"--config {p}" for p in [*config_paths, params_path])
+    k = cfg["tune"]["objective_last_k"]
     header = (
-        f"# Best of Optuna study '{study.study_name}': trial {best.number}, {MONITOR}={best.value:.4f} "
-        f"after {trial_steps(cfg)} steps.\n"
+        f"# Best of Optuna study '{study.study_name}': trial {best.number}, mean of the last {k} {MONITOR}={best.value:.4f} "
+        f"in {trial_steps(cfg)}-step trials; values for the full run of train.max_steps={cfg['train']['max_steps']} steps.\n"
         f"# Overlay it on the tuned config: medeman train {bases} ...\n"
     )
     params_path.write_text(header + yaml.safe_dump(overlay, sort_keys=False), encoding="utf-8")
     config_path = out_dir / "best_config.yaml"
-    full = trial_config(cfg, best.params, shortened=False)
     config_path.write_text(
-        f"# Full config: the tuned config with the best parameters of study '{study.study_name}' (trial {best.number}).\n"
-        + render_yaml(full), encoding="utf-8",
+        f"# Full config: the tuned config with the best parameters of study '{study.study_name}' (trial {best.number}), "
+        f"for train.max_steps={cfg['train']['max_steps']} steps.\n" + render_yaml(full_config(cfg, best.params)),
+        encoding="utf-8",
     )
     return params_path, config_path
 
 
-def summary_table(study: optuna.Study) -> str:
-    """One line per trial: number, state, value, parameters (as config values), duration, note."""
+def summary_table(study: optuna.Study, cfg: dict) -> str:
+    """One line per trial: number, state, value, tuned keys (full-run values), duration, note."""
     trials = study.get_trials(deepcopy=False)
-    names = [name for name in PARAMS if any(name in t.params for t in trials)]
     best = study.best_trial.number if any(t.state == TrialState.COMPLETE for t in trials) else None
-    header = ["trial", "state", "dice_teacher", *(PARAMS[n][1] for n in names), "seconds", "note"]
+    values = [tuned_keys(cfg, t.params) if t.params else {} for t in trials]
+    keys = list(dict.fromkeys(key for v in values for key in v))
+    window = any("momentum_window" in t.params for t in trials) and ("ssl", "momentum_window") not in keys
+    k = cfg["tune"]["objective_last_k"]
+    header = ["trial", "state", f"dice_teacher(last {k})", *(["window"] if window else []), *(key for _, key in keys), "seconds", "note"]
     rows = []
-    for t in trials:
-        values = overrides(t.params)
+    for t, tuned in zip(trials, values):
         cells = [f"{t.number}{'*' if t.number == best else ''}", t.state.name, "-" if t.value is None else f"{t.value:.4f}"]
-        for name in names:
-            value = values.get((PARAMS[name][0], PARAMS[name][1]))
+        if window:
+            cells.append(f"{t.params['momentum_window']:.4g}" if "momentum_window" in t.params else "-")
+        for key in keys:
+            value = tuned.get(key)
             cells.append("-" if value is None else f"{value:.6g}" if isinstance(value, float) else str(value))
         cells.append("-" if t.duration is None else f"{t.duration.total_seconds():.0f}")
-        note = t.user_attrs.get("error", "")
+        note = t.user_attrs.get("error", "") if t.state == TrialState.FAIL else ""
+        if t.state == TrialState.FAIL and not note:
+            note = "worker stopped (no heartbeat)"
         if t.state == TrialState.PRUNED and t.intermediate_values:
             note = f"pruned at step {max(t.intermediate_values)}"
+        if original_number(t) != t.number:
+            note = f"retry of {original_number(t)}" + (f"; {note}" if note else "")
         cells.append(note[:80])
         rows.append(cells)
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines) + ("\n* best trial" if best is not None else "")
+    footer = f"\n* best trial; tuned values are for the full run of {cfg['train']['max_steps']} steps" if best is not None else ""
+    return "\n".join(lines) + footer
 
 
 def save_plots(study: optuna.Study, out_dir: Path) -> list[Path]:
@@ -394,10 +571,11 @@ def save_plots(study: optuna.Study, out_dir: Path) -> list[Path]:
     plots = {
         "history.png": lambda: ovm.plot_optimization_history(study, target_name=MONITOR),
         "importances.png": lambda: ovm.plot_param_importances(study, target_name=MONITOR),
-        "contour_momentum_weight.png": lambda: ovm.plot_contour(
-            study, params=["one_minus_ema_momentum", "consistency_weight"], target_name=MONITOR,
-        ),
     }
+    if all(any(name in t.params for t in study.trials) for name in ("momentum_window", "consistency_weight")):
+        plots["contour_momentum_weight.png"] = lambda: ovm.plot_contour(
+            study, params=["momentum_window", "consistency_weight"], target_name=MONITOR,
+        )
     written = []
     for name, plot in plots.items():
         try:
@@ -416,7 +594,7 @@ def save_plots(study: optuna.Study, out_dir: Path) -> list[Path]:
 
 def report(study: optuna.Study, cfg: dict, out_dir: Path, config_paths: Sequence[str], plots: bool = True) -> bool:
     """Print the trials table, write the best parameters and plots; return False when no trial completed."""
-    print(summary_table(study))
+    print(summary_table(study, cfg))
     counts = {state.name: len(study.get_trials(deepcopy=False, states=(state,))) for state in TrialState}
     print("trials: " + ", ".join(f"{n} {name.lower()}" for name, n in counts.items() if n))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -425,7 +603,8 @@ def report(study: optuna.Study, cfg: dict, out_dir: Path, config_paths: Sequence
         return False
     params_path, config_path = write_best(study, cfg, out_dir, config_paths)
     best = study.best_trial
-    print(f"best: trial {best.number}, {MONITOR}={best.value:.4f}, " + ", ".join(f"{s}.{k}={v}" for (s, k), v in overrides(best.params).items()))
+    tuned = ", ".join(f"{s}.{k}={v:.6g}" if isinstance(v, float) else f"{s}.{k}={v}" for (s, k), v in tuned_keys(cfg, best.params).items())
+    print(f"best: trial {best.number}, mean of the last {cfg['tune']['objective_last_k']} {MONITOR}={best.value:.4f}; for the full run: {tuned}")
     print(f"wrote {params_path} (overlay) and {config_path} (full config)")
     if plots:
         for path in save_plots(study, out_dir):
@@ -444,6 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--labeled", required=True, help="labeled cohort, as for medeman train")
     parser.add_argument("--unlabeled", help="folder of unlabeled scans")
     parser.add_argument("--val", help="labeled validation cohort (default: a split of --labeled)")
+    parser.add_argument("--test", help="test cohort: never used as unlabeled scans, nor tuned on (as for medeman train)")
     parser.add_argument("--study", required=True, help="study name; the same name in the same storage continues the study")
     parser.add_argument("--storage", help="SQLAlchemy URL (postgresql://user@host/db) or a journal file path; default sqlite:///<out>/study.db")
     parser.add_argument("--n-trials", type=int, help="trials this worker runs (default: until --timeout or --max-trials)")
@@ -469,7 +649,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(args.config, args.set)
         study = run_study(
             cfg, args.labeled, args.unlabeled, args.val, study_name=args.study, out_dir=out_dir,
-            storage=args.storage, n_trials=args.n_trials, max_trials=args.max_trials, timeout=args.timeout,
+            storage=args.storage, n_trials=args.n_trials, max_trials=args.max_trials, timeout=args.timeout, test=args.test,
         )
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

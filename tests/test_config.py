@@ -275,3 +275,77 @@ def test_default_yaml_matches_schema():
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_load(path):
     load_config([path])
+
+
+# ---------------------------------------------------------------- types (Option.type) and rules between keys
+
+TYPE_ERROR_CASES = [
+    # --set item, fragment of the message
+    ["train.lr=abc", "train.lr: 'abc' is not a number"],
+    ["train.max_steps=ten", "train.max_steps: 'ten' is not an integer"],
+    ["train.max_steps=2.5", "train.max_steps: 2.5 is not an integer"],
+    ["data.strong_cutout=3", "data.strong_cutout: 3 is not true or false"],
+    ["ssl.consistency_weight=true", "ssl.consistency_weight: True is not a number"],
+    ["data.patch_size=64", "data.patch_size: 64 is not a list"],
+    ["model.name=[unet]", "model.name: ['unet'] is not a string"],
+    ["ssl.method=null", "ssl.method: null is not allowed"],
+    ["tune.momentum_window=0.1", "tune.momentum_window: 0.1 is not a list"],
+]
+
+
+@pytest.mark.parametrize("item, fragment", TYPE_ERROR_CASES, ids=[c[0] for c in TYPE_ERROR_CASES])
+def test_value_of_the_wrong_type_fails_at_load_time_naming_the_key(item, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_config(sets=[item])
+    assert fragment in str(info.value)
+
+
+def test_wrong_type_in_a_yaml_file_names_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.lr: 'fast' is not a number"):
+        load_config([write(tmp_path, "lr.yaml", "train:\n  lr: fast\n")])
+
+
+CONVERSION_CASES = [
+    # --set item, (section, key), value and type after loading
+    ["train.lr=1", ("train", "lr"), 1.0],
+    ["train.max_steps=2e3", ("train", "max_steps"), 2000],
+    ["train.precision=32", ("train", "precision"), "32"],
+    ["data.spacing=null", ("data", "spacing"), None],
+    ["tune.max_steps=200.0", ("tune", "max_steps"), 200],
+    ["train.devices=[0, 1]", ("train", "devices"), [0, 1]],
+    ["train.devices=auto", ("train", "devices"), "auto"],
+]
+
+
+@pytest.mark.parametrize("item, where, expected", CONVERSION_CASES, ids=[c[0] for c in CONVERSION_CASES])
+def test_values_are_converted_to_their_keys_type(item, where, expected):
+    value = load_config(sets=[item])[where[0]][where[1]]
+    assert value == expected and type(value) is type(expected)
+
+
+def test_every_key_has_a_type_its_default_satisfies():
+    for section, options in SCHEMA.items():
+        for key, opt in options.items():
+            assert opt.convert(f"{section}.{key}", opt.default) == opt.default, f"{section}.{key}"
+
+
+CROSS_KEY_CASES = [
+    # sets, fragment of the error (None: valid)
+    [["model.norm=instance"], "ssl.teacher_norm=eman needs a BatchNorm network"],
+    [["model.norm=instance", "ssl.teacher_norm=eman", "ssl.method=supervised_ema"], "ssl.teacher_norm=eman needs a BatchNorm network"],
+    [["model.norm=instance", "ssl.teacher_norm=ema"], None],  # a weight-EMA teacher needs no BatchNorm
+    [["model.norm=instance", "ssl.method=supervised"], None],
+    [["tune.momentum_window=[0.01, 2.0]"], "tune.momentum_window"],
+    [["tune.heartbeat_interval=10", "tune.grace_period=5"], "must exceed tune.heartbeat_interval"],
+    [["tune.heartbeat_interval=null", "tune.grace_period=5"], None],
+]
+
+
+@pytest.mark.parametrize("sets, fragment", CROSS_KEY_CASES, ids=[" ".join(c[0]) for c in CROSS_KEY_CASES])
+def test_rules_between_keys_are_checked_at_load_time(sets, fragment):
+    if fragment is None:
+        load_config(sets=sets)
+        return
+    with pytest.raises(ConfigError) as info:
+        load_config(sets=sets)
+    assert fragment in str(info.value)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 import types
 import uuid
 from pathlib import Path
@@ -26,23 +28,42 @@ TINY = {
              "batch_size_labeled": 1, "batch_size_unlabeled": 1, "val_fraction": 0.25},
     "model": {"channels": [4, 8], "num_res_units": 0},
     "train": {"max_steps": 4, "val_every_steps": 2, "accelerator": "cpu", "log_every_steps": 1},
-    "tune": {"n_startup_trials": 1},
+    "ssl": {"teacher_bn_recalibration": "off"},
+    "tune": {"n_startup_trials": 1, "validations": 2, "prune_after": 0.5},
 }
 
-# (tune overrides, expected config values of the point {1-m: 0.001, weight: 2, threshold: 0.8, rampup: 300})
-SPACE_CASES = [
-    [{}, {("ssl", "ema_momentum"): 0.999, ("ssl", "consistency_weight"): 2.0}],
-    [{"tune.pseudo_label_threshold": [0.5, 0.95], "tune.rampup_steps": [10, 1000]},
-     {("ssl", "ema_momentum"): 0.999, ("ssl", "consistency_weight"): 2.0, ("ssl", "pseudo_label_threshold"): 0.8, ("ssl", "rampup_steps"): 300}],
+# A 500-step run tuned with 200-step trials (r = 0.4), a ramp-up of 200 and a warm-up of 50 steps, 4 validations
+# per trial; the point w = 0.05 (window), weight 2. By hand: the trial averages over 0.05 * 200 = 10 steps,
+# m = 1 - 1/10 = 0.9; the full run over 25 steps, m = 0.96; ramp-up 80 / 200, warm-up 20 / 50;
+# the trial validates every ceil(200 / 4) = 50 steps, the full run keeps its 100.
+BASE = {"train.max_steps": 500, "train.val_every_steps": 100, "tune.max_steps": 200, "ssl.rampup_steps": 200, "ssl.warmup_steps": 50}
+POINT = {"momentum_window": 0.05, "consistency_weight": 2.0}
+SCALE_CASES = [
+    # id, extra sets, extra params, expected trial values, expected full-run values
+    ["constant", {"ssl.momentum_schedule": "constant"}, {},
+     {"ema_momentum": 0.9, "rampup_steps": 80, "warmup_steps": 20, "consistency_weight": 2.0, "max_steps": 200, "val_every_steps": 50},
+     {"ema_momentum": 0.96, "rampup_steps": 200, "warmup_steps": 50, "consistency_weight": 2.0, "max_steps": 500, "val_every_steps": 100}],
+    ["cosine-starts-at-the-window", {"ssl.momentum_schedule": "cosine"}, {},
+     {"ema_momentum": 0.9, "rampup_steps": 80}, {"ema_momentum": 0.96, "rampup_steps": 200}],
+    ["window-schedule-keeps-the-fraction", {"ssl.momentum_schedule": "window"}, {},
+     {"momentum_window": 0.05, "ema_momentum": 0.99, "rampup_steps": 80}, {"momentum_window": 0.05, "ema_momentum": 0.99}],
+    ["tuned-rampup-in-full-run-steps", {"ssl.momentum_schedule": "constant", "tune.rampup_steps": "[10, 1000]"}, {"rampup_steps": 300},
+     {"rampup_steps": 120, "ema_momentum": 0.9}, {"rampup_steps": 300, "ema_momentum": 0.96}],
+    # momentum not searched: the config's m = 0.99 (a 100-step window, 0.2 of the run) keeps its window: 1 - 1/40
+    ["untuned-momentum-keeps-its-window", {"ssl.momentum_schedule": "constant", "tune.momentum_window": None}, {"momentum_window": None},
+     {"ema_momentum": 0.975, "rampup_steps": 80}, {"ema_momentum": 0.99, "rampup_steps": 200}],
 ]
 BAD_SPACES = [
-    {"tune.ema_momentum": [0.9, 1.0]},  # 1 - m = 0 has no logarithm
-    {"tune.ema_momentum": [0.999, 0.9]},
+    {"tune.momentum_window": [0.0, 0.5]},  # a window of 0 steps has no logarithm
+    {"tune.momentum_window": [0.1, 1.5]},  # longer than the run: the warm-up's plain average throughout
+    {"tune.momentum_window": [0.5, 0.1]},
     {"tune.consistency_weight": [0.0, 10.0]},
-    {"tune.consistency_weight": None},
     {"tune.pseudo_label_threshold": [0.5, 1.5]},
     {"tune.rampup_steps": [10.5, 100]},
     {"tune.rampup_steps": 100},
+    {"tune.objective_last_k": 0},
+    {"tune.prune_after": 1.5},
+    {"tune.grace_period": 30},  # not longer than the heartbeat interval (60)
 ]
 
 
@@ -75,15 +96,25 @@ def _write_tiny(tmp_path: Path) -> tuple[Path, Path, Path]:
     return tmp_path / "labeled", tmp_path / "unlabeled", config
 
 
-def _stand_in(fail_on: set[int] = frozenset()):
-    """A train_fn that scores a point without training: best near m = 0.99, weight = 1."""
+def _stand_in(fail_on: set[int] = frozenset(), scores: dict[int, list[float]] | None = None):
+    """A train_fn that scores a point without training: best near w = 0.02, weight = 1, reported at each validation.
+
+    ``scores`` gives a trial's validation series instead (by trial number).
+    """
 
     def train_fn(cfg, labeled, unlabeled, val, out_dir, *, callbacks=(), **kwargs):
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        if int(Path(out_dir).name.split("_")[1]) in fail_on:
+        number = int(Path(out_dir).name.split("_")[1])
+        if number in fail_on:
             raise RuntimeError("out of memory (simulated)")
-        m, w = cfg["ssl"]["ema_momentum"], cfg["ssl"]["consistency_weight"]
-        return types.SimpleNamespace(best_dice_teacher=1 - abs(math.log10(1 - m) + 2) / 4 - abs(math.log10(w)) / 4)
+        w, weight = cfg["ssl"]["momentum_window"], cfg["ssl"]["consistency_weight"]
+        value = 1 - abs(math.log10(w / 0.02)) / 4 - abs(math.log10(weight)) / 4
+        every = cfg["train"]["val_every_steps"]
+        series = (scores or {}).get(number, [value] * (cfg["train"]["max_steps"] // every))
+        for i, score in enumerate(series, start=1):
+            if callbacks[0].record(i * every, score):
+                raise optuna.TrialPruned()
+        return types.SimpleNamespace(best_dice_teacher=max(series))
 
     return train_fn
 
@@ -92,46 +123,66 @@ def _counts(study: optuna.Study) -> dict[str, int]:
     return {s.name: len(study.get_trials(states=(s,))) for s in TrialState}
 
 
-@pytest.mark.parametrize("sets,expected", SPACE_CASES)
-def test_search_space_maps_to_config(sets, expected):
-    cfg = _cfg(sets)
-    point = {"one_minus_ema_momentum": 0.001, "consistency_weight": 2.0, "pseudo_label_threshold": 0.8, "rampup_steps": 300}
-    trial = optuna.trial.FixedTrial(point)
-    assert tune.suggest(trial, cfg["tune"]) == pytest.approx(expected)
-    resolved = tune.trial_config(cfg, trial.params)
-    for (section, key), value in expected.items():
-        assert resolved[section][key] == pytest.approx(value)
-    assert cfg["ssl"]["ema_momentum"] == 0.99  # the base config is not touched
+@pytest.mark.parametrize("name, sets, params, in_trial, in_full_run", SCALE_CASES, ids=[c[0] for c in SCALE_CASES])
+def test_shortened_trial_scales_every_step_key_and_best_config_is_for_the_full_run(name, sets, params, in_trial, in_full_run):
+    cfg = _cfg({**BASE, **sets})
+    point = {k: v for k, v in {**POINT, **params}.items() if v is not None}
+    trial, full = tune.trial_config(cfg, point), tune.full_config(cfg, point)
+    for key, value in in_trial.items():
+        section = "train" if key in ("max_steps", "val_every_steps") else "ssl"
+        assert trial[section][key] == pytest.approx(value), f"trial {section}.{key}"
+    for key, value in in_full_run.items():
+        section = "train" if key in ("max_steps", "val_every_steps") else "ssl"
+        assert full[section][key] == pytest.approx(value), f"full run {section}.{key}"
+    assert cfg["train"]["max_steps"] == 500 and cfg["ssl"]["rampup_steps"] == 200  # the base config is not touched
+
+
+def test_search_space_draws_the_window_fraction_log_uniformly():
+    cfg = _cfg({"tune.pseudo_label_threshold": "[0.5, 0.95]"})
+    trial = optuna.trial.FixedTrial({"momentum_window": 0.05, "consistency_weight": 2.0, "pseudo_label_threshold": 0.8})
+    assert tune.suggest(trial, cfg["tune"]) == pytest.approx({"momentum_window": 0.05, "consistency_weight": 2.0, "pseudo_label_threshold": 0.8})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    draws = [tune.suggest(study.ask(), cfg["tune"])["momentum_window"] for _ in range(400)]
+    assert all(0.01 <= w <= 0.5 for w in draws)
+    below = sum(w < math.sqrt(0.01 * 0.5) for w in draws) / len(draws)  # the geometric midpoint halves a log-uniform prior
+    assert 0.4 < below < 0.6
 
 
 @pytest.mark.parametrize("sets", BAD_SPACES, ids=[next(iter(s)) + "=" + str(next(iter(s.values()))) for s in BAD_SPACES])
-def test_bad_search_space_is_rejected(sets):
+def test_bad_search_space_is_rejected_at_load_time(sets):
     with pytest.raises(ConfigError, match=next(iter(sets))):
-        tune.check_space(_cfg(sets)["tune"])
+        _cfg(sets)
 
 
-def test_trial_shorter_than_validation_interval_is_rejected(tmp_path):
-    cfg = _cfg({"tune.max_steps": 10, "train.val_every_steps": 50})
-    with pytest.raises(ConfigError, match="never measure"):
-        tune.run_study(cfg, "L", study_name="s", out_dir=tmp_path, n_trials=1, train_fn=_stand_in())
+def test_objective_is_the_mean_of_the_last_k_validations_and_pruning_waits(tmp_path):
+    # 200-step trials validating at 50, 100, 150, 200; trial 1 is far behind at every step
+    cfg = _cfg({"tune.max_steps": 200, "tune.validations": 4, "tune.objective_last_k": 2, "tune.prune_after": 0.5, "tune.n_startup_trials": 1})
+    scores = {0: [0.9, 0.2, 0.5, 0.7], 1: [0.1, 0.1, 0.1, 0.1], 2: [0.95, 0.95, 0.95, 0.95]}
+    study = tune.run_study(cfg, "L", "U", study_name="s", out_dir=tmp_path, n_trials=3, train_fn=_stand_in(scores=scores))
+    first, behind, good = study.trials
+    assert first.value == pytest.approx(0.6)  # mean of 0.5 and 0.7, not the best single 0.9
+    assert first.intermediate_values == pytest.approx({50: 0.9, 100: 0.55, 150: 0.35, 200: 0.6})  # the running objective
+    assert behind.state == TrialState.PRUNED
+    assert behind.intermediate_values == pytest.approx({50: 0.1, 100: 0.1})  # not pruned before half the trial
+    assert good.state == TrialState.COMPLETE and study.best_trial.number == 2
 
 
 def test_failed_trial_is_recorded_and_study_goes_on(tmp_path):
-    cfg = _cfg({"tune.max_steps": 10, "train.val_every_steps": 5})
+    cfg = _cfg({"tune.max_steps": 10})
     study = tune.run_study(cfg, "L", "U", study_name="s", out_dir=tmp_path, n_trials=3, train_fn=_stand_in(fail_on={1}))
     states = [t.state for t in study.trials]
     assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
     assert study.trials[1].user_attrs["error"] == "RuntimeError: out of memory (simulated)"
-    assert "out of memory" in tune.summary_table(study).splitlines()[3]
+    assert "out of memory" in tune.summary_table(study, cfg).splitlines()[3]
 
 
 def test_journal_storage_resumes_with_new_points(tmp_path):
-    cfg = _cfg({"tune.max_steps": 10, "train.val_every_steps": 5})
+    cfg = _cfg({"tune.max_steps": 10})
     journal = str(tmp_path / "shared" / "study.log")
     tune.run_study(cfg, "L", "U", study_name="j", out_dir=tmp_path, storage=journal, n_trials=2, train_fn=_stand_in())
     study = tune.run_study(cfg, "L", "U", study_name="j", out_dir=tmp_path, storage=journal, n_trials=2, train_fn=_stand_in())
     assert [t.number for t in study.trials] == [0, 1, 2, 3]
-    assert len({t.params["one_minus_ema_momentum"] for t in study.trials}) == 4  # a resumed study samples afresh
+    assert len({t.params["momentum_window"] for t in study.trials}) == 4  # a resumed study samples afresh
 
 
 def test_trial_beyond_the_cap_goes_back_to_the_queue(tmp_path):
@@ -144,6 +195,26 @@ def test_trial_beyond_the_cap_goes_back_to_the_queue(tmp_path):
     assert [t.state for t in study.get_trials()] == [TrialState.RUNNING, TrialState.WAITING]
     study.ask = ask
     assert tune._claim(study, storage, max_trials=2).number == 1  # a later run with room takes the queued trial
+
+
+def test_retried_trial_counts_once_against_the_cap(tmp_path):
+    cfg = _cfg({"tune.heartbeat_interval": 1, "tune.grace_period": 2})
+    storage = tune.open_storage(None, tmp_path, cfg["tune"])
+    study = tune.open_study(cfg, "retry", storage)
+    dead = tune._claim(study, storage, max_trials=2)
+    tune.suggest(dead, cfg["tune"])
+    storage.record_heartbeat(dead._trial_id)
+    done = tune._claim(study, storage, max_trials=2)
+    tune.suggest(done, cfg["tune"])
+    study.tell(done, 0.5)
+    assert tune._claim(study, storage, max_trials=2) is None  # full: the dead trial still looks alive
+    time.sleep(3.1)  # past the grace period
+    tune.fail_dead_trials(study)
+    assert tune.n_counted(study) == 2  # failed trial + its queued retry: one
+    retry = tune._claim(study, storage, max_trials=2)  # a full study still runs its retries
+    assert retry is not None and retry.params == study.trials[dead.number].params
+    assert tune.original_number(study.trials[retry.number]) == dead.number
+    assert tune._claim(study, storage, max_trials=2) is None
 
 
 class PinDice(Callback):
@@ -183,45 +254,65 @@ def test_study_prunes_resumes_and_writes_best_params(tmp_path):
 
     assert tune.report(study, cfg, out, [str(config)], plots=False)
     best = load_config([config, out / "best_params.yaml"])
-    assert best["ssl"]["ema_momentum"] == pytest.approx(1 - study.trials[0].params["one_minus_ema_momentum"])
+    assert best["ssl"]["momentum_window"] == pytest.approx(study.trials[0].params["momentum_window"])  # the window schedule holds w
     assert best["ssl"]["consistency_weight"] == pytest.approx(study.trials[0].params["consistency_weight"])
-    assert load_config([out / "best_config.yaml"])["ssl"] == best["ssl"]
+    assert load_config([out / "best_config.yaml"]) == best
     args = ["--config", str(config), "--config", str(out / "best_params.yaml"), "--labeled", str(labeled),
             "--unlabeled", str(unlabeled), "--out", str(tmp_path / "final"), "--set", "train.max_steps=2", "--no-progress"]
     assert train_main(args) == 0 and (tmp_path / "final" / "teacher.pt").is_file()
 
 
-def _two_workers(tmp_path: Path, storage: str, study: str, cap: int = 3) -> optuna.Study:
-    """Run two `medeman tune` processes against one storage with a total cap; return the shared study."""
+def _two_workers_one_killed(tmp_path: Path, storage: str, study: str, cap: int = 3) -> optuna.Study:
+    """Two `medeman tune` workers share a study with a cap; worker A is SIGKILLed in the middle of its first trial.
+
+    Worker B must fail A's trial once its heartbeat is older than the grace period, run it again with
+    the same parameters, and stop with ``cap`` trials counted (the failed one and its retry once).
+    """
     labeled, unlabeled, config = _write_tiny(tmp_path)
-    command = [sys.executable, "-m", "medeman.cli", "tune", "--config", str(config), "--labeled", str(labeled),
-               "--unlabeled", str(unlabeled), "--study", study, "--storage", storage, "--n-trials", "10",
-               "--max-trials", str(cap), "--out", str(tmp_path / "tune"), "--no-plots",
-               "--set", "train.max_steps=2", "--set", "tune.n_startup_trials=10"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    workers = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
-    outputs = [w.communicate(timeout=240)[0] for w in workers]
-    for worker, output in zip(workers, outputs):
-        assert worker.returncode == 0, output[-3000:]
+
+    def worker(name: str) -> subprocess.Popen:
+        command = [sys.executable, "-m", "medeman.cli", "tune", "--config", str(config), "--labeled", str(labeled),
+                   "--unlabeled", str(unlabeled), "--study", study, "--storage", storage, "--n-trials", "10",
+                   "--max-trials", str(cap), "--out", str(tmp_path / name), "--no-plots",
+                   "--set", "train.max_steps=16", "--set", "tune.validations=1", "--set", "tune.n_startup_trials=10",
+                   "--set", "tune.heartbeat_interval=1", "--set", "tune.grace_period=2"]
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        return subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    a, b = worker("a"), worker("b")
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "a").glob("trial_*/config.yaml")):  # A is training its first trial
+        assert a.poll() is None and time.monotonic() < deadline, a.communicate()[0][-3000:] if a.poll() is not None else "worker A never started a trial"
+        time.sleep(0.05)
+    a.send_signal(signal.SIGKILL)
+    a.wait(timeout=30)
+    output = b.communicate(timeout=300)[0]
+    assert b.returncode == 0, output[-3000:]
+    (killed_dir,) = (tmp_path / "a").glob("trial_*")
+    killed = int(killed_dir.name.split("_")[1])
+
     shared = optuna.load_study(study_name=study, storage=tune.open_storage(storage, tmp_path))
-    counts = _counts(shared)
-    assert counts["COMPLETE"] + counts["PRUNED"] + counts["FAIL"] == cap, (counts, outputs)
-    numbers = [t.number for t in shared.get_trials(states=tune.FINISHED)]
-    assert sorted(numbers) == list(range(cap))  # each trial run once, none twice
-    assert sorted(p.name for p in (tmp_path / "tune").glob("trial_*")) == [f"trial_{n:04d}" for n in range(cap)]
+    trials = shared.get_trials()
+    assert trials[killed].state == TrialState.FAIL, (_counts(shared), output[-3000:])
+    (retry,) = [t for t in trials if tune.original_number(t) == killed and t.number != killed]
+    assert retry.params == trials[killed].params and retry.state in (TrialState.COMPLETE, TrialState.PRUNED)
+    assert f"trial {retry.number} retries trial {killed}" in output
+    assert len(trials) == cap + 1 and tune.n_counted(shared) == cap  # the cap counts the retried trial once
+    assert _counts(shared)["COMPLETE"] + _counts(shared)["PRUNED"] == cap and _counts(shared)["FAIL"] == 1
+    assert sorted(p.name for p in (tmp_path / "b").glob("trial_*")) == [f"trial_{t.number:04d}" for t in trials if t.number != killed]
     return shared
 
 
-def test_two_workers_share_a_sqlite_study(tmp_path):
-    _two_workers(tmp_path, f"sqlite:///{tmp_path / 'shared.db'}", "shared")
+def test_killed_worker_trial_is_failed_and_retried_once_sqlite(tmp_path):
+    _two_workers_one_killed(tmp_path, f"sqlite:///{tmp_path / 'shared.db'}", "shared")
 
 
-def test_two_workers_share_a_postgresql_study(tmp_path):
+def test_killed_worker_trial_is_failed_and_retried_once_postgresql(tmp_path):
     url = os.environ.get("MEDEMAN_TEST_POSTGRES_URL")
     if not url:
         pytest.skip("MEDEMAN_TEST_POSTGRES_URL is not set: no PostgreSQL server to share a study on (CI starts one in .ci/postgres.sh)")
     study = f"test-{uuid.uuid4().hex[:8]}"
     try:
-        _two_workers(tmp_path, url, study)
+        _two_workers_one_killed(tmp_path, url, study)
     finally:
         optuna.delete_study(study_name=study, storage=tune.database_url(url))
