@@ -41,6 +41,7 @@ class Scanner:
     noise_hu: tuple[float, float]
     blur_vox: float
     cupping_hu: tuple[float, float]
+    hu_offset: float = 0.0  # a calibration drift that shifts every HU value
 
 
 SCANNERS = (
@@ -48,6 +49,9 @@ SCANNERS = (
     Scanner("B", ((2.5, 2.5, 3.0), (2.3, 2.3, 4.0)), "LPS", (12.0, 20.0), 0.7, (10.0, 30.0)),
     Scanner("C", ((2.0, 2.0, 2.5), (2.2, 2.2, 2.2)), "LPS-tilted", (8.0, 14.0), 0.6, (5.0, 20.0)),
 )
+# A scanner no labeled case comes from (``make_cohort(unseen_every=N)``): miscalibrated by +150 HU,
+# twice the noise and more blur, so a model trained on A-C is genuinely unsure on its scans.
+UNSEEN_SCANNER = Scanner("D", ((2.4, 2.4, 2.4), (2.0, 2.0, 3.2)), "RAS", (25.0, 35.0), 1.0, (20.0, 40.0), hu_offset=150.0)
 
 
 def _affine(shape: tuple[int, ...], spacing: tuple[float, ...], orientation: str, shift: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -176,7 +180,7 @@ def make_case(rng: np.random.Generator, scanner: Scanner, lesions: bool = False)
     g = rng.normal(size=3) * rng.uniform(3, 10) / 50.0
     bias = (x * g[0] + y * g[1] + z * g[2])
     hu = hu - cupping + bias * body
-    hu = hu + rng.normal(0, rng.uniform(*scanner.noise_hu), shape)
+    hu = hu + rng.normal(0, rng.uniform(*scanner.noise_hu), shape) + scanner.hu_offset
     # outside the circular reconstruction field of view scanners write the padding value -1024
     ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape[:2]], indexing="ij"), axis=-1)
     centre = (np.asarray(shape[:2]) - 1) / 2.0
@@ -187,7 +191,7 @@ def make_case(rng: np.random.Generator, scanner: Scanner, lesions: bool = False)
 
 
 def make_cohort(out: str | Path, n_labeled: int = 6, n_unlabeled: int = 24, n_test: int = 6, seed: int = 0, other_formats: bool = True,
-                n_val: int = 0, unlabeled_labels: bool = False, lesions: bool = False) -> Path:
+                n_val: int = 0, unlabeled_labels: bool = False, lesions: bool = False, unseen_every: int = 0) -> Path:
     """Write a cohort: ``labeled/{images,labels}``, ``unlabeled/`` and ``test/{images,labels}``.
 
     Args:
@@ -201,18 +205,25 @@ def make_cohort(out: str | Path, n_labeled: int = 6, n_unlabeled: int = 24, n_te
             to ``unlabeled_labels/`` (outside ``unlabeled/``, so training never sees it): for
             "supervised on all labels" upper bounds in ablations.
         lesions: add 1-3 small liver lesions (label 3) to every case (see :func:`make_case`).
+        unseen_every: when ``N > 0``, every N-th test and unlabeled case comes from
+            :data:`UNSEEN_SCANNER`, which no labeled or validation case does (a new scanner in the
+            pool, for active-learning benchmarks); ``scanners.csv`` then lists every case's scanner.
 
     Returns:
         ``out`` as a Path.
     """
     out = Path(out)
     index = 0
+    manifest = []
     for part, count in (("labeled", n_labeled), ("test", n_test), ("unlabeled", n_unlabeled), ("val", n_val)):
         for i in range(count):
             rng = np.random.default_rng([seed, index])
-            image, label, affine = make_case(rng, SCANNERS[index % len(SCANNERS)], lesions=lesions)
+            unseen = unseen_every > 0 and part in ("test", "unlabeled") and i % unseen_every == unseen_every - 1
+            scanner = UNSEEN_SCANNER if unseen else SCANNERS[index % len(SCANNERS)]
+            image, label, affine = make_case(rng, scanner, lesions=lesions)
             index += 1
             name = f"case_{index:03d}"
+            manifest.append(f"{name},{part},{scanner.name}")
             if part == "unlabeled":
                 suffix = {1: ".mha", 2: ".nrrd"}.get(i, ".nii.gz") if other_formats else ".nii.gz"
                 write_volume(image, affine, out / part / f"{name}{suffix}")
@@ -221,6 +232,8 @@ def make_cohort(out: str | Path, n_labeled: int = 6, n_unlabeled: int = 24, n_te
             else:
                 write_volume(image, affine, out / part / "images" / f"{name}.nii.gz")
                 write_volume(label, affine, out / part / "labels" / f"{name}.nii.gz")
+    if unseen_every > 0:
+        (out / "scanners.csv").write_text("\n".join(["case,part,scanner", *manifest]) + "\n")
     return out
 
 
