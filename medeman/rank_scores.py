@@ -126,7 +126,10 @@ def _disagreement_strategy(rows: Sequence[Mapping[str, float]], rng: np.random.G
 
 
 def _combined(rows: Sequence[Mapping[str, float]], rng: np.random.Generator) -> np.ndarray:
-    entropy = rank_fraction([r["entropy_fg"] for r in rows])
+    # Whole-scan entropy, not the foreground's: a teacher that is confidently wrong on an unseen
+    # scanner over-segments with low entropy inside its mask but is unsure around it; in the pilot
+    # (benchmarks/results/active_learning_scores.md) this pair tracked the true error best and most stably.
+    entropy = rank_fraction([r["entropy_mean"] for r in rows])
     disagreement = np.array([_disagreement(r) for r in rows], dtype=float)
     if np.isnan(disagreement).all():  # no student: the entropy alone
         return entropy
@@ -139,7 +142,7 @@ def _random(rows: Sequence[Mapping[str, float]], rng: np.random.Generator) -> np
 
 # name -> (function(rows, rng) -> score per row, higher = label first; one-line meaning for --help and the README)
 STRATEGIES: dict[str, tuple[Callable[[Sequence[Mapping[str, float]], np.random.Generator], np.ndarray], str]] = {
-    "combined": (_combined, "mean of the rank fractions of entropy_fg and of the mean teacher-student 1-Dice"),
+    "combined": (_combined, "mean of the rank fractions of entropy_mean (whole scan) and of the mean teacher-student 1-Dice"),
     "entropy": (_entropy, "teacher's mean entropy over its predicted foreground (no foreground first)"),
     "disagreement": (_disagreement_strategy, "mean over classes of teacher-student 1-Dice"),
     "random": (_random, "a random order (seeded): the baseline every strategy must beat"),
