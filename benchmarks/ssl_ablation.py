@@ -92,15 +92,24 @@ def ensure_cohort(args: argparse.Namespace) -> Path:
         return root
     if root.exists() and any(root.iterdir()):
         raise SystemExit(f"{root}: exists and is not an ablation cohort (no cohort.json); pass an empty or new --cohort")
-    make_cohort(root, n_labeled=args.labeled, n_unlabeled=args.unlabeled, n_test=args.test, seed=args.cohort_seed,
+    # written aside and renamed, so that two ablation processes started together never read a half-written cohort
+    tmp = root.with_name(f"{root.name}.tmp{os.getpid()}")
+    make_cohort(tmp, n_labeled=args.labeled, n_unlabeled=args.unlabeled, n_test=args.test, seed=args.cohort_seed,
                 other_formats=False, n_val=args.val, unlabeled_labels=True)
     # the upper bound's training set: the labeled cases plus the unlabeled scans with their true labels
-    for src_images, src_labels in ((root / "labeled" / "images", root / "labeled" / "labels"), (root / "unlabeled", root / "unlabeled_labels")):
+    for src_images, src_labels in ((tmp / "labeled" / "images", tmp / "labeled" / "labels"), (tmp / "unlabeled", tmp / "unlabeled_labels")):
         for image in sorted(src_images.glob("*.nii.gz")):
             for src, part in ((image, "images"), (src_labels / image.name, "labels")):
-                (root / "all" / part).mkdir(parents=True, exist_ok=True)
-                shutil.copy2(src, root / "all" / part / src.name)
-    stamp.write_text(json.dumps(spec))
+                (tmp / "all" / part).mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, tmp / "all" / part / src.name)
+    (tmp / "cohort.json").write_text(json.dumps(spec))
+    if root.exists():
+        root.rmdir()  # empty (checked above)
+    try:
+        tmp.rename(root)
+    except OSError:  # another process finished first: use its cohort
+        shutil.rmtree(tmp)
+        return ensure_cohort(args)
     return root
 
 
