@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(args: argparse.Namespace, cfg: dict, tmp: Path) -> None:
     from medeman.checkpoint import save_teacher
-    from medeman.infer import infer_cases, read_geometry, write_like
+    from medeman.data.readers import write_volume
+    from medeman.infer import infer_cases, read_geometry
     from medeman.predict import invert_to_input, predict_volume
     from medeman.labels import argmax_labels
     from medeman.nets import build_network
@@ -150,7 +151,7 @@ def run(args: argparse.Namespace, cfg: dict, tmp: Path) -> None:
             marks.append(time.perf_counter())
             probs = invert_to_input(probs, img, transform)
             marks.append(time.perf_counter())
-            write_like(argmax_labels(probs, dim=0).numpy(), scan, tmp / "staged.nii.gz")
+            write_volume(argmax_labels(probs, dim=0).numpy(), scan, tmp / "staged.nii.gz", intent="label")
             marks.append(time.perf_counter())
             for name, a, b in zip(stages, marks, marks[1:]):
                 stages[name].append(b - a)

@@ -1,8 +1,8 @@
-"""``medeman check-data``: print a table of a cohort and every problem found; exit 1 if there is any.
+"""``medeman check-data``: print a table of a cohort, every file left out of the unlabeled scans and why, and every problem; exit 1 if there is any problem.
 
 Usage::
 
-    python scripts/check_data.py --labeled DIR [--unlabeled DIR] [--val DIR] [--config FILE ...]
+    python scripts/check_data.py --labeled DIR [--unlabeled DIR] [--val DIR] [--test DIR] [--config FILE ...]
 """
 
 from __future__ import annotations
@@ -12,9 +12,7 @@ import sys
 from typing import Iterable
 
 from medeman.config import ConfigError, load_config, read_yaml
-from medeman.data.checks import CaseReport, check_cases
-from medeman.data.discovery import discover_labeled, discover_unlabeled
-from medeman.data.errors import DataError
+from medeman.data.checks import CaseReport, gather_cohort
 
 COLUMNS = ("set", "case", "shape", "spacing (mm)", "orient", "intensity", "classes (voxels)", "status")
 
@@ -51,8 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     """Check the cohort; return 0 when clean, 1 when any problem was found, 2 on a bad config."""
     parser = argparse.ArgumentParser(prog="medeman check-data", description=__doc__.splitlines()[0])
     parser.add_argument("--labeled", required=True, help="labeled folder (images/ + labels/) or Decathlon/nnU-Net dataset root")
-    parser.add_argument("--unlabeled", help="folder of unlabeled scans, searched recursively")
+    parser.add_argument("--unlabeled", help="folder of unlabeled scans, searched recursively (label folders, labeled/validation/test cases and copies of them are left out)")
     parser.add_argument("--val", help="labeled validation folder")
+    parser.add_argument("--test", help="test cohort (images/ + labels/, or a folder of images): checked, and never used as unlabeled scans")
     parser.add_argument("--config", action="append", default=[], help="YAML config (repeatable); uses data.num_classes (if not set, the classes found are reported) and data.in_channels")
     parser.add_argument("--set", action="append", default=[], dest="sets", metavar="SECTION.KEY=VALUE", help="config override")
     args = parser.parse_args(argv)
@@ -65,21 +64,14 @@ def main(argv: list[str] | None = None) -> int:
 
     if not declared:  # check label values for integers >= 0 only, then report the classes found
         cfg["data"]["num_classes"] = 2 ** 31
-    problems: list[str] = []
-    parts: list[tuple[str, list[dict]]] = []
-    try:
-        parts.append(("labeled", discover_labeled(args.labeled, cfg, problems)))
-        if args.val:
-            parts.append(("val", discover_labeled(args.val, cfg, problems)))
-        if args.unlabeled:
-            parts.append(("unlabeled", discover_unlabeled(args.unlabeled, cfg, problems)))
-    except DataError as err:  # an unreadable dataset.json stops discovery of that part
-        problems.extend(str(err).splitlines())
+    cohort = gather_cohort(cfg, args.labeled, args.unlabeled, args.val, args.test)
+    parts = [("labeled", cohort.labeled), ("val", cohort.val), ("test", cohort.test if args.test else None),
+             ("unlabeled", cohort.unlabeled if args.unlabeled else None)]
+    parts = [(part, cases) for part, cases in parts if cases is not None]
     rows, classes = [], set()
-    for part, cases in parts:
-        for report in check_cases(cases, cfg):
+    for part, _ in parts:
+        for report in cohort.reports.get(part, []):
             rows.append(_row(part, report))
-            problems.extend(report.problems)
             classes.update(report.classes)
     print(format_table(rows))
     counts = ", ".join(f"{len(cases)} {part}" for part, cases in parts)
@@ -91,9 +83,20 @@ def main(argv: list[str] | None = None) -> int:
         missing = sorted(set(range(n)) - classes)
         print(f"label classes found: {', '.join(map(str, sorted(classes)))}; set data.num_classes: {n} in your config"
               + (f" (classes {', '.join(map(str, missing))} never appear)" if missing else ""))
+    left_out = [f for f in cohort.flagged if f.excluded]
+    warned = [f for f in cohort.flagged if not f.excluded]
+    if left_out:
+        print(f"\n{len(left_out)} file(s) left out of the unlabeled scans:")
+        print("\n".join(f"  {f.file}: {f.reason}" for f in left_out))
+    if warned:
+        print(f"\n{len(warned)} file(s) used as unlabeled scans, with a warning:")
+        print("\n".join(f"  {f.file}: {f.reason}" for f in warned))
+    if args.unlabeled:
+        print("\n" + cohort.summary().replace("; medeman check-data lists each file and why", ""))
+    problems = cohort.problems
     if problems:
         print(f"\n{len(problems)} problem(s):")
         print("\n".join(problems))
         return 1
-    print("no problems found")
+    print("\nno problems found")
     return 0

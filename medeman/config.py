@@ -195,7 +195,7 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "pseudo_label_threshold": Option(None, "pseudo-label threshold range [low, high]; null leaves it out of the search", type=list),
         "rampup_steps": Option(None, "ramp-up length range [low, high] in steps of the full run (scaled in shorter trials), log-uniform; null leaves it out of the search", type=list),
         "max_steps": Option(None, "steps per trial; null uses train.max_steps. Shorter trials scale every step-based key (ramp-up, warm-up, momentum window) by max_steps / train.max_steps", type=int),
-        "validations": Option(4, "validations per trial: a trial validates every ceil(trial steps / validations) steps"),
+        "validations": Option(4, "validations per trial, evenly spaced after tune.prune_after of it and ending at its last step (none earlier: they could neither prune nor score it)"),
         "objective_last_k": Option(2, "a trial's value is the mean val/dice_teacher of its last k validations (all of them if fewer), robust to one noisy validation"),
         "prune_after": Option(0.5, "fraction of a trial's steps before it may be pruned (early teacher Dice favours fast teachers)"),
         "n_startup_trials": Option(5, "complete trials before the pruner starts pruning"),

@@ -44,7 +44,7 @@ import torch
 from monai.metrics import compute_average_surface_distance, compute_dice, compute_hausdorff_distance
 from scipy import ndimage
 
-from medeman.data.discovery import CHANNEL_SUFFIX, index_by_case, label_id, list_images
+from medeman.data.discovery import group_channels, index_by_case, label_id, list_images
 from medeman.data.readers import image_stem, read_volume, voxel_spacing
 from medeman.infer import CaseError, one_line
 
@@ -295,16 +295,10 @@ def _index(files: list[Path], case_id, what: str, problems: list[str]) -> dict[s
 
 
 def _image_index(images_dir: Path) -> dict[str, Path]:
-    """Scans by case id: ``<case>_0000`` (first channel) or ``<case>``."""
-    out: dict[str, Path] = {}
-    for file in list_images(images_dir):
-        stem = image_stem(file)
-        match = CHANNEL_SUFFIX.match(stem)
-        if match and int(match["channel"]) == 0:
-            out[match["id"]] = file
-        elif not match:
-            out.setdefault(stem, file)
-    return out
+    """Scans by case id, named by the rule of training and inference (:func:`medeman.data.discovery.case_key`):
+    ``<case>_0000`` (a first channel, drawn under the contours) or ``<case>``."""
+    groups, _ = group_channels(list_images(images_dir), 1)  # pictures only: a clash just goes undrawn
+    return {case_id: files[0] for case_id, files in groups.items()}
 
 
 def evaluate_folder(

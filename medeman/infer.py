@@ -16,29 +16,24 @@ Typical use::
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import nibabel as nib
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from medeman.checkpoint import ModelFileError, load_teacher
-from medeman.data.discovery import CHANNEL_SUFFIX, image_entry, list_images
+from medeman.data.discovery import group_channels, image_entry, list_images
 from medeman.data.readers import (
     IMAGE_SUFFIXES,
-    NIFTI_SUFFIXES,
-    SITK_SUFFIXES,
-    image_stem,
     image_suffix,
     read_geometry,
-    set_sitk_geometry,
+    write_volume,
 )
 from medeman.data.transforms import preprocessing
 from medeman.labels import argmax_labels
@@ -74,69 +69,19 @@ class CaseResult:
     message: str = ""
 
 
-# --------------------------------------------------------------------------- volumes on disk
-
-
-def write_like(array: np.ndarray, reference: str | Path, path: str | Path, intent: str = "label") -> Path:
-    """Write ``array`` (``[x, y, z(, c)]``) on the grid of the image file ``reference``.
-
-    ``.nii.gz``/``.nii`` outputs copy the reference's qform/sform when it is NIfTI (else the RAS
-    affine); ``.nrrd``/``.mha`` outputs copy origin, spacing and direction with SimpleITK. The file
-    is written beside its final name and renamed, so a crash never leaves half a file.
-    """
-    reference, path = Path(reference), Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.name[len(image_stem(path)):]}")
-    try:
-        if path.name.lower().endswith(SITK_SUFFIXES):
-            import SimpleITK as sitk
-
-            out = sitk.GetImageFromArray(np.transpose(array, (2, 1, 0) + tuple(range(3, array.ndim))),
-                                         isVector=array.ndim == 4)
-            if reference.name.lower().endswith(SITK_SUFFIXES):
-                reader = sitk.ImageFileReader()
-                reader.SetFileName(str(reference))
-                reader.ReadImageInformation()
-                out.SetOrigin(reader.GetOrigin())
-                out.SetSpacing(reader.GetSpacing())
-                out.SetDirection(reader.GetDirection())
-            else:
-                set_sitk_geometry(out, read_geometry(reference)[1])
-            sitk.WriteImage(out, str(tmp), useCompression=True)
-        else:
-            if reference.name.lower().endswith(NIFTI_SUFFIXES):
-                ref = nib.load(str(reference))  # keep its qform/sform codes and units exactly
-                out = nib.Nifti1Image(array, ref.affine, header=ref.header.copy())
-            else:
-                out = nib.Nifti1Image(array, read_geometry(reference)[1])
-                out.set_qform(out.affine, code=1)
-                out.set_sform(out.affine, code=1)
-                out.header.set_xyzt_units("mm")
-            out.header.set_data_dtype(array.dtype)
-            out.header.set_slope_inter(1.0, 0.0)  # a CT's rescale intercept must not shift the labels
-            out.header["cal_min"], out.header["cal_max"] = 0.0, 0.0
-            out.header.set_intent(intent)
-            out.header["descrip"] = b"medeman"
-            nib.save(out, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
 # --------------------------------------------------------------------------- cases
 
 
 def find_cases(inputs: str | Path | Sequence[str | Path], in_channels: int = 1) -> tuple[list[Case], list[str]]:
-    """Group image files into cases.
+    """Group image files into cases by medeman's one case-id rule (:func:`medeman.data.discovery.case_key`).
 
-    Files named the nnU-Net way (``<case>_0000.nii.gz``, ``<case>_0001.nii.gz``, ...: every file
-    has a four-digit suffix below ``in_channels``) are grouped per case, channel suffix stripped;
-    otherwise each file is one case named after it (so ``liver_0007.nii.gz`` stays ``liver_0007``).
+    With one channel each file is a case named after it, a trailing ``_0000`` dropped (so
+    ``liver_0007.nii.gz`` stays ``liver_0007``); with more, ``<case>_0000``, ``<case>_0001``, ...
+    are grouped per case. Training and evaluation name cases by the same rule.
 
     Returns:
-        ``(cases, problems)``; a problem is a one-line message for a case whose channel files are
-        incomplete or whose id is given twice.
+        ``(cases, problems)``; a problem is a one-line message naming the file of a case whose
+        channel files are incomplete or whose id is given twice.
     """
     if isinstance(inputs, (str, Path)):
         path = Path(inputs)
@@ -152,25 +97,8 @@ def find_cases(inputs: str | Path | Sequence[str | Path], in_channels: int = 1) 
     if unsupported:
         raise ValueError(f"{unsupported[0]}: not an image file medeman reads ({', '.join(SUFFIXES)})")
 
-    stems = [image_stem(f) for f in files]
-    matches = [CHANNEL_SUFFIX.match(s) for s in stems]
-    nnunet = bool(files) and all(m and int(m["channel"]) < in_channels for m in matches)
-    groups: dict[str, dict[int, Path]] = {}
-    problems: list[str] = []
-    for file, stem, match in zip(files, stems, matches):
-        case_id, channel = (match["id"], int(match["channel"])) if nnunet else (stem, 0)
-        if channel in groups.setdefault(case_id, {}):
-            problems.append(f"{case_id}: {file} and {groups[case_id][channel]} give the same case; skipped the second")
-            continue
-        groups[case_id][channel] = file
-    cases = []
-    for case_id, channels in groups.items():
-        expected = range(in_channels) if nnunet else [0]
-        missing = [f"_{c:04d}" for c in expected if c not in channels]
-        if missing:
-            problems.append(f"{case_id}: missing channel file(s) {', '.join(missing)} (the model takes {in_channels})")
-            continue
-        cases.append(Case(case_id, [channels[c] for c in expected]))
+    groups, problems = group_channels(files, in_channels)
+    cases = [Case(case_id, channel_files) for case_id, channel_files in groups.items()]
     return cases, problems
 
 
@@ -284,9 +212,9 @@ def _segment_case(case: Case, net, cfg, transform, out_path: Path, probs_path: P
     if tuple(probs.shape[1:4]) != shape:
         raise CaseError(f"{case.files[0]}: prediction came back as {tuple(probs.shape[1:])}, not the scan's {shape}")
     labels = argmax_labels(probs, dim=0).numpy()
-    write_like(labels, case.files[0], out_path)
+    write_volume(labels, case.files[0], out_path, intent="label")
     if probs_path is not None:
-        write_like(np.moveaxis(probs.numpy().astype(np.float32), 0, -1), case.files[0], probs_path, intent="none")
+        write_volume(np.moveaxis(probs.numpy().astype(np.float32), 0, -1), case.files[0], probs_path)
 
 
 def one_line(err: BaseException) -> str:

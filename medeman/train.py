@@ -28,6 +28,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 
 from medeman.checkpoint import save_teacher
 from medeman.config import ConfigError, load_config, save_config, validate
@@ -143,6 +144,7 @@ def fit(
     val: str | Path | None = None,
     out_dir: str | Path = "runs/medeman",
     *,
+    test: str | Path | None = None,
     callbacks: Iterable[Callback] = (),
     resume: bool = False,
     overwrite: bool = False,
@@ -157,6 +159,7 @@ def fit(
         unlabeled: folder of unlabeled scans (required for ``mean_teacher``).
         val: optional labeled validation cohort; without it a split of ``labeled`` is used.
         out_dir: run folder.
+        test: optional test cohort: never used as unlabeled scans (nor are copies of it); not trained or validated on.
         callbacks: extra Lightning callbacks (e.g. Optuna's pruning callback).
         resume: continue from ``out_dir/checkpoints/last.ckpt`` with the teacher restored exactly.
         overwrite: replace an earlier run's outputs in ``out_dir``.
@@ -175,8 +178,11 @@ def fit(
     validate(cfg)  # types, choices and the rules between keys (config.validate), also for a config built in code
     prepare_run_dir(out_dir, resume, overwrite)
     pl.seed_everything(int(cfg["train"]["seed"]), workers=True, verbose=False)
-    datamodule = SSLDataModule(cfg, labeled=labeled, unlabeled=unlabeled if cfg["ssl"]["method"] == "mean_teacher" else None, val=val, run_dir=out_dir)
+    datamodule = SSLDataModule(cfg, labeled=labeled, unlabeled=unlabeled if cfg["ssl"]["method"] == "mean_teacher" else None, val=val, run_dir=out_dir, test=test)
     datamodule.setup("fit")  # every data check runs here, before any training
+    cohort = datamodule.cohort
+    if cohort is not None and (cohort.unlabeled or cohort.flagged) and rank_zero_only.rank == 0:
+        print(cohort.summary())  # nothing is left out of the unlabeled scans silently
     if not resume:
         save_config(cfg, out_dir / "config.yaml")
     module = SSLSegModule(cfg, sync_batchnorm=_sync_batchnorm(cfg))
@@ -244,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--labeled", required=True, help="labeled cohort: images/ + labels/, an MSD dataset.json, or an nnU-Net raw folder")
     parser.add_argument("--unlabeled", help="folder of unlabeled scans (searched recursively)")
     parser.add_argument("--val", help="labeled validation cohort (default: a split of --labeled)")
+    parser.add_argument("--test", help="test cohort: never used as unlabeled scans, by path or by content (see medeman check-data)")
     parser.add_argument("--config", action="append", default=[], help="YAML config; repeat to overlay (e.g. sample.yaml then mt_bn.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one key, e.g. ssl.ema_momentum=0.999")
     parser.add_argument("--out", default="runs/medeman", help="run folder (default: runs/medeman)")
@@ -278,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = config_from_args(args)
-        result = fit(cfg, args.labeled, args.unlabeled, args.val, args.out, resume=args.resume, overwrite=args.overwrite, progress_bar=not args.no_progress)
+        result = fit(cfg, args.labeled, args.unlabeled, args.val, args.out, test=args.test, resume=args.resume, overwrite=args.overwrite, progress_bar=not args.no_progress)
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

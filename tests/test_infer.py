@@ -251,7 +251,12 @@ FIND_CASES = [
     # (file names, in_channels, expected cases {id: [files]}, expected problem substrings)
     (["a_0000.nii.gz", "b_0000.nii.gz"], 1, {"a": ["a_0000.nii.gz"], "b": ["b_0000.nii.gz"]}, []),
     (["liver_0007.nii.gz", "liver_0008.nii.gz"], 1, {"liver_0007": ["liver_0007.nii.gz"], "liver_0008": ["liver_0008.nii.gz"]}, []),
-    (["a_0000.nii.gz", "a_0001.nii.gz", "b_0000.nii.gz"], 2, {"a": ["a_0000.nii.gz", "a_0001.nii.gz"]}, ["b: missing channel file(s) _0001"]),
+    (["a_0000.nii.gz", "a_0001.nii.gz", "b_0000.nii.gz"], 2, {"a": ["a_0000.nii.gz", "a_0001.nii.gz"]},
+     ["b_0000.nii.gz: case 'b' has channel files _0000, expected _0000.._0001"]),
+    # one case-id rule with training: a lone _0000 is dropped even next to a file without a suffix
+    (["a_0000.nii.gz", "b.nii.gz"], 1, {"a": ["a_0000.nii.gz"], "b": ["b.nii.gz"]}, []),
+    (["a.nii.gz", "a_0000.nii.gz"], 1, {"a": ["a.nii.gz"]}, ["a_0000.nii.gz: same case and channel as"]),
+    (["a_0000.nii.gz", "b.nii.gz"], 2, {}, ["b.nii.gz: no _0000.._0001 channel suffix", "case 'a' has channel files _0000,"]),
     (["x.nii.gz", "x.nrrd", "y.mha"], 1, {"x": ["x.nii.gz"], "y": ["y.mha"]}, ["same case"]),
 ]
 

@@ -1,12 +1,16 @@
-"""Validate a cohort before training: every file readable, 3D, finite, and labels that fit their images.
+"""Validate a cohort before training: every file readable, 3D, finite, labels that fit their images,
+and unlabeled scans that are scans and never labeled, validation or test cases.
 
-Each file is read once (header and array); the findings of a case are cached by file path, size
-and modification time, so ``check-data`` and the DataModule's ``setup`` in one process read the
-cohort only once. Input files are only read, never modified.
+Each file is read once (header and array); the findings of a case, with a content hash of each
+volume (:func:`voxel_digest`), are cached by file path, size and modification time, so
+``check-data`` and the DataModule's ``setup`` in one process read the cohort only once. Input files
+are only read, never modified. :func:`gather_cohort` is the whole pass that both run.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,11 +18,15 @@ from typing import Any
 import numpy as np
 from nibabel.orientations import aff2axcodes
 
+from medeman.data.discovery import Flagged, discover_labeled, discover_test, discover_unlabeled, expand_exclude
 from medeman.data.errors import DataError
 from medeman.data.readers import read_volume, voxel_spacing
 
 AFFINE_TOLERANCE_MM = 1e-3
 """Largest difference (mm) between an image's and its label's affine entries, relative to the voxel size."""
+LABEL_LIKE_MAX_VALUES = 32
+"""An unlabeled volume with at most this many distinct values, all non-negative integers, looks like a label map
+(a scan has hundreds: noise alone gives them)."""
 
 
 @dataclass
@@ -35,6 +43,11 @@ class CaseReport:
     intensity: tuple[float, float] | None = None
     classes: dict[int, int] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    digests: dict[str, str] = field(default_factory=dict)
+    """:func:`voxel_digest` of each readable image file."""
+    label_digest: str | None = None
+    label_values: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    """Image files of a case without label that look like label maps, with their values (see :func:`label_like_values`)."""
 
 
 _CACHE: dict[tuple, CaseReport] = {}
@@ -58,6 +71,33 @@ def _read(path: str, problems: list[str]) -> _Volume | None:
         problems.append(f"{path}: not a 3D volume (array shape {tuple(array.shape)})")
         return None
     return _Volume(array, affine)
+
+
+def voxel_digest(array: np.ndarray) -> str:
+    """Content key of a volume: its shape, then a BLAKE2 hash of its voxels as float32.
+
+    The shape leads, so keys of volumes that differ in shape differ at a glance; float32 makes the
+    key independent of the file format (nibabel reads a NIfTI as float32, SimpleITK an NRRD in its
+    stored type), so a renamed or re-saved copy has the key of its original.
+    """
+    data = np.ascontiguousarray(array, dtype=np.float32)
+    return "x".join(map(str, data.shape)) + ":" + hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def label_like_values(array: np.ndarray) -> tuple[int, ...] | None:
+    """The values of a volume that looks like a label map: at most :data:`LABEL_LIKE_MAX_VALUES` distinct
+    non-negative integers; ``None`` for anything else.
+
+    A strided sample (1 voxel in 64) rules out a scan cheaply; only a volume whose sample passes is
+    read in full.
+    """
+    for part in (array[::4, ::4, ::4], array):
+        if part.size == 0 or part.min() < 0:  # a CT's air: no unique() needed
+            return None
+        values = np.unique(part)
+        if len(values) > LABEL_LIKE_MAX_VALUES or not np.isfinite(values).all() or values.min() < 0 or not np.array_equal(values, np.round(values)):
+            return None
+    return tuple(int(v) for v in values)
 
 
 def _orientation(affine: np.ndarray) -> str:
@@ -110,6 +150,11 @@ def inspect_case(case: dict, num_classes: int, in_channels: int = 1) -> CaseRepo
             ref = (path, vol)
         elif arr.shape[:3] != ref[1].array.shape[:3] or not _affines_close(vol.affine, ref[1].affine):
             problems.append(f"{path}: channel file differs in shape or affine from {ref[0]}")
+        report.digests[path] = voxel_digest(arr)
+        if not case.get("label"):
+            values = label_like_values(arr)
+            if values is not None:
+                report.label_values[path] = values
         finite = np.isfinite(arr)
         if not finite.all():
             problems.append(f"{path}: {int((~finite).sum())} NaN/Inf intensities")
@@ -140,6 +185,7 @@ def _check_label(path: str, ref: tuple[str, _Volume] | None, num_classes: int, r
     if vol is None:
         return
     arr = vol.array
+    report.label_digest = voxel_digest(arr)
     if arr.ndim != 3:
         problems.append(f"{path}: label must be a single-channel 3D volume, got array shape {tuple(arr.shape)}")
         return
@@ -180,3 +226,159 @@ def raise_problems(problems: list[str], header: str = "") -> None:
     if problems:
         lines = ([header] if header else []) + problems
         raise DataError("\n".join(lines))
+
+
+def _file_digest(path: str, problems: list[str]) -> str | None:
+    """:func:`voxel_digest` of one file (e.g. a ``data.exclude`` entry), cached like the case reports."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        st = None
+    key = ("digest", path, st and st.st_size, st and st.st_mtime_ns)
+    if key not in _CACHE:
+        vol = _read(path, problems)
+        _CACHE[key] = None if vol is None else voxel_digest(vol.array)
+    return _CACHE[key]
+
+
+def screen_content(
+    unlabeled: list[dict],
+    reports: list[CaseReport],
+    protected: dict[str, list[CaseReport]],
+    num_classes: int,
+    keep_label_like: bool = False,
+    extra_digests: dict[str, str] | None = None,
+) -> tuple[list[dict], list[CaseReport], list[Flagged]]:
+    """Leave out the unlabeled cases that are copies of protected cases or look like label maps.
+
+    A copy is an image file whose :func:`voxel_digest` (shape first, then a hash of the voxels)
+    equals that of an image or label of a protected cohort, whatever its name or format. A label
+    map is a volume of a few non-negative integer values (:func:`label_like_values`) within
+    ``0..num_classes-1``: left out, or kept with a warning when ``keep_label_like``.
+
+    Args:
+        unlabeled: the unlabeled cases, as discovered.
+        reports: their :func:`inspect_case` reports, in the same order.
+        protected: reports of the cohorts whose cases must never be unlabeled, by cohort name.
+        num_classes: classes including background (``data.num_classes``).
+        keep_label_like: keep label-like volumes (``data.keep_label_like_unlabeled``).
+        extra_digests: more protected volumes, ``{digest: description}`` (``data.exclude`` files).
+
+    Returns:
+        ``(cases, reports, flagged)``: the kept cases and their reports, and one entry per file left out or warned about.
+    """
+    index: dict[str, str] = dict(extra_digests or {})
+    for cohort, cohort_reports in protected.items():
+        for r in cohort_reports:
+            for file, digest in r.digests.items():
+                index.setdefault(digest, f"the image of {cohort} case '{r.id}' ({file})")
+            if r.label_digest is not None:
+                index.setdefault(r.label_digest, f"the label of {cohort} case '{r.id}' ({r.label})")
+    kept, kept_reports, flagged = [], [], []
+    for case, report in zip(unlabeled, reports):
+        copy = next(((file, index[d]) for file, d in report.digests.items() if d in index), None)
+        label_like = {f: v for f, v in report.label_values.items() if v[-1] <= num_classes - 1}
+        if copy is not None:
+            flagged.append(Flagged(copy[0], f"same voxels as {copy[1]}: a copy", "copy"))
+            continue
+        if label_like:
+            file, values = next(iter(label_like.items()))
+            shown = ", ".join(map(str, values))
+            if keep_label_like:
+                flagged.append(Flagged(file, f"looks like a label map (only the values {shown}); kept, as data.keep_label_like_unlabeled is true",
+                                       "label-like", excluded=False))
+            else:
+                flagged.append(Flagged(file, f"looks like a label map (only the values {shown}); "
+                                             "set data.keep_label_like_unlabeled: true if it is a scan", "label-like"))
+                continue
+        kept.append(case)
+        kept_reports.append(report)
+    return kept, kept_reports, flagged
+
+
+@dataclass
+class Cohort:
+    """Every case of a run, checked: the parts in use, what was left out of the unlabeled scans and why, and every problem."""
+
+    labeled: list[dict] = field(default_factory=list)
+    val: list[dict] | None = None
+    test: list[dict] = field(default_factory=list)
+    unlabeled: list[dict] = field(default_factory=list)
+    reports: dict[str, list[CaseReport]] = field(default_factory=dict)
+    """Reports by part (``labeled``, ``val``, ``test``, ``unlabeled``), for the parts that were checked."""
+    flagged: list[Flagged] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line: the unlabeled scans kept, the files left out and warned about, by kind."""
+        def by_kind(items: list[Flagged]) -> str:
+            return ", ".join(f"{n} {kind}" for kind, n in Counter(f.kind for f in items).most_common())
+
+        out = [f for f in self.flagged if f.excluded]
+        warned = [f for f in self.flagged if not f.excluded]
+        line = f"unlabeled scans: {len(self.unlabeled)} used"
+        line += f"; {len(out)} file(s) left out ({by_kind(out)})" if out else "; none left out"
+        if warned:
+            line += f"; {len(warned)} used with a warning ({by_kind(warned)})"
+        return line + ("; medeman check-data lists each file and why" if self.flagged else "")
+
+
+def gather_cohort(
+    cfg: dict[str, Any],
+    labeled: str | Path,
+    unlabeled: str | Path | None = None,
+    val: str | Path | None = None,
+    test: str | Path | None = None,
+    *,
+    check_unlabeled: bool = True,
+) -> Cohort:
+    """Discover, check and screen every part of a run; the one pass of ``check-data`` and the DataModule.
+
+    Unlabeled scans are screened against the labeled, validation and test cohorts and
+    ``data.exclude``: by path and folder (:func:`medeman.data.discovery.screen_paths`), then by content
+    (:func:`screen_content`). Problems are collected in ``Cohort.problems``, never raised.
+
+    Args:
+        cfg: resolved config (``data.num_classes``, ``in_channels``, ``exclude``, ``keep_label_like_unlabeled``).
+        labeled: labeled folder or dataset root.
+        unlabeled: unlabeled folder or dataset root; ``None``: none.
+        val: labeled validation folder, if any.
+        test: test cohort (labeled layout or a folder of images), if any: checked, and never unlabeled.
+        check_unlabeled: read and screen the unlabeled scans by content (off when they are not used).
+    """
+    cohort, problems = Cohort(), []
+    data = cfg["data"]
+
+    def collect(fn, path):
+        try:
+            return fn(path, cfg, problems)
+        except DataError as err:  # an unreadable dataset.json stops the discovery of that part
+            problems.extend(str(err).splitlines())
+            return []
+
+    cohort.labeled = collect(discover_labeled, labeled)
+    cohort.val = collect(discover_labeled, val) if val is not None else None
+    cohort.test = collect(discover_test, test) if test is not None else []
+    excluded = expand_exclude(list(data["exclude"] or []), problems)
+    protect = {"labeled": cohort.labeled, "val": cohort.val or [], "test": cohort.test, "data.exclude": excluded}
+    if unlabeled is not None:
+        cohort.unlabeled = collect(lambda p, c, pr: discover_unlabeled(p, c, pr, cohort.flagged, protect), unlabeled)
+    parts = [("labeled", cohort.labeled), ("val", cohort.val or []), ("test", cohort.test)]
+    if check_unlabeled:
+        parts.append(("unlabeled", cohort.unlabeled))
+    for part, cases in parts:
+        if cases or part in ("labeled", "unlabeled"):
+            cohort.reports[part] = check_cases(cases, cfg)
+    if check_unlabeled and cohort.unlabeled:
+        digests = {}
+        for case in excluded:
+            digest = _file_digest(case["image"], problems)
+            if digest is not None:
+                digests.setdefault(digest, f"{case['image']} (data.exclude)")
+        protected = {part: cohort.reports.get(part, []) for part in ("labeled", "val", "test")}
+        cohort.unlabeled, cohort.reports["unlabeled"], flagged = screen_content(
+            cohort.unlabeled, cohort.reports["unlabeled"], protected, int(data["num_classes"]),
+            bool(data["keep_label_like_unlabeled"]), digests)
+        cohort.flagged += flagged
+    cohort.problems = problems + [p for reports in cohort.reports.values() for p in report_problems(reports)]
+    return cohort

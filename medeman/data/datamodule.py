@@ -19,8 +19,8 @@ from monai.transforms import Compose, Randomizable
 from torch.utils.data import RandomSampler
 
 from medeman.data import transforms as tfm
-from medeman.data.checks import check_cases, raise_problems, report_problems
-from medeman.data.discovery import discover_labeled, discover_unlabeled, has_unlabeled_list, split_cases, write_split
+from medeman.data.checks import Cohort, gather_cohort, raise_problems
+from medeman.data.discovery import has_unlabeled_list, split_cases, write_split
 from medeman.data.sampling import FocusCentres
 
 
@@ -74,6 +74,9 @@ class SSLDataModule(pl.LightningDataModule):
             dataset root's ``unlabeled`` list (or ``imagesTs`` with ``data.unlabeled_from_imagesTs``), if any.
         val: labeled validation folder; ``None`` splits ``labeled``.
         run_dir: where ``split.json`` (and the default disk cache) go.
+        test: test cohort (labeled layout or a folder of images), never used as unlabeled scans
+            (nor are copies of it, of the labeled and validation cases, and label maps; see
+            :func:`medeman.data.checks.gather_cohort`). ``self.cohort.flagged`` lists what was left out.
 
     Examples:
         >>> dm = SSLDataModule(cfg, "sample_data/labeled", "sample_data/unlabeled", run_dir="runs/demo")
@@ -89,13 +92,16 @@ class SSLDataModule(pl.LightningDataModule):
         unlabeled: str | Path | None = None,
         val: str | Path | None = None,
         run_dir: str | Path | None = None,
+        test: str | Path | None = None,
     ) -> None:
         super().__init__()
         self.cfg = cfg
         self.labeled = Path(labeled)
         self.unlabeled = Path(unlabeled) if unlabeled is not None else None
         self.val = Path(val) if val is not None else None
+        self.test = Path(test) if test is not None else None
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.cohort: Cohort | None = None  # every case found, what was left out of the unlabeled scans and why
         self.train_cases: list[dict] = []
         self.val_cases: list[dict] = []
         self.unlabeled_cases: list[dict] = []
@@ -111,17 +117,12 @@ class SSLDataModule(pl.LightningDataModule):
     def discover(self) -> None:
         """Find and check every case; raise one DataError listing all problems."""
         cfg, data = self.cfg, self.cfg["data"]
-        problems: list[str] = []
-        labeled = discover_labeled(self.labeled, cfg, problems)
-        val = discover_labeled(self.val, cfg, problems) if self.val is not None else None
-        unlabeled: list[dict] = []
-        if self.unlabeled is not None:
-            unlabeled = discover_unlabeled(self.unlabeled, cfg, problems)
-        elif has_unlabeled_list(self.labeled, cfg):
-            unlabeled = discover_unlabeled(self.labeled, cfg, problems)
-        everything = labeled + (val or []) + (unlabeled if cfg["ssl"]["method"] != "supervised" else [])
-        problems += report_problems(check_cases(everything, cfg))
+        unlabeled = self.unlabeled if self.unlabeled is not None or not has_unlabeled_list(self.labeled, cfg) else self.labeled
+        self.cohort = gather_cohort(cfg, self.labeled, unlabeled, self.val, self.test,
+                                    check_unlabeled=cfg["ssl"]["method"] != "supervised")
+        problems = self.cohort.problems
         raise_problems(problems, f"{len(problems)} problem(s) in the input data, found before training:")
+        labeled, val, unlabeled = self.cohort.labeled, self.cohort.val, self.cohort.unlabeled
         if val is None:
             self.train_cases, self.val_cases = split_cases(labeled, float(data["val_fraction"]), int(data["split_seed"]))
             if self.run_dir is not None:
@@ -133,7 +134,7 @@ class SSLDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self._datasets:
             return
-        key = json.dumps([str(self.labeled), str(self.unlabeled), str(self.val), self.cfg["ssl"]["method"], self.cfg["data"]], sort_keys=True, default=str)
+        key = json.dumps([str(self.labeled), str(self.unlabeled), str(self.val), str(self.test), self.cfg["ssl"]["method"], self.cfg["data"]], sort_keys=True, default=str)
         if _SHARED is not None and key in _SHARED:
             self._share(_SHARED[key])
             return

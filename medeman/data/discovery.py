@@ -19,9 +19,11 @@ list to receive them, otherwise they are raised together as one :class:`DataErro
 
 from __future__ import annotations
 
+import glob
 import json
 import random
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -29,8 +31,26 @@ from medeman.data.errors import DataError
 from medeman.data.readers import IMAGE_SUFFIXES, image_stem, image_suffix
 
 LABEL_SUFFIXES = ("_seg", "_label", "_mask")
+LABEL_FOLDERS = ("labels", "labelsTr", "labelsTs")
+"""Folders of label maps (plain, nnU-Net/MSD): never searched for unlabeled scans."""
+IMAGE_FOLDERS = {"images": "labels", "imagesTr": "labelsTr", "imagesTs": "labelsTs"}
+"""Image folders and the label folder beside them (for the warning on labeled cases taken as unlabeled)."""
 CHANNEL_SUFFIX = re.compile(r"^(?P<id>.+)_(?P<channel>\d{4})$")
 """nnU-Net's channel files: a file stem ``<id>_0000``, ``<id>_0001``, ... (groups ``id`` and ``channel``)."""
+
+
+@dataclass(frozen=True)
+class Flagged:
+    """A file found among the unlabeled scans that is, or may be, something else; reported by name.
+
+    ``kind`` is a short category for summaries (``label folder``, ``labeled case``, ``test case``,
+    ``copy``, ``label-like``, ...); ``excluded`` is False for a file kept with a warning.
+    """
+
+    file: str
+    reason: str
+    kind: str
+    excluded: bool = True
 
 
 def list_images(folder: str | Path, recursive: bool = False) -> list[Path]:
@@ -79,42 +99,55 @@ def _in_channels(cfg: dict | None) -> int:
     return int(cfg["data"]["in_channels"]) if cfg else 1
 
 
-def group_channels(files: list[Path], in_channels: int, root: Path | None = None) -> tuple[dict[str, list[Path]], list[str]]:
-    """Group image files into cases: ``{case id: [file per channel]}``, and the problems found.
+def case_key(path: str | Path, in_channels: int = 1) -> tuple[str, int] | None:
+    """The one case-id rule of medeman (training, check-data, inference, evaluation): ``(case id, channel)`` of a file.
 
-    With ``in_channels == 1`` every file is a case (a trailing ``_0000`` is dropped from its id).
-    With more channels, files named ``<id>_<NNNN>`` are grouped by ``<id>`` and ordered by channel;
-    a case must have exactly channels ``0000`` to ``in_channels - 1``.
+    With one channel every file is a case, named after the file without its image suffix and
+    without a trailing ``_0000`` (nnU-Net's single channel): ``a_0000.nii.gz`` is case ``a`` next to
+    ``b.nii.gz`` as well, and ``liver_0007.nii.gz`` stays ``liver_0007``. With more channels a file
+    must be named ``<id>_<NNNN>`` (nnU-Net): it is channel ``NNNN`` of case ``<id>``.
+
+    Returns:
+        ``(case id, channel)``, or ``None`` for a file without a channel suffix when ``in_channels > 1``.
+    """
+    stem = image_stem(path)
+    match = CHANNEL_SUFFIX.match(stem)
+    if in_channels == 1:
+        return (match["id"] if match and match["channel"] == "0000" else stem), 0
+    return (match["id"], int(match["channel"])) if match else None
+
+
+def group_channels(files: list[Path], in_channels: int, root: Path | None = None) -> tuple[dict[str, list[Path]], list[str]]:
+    """Group image files into cases by :func:`case_key`: ``{case id: [file per channel]}``, and the problems found.
+
+    A case must have exactly the channels ``0000`` to ``in_channels - 1``; an incomplete case, a
+    file without a channel suffix (``in_channels > 1``) and a second file of the same case and
+    channel are left out and reported, one line each, naming the file.
 
     Args:
         files: image files.
-        in_channels: channels per case (``data.in_channels``).
+        in_channels: channels per case (``data.in_channels``, or the model's).
         root: when given, ids are paths relative to it (so equal names in sub-folders stay apart).
     """
     cases: dict[str, dict[int, Path]] = {}
     problems: list[str] = []
     for path in files:
-        stem = image_stem(path)
-        prefix = "" if root is None else str(path.parent.relative_to(root)).replace("\\", "/")
-        prefix = "" if prefix in ("", ".") else prefix + "/"
-        match = CHANNEL_SUFFIX.match(stem)
-        if in_channels == 1:
-            case_id, channel = (match["id"] if match and match["channel"] == "0000" else stem), 0
-        elif match is None:
+        key = case_key(path, in_channels)
+        if key is None:
             problems.append(f"{path}: no _0000.._{in_channels - 1:04d} channel suffix, but data.in_channels={in_channels}")
             continue
-        else:
-            case_id, channel = match["id"], int(match["channel"])
-        channels = cases.setdefault(prefix + case_id, {})
-        if channel in channels:
-            problems.append(f"{path}: same case and channel as {channels[channel]}")
+        prefix = "" if root is None else str(Path(path).parent.relative_to(root)).replace("\\", "/")
+        prefix = "" if prefix in ("", ".") else prefix + "/"
+        channels = cases.setdefault(prefix + key[0], {})
+        if key[1] in channels:
+            problems.append(f"{path}: same case and channel as {channels[key[1]]}; left out")
             continue
-        channels[channel] = path
+        channels[key[1]] = path
     grouped: dict[str, list[Path]] = {}
     for case_id, channels in cases.items():
-        if in_channels > 1 and sorted(channels) != list(range(in_channels)):
-            found = ", ".join(f"{c:04d}" for c in sorted(channels))
-            problems.append(f"{channels[min(channels)]}: case '{case_id}' has channel files {found}, expected 0000..{in_channels - 1:04d} (data.in_channels={in_channels})")
+        if sorted(channels) != list(range(in_channels)):
+            found = ", ".join(f"_{c:04d}" for c in sorted(channels))
+            problems.append(f"{channels[min(channels)]}: case '{case_id}' has channel files {found}, expected _0000.._{in_channels - 1:04d} (data.in_channels={in_channels})")
             continue
         grouped[case_id] = [channels[c] for c in sorted(channels)]
     return grouped, problems
@@ -241,15 +274,27 @@ def discover_labeled(path: str | Path, cfg: dict | None = None, problems: list[s
     return cases
 
 
-def discover_unlabeled(path: str | Path, cfg: dict | None = None, problems: list[str] | None = None) -> list[dict]:
-    """Find the unlabeled scans under ``path``, searched recursively.
+def discover_unlabeled(
+    path: str | Path,
+    cfg: dict | None = None,
+    problems: list[str] | None = None,
+    flagged: list[Flagged] | None = None,
+    protect: dict[str, list[dict]] | None = None,
+) -> list[dict]:
+    """Find the unlabeled scans under ``path``, searched recursively, leaving out what is not an unlabeled scan.
 
-    A Decathlon/nnU-Net root gives its ``unlabeled`` list if it has one, else ``imagesTs``.
+    A Decathlon/nnU-Net root gives its ``unlabeled`` list if it has one, else ``imagesTs``. Left out
+    by path (see :func:`screen_paths`): files of the ``protect`` cohorts (labeled, validation, test,
+    ``data.exclude``), files in label folders (``labels``, ``labelsTr``, ``labelsTs``, and the label
+    folder of any protected cohort) and files named like labels (``_seg``, ``_label``, ``_mask``).
+    Copies by content and label-like volumes need the voxels: :func:`medeman.data.checks.screen_content`.
 
     Args:
         path: a folder of images (any depth), or a dataset root.
         cfg: resolved config; ``data.in_channels`` decides channel grouping (default 1).
         problems: if given, problems are appended here instead of raised.
+        flagged: if given, every file left out (and every file kept with a warning) is appended here.
+        protect: cohorts whose files are never unlabeled scans, by name: ``{"labeled": cases, ...}``.
 
     Returns:
         Case dicts ``{"id", "image"}`` sorted by id.
@@ -259,6 +304,8 @@ def discover_unlabeled(path: str | Path, cfg: dict | None = None, problems: list
     """
     root = _dataset_root(path)
     found = _require_folder(root, "unlabeled")
+    flagged = [] if flagged is None else flagged
+    in_channels = _in_channels(cfg)
     cases: list[dict] = []
     if not found:
         if (root / "dataset.json").is_file():
@@ -266,21 +313,128 @@ def discover_unlabeled(path: str | Path, cfg: dict | None = None, problems: list
             if meta.get("unlabeled"):
                 for entry in meta["unlabeled"]:
                     image = _msd_entry(root, entry, "image")
-                    for file in image if isinstance(image, list) else [image]:
-                        if not Path(file).is_file():
+                    files = [Path(f) for f in (image if isinstance(image, list) else [image])]
+                    for file in files:
+                        if not file.is_file():
                             found.append(f"{file}: listed as unlabeled in {root / 'dataset.json'} but missing")
-                    cases.append({"id": _msd_id(image), "image": image})
+                    if len(screen_paths(files, root, protect, flagged, in_channels)) == len(files):
+                        cases.append({"id": _msd_id(image), "image": image})
             elif (root / "imagesTs").is_dir():
-                n_channels = len(meta.get("channel_names", {})) or _in_channels(cfg)
-                groups, found = group_channels(list_images(root / "imagesTs"), n_channels)
+                n_channels = len(meta.get("channel_names", {})) or in_channels
+                files = screen_paths(list_images(root / "imagesTs"), root, protect, flagged, n_channels)
+                groups, found = group_channels(files, n_channels)
                 cases = [{"id": k, "image": image_entry(v)} for k, v in groups.items()]
         else:
-            groups, found = group_channels(list_images(root, recursive=True), _in_channels(cfg), root=root)
+            files = screen_paths(list_images(root, recursive=True), root, protect, flagged, in_channels)
+            groups, found = group_channels(files, in_channels, root=root)
             cases = [{"id": k, "image": image_entry(v)} for k, v in groups.items()]
         if not cases:
-            found.append(f"{root}: empty unlabeled folder: no image found (formats {', '.join(IMAGE_SUFFIXES)}, searched recursively)")
+            left_out = sum(f.excluded for f in flagged)
+            found.append(f"{root}: empty unlabeled folder: no image found (formats {', '.join(IMAGE_SUFFIXES)}, searched recursively)"
+                         + (f"; {left_out} file(s) left out as labels or protected cases" if left_out else ""))
     _raise_or_collect(problems, found)
     return sorted(cases, key=lambda c: c["id"])
+
+
+def is_label_name(path: str | Path) -> bool:
+    """Whether a file is named like a label map: ``<id>_seg``, ``<id>_label`` or ``<id>_mask``."""
+    return label_id(path) != image_stem(path)
+
+
+def _case_files(case: dict) -> list[tuple[str, str]]:
+    """``(role, file)`` pairs of a case: its image file(s) and label, if any."""
+    images = case["image"] if isinstance(case["image"], list) else [case["image"]]
+    return [("image", f) for f in images] + ([("label", case["label"])] if case.get("label") else [])
+
+
+def screen_paths(files: list[Path], root: Path, protect: dict[str, list[dict]] | None, flagged: list[Flagged],
+                 in_channels: int = 1) -> list[Path]:
+    """The candidate unlabeled files that are scans by path; each other file is appended to ``flagged``.
+
+    Left out, in this order of reasons: a file of a ``protect`` cohort (same resolved path); a file
+    in the label folder of a protected cohort, or below ``root`` in a folder named ``labels``,
+    ``labelsTr`` or ``labelsTs``; a file named like a label (:func:`is_label_name`). A kept file in an
+    ``images``/``imagesTr``/``imagesTs`` folder with a matching label beside it is kept but flagged:
+    it is a labeled case (perhaps of a test set) that the user did not name.
+    """
+    known: dict[Path, tuple[str, str]] = {}  # resolved file: (reason, kind)
+    label_dirs: dict[Path, str] = {}
+    for cohort, cases in (protect or {}).items():
+        for case in cases:
+            for role, file in _case_files(case):
+                if cohort == "data.exclude":
+                    known.setdefault(Path(file).resolve(), ("listed in data.exclude", "data.exclude"))
+                else:
+                    known.setdefault(Path(file).resolve(), (f"the {role} of {cohort} case '{case['id']}'", f"{cohort} case"))
+                if role == "label":
+                    label_dirs.setdefault(Path(file).resolve().parent, cohort)
+    kept, beside = [], _LabelsBeside(in_channels)
+    for file in files:
+        resolved = Path(file).resolve()
+        try:
+            folders = Path(file).parent.relative_to(root).parts
+        except ValueError:  # a dataset.json may list files outside its folder
+            folders = Path(file).parent.parts[-1:]
+        label_folder = next((f for f in folders if f in LABEL_FOLDERS), None)
+        if resolved in known:
+            flagged.append(Flagged(str(file), *known[resolved]))
+        elif resolved.parent in label_dirs:
+            flagged.append(Flagged(str(file), f"in the label folder of the {label_dirs[resolved.parent]} cohort", "label folder"))
+        elif label_folder is not None:
+            flagged.append(Flagged(str(file), f"in a label folder ({label_folder}/)", "label folder"))
+        elif is_label_name(file):
+            flagged.append(Flagged(str(file), f"named like a label ({image_stem(file)[len(label_id(file)):]})", "label name"))
+        else:
+            kept.append(file)
+            label = beside(Path(file))
+            if label is not None:
+                flagged.append(Flagged(
+                    str(file), f"taken as unlabeled, but it has a label ({label}): if {Path(file).parent.parent} is a test "
+                    "cohort, pass it as --test (or list it in data.exclude)", "has a label", excluded=False))
+    return kept
+
+
+class _LabelsBeside:
+    """The label file of an image in an ``images``-type folder, found in the label folder beside it (listed once per folder)."""
+
+    def __init__(self, in_channels: int) -> None:
+        self.in_channels = in_channels
+        self.folders: dict[Path, dict[str, Path]] = {}
+
+    def __call__(self, file: Path) -> Path | None:
+        if file.parent.name not in IMAGE_FOLDERS:
+            return None
+        folder = file.parent.parent / IMAGE_FOLDERS[file.parent.name]
+        if folder not in self.folders:
+            self.folders[folder] = {label_id(f): f for f in list_images(folder)} if folder.is_dir() else {}
+        key = case_key(file, self.in_channels)
+        return None if key is None else self.folders[folder].get(key[0])
+
+
+def expand_exclude(patterns: list[str], problems: list[str]) -> list[dict]:
+    """The image files that ``data.exclude`` names (files, folders searched recursively, ``glob`` patterns with ``**``),
+    as cases ``{"id", "image"}``; an entry that matches no image file is a problem (a typo must not let a test set in)."""
+    cases: dict[str, dict] = {}
+    for pattern in patterns:
+        path = Path(str(pattern)).expanduser()
+        matches = [path] if path.exists() else [Path(m) for m in sorted(glob.glob(str(path), recursive=True))]
+        files = [f for m in matches for f in (list_images(m, recursive=True) if m.is_dir() else [m]) if image_suffix(f)]
+        if not files:
+            problems.append(f"{pattern}: data.exclude entry matches no image file (formats {', '.join(IMAGE_SUFFIXES)})")
+        for file in files:
+            cases.setdefault(str(file.resolve()), {"id": str(file), "image": str(file)})
+    return list(cases.values())
+
+
+def discover_test(path: str | Path, cfg: dict | None = None, problems: list[str] | None = None) -> list[dict]:
+    """Find the cases of a test cohort: a labeled layout (as :func:`discover_labeled`) or any folder of images."""
+    root = _dataset_root(path)
+    if (root / "dataset.json").is_file() or (root / "images").is_dir() or (root / "labels").is_dir():
+        return discover_labeled(path, cfg, problems)
+    found: list[str] = []
+    cases = discover_unlabeled(path, cfg, found)
+    _raise_or_collect(problems, [p.replace("unlabeled folder", "test folder") for p in found])
+    return cases
 
 
 def has_unlabeled_list(path: str | Path, cfg: dict | None = None) -> bool:

@@ -8,6 +8,8 @@ arrays and RAS affines outside a transform chain (evaluation, data checks, infer
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Sequence
 
@@ -159,18 +161,75 @@ def set_sitk_geometry(image: sitk.Image, affine: np.ndarray) -> None:
     image.SetOrigin([float(v) for v in lps[:3, 3]])
 
 
-def write_volume(array: np.ndarray, affine: np.ndarray, path: str | Path) -> Path:
-    """Write an ``(x, y, z)`` array with a RAS ``affine`` as NIfTI, or as NRRD/MHA/MHD through SimpleITK."""
+def write_volume(array: np.ndarray, geometry: np.ndarray | str | Path, path: str | Path, intent: str | None = None) -> Path:
+    """Write an ``(x, y, z[, c])`` array as NIfTI (``.nii``/``.nii.gz``) or NRRD/MetaImage through SimpleITK.
+
+    The one volume writer of medeman: sample data, inference masks and probability maps, uncertainty maps.
+
+    Args:
+        array: voxels indexed ``[x, y, z]``, or ``[x, y, z, c]`` for a vector image (e.g. class probabilities).
+        geometry: a 4x4 RAS voxel-to-world affine, or an image file the array lies on the grid of.
+            A NIfTI reference keeps its header (qform/sform codes, units) exactly; a NRRD/MetaImage
+            reference written as NRRD/MetaImage keeps its origin, spacing and direction exactly.
+        path: output file; its suffix picks the format. Missing folders are created.
+        intent: NIfTI intent code name (``"label"`` for masks); ``None`` leaves it unset.
+
+    The file is written in a hidden folder beside ``path`` and renamed into place (with a detached
+    ``.mhd``/``.nhdr`` data file), so a crash never leaves half a file under the final name, and the
+    name stored in a ``.gz`` header is the final one.
+
+    Examples:
+        >>> write_volume(mask.astype(np.uint8), "scan.nii.gz", "scan_mask.nii.gz", intent="label")
+        >>> write_volume(image, np.eye(4), "phantom.mha")
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.name.endswith((".nii", ".nii.gz")):
+    tmp_dir = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    tmp_dir.mkdir(exist_ok=True)
+    try:
+        if path.name.lower().endswith(SITK_SUFFIXES):
+            _write_sitk(array, geometry, tmp_dir / path.name)
+        else:
+            _write_nifti(array, geometry, tmp_dir / path.name, intent)
+        written = sorted(tmp_dir.iterdir(), key=lambda f: f.name == path.name)  # the header file last
+        for file in written:
+            os.replace(file, path.parent / file.name)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return path
+
+
+def _write_nifti(array: np.ndarray, geometry: np.ndarray | str | Path, path: Path, intent: str | None) -> None:
+    reference = Path(geometry) if isinstance(geometry, (str, Path)) else None
+    if reference is not None and reference.name.lower().endswith(NIFTI_SUFFIXES):
+        ref = nib.load(str(reference))  # keep its qform/sform codes and units exactly
+        img = nib.Nifti1Image(array, ref.affine, header=ref.header.copy())
+        img.header.set_data_dtype(array.dtype)
+        img.header.set_slope_inter(1.0, 0.0)  # a CT's rescale intercept must not shift the labels
+        img.header["cal_min"], img.header["cal_max"] = 0.0, 0.0
+    else:
+        affine = np.asarray(geometry, dtype=float) if reference is None else read_geometry(reference)[1]
         img = nib.Nifti1Image(array, affine)
         img.set_qform(affine, code=1)
         img.set_sform(affine, code=1)
-        nib.save(img, str(path))
-        return path
-    image = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(array, (2, 1, 0))))
-    set_sitk_geometry(image, affine)
-    sitk.WriteImage(image, str(path), useCompression=True)
-    return path
+        if reference is not None:
+            img.header.set_xyzt_units("mm")
+    if intent is not None:
+        img.header.set_intent(intent)
+    nib.save(img, str(path))
 
+
+def _write_sitk(array: np.ndarray, geometry: np.ndarray | str | Path, path: Path) -> None:
+    out = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(array, (2, 1, 0) + tuple(range(3, array.ndim)))),
+                                 isVector=array.ndim == 4)
+    reference = Path(geometry) if isinstance(geometry, (str, Path)) else None
+    if reference is not None and reference.name.lower().endswith(SITK_SUFFIXES):
+        header = sitk.ImageFileReader()
+        header.SetFileName(str(reference))
+        header.ReadImageInformation()
+        out.SetOrigin(header.GetOrigin())
+        out.SetSpacing(header.GetSpacing())
+        out.SetDirection(header.GetDirection())
+    else:
+        set_sitk_geometry(out, np.asarray(geometry, dtype=float) if reference is None else read_geometry(reference)[1])
+    sitk.WriteImage(out, str(path), useCompression=True)

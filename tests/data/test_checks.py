@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from medeman.data import DataError, SSLDataModule, check_cases, inspect_case
+from medeman.data.checks import gather_cohort, label_like_values, voxel_digest
+from medeman.data.readers import read_volume, write_volume
 
 
 def _shift(dx: float) -> np.ndarray:
@@ -115,3 +118,133 @@ def test_reports_are_cached(make_cohort, cfg):
     root = make_cohort(1, 0)
     case = {"id": "case0", "image": str(root / "labeled/images/case0.nii.gz"), "label": str(root / "labeled/labels/case0.nii.gz")}
     assert check_cases([case], cfg)[0] is check_cases([case], cfg)[0]
+
+
+# ---------------------------------------------------------------- unlabeled scans that are not scans
+
+
+def _scan(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(-1000, 400, (20, 20, 16)).astype(np.int16)
+
+
+def _copy(src: str):
+    return lambda root, dst: dst.write_bytes((root / src).read_bytes())
+
+
+def _resave(src: str):
+    def make(root, dst):
+        array, affine = read_volume(root / src)
+        write_volume(array.astype(np.int16), affine, dst)
+    return make
+
+
+def _label_map(dtype, values=(0, 1, 2)):
+    def make(root, dst):
+        label = np.zeros((18, 20, 16), dtype)
+        for i, v in enumerate(values):
+            label[2 * i: 2 * i + 2, 3:9, 2:5] = v
+        write_volume(label, np.eye(4), dst)
+    return make
+
+
+# name: (how the unlabeled file is made from the cohort, its name, expected kind or None when kept, fragment of the reason)
+CONTENT_CASES = {
+    "renamed copy of a labeled image": (_copy("labeled/images/case0.nii.gz"), "scan_x.nii.gz", "copy",
+                                        "same voxels as the image of labeled case 'case0'"),
+    "labeled image re-saved as NRRD": (_resave("labeled/images/case1.nii.gz"), "other.nrrd", "copy",
+                                       "same voxels as the image of labeled case 'case1'"),
+    "renamed copy of a label": (_copy("labeled/labels/case1.nii.gz"), "ct9.nii.gz", "copy",
+                                "same voxels as the label of labeled case 'case0'"),  # the phantoms share one label map
+    "renamed copy of a test image": (_copy("test/images/t0.nii.gz"), "t_copy.nii.gz", "copy",
+                                     "same voxels as the image of test case 't0'"),
+    "unseen uint8 label map": (_label_map(np.uint8), "scan_new.nii.gz", "label-like", "looks like a label map (only the values 0, 1, 2)"),
+    "float binary mask": (_label_map(np.float32, (0, 1)), "mask.mha", "label-like", "only the values 0, 1)"),
+    "integers beyond num_classes": (_label_map(np.uint8, (0, 1, 7)), "ints.nii.gz", None, ""),
+    "another scan": (lambda root, dst: write_volume(_scan(7), np.eye(4), dst), "fresh.nii.gz", None, ""),
+}
+
+
+@pytest.mark.parametrize("name", list(CONTENT_CASES))
+def test_unlabeled_screened_by_content(make_cohort, cfg, tmp_path, name):
+    make, file_name, kind, fragment = CONTENT_CASES[name]
+    root = make_cohort(2, 1)
+    write_volume(_scan(50), np.eye(4), root / "test" / "images" / "t0.nii.gz")
+    write_volume(np.zeros((20, 20, 16), np.uint8), np.eye(4), root / "test" / "labels" / "t0.nii.gz")
+    make(root, root / "unlabeled" / file_name)
+    cohort = gather_cohort(cfg, root / "labeled", root / "unlabeled", test=root / "test")
+    assert cohort.problems == []
+    flagged = {Path(f.file).name: f for f in cohort.flagged}
+    ids = [c["id"] for c in cohort.unlabeled]
+    if kind is None:
+        assert flagged == {} and len(ids) == 2
+    else:
+        assert ids == ["scan0"], ids
+        assert flagged[file_name].kind == kind and flagged[file_name].excluded and fragment in flagged[file_name].reason
+
+
+def test_label_like_kept_on_request_with_a_warning(make_cohort, cfg):
+    root = make_cohort(1, 1)
+    _label_map(np.uint8)(root, root / "unlabeled" / "odd.nii.gz")
+    cfg["data"]["keep_label_like_unlabeled"] = True
+    cohort = gather_cohort(cfg, root / "labeled", root / "unlabeled")
+    assert [c["id"] for c in cohort.unlabeled] == ["odd", "scan0"]
+    assert [(f.kind, f.excluded) for f in cohort.flagged] == [("label-like", False)]
+    assert "1 used with a warning (1 label-like)" in cohort.summary()
+
+
+@pytest.mark.parametrize("array, expected", [
+    (np.zeros((8, 8, 8), np.uint8), (0,)),
+    (np.arange(512).reshape(8, 8, 8) % 3, (0, 1, 2)),
+    ((np.arange(512).reshape(8, 8, 8) % 3).astype(np.float32), (0, 1, 2)),
+    ((np.arange(512).reshape(8, 8, 8) % 3).astype(np.float32) + 0.5, None),  # not integers
+    (np.arange(512).reshape(8, 8, 8) % 3 - 1, None),  # negative
+    (np.arange(512).reshape(8, 8, 8) % 40, None),  # more than a handful of values
+    (np.where(np.arange(512).reshape(8, 8, 8) == 100, np.nan, 1.0), None),  # NaN
+])
+def test_label_like_values(array, expected):
+    assert label_like_values(array) == expected
+
+
+def test_voxel_digest_ignores_format_and_sees_one_voxel(tmp_path):
+    image = _scan(0)
+    nii = write_volume(image, np.eye(4), tmp_path / "a.nii.gz")
+    nrrd = write_volume(image, np.diag([2.0, 2.0, 2.0, 1.0]), tmp_path / "b.nrrd")  # another header, same voxels
+    digests = {voxel_digest(read_volume(p)[0]) for p in (nii, nrrd)}
+    assert len(digests) == 1 and digests.pop().startswith("20x20x16:")
+    changed = image.copy()
+    changed[5, 5, 5] += 1
+    assert voxel_digest(changed) != voxel_digest(image)
+    assert voxel_digest(image.reshape(20, 16, 20)) != voxel_digest(image)  # same bytes, other shape
+
+
+def test_data_exclude_refuses_files_and_copies(make_cohort, cfg, tmp_path):
+    root = make_cohort(1, 3)
+    held_out = tmp_path / "held_out"
+    held_out.mkdir()
+    (held_out / "h.nii.gz").write_bytes((root / "unlabeled" / "scan1.nii.gz").read_bytes())  # scan1 is a copy of it
+    cfg["data"]["exclude"] = [str(root / "unlabeled" / "scan2.nii.gz"), str(held_out)]
+    cohort = gather_cohort(cfg, root / "labeled", root / "unlabeled")
+    assert [c["id"] for c in cohort.unlabeled] == ["scan0"] and cohort.problems == []
+    reasons = {Path(f.file).name: f.reason for f in cohort.flagged}
+    assert reasons["scan2.nii.gz"] == "listed in data.exclude"
+    assert reasons["scan1.nii.gz"].startswith(f"same voxels as {held_out / 'h.nii.gz'} (data.exclude)")
+
+
+def test_data_exclude_entry_that_matches_nothing_is_a_problem(make_cohort, cfg, tmp_path):
+    root = make_cohort(1, 1)
+    cfg["data"]["exclude"] = [str(tmp_path / "tset" / "**")]
+    cohort = gather_cohort(cfg, root / "labeled", root / "unlabeled")
+    assert cohort.problems == [f"{tmp_path / 'tset' / '**'}: data.exclude entry matches no image file (formats .nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd)"]
+
+
+def test_datamodule_leaves_out_test_cases_and_says_so(make_cohort, cfg, phantom_maker):
+    root = make_cohort(3, 2)
+    for i, name in enumerate(("t0", "t1")):
+        image, label = phantom_maker(seed=60 + i)
+        write_volume(image, np.eye(4), root / "test" / "images" / f"{name}.nii.gz")
+        write_volume(label, np.eye(4), root / "test" / "labels" / f"{name}.nii.gz")
+    dm = SSLDataModule(cfg, root / "labeled", root, test=root / "test")  # the dataset root as the unlabeled folder
+    dm.setup("fit")
+    assert sorted(c["id"] for c in dm.unlabeled_cases) == ["unlabeled/scan0", "unlabeled/scan1"]
+    assert dm.cohort.summary() == ("unlabeled scans: 2 used; 10 file(s) left out (6 labeled case, 4 test case); "
+                                   "medeman check-data lists each file and why")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from medeman.data import DataError, discover_labeled, discover_unlabeled, group_channels, label_id, match_labels, split_cases, write_split
+from medeman.data.discovery import case_key, discover_test, expand_exclude, screen_paths
 
 # (image names, label names, in_channels, expected {case id: [image names]})
 MATCH_CASES = [
@@ -27,7 +28,7 @@ MISMATCH_CASES = [
     (["a.nii.gz", "b.nii.gz"], ["a.nii.gz"], 1, ["b.nii.gz: image without label"]),
     (["a.nii.gz"], ["a.nii.gz", "z_seg.nii.gz"], 1, ["z_seg.nii.gz: label without image"]),
     (["a.nii.gz"], ["a.nii.gz", "a_seg.nii.gz"], 1, ["a second label for case 'a'"]),
-    (["a_0000.nii.gz"], ["a.nii.gz"], 2, ["case 'a' has channel files 0000, expected 0000..0001"]),
+    (["a_0000.nii.gz"], ["a.nii.gz"], 2, ["case 'a' has channel files _0000, expected _0000.._0001"]),
     (["a.nii.gz"], ["a.nii.gz"], 2, ["a.nii.gz: no _0000.._0001 channel suffix"]),
 ]
 
@@ -169,3 +170,93 @@ def test_split_seed_changes_split_and_is_written(tmp_path):
     train, val = split_cases(cases, 0.25, 0)
     record = json.loads(write_split(tmp_path / "run" / "split.json", train, val, 0.25, 0).read_text())
     assert record["val"] == [c["id"] for c in val] and record["seed"] == 0 and len(record["cases"]) == 20
+
+
+# the one case-id rule of training, check-data, inference and evaluation: (file name, in_channels, (case id, channel) or None)
+CASE_KEYS = [
+    ("a.nii.gz", 1, ("a", 0)),
+    ("a_0000.nii.gz", 1, ("a", 0)),  # nnU-Net's single channel, whatever lies beside it
+    ("liver_0007.nii.gz", 1, ("liver_0007", 0)),  # a numbered case, not a channel
+    ("a_0001.mha", 2, ("a", 1)),
+    ("a_0000_0001.nrrd", 2, ("a_0000", 1)),
+    ("a.nii.gz", 2, None),
+]
+
+
+@pytest.mark.parametrize("name, in_channels, expected", CASE_KEYS)
+def test_case_key(name, in_channels, expected):
+    assert case_key(Path("x") / name, in_channels) == expected
+
+
+def test_one_case_id_rule_in_every_command(tmp_path):
+    from medeman.evaluate import _image_index
+    from medeman.infer import find_cases
+
+    for name in ("a_0000.nii.gz", "b.nii.gz"):
+        (tmp_path / name).write_bytes(b"")
+    groups, _ = group_channels(sorted(tmp_path.iterdir()), 1)
+    assert sorted(groups) == ["a", "b"]
+    assert sorted(c.case_id for c in find_cases(tmp_path, 1)[0]) == ["a", "b"]
+    assert sorted(_image_index(tmp_path)) == ["a", "b"]
+
+
+def _cases(root: Path, labels: str = "labels") -> dict[str, list[dict]]:
+    return {"labeled": [{"id": "c1", "image": str(root / "lab" / "images" / "c1.nii.gz"), "label": str(root / "lab" / labels / "c1.nii.gz")}]}
+
+
+# (file below the unlabeled root, cohorts to protect, expected reason (None: kept), expected kind)
+SCREEN_CASES = [
+    ("u/s1.nii.gz", _cases, None, None),
+    ("lab/images/c1.nii.gz", _cases, "the image of labeled case 'c1'", "labeled case"),
+    ("lab/labels/c1.nii.gz", _cases, "the label of labeled case 'c1'", "labeled case"),
+    ("lab/segs/c2.nii.gz", lambda r: _cases(r, "segs"), "in the label folder of the labeled cohort", "label folder"),
+    ("other/labelsTs/z.nii.gz", _cases, "in a label folder (labelsTs/)", "label folder"),
+    ("other/labels/deep/z.nii.gz", _cases, "in a label folder (labels/)", "label folder"),
+    ("u/s1_mask.nrrd", _cases, "named like a label (_mask)", "label name"),
+    ("u/_seg.nii.gz", _cases, None, None),  # only a suffix, no case id: a name, not a label rule
+]
+
+
+@pytest.mark.parametrize("rel, protect, reason, kind", SCREEN_CASES)
+def test_screen_paths(tmp_path, rel, protect, reason, kind):
+    flagged = []
+    kept = screen_paths([tmp_path / rel], tmp_path, protect(tmp_path), flagged)
+    if reason is None:
+        assert kept == [tmp_path / rel] and flagged == []
+    else:
+        assert kept == [] and [(f.file, f.reason, f.kind, f.excluded) for f in flagged] == [(str(tmp_path / rel), reason, kind, True)]
+
+
+def test_screen_paths_warns_on_an_image_with_a_label_beside_it(tmp_path, volume_writer):
+    image = volume_writer(tmp_path / "ts" / "imagesTs" / "q_0000.nii.gz", np.zeros((16, 16, 16), np.int16))
+    volume_writer(tmp_path / "ts" / "labelsTs" / "q.nii.gz", np.zeros((16, 16, 16), np.uint8))
+    other = volume_writer(tmp_path / "ts" / "imagesTs" / "r_0000.nii.gz", np.zeros((16, 16, 16), np.int16))
+    flagged = []
+    assert screen_paths([image, other], tmp_path, None, flagged) == [image, other]
+    assert [(f.file, f.kind, f.excluded) for f in flagged] == [(str(image), "has a label", False)]
+    assert f"it has a label ({tmp_path / 'ts' / 'labelsTs' / 'q.nii.gz'})" in flagged[0].reason
+
+
+def test_expand_exclude_files_folders_globs(tmp_path, volume_writer):
+    volume = np.zeros((16, 16, 16), np.int16)
+    for name in ("t/a.nii.gz", "t/sub/b.mha", "c.nrrd", "d.nii.gz"):
+        volume_writer(tmp_path / name, volume)
+    problems = []
+    cases = expand_exclude([str(tmp_path / "t"), str(tmp_path / "c.nrrd"), str(tmp_path / "d*"), str(tmp_path / "nope" / "*")], problems)
+    assert sorted(Path(c["image"]).name for c in cases) == ["a.nii.gz", "b.mha", "c.nrrd", "d.nii.gz"]
+    assert problems == [f"{tmp_path / 'nope' / '*'}: data.exclude entry matches no image file (formats .nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd)"]
+
+
+def test_test_cohort_labeled_or_plain_folder(make_cohort):
+    root = make_cohort(2, 2)
+    assert [c["id"] for c in discover_test(root / "labeled")] == ["case0", "case1"]
+    assert [c["id"] for c in discover_test(root / "unlabeled")] == ["scan0", "scan1"]
+    with pytest.raises(DataError, match="empty test folder"):
+        (root / "empty").mkdir()
+        discover_test(root / "empty")
+
+
+def test_unlabeled_folder_of_labels_only_is_an_error_that_counts_them(make_cohort):
+    root = make_cohort(2, 0)
+    with pytest.raises(DataError, match=r"labels: empty unlabeled folder: .*; 2 file\(s\) left out as labels or protected cases"):
+        discover_unlabeled(root / "labeled" / "labels", protect={"labeled": discover_labeled(root / "labeled")})
