@@ -147,11 +147,25 @@ def run_config(cfg: dict, params: dict[str, Any], steps: int) -> dict:
     return validate(out)
 
 
+def validation_schedule(cfg: dict) -> tuple[int, int]:
+    """``(every, after)``: a trial validates every ``every`` steps, at the steps past ``after`` only.
+
+    Only validations that can prune the trial or enter its objective are worth their cost: the
+    ``tune.validations`` of them are spread evenly over the part of the trial after
+    ``tune.prune_after``, the last at the trial's last step ``T``. ``every`` is the largest divisor
+    of ``T`` up to ``ceil(T (1 - prune_after) / validations)`` (an epoch is one interval, and
+    Lightning validates at epoch ends only), so a ``T`` with small divisors spreads them best.
+    """
+    steps, tune = trial_steps(cfg), cfg["tune"]
+    target = max(1, math.ceil(steps * (1.0 - float(tune["prune_after"])) / int(tune["validations"])))
+    every = max(d for d in range(1, target + 1) if steps % d == 0)
+    return every, max(0, steps - every * int(tune["validations"]))
+
+
 def trial_config(cfg: dict, params: dict[str, Any]) -> dict:
-    """The config of one trial: :func:`run_config` for ``tune.max_steps`` steps, validating ``tune.validations`` times."""
-    steps = trial_steps(cfg)
-    out = run_config(cfg, params, steps)
-    out["train"]["val_every_steps"] = math.ceil(steps / int(cfg["tune"]["validations"]))
+    """The config of one trial: :func:`run_config` for ``tune.max_steps`` steps, validating as :func:`validation_schedule` says."""
+    out = run_config(cfg, params, trial_steps(cfg))
+    out["train"]["val_every_steps"] = validation_schedule(cfg)[0]
     return out
 
 
@@ -179,10 +193,17 @@ class TrialReporter(Callback):
     rank stops.
     """
 
-    def __init__(self, trial: optuna.Trial, last_k: int):
+    def __init__(self, trial: optuna.Trial, last_k: int, every: int = 1, after: int = 0):
         self.trial, self.last_k = trial, int(last_k)
+        self.every, self.after = int(every), int(after)
         self.history: list[tuple[int, float]] = []
         self.pruned_at: int | None = None
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        # An epoch is one validation interval (SSLDataModule); skip the validations at steps <= after,
+        # which could neither prune the trial nor enter its objective (see validation_schedule).
+        ends_at = (trainer.current_epoch + 1) * self.every
+        trainer.check_val_every_n_epoch = 1 if ends_at > self.after else trainer.current_epoch + 2
 
     def value(self) -> float:
         """Mean of the last ``k`` validations (NaN when the run never validated)."""
@@ -236,7 +257,7 @@ def objective(
     params = suggest(trial, cfg["tune"])
     run_dir = Path(out_dir) / f"trial_{trial.number:04d}"
     trial.set_user_attr("run_dir", str(run_dir.resolve()))
-    reporter = TrialReporter(trial, cfg["tune"]["objective_last_k"])
+    reporter = TrialReporter(trial, cfg["tune"]["objective_last_k"], *validation_schedule(cfg))
     try:
         train_fn(
             trial_config(cfg, params), labeled, unlabeled, val, run_dir,

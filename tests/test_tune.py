@@ -35,13 +35,13 @@ TINY = {
 # A 500-step run tuned with 200-step trials (r = 0.4), a ramp-up of 200 and a warm-up of 50 steps, 4 validations
 # per trial; the point w = 0.05 (window), weight 2. By hand: the trial averages over 0.05 * 200 = 10 steps,
 # m = 1 - 1/10 = 0.9; the full run over 25 steps, m = 0.96; ramp-up 80 / 200, warm-up 20 / 50;
-# the trial validates every ceil(200 / 4) = 50 steps, the full run keeps its 100.
+# the trial validates 4 times after half of it (tune.prune_after), every 100 / 4 = 25 steps; the full run keeps its 100.
 BASE = {"train.max_steps": 500, "train.val_every_steps": 100, "tune.max_steps": 200, "ssl.rampup_steps": 200, "ssl.warmup_steps": 50}
 POINT = {"momentum_window": 0.05, "consistency_weight": 2.0}
 SCALE_CASES = [
     # id, extra sets, extra params, expected trial values, expected full-run values
     ["constant", {"ssl.momentum_schedule": "constant"}, {},
-     {"ema_momentum": 0.9, "rampup_steps": 80, "warmup_steps": 20, "consistency_weight": 2.0, "max_steps": 200, "val_every_steps": 50},
+     {"ema_momentum": 0.9, "rampup_steps": 80, "warmup_steps": 20, "consistency_weight": 2.0, "max_steps": 200, "val_every_steps": 25},
      {"ema_momentum": 0.96, "rampup_steps": 200, "warmup_steps": 50, "consistency_weight": 2.0, "max_steps": 500, "val_every_steps": 100}],
     ["cosine-starts-at-the-window", {"ssl.momentum_schedule": "cosine"}, {},
      {"ema_momentum": 0.9, "rampup_steps": 80}, {"ema_momentum": 0.96, "rampup_steps": 200}],
@@ -109,10 +109,11 @@ def _stand_in(fail_on: set[int] = frozenset(), scores: dict[int, list[float]] | 
             raise RuntimeError("out of memory (simulated)")
         w, weight = cfg["ssl"]["momentum_window"], cfg["ssl"]["consistency_weight"]
         value = 1 - abs(math.log10(w / 0.02)) / 4 - abs(math.log10(weight)) / 4
-        every = cfg["train"]["val_every_steps"]
-        series = (scores or {}).get(number, [value] * (cfg["train"]["max_steps"] // every))
-        for i, score in enumerate(series, start=1):
-            if callbacks[0].record(i * every, score):
+        every, after = tune.validation_schedule(cfg)
+        steps = [s for s in range(every, cfg["train"]["max_steps"] + 1, every) if s > after]
+        series = (scores or {}).get(number, [value] * len(steps))
+        for step, score in zip(steps, series):
+            if callbacks[0].record(step, score):
                 raise optuna.TrialPruned()
         return types.SimpleNamespace(best_dice_teacher=max(series))
 
@@ -154,17 +155,49 @@ def test_bad_search_space_is_rejected_at_load_time(sets):
         _cfg(sets)
 
 
-def test_objective_is_the_mean_of_the_last_k_validations_and_pruning_waits(tmp_path):
-    # 200-step trials validating at 50, 100, 150, 200; trial 1 is far behind at every step
+def test_objective_is_the_mean_of_the_last_k_validations(tmp_path):
+    # 200-step trials validating at 125, 150, 175, 200 (4 validations after half the trial); trial 1 is far behind
     cfg = _cfg({"tune.max_steps": 200, "tune.validations": 4, "tune.objective_last_k": 2, "tune.prune_after": 0.5, "tune.n_startup_trials": 1})
     scores = {0: [0.9, 0.2, 0.5, 0.7], 1: [0.1, 0.1, 0.1, 0.1], 2: [0.95, 0.95, 0.95, 0.95]}
     study = tune.run_study(cfg, "L", "U", study_name="s", out_dir=tmp_path, n_trials=3, train_fn=_stand_in(scores=scores))
     first, behind, good = study.trials
     assert first.value == pytest.approx(0.6)  # mean of 0.5 and 0.7, not the best single 0.9
-    assert first.intermediate_values == pytest.approx({50: 0.9, 100: 0.55, 150: 0.35, 200: 0.6})  # the running objective
-    assert behind.state == TrialState.PRUNED
-    assert behind.intermediate_values == pytest.approx({50: 0.1, 100: 0.1})  # not pruned before half the trial
+    assert first.intermediate_values == pytest.approx({125: 0.9, 150: 0.55, 175: 0.35, 200: 0.6})  # the running objective
+    assert behind.state == TrialState.PRUNED and behind.intermediate_values == pytest.approx({125: 0.1})
     assert good.state == TrialState.COMPLETE and study.best_trial.number == 2
+    assert first.user_attrs["validations"] == [[125, 0.9], [150, 0.2], [175, 0.5], [200, 0.7]]
+
+
+def test_pruning_starts_after_the_configured_fraction_of_the_trial(tmp_path):
+    cfg = _cfg({"tune.max_steps": 200, "tune.prune_after": 0.5, "tune.n_startup_trials": 1, "tune.objective_last_k": 1})
+    study = tune.open_study(cfg, "p", tune.open_storage(None, tmp_path))
+    leader = tune.TrialReporter(study.ask(), last_k=1)
+    for step in (50, 100, 150, 200):
+        leader.record(step, 0.9)
+    study.tell(leader.trial, leader.value())
+    behind = tune.TrialReporter(study.ask(), last_k=1)
+    assert not behind.record(50, 0.1)  # far behind, but a quarter into the trial: a slow teacher still lags there
+    assert behind.record(100, 0.1)  # half the trial: now it may be pruned
+
+
+# (trial steps, prune_after, validations) -> the steps a trial validates at
+SCHEDULE_CASES = [
+    [(200, 0.5, 4), [125, 150, 175, 200]],
+    [(200, 0.5, 3), [150, 175, 200]],  # 100 / 3 -> 34 is no divisor of 200: every 25
+    [(200, 0.0, 4), [50, 100, 150, 200]],
+    [(6, 0.5, 2), [4, 6]],
+    [(16, 0.5, 1), [16]],
+    [(199, 0.5, 4), [196, 197, 198, 199]],  # a prime: the last steps
+]
+
+
+@pytest.mark.parametrize("args, expected", SCHEDULE_CASES, ids=[str(c[0]) for c in SCHEDULE_CASES])
+def test_trial_validates_only_where_it_can_be_pruned_or_scored(args, expected):
+    steps, prune_after, validations = args
+    cfg = _cfg({"tune.max_steps": steps, "tune.prune_after": prune_after, "tune.validations": validations})
+    every, after = tune.validation_schedule(cfg)
+    assert [s for s in range(every, steps + 1, every) if s > after] == expected
+    assert tune.trial_config(cfg, {})["train"]["val_every_steps"] == every
 
 
 def test_failed_trial_is_recorded_and_study_goes_on(tmp_path):
@@ -245,8 +278,8 @@ def test_study_prunes_resumes_and_writes_best_params(tmp_path):
     out = tmp_path / "tune"
     study = tune.run_study(cfg, labeled, unlabeled, study_name="tiny", out_dir=out, n_trials=3, train_fn=pinned_fit)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.PRUNED]
-    assert study.trials[0].intermediate_values == pytest.approx({2: 0.9, 4: 0.9})  # reported at optimizer steps
-    assert study.trials[1].intermediate_values == pytest.approx({2: 0.1})  # pruned at its first validation
+    assert study.trials[0].intermediate_values == pytest.approx({3: 0.9, 4: 0.9})  # reported at optimizer steps, after half the trial
+    assert study.trials[1].intermediate_values == pytest.approx({3: 0.1})  # pruned at its first validation
     assert all((out / f"trial_{n:04d}" / "config.yaml").is_file() for n in range(3))
 
     study = tune.run_study(cfg, labeled, unlabeled, study_name="tiny", out_dir=out, n_trials=1, train_fn=pinned_fit)
