@@ -168,7 +168,8 @@ def write_results(records: list[dict], args: argparse.Namespace, wall_s: float, 
 
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
-    csv_path, md_path = results / "lesion_benchmark.csv", results / "lesion_benchmark.md"
+    stem = "lesion_benchmark" + (f"_{args.tag}" if args.tag else "")
+    csv_path, md_path = results / f"{stem}.csv", results / f"{stem}.md"
     with open(csv_path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
         writer.writeheader()
@@ -272,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lesion-overlap", type=float, default=0.1, help="IoU a lesion needs to count as detected (0: any overlap)")
     parser.add_argument("--out", default="runs/lesion_benchmark", help="run folders: <out>/<method>/seed<N>")
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "results"), help="where lesion_benchmark.md/.csv go")
+    parser.add_argument("--tag", default="", help="suffix of the result files (lesion_benchmark_<tag>.md) for side studies")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine)")
     parser.add_argument("--reuse", action="store_true", help="reuse scored runs (scores.json) instead of retraining")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the report from scored runs")
