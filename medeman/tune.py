@@ -251,6 +251,8 @@ def objective(
     """Train once with the trial's parameters in ``<out_dir>/trial_NNNN``; return the mean of its last k ``val/dice_teacher``.
 
     ``test``: a test cohort that is never used as unlabeled scans (passed on to ``train_fn`` as ``test=``).
+    With ``data.cache: disk`` and no ``data.cache_dir``, every trial (and every worker with this
+    ``out_dir``) uses ``<out_dir>/cache``, where the preprocessed scans are keyed by the data config.
     """
     if train_fn is None:
         from medeman.train import fit as train_fn
@@ -258,9 +260,12 @@ def objective(
     run_dir = Path(out_dir) / f"trial_{trial.number:04d}"
     trial.set_user_attr("run_dir", str(run_dir.resolve()))
     reporter = TrialReporter(trial, cfg["tune"]["objective_last_k"], *validation_schedule(cfg))
+    config = trial_config(cfg, params)
+    if config["data"]["cache"] == "disk" and config["data"]["cache_dir"] is None:
+        config["data"]["cache_dir"] = str((Path(out_dir) / "cache").resolve())
     try:
         train_fn(
-            trial_config(cfg, params), labeled, unlabeled, val, run_dir,
+            config, labeled, unlabeled, val, run_dir,
             callbacks=[reporter], overwrite=True, progress_bar=False, logger=True,
             **({"test": test} if test is not None else {}),  # stand-ins in tests need not know it
         )

@@ -349,3 +349,40 @@ def test_killed_worker_trial_is_failed_and_retried_once_postgresql(tmp_path):
         _two_workers_one_killed(tmp_path, url, study)
     finally:
         optuna.delete_study(study_name=study, storage=tune.database_url(url))
+
+
+def test_trials_of_a_worker_share_the_preprocessed_cohort(tmp_path):
+    from medeman.data.datamodule import SSLDataModule, preprocessing_digest, shared_cohorts
+
+    labeled, unlabeled, config = _write_tiny(tmp_path)
+    cfg = load_config([config], ["data.cache=memory"])
+    other = load_config([config], ["data.cache=memory", "data.intensity_window=[-100, 100]"])
+
+    def module(cfg, run):
+        dm = SSLDataModule(cfg, labeled, unlabeled, run_dir=tmp_path / run)
+        (tmp_path / run).mkdir()
+        dm.setup("fit")
+        return dm
+
+    with shared_cohorts():
+        first, second, changed = module(cfg, "t0"), module(cfg, "t1"), module(other, "t2")
+    alone = module(cfg, "t3")
+    assert second._datasets["labeled"] is first._datasets["labeled"]  # preprocessed once
+    assert second._datasets["unlabeled"] is first._datasets["unlabeled"] and second.val_cases == first.val_cases
+    assert changed._datasets["labeled"] is not first._datasets["labeled"]  # another preprocessing, another cohort
+    assert alone._datasets["labeled"] is not first._datasets["labeled"]  # outside the block nothing is shared
+    assert (tmp_path / "t1" / "split.json").read_text() == (tmp_path / "t0" / "split.json").read_text()
+    assert preprocessing_digest(cfg["data"]) != preprocessing_digest(other["data"])
+    assert preprocessing_digest(cfg["data"]) == preprocessing_digest({**cfg["data"], "cache_dir": "/elsewhere"})
+
+
+def test_disk_cache_is_shared_by_the_trials(tmp_path):
+    seen = []
+
+    def train_fn(cfg, *args, callbacks=(), **kwargs):
+        seen.append(cfg["data"]["cache_dir"])
+        return _stand_in()(cfg, *args, callbacks=callbacks, **kwargs)
+
+    cfg = _cfg({"data.cache": "disk", "tune.max_steps": 10})
+    tune.run_study(cfg, "L", "U", study_name="d", out_dir=tmp_path, n_trials=2, train_fn=train_fn)
+    assert seen == [str((tmp_path / "cache").resolve())] * 2

@@ -127,7 +127,8 @@ def test_batches_reproducible_from_train_seed(make_cohort, cfg, tmp_path, cache)
         torch.testing.assert_close(a[part][key], b[part][key])
     assert not torch.equal(a["unlabeled"]["strong"], c["unlabeled"]["strong"])
     if cache == "disk":
-        assert any((tmp_path / "a" / "cache" / "labeled").iterdir())
+        (labeled_cache,) = (tmp_path / "a" / "cache").glob("labeled-*")  # named by the data config's digest
+        assert any(labeled_cache.iterdir())
 
 
 @pytest.mark.skipif(not (SAMPLE_DATA / "labeled").is_dir(), reason="sample_data/ not present")
