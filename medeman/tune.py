@@ -557,7 +557,9 @@ def summary_table(study: optuna.Study, cfg: dict) -> str:
     keys = list(dict.fromkeys(key for v in values for key in v))
     window = any("momentum_window" in t.params for t in trials) and ("ssl", "momentum_window") not in keys
     k = cfg["tune"]["objective_last_k"]
-    header = ["trial", "state", f"dice_teacher(last {k})", *(["window"] if window else []), *(key for _, key in keys), "seconds", "note"]
+    full_m = any("momentum_window" in t.params for t in trials) and ("ssl", "ema_momentum") not in keys
+    header = ["trial", "state", f"dice_teacher(last {k})", *(["window"] if window else []), *(key for _, key in keys),
+              *(["m(full run)"] if full_m else []), "seconds", "note"]
     rows = []
     for t, tuned in zip(trials, values):
         cells = [f"{t.number}{'*' if t.number == best else ''}", t.state.name, "-" if t.value is None else f"{t.value:.4f}"]
@@ -566,6 +568,9 @@ def summary_table(study: optuna.Study, cfg: dict) -> str:
         for key in keys:
             value = tuned.get(key)
             cells.append("-" if value is None else f"{value:.6g}" if isinstance(value, float) else str(value))
+        if full_m:
+            w = t.params.get("momentum_window")
+            cells.append("-" if w is None else f"{momentum_for(w, int(cfg['train']['max_steps'])):.6g}")
         cells.append("-" if t.duration is None else f"{t.duration.total_seconds():.0f}")
         note = t.user_attrs.get("error", "") if t.state == TrialState.FAIL else ""
         if t.state == TrialState.FAIL and not note:
@@ -630,6 +635,8 @@ def report(study: optuna.Study, cfg: dict, out_dir: Path, config_paths: Sequence
     params_path, config_path = write_best(study, cfg, out_dir, config_paths)
     best = study.best_trial
     tuned = ", ".join(f"{s}.{k}={v:.6g}" if isinstance(v, float) else f"{s}.{k}={v}" for (s, k), v in tuned_keys(cfg, best.params).items())
+    if "momentum_window" in best.params:
+        tuned += f" (EMA momentum m = {momentum_for(best.params['momentum_window'], int(cfg['train']['max_steps'])):.6g})"
     print(f"best: trial {best.number}, mean of the last {cfg['tune']['objective_last_k']} {MONITOR}={best.value:.4f}; for the full run: {tuned}")
     print(f"wrote {params_path} (overlay) and {config_path} (full config)")
     if plots:
