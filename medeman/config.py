@@ -141,7 +141,7 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "dropout": Option(0.0, "dropout probability in the student (and hence the teacher)"),
     },
     "ssl": {
-        "method": Option("mean_teacher", "supervised (labeled data only, the baseline), supervised_ema (labeled data only, deployed EMA teacher: the weight-averaging control) or mean_teacher", ("supervised", "supervised_ema", "mean_teacher")),
+        "method": Option("mean_teacher", "training method (medeman.methods): supervised (labeled data only, the baseline), supervised_ema (labeled data only, deployed EMA teacher: the weight-averaging control), mean_teacher, ua_mt (uncertainty-aware mean teacher, Yu et al. 2019) or bcp (bidirectional copy-paste, Bai et al. 2023)", ("supervised", "supervised_ema", "mean_teacher", "ua_mt", "bcp")),
         "teacher_norm": Option("eman", "teacher normalization: eman (EMA'd running statistics, Cai et al. 2021), bn (batch statistics, classic mean teacher) or ema (weight EMA only, for networks without BatchNorm, e.g. model.norm=instance)", ("eman", "bn", "ema")),
         "teacher_bn_recalibration": Option("always", "re-estimate the teacher's BatchNorm statistics from its own forward passes (precise-BN) before each teacher validation and export (always), only for teacher.pt (export), or never (off); pseudo-labels keep the EMA'd statistics", ("off", "export", "always")),
         "recalibration_batches": Option(16, "unlabeled weak-view batches (labeled images without unlabeled scans) used to re-estimate the teacher's BatchNorm statistics"),
@@ -159,6 +159,13 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "pseudo_label_reduction": Option("all", "pseudo-label cross-entropy averaged over all voxels, (ce * mask).mean() as FixMatch/EMAN, or over the kept voxels only", ("all", "kept")),
         "rampup_steps": Option(1000, "steps of the sigmoid ramp-up exp(-5(1-t)^2) of the unsupervised weight"),
         "warmup_steps": Option(0, "supervised-only steps before the unsupervised losses start ramping up"),
+        "ua_mt_passes": Option(8, "ua_mt: stochastic teacher passes T per unlabeled batch for the predictive entropy"),
+        "ua_mt_noise_std": Option(0.1, "ua_mt: std of the Gaussian input noise of each teacher pass (normalized intensity units)"),
+        "ua_mt_noise_clip": Option(0.2, "ua_mt: the input noise is clipped to [-clip, clip]"),
+        "ua_mt_threshold_start": Option(0.75, "ua_mt: the entropy threshold ramps from this fraction of ln(num_classes) to ln(num_classes) over rampup_steps"),
+        "bcp_box_fraction": Option(2.0 / 3.0, "bcp: side of the copy-paste box as a fraction of each patch side (the paper's 2/3)"),
+        "bcp_unlabeled_weight": Option(0.5, "bcp: weight alpha of the pseudo-labeled voxels of the mixed patches (ground truth weighs 1)"),
+        "bcp_pretrain_steps": Option(0, "bcp: first steps of copy-paste pre-training on labeled patches only; the teacher then starts as a copy of the student"),
     },
     "train": {
         "max_steps": Option(20000, "optimizer steps of the whole run"),
@@ -272,6 +279,11 @@ def validate(cfg: dict) -> dict:
     batches = cfg["ssl"]["recalibration_batches"]
     if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
         raise ConfigError(f"ssl.recalibration_batches: {batches!r} must be a positive integer")
+    if int(cfg["ssl"]["ua_mt_passes"]) < 1:
+        raise ConfigError(f"ssl.ua_mt_passes: {cfg['ssl']['ua_mt_passes']!r} must be at least 1 stochastic teacher pass")
+    for key in ("bcp_box_fraction", "ua_mt_threshold_start"):
+        if not 0.0 < float(cfg["ssl"][key]) <= 1.0:
+            raise ConfigError(f"ssl.{key}: {cfg['ssl'][key]!r} must be a fraction in (0, 1]")
     thr = cfg["ssl"]["pseudo_label_threshold"]
     if thr is not None and not (isinstance(thr, (int, float)) and 0.0 <= thr <= 1.0):
         raise ConfigError(f"ssl.pseudo_label_threshold: {thr!r} must be null or a number in [0, 1]")

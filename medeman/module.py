@@ -1,52 +1,38 @@
-"""The LightningModule: a student trained on labeled patches (Dice+CE) and, as a mean teacher, on
-unlabeled patches through an EMA teacher with EMAN (Cai et al., CVPR 2021).
+"""The LightningModule: a student (and, for teacher methods, its EMA teacher) trained by one method.
 
-One training step::
+The module owns the networks, the supervised Dice+CE, the optimizer and whole-volume validation;
+the method object (:mod:`medeman.methods`, chosen by ``ssl.method``) says what a training step's
+loss is, what follows an optimizer step (the teacher's EMA update), which networks are validated
+and which one is deployed as ``teacher.pt``. So ablations differ in configuration, not code.
 
-    student(labeled image ++ strong view)   -> supervised DiceCE on the labeled half
-    teacher(weak view), no grad              -> probabilities p_t
-    lambda(t) * [consistency(student_strong, p_t) + w_pl * pseudo_label_loss(student_strong, p_t)]
-    optimizer step, then update_teacher(teacher, student, momentum_at(step))
-
-The method is chosen by config only (``ssl.method``, ``ssl.teacher_norm``), so ablations differ
-in configuration, not code.
-
-The teacher that is validated and deployed (``teacher.pt``) can be a copy whose BatchNorm
-statistics are re-estimated from its own forward passes (``ssl.teacher_bn_recalibration``,
+The teacher that is validated and deployed can be a copy whose BatchNorm statistics are
+re-estimated from its own forward passes (``ssl.teacher_bn_recalibration``,
 :func:`medeman.eman.recalibrate_batchnorm`); the teacher that makes pseudo-labels keeps its EMA'd
 statistics.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from monai.losses import DeepSupervisionLoss, DiceCELoss
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
 from torch import nn
 
-from medeman.eman import (
-    make_teacher,
-    momentum_at,
-    recalibrate_batchnorm,
-    scheduled_momentum,
-    tracked_batchnorms,
-    update_teacher,
-)
+from medeman.eman import momentum_at, scheduled_momentum, tracked_batchnorms
 from medeman.predict import predict_volume
 from medeman.labels import argmax_labels
 from medeman.losses import (
     CONSISTENCY_LOSSES,
     masked_cross_entropy,
     masked_dice,
-    unsupervised_weight,
     voxel_pseudo_labels,
 )
+from medeman.methods import build_method
 from medeman.nets import build_network, deep_supervision_heads, deep_supervision_weights, main_output
 from medeman.pseudo_labels import AdaptiveThresholds, kept_fraction_per_class
 from medeman.teacher_focus import TeacherFocus
@@ -64,7 +50,7 @@ def pool_statistics(means: torch.Tensor, variances: torch.Tensor) -> tuple[torch
 
 
 class SSLSegModule(pl.LightningModule):
-    """Mean teacher (or supervised baseline) for 3D segmentation.
+    """Semi-supervised (or supervised) 3D segmentation by the method ``ssl.method`` names.
 
     Args:
         cfg: resolved medeman config (:mod:`medeman.config`).
@@ -87,14 +73,10 @@ class SSLSegModule(pl.LightningModule):
         self.student = build_network(cfg)
         if cfg["train"]["channels_last"]:  # NDHWC, oneDNN's and cuDNN's fast conv3d layout; the teacher copies it
             self.student = self.student.to(memory_format=torch.channels_last_3d)
-        self.teacher: nn.Module | None = None
+        self.method = build_method(cfg)
+        # a registered submodule, so checkpoints hold the teacher; None for methods without one
+        self.teacher: nn.Module | None = self.method.make_teacher(self.student)
         self.teacher_updates = 0  # the momentum schedule's clock (optimizer steps less those the grad scaler skipped)
-        if self.ssl["method"] in ("mean_teacher", "supervised_ema"):
-            self.teacher = make_teacher(self.student, norm=self.ssl["teacher_norm"])
-        # the re-estimated copy of the teacher validated at a step, kept out of the module's state
-        # (checkpoints hold the EMA teacher only): {"step": int, "net": nn.Module}
-        self._recalibrated: dict[str, Any] = {}
-        self._compare_raw_teacher = True  # validate the EMA'd-statistics teacher too, the first time
         self._validated: dict[str, nn.Module] = {}
         if sync_batchnorm:
             self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
@@ -120,41 +102,28 @@ class SSLSegModule(pl.LightningModule):
 
     # ---- training ----------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        labeled = batch["labeled"]
-        image, label = labeled["image"], labeled["label"]
-        unlabeled = batch.get("unlabeled") if self.ssl["method"] == "mean_teacher" else None
-        step = self.global_step
-        weight = 0.0
-        if unlabeled is not None:
-            weight = unsupervised_weight(step, self.ssl["consistency_weight"], self.ssl["rampup_steps"], self.ssl["warmup_steps"])
-        n_labeled = image.shape[0]
-        if weight > 0.0:
-            logits = self.student(torch.cat([image, unlabeled["strong"]]))
-            labeled_logits, strong_logits = logits[:n_labeled], main_output(logits[n_labeled:])
-        else:  # supervised-only warm-up (or baseline): skip the unlabeled passes entirely
-            labeled_logits, strong_logits = self.student(image), None
-        if self.cfg["train"]["deep_supervision"]:
-            sup = self.supervised_loss([head.float() for head in deep_supervision_heads(labeled_logits)], label)
-        else:
-            sup = self.supervised_loss(labeled_logits.float(), label)
-        loss = sup
-        logs = {"loss/sup": sup.detach()}
-        if strong_logits is not None:
-            unsup = self._unsupervised_loss(strong_logits, unlabeled["weak"], logs)
-            loss = loss + weight * unsup
-            logs["loss/unsup"] = unsup.detach()
-        logs["loss/total"] = loss.detach()
-        logs["ssl/weight"] = float(weight)
-        batch_size = n_labeled
+        loss, logs = self.method.training_loss(self, batch)
+        batch_size = batch["labeled"]["image"].shape[0]
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=batch_size)
-        self.log("sup", sup.detach(), prog_bar=True, on_step=True, on_epoch=False, logger=False, batch_size=batch_size)
+        self.log("sup", logs.get("loss/sup", logs["loss/total"]), prog_bar=True, on_step=True, on_epoch=False, logger=False, batch_size=batch_size)
         if "loss/unsup" in logs:
             self.log("unsup", logs["loss/unsup"], prog_bar=True, on_step=True, on_epoch=False, logger=False, batch_size=batch_size)
         return loss
 
-    def _unsupervised_loss(self, strong_logits: torch.Tensor, weak: torch.Tensor, logs: dict) -> torch.Tensor:
-        with torch.no_grad():
-            teacher_probs = torch.softmax(main_output(self.teacher(weak)).float(), dim=1)
+    # ---- building blocks the methods call --------------------------------------------------------
+    def supervised_loss_of(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """Dice+CE of the student's logits on labeled patches (every deep-supervision head, if on)."""
+        if self.cfg["train"]["deep_supervision"]:
+            return self.supervised_loss([head.float() for head in deep_supervision_heads(logits)], label)
+        return self.supervised_loss(logits.float(), label)
+
+    @torch.no_grad()
+    def teacher_probs(self, image: torch.Tensor) -> torch.Tensor:
+        """The teacher's float32 softmax on ``image`` (its main output)."""
+        return torch.softmax(main_output(self.teacher(image)).float(), dim=1)
+
+    def consistency_and_pseudo_label_loss(self, strong_logits: torch.Tensor, teacher_probs: torch.Tensor, logs: dict) -> torch.Tensor:
+        """``consistency(student, teacher) + w_pl * pseudo-label loss`` as ``ssl.consistency`` and ``ssl.pseudo_label_*`` say."""
         total = strong_logits.new_zeros((), dtype=torch.float32)
         if self.consistency_loss is not None:
             consistency = self.consistency_loss(strong_logits, teacher_probs)
@@ -200,11 +169,8 @@ class SSLSegModule(pl.LightningModule):
         """
         scale = self._grad_scale()
         super().optimizer_step(*args, **kwargs)
-        if self.teacher is not None and not (scale is not None and self._grad_scale() < scale):  # the scaler backs off only on a skip
-            if self.ssl["teacher_norm"] == "eman":  # a bn teacher keeps its own statistics
-                self._average_student_bn_statistics()
-            update_teacher(self.teacher, self.student, self.teacher_momentum(self.teacher_updates))
-            self.teacher_updates += 1
+        if not (scale is not None and self._grad_scale() < scale):  # the scaler backs off only on a skip
+            self.method.after_optimizer_step(self)  # a teacher method's EMA update (and teacher_updates += 1)
 
     def _grad_scale(self) -> float | None:
         """The loss scale of 16-mixed's gradient scaler (``None`` without one)."""
@@ -223,7 +189,7 @@ class SSLSegModule(pl.LightningModule):
         base = scheduled_momentum(step, int(self.cfg["train"]["max_steps"]), float(ssl["ema_momentum"]), ssl["momentum_schedule"], float(ssl["momentum_window"]))
         return momentum_at(step, base, ssl["momentum_warmup"])
 
-    def _average_student_bn_statistics(self) -> None:
+    def average_student_bn_statistics(self) -> None:
         """Average the student's BN running statistics over ranks when BN is not synchronized.
 
         With SyncBatchNorm (multi-GPU) the statistics are already global. Plain BatchNorm under
@@ -264,14 +230,9 @@ class SSLSegModule(pl.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules[train["lr_schedule"]])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    # ---- the deployed teacher: re-estimated BatchNorm statistics --------------------------------
-    def _recalibrates(self, when: str) -> bool:
-        mode = self.ssl["teacher_bn_recalibration"]
-        wanted = mode == "always" or (mode == "export" and when == "export")
-        return wanted and self.teacher is not None and bool(tracked_batchnorms(self.teacher))
-
-    def _recalibration_inputs(self):
-        """Weak views of unlabeled patches (labeled images without them), from the DataModule."""
+    # ---- the deployed network -------------------------------------------------------------------
+    def recalibration_inputs(self):
+        """Weak views of unlabeled patches (labeled images without them) from the DataModule, or ``None``."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         loader_of = getattr(datamodule, "recalibration_dataloader", None)
         if loader_of is None:
@@ -281,55 +242,18 @@ class SSLSegModule(pl.LightningModule):
             for batch in loader_of(int(self.ssl["recalibration_batches"]))
         )
 
-    def recalibrated_teacher(self) -> nn.Module | None:
-        """A copy of the teacher with BatchNorm statistics re-estimated at this step (cached per step).
-
-        ``None`` when no batches can be drawn (no DataModule with ``recalibration_dataloader``).
-        """
-        if self._recalibrated.get("step") == self.global_step:
-            return self._recalibrated["net"]
-        inputs = self._recalibration_inputs()
-        if inputs is None:
-            rank_zero_warn("ssl.teacher_bn_recalibration: the DataModule has no recalibration_dataloader; the teacher keeps its statistics")
-            return None
-        net = copy.deepcopy(self.teacher)
-        if recalibrate_batchnorm(net, inputs) == 0:
-            rank_zero_warn("ssl.teacher_bn_recalibration: no batches to re-estimate the teacher's BatchNorm statistics from")
-            return None
-        self._recalibrated = {"step": self.global_step, "net": net}
-        return net
-
     def deployed_network(self) -> tuple[nn.Module, str]:
-        """The network written to ``teacher.pt`` and which BatchNorm statistics it holds.
+        """The network written to ``teacher.pt`` and which BatchNorm statistics it holds (the method decides).
 
         Returns:
-            ``(network, stats)`` with ``stats`` one of ``"recalibrated"`` (re-estimated from its own
-            forward passes), ``"ema"`` (EMAN's EMA of the student's), ``"batch"`` (running averages of
-            batch statistics: a bn teacher's own, or the supervised student's) and ``"none"`` (no
-            BatchNorm, e.g. an ``ema`` teacher on InstanceNorm).
+            ``(network, stats)`` with ``stats`` one of ``"recalibrated"``, ``"ema"``, ``"batch"``, ``"none"``
+            (:meth:`medeman.methods.base.Method.deployed_network`).
         """
-        if self.teacher is None:
-            return self.student, "batch" if tracked_batchnorms(self.student) else "none"
-        if not tracked_batchnorms(self.teacher):
-            return self.teacher, "none"
-        if self._recalibrates("export"):
-            net = self.recalibrated_teacher()
-            if net is not None:
-                return net, "recalibrated"
-        return self.teacher, "ema" if self.ssl["teacher_norm"] == "eman" else "batch"
+        return self.method.deployed_network(self)
 
     # ---- validation: whole volumes, teacher and student -----------------------------------------
     def on_validation_epoch_start(self) -> None:
-        self._validated = {"student": self.student}
-        if self.teacher is None:
-            return
-        teacher = self.recalibrated_teacher() if self._recalibrates("validation") else None
-        if teacher is None:
-            self._validated["teacher"] = self.teacher
-            return
-        self._validated["teacher"] = teacher
-        if self._compare_raw_teacher and not self.trainer.sanity_checking:
-            self._validated["teacher_raw"] = self.teacher  # with its EMA'd (or own) statistics, once
+        self._validated = self.method.validated_networks(self)
 
     def _networks(self) -> dict[str, nn.Module]:
         """The networks this validation scores, by name (set in :meth:`on_validation_epoch_start`)."""
@@ -347,10 +271,9 @@ class SSLSegModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         results = {name: (self.dice_metrics[name].aggregate(), self.hd95_metrics[name].aggregate()) for name in self._networks()}
-        if self.teacher is None:  # supervised baseline: the student is the deployed model, logged as both
+        if "teacher" not in results:  # supervised baseline: the student is the deployed model, logged as both
             results["teacher"] = results["student"]
         if "teacher_raw" in results:
-            self._compare_raw_teacher = False
             held = "EMA'd" if self.ssl["teacher_norm"] == "eman" else "own"
             rank_zero_info(
                 f"teacher validation Dice at step {self.global_step}: {results['teacher_raw'][0].mean().item():.3f} with its "

@@ -170,15 +170,16 @@ def fit(
         ConfigError: inconsistent config or run folder. ``DataError``: bad input data.
     """
     from medeman.data import SSLDataModule  # imported late: the data stack is heavy
+    from medeman.methods import build_method
     from medeman.module import SSLSegModule
 
     out_dir = Path(out_dir)
-    if cfg["ssl"]["method"] == "mean_teacher" and unlabeled is None:
-        raise ConfigError("ssl.method=mean_teacher needs unlabeled scans: pass --unlabeled DIR, or use ssl.method=supervised")
+    method = build_method(cfg)
+    method.check(cfg, has_unlabeled=unlabeled is not None)
     validate(cfg)  # types, choices and the rules between keys (config.validate), also for a config built in code
     prepare_run_dir(out_dir, resume, overwrite)
     pl.seed_everything(int(cfg["train"]["seed"]), workers=True, verbose=False)
-    datamodule = SSLDataModule(cfg, labeled=labeled, unlabeled=unlabeled if cfg["ssl"]["method"] == "mean_teacher" else None, val=val, run_dir=out_dir, test=test)
+    datamodule = SSLDataModule(cfg, labeled=labeled, unlabeled=unlabeled if method.uses_unlabeled else None, val=val, run_dir=out_dir, test=test)
     datamodule.setup("fit")  # every data check runs here, before any training
     cohort = datamodule.cohort
     if cohort is not None and (cohort.unlabeled or cohort.flagged) and rank_zero_only.rank == 0:

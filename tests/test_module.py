@@ -1,5 +1,7 @@
 """SSLSegModule: the teacher is the EMA of the student's history, updated once per optimizer step."""
 
+import math
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -135,3 +137,29 @@ def test_deployed_network_names_the_statistics_it_holds(sets, stats):
     net, held = module.deployed_network()
     assert held == stats
     assert net is (module.student if module.teacher is None else module.teacher)
+
+
+def test_bcp_teacher_starts_as_the_pretrained_student():
+    """After ssl.bcp_pretrain_steps labeled-only copy-paste steps the teacher is a copy of the student."""
+    _, module, _, states = _train(["ssl.method=bcp", "ssl.bcp_pretrain_steps=2", "ssl.ema_momentum=0.99", "ssl.momentum_schedule=constant"], 2)
+    for name, value in module.teacher.state_dict().items():
+        torch.testing.assert_close(value, states[-1][name], msg=name)
+
+
+def test_ua_mt_masks_the_consistency_by_the_teacher_entropy():
+    """The logged threshold is UA-MT's (0.75 + 0.25 ramp) ln C, and a fraction of voxels is kept."""
+    class Logs(pl.Callback):
+        def __init__(self):
+            self.rows = []
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            self.rows.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("ssl/")})
+
+    cfg = load_config(sets=TINY + ["ssl.method=ua_mt", "ssl.ua_mt_passes=2", "ssl.rampup_steps=4", "train.max_steps=2"])
+    logs = Logs()
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, callbacks=[logs], log_every_n_steps=1)
+    trainer.fit(SSLSegModule(cfg), datamodule=TinyData())
+    for step, row in enumerate(logs.rows):
+        assert row["ssl/uncertainty_threshold"] == pytest.approx((0.75 + 0.25 * math.exp(-5 * (1 - step / 4) ** 2)) * math.log(2), rel=1e-5)
+        assert 0.0 <= row["ssl/certain_fraction"] <= 1.0

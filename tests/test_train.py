@@ -9,6 +9,7 @@ import torch
 
 from medeman.checkpoint import load_teacher, read_teacher_file
 from medeman.config import ConfigError, load_config
+from medeman.infer import main as infer_main
 from medeman.train import fit, main
 
 TINY = ["model.channels=[4,8]", "model.num_res_units=1", "data.patch_size=[16,16,16]", "data.spacing=[1,1,1]",
@@ -28,6 +29,8 @@ METHODS = [
     ("mt_eman_export_recalibration", ["ssl.teacher_bn_recalibration=export", "ssl.pseudo_label_threshold=0.6", "ssl.pseudo_label_reduction=kept"]),
     ("mt_eman_no_recalibration_cosine", ["ssl.teacher_bn_recalibration=off", "ssl.momentum_schedule=cosine", "train.batch_dice=false"]),
     ("mt_ema_instancenorm", ["model.norm=instance", "ssl.teacher_norm=ema"]),
+    ("ua_mt", ["ssl.method=ua_mt", "ssl.ua_mt_passes=2"]),
+    ("bcp", ["ssl.method=bcp", "ssl.bcp_pretrain_steps=2"]),
     ("mt_bn_kl_pseudo", ["ssl.teacher_norm=bn", "ssl.consistency=kl", "ssl.pseudo_label_threshold=0.5", "ssl.pseudo_label_dice=true"]),
     ("mt_eman_bf16", ["ssl.teacher_norm=eman", "train.precision=bf16-mixed"]),
 ]
@@ -54,6 +57,10 @@ def test_each_method_trains_and_leaves_a_run_folder(make_cohort, tmp_path, name,
     expected_stats = {"supervised": "batch", "mt_eman_no_recalibration_cosine": "ema", "mt_bn_kl_pseudo": "recalibrated",
                       "mt_ema_instancenorm": "none"}.get(name, "recalibrated")
     assert payload["extra"]["teacher_bn_stats"] == expected_stats
+    assert infer_main(["--model", str(run), "--input", str(root / "unlabeled"), "--output", str(tmp_path / "pred")]) == 0
+    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == ["scan0.nii.gz", "scan1.nii.gz"]
+    logged = {key for row in rows for key, value in row.items() if value}
+    assert {"ua_mt": {"ssl/certain_fraction", "ssl/uncertainty_threshold"}, "bcp": {"loss/copy_paste"}}.get(name, set()) <= logged
     if name == "mt_bn_kl_pseudo":
         kept = [float(r["ssl/pseudo_label_fraction"]) for r in rows if r.get("ssl/pseudo_label_fraction")]
         assert kept and all(0.0 <= v <= 1.0 for v in kept)

@@ -52,6 +52,13 @@ def preprocessing_digest(data: dict[str, Any]) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
+def _method_uses_unlabeled(cfg: dict[str, Any]) -> bool:
+    """Whether ``ssl.method`` trains on unlabeled views (the method object knows; see medeman.methods)."""
+    from medeman.methods import build_method  # imported late: methods import the training stack
+
+    return build_method(cfg).uses_unlabeled
+
+
 class SSLDataModule(pl.LightningDataModule):
     """Labeled and unlabeled training batches and whole validation volumes, from folders of scans.
 
@@ -111,15 +118,15 @@ class SSLDataModule(pl.LightningDataModule):
 
     @property
     def use_unlabeled(self) -> bool:
-        """Whether training draws unlabeled batches (mean teacher with unlabeled scans)."""
-        return self.cfg["ssl"]["method"] != "supervised" and bool(self.unlabeled_cases)
+        """Whether training draws unlabeled batches: the method asks for unlabeled views and there are unlabeled scans."""
+        return _method_uses_unlabeled(self.cfg) and bool(self.unlabeled_cases)
 
     def discover(self) -> None:
         """Find and check every case; raise one DataError listing all problems."""
         cfg, data = self.cfg, self.cfg["data"]
         unlabeled = self.unlabeled if self.unlabeled is not None or not has_unlabeled_list(self.labeled, cfg) else self.labeled
         self.cohort = gather_cohort(cfg, self.labeled, unlabeled, self.val, self.test,
-                                    check_unlabeled=cfg["ssl"]["method"] != "supervised")
+                                    check_unlabeled=_method_uses_unlabeled(cfg))
         problems = self.cohort.problems
         raise_problems(problems, f"{len(problems)} problem(s) in the input data, found before training:")
         labeled, val, unlabeled = self.cohort.labeled, self.cohort.val, self.cohort.unlabeled

@@ -1,0 +1,152 @@
+"""The method interface: what a semi-supervised method adds to training, and the shared teacher machinery.
+
+:class:`SSLSegModule <medeman.module.SSLSegModule>` holds one :class:`Method` and asks it, rather
+than comparing ``ssl.method`` strings, what a training step's loss is, what happens after an
+optimizer step, which networks are validated and which one is deployed as ``teacher.pt``; the
+DataModule asks it which unlabeled views to produce, and ``medeman train`` asks it whether the
+config and data fit.
+
+A new method is one file with a subclass, one line in :data:`medeman.methods.METHODS` and its
+name in the ``ssl.method`` choices of :mod:`medeman.config` (see the README's development section).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from medeman.config import ConfigError
+from medeman.eman import make_teacher, recalibrate_batchnorm, tracked_batchnorms, update_teacher
+
+if TYPE_CHECKING:  # the module imports the methods, not the other way round
+    from medeman.module import SSLSegModule
+
+
+class Method:
+    """One training method, as the LightningModule, DataModule, exporter and tuner see it.
+
+    Override what the method changes; the defaults are the supervised baseline.
+
+    Attributes:
+        name: the ``ssl.method`` value.
+        unlabeled_views: the views of each unlabeled patch the DataModule must produce
+            (``()``: the method uses no unlabeled scans; ``("weak", "strong")``: a voxel-aligned pair).
+    """
+
+    name = "supervised"
+    unlabeled_views: tuple[str, ...] = ()
+
+    def __init__(self, cfg: dict[str, Any]):
+        self.cfg = cfg
+        self.ssl = cfg["ssl"]
+
+    @property
+    def uses_unlabeled(self) -> bool:
+        """Whether training draws unlabeled batches."""
+        return bool(self.unlabeled_views)
+
+    def check(self, cfg: dict[str, Any], has_unlabeled: bool) -> None:
+        """Refuse a config or input this method cannot train with (``ConfigError``), before any data is read.
+
+        Rules between config keys alone (e.g. ``teacher_norm: eman`` needs BatchNorm) live in
+        :func:`medeman.config.validate`; this is for what depends on the method and the inputs.
+        """
+        if self.uses_unlabeled and not has_unlabeled:
+            raise ConfigError(f"ssl.method={self.name} needs unlabeled scans: pass --unlabeled DIR, or use ssl.method=supervised")
+
+    def make_teacher(self, student: nn.Module) -> nn.Module | None:
+        """The teacher network the module registers (so checkpoints hold it), or ``None``."""
+        return None
+
+    def training_loss(self, module: SSLSegModule, batch: dict) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The loss of one training batch and what to log (``loss/sup`` and ``loss/total`` at least)."""
+        labeled = batch["labeled"]
+        sup = module.supervised_loss_of(module.student(labeled["image"]), labeled["label"])
+        return sup, {"loss/sup": sup.detach(), "loss/total": sup.detach(), "ssl/weight": 0.0}
+
+    def after_optimizer_step(self, module: SSLSegModule) -> None:
+        """Called after every optimizer step the student took (not after skipped or accumulation steps)."""
+
+    def validated_networks(self, module: SSLSegModule) -> dict[str, nn.Module]:
+        """The networks to score at a validation, by name; ``"teacher"`` is the deployed one."""
+        return {"student": module.student}
+
+    def deployed_network(self, module: SSLSegModule) -> tuple[nn.Module, str]:
+        """The network written to ``teacher.pt`` and which BatchNorm statistics it holds.
+
+        Returns:
+            ``(network, stats)``, ``stats`` one of ``"recalibrated"`` (re-estimated from its own forward
+            passes), ``"ema"`` (EMAN's EMA of the student's), ``"batch"`` (running averages of batch
+            statistics: a bn teacher's own, or a student's) and ``"none"`` (no BatchNorm).
+        """
+        return module.student, "batch" if tracked_batchnorms(module.student) else "none"
+
+
+class TeacherMethod(Method):
+    """A method with an EMA teacher (``ssl.teacher_norm``: eman | bn | ema), validated and deployed.
+
+    After each optimizer step the teacher becomes ``m θ' + (1 - m) θ`` with the scheduled momentum
+    (:meth:`SSLSegModule.teacher_momentum`). The validated and deployed teacher is, with
+    ``ssl.teacher_bn_recalibration``, a copy with BatchNorm statistics re-estimated from its own
+    forward passes (:func:`medeman.eman.recalibrate_batchnorm`); the teacher used in training keeps
+    its EMA'd statistics (that is EMAN). The first validation also scores the raw teacher
+    (``val/dice_teacher_raw``) so the effect is visible.
+    """
+
+    def __init__(self, cfg: dict[str, Any]):
+        super().__init__(cfg)
+        self._recalibrated: dict[str, Any] = {}  # {"step": int, "net": the re-estimated copy}, outside the module's state
+        self._compare_raw_teacher = True
+
+    def make_teacher(self, student: nn.Module) -> nn.Module:
+        return make_teacher(student, norm=self.ssl["teacher_norm"])
+
+    def after_optimizer_step(self, module: SSLSegModule) -> None:
+        if self.ssl["teacher_norm"] == "eman":  # bn and ema teachers keep their own buffers
+            module.average_student_bn_statistics()
+        update_teacher(module.teacher, module.student, module.teacher_momentum(module.teacher_updates))
+        module.teacher_updates += 1
+
+    # ---- the validated and deployed teacher --------------------------------------------------------
+    def _recalibrates(self, module: SSLSegModule, when: str) -> bool:
+        mode = self.ssl["teacher_bn_recalibration"]
+        wanted = mode == "always" or (mode == "export" and when == "export")
+        return wanted and bool(tracked_batchnorms(module.teacher))
+
+    def recalibrated_teacher(self, module: SSLSegModule) -> nn.Module | None:
+        """A copy of the teacher with re-estimated BatchNorm statistics at this step (cached per step).
+
+        ``None`` when no batches can be drawn (no DataModule with ``recalibration_dataloader``).
+        """
+        if self._recalibrated.get("step") == module.global_step:
+            return self._recalibrated["net"]
+        inputs = module.recalibration_inputs()
+        if inputs is None:
+            return None
+        net = copy.deepcopy(module.teacher)
+        if recalibrate_batchnorm(net, inputs) == 0:
+            return None
+        self._recalibrated = {"step": module.global_step, "net": net}
+        return net
+
+    def validated_networks(self, module: SSLSegModule) -> dict[str, nn.Module]:
+        nets = {"student": module.student, "teacher": module.teacher}
+        teacher = self.recalibrated_teacher(module) if self._recalibrates(module, "validation") else None
+        if teacher is not None:
+            nets["teacher"] = teacher
+            if self._compare_raw_teacher:
+                nets["teacher_raw"] = module.teacher  # with its EMA'd (or own) statistics, the first time
+                self._compare_raw_teacher = False
+        return nets
+
+    def deployed_network(self, module: SSLSegModule) -> tuple[nn.Module, str]:
+        if not tracked_batchnorms(module.teacher):
+            return module.teacher, "none"
+        if self._recalibrates(module, "export"):
+            net = self.recalibrated_teacher(module)
+            if net is not None:
+                return net, "recalibrated"
+        return module.teacher, "ema" if self.ssl["teacher_norm"] == "eman" else "batch"

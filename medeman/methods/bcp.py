@@ -1,0 +1,74 @@
+"""BCP: bidirectional copy-paste between labeled and unlabeled 3D patches, on an EMA (EMAN) teacher.
+
+Bai, Chen, Li, Shen & Wang, "Bidirectional Copy-Paste for Semi-Supervised Medical Image
+Segmentation", CVPR 2023. Each step a random 3D box (``ssl.bcp_box_fraction`` of every side, the
+paper's 2/3) of an unlabeled patch is pasted into a labeled one and a labeled box into an
+unlabeled one; the student learns both mixed patches with Dice+CE against mixed targets — ground
+truth where the voxels came from a labeled patch, the teacher's argmax elsewhere, weighted
+``ssl.bcp_unlabeled_weight`` (the paper's α = 0.5). The optional pre-training stage
+(``ssl.bcp_pretrain_steps``) mixes labeled patches with each other only, then the teacher starts
+as a copy of the pre-trained student, as in the paper. Mixing and loss:
+:mod:`medeman.methods.copy_paste`.
+
+Where medeman differs from the paper: one box per sample; the teacher's pseudo-labels are its
+plain argmax on the weak view (the paper keeps the largest connected component); pre-training
+and self-training are one run (one learning-rate schedule) instead of two; the teacher is EMAN
+by default; deep-supervision heads other than the main output are not trained by the mixed loss.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from medeman.config import ConfigError
+from medeman.eman import update_teacher
+from medeman.labels import argmax_labels
+from medeman.methods.base import TeacherMethod
+from medeman.methods.copy_paste import bidirectional_copy_paste, copy_paste_loss, random_boxes
+from medeman.nets import main_output
+
+if TYPE_CHECKING:
+    from medeman.module import SSLSegModule
+
+
+class BCP(TeacherMethod):
+    """Bidirectional copy-paste; the teacher's argmax labels the unlabeled parts of both mixed patches."""
+
+    name = "bcp"
+    unlabeled_views = ("weak",)
+
+    def check(self, cfg: dict[str, Any], has_unlabeled: bool) -> None:
+        super().check(cfg, has_unlabeled)
+        data = cfg["data"]
+        if int(data["batch_size_unlabeled"]) != int(data["batch_size_labeled"]):
+            raise ConfigError(
+                f"ssl.method=bcp pairs labeled and unlabeled patches one to one: set data.batch_size_unlabeled "
+                f"({data['batch_size_unlabeled']}) equal to data.batch_size_labeled ({data['batch_size_labeled']})"
+            )
+
+    def training_loss(self, module: SSLSegModule, batch: dict) -> tuple[torch.Tensor, dict[str, Any]]:
+        labeled = batch["labeled"]
+        image, label = labeled["image"], labeled["label"]
+        unlabeled = batch.get("unlabeled")
+        box = random_boxes(image.shape[0], image.shape[2:], float(self.ssl["bcp_box_fraction"]), device=image.device)
+        if module.global_step < int(self.ssl["bcp_pretrain_steps"]) or unlabeled is None:
+            # pre-training: the pasted patch is the next labeled one, and its target is ground truth too
+            other, other_label = image.roll(1, dims=0), label.roll(1, dims=0)[:, 0].long()
+            mixed = bidirectional_copy_paste(image, label, other, other_label, box)
+            weight = 1.0
+        else:
+            weak = unlabeled["weak"]
+            with torch.no_grad():
+                pseudo = argmax_labels(module.teacher_probs(weak), dim=1, dtype=torch.long)
+            mixed = bidirectional_copy_paste(image, label, weak, pseudo, box)
+            weight = float(self.ssl["bcp_unlabeled_weight"])
+        logits = main_output(module.student(mixed.image))
+        loss = copy_paste_loss(logits, mixed, pseudo_weight=weight)
+        return loss, {"loss/copy_paste": loss.detach(), "loss/total": loss.detach(), "ssl/weight": weight}
+
+    def after_optimizer_step(self, module: SSLSegModule) -> None:
+        super().after_optimizer_step(module)
+        if module.teacher_updates == int(self.ssl["bcp_pretrain_steps"]):  # self-training starts from the pre-trained student
+            update_teacher(module.teacher, module.student, 0.0)

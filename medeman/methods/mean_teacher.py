@@ -1,0 +1,62 @@
+"""The mean teacher (Tarvainen & Valpola, NeurIPS 2017) with an EMAN teacher (Cai et al., CVPR 2021).
+
+One training step::
+
+    student(labeled image ++ strong view)   -> supervised Dice+CE on the labeled half
+    teacher(weak view), no grad              -> probabilities p_t
+    lambda(t) * [consistency(student_strong, p_t) + w_pl * pseudo_label_loss(student_strong, p_t)]
+    optimizer step, then the teacher's EMA update
+
+``ssl.teacher_norm`` picks the teacher: ``eman`` (EMA'd BatchNorm statistics), ``bn`` (batch
+statistics, the classic mean teacher) or ``ema`` (weight EMA only, for networks without BatchNorm).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from medeman.losses import unsupervised_weight
+from medeman.methods.base import TeacherMethod
+from medeman.nets import main_output
+
+if TYPE_CHECKING:
+    from medeman.module import SSLSegModule
+
+
+class MeanTeacher(TeacherMethod):
+    """Consistency and/or confidence-thresholded pseudo-labels from an EMA teacher on weak views."""
+
+    name = "mean_teacher"
+    unlabeled_views = ("weak", "strong")
+
+    def training_loss(self, module: SSLSegModule, batch: dict) -> tuple[torch.Tensor, dict[str, Any]]:
+        labeled = batch["labeled"]
+        image, label = labeled["image"], labeled["label"]
+        unlabeled = batch.get("unlabeled")
+        weight = 0.0
+        if unlabeled is not None:
+            weight = unsupervised_weight(module.global_step, self.ssl["consistency_weight"], self.ssl["rampup_steps"], self.ssl["warmup_steps"])
+        n_labeled = image.shape[0]
+        if weight > 0.0:
+            logits = module.student(torch.cat([image, unlabeled["strong"]]))
+            labeled_logits, strong_logits = logits[:n_labeled], main_output(logits[n_labeled:])
+        else:  # supervised-only warm-up: skip the unlabeled passes entirely
+            labeled_logits, strong_logits = module.student(image), None
+        sup = module.supervised_loss_of(labeled_logits, label)
+        loss = sup
+        logs: dict[str, Any] = {"loss/sup": sup.detach()}
+        if strong_logits is not None:
+            unsup = self.unsupervised_loss(module, strong_logits, unlabeled["weak"], logs)
+            loss = loss + weight * unsup
+            logs["loss/unsup"] = unsup.detach()
+        logs["loss/total"] = loss.detach()
+        logs["ssl/weight"] = float(weight)
+        return loss, logs
+
+    def unsupervised_loss(self, module: SSLSegModule, strong_logits: torch.Tensor, weak: torch.Tensor, logs: dict) -> torch.Tensor:
+        """Consistency + pseudo-label loss of the student's strong-view logits against the teacher on the weak view."""
+        with torch.no_grad():
+            teacher_probs = module.teacher_probs(weak)
+        return module.consistency_and_pseudo_label_loss(strong_logits, teacher_probs, logs)
