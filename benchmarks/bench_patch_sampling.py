@@ -60,6 +60,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--lesion", type=int, default=3, help="the lesion's label value")
     parser.add_argument("--set", action="append", default=[], help="config override, e.g. data.patch_size=[16,16,16]")
+    parser.add_argument("--teacher", type=Path, default=None,
+                        help="a trained teacher.pt (preprocessed as --config): its focus beside the oracle's")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -109,14 +111,30 @@ def main() -> None:
         volume.pop("label_cls_indices", None)
         volume["case_index"] = i
         focus.set(i, focus_centres(volume["label"][0].long(), [args.lesion], focus.capacity, int(data["unlabeled_focus_stride"]), rand))
-    print(f"\n| unlabeled sampler ({len(volumes)} scans, oracle teacher) | patches with lesion | lesion voxels / patch |\n|---|---:|---:|")
+    print(f"\n| unlabeled sampler ({len(volumes)} scans) | patches with lesion | lesion voxels / patch |\n|---|---:|---:|")
     for fraction in (0.0, 0.5):
         hit, vox = lesion_share(RandFocusCropd(keys, patch, focus, fraction), volumes, args.draws // 4, args.lesion)
-        print(f"| unlabeled_focus_fraction {fraction} | {100 * hit:.1f} % | {vox:.1f} |")
+        print(f"| unlabeled_focus_fraction {fraction}{' (oracle teacher)' if fraction else ''} | {100 * hit:.1f} % | {vox:.1f} |")
+    if args.teacher is not None:
+        from types import SimpleNamespace
+
+        from medeman.checkpoint import load_teacher
+
+        teacher = load_teacher(args.teacher)[0]
+        learned = FocusCentres(len(volumes))
+        stand_in = SimpleNamespace(focus=learned, preprocessed_unlabeled=lambda i: volumes[i]["image"])
+        cfg_teacher = load_config([args.config], sets=[*args.set, f"data.unlabeled_focus_classes=[{args.lesion}]"])
+        seconds, focused = TeacherFocus(cfg_teacher).refresh(stand_in, teacher, torch.device("cpu"))
+        on_lesion = [bool(volumes[i]["label"][0][tuple(c)] == args.lesion)
+                     for i in range(len(volumes)) for c in learned.centres[i, : int(learned.counts[i])].tolist()]
+        hit, vox = lesion_share(RandFocusCropd(keys, patch, learned, 0.5), volumes, args.draws // 4, args.lesion)
+        print(f"| unlabeled_focus_fraction 0.5 (teacher {args.teacher}) | {100 * hit:.1f} % | {vox:.1f} |")
+        print(f"\nthat teacher predicts the lesion in {focused} of {len(volumes)} unlabeled scans; "
+              f"{100 * np.mean(on_lesion) if on_lesion else float('nan'):.1f} % of its centres lie on true lesion voxels ({seconds:.1f} s)")
 
     # cost: one refresh over the unlabeled scans against one training step's passes
     root = args.cohort
-    cfg_focus = load_config([args.config], sets=[*args.set, "data.unlabeled_focus_fraction=0.5", "data.num_workers=0"])
+    cfg_focus = load_config([args.config], sets=[*args.set, "ssl.method=mean_teacher", "data.unlabeled_focus_fraction=0.5", "data.num_workers=0"])
     dm = SSLDataModule(cfg_focus, root / "labeled", root / "unlabeled", val=root / "val")
     dm.setup("fit")
     teacher = build_network(cfg_focus)
