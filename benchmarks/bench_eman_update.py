@@ -10,6 +10,7 @@ in one ``torch._foreach_lerp_``; ``bn`` mode averages the same tensors as the lo
 isolates the fused call. Prints the median of ``--repeats`` timed updates per method.
 
     python benchmarks/bench_eman_update.py --repeats 200 --threads 1
+    python benchmarks/bench_eman_update.py --smoke      # seconds: checks that it runs
 """
 
 from __future__ import annotations
@@ -54,7 +55,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--momentum", type=float, default=0.99)
+    parser.add_argument("--smoke", action="store_true", help="a two-level UNet, 3 updates: checks that the benchmark runs, in seconds")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.channels, args.num_res_units, args.repeats, args.warmup = "4,8", 1, 3, 1
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

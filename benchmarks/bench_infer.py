@@ -1,22 +1,24 @@
 """Time ``medeman infer`` on one 160^3 CT-like scan against the bare sliding-window compute it wraps.
 
-The scan is a torso phantom of :mod:`medeman.sample_data` rendered on a 160^3 grid with
-anisotropic voxels (``--scan-spacing``) in a tilted-gantry LPS orientation, so reorientation,
-resampling to the model's spacing and the inversion back are real work. The model is a
-sample-sized UNet (``configs/sample.yaml``, untrained: weights do not change the timing) saved with
+The scan is a torso phantom of :mod:`medeman.sample_data` on a 160^3 grid with anisotropic voxels
+(``--scan-spacing``) in a tilted-gantry LPS orientation, so reorientation, resampling to the
+model's spacing and the inversion back are real work. The model is a sample-sized UNet
+(``configs/sample.yaml``, or ``--config``; untrained: weights do not change the timing) saved with
 ``save_teacher``; ``--model-spacing`` sets its ``data.spacing``.
 
     end to end     ``infer_cases(teacher.pt, scan, out)``: load model and scan, preprocess, sliding
-                   window, ``Invertd`` to the scan's grid, argmax, write ``.nii.gz``
+                   window, inversion to the scan's grid, argmax, write ``.nii.gz``
     bare compute   ``monai.inferers.sliding_window_inference`` on the already preprocessed tensor,
-                   same window, overlap, batch and Gaussian blending (with ``--tta``: the same 8
-                   mirrorings averaged inside the predictor)
+                   same network, window, overlap, batch and Gaussian blending (with ``--tta``: the
+                   same 8 mirrorings averaged inside the predictor)
 
-Both are timed ``--repeats`` times after one warm-up; medians are reported, with the end-to-end
-time split into its stages (the same calls ``infer_cases`` makes, timed one by one) and the peak
-RSS of the process.
+After one warm-up, the two are timed in turns (bare, end to end, staged; ``--repeats`` rounds) so
+a load spike from another process hits both; medians are reported, the end-to-end time split into
+its stages (the calls ``infer_cases`` makes, timed one by one). The mask is compared with the one
+MONAI ``Invertd`` gives for the same probabilities (medeman's inversion before issue 15).
 
-    python benchmarks/bench_infer.py --repeats 3 --threads 1
+    python benchmarks/bench_infer.py --repeats 5 --threads 1
+    python benchmarks/bench_infer.py --smoke          # a 24^3 scan, one round: checks that it runs
 """
 
 from __future__ import annotations
@@ -30,9 +32,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
+import nibabel as nib
 import numpy as np
 import torch
+from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,88 +49,106 @@ def peak_rss_mib() -> float:
 
 
 def make_scan(path: Path, size: int, spacing: tuple[float, float, float], seed: int = 0) -> None:
-    """Render a phantom scan of exactly ``size``^3 voxels, tilted-gantry LPS, at ``spacing`` mm."""
-    from medeman import sample_data
+    """Render a phantom scan of exactly ``size``^3 voxels, tilted-gantry LPS, at about ``spacing`` mm.
 
-    scanner = sample_data.Scanner("bench", (spacing,), "LPS-tilted", (8.0, 14.0), 0.6, (5.0, 20.0))
-    default_fov = sample_data.FIELD_OF_VIEW_MM
-    sample_data.FIELD_OF_VIEW_MM = tuple(size * s for s in spacing)  # make_case sizes its grid from this field of view
-    try:
-        image, label, affine = sample_data.make_case(np.random.default_rng(seed), scanner)
-    finally:
-        sample_data.FIELD_OF_VIEW_MM = default_fov
-    # make_case jitters field of view and spacing by a few percent: crop or pad (air) at the far end, the affine still holds
-    fitted = np.full((size,) * 3, -1024, dtype=image.dtype)
-    common = tuple(slice(0, min(size, n)) for n in image.shape)
-    fitted[common] = image[common]
-    sample_data._write(fitted, affine, path)
+    ``make_case`` renders the phantom's field of view; the volume is tiled (``np.pad(mode="wrap")``)
+    or cropped at the far end to ``size``^3, so the whole grid holds body-like content and the
+    affine (voxel 0 unchanged) still holds.
+    """
+    from medeman.data.readers import write_volume
+    from medeman.sample_data import Scanner, make_case
+
+    scanner = Scanner("bench", (spacing,), "LPS-tilted", (8.0, 14.0), 0.6, (5.0, 20.0))
+    image, _, affine = make_case(np.random.default_rng(seed), scanner)
+    image = np.pad(image, [(0, max(0, size - n)) for n in image.shape], mode="wrap")[:size, :size, :size]
+    write_volume(np.ascontiguousarray(image), affine, path)
 
 
-def median_s(fn, repeats: int) -> float:
-    fn()  # warm-up: first-call allocations and kernel selection
-    times = []
+def interleaved_medians(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, tuple[float, float]]:
+    """Median (wall, CPU) seconds of each function, after one warm-up each, timed in turns ``repeats`` times.
+
+    CPU time (``time.process_time``, all threads of this process) is what a call costs whoever
+    else runs on the machine; on an idle machine with one thread it equals the wall time.
+    """
+    for fn in fns.values():
+        fn()  # warm-up: first-call allocations and kernel selection
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            fn()
+            times[name].append((time.perf_counter() - wall, time.process_time() - cpu))
+    return {name: (statistics.median(w for w, _ in t), statistics.median(c for _, c in t)) for name, t in times.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement after one warm-up (the median is reported)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up (medians are reported)")
     parser.add_argument("--size", type=int, default=160, help="scan side in voxels")
     parser.add_argument("--scan-spacing", type=float, nargs=3, default=(1.0, 1.0, 2.0), help="scan voxel size in mm")
     parser.add_argument("--model-spacing", type=float, nargs=3, default=(1.5, 1.5, 1.5), help="the model's data.spacing in mm")
+    parser.add_argument("--config", type=Path, default=REPO / "configs" / "sample.yaml", help="the model's config (network, window, infer.*)")
     parser.add_argument("--tta", choices=("off", "on", "both"), default="both", help="test-time augmentation (8 mirrorings)")
     parser.add_argument("--precision", choices=("32", "bf16"), default="32", help="inference precision")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (1: see benchmarks/README.md)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (e.g. infer.overlap=0.5)")
+    parser.add_argument("--smoke", action="store_true", help="a 24^3 scan and one round with TTA off and on: checks that the benchmark runs, in seconds")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.size, args.repeats, args.scan_spacing, args.model_spacing, args.threads = 24, 1, (4.0, 4.0, 6.0), (5.0, 5.0, 5.0), 1
+        args.set = [*args.set, "model.channels=[4,8]", "model.num_res_units=0", "data.patch_size=[16,16,16]"]  # tiny wins
 
     from medeman.config import load_config
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     spacing = ",".join(str(s) for s in args.model_spacing)
-    cfg = load_config([REPO / "configs" / "sample.yaml"], [f"data.spacing=[{spacing}]", f"infer.precision={args.precision}", *args.set])
+    cfg = load_config([args.config], [f"data.spacing=[{spacing}]", f"infer.precision={args.precision}", *args.set])
     with tempfile.TemporaryDirectory(prefix="medeman-bench-infer-") as folder:
         run(args, cfg, Path(folder))
 
 
 def run(args: argparse.Namespace, cfg: dict, tmp: Path) -> None:
+    from monai.transforms import Invertd
+
     from medeman.checkpoint import save_teacher
-    from medeman.data.readers import write_volume
-    from medeman.infer import infer_cases, read_geometry
-    from medeman.predict import invert_to_input, predict_volume
-    from medeman.labels import argmax_labels
-    from medeman.nets import build_network
     from medeman.data.transforms import preprocessing
+    from medeman.data.readers import read_geometry, write_volume
+    from medeman.infer import infer_cases
+    from medeman.labels import argmax_labels, label_dtype
+    from medeman.nets import build_network
+    from medeman.predict import autocast_dtype, labels_on_input, predict_volume
 
     infer = cfg["infer"]
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     roi = [int(s) for s in cfg["data"]["patch_size"]]
     scan = tmp / "scan.nii.gz"
     make_scan(scan, args.size, tuple(args.scan_spacing))
-    net = build_network(cfg).eval()
+    net = build_network(cfg).eval().to(device)
     save_teacher(tmp / "teacher.pt", net, cfg, step=0)
     transform = preprocessing(cfg, keys=("image",))
     image = transform({"image": str(scan)})["image"]
-    x = image.as_tensor()[None].float()
+    x = image.as_tensor()[None].float().to(device)
     shape, _ = read_geometry(scan)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"scan {shape} voxels at {tuple(args.scan_spacing)} mm, tilted-gantry LPS; model spacing {tuple(args.model_spacing)} mm "
-          f"-> preprocessed {tuple(x.shape[2:])}; UNet channels={cfg['model']['channels']}, window {roi}, overlap {infer['overlap']}, "
-          f"sw_batch_size {infer['sw_batch_size']}, precision {args.precision}, {torch.get_num_threads()} threads, torch {torch.__version__}, CPU")
-    print(f"median of {args.repeats} runs after one warm-up\n")
+          f"-> preprocessed {tuple(x.shape[2:])}; {cfg['model']['name']} channels={cfg['model']['channels']}, window {roi}, "
+          f"overlap {infer['overlap']}, sw_batch_size {infer['sw_batch_size']}, precision {args.precision}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}, {where}")
+    print(f"medians of {args.repeats} interleaved rounds after one warm-up\n")
 
-    dtype = torch.bfloat16 if args.precision == "bf16" else None
+    dtype = autocast_dtype(args.precision, device)
+    labels_dtype = label_dtype(int(cfg["data"]["num_classes"]))
     rows = []
     for tta in {"off": (False,), "on": (True,), "both": (False, True)}[args.tta]:
         flips = [(), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)] if tta else [()]
 
         def predictor(patch: torch.Tensor) -> torch.Tensor:
-            total = torch.zeros(())
+            total = torch.zeros((), device=patch.device)
             for dims in flips:
-                with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                     logits = net(patch.flip(dims) if dims else patch)
                 probs = torch.softmax(logits.float(), dim=1)
                 total = total + (probs.flip(dims) if dims else probs)
@@ -134,40 +157,50 @@ def run(args: argparse.Namespace, cfg: dict, tmp: Path) -> None:
         def bare() -> None:
             with torch.inference_mode():
                 sliding_window_inference(x, roi, int(infer["sw_batch_size"]), predictor, float(infer["overlap"]), mode="gaussian")
+            sync()
 
         def end_to_end() -> None:
             with contextlib.redirect_stdout(io.StringIO()):  # infer_cases prints one line per case
-                results = infer_cases(tmp / "teacher.pt", scan, tmp / "out", tta=tta, overwrite=True, progress=False)
+                results = infer_cases(tmp / "teacher.pt", scan, tmp / "out", tta=tta, overwrite=True, progress=False, device=device)
             if results[0].status != "written":
                 sys.exit(f"infer_cases failed: {results[0].message}")
 
-        stages: dict[str, list[float]] = {"load + preprocess": [], "predict_volume": [], "invert": [], "argmax + write": []}
+        stages: dict[str, list[float]] = {"load + preprocess": [], "predict_volume": [], "invert + argmax": [], "write": []}
 
         def staged() -> None:  # the calls of infer._segment_case, one by one
             marks = [time.perf_counter()]
             img = transform({"image": str(scan)})["image"]
             marks.append(time.perf_counter())
-            probs = predict_volume(net, img, cfg, tta)
+            probs = predict_volume(net, img, cfg, tta, device=device)
+            sync()
             marks.append(time.perf_counter())
-            probs = invert_to_input(probs, img, transform)
+            labels = labels_on_input(probs, img, transform, labels_dtype)
+            sync()
             marks.append(time.perf_counter())
-            write_volume(argmax_labels(probs, dim=0).numpy(), scan, tmp / "staged.nii.gz", intent="label")
+            write_volume(labels.cpu().numpy(), scan, tmp / "staged.nii.gz", intent="label")
             marks.append(time.perf_counter())
             for name, a, b in zip(stages, marks, marks[1:]):
                 stages[name].append(b - a)
 
-        t_bare = median_s(bare, args.repeats)
-        t_full = median_s(end_to_end, args.repeats)
-        median_s(staged, args.repeats)
-        rows.append((tta, t_bare, t_full, {k: statistics.median(v[1:]) for k, v in stages.items()}))
+        times = interleaved_medians({"bare": bare, "end to end": end_to_end, "staged": staged}, args.repeats)
+        # the same probabilities through MONAI Invertd: how many voxels of the written mask differ
+        probs = predict_volume(net, image, cfg, tta, device=device).cpu()
+        reference = Invertd(keys="pred", transform=transform, orig_keys="image", nearest_interp=False)(
+            {"image": image, "pred": MetaTensor(probs, affine=image.affine)})["pred"]
+        written = np.asarray(nib.load(str(tmp / "out" / "scan.nii.gz")).dataobj)
+        differ = int((argmax_labels(torch.as_tensor(np.asarray(reference)), dim=0).numpy() != written).sum())
+        rows.append((tta, times["bare"], times["end to end"], {k: statistics.median(v[1:]) for k, v in stages.items()},
+                     differ, written.size, written.dtype))
 
-    header = f"{'tta':<4} {'bare sliding window s':>21} {'medeman infer s':>15} {'ratio':>6}   stages of medeman infer (s)"
+    header = (f"{'tta':<4} {'bare sliding window s':>21} {'medeman infer s':>15} {'ratio':>6}  {'CPU s: bare':>11} "
+              f"{'infer':>6} {'ratio':>6}  {'mask vs Invertd':>16}   stages of medeman infer, wall s")
     print(header)
     print("-" * len(header))
-    for tta, t_bare, t_full, stage in rows:
+    for tta, (t_bare, c_bare), (t_full, c_full), stage, differ, total, mask_dtype in rows:
         split = ", ".join(f"{k} {v:.2f}" for k, v in stage.items())
-        print(f"{'on' if tta else 'off':<4} {t_bare:>21.2f} {t_full:>15.2f} {t_full / t_bare:>5.2f}x   {split}")
-    print(f"\npeak RSS {peak_rss_mib():.0f} MiB (whole benchmark process)")
+        print(f"{'on' if tta else 'off':<4} {t_bare:>21.2f} {t_full:>15.2f} {t_full / t_bare:>5.2f}x  {c_bare:>11.2f} "
+              f"{c_full:>6.2f} {c_full / c_bare:>5.2f}x  {f'{differ} voxels differ':>16}   {split}")
+    print(f"\nmask dtype {rows[0][6]}, {rows[0][5]} voxels; peak RSS {peak_rss_mib():.0f} MiB (whole benchmark process)")
 
 
 if __name__ == "__main__":

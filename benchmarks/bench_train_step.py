@@ -18,6 +18,7 @@ timed steps / steps) beside it so nothing hides between steps. (b) never validat
 RSS printed for it (``ru_maxrss`` of the process, and of its largest loader worker) is its own.
 
     python benchmarks/bench_train_step.py --steps 60 --warmup 10 --rounds 2 --threads 1
+    python benchmarks/bench_train_step.py --smoke      # seconds: checks that it runs
 """
 
 from __future__ import annotations
@@ -53,10 +54,10 @@ def bench_config(args: argparse.Namespace, precision: str) -> dict:
 
     total = args.warmup + args.steps + 1
     sets = [
-        f"data.patch_size=[{args.patch},{args.patch},{args.patch}]",
+        f"data.patch_size=[{','.join(str(n) for n in patch_size(args))}]",
         f"data.batch_size_labeled={args.batch}", f"data.batch_size_unlabeled={args.batch}",
         f"train.max_steps={total}", f"train.val_every_steps={total + 100}",
-        f"train.precision={LIGHTNING_PRECISION[precision]}", "train.accelerator=cpu", "train.devices=1",
+        f"train.precision={LIGHTNING_PRECISION[precision]}", f"train.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}", "train.devices=1",
         *args.set,
     ]
     if args.num_workers is not None:
@@ -64,10 +65,48 @@ def bench_config(args: argparse.Namespace, precision: str) -> dict:
     return load_config([REPO / "configs" / "sample.yaml"], sets)
 
 
-def autocast(precision: str):
+def cpu_seconds() -> float:
+    """CPU time of this process and of its live children (the loader workers), in seconds.
+
+    On a shared machine wall time per step includes waiting for a core; CPU time is what the step
+    costs, whoever else runs (Linux: children from /proc; elsewhere this process only).
+    """
+    total = time.process_time()
+    try:
+        children = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split()
+    except OSError:
+        return total
+    ticks = os.sysconf("SC_CLK_TCK")
+    for pid in children:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return total
+
+
+def now() -> tuple[float, float]:
+    """(wall seconds, CPU seconds) at a step's start."""
+    return time.perf_counter(), cpu_seconds()
+
+
+def patch_size(args: argparse.Namespace) -> list[int]:
+    return list(args.patch) * 3 if len(args.patch) == 1 else list(args.patch)
+
+
+def autocast(precision: str, device: str = "cpu"):
     import torch
 
-    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    return torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+
+def synchronize(device: str) -> None:
+    """Wait for the GPU, so a step's time is its own (CUDA kernels run asynchronously)."""
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def step_loss(student, teacher, dice_ce, image, label, weak, strong, precision: str):
@@ -77,7 +116,7 @@ def step_loss(student, teacher, dice_ce, image, label, weak, strong, precision: 
     from medeman.losses import softmax_mse
 
     n = image.shape[0]
-    with autocast(precision):
+    with autocast(precision, image.device.type):
         logits = student(torch.cat([image, strong]))
         with torch.no_grad():
             teacher_probs = torch.softmax(teacher(weak).float(), dim=1)
@@ -93,17 +132,23 @@ def run_floor(args: argparse.Namespace, cfg: dict, precision: str) -> dict:
     from medeman.nets import build_network
 
     torch.manual_seed(int(cfg["train"]["seed"]))
-    student = build_network(cfg).train()
+    student = build_network(cfg).train().to(args.device)
+    if cfg["train"]["channels_last"]:  # the floor of the same compute medeman does: its layout, and compiled if it is
+        student = student.to(memory_format=torch.channels_last_3d)
     teacher = make_teacher(student, norm=cfg["ssl"]["teacher_norm"])
+    if cfg["train"]["compile"]:
+        student.compile()
+        teacher.compile()
     optimizer = torch.optim.AdamW(student.parameters(), lr=float(cfg["train"]["lr"]), weight_decay=float(cfg["train"]["weight_decay"]))
     dice_ce = DiceCELoss(to_onehot_y=True, softmax=True)
-    b, p = args.batch, args.patch
-    image, weak = torch.rand(b, 1, p, p, p), torch.rand(b, 1, p, p, p)
+    shape = (args.batch, 1, *patch_size(args))
+    image, weak = torch.rand(shape, device=args.device), torch.rand(shape, device=args.device)
     strong = weak + 0.05 * torch.randn_like(weak)
-    label = torch.randint(0, int(cfg["data"]["num_classes"]), (b, 1, p, p, p)).float()
+    label = torch.randint(0, int(cfg["data"]["num_classes"]), shape, device=args.device).float()
     starts = []
     for _ in range(args.warmup + args.steps + 1):
-        starts.append(time.perf_counter())
+        synchronize(args.device)
+        starts.append(now())
         optimizer.zero_grad(set_to_none=True)
         loss = step_loss(student, teacher, dice_ce, image, label, weak, strong, precision)
         loss.backward()
@@ -122,7 +167,8 @@ def run_medeman(args: argparse.Namespace, cfg: dict, precision: str, data: Path)
             self.starts: list[float] = []
 
         def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-            self.starts.append(time.perf_counter())
+            synchronize(args.device)
+            self.starts.append(now())
 
     timer = StepTimer()
     with tempfile.TemporaryDirectory(prefix="medeman-bench-run-") as run:
@@ -146,7 +192,7 @@ def run_ssl4mis(args: argparse.Namespace, cfg: dict, precision: str, data: Path)
     dm.discover()  # the same training cases as (b)
     workers = int(cfg["data"]["num_workers"])
     torch.manual_seed(int(cfg["train"]["seed"]))
-    student = build_network(cfg).train()
+    student = build_network(cfg).train().to(args.device)  # SSL4MIS: plain layout, eager
     teacher = copy.deepcopy(student)  # SSL4MIS: create_model(ema=True), never put in eval mode
     for param in teacher.parameters():
         param.detach_()
@@ -166,8 +212,9 @@ def run_ssl4mis(args: argparse.Namespace, cfg: dict, precision: str, data: Path)
     labeled, unlabeled = forever(loaders[0]), forever(loaders[1])
     starts = []
     for step in range(args.warmup + args.steps + 1):
-        starts.append(time.perf_counter())
+        starts.append(now())
         lab, unl = next(labeled), next(unlabeled)
+        lab, unl = ({k: v.to(args.device) for k, v in d.items() if isinstance(v, torch.Tensor)} for d in (lab, unl))
         loss = step_loss(student, teacher, dice_ce, lab["image"], lab["label"], unl["weak"], unl["strong"], precision)
         optimizer.zero_grad()
         loss.backward()
@@ -195,9 +242,11 @@ def child(args: argparse.Namespace) -> None:
 
     gc.collect()  # loader workers exit and are reaped before their peak RSS is read
     starts = out.pop("starts")
-    steps = [b - a for a, b in zip(starts, starts[1:])][args.warmup:args.warmup + args.steps]
+    steps = [b[0] - a[0] for a, b in zip(starts, starts[1:])][args.warmup:args.warmup + args.steps]
+    cpu_steps = [b[1] - a[1] for a, b in zip(starts, starts[1:])][args.warmup:args.warmup + args.steps]
     rss, workers_rss = peak_rss_mib()
-    print("RESULT " + json.dumps({"steps": steps, "window_s": starts[args.warmup + len(steps)] - starts[args.warmup],
+    print("RESULT " + json.dumps({"steps": steps, "cpu_steps": cpu_steps,
+                                  "window_s": starts[args.warmup + len(steps)][0] - starts[args.warmup][0],
                                   "rss_mib": rss, "workers_rss_mib": workers_rss, "threads": torch.get_num_threads(), **out}))
 
 
@@ -214,7 +263,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=60, help="timed steps per variant (the median is reported)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps before timing")
     parser.add_argument("--rounds", type=int, default=1, help="run every variant this many times, interleaved; steps are pooled")
-    parser.add_argument("--patch", type=int, default=32, help="cubic patch side (configs/sample.yaml: 32)")
+    parser.add_argument("--patch", type=int, nargs="+", default=[32], help="patch side, or x y z (configs/sample.yaml: 32; MSD heart: 112 112 80)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where all three variants run")
     parser.add_argument("--batch", type=int, default=2, help="labeled and unlabeled patches per step, each (sample.yaml: 2)")
     parser.add_argument("--precision", choices=("32", "bf16"), nargs="+", default=["32", "bf16"])
     parser.add_argument("--variants", default="abc", help="which of a, b, c to run")
@@ -225,8 +275,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", help="use this cohort (labeled/, unlabeled/) instead of generating one")
     parser.add_argument("--no-logger", action="store_true", help="(b) without the CSV/TensorBoard loggers")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for every variant")
+    parser.add_argument("--smoke", action="store_true", help="a tiny UNet, 16^3 patches, 2 timed steps, fp32: checks that the benchmark runs, in seconds")
     parser.add_argument("--variant", choices=tuple(VARIANTS), help=argparse.SUPPRESS)  # internal: run one variant
     args = parser.parse_args(argv)
+    if args.smoke and not args.variant:
+        args.steps, args.warmup, args.rounds, args.patch, args.batch = 2, 1, 1, [16], 1
+        args.labeled, args.unlabeled, args.num_workers, args.precision, args.threads = 3, 2, 0, ["32"], 1
+        args.set = [*args.set, "model.channels=[4,8]", "model.num_res_units=0"]  # tiny wins over the sizes given
     if args.variant:
         args.precision = args.precision[0]
         child(args)
@@ -244,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def run_all(args: argparse.Namespace, data: Path) -> None:
     """Run every variant in its own process, ``--rounds`` times interleaved, and print the table."""
-    forwarded = [f"--steps={args.steps}", f"--warmup={args.warmup}", f"--patch={args.patch}", f"--batch={args.batch}",
+    forwarded = [f"--steps={args.steps}", f"--warmup={args.warmup}", "--patch", *map(str, args.patch), f"--batch={args.batch}", f"--device={args.device}",
                  f"--threads={args.threads}", f"--data={data}", *[f"--set={s}" for s in args.set]]
     if args.num_workers is not None:
         forwarded.append(f"--num-workers={args.num_workers}")
@@ -270,28 +325,42 @@ def run_all(args: argparse.Namespace, data: Path) -> None:
     cfg = bench_config(args, "32")
     n_params = sum(p.numel() for p in build_network(cfg).parameters())
     print(f"\nUNet channels={cfg['model']['channels']} num_res_units={cfg['model']['num_res_units']} ({n_params / 1e6:.2f} M params), "
-          f"patch {args.patch}^3, batch {args.batch} labeled + {args.batch} unlabeled, data.num_workers={cfg['data']['num_workers']}, "
-          f"{args.threads} torch threads, torch {torch.__version__}, CPU")
+          f"patch {'x'.join(map(str, patch_size(args)))}, batch {args.batch} labeled + {args.batch} unlabeled, data.num_workers={cfg['data']['num_workers']}, "
+          f"{args.threads} torch threads, torch {torch.__version__}, "
+          f"{torch.cuda.get_device_name(0) if args.device == 'cuda' else 'CPU'}")
     print(f"{args.steps} timed steps after {args.warmup} warm-up, {args.rounds} round(s); cohort {args.labeled} labeled "
           f"(split into train/val) + {args.unlabeled} unlabeled NIfTI scans\n")
-    header = f"{'variant':<36} {'precision':>9} {'median s/step':>13} {'window s/step':>13} {'vs (a)':>7} {'peak RSS MiB':>12} {'workers MiB':>11}"
+    header = (f"{'variant':<36} {'precision':>9} {'median s/step':>13} {'window s/step':>13} {'vs (a)':>7} "
+              f"{'CPU s/step':>10} {'vs (a)':>7} {'peak RSS MiB':>12} {'workers MiB':>11}")
     print(header)
     print("-" * len(header))
     for precision in args.precision:
         floor = statistics.median([t for r in results.get(("a", precision), []) for t in r["steps"]] or [float("nan")])
+        floor_cpu = statistics.median([t for r in results.get(("a", precision), []) for t in r["cpu_steps"]] or [float("nan")])
         for variant in args.variants:
             runs = results[(variant, precision)]
             median = statistics.median([t for r in runs for t in r["steps"]])
+            cpu = statistics.median([t for r in runs for t in r["cpu_steps"]])
             window = sum(r["window_s"] for r in runs) / sum(len(r["steps"]) for r in runs)
             rss = max(r["rss_mib"] for r in runs)
             workers = max(r["workers_rss_mib"] for r in runs)
             rounds = " (rounds: " + ", ".join(f"{statistics.median(r['steps']):.4f}" for r in runs) + ")" if len(runs) > 1 else ""
             print(f"{variant + ' ' + VARIANTS[variant]:<36} {precision:>9} {median:>13.4f} {window:>13.4f} {median / floor:>6.2f}x "
-                  f"{rss:>12.0f} {workers:>11.0f}{rounds}")
+                  f"{cpu:>10.4f} {cpu / floor_cpu:>6.2f}x {rss:>12.0f} {workers:>11.0f}{rounds}")
     if "b" in args.variants:
         fits = ", ".join(f"{p} {statistics.mean(r['fit_s'] for r in results[('b', p)]):.1f} s" for p in args.precision)
         print(f"\n(b) whole fit() call incl. discovery, caching, Trainer set-up and teardown: {fits} "
               f"for {args.warmup + args.steps + 1} steps")
+    if "b" in args.variants and "c" in args.variants:
+        # the headline: medeman in its fastest precision against the SSL4MIS-style loop as SSL4MIS runs it (fp32)
+        reference = "32" if "32" in args.precision else args.precision[0]
+        header = f"{'':<10} {'medeman (b), best precision':<30} {'ssl4mis-style loop (c)':<26} {'speed-up':>8}"
+        print(f"\n{header}\n{'-' * len(header)}")
+        for label, key in (("wall", "steps"), ("CPU", "cpu_steps")):
+            step = {k: statistics.median([t for r in runs for t in r[key]]) for k, runs in results.items()}
+            best = min(args.precision, key=lambda p: step[("b", p)])
+            ours, theirs = step[("b", best)], step[("c", reference)]
+            print(f"{label + ' s/step':<10} {f'{ours:.4f} ({best})':<30} {f'{theirs:.4f} ({reference})':<26} {theirs / ours:>7.2f}x")
 
 
 if __name__ == "__main__":

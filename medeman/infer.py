@@ -2,9 +2,9 @@
 
 A case goes through the model's own preprocessing (:func:`medeman.data.transforms.preprocessing`,
 rebuilt from the config saved in ``teacher.pt``), sliding-window inference with Gaussian blending
-(:func:`medeman.predict.predict_volume`), and back through MONAI ``Invertd``: the softmax is resampled to the
-scan's grid and orientation, then the argmax is written as ``<case>.nii.gz`` with the scan's
-own affine (or in the scan's format with ``output_format="input"``), so it opens aligned with
+(:func:`medeman.predict.predict_volume`), and back to the scan's grid and orientation
+(:func:`medeman.predict.labels_on_input`); the class map is written as ``<case>.nii.gz`` (``uint8``
+up to 256 classes) with the scan's own affine (or in the scan's format with ``output_format="input"``), so it opens aligned with
 the scan in any viewer.
 
 Typical use::
@@ -36,8 +36,8 @@ from medeman.data.readers import (
     write_volume,
 )
 from medeman.data.transforms import preprocessing
-from medeman.labels import argmax_labels
-from medeman.predict import invert_to_input, predict_volume
+from medeman.labels import argmax_labels, label_dtype
+from medeman.predict import invert_to_input, labels_on_input, predict_volume
 
 # The formats medeman reads, as messages and --help list them: the usual .nii.gz first.
 SUFFIXES = (".nii.gz", *(s for s in IMAGE_SUFFIXES if s != ".nii.gz"))
@@ -207,14 +207,18 @@ def _segment_case(case: Case, net, cfg, transform, out_path: Path, probs_path: P
         raise CaseError(f"{case.files[0]}: has {image.shape[0]} channel(s), the model takes {expected}")
     probs = predict_volume(net, image, cfg, tta, sw_batch_size=sw_batch_size, overlap=overlap,
                            precision=precision, device=device)
-    probs = invert_to_input(probs, image, transform)
+    dtype = label_dtype(probs.shape[0])
+    if probs_path is None:  # the class map alone: resampled without a scan-sized probability volume
+        labels, probs = labels_on_input(probs, image, transform, dtype), None
+    else:
+        probs = invert_to_input(probs, image, transform)
+        labels = argmax_labels(probs, dim=0, dtype=dtype)
     shape, _ = read_geometry(case.files[0])
-    if tuple(probs.shape[1:4]) != shape:
-        raise CaseError(f"{case.files[0]}: prediction came back as {tuple(probs.shape[1:])}, not the scan's {shape}")
-    labels = argmax_labels(probs, dim=0).numpy()
-    write_volume(labels, case.files[0], out_path, intent="label")
-    if probs_path is not None:
-        write_volume(np.moveaxis(probs.numpy().astype(np.float32), 0, -1), case.files[0], probs_path)
+    if tuple(labels.shape) != shape:
+        raise CaseError(f"{case.files[0]}: prediction came back as {tuple(labels.shape)}, not the scan's {shape}")
+    write_volume(labels.cpu().numpy(), case.files[0], out_path, intent="label")
+    if probs is not None:
+        write_volume(np.moveaxis(probs.float().cpu().numpy(), 0, -1), case.files[0], probs_path)
 
 
 def one_line(err: BaseException) -> str:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from monai.data import MetaTensor
 from torch import nn
 
 from medeman.checkpoint import FORMAT, save_teacher
@@ -133,6 +134,73 @@ def test_mask_has_the_scans_shape_affine_and_content(tmp_path, name, affine, spa
     assert probs.shape == SHAPE + (2,)
     np.testing.assert_allclose(probs.affine, in_affine, atol=1e-5)
     np.testing.assert_allclose(np.asarray(probs.dataobj).sum(-1), 1.0, atol=1e-4)
+
+
+INVERSION_CASES = [
+    # (scan file, its affine, data.spacing): the geometry cases plus an anisotropic RAS scan at its own spacing
+    *[(name, affine, spacing) for name, affine, spacing, _, _ in GEOMETRY_CASES],
+    ("scan.mha", OBLIQUE_AFFINE, (1.0, 2.0, 1.5)),
+    ("ras.nii.gz", np.diag([0.8, 1.3, 2.5, 1.0]), (0.8, 1.3, 2.5)),
+]
+
+
+def smooth_probabilities(shape, classes=3, seed=0):
+    """Softmax of smoothed noise: several class boundaries cross the volume, few near-ties."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.nn.functional.avg_pool3d(torch.randn(1, classes, *shape, generator=gen) * 6, 3, stride=1, padding=1)
+    return torch.softmax(logits[0], dim=0)
+
+
+@pytest.mark.parametrize("name, affine, spacing", INVERSION_CASES)
+def test_inversion_matches_monai_invertd(tmp_path, name, affine, spacing):
+    """The separable inversion gives Invertd's probabilities (to float rounding) and exactly its mask."""
+    from monai.transforms import Invertd
+
+    from medeman.data.transforms import preprocessing
+    from medeman.labels import argmax_labels
+    from medeman.predict import invert_to_input, labels_on_input, scan_axes
+
+    scan = write_scan(tmp_path / name, blob(), affine)
+    transform = preprocessing(tiny_config(spacing), keys=("image",))
+    image = transform({"image": str(scan)})["image"]
+    probs = smooth_probabilities(image.shape[1:])
+    reference = Invertd(keys="pred", transform=transform, orig_keys="image", nearest_interp=False)(
+        {"image": image, "pred": MetaTensor(probs.clone(), affine=image.affine)})["pred"].as_tensor()
+    assert scan_axes(image) is not None  # medeman's preprocessing is always axis-aligned with the scan
+    inverted = invert_to_input(probs, image, transform)
+    assert inverted.shape == reference.shape == (3, *SHAPE)
+    torch.testing.assert_close(inverted, reference, atol=1e-5, rtol=0)
+    labels = labels_on_input(probs, image, transform)
+    assert labels.dtype == torch.uint8
+    assert torch.equal(labels, argmax_labels(reference, dim=0))
+    assert labels.unique().numel() == 3  # every class has a boundary to get right
+
+
+@pytest.mark.parametrize("affine, identity, gather_only", [
+    (np.diag([1.5, 1.5, 1.5, 1.0]), [True, True, True], [True, True, True]),  # RAS at the model's spacing
+    (np.diag([1.5, -1.5, 1.5, 1.0]), [True, False, True], [True, True, True]),  # a flip: a gather, no blend
+    (np.diag([1.5, 1.5, 3.0, 1.0]), [True, True, False], [True, True, True]),  # z upsampled 2x: scan voxels are on the grid
+    (np.diag([1.5, 1.5, 2.0, 1.0]), [True, True, False], [True, True, False]),  # resampled along z only
+])
+def test_identity_axes_are_skipped_and_flips_are_gathers(tmp_path, affine, identity, gather_only):
+    from medeman.data.transforms import preprocessing
+    from medeman.predict import scan_axes
+
+    scan = write_scan(tmp_path / "scan.nii.gz", blob(), affine)
+    image = preprocessing(tiny_config((1.5, 1.5, 1.5)), keys=("image",))({"image": str(scan)})["image"]
+    axes = scan_axes(image)
+    assert [a.identity for a in axes] == identity
+    assert [a.gather_only for a in axes] == gather_only
+
+
+def test_a_grid_rotated_against_the_scan_is_not_separable():
+    from medeman.predict import scan_axes
+
+    t = np.deg2rad(20.0)
+    rotated = np.array([[np.cos(t), -np.sin(t), 0, 0], [np.sin(t), np.cos(t), 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]])
+    image = MetaTensor(torch.zeros(1, 8, 8, 8), affine=torch.as_tensor(rotated),
+                       meta={"original_affine": np.eye(4), "spatial_shape": np.array([8, 8, 8])})
+    assert scan_axes(image) is None
 
 
 def test_tta_averages_the_eight_mirrorings(model_file, tmp_path):

@@ -1,0 +1,95 @@
+"""Every script in benchmarks/ runs end to end in its smoke mode, and uses only the package's public API.
+
+Nothing else runs the benchmarks, so without this a refactor breaks one unseen (issue 15: a merged
+volume writer left ``bench_infer.py`` calling ``sample_data._write``). Scripts are discovered, not
+listed: a new ``benchmarks/*.py`` or ``*.sh`` is tested as soon as it exists, and one without a
+``--smoke`` mode fails here, it is never skipped. The smoke contract (``benchmarks/README.md``):
+
+- ``--smoke`` runs the whole script at tiny sizes, one repeat and one seed, in seconds on a CPU;
+- it needs nothing from the working directory (the test runs it from an empty folder) and writes
+  only to temporary folders: ``benchmarks/results/`` stays untouched;
+- it exits 0, or non-zero with the reason on stderr.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO / "benchmarks"
+SCRIPTS = sorted([*BENCHMARKS.glob("*.py"), *BENCHMARKS.glob("*.sh")])
+SMOKE_TIMEOUT_S = 300  # a smoke run takes seconds; this only stops a hung one on a loaded machine
+
+
+def results_snapshot() -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in (BENCHMARKS / "results").glob("*") if p.is_file()}
+
+
+def has_smoke_flag(script: Path) -> bool:
+    return "--smoke" in script.read_text()
+
+
+def private_uses(source: str) -> list[str]:
+    """Where a script reaches past medeman's public API: ``_private`` names, or assigns to a package attribute."""
+    tree = ast.parse(source)
+    aliases: set[str] = set()  # local names bound to medeman modules
+    problems = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "medeman":
+                    aliases.add(alias.asname or "medeman")
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "medeman":
+            for alias in node.names:
+                if alias.name.startswith("_"):
+                    problems.append(f"line {node.lineno}: imports {node.module}.{alias.name}")
+                aliases.add(alias.asname or alias.name)  # a submodule or a function: either way its attributes are the package's
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
+            if node.attr.startswith("_") and not node.attr.startswith("__"):
+                problems.append(f"line {node.lineno}: uses {node.value.id}.{node.attr}")
+            if isinstance(node.ctx, ast.Store):
+                problems.append(f"line {node.lineno}: assigns {node.value.id}.{node.attr} (patches the package)")
+    return problems
+
+
+PRIVATE_CASES = [
+    ("from medeman.sample_data import make_case\nmake_case(1, 2)\n", []),
+    ("from medeman import sample_data\nsample_data._write(1)\n", ["uses sample_data._write"]),
+    ("from medeman.infer import _segment_case\n", ["imports medeman.infer._segment_case"]),
+    ("import medeman.sample_data as sd\nsd.FIELD_OF_VIEW_MM = (1, 2, 3)\n", ["assigns sd.FIELD_OF_VIEW_MM"]),
+    ("import numpy as np\nnp._private = 1\n", []),
+]
+
+
+@pytest.mark.parametrize("source, expected", PRIVATE_CASES)
+def test_private_use_detector(source, expected):
+    found = private_uses(source)
+    assert len(found) == len(expected) and all(e in f for e, f in zip(expected, found)), found
+
+
+@pytest.mark.parametrize("script", [s for s in SCRIPTS if s.suffix == ".py"], ids=lambda p: p.name)
+def test_benchmark_uses_only_public_package_functions(script):
+    assert private_uses(script.read_text()) == [], f"{script.name} reaches past medeman's public API"
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_benchmark_runs_end_to_end_in_smoke_mode(script, tmp_path):
+    if not has_smoke_flag(script):
+        pytest.fail(f"{script.relative_to(REPO)} has no --smoke mode: add one (tiny sizes, one repeat, temporary "
+                    "outputs, seconds; see benchmarks/README.md) so that the test suite runs it")
+    before = results_snapshot()
+    command = ["bash", str(script)] if script.suffix == ".sh" else [sys.executable, str(script)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg", "PYTHONWARNINGS": "ignore",
+           "OUT": str(tmp_path / "out")}
+    proc = subprocess.run([*command, "--smoke"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=SMOKE_TIMEOUT_S)
+    assert proc.returncode == 0, f"{script.name} --smoke exited {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    assert proc.stdout.strip(), f"{script.name} --smoke printed nothing"
+    assert results_snapshot() == before, f"{script.name} --smoke wrote into benchmarks/results/"
