@@ -118,7 +118,7 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "class_ratios": Option(None, "null: the fg_class_fraction rule; or one ratio per class, background first (e.g. [1, 1, 4] for a rare class 2), as MONAI RandCropByLabelClassesd: classes absent from a scan get 0, the rest are renormalized", type=list),
         "unlabeled_focus_fraction": Option(0.0, "share of unlabeled patches centred on a voxel the teacher assigns to a rare class (unlabeled_focus_classes); 0 turns it off"),
         "unlabeled_focus_classes": Option(None, "classes the unlabeled focus centres on, e.g. [3]; null: every foreground class, drawn uniformly among those the teacher predicts in the scan", type=list),
-        "unlabeled_focus_every_steps": Option(500, "the teacher re-segments the cached unlabeled volumes (sliding window, no overlap) every this many steps to refresh the focus centres"),
+        "unlabeled_focus_every_steps": Option(500, "the teacher re-segments the cached unlabeled volumes (sliding window, no overlap) every this many steps to refresh the focus centres; the first time at this step (random crops before), so the teacher has learned the class by then"),
         "unlabeled_focus_stride": Option(4, "focus centres are taken on a grid of this stride in voxels (the low-resolution class map kept per scan)"),
         "flip_prob": Option(0.5, "probability of a flip per axis, applied identically to both unlabeled views"),
         "rotate90_prob": Option(0.25, "probability of an axial 90-degree rotation, identical for both views"),
