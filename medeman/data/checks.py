@@ -50,7 +50,7 @@ class CaseReport:
     """Image files of a case without label that look like label maps, with their values (see :func:`label_like_values`)."""
 
 
-_CACHE: dict[tuple, CaseReport] = {}
+_CACHE: dict[tuple, Any] = {}  # case reports, and the digests of single files (data.exclude)
 
 
 @dataclass

@@ -12,7 +12,10 @@ Layouts of a labeled folder ``LABELED``:
 * ``LABELED/dataset.json`` of the Decathlon (its ``training`` list and optional ``unlabeled``
   list) or of nnU-Net v2 (``imagesTr``, ``labelsTr``; ``imagesTs`` is unlabeled on request).
 
-An unlabeled folder is any folder of images, searched recursively, or such a dataset root.
+An unlabeled folder is any folder of images, searched recursively, or such a dataset root; what is
+not an unlabeled scan by its path (label folders, label-named files, the files of the labeled,
+validation and test cohorts) is left out and reported (:func:`screen_paths`). Every command names
+cases by one rule, :func:`case_key`.
 Discovery functions collect every problem rather than stop at the first; pass a ``problems``
 list to receive them, otherwise they are raised together as one :class:`DataError`.
 """
