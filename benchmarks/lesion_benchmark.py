@@ -132,7 +132,7 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
         result = fit(cfg, args.data / labeled, unlabeled, val=args.data / "val", out_dir=run_dir,
                      progress_bar=False, logger=not args.smoke, overwrite=True)
         record = {"method": method, "seed": seed, "steps": result.steps, "train_s": round(time.perf_counter() - start, 1),
-                  "val_best_teacher": result.best_dice_teacher, "commit": _commit(), "run_dir": str(run_dir)}
+                  "val_best_teacher": result.best_dice_teacher, "commit": args.commit, "run_dir": str(run_dir)}
         trained.write_text(json.dumps(record, indent=1))
     record["scores"] = score_teacher(run_dir, args.data, args.lesion_overlap)
     done.write_text(json.dumps(record, indent=1))
@@ -210,7 +210,8 @@ def write_results(records: list[dict], args: argparse.Namespace, wall_s: float, 
     commits = sorted({r.get("commit", "?") for r in records})
     lines += [
         "",
-        f"- Command: `{command}`; code at commit(s) {', '.join(commits)} (`+dirty`: the shared tree had uncommitted edits of others).",
+        f"- Command: `{command}`; code at commit(s) {', '.join(commits)} when the process that trained them started "
+        "(`+dirty`: the shared tree also held uncommitted edits of others).",
         f"- Cohort: `medeman.sample_data.make_cohort(seed=11, lesions=True)`: {_count(args.data / 'labeled' / 'labels')} labeled "
         f"training scans, {_count(args.data / 'val' / 'labels')} validation scans (every method selects its best teacher on them), "
         f"{_count(args.data / 'unlabeled')} unlabeled scans (their ground truth only for `supervised_all`), "
@@ -285,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     command = "python benchmarks/lesion_benchmark.py " + " ".join(a for a in (sys.argv[1:] if argv is None else argv) if a != "--report-only")
     torch.set_num_threads(args.threads)
+    args.commit = _commit()  # the code this process runs: modules are imported once, at its start
     scratch = None
     if args.smoke:  # everything under a temporary folder: the recorded results are never touched
         scratch = tempfile.TemporaryDirectory(prefix="lesion_smoke_")
