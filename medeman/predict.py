@@ -8,7 +8,8 @@ scored exactly as it will be deployed.
 Typical use::
 
     probs = predict_volume(net, image, cfg, tta=False)      # (C, X, Y, Z) on the preprocessed grid
-    probs = invert_to_input(probs, image, transform)         # (C, x, y, z) on the scan's grid
+    labels = labels_on_input(probs, image, transform)        # (x, y, z) uint8 class map on the scan's grid
+    probs = invert_to_input(probs, image, transform)         # (C, x, y, z) probabilities there
 """
 
 from __future__ import annotations
