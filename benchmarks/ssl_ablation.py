@@ -33,6 +33,7 @@ then ``--report-only`` writes the table of everything finished.
     python benchmarks/ssl_ablation.py --grid ssl.consistency_weight=1,10 --methods mt_bn mt_eman --seeds 0 --write-chosen
     python benchmarks/ssl_ablation.py --seeds 0 1 2 3 4 --reuse
     python benchmarks/ssl_ablation.py --seeds 0 1 2 3 4 --report-only
+    python benchmarks/ssl_ablation.py --smoke     # seconds: the whole script at tiny sizes, outputs in $OUT or a temp folder
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -186,7 +188,7 @@ def run_one(method: str, seed: int, run_dir: Path, sets: list[str], args: argpar
     key = _config_key(cfg, labeled, unlabeled)
     done, trained = run_dir / "scores.json", run_dir / "train.json"
     if args.reuse and done.is_file() and json.loads(done.read_text()).get("key") == key:
-        return json.loads(done.read_text())
+        return load_record(done)
     source = run_dir if (args.reuse and trained.is_file() and (run_dir / "final_state.pt").is_file()
                          and json.loads(trained.read_text()).get("key") == key) else None
     source = source or _equivalent_run(Path(args.out), key, run_dir)
@@ -209,9 +211,16 @@ def run_one(method: str, seed: int, run_dir: Path, sets: list[str], args: argpar
     with contextlib.redirect_stdout(io.StringIO()):  # one line per test case and model otherwise
         record["models"] = {name: score_model(net, cfg, cohort, run_dir / f"pred_{name}") for name, net in models.items()}
     record["score_s"] = round(time.perf_counter() - start, 1)
-    record["run_dir"] = str(run_dir)
+    record["run_dir"], record["trained_in"] = str(run_dir), str(source)
     run_dir.mkdir(parents=True, exist_ok=True)
     done.write_text(json.dumps(record, indent=1))
+    return record
+
+
+def load_record(path: Path) -> dict:
+    """A run's ``scores.json`` (JSON turns the curves' integer steps into strings: turned back)."""
+    record = json.loads(Path(path).read_text())
+    record["curves"] = {net: {int(step): value for step, value in curve.items()} for net, curve in record.get("curves", {}).items()}
     return record
 
 
@@ -294,7 +303,10 @@ def write_results(records: list[dict], args: argparse.Namespace, cohort: Path, c
     methods = [m for m in args.methods if any(r["method"] == m for r in records)]
     missing = [m for m in args.methods if m not in methods]
     seeds = sorted({r["seed"] for r in records})
-    cfg = load_config([Path(records[0]["run_dir"]) / "config.yaml"]) if records else load_config([args.config])
+    # the budget as the runs recorded it (the base config may have changed since they trained)
+    saved = [Path(r.get(k, "")) / "config.yaml" for r in records for k in ("trained_in", "run_dir")]
+    saved = [p for p in saved if p.is_file()]
+    cfg = load_config(saved[:1]) if saved else load_config([args.config])
     lines = [
         "# Semi-supervised ablation: do the unlabeled scans help?",
         "",
@@ -489,13 +501,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reuse", action="store_true", help="reuse finished runs (their scores.json) instead of retraining")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the table from finished runs; train nothing")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (the CPUs are shared)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="seconds-long end-to-end check (benchmarks/README.md): a tiny cohort, network and budget, one seed, "
+                             "a two-point grid; everything under $OUT or a temporary folder")
     return parser
+
+
+SMOKE_SETS = ["model.channels=[4,8]", "model.num_res_units=0", "data.patch_size=[16,16,16]", "train.max_steps=4",
+              "train.val_every_steps=2", "ssl.rampup_steps=2", "ssl.recalibration_batches=1", "infer.sw_batch_size=1"]
+
+
+def smoke_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Tiny sizes that win over the command line; outputs only under ``$OUT`` (or a new temporary folder)."""
+    root = Path(os.environ.get("OUT") or tempfile.mkdtemp(prefix="ssl_ablation_smoke_"))
+    args.cohort, args.out, args.results = str(root / "cohort"), str(root / "runs"), str(root / "results")
+    args.labeled, args.val, args.unlabeled, args.test, args.seeds = 2, 1, 2, 1, [0]
+    args.set = [*args.set, *SMOKE_SETS]
+    args.reuse = args.report_only = args.write_chosen = False
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     command = "python benchmarks/ssl_ablation.py " + " ".join(a for a in (sys.argv[1:] if argv is None else argv) if a != "--report-only")
+    if args.smoke:
+        args = smoke_args(args)
+        cohort = ensure_cohort(args)
+        grid = argparse.Namespace(**{**vars(args), "methods": ["mt_eman"], "grid": ["ssl.consistency_weight=1,10"]})
+        run_grid(grid, cohort, command)
     cohort = ensure_cohort(args)
     if args.grid:
         return run_grid(args, cohort, command)
@@ -507,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.report_only:
                 if not (run_dir / "scores.json").is_file():
                     continue
-                records.append(json.loads((run_dir / "scores.json").read_text()))
+                records.append(load_record(run_dir / "scores.json"))
                 continue
             try:
                 record = run_one(method, seed, run_dir, [], args, cohort)
