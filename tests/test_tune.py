@@ -295,7 +295,7 @@ def test_study_prunes_resumes_and_writes_best_params(tmp_path):
     assert train_main(args) == 0 and (tmp_path / "final" / "teacher.pt").is_file()
 
 
-def _two_workers_one_killed(tmp_path: Path, storage: str, study: str, cap: int = 3) -> optuna.Study:
+def _two_workers_one_killed(tmp_path: Path, storage: str, study: str, cap: int = 2) -> optuna.Study:
     """Two `medeman tune` workers share a study with a cap; worker A is SIGKILLed in the middle of its first trial.
 
     Worker B must fail A's trial once its heartbeat is older than the grace period, run it again with
@@ -307,7 +307,7 @@ def _two_workers_one_killed(tmp_path: Path, storage: str, study: str, cap: int =
         command = [sys.executable, "-m", "medeman.cli", "tune", "--config", str(config), "--labeled", str(labeled),
                    "--unlabeled", str(unlabeled), "--study", study, "--storage", storage, "--n-trials", "10",
                    "--max-trials", str(cap), "--out", str(tmp_path / name), "--no-plots",
-                   "--set", "train.max_steps=16", "--set", "tune.validations=1", "--set", "tune.n_startup_trials=10",
+                   "--set", "train.max_steps=8", "--set", "tune.validations=1", "--set", "tune.n_startup_trials=10",
                    "--set", "tune.heartbeat_interval=1", "--set", "tune.grace_period=2"]
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
         return subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
