@@ -354,8 +354,9 @@ def _draw(row: dict, item: ScanScores, png_dir: Path) -> Path:
     image, affine = read_volume(item.file)
     if image.ndim == 4:
         image = image[..., 0]
-    title = (f"#{row['rank']} {row['case']}   score {row['score']:.3f}   entropy fg {row['entropy_fg']:.3f}"
-             f"   teacher-student differs {row['argmax_differs']:.3%}")
+    title = f"#{row['rank']} {row['case']}   score {row['score']:.3f}   entropy {row['entropy_mean']:.3f} (foreground {row['entropy_fg']:.3f})"
+    if not math.isnan(row["argmax_differs"]):
+        title += f"   teacher and student differ on {row['argmax_differs']:.2%} of voxels"
     return save_uncertainty_figure(png_dir / f"{row['rank']:03d}_{row['case']}.png", image, saved["mask"],
                                    saved["entropy"].astype(np.float32), affine, title)
 
@@ -452,8 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"rank: {len(rows)} scans ranked by {args.strategy}{' (diverse)' if args.diverse else ''}, {len(problems)} failed"
           f" -> {Path(args.out) / 'ranking.csv'}")
     for row in rows[:args.top]:
-        print(f"  {row['rank']:>3}  {row['case']:<24} score {row['score']:.3f}  entropy_fg {row['entropy_fg']:.3f}"
-              f"  argmax_differs {row['argmax_differs']:.4f}")
+        print(f"  {row['rank']:>3}  {row['case']:<24} score {row['score']:.3f}  entropy_mean {row['entropy_mean']:.4f}"
+              f"  entropy_fg {row['entropy_fg']:.3f}  argmax_differs {row['argmax_differs']:.4f}")
     for message in problems:
         print(f"  failed: {message}", file=sys.stderr)
     return 1 if problems else 0
