@@ -14,6 +14,7 @@ Three measurements, no training:
     python scripts/make_sample_data.py --out /tmp/lesion --lesions --labeled 3 --val 3 --unlabeled 24 --test 0 --unlabeled-labels
     python benchmarks/bench_patch_sampling.py --cohort /tmp/lesion --config configs/lesion.yaml --threads 1
     python benchmarks/bench_patch_sampling.py --cohort /tmp/lesion --config configs/lesion.yaml --threads 1 --set 'data.patch_size=[16,16,16]'
+    python benchmarks/bench_patch_sampling.py --smoke      # seconds: checks that it runs
 """
 
 from __future__ import annotations
@@ -21,11 +22,14 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def cached(chain, case: dict) -> dict:
@@ -54,23 +58,51 @@ def lesion_share(sampler, volumes: list[dict], draws: int, lesion: int, seed: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cohort", type=Path, required=True, help="made with --lesions --unlabeled-labels")
-    parser.add_argument("--config", default="configs/lesion.yaml")
+    parser.add_argument("--cohort", type=Path, default=None, help="made with --lesions --unlabeled-labels (and --val)")
+    parser.add_argument("--config", type=Path, default=REPO / "configs" / "lesion.yaml")
     parser.add_argument("--draws", type=int, default=400, help="patches per scan and sampler")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--lesion", type=int, default=3, help="the lesion's label value")
     parser.add_argument("--set", action="append", default=[], help="config override, e.g. data.patch_size=[16,16,16]")
     parser.add_argument("--teacher", type=Path, default=None,
                         help="a trained teacher.pt (preprocessed as --config): its focus beside the oracle's")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a tiny generated cohort, 16^3 patches, a two-level UNet as (untrained) teacher, few draws: checks that it runs")
     args = parser.parse_args()
+    if args.smoke:
+        with tempfile.TemporaryDirectory(prefix="bench-patch-sampling-") as tmp:
+            smoke(args, Path(tmp))
+        return
+    if args.cohort is None:
+        parser.error("--cohort is required (or --smoke)")
+    run(args)
+
+
+def smoke(args: argparse.Namespace, tmp: Path) -> None:
+    """The whole benchmark on a generated 2 + 1 + 2 scan lesion cohort, in seconds."""
+    from medeman.checkpoint import save_teacher
+    from medeman.config import load_config
+    from medeman.nets import build_network
+    from medeman.sample_data import make_cohort
+
+    args.cohort = make_cohort(tmp / "cohort", n_labeled=2, n_unlabeled=2, n_test=0, n_val=1, unlabeled_labels=True, lesions=True)
+    args.set = ["data.patch_size=[16,16,16]", "model.channels=[4,8]", "model.num_res_units=1"]
+    args.draws, args.threads = 8, 1
+    cfg = load_config([args.config], sets=args.set)
+    args.teacher = tmp / "teacher.pt"
+    save_teacher(args.teacher, build_network(cfg), cfg, step=0)
+    run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
 
-    from monai.transforms import ClassesToIndicesd, Compose, FgBgToIndicesd, RandCropByPosNegLabeld
+    from monai.transforms import Compose, FgBgToIndicesd, RandCropByPosNegLabeld
 
     from medeman.config import load_config
     from medeman.data import SSLDataModule
     from medeman.data.discovery import discover_labeled
-    from medeman.data.sampling import MAX_LOCATIONS_PER_CLASS, FocusCentres, RandClassCropd, RandFocusCropd
+    from medeman.data.sampling import FocusCentres, RandClassCropd, RandFocusCropd
     from medeman.data.transforms import labeled_transforms
     from medeman.nets import build_network
     from medeman.teacher_focus import TeacherFocus, focus_centres
