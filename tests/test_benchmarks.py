@@ -7,7 +7,9 @@ listed: a new ``benchmarks/*.py`` or ``*.sh`` is tested as soon as it exists, an
 
 - ``--smoke`` runs the whole script at tiny sizes, one repeat and one seed, in seconds on a CPU;
 - it needs nothing from the working directory (the test runs it from an empty folder) and writes
-  only to temporary folders: ``benchmarks/results/`` stays untouched;
+  only to temporary folders: ``benchmarks/results/`` stays untouched (the test runs a copy of the
+  script in a mirror of the repository whose ``benchmarks/results/`` starts empty and must stay so;
+  other processes writing the real one meanwhile cannot fool it);
 - it exits 0, or non-zero with the reason on stderr.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,8 +30,17 @@ SCRIPTS = sorted([*BENCHMARKS.glob("*.py"), *BENCHMARKS.glob("*.sh")])
 SMOKE_TIMEOUT_S = 300  # a smoke run takes seconds; this only stops a hung one on a loaded machine
 
 
-def results_snapshot() -> dict[str, int]:
-    return {p.name: p.stat().st_mtime_ns for p in (BENCHMARKS / "results").glob("*") if p.is_file()}
+def mirror_repository(root: Path) -> Path:
+    """A repository at ``root`` that links to everything of the real one but ``benchmarks/``, which
+    is copied with an empty ``results/``: whatever a script writes there is its own doing."""
+    root.mkdir()
+    for entry in REPO.iterdir():
+        if entry.name not in ("benchmarks", ".git"):
+            (root / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
+    (root / "benchmarks" / "results").mkdir(parents=True)
+    for script in SCRIPTS:
+        shutil.copy2(script, root / "benchmarks" / script.name)
+    return root / "benchmarks"
 
 
 def has_smoke_flag(script: Path) -> bool:
@@ -84,12 +96,16 @@ def test_benchmark_runs_end_to_end_in_smoke_mode(script, tmp_path):
     if not has_smoke_flag(script):
         pytest.fail(f"{script.relative_to(REPO)} has no --smoke mode: add one (tiny sizes, one repeat, temporary "
                     "outputs, seconds; see benchmarks/README.md) so that the test suite runs it")
-    before = results_snapshot()
-    command = ["bash", str(script)] if script.suffix == ".sh" else [sys.executable, str(script)]
+    benchmarks = mirror_repository(tmp_path / "repo")
+    work = tmp_path / "work"
+    work.mkdir()
+    copy = benchmarks / script.name
+    command = ["bash", str(copy)] if script.suffix == ".sh" else [sys.executable, str(copy)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg", "PYTHONWARNINGS": "ignore",
-           "OUT": str(tmp_path / "out")}
-    proc = subprocess.run([*command, "--smoke"], cwd=tmp_path, env=env, capture_output=True, text=True,
+           "OUT": str(work / "out"), "PYTHON": sys.executable}
+    proc = subprocess.run([*command, "--smoke"], cwd=work, env=env, capture_output=True, text=True,
                           timeout=SMOKE_TIMEOUT_S)
     assert proc.returncode == 0, f"{script.name} --smoke exited {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
     assert proc.stdout.strip(), f"{script.name} --smoke printed nothing"
-    assert results_snapshot() == before, f"{script.name} --smoke wrote into benchmarks/results/"
+    written = sorted(p.name for p in (benchmarks / "results").iterdir())
+    assert written == [], f"{script.name} --smoke wrote {written} into benchmarks/results/"
