@@ -200,7 +200,7 @@ def run_one(method: str, seed: int, run_dir: Path, sets: list[str], args: argpar
                      callbacks=[_final_state_callback(run_dir / "final_state.pt")])
         record = {"method": method, "seed": seed, "sets": sets, "key": key, "steps": result.steps,
                   "train_s": round(time.perf_counter() - start, 1), "val_best_teacher": result.best_dice_teacher,
-                  "run_dir": str(run_dir), "models": {}}
+                  "run_dir": str(run_dir), "code": _code_version(), "models": {}}
         trained.write_text(json.dumps(record, indent=1))
         source = run_dir
     start = time.perf_counter()
@@ -346,7 +346,7 @@ def write_results(records: list[dict], args: argparse.Namespace, cohort: Path, c
     lines += [
         "",
         f"- Command: `{command}`",
-        f"- Code: {_code_version()}.",
+        "- Code: " + "; ".join(f"{', '.join(ms)}: {code}" for code, ms in _codes(records, methods).items()) + ".",
         f"- Cohort: `{cohort}` from `medeman.sample_data.make_cohort` (seed {args.cohort_seed}): "
         f"{_count(cohort / 'labeled' / 'labels')} labeled training cases, {_count(cohort / 'val' / 'labels')} validation cases "
         f"(`--val`, the same for every run; hyper-parameters are chosen on them), {_count(cohort / 'unlabeled')} unlabeled scans "
@@ -371,6 +371,15 @@ def write_results(records: list[dict], args: argparse.Namespace, cohort: Path, c
         notes = md_path.read_text(encoding="utf-8").split(NOTES_MARKER, 1)[1]
     md_path.write_text("\n".join(lines) + "\n\n" + NOTES_MARKER + notes, encoding="utf-8")
     return md_path
+
+
+def _codes(records: list[dict], methods: list[str]) -> dict[str, list[str]]:
+    """Which medeman code trained which methods (runs record it; older records: the code writing the report)."""
+    codes: dict[str, list[str]] = {}
+    for method in methods:
+        for code in dict.fromkeys(r.get("code") or _code_version() for r in records if r["method"] == method):
+            codes.setdefault(code, []).append(method)
+    return codes
 
 
 def _curve_table(records: list[dict], methods: list[str]) -> list[str]:
