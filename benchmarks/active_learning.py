@@ -251,7 +251,7 @@ def write_results(records: list[dict], args: argparse.Namespace, command: str, w
         f"- Cohort per seed (`make_cohort(seed=1000+seed, unseen_every={args.unseen_every})`): {args.initial} labeled and "
         f"{args.val} validation cases (scanners A-C), a pool of {args.pool} unlabeled scans and {args.test} test cases, "
         f"every {args.unseen_every}rd of them from scanner D.",
-        f"- Each round trains from scratch: `{args.config}`, {args.steps} steps, {' '.join(args.set) or 'no overrides'}; "
+        f"- Each round trains from scratch: `{_relative(args.config)}`, {args.steps} steps, {' '.join(args.set) or 'no overrides'}; "
         f"K = {args.k} scans labeled per round; the deployed `teacher.pt` (best validation Dice) is scored and ranks the pool.",
         f"- Wall time {wall_s / 60:.1f} min for this invocation, one process, 1 thread "
         f"({statistics.fmean(r['train_s'] for r in records):.0f} s per training on average).",
@@ -263,6 +263,14 @@ def write_results(records: list[dict], args: argparse.Namespace, command: str, w
     md.write_text("\n".join(lines) + "\n\n" + marker + notes)
     _plot(records, strategies, seeds, args, results / "active_learning.png")
     return md
+
+
+def _relative(path: str | Path) -> str:
+    """A path as the README shows it: relative to the repository when inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
 
 
 def _plot(records: list[dict], strategies: list[str], seeds: list[int], args, path: Path) -> None:
@@ -318,7 +326,7 @@ def write_study(records: list[dict], args: argparse.Namespace, command: str) -> 
         rows = [r for r in records if r["score"] == name]
         lines.append(f"| {name} | {mean_std([r['spearman'] for r in rows])} | {mean_std([r['top_k_error'] for r in rows])} | "
                      f"{statistics.fmean(r['top_k_unseen'] for r in rows):.1f} |")
-    lines += ["", f"- Command: `{command}`", f"- Training: `{args.config}`, {args.steps} steps, {' '.join(args.set) or 'no overrides'}."]
+    lines += ["", f"- Command: `{command}`", f"- Training: `{_relative(args.config)}`, {args.steps} steps, {' '.join(args.set) or 'no overrides'}."]
     md = results / "active_learning_scores.md"
     marker = "<!-- notes: text below this line is kept when the table is regenerated -->"
     notes = md.read_text().split(marker, 1)[1] if md.is_file() and marker in md.read_text() else "\n"

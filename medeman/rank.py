@@ -286,9 +286,8 @@ def rank_cases(
                 tqdm.write(f"error: {problems[-1]}", file=sys.stderr)
                 continue
             item = ScanScores(case.case_id, case.files[0], values, embedding)
-            if maps:
-                _, affine = read_geometry(case.files[0])
-                write_volume(entropy.numpy().astype(np.float32), affine, out / "uncertainty" / f"{case.case_id}.nii.gz")
+            if maps:  # on the scan's grid, with its header when it is NIfTI
+                write_volume(entropy.numpy().astype(np.float32), case.files[0], out / "uncertainty" / f"{case.case_id}.nii.gz")
             if png:  # kept on disk, not in memory: a pool may hold hundreds of full-size scans
                 item.maps = Path(scratch) / f"{len(scored)}.npz"
                 np.savez(item.maps, entropy=entropy.numpy().astype(np.float16), mask=mask.numpy())
