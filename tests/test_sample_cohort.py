@@ -1,4 +1,7 @@
-"""The sample cohort generator: validation cases and the unlabeled scans' ground truth for ablations."""
+"""The sample cohort generator's options: validation cases, the unlabeled scans' ground truth, lesions.
+
+(Not test_sample_data.py: tests/data/ has one, and pytest needs unique basenames without __init__.py.)
+"""
 
 from __future__ import annotations
 
