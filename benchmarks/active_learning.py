@@ -28,12 +28,16 @@ import os
 import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+# --smoke: a tiny network and cohort, a few steps, one seed and round; outputs in a temporary folder
+SMOKE_SETS = ["train.val_every_steps=2", "model.channels=[4,8]", "model.num_res_units=0", "data.cache=none",
+              "data.num_workers=0", "ssl.recalibration_batches=1"]
 STUDY_SCORES = ("entropy_fg", "entropy_mean", "argmax_differs", "volume_ml_c1")
 CSV_COLUMNS = ("seed", "strategy", "round", "n_labeled", "dice_fg", "dice_seen", "dice_unseen", "picked", "picked_unseen",
                "val_best_teacher", "train_s")
@@ -350,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--unseen-every", type=int, default=3, help="every N-th pool and test scan from scanner D")
     parser.add_argument("--out", default="runs/active_learning", help="work folder (cohorts, runs); finished rounds are reused")
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "results"), help="where the .md, .csv and .png go")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny net and cohort, 4 steps, one seed and round, benchmark and study in a temporary folder")
     parser.add_argument("--study", action="store_true",
                         help="only round 0 and the score study (active_learning_scores.md): run on seeds other than the benchmark's")
     return parser
@@ -363,6 +369,17 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/active_learning.py " + " ".join(sys.argv[1:] if argv is None else argv)
     start = time.perf_counter()
     records: list[dict] = []
+    if args.smoke:  # everything under a temporary folder: the recorded results are never touched
+        with tempfile.TemporaryDirectory(prefix="active_learning_smoke_") as scratch:
+            args.out, args.results = str(Path(scratch) / "runs"), str(Path(scratch) / "results")
+            args.seeds, args.rounds, args.k, args.steps = args.seeds[:1], 1, 2, 4
+            args.initial, args.val, args.pool, args.test = 2, 1, 6, 3
+            args.strategies, args.set = ["random", "combined"], [*SMOKE_SETS, *args.set]
+            records = run_seed(args.seeds[0], args)
+            print(write_results(records, args, command, time.perf_counter() - start).read_text())
+            cohort, round0 = make_data(args.seeds[0], args), Path(args.out) / f"seed{args.seeds[0]}" / "round0"
+            print(write_study(score_study(cohort, round0, args.seeds[0], args.k), args, command).read_text())
+        return 0
     if args.study:
         for seed in args.seeds:
             cohort = make_data(seed, args)
