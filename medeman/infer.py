@@ -194,9 +194,11 @@ def infer_cases(
     return results
 
 
-def _segment_case(case: Case, net, cfg, transform, out_path: Path, probs_path: Path | None, *, tta: bool,
-                  device: torch.device, sw_batch_size, overlap, precision) -> None:
-    """Preprocess, predict, invert and write one case; raise CaseError with a one-line reason."""
+def preprocess_case(case: Case, cfg: dict, transform) -> torch.Tensor:
+    """Read and preprocess one case for the model; raise CaseError with a one-line reason.
+
+    Shared by ``medeman infer`` and ``medeman rank`` so both refuse the same scans with the same words.
+    """
     try:
         data = transform({"image": image_entry(case.files)})
     except Exception as err:
@@ -205,6 +207,13 @@ def _segment_case(case: Case, net, cfg, transform, out_path: Path, probs_path: P
     expected = int(cfg["data"]["in_channels"])
     if image.shape[0] != expected:
         raise CaseError(f"{case.files[0]}: has {image.shape[0]} channel(s), the model takes {expected}")
+    return image
+
+
+def _segment_case(case: Case, net, cfg, transform, out_path: Path, probs_path: Path | None, *, tta: bool,
+                  device: torch.device, sw_batch_size, overlap, precision) -> None:
+    """Preprocess, predict, invert and write one case; raise CaseError with a one-line reason."""
+    image = preprocess_case(case, cfg, transform)
     probs = predict_volume(net, image, cfg, tta, sw_batch_size=sw_batch_size, overlap=overlap,
                            precision=precision, device=device)
     dtype = label_dtype(probs.shape[0])

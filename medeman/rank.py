@@ -36,10 +36,9 @@ from torch import nn
 from tqdm import tqdm
 
 from medeman.checkpoint import ModelFileError, _why, load_teacher
-from medeman.data.discovery import image_entry
 from medeman.data.readers import read_geometry, read_volume, voxel_spacing, write_volume
 from medeman.data.transforms import preprocessing
-from medeman.infer import SUFFIXES, Case, CaseError, find_cases, one_line
+from medeman.infer import SUFFIXES, Case, CaseError, find_cases, one_line, preprocess_case
 from medeman.labels import argmax_labels
 from medeman.nets import build_network
 from medeman.predict import TTA_FLIPS, invert_to_input, predict_volume
@@ -148,14 +147,7 @@ def score_case(case: Case, teacher: nn.Module, student: nn.Module | None, cfg: d
     Raises:
         CaseError: the scan cannot be read, has the wrong channels, or does not come back on its grid.
     """
-    try:
-        data = transform({"image": image_entry(case.files)})
-    except Exception as err:
-        raise CaseError(f"{case.files[0]}: cannot read or preprocess: {one_line(err)}") from None
-    image = data["image"]
-    expected = int(cfg["data"]["in_channels"])
-    if image.shape[0] != expected:
-        raise CaseError(f"{case.files[0]}: has {image.shape[0]} channel(s), the model takes {expected}")
+    image = preprocess_case(case, cfg, transform)
 
     pooled: list[torch.Tensor] = []
     hook = bottleneck.register_forward_hook(lambda m, i, out: pooled.append(out.float().mean(dim=(2, 3, 4)).cpu())) if bottleneck else None
