@@ -312,7 +312,9 @@ def _two_workers_one_killed(tmp_path: Path, storage: str, study: str, cap: int =
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
         return subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-    a, b = worker("a"), worker("b")
+    # B starts only once A is inside its first trial: started together, B could take every place in
+    # the study before A's first trial began (a race, not the behaviour under test).
+    a = worker("a")
     hang_guard = time.monotonic() + 120  # fail instead of hanging CI if A never gets going; not a speed check
     while not list((tmp_path / "a").glob("trial_*/config.yaml")):  # A is training its first trial
         if a.poll() is not None:
@@ -320,6 +322,7 @@ def _two_workers_one_killed(tmp_path: Path, storage: str, study: str, cap: int =
         if time.monotonic() > hang_guard:
             pytest.fail("worker A never started a trial")
         time.sleep(0.05)
+    b = worker("b")
     a.send_signal(signal.SIGKILL)
     a.wait(timeout=30)
     output = b.communicate(timeout=300)[0]
