@@ -179,9 +179,13 @@ class SSLSegModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["medeman_teacher_updates"] = self.teacher_updates
+        if hasattr(self.method, "chosen_statistics"):  # teacher_bn_recalibration=best: which statistics won the last validation
+            checkpoint["medeman_teacher_statistics"] = self.method.chosen_statistics
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.teacher_updates = int(checkpoint.get("medeman_teacher_updates", checkpoint.get("global_step", 0)))
+        if "medeman_teacher_statistics" in checkpoint and hasattr(self.method, "chosen_statistics"):
+            self.method.chosen_statistics = checkpoint["medeman_teacher_statistics"]
 
     def teacher_momentum(self, step: int) -> float:
         """The EMA momentum of the update after optimizer step ``step``: the schedule, then the warm-up."""
@@ -269,23 +273,36 @@ class SSLSegModule(pl.LightningModule):
             self.dice_metrics[name](pred, onehot_label)
             self.hd95_metrics[name](pred, onehot_label, spacing=spacing)
 
+    def _mean_over_processes(self, dice: torch.Tensor) -> float:
+        """Mean class Dice over every process's validation cases (each holds its share under DDP)."""
+        mean = dice.to(self.device).float().nanmean()
+        if self._trainer is not None and self.trainer.world_size > 1:
+            mean = self.trainer.strategy.reduce(mean, reduce_op="mean")
+        return float(mean)
+
     def on_validation_epoch_end(self) -> None:
         results = {name: (self.dice_metrics[name].aggregate(), self.hd95_metrics[name].aggregate()) for name in self._networks()}
         if "teacher" not in results:  # supervised baseline: the student is the deployed model, logged as both
             results["teacher"] = results["student"]
         if "teacher_raw" in results:
             held = "EMA'd" if self.ssl["teacher_norm"] == "eman" else "own"
+            raw, recalibrated = (self._mean_over_processes(results[name][0]) for name in ("teacher_raw", "teacher"))
+            note = ""
+            if self.ssl["teacher_bn_recalibration"] == "best":
+                results["teacher_recalibrated"] = results["teacher"]
+                if self.method.choose_teacher(raw, recalibrated) == "raw":
+                    results["teacher"] = results["teacher_raw"]
+                note = f": the teacher keeps the {'re-estimated' if self.method.chosen_statistics == 'recalibrated' else held} ones"
             rank_zero_info(
-                f"teacher validation Dice at step {self.global_step}: {results['teacher_raw'][0].mean().item():.3f} with its "
-                f"{held} BatchNorm statistics, "
-                f"{results['teacher'][0].mean().item():.3f} re-estimated (ssl.teacher_bn_recalibration={self.ssl['teacher_bn_recalibration']})"
+                f"teacher validation Dice at step {self.global_step}: {raw:.3f} with its {held} BatchNorm statistics, "
+                f"{recalibrated:.3f} re-estimated (ssl.teacher_bn_recalibration={self.ssl['teacher_bn_recalibration']}){note}"
             )
         for name, (dice, hd95) in results.items():
             dice = dice.to(self.device).float()
             hd95 = hd95.to(self.device).float()
             hd95 = torch.where(torch.isfinite(hd95), hd95, torch.full_like(hd95, float("nan")))
             self.log(f"val/dice_{name}", dice.mean(), prog_bar=name == "teacher", sync_dist=True)
-            if name == "teacher_raw":
+            if name in ("teacher_raw", "teacher_recalibrated"):
                 continue
             self.log(f"val/hd95_{name}", hd95.nanmean(), sync_dist=True)
             for c, value in enumerate(dice, start=1):

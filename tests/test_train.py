@@ -54,9 +54,10 @@ def test_each_method_trains_and_leaves_a_run_folder(make_cohort, tmp_path, name,
     assert all(t.dtype == torch.float32 for t in payload["state_dict"].values() if t.is_floating_point())  # EMA stays fp32
     assert saved_cfg["ssl"]["method"] == cfg["ssl"]["method"]
     assert load_config([run / "config.yaml"]) == cfg
-    expected_stats = {"supervised": "batch", "mt_eman_no_recalibration_cosine": "ema", "mt_bn_kl_pseudo": "recalibrated",
-                      "mt_ema_instancenorm": "none"}.get(name, "recalibrated")
-    assert payload["extra"]["teacher_bn_stats"] == expected_stats
+    # teacher_bn_recalibration=best (the default) keeps the re-estimated or the teacher's own statistics, whichever validated better
+    expected_stats = {"supervised": {"batch"}, "mt_eman_export_recalibration": {"recalibrated"}, "mt_eman_no_recalibration_cosine": {"ema"},
+                      "mt_bn_kl_pseudo": {"recalibrated", "batch"}, "mt_ema_instancenorm": {"none"}}.get(name, {"recalibrated", "ema"})
+    assert payload["extra"]["teacher_bn_stats"] in expected_stats
     assert infer_main(["--model", str(run), "--input", str(root / "unlabeled"), "--output", str(tmp_path / "pred")]) == 0
     assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == ["scan0.nii.gz", "scan1.nii.gz"]
     logged = {key for row in rows for key, value in row.items() if value}
@@ -160,6 +161,33 @@ def test_cpu_multiprocess_run_warns_that_syncbatchnorm_is_unavailable():
     with pytest.warns(UserWarning, match="PyTorch refuses SyncBatchNorm"):
         assert _sync_batchnorm(cfg) is False
     assert _sync_batchnorm(load_config(sets=["train.accelerator=cpu", "train.devices=2", "train.sync_batchnorm=false"])) is False
+
+
+def test_best_statistics_are_chosen_on_validation_logged_and_exported(make_cohort, tmp_path):
+    """teacher_bn_recalibration=best: every validation scores both teachers; val/dice_teacher and teacher.pt follow the better."""
+    root = make_cohort(3, 2)
+    cfg = load_config(sets=TINY + ["train.max_steps=6", "ssl.teacher_bn_recalibration=best", "ssl.recalibration_batches=2"])
+    run = tmp_path / "run"
+    fit(cfg, root / "labeled", root / "unlabeled", out_dir=run, progress_bar=False)
+    rows = {int(r["step"]): r for r in _metrics(run) if r.get("val/dice_teacher")}
+    assert len(rows) == 3  # validations after steps 2, 4 and 6
+    for row in rows.values():
+        raw, recalibrated = float(row["val/dice_teacher_raw"]), float(row["val/dice_teacher_recalibrated"])
+        assert float(row["val/dice_teacher"]) == pytest.approx(max(raw, recalibrated))
+    payload = read_teacher_file(run)
+    row = rows[payload["step"] - 1]  # Lightning logs validation metrics at the step before the counter moves on
+    expected = "ema" if float(row["val/dice_teacher_raw"]) > float(row["val/dice_teacher_recalibrated"]) else "recalibrated"
+    assert payload["extra"]["teacher_bn_stats"] == expected
+    assert payload["extra"]["val_dice_teacher"] == pytest.approx(float(row["val/dice_teacher"]))
+
+
+def test_choose_teacher_prefers_the_higher_validation_dice_and_the_re_estimated_on_a_tie():
+    from medeman.methods import METHODS
+
+    method = METHODS["mean_teacher"](load_config(sets=["ssl.teacher_bn_recalibration=best"]))
+    assert method.choose_teacher(0.71, 0.70) == "raw" and method.chosen_statistics == "raw"
+    assert method.choose_teacher(0.70, 0.71) == "recalibrated"
+    assert method.choose_teacher(0.70, 0.70) == "recalibrated"
 
 
 def test_recalibrated_teacher_is_validated_deployed_and_compared_once_with_the_raw_one(make_cohort, tmp_path, capsys):

@@ -93,13 +93,15 @@ class TeacherMethod(Method):
     ``ssl.teacher_bn_recalibration``, a copy with BatchNorm statistics re-estimated from its own
     forward passes (:func:`medeman.eman.recalibrate_batchnorm`); the teacher used in training keeps
     its EMA'd statistics (that is EMAN). The first validation also scores the raw teacher
-    (``val/dice_teacher_raw``) so the effect is visible.
+    (``val/dice_teacher_raw``) so the effect is visible; with ``teacher_bn_recalibration: best``
+    every validation scores both and the better one on validation is the teacher (:meth:`choose_teacher`).
     """
 
     def __init__(self, cfg: dict[str, Any]):
         super().__init__(cfg)
         self._recalibrated: dict[str, Any] = {}  # {"step": int, "net": the re-estimated copy}, outside the module's state
         self._compare_raw_teacher = True
+        self.chosen_statistics = "recalibrated"  # teacher_bn_recalibration=best: which scored higher at the last validation
 
     def make_teacher(self, student: nn.Module) -> nn.Module:
         return make_teacher(student, norm=self.ssl["teacher_norm"])
@@ -113,7 +115,9 @@ class TeacherMethod(Method):
     # ---- the validated and deployed teacher --------------------------------------------------------
     def _recalibrates(self, module: SSLSegModule, when: str) -> bool:
         mode = self.ssl["teacher_bn_recalibration"]
-        wanted = mode == "always" or (mode == "export" and when == "export")
+        wanted = mode in ("always", "best") or (mode == "export" and when == "export")
+        if mode == "best" and when == "export":
+            wanted = self.chosen_statistics == "recalibrated"
         return wanted and bool(tracked_batchnorms(module.teacher))
 
     def recalibrated_teacher(self, module: SSLSegModule) -> nn.Module | None:
@@ -137,10 +141,20 @@ class TeacherMethod(Method):
         teacher = self.recalibrated_teacher(module) if self._recalibrates(module, "validation") else None
         if teacher is not None:
             nets["teacher"] = teacher
-            if self._compare_raw_teacher:
-                nets["teacher_raw"] = module.teacher  # with its EMA'd (or own) statistics, the first time
+            if self._compare_raw_teacher or self.ssl["teacher_bn_recalibration"] == "best":
+                nets["teacher_raw"] = module.teacher  # with its EMA'd (or own) statistics: the first time, or every time to choose
                 self._compare_raw_teacher = False
         return nets
+
+    def choose_teacher(self, raw_dice: float, recalibrated_dice: float) -> str:
+        """``teacher_bn_recalibration=best``: keep the statistics that scored higher on validation.
+
+        Returns:
+            ``"raw"`` or ``"recalibrated"``: which validated teacher is *the* teacher from now on
+            (logged as ``val/dice_teacher`` and written to ``teacher.pt``); a tie keeps the re-estimated one.
+        """
+        self.chosen_statistics = "raw" if raw_dice > recalibrated_dice else "recalibrated"
+        return self.chosen_statistics
 
     def deployed_network(self, module: SSLSegModule) -> tuple[nn.Module, str]:
         if not tracked_batchnorms(module.teacher):
