@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -27,6 +26,7 @@ from monai.transforms import Invertd
 from torch import nn
 
 from medeman.labels import argmax_labels
+from medeman.resample import Axis, axis_maps, lerp_axis, order_axes, resample_separable
 
 # Test-time augmentation mirrors each patch along every combination of the three spatial axes
 # (identity, 3 single, 3 pairs, all three: 8 passes, as nnU-Net) and averages the softmax.
@@ -116,7 +116,7 @@ def invert_to_input(probs: torch.Tensor, image: MetaTensor, transform) -> torch.
     if axes is None:
         return _invertd(probs, image, transform)
     # one channel at a time bounds the memory to about two scan-sized float volumes
-    return torch.cat([_resample_separable(probs[c:c + 1], _order(axes), axes) for c in range(probs.shape[0])])
+    return torch.cat([resample_separable(probs[c:c + 1], order_axes(axes), axes) for c in range(probs.shape[0])])
 
 
 def labels_on_input(probs: torch.Tensor, image: MetaTensor, transform, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
@@ -137,12 +137,12 @@ def labels_on_input(probs: torch.Tensor, image: MetaTensor, transform, dtype: to
     axes = scan_axes(image, probs.device)
     if axes is None:
         return argmax_labels(invert_to_input(probs, image, transform), dim=0, dtype=dtype)
-    *first, last = _order(axes) or [None]
+    *first, last = order_axes(axes) or [None]
     best = labels = None
     for c in range(1, probs.shape[0]):
-        score = _resample_separable(probs[c:c + 1] - probs[:1], first, permute=None)
+        score = resample_separable(probs[c:c + 1] - probs[:1], first, permute=None)
         if last is not None:
-            score = _lerp_axis(score, last)
+            score = lerp_axis(score, last)
         score = score[0].permute(*(a.source for a in axes))
         if best is None:
             best = torch.zeros_like(score)
@@ -155,75 +155,18 @@ def labels_on_input(probs: torch.Tensor, image: MetaTensor, transform, dtype: to
     return labels
 
 
-@dataclass(frozen=True)
-class _Axis:
-    """How one scan axis samples the preprocessed grid: ``lerp(source[lo], source[hi], weight)``."""
-
-    source: int  # the preprocessed axis it runs along
-    lo: torch.Tensor  # (n,) lower neighbour per scan index
-    hi: torch.Tensor  # (n,) upper neighbour (== lo at the last voxel)
-    weight: torch.Tensor  # (n,) float32 weight of ``hi``, in [0, 1)
-    gather_only: bool  # every weight is 0 (a flip, a crop): no interpolation
-    identity: bool  # scan index i is source index i: nothing to do
-    ratio: float  # scan length / source length: axes that shrink the volume go first
-
-
-def scan_axes(image: MetaTensor, device: torch.device | str = "cpu", atol: float = 1e-3) -> list[_Axis] | None:
+def scan_axes(image: MetaTensor, device: torch.device | str = "cpu", atol: float = 1e-3) -> list[Axis] | None:
     """Per scan axis, where it samples the preprocessed grid; None when the grids are not axis-aligned.
 
     The map from scan voxel to preprocessed voxel is ``inv(A_pre) @ A_scan`` (both voxel-centre
     affines, from ``image.affine`` and the ``original_affine``/``spatial_shape`` that
-    ``LoadImaged`` recorded). It is axis-aligned when each scan axis moves along one preprocessed
-    axis only; an off-axis component that shifts samples by less than ``atol`` voxels across the
-    whole scan (rounding in the affines) counts as zero.
+    ``LoadImaged`` recorded); see :func:`medeman.resample.axis_maps`.
     """
     meta = getattr(image, "meta", {})
     if "original_affine" not in meta or "spatial_shape" not in meta:
         return None
-    pre = np.asarray(image.affine, dtype=np.float64)
-    scan = np.asarray(meta["original_affine"], dtype=np.float64)
     shape = [int(n) for n in np.asarray(meta["spatial_shape"]).ravel()[:3]]
-    size = [int(n) for n in image.shape[1:4]]
-    mapping = np.linalg.solve(pre, scan)
-    linear, offset = mapping[:3, :3], mapping[:3, 3]
-    sources = [int(p) for p in np.abs(linear).argmax(axis=0)]
-    if sorted(sources) != [0, 1, 2]:
-        return None
-    axes = []
-    for d, (n, p) in enumerate(zip(shape, sources)):
-        if np.abs(np.delete(linear[:, d], p)).max() * max(n - 1, 1) > atol:
-            return None
-        x = np.clip(linear[p, d] * np.arange(n) + offset[p], 0, size[p] - 1)  # border: Spacingd's padding
-        lo = np.floor(x).astype(np.int64)
-        hi = np.minimum(lo + 1, size[p] - 1)
-        weight = (x - lo).astype(np.float32)
-        weight[weight < 1e-6] = 0.0  # rounding of an on-grid sample must not make it a two-voxel blend
-        identity = n == size[p] and bool(np.array_equal(lo, np.arange(n))) and not weight.any()
-        axes.append(_Axis(p, torch.from_numpy(lo).to(device), torch.from_numpy(hi).to(device),
-                          torch.from_numpy(weight).to(device), not weight.any(), identity, n / size[p]))
-    return axes
-
-
-def _order(axes: list[_Axis]) -> list[_Axis]:
-    return sorted((a for a in axes if not a.identity), key=lambda a: a.ratio)
-
-
-def _lerp_axis(volume: torch.Tensor, axis: _Axis) -> torch.Tensor:
-    """Resample ``volume``'s dimension ``axis.source + 1`` onto the scan's samples along it."""
-    dim = axis.source + 1
-    lo = volume.index_select(dim, axis.lo)
-    if axis.gather_only:
-        return lo
-    weight = axis.weight.view([-1 if i == dim else 1 for i in range(volume.ndim)]).to(volume.dtype)
-    return torch.lerp(lo, volume.index_select(dim, axis.hi), weight)
-
-
-def _resample_separable(volume: torch.Tensor, axes: list[_Axis], permute: list[_Axis] | None = None) -> torch.Tensor:
-    """Resample ``(k, X, Y, Z)`` along each of ``axes`` (in this order), then put the dimensions
-    in scan order when ``permute`` (all three axes, in scan order) is given."""
-    for axis in axes:
-        volume = _lerp_axis(volume, axis)
-    return volume if permute is None else volume.permute(0, *(a.source + 1 for a in permute))
+    return axis_maps(image.affine, image.shape[1:4], meta["original_affine"], shape, device, atol)
 
 
 def _invertd(probs: torch.Tensor, image: MetaTensor, transform) -> torch.Tensor:

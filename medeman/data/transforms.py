@@ -1,7 +1,8 @@
 """MONAI transform chains built from the ``data:`` section of the config.
 
 :func:`preprocessing` is the deterministic part shared by training, validation and inference
-(load, channel-first, RAS orientation, resampling, intensity normalization); it is invertible with
+(load, channel-first, RAS orientation, resampling (:class:`~medeman.data.spacing.SeparableSpacingd`,
+MONAI's ``Spacingd`` in three 1D passes), intensity normalization); it is invertible with
 ``monai.transforms.Invertd`` so predictions go back to each scan's own geometry.
 
 The training chains add a foreground crop and padding to the patch size (still deterministic, so
@@ -39,11 +40,11 @@ from monai.transforms import (
     RandSpatialCropd,
     ScaleIntensityRanged,
     SelectItemsd,
-    Spacingd,
     SpatialPadd,
 )
 
 from medeman.data.readers import VolumeReader
+from medeman.data.spacing import SeparableSpacingd
 from medeman.data.sampling import MAX_LOCATIONS_PER_CLASS, FocusCentres, RandClassCropd, RandFocusCropd
 
 
@@ -67,7 +68,7 @@ def preprocessing(cfg: dict[str, Any], keys: Sequence[str] = ("image", "label"))
         Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
     ]
     if data["spacing"] is not None:
-        chain.append(Spacingd(keys=keys, pixdim=[float(s) for s in data["spacing"]], mode=modes))
+        chain.append(SeparableSpacingd(keys=keys, pixdim=[float(s) for s in data["spacing"]], mode=modes))
     if data["modality"] == "CT":
         low, high = (float(v) for v in data["intensity_window"])
         chain.append(ScaleIntensityRanged(keys="image", a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True))
