@@ -39,13 +39,13 @@ def read_teacher_file(path: str | Path) -> dict:
     try:
         payload = torch.load(str(path), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError) as err:
-        raise ModelFileError(f"{path}: refused: not a medeman model that loads safely with weights_only=True ({_why(err)})") from None
+        raise ModelFileError(f"{path}: refused: not a medeman model that loads safely with weights_only=True ({load_error_reason(err)})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ModelFileError(f"{path}: not a medeman model (no '{FORMAT}' marker); pass the teacher.pt of a medeman run")
     return payload
 
 
-def _why(err: BaseException) -> str:
+def load_error_reason(err: BaseException) -> str:
     """One line on why torch.load refused a file, without PyTorch's advice to retry unsafely."""
     text = str(err)
     if "WeightsUnpickler error:" in text:

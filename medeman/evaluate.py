@@ -46,7 +46,7 @@ from scipy import ndimage
 
 from medeman.data.discovery import group_channels, index_by_case, label_id, list_images
 from medeman.data.readers import image_stem, read_volume, voxel_spacing
-from medeman.infer import CaseError, one_line
+from medeman.cases import CaseError, one_line
 
 label_case_id = label_id  # a label file's case id: name without image suffix and without _seg/_label/_mask
 CSV_COLUMNS = ("case", "class", "name", "dice", "hd95_mm", "asd_mm", "reference_voxels", "predicted_voxels",

@@ -35,10 +35,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from medeman.checkpoint import ModelFileError, _why, load_teacher
+from medeman.checkpoint import ModelFileError, load_error_reason, load_teacher
 from medeman.data.readers import read_geometry, read_volume, voxel_spacing, write_volume
 from medeman.data.transforms import preprocessing
-from medeman.infer import SUFFIXES, Case, CaseError, find_cases, one_line, preprocess_case
+from medeman.cases import SUFFIXES, Case, CaseError, find_cases, one_line, preprocess_case
 from medeman.labels import argmax_labels
 from medeman.nets import build_network
 from medeman.predict import TTA_FLIPS, invert_to_input, predict_volume
@@ -85,7 +85,7 @@ def load_student(model: str | Path, cfg: dict, device: str | torch.device = "cpu
     try:
         payload = torch.load(str(path), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError) as err:
-        raise ModelFileError(f"{path}: refused: not a checkpoint that loads safely with weights_only=True ({_why(err)})") from None
+        raise ModelFileError(f"{path}: refused: not a checkpoint that loads safely with weights_only=True ({load_error_reason(err)})") from None
     state = payload.get("state_dict", {}) if isinstance(payload, dict) else {}
     weights = {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
     if not weights:
