@@ -9,6 +9,8 @@ hyper-parameter is chosen on them), ``--unlabeled`` scans and ``--test`` held-ou
                     control: weight averaging without unlabeled data)
     mt_bn           mean teacher, BN teacher (batch statistics, SSL4MIS)    configs/ablation_mt_bn.yaml
     mt_eman         mean teacher, EMAN teacher (Cai et al., CVPR 2021)      configs/ablation_mt_eman.yaml
+    mt_eman_refresh EMAN teacher whose training statistics are re-estimated  configs/ablation_mt_eman_refresh.yaml
+                    (precise-BN) every 50 steps: the early-lag diagnostic
     ua_mt, bcp      UA-MT (Yu et al. 2019), bidirectional copy-paste        configs/ablation_ua_mt.yaml, ablation_bcp.yaml
                     (Bai et al. 2023), both on an EMAN teacher
     upper           supervised on ALL labels: the labeled cases plus the    configs/ablation_supervised.yaml
@@ -64,6 +66,7 @@ METHODS = {
     "supervised_ema": ("configs/ablation_supervised_ema.yaml", False, "labeled", "supervised + EMA-of-weights teacher (control, no unlabeled data)"),
     "mt_bn": ("configs/ablation_mt_bn.yaml", True, "labeled", "mean teacher, BN teacher"),
     "mt_eman": ("configs/ablation_mt_eman.yaml", True, "labeled", "mean teacher, EMAN teacher"),
+    "mt_eman_refresh": ("configs/ablation_mt_eman_refresh.yaml", True, "labeled", "mean teacher, EMAN teacher whose statistics are re-estimated every 50 steps"),
     "ua_mt": ("configs/ablation_ua_mt.yaml", True, "labeled", "UA-MT, EMAN teacher"),
     "bcp": ("configs/ablation_bcp.yaml", True, "labeled", "bidirectional copy-paste, EMAN teacher"),
     "upper": ("configs/ablation_supervised.yaml", False, "all", "upper bound: supervised on all labels (unlabeled scans with their true labels)"),

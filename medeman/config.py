@@ -144,6 +144,7 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "method": Option("mean_teacher", "training method (medeman.methods): supervised (labeled data only, the baseline), supervised_ema (labeled data only, deployed EMA teacher: the weight-averaging control), mean_teacher, ua_mt (uncertainty-aware mean teacher, Yu et al. 2019) or bcp (bidirectional copy-paste, Bai et al. 2023)", ("supervised", "supervised_ema", "mean_teacher", "ua_mt", "bcp")),
         "teacher_norm": Option("eman", "teacher normalization: eman (EMA'd running statistics, Cai et al. 2021), bn (batch statistics, classic mean teacher) or ema (weight EMA only, for networks without BatchNorm, e.g. model.norm=instance)", ("eman", "bn", "ema")),
         "teacher_bn_recalibration": Option("best", "re-estimate the teacher's BatchNorm statistics from its own forward passes (precise-BN) before each teacher validation and export (always), only for teacher.pt (export), or never (off); best validates the teacher with both its own and re-estimated statistics and keeps (logs, exports) the better on validation; pseudo-labels keep the EMA'd statistics", ("off", "export", "always", "best")),
+        "teacher_bn_refresh_every": Option(0, "every this many teacher updates, re-estimate the training teacher's BatchNorm statistics in place (precise-BN on recalibration_batches), EMA'd again in between; 0: never (pure EMAN). Not EMAN: for short runs whose EMA'd statistics lag the averaged weights"),
         "recalibration_batches": Option(16, "unlabeled weak-view batches (labeled images without unlabeled scans) used to re-estimate the teacher's BatchNorm statistics"),
         "ema_momentum": Option(0.99, "EMA momentum m of teacher weights (and EMAN statistics): theta' <- m theta' + (1-m) theta; the base of the constant and cosine schedules"),
         "momentum_schedule": Option("window", "EMA momentum over the run: constant (ema_momentum), cosine (BYOL: from ema_momentum to 1 over train.max_steps) or window (m = 1 - 1/(momentum_window * train.max_steps))", ("constant", "cosine", "window")),
@@ -279,6 +280,8 @@ def validate(cfg: dict) -> dict:
     batches = cfg["ssl"]["recalibration_batches"]
     if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
         raise ConfigError(f"ssl.recalibration_batches: {batches!r} must be a positive integer")
+    if int(cfg["ssl"]["teacher_bn_refresh_every"]) < 0:
+        raise ConfigError(f"ssl.teacher_bn_refresh_every: {cfg['ssl']['teacher_bn_refresh_every']!r} must be 0 (never) or a number of steps")
     if int(cfg["ssl"]["ua_mt_passes"]) < 1:
         raise ConfigError(f"ssl.ua_mt_passes: {cfg['ssl']['ua_mt_passes']!r} must be at least 1 stochastic teacher pass")
     for key in ("bcp_box_fraction", "ua_mt_threshold_start"):

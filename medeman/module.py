@@ -200,9 +200,16 @@ class SSLSegModule(pl.LightningModule):
         multi-process DDP (always the case on CPU, where PyTorch refuses SyncBatchNorm) keeps
         per-rank statistics; averaging them keeps the EMAN teacher identical on every rank.
         """
-        if self.trainer.world_size <= 1 or not torch.distributed.is_initialized():
+        self._average_bn_statistics(self.student)
+
+    def average_teacher_bn_statistics(self) -> None:
+        """Average the teacher's BN running statistics over ranks (after each re-estimated its own)."""
+        self._average_bn_statistics(self.teacher)
+
+    def _average_bn_statistics(self, network: nn.Module) -> None:
+        if self._trainer is None or self.trainer.world_size <= 1 or not torch.distributed.is_initialized():
             return
-        layers = [m for m in tracked_batchnorms(self.student) if not isinstance(m, nn.SyncBatchNorm)]
+        layers = [m for m in tracked_batchnorms(network) if not isinstance(m, nn.SyncBatchNorm)]
         if not layers:
             return
         means = torch.cat([m.running_mean.flatten() for m in layers])

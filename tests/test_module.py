@@ -1,5 +1,6 @@
 """SSLSegModule: the teacher is the EMA of the student's history, updated once per optimizer step."""
 
+import copy
 import math
 
 import lightning.pytorch as pl
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from medeman.config import load_config
-from medeman.eman import momentum_at, tracked_batchnorms
+from medeman.eman import momentum_at, recalibrate_batchnorm, tracked_batchnorms
 from medeman.module import SSLSegModule
 from tiny_patches import TinyData
 
@@ -128,6 +129,16 @@ def test_deployed_teacher_has_recalibrated_statistics_and_the_training_teacher_k
     means = [k for k in ema_state if k.endswith("running_mean")]
     assert means and not all(torch.equal(deployed_state[k], ema_state[k]) for k in means)
     assert all(torch.equal(deployed_state[k], v) for k, v in module.teacher.named_parameters())
+
+
+@pytest.mark.parametrize("every, refreshed", [(2, True), (3, False), (0, False)])
+def test_refresh_puts_re_estimated_statistics_into_the_training_teacher(every, refreshed):
+    """ssl.teacher_bn_refresh_every: after update 4 (every 2) the training teacher holds precise-BN statistics of its weights."""
+    _, module, _, _ = _train([f"ssl.teacher_bn_refresh_every={every}", "ssl.recalibration_batches=2", "ssl.teacher_bn_recalibration=off"], 4)
+    again = copy.deepcopy(module.teacher)
+    assert recalibrate_batchnorm(again, module.recalibration_inputs()) == 2
+    pairs = [(k, v, again.state_dict()[k]) for k, v in module.teacher.state_dict().items() if k.endswith(("running_mean", "running_var"))]
+    assert pairs and all(torch.allclose(a, b, atol=1e-6) for _, a, b in pairs) == refreshed  # re-estimating again changes nothing
 
 
 @pytest.mark.parametrize("sets, stats", [(["ssl.teacher_bn_recalibration=off"], "ema"), (["ssl.teacher_norm=bn", "ssl.teacher_bn_recalibration=off"], "batch"),

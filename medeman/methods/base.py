@@ -111,6 +111,27 @@ class TeacherMethod(Method):
             module.average_student_bn_statistics()
         update_teacher(module.teacher, module.student, module.teacher_momentum(module.teacher_updates))
         module.teacher_updates += 1
+        every = int(self.ssl["teacher_bn_refresh_every"])
+        if every > 0 and module.teacher_updates % every == 0 and tracked_batchnorms(module.teacher):
+            self.refresh_teacher_statistics(module)
+
+    def refresh_teacher_statistics(self, module: SSLSegModule) -> bool:
+        """Re-estimate the *training* teacher's BatchNorm statistics in place (``ssl.teacher_bn_refresh_every``).
+
+        Not EMAN: its statistics are EMA'd from the student's, and early in a short run, while the
+        student moves fast, those lag the averaged weights (the re-estimated copy validates far
+        better then). This lets the teacher that makes pseudo-targets use statistics of its own
+        averaged weights (precise-BN, :func:`medeman.eman.recalibrate_batchnorm`), EMA'd from the
+        student's again until the next refresh. Under DDP each process re-estimates on its own
+        batches and the statistics are then pooled over the processes (mean of the variances plus
+        variance of the means), so every teacher stays identical. Returns whether batches were available.
+        """
+        inputs = module.recalibration_inputs()
+        if inputs is None or recalibrate_batchnorm(module.teacher, inputs) == 0:
+            return False
+        module.average_teacher_bn_statistics()
+        self._recalibrated = {}  # a cached re-estimated copy belongs to the statistics it replaced
+        return True
 
     # ---- the validated and deployed teacher --------------------------------------------------------
     def _recalibrates(self, module: SSLSegModule, when: str) -> bool:
