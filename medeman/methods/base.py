@@ -135,11 +135,12 @@ class TeacherMethod(Method):
 
     # ---- the validated and deployed teacher --------------------------------------------------------
     def _recalibrates(self, module: SSLSegModule, when: str) -> bool:
+        if not tracked_batchnorms(module.teacher):
+            return False
         mode = self.ssl["teacher_bn_recalibration"]
-        wanted = mode in ("always", "best") or (mode == "export" and when == "export")
-        if mode == "best" and when == "export":
-            wanted = self.chosen_statistics == "recalibrated"
-        return wanted and bool(tracked_batchnorms(module.teacher))
+        if mode == "best":  # validate both; export what won the last validation
+            return when == "validation" or self.chosen_statistics == "recalibrated"
+        return mode == "always" or (mode == "export" and when == "export")
 
     def recalibrated_teacher(self, module: SSLSegModule) -> nn.Module | None:
         """A copy of the teacher with re-estimated BatchNorm statistics at this step (cached per step).
