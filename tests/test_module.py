@@ -174,3 +174,27 @@ def test_ua_mt_masks_the_consistency_by_the_teacher_entropy():
     for step, row in enumerate(logs.rows):
         assert row["ssl/uncertainty_threshold"] == pytest.approx((0.75 + 0.25 * math.exp(-5 * (1 - step / 4) ** 2)) * math.log(2), rel=1e-5)
         assert 0.0 <= row["ssl/certain_fraction"] <= 1.0
+
+
+def test_training_logs_are_made_only_on_the_steps_the_logger_writes(tmp_path):
+    """log_every_n_steps=3 over 7 steps: rows at steps 2 and 5 only, with the per-class pseudo-label statistics in them."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    class Recorded(SSLSegModule):
+        steps = []
+
+        def log_dict(self, *args, **kwargs):
+            self.steps.append(self.global_step)
+            super().log_dict(*args, **kwargs)
+
+    cfg = load_config(sets=TINY + ["ssl.pseudo_label_threshold=0.5", "ssl.rampup_steps=0", "train.max_steps=7"])
+    trainer = pl.Trainer(accelerator="cpu", max_steps=7, logger=CSVLogger(tmp_path, name="", version=""), enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, log_every_n_steps=3)
+    trainer.fit(Recorded(cfg), datamodule=TinyData())
+    assert Recorded.steps == [2, 5]
+    with open(tmp_path / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [2, 5]
+    assert all(r["loss/sup"] and r["ssl/pseudo_label_kept_class0"] for r in rows)
