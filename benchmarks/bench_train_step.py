@@ -10,6 +10,11 @@ the same losses (DiceCE on the labeled half + softmax MSE to the teacher):
     c  ssl4mis    a Python loop over uncached MONAI Datasets (each item re-reads its NIfTI file, as
                   SSL4MIS re-reads h5), a ``copy.deepcopy`` teacher kept in train mode and the
                   per-tensor parameter EMA
+    d, e          (b) and (a) with ``train.compile=true`` (student and teacher through ``torch.compile``;
+                  compilation falls in the warm-up steps, so give ``--warmup`` >= 10)
+
+The last table puts medeman's fastest step (of b and d, in any precision) against (c) in fp32, as
+SSL4MIS trains.
 
 A step is timed from one step's start to the next one's (loader waits count); ``--warmup`` steps
 are left out and the median of ``--steps`` is reported, with the window mean (wall time of all
@@ -38,7 +43,9 @@ from contextlib import nullcontext
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = {"a": "floor (tensors, no Lightning)", "b": "medeman fit (Lightning + loaders)", "c": "ssl4mis loop (uncached, EMA loop)"}
+VARIANTS = {"a": "floor (tensors, no Lightning)", "b": "medeman fit (Lightning + loaders)", "c": "ssl4mis loop (uncached, EMA loop)",
+            "d": "medeman fit, train.compile=true", "e": "floor, torch.compile"}
+COMPILED = {"d": "b", "e": "a"}  # variant -> the eager variant it compiles (student and teacher through torch.compile)
 LIGHTNING_PRECISION = {"32": "32", "bf16": "bf16-mixed"}
 
 
@@ -236,8 +243,11 @@ def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     cfg = bench_config(args, args.precision)
     data = Path(args.data)
-    run = {"a": run_floor, "b": run_medeman, "c": run_ssl4mis}[args.variant]
-    out = run(args, cfg, args.precision) if args.variant == "a" else run(args, cfg, args.precision, data)
+    if args.variant in COMPILED:
+        cfg["train"]["compile"] = True
+    variant = COMPILED.get(args.variant, args.variant)
+    run = {"a": run_floor, "b": run_medeman, "c": run_ssl4mis}[variant]
+    out = run(args, cfg, args.precision) if variant == "a" else run(args, cfg, args.precision, data)
     import gc
 
     gc.collect()  # loader workers exit and are reaped before their peak RSS is read
@@ -267,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where all three variants run")
     parser.add_argument("--batch", type=int, default=2, help="labeled and unlabeled patches per step, each (sample.yaml: 2)")
     parser.add_argument("--precision", choices=("32", "bf16"), nargs="+", default=["32", "bf16"])
-    parser.add_argument("--variants", default="abc", help="which of a, b, c to run")
+    parser.add_argument("--variants", default="abc", help="which of a, b, c, d, e to run (d, e: compiled; minutes of compilation on a CPU)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads in every variant (1: see benchmarks/README.md)")
     parser.add_argument("--num-workers", type=int, help="data.num_workers for (b) and (c) (default: sample.yaml's)")
     parser.add_argument("--labeled", type=int, default=6, help="labeled cases of the generated cohort")
@@ -347,20 +357,24 @@ def run_all(args: argparse.Namespace, data: Path) -> None:
             rounds = " (rounds: " + ", ".join(f"{statistics.median(r['steps']):.4f}" for r in runs) + ")" if len(runs) > 1 else ""
             print(f"{variant + ' ' + VARIANTS[variant]:<36} {precision:>9} {median:>13.4f} {window:>13.4f} {median / floor:>6.2f}x "
                   f"{cpu:>10.4f} {cpu / floor_cpu:>6.2f}x {rss:>12.0f} {workers:>11.0f}{rounds}")
-    if "b" in args.variants:
-        fits = ", ".join(f"{p} {statistics.mean(r['fit_s'] for r in results[('b', p)]):.1f} s" for p in args.precision)
-        print(f"\n(b) whole fit() call incl. discovery, caching, Trainer set-up and teardown: {fits} "
-              f"for {args.warmup + args.steps + 1} steps")
-    if "b" in args.variants and "c" in args.variants:
-        # the headline: medeman in its fastest precision against the SSL4MIS-style loop as SSL4MIS runs it (fp32)
+    for variant in "bd":
+        if variant in args.variants:
+            fits = ", ".join(f"{p} {statistics.mean(r['fit_s'] for r in results[(variant, p)]):.1f} s" for p in args.precision)
+            print(f"\n({variant}) whole fit() call incl. discovery, caching, {'compilation, ' if variant == 'd' else ''}Trainer set-up and teardown: "
+                  f"{fits} for {args.warmup + args.steps + 1} steps", end="")
+    ours_variants = [v for v in "bd" if v in args.variants]
+    if ours_variants and "c" in args.variants:
+        # the headline: medeman's fastest step (eager or compiled, any precision) against the SSL4MIS-style loop as SSL4MIS runs it (fp32)
         reference = "32" if "32" in args.precision else args.precision[0]
-        header = f"{'':<10} {'medeman (b), best precision':<30} {'ssl4mis-style loop (c)':<26} {'speed-up':>8}"
-        print(f"\n{header}\n{'-' * len(header)}")
+        header = f"{'':<10} {'medeman, best (variant, precision)':<36} {'ssl4mis-style loop (c)':<26} {'speed-up':>8}"
+        print(f"\n\n{header}\n{'-' * len(header)}")
         for label, key in (("wall", "steps"), ("CPU", "cpu_steps")):
             step = {k: statistics.median([t for r in runs for t in r[key]]) for k, runs in results.items()}
-            best = min(args.precision, key=lambda p: step[("b", p)])
-            ours, theirs = step[("b", best)], step[("c", reference)]
-            print(f"{label + ' s/step':<10} {f'{ours:.4f} ({best})':<30} {f'{theirs:.4f} ({reference})':<26} {theirs / ours:>7.2f}x")
+            best = min(((v, p) for v in ours_variants for p in args.precision), key=step.__getitem__)
+            ours, theirs = step[best], step[("c", reference)]
+            print(f"{label + ' s/step':<10} {f'{ours:.4f} ({best[0]}, {best[1]})':<36} {f'{theirs:.4f} ({reference})':<26} {theirs / ours:>7.2f}x")
+    else:
+        print()
 
 
 if __name__ == "__main__":
