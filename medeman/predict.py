@@ -144,9 +144,10 @@ def labels_on_input(probs: torch.Tensor, image: MetaTensor, transform, dtype: to
         if last is not None:
             score = lerp_axis(score, last)
         score = score[0].permute(*(a.source for a in axes))
-        if best is None:
-            best = torch.zeros_like(score)
-            labels = torch.zeros(score.shape, dtype=dtype, device=score.device)
+        if c == 1:  # class 1 against class 0 (score 0): ties stay 0
+            labels = (score > 0).to(dtype)
+            best = score.clamp_(min=0) if probs.shape[0] > 2 else None
+            continue
         better = score > best
         labels.masked_fill_(better, c)
         torch.maximum(best, score, out=best)

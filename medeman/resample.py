@@ -87,7 +87,7 @@ def lerp_axis(volume: torch.Tensor, axis: Axis) -> torch.Tensor:
     if axis.gather_only:
         return lo
     weight = axis.weight.view([-1 if i == dim else 1 for i in range(volume.ndim)]).to(volume.dtype)
-    return torch.lerp(lo, volume.index_select(dim, axis.hi), weight)
+    return lo.lerp_(volume.index_select(dim, axis.hi), weight)  # in place: one scan-sized allocation fewer
 
 
 def resample_separable(volume: torch.Tensor, axes: list[Axis], permute: list[Axis] | None = None) -> torch.Tensor:
