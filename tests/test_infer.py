@@ -176,6 +176,24 @@ def test_inversion_matches_monai_invertd(tmp_path, name, affine, spacing):
     assert labels.unique().numel() == 3  # every class has a boundary to get right
 
 
+@pytest.mark.parametrize("classes", [1, 2, 4])
+def test_class_map_matches_the_argmax_of_the_inverted_probabilities_for_any_class_count(tmp_path, classes):
+    """The running argmax (class 1 against 0 first, then a running maximum) for 1, 2 and 4 classes."""
+    from medeman.data.transforms import preprocessing
+    from medeman.labels import argmax_labels
+    from medeman.predict import invert_to_input, labels_on_input
+
+    name, affine, spacing = INVERSION_CASES[-2]  # the oblique MetaImage, anisotropic spacing
+    scan = write_scan(tmp_path / name, blob(), affine)
+    transform = preprocessing(tiny_config(spacing), keys=("image",))
+    image = transform({"image": str(scan)})["image"]
+    probs = smooth_probabilities(image.shape[1:], classes=classes, seed=classes)
+    labels = labels_on_input(probs, image, transform)
+    assert labels.shape == SHAPE
+    assert torch.equal(labels, argmax_labels(invert_to_input(probs, image, transform), dim=0))
+    assert labels.unique().numel() == classes
+
+
 @pytest.mark.parametrize("affine, identity, gather_only", [
     (np.diag([1.5, 1.5, 1.5, 1.0]), [True, True, True], [True, True, True]),  # RAS at the model's spacing
     (np.diag([1.5, -1.5, 1.5, 1.0]), [True, False, True], [True, True, True]),  # a flip: a gather, no blend
