@@ -192,13 +192,14 @@ class SSLSegModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["medeman_teacher_updates"] = self.teacher_updates
-        if hasattr(self.method, "chosen_statistics"):  # teacher_bn_recalibration=best: which statistics won the last validation
-            checkpoint["medeman_teacher_statistics"] = self.method.chosen_statistics
+        checkpoint["medeman_method_state"] = self.method.state_dict()  # e.g. which teacher statistics won the last validation
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.teacher_updates = int(checkpoint.get("medeman_teacher_updates", checkpoint.get("global_step", 0)))
-        if "medeman_teacher_statistics" in checkpoint and hasattr(self.method, "chosen_statistics"):
-            self.method.chosen_statistics = checkpoint["medeman_teacher_statistics"]
+        state = checkpoint.get("medeman_method_state", {})
+        if "medeman_teacher_statistics" in checkpoint:  # checkpoints written before medeman_method_state
+            state = {"chosen_statistics": checkpoint["medeman_teacher_statistics"], **state}
+        self.method.load_state_dict(state)
 
     def teacher_momentum(self, step: int) -> float:
         """The EMA momentum of the update after optimizer step ``step``: the schedule, then the warm-up."""

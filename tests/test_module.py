@@ -198,3 +198,30 @@ def test_training_logs_are_made_only_on_the_steps_the_logger_writes(tmp_path):
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [2, 5]
     assert all(r["loss/sup"] and r["ssl/pseudo_label_kept_class0"] for r in rows)
+
+
+@pytest.mark.parametrize("saved, expected", [
+    ({"medeman_method_state": {"chosen_statistics": "raw"}}, "raw"),
+    ({"medeman_teacher_statistics": "raw"}, "raw"),  # a checkpoint from before medeman_method_state
+    ({}, "recalibrated"),  # nothing saved: the default
+    ({"medeman_method_state": {"chosen_statistics": "bogus"}}, "recalibrated"),
+])
+def test_method_state_travels_in_checkpoints(saved, expected):
+    """Which teacher statistics won the last validation is restored on resume, also from older checkpoints."""
+    cfg = load_config(sets=TINY + ["ssl.teacher_bn_recalibration=best"])
+    module = SSLSegModule(cfg)
+    module.method.chosen_statistics = "raw"
+    checkpoint = {}
+    module.on_save_checkpoint(checkpoint)
+    assert checkpoint["medeman_method_state"] == {"chosen_statistics": "raw"}
+    resumed = SSLSegModule(cfg)
+    resumed.on_load_checkpoint(saved)
+    assert resumed.method.chosen_statistics == expected
+
+
+def test_a_method_without_state_saves_an_empty_one():
+    module = SSLSegModule(load_config(sets=TINY + ["ssl.method=supervised"]))
+    checkpoint = {}
+    module.on_save_checkpoint(checkpoint)
+    assert checkpoint["medeman_method_state"] == {}
+    module.on_load_checkpoint({"medeman_method_state": {"chosen_statistics": "raw"}})  # ignored, no error

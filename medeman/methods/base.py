@@ -70,6 +70,13 @@ class Method:
     def after_optimizer_step(self, module: SSLSegModule) -> None:
         """Called after every optimizer step the student took (not after skipped or accumulation steps)."""
 
+    def state_dict(self) -> dict[str, Any]:
+        """What the method must carry across a resume besides the networks (plain values; saved in Lightning checkpoints)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s values (keys it does not know are ignored: older checkpoints)."""
+
     def validated_networks(self, module: SSLSegModule) -> dict[str, nn.Module]:
         """The networks to score at a validation, by name; ``"teacher"`` is the deployed one."""
         return {"student": module.student}
@@ -105,6 +112,13 @@ class TeacherMethod(Method):
 
     def make_teacher(self, student: nn.Module) -> nn.Module:
         return make_teacher(student, norm=self.ssl["teacher_norm"])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"chosen_statistics": self.chosen_statistics}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("chosen_statistics") in ("raw", "recalibrated"):
+            self.chosen_statistics = state["chosen_statistics"]
 
     def after_optimizer_step(self, module: SSLSegModule) -> None:
         if self.ssl["teacher_norm"] == "eman":  # bn and ema teachers keep their own buffers
