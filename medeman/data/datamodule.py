@@ -52,11 +52,16 @@ def preprocessing_digest(data: dict[str, Any]) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
-def _method_uses_unlabeled(cfg: dict[str, Any]) -> bool:
-    """Whether ``ssl.method`` trains on unlabeled views (the method object knows; see medeman.methods)."""
+def _method_views(cfg: dict[str, Any]) -> tuple[str, ...]:
+    """The unlabeled views ``ssl.method`` trains on (the method object knows; see medeman.methods)."""
     from medeman.methods import build_method  # imported late: methods import the training stack
 
-    return build_method(cfg).uses_unlabeled
+    return tuple(build_method(cfg).unlabeled_views)
+
+
+def _method_uses_unlabeled(cfg: dict[str, Any]) -> bool:
+    """Whether ``ssl.method`` trains on unlabeled views."""
+    return bool(_method_views(cfg))
 
 
 class SSLDataModule(pl.LightningDataModule):
@@ -170,7 +175,7 @@ class SSLDataModule(pl.LightningDataModule):
             if float(self.cfg["data"]["unlabeled_focus_fraction"]) > 0:  # shared before any loader worker starts
                 self.focus = FocusCentres(len(cases))
                 cases = [{**case, "case_index": i} for i, case in enumerate(cases)]
-            self._datasets["unlabeled"] = self._dataset(cases, tfm.unlabeled_transforms(self.cfg, self.focus), "unlabeled")
+            self._datasets["unlabeled"] = self._dataset(cases, tfm.unlabeled_transforms(self.cfg, self.focus, _method_views(self.cfg)), "unlabeled")
         if self.val_cases:
             self._datasets["val"] = self._dataset(self.val_cases, tfm.validation_transforms(self.cfg), "val")
 

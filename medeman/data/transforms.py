@@ -166,7 +166,8 @@ def labeled_transforms(cfg: dict[str, Any]) -> Compose:
     ])
 
 
-def unlabeled_transforms(cfg: dict[str, Any], focus: FocusCentres | None = None) -> Compose:
+def unlabeled_transforms(cfg: dict[str, Any], focus: FocusCentres | None = None,
+                         views: Sequence[str] = ("weak", "strong")) -> Compose:
     """Unlabeled training chain: preprocessing, foreground crop, padding, a random patch, spatial
     augmentation, then two views of the same voxels.
 
@@ -174,9 +175,16 @@ def unlabeled_transforms(cfg: dict[str, Any], focus: FocusCentres | None = None)
     the teacher's rare-class voxels (:class:`~medeman.data.sampling.RandFocusCropd`); the case dicts
     must then carry their row in ``focus`` as ``"case_index"``.
 
-    Output: ``{"weak": float32 (C, *patch), "strong": float32 (C, *patch)}``; ``strong`` is ``weak``
-    after :func:`strong_augmentation`.
+    Args:
+        views: the views the method trains on (``Method.unlabeled_views``): ``("weak", "strong")``,
+            or ``("weak",)`` to skip the strong view's copy and intensity augmentation (BCP).
+
+    Output: ``{"weak": float32 (C, *patch), "strong": float32 (C, *patch)}`` (``strong`` only when
+    asked for); ``strong`` is ``weak`` after :func:`strong_augmentation`.
     """
+    views = list(views)
+    if views not in (["weak", "strong"], ["weak"]):
+        raise ValueError(f"unlabeled views {views}: medeman makes ('weak', 'strong') or ('weak',)")
     fraction = float(cfg["data"]["unlabeled_focus_fraction"])
     if focus is not None and fraction > 0:
         crop = RandFocusCropd(keys="image", spatial_size=_patch(cfg), focus=focus, fraction=fraction, index_key="case_index")
@@ -186,10 +194,10 @@ def unlabeled_transforms(cfg: dict[str, Any], focus: FocusCentres | None = None)
         *_cropped_and_padded(cfg, ["image"]),
         crop,
         *spatial_augmentation(cfg, ["image"]),
-        CopyItemsd(keys="image", times=2, names=["weak", "strong"]),
-        *strong_augmentation(cfg, "strong"),
-        SelectItemsd(keys=["weak", "strong"]),
-        EnsureTyped(keys=["weak", "strong"], dtype=torch.float32, track_meta=False),
+        CopyItemsd(keys="image", times=len(views), names=views),
+        *(strong_augmentation(cfg, "strong") if "strong" in views else []),
+        SelectItemsd(keys=views),
+        EnsureTyped(keys=views, dtype=torch.float32, track_meta=False),
     ])
 
 

@@ -59,6 +59,22 @@ def test_views_voxel_aligned_with_strong_augmentation(tmp_path, cfg, volume_writ
         assert aligned > 0.7 and aligned > flipped + 0.4, (aligned, flipped)
 
 
+def test_weak_only_chain_makes_the_same_weak_view_without_a_strong_one(tmp_path, cfg, volume_writer):
+    """BCP asks for the weak view alone: same patches and spatial augmentation, no strong copy."""
+    cfg["data"].update(strong_prob=1.0)
+    scan = _pattern_scan(tmp_path, volume_writer)
+    both, weak_only = unlabeled_transforms(cfg), unlabeled_transforms(cfg, views=("weak",))
+    assert "strong" not in str([getattr(t, "keys", ()) for t in weak_only.transforms])
+    both.set_random_state(seed=4)
+    weak_only.set_random_state(seed=4)
+    for _ in range(3):
+        a, b = both({"image": scan}), weak_only({"image": scan})
+        assert set(b) == {"weak"}
+        torch.testing.assert_close(a["weak"], b["weak"])
+    with pytest.raises(ValueError, match="unlabeled views"):
+        unlabeled_transforms(cfg, views=("strong",))
+
+
 @pytest.mark.parametrize("spatial", SPATIAL_CASES)
 def test_labeled_patch_keeps_label_on_its_voxels(tmp_path, cfg, volume_writer, phantom_maker, spatial):
     cfg["data"].update(spatial, fg_class_fraction=1.0)
