@@ -64,7 +64,9 @@ class TeacherFocus(pl.Callback):
 
     Needs the Trainer's DataModule to be an :class:`~medeman.data.SSLDataModule` built with
     ``data.unlabeled_focus_fraction`` > 0 (it then holds ``focus``, the shared centres); added by
-    ``SSLSegModule.configure_callbacks``. Under DDP every rank refreshes its own copy.
+    ``SSLSegModule.configure_callbacks``. Under DDP every rank refreshes its own copy. The centres,
+    the step of the last refresh and the draw state are saved in checkpoints (:meth:`state_dict`),
+    so a resumed run focuses from its first step instead of cropping at random until the next refresh.
 
     Args:
         cfg: resolved medeman config.
@@ -80,6 +82,34 @@ class TeacherFocus(pl.Callback):
         self.classes = [int(c) for c in data["unlabeled_focus_classes"]] if data["unlabeled_focus_classes"] else list(range(1, num_classes))
         self.rand = np.random.RandomState(int(cfg["train"]["seed"]) if seed is None else seed)
         self.last_refresh: int | None = None
+        self.focus: Any = None  # the DataModule's shared centres, found at setup
+        self._restored: dict[str, Any] | None = None  # a checkpoint's state, applied when training starts
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.focus = getattr(trainer.datamodule, "focus", None)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The centres of the last refresh, its step and the draw state: a resumed run focuses from its first step."""
+        _, keys, pos, has_gauss, gauss = self.rand.get_state()
+        state: dict[str, Any] = {"last_refresh": self.last_refresh, "rand": torch.from_numpy(keys.astype(np.int64)),
+                                 "rand_pos": int(pos), "rand_gauss": (int(has_gauss), float(gauss))}
+        if self.focus is not None:
+            state.update(centres=self.focus.centres.clone(), counts=self.focus.counts.clone())
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = state_dict
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        state, self._restored = self._restored, None
+        if state is None:
+            return
+        self.last_refresh = state.get("last_refresh")
+        if "rand" in state:
+            self.rand.set_state(("MT19937", state["rand"].numpy().astype(np.uint32), state["rand_pos"], *state["rand_gauss"]))
+        if self.focus is not None and "centres" in state and state["centres"].shape == self.focus.centres.shape:
+            self.focus.centres.copy_(state["centres"])  # in place: loader workers share these tensors
+            self.focus.counts.copy_(state["counts"])
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step

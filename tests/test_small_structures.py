@@ -144,3 +144,34 @@ def test_module_adds_the_focus_callback_only_when_asked():
     callbacks = SSLSegModule(load_config(sets=TINY + ["data.unlabeled_focus_fraction=0.5"])).configure_callbacks()
     assert [type(c) for c in callbacks] == [TeacherFocus]
     assert SSLSegModule(load_config(sets=TINY + ["data.unlabeled_focus_fraction=0.5", "ssl.method=supervised"])).configure_callbacks() == []
+
+
+def test_focus_centres_and_draw_state_travel_in_the_checkpoint(make_cohort, tmp_path):
+    """A resumed run starts with the centres of the last refresh (not random crops until the next one)."""
+    from medeman.train import fit
+
+    class CentresAtStart(pl.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if not hasattr(self, "counts"):
+                self.counts = trainer.datamodule.focus.counts.clone()
+                self.centres = trainer.datamodule.focus.centres.clone()
+                focus = next(c for c in trainer.callbacks if isinstance(c, TeacherFocus))
+                self.last_refresh, self.draw = focus.last_refresh, focus.rand.rand()
+
+    root = make_cohort(3, 3)
+    run = tmp_path / "run"
+    sets = ["model.channels=[4,8]", "model.num_res_units=1", "data.patch_size=[16,16,16]", "data.spacing=[1,1,1]", "data.num_classes=3",
+            "data.num_workers=0", "data.cache=memory", "data.val_fraction=0.34", "data.unlabeled_focus_fraction=0.5", "data.unlabeled_focus_every_steps=2", "data.unlabeled_focus_stride=1",
+                   "train.max_steps=4", "train.val_every_steps=4"]
+    fit(load_config(sets=sets), root / "labeled", root / "unlabeled", out_dir=run, progress_bar=False)
+    saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    (state,) = [v for k, v in saved["callbacks"].items() if "TeacherFocus" in k]
+    assert state["last_refresh"] == 4 and state["counts"].shape == (3,)
+    probe = CentresAtStart()
+    fit(load_config([run / "config.yaml"], ["train.max_steps=5"]), root / "labeled", root / "unlabeled", out_dir=run,
+        resume=True, callbacks=[probe], progress_bar=False)
+    assert torch.equal(probe.counts, state["counts"]) and torch.equal(probe.centres, state["centres"])
+    assert probe.last_refresh == 4
+    expected = __import__("numpy").random.RandomState()
+    expected.set_state(("MT19937", state["rand"].numpy().astype("uint32"), state["rand_pos"], *state["rand_gauss"]))
+    assert probe.draw == expected.rand()
