@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import io
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -92,11 +93,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precision", choices=("32", "bf16"), default="32", help="inference precision")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (1: see benchmarks/README.md)")
+    parser.add_argument("--cases", type=int, default=4, help="also time a folder of this many scans (per scan; 0 or 1: skip)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (e.g. infer.overlap=0.5)")
     parser.add_argument("--smoke", action="store_true", help="a 24^3 scan and one round with TTA off and on: checks that the benchmark runs, in seconds")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.size, args.repeats, args.scan_spacing, args.model_spacing, args.threads = 24, 1, (4.0, 4.0, 6.0), (5.0, 5.0, 5.0), 1
+        args.size, args.repeats, args.scan_spacing, args.model_spacing, args.threads, args.cases = 24, 1, (4.0, 4.0, 6.0), (5.0, 5.0, 5.0), 1, 2
         args.set = [*args.set, "model.channels=[4,8]", "model.num_res_units=0", "data.patch_size=[16,16,16]"]  # tiny wins
 
     from medeman.config import load_config
@@ -167,7 +169,7 @@ def run(args: argparse.Namespace, cfg: dict, tmp: Path) -> None:
 
         stages: dict[str, list[float]] = {"load + preprocess": [], "predict_volume": [], "invert + argmax": [], "write": []}
 
-        def staged() -> None:  # the calls of infer._segment_case, one by one
+        def staged() -> None:  # the stages of medeman infer for one case, one by one
             marks = [time.perf_counter()]
             img = transform({"image": str(scan)})["image"]
             marks.append(time.perf_counter())
@@ -182,7 +184,21 @@ def run(args: argparse.Namespace, cfg: dict, tmp: Path) -> None:
             for name, a, b in zip(stages, marks, marks[1:]):
                 stages[name].append(b - a)
 
-        times = interleaved_medians({"bare": bare, "end to end": end_to_end, "staged": staged}, args.repeats)
+        folder = tmp / "folder"
+        for i in range(args.cases if args.cases > 1 else 0):  # copies of the scan: a folder medeman infer reads ahead in and writes behind
+            folder.mkdir(exist_ok=True)
+            shutil.copyfile(scan, folder / f"scan{i}.nii.gz")
+
+        def whole_folder() -> None:
+            with contextlib.redirect_stdout(io.StringIO()):
+                results = infer_cases(tmp / "teacher.pt", folder, tmp / "folder_out", tta=tta, overwrite=True, progress=False, device=device)
+            if any(r.status != "written" for r in results):
+                sys.exit(f"infer_cases failed on the folder: {[r.message for r in results if r.message]}")
+
+        fns = {"bare": bare, "end to end": end_to_end, "staged": staged}
+        if args.cases > 1:
+            fns["folder"] = whole_folder
+        times = interleaved_medians(fns, args.repeats)
         # the same probabilities through MONAI Invertd: how many voxels of the written mask differ
         probs = predict_volume(net, image, cfg, tta, device=device).cpu()
         reference = Invertd(keys="pred", transform=transform, orig_keys="image", nearest_interp=False)(
@@ -190,16 +206,24 @@ def run(args: argparse.Namespace, cfg: dict, tmp: Path) -> None:
         written = np.asarray(nib.load(str(tmp / "out" / "scan.nii.gz")).dataobj)
         differ = int((argmax_labels(torch.as_tensor(np.asarray(reference)), dim=0).numpy() != written).sum())
         rows.append((tta, times["bare"], times["end to end"], {k: statistics.median(v[1:]) for k, v in stages.items()},
-                     differ, written.size, written.dtype))
+                     differ, written.size, written.dtype, times.get("folder")))
 
     header = (f"{'tta':<4} {'bare sliding window s':>21} {'medeman infer s':>15} {'ratio':>6}  {'CPU s: bare':>11} "
               f"{'infer':>6} {'ratio':>6}  {'mask vs Invertd':>16}   stages of medeman infer, wall s")
     print(header)
     print("-" * len(header))
-    for tta, (t_bare, c_bare), (t_full, c_full), stage, differ, total, mask_dtype in rows:
+    for tta, (t_bare, c_bare), (t_full, c_full), stage, differ, total, mask_dtype, folder_times in rows:
         split = ", ".join(f"{k} {v:.2f}" for k, v in stage.items())
         print(f"{'on' if tta else 'off':<4} {t_bare:>21.2f} {t_full:>15.2f} {t_full / t_bare:>5.2f}x  {c_bare:>11.2f} "
               f"{c_full:>6.2f} {c_full / c_bare:>5.2f}x  {f'{differ} voxels differ':>16}   {split}")
+    if any(row[7] for row in rows):
+        print(f"\na folder of {args.cases} copies of the scan through one infer_cases call (the next scan is read and the "
+              f"last mask written while the network runs), per scan:")
+        for tta, (t_bare, c_bare), _, _, _, _, _, folder_times in rows:
+            if folder_times:
+                wall, cpu = (t / args.cases for t in folder_times)
+                print(f"{'on' if tta else 'off':<4} {t_bare:>21.2f} {wall:>15.2f} {wall / t_bare:>5.2f}x  {c_bare:>11.2f} "
+                      f"{cpu:>6.2f} {cpu / c_bare:>5.2f}x")
     print(f"\nmask dtype {rows[0][6]}, {rows[0][5]} voxels; peak RSS {peak_rss_mib():.0f} MiB (whole benchmark process)")
 
 

@@ -20,6 +20,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Sequence
 
 import numpy as np
@@ -107,59 +109,113 @@ def infer_cases(
     results = [CaseResult(p.split(":", 1)[0], "failed", message=p) for p in problems]
     for message in problems:
         tqdm.write(f"error: {message}", file=sys.stderr)
-    bar = tqdm(cases, desc="infer", unit="case", disable=not progress, file=sys.stderr)
-    for case in bar:
-        bar.set_postfix_str(case.case_id)
+    plan: list[CaseResult | _Job] = []  # per case, in order: decided now (skip, refusal) or to segment
+    for case in cases:
         suffix = ".nii.gz" if output_format == "nii.gz" else image_suffix(case.files[0])
         suffix = SINGLE_FILE.get(suffix, suffix)
         out_path = output_dir / f"{case.case_id}{suffix}"
         probs_path = output_dir / f"{case.case_id}_probs.nii.gz" if probabilities else None
         targets = [p for p in (out_path, probs_path) if p is not None]
         if any(p.resolve() in {f.resolve() for f in case.files} for p in targets):
-            result = CaseResult(case.case_id, "failed", message=f"{out_path}: would overwrite the input scan; choose another --output")
+            plan.append(CaseResult(case.case_id, "failed", message=f"{out_path}: would overwrite the input scan; choose another --output"))
         elif not overwrite and any(p.exists() for p in targets):
             existing = next(p for p in targets if p.exists())
-            result = CaseResult(case.case_id, "skipped", output=out_path,
-                                message=f"{existing} exists; kept (pass --overwrite to replace)")
+            plan.append(CaseResult(case.case_id, "skipped", output=out_path, message=f"{existing} exists; kept (pass --overwrite to replace)"))
         else:
-            start = time.perf_counter()
-            try:
-                _segment_case(case, net, cfg, transform, out_path, probs_path, tta=tta, device=device,
-                              sw_batch_size=sw_batch_size, overlap=overlap, precision=precision)
-                result = CaseResult(case.case_id, "written", time.perf_counter() - start, out_path, probs_path)
-            except CaseError as err:
-                result = CaseResult(case.case_id, "failed", time.perf_counter() - start, message=str(err))
-            except Exception as err:  # one bad scan must not stop the others
-                result = CaseResult(case.case_id, "failed", time.perf_counter() - start,
-                                    message=f"{case.files[0]}: {one_line(err)}")
+            plan.append(_Job(case, out_path, probs_path))
+    jobs = [item for item in plan if isinstance(item, _Job)]
+    segmented = _segment_cases(jobs, net, cfg, transform, tta=tta, device=device, sw_batch_size=sw_batch_size,
+                               overlap=overlap, precision=precision)
+    bar = tqdm(plan, desc="infer", unit="case", disable=not progress, file=sys.stderr)
+    for item in bar:
+        bar.set_postfix_str(item.case_id if isinstance(item, CaseResult) else item.case.case_id)
+        result = next(segmented) if isinstance(item, _Job) else item
         results.append(result)
         if result.status == "written":
-            tqdm.write(f"{case.case_id}: {result.seconds:.2f} s -> {out_path}")
+            tqdm.write(f"{result.case_id}: {result.seconds:.2f} s -> {result.output}")
         elif result.status == "skipped":
-            tqdm.write(f"{case.case_id}: skipped, {result.message}")
+            tqdm.write(f"{result.case_id}: skipped, {result.message}")
         else:
             tqdm.write(f"error: {result.message}", file=sys.stderr)
     return results
 
 
-def _segment_case(case: Case, net, cfg, transform, out_path: Path, probs_path: Path | None, *, tta: bool,
-                  device: torch.device, sw_batch_size, overlap, precision) -> None:
-    """Preprocess, predict, invert and write one case; raise CaseError with a one-line reason."""
-    image = preprocess_case(case, cfg, transform)
+@dataclass
+class _Job:
+    """A case to segment and where its outputs go."""
+
+    case: Case
+    out_path: Path
+    probs_path: Path | None
+
+
+def _segment_cases(jobs: list[_Job], net, cfg, transform, **predict_kwargs) -> Iterator[CaseResult]:
+    """Segment ``jobs`` in order, yielding one :class:`CaseResult` each.
+
+    While the network segments case i, one background thread reads and preprocesses case i+1 and
+    writes case i-1's mask (gzip and file reads release the GIL), so a folder costs about the
+    network's time plus one read and one write. Case i's result is yielded once its mask is on disk.
+    """
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="medeman-infer-io") as io:
+        reads: dict[int, Future] = {}
+
+        def read_ahead(i: int) -> None:
+            if i < len(jobs):
+                reads[i] = io.submit(preprocess_case, jobs[i].case, cfg, transform)
+
+        read_ahead(0)
+        pending = None
+        for i, job in enumerate(jobs):
+            read_ahead(i + 1)
+            start, write, error = time.perf_counter(), None, None
+            try:
+                labels, probs = _predict_case(job, reads.pop(i).result(), net, cfg, transform, **predict_kwargs)
+                write = io.submit(_write_case, job, labels, probs)
+            except Exception as err:  # one bad scan must not stop the others
+                error = err
+            if pending is not None:
+                yield _finished(*pending)
+            pending = (job, start, write, error)
+        if pending is not None:
+            yield _finished(*pending)
+
+
+def _finished(job: _Job, start: float, write: Future | None, error: BaseException | None) -> CaseResult:
+    """The result of one case once its write (if it got that far) is done."""
+    if error is None and write is not None:
+        try:
+            write.result()
+        except Exception as err:
+            error = err
+    seconds = time.perf_counter() - start
+    if error is None:
+        return CaseResult(job.case.case_id, "written", seconds, job.out_path, job.probs_path)
+    message = str(error) if isinstance(error, CaseError) else f"{job.case.files[0]}: {one_line(error)}"
+    return CaseResult(job.case.case_id, "failed", seconds, message=message)
+
+
+def _predict_case(job: _Job, image, net, cfg, transform, *, tta: bool, device: torch.device, sw_batch_size, overlap,
+                  precision) -> tuple[np.ndarray, np.ndarray | None]:
+    """Predict and invert one preprocessed case: the class map (and, if asked, the probabilities) on the scan's grid."""
     probs = predict_volume(net, image, cfg, tta, sw_batch_size=sw_batch_size, overlap=overlap,
                            precision=precision, device=device)
     dtype = label_dtype(probs.shape[0])
-    if probs_path is None:  # the class map alone: resampled without a scan-sized probability volume
+    if job.probs_path is None:  # the class map alone: resampled without a scan-sized probability volume
         labels, probs = labels_on_input(probs, image, transform, dtype), None
     else:
         probs = invert_to_input(probs, image, transform)
         labels = argmax_labels(probs, dim=0, dtype=dtype)
-    shape, _ = read_geometry(case.files[0])
+    scan = job.case.files[0]
+    shape, _ = read_geometry(scan)
     if tuple(labels.shape) != shape:
-        raise CaseError(f"{case.files[0]}: prediction came back as {tuple(labels.shape)}, not the scan's {shape}")
-    write_volume(labels.cpu().numpy(), case.files[0], out_path, intent="label")
+        raise CaseError(f"{scan}: prediction came back as {tuple(labels.shape)}, not the scan's {shape}")
+    return labels.cpu().numpy(), None if probs is None else np.moveaxis(probs.float().cpu().numpy(), 0, -1)
+
+
+def _write_case(job: _Job, labels: np.ndarray, probs: np.ndarray | None) -> None:
+    write_volume(labels, job.case.files[0], job.out_path, intent="label")
     if probs is not None:
-        write_volume(np.moveaxis(probs.float().cpu().numpy(), 0, -1), case.files[0], probs_path)
+        write_volume(probs, job.case.files[0], job.probs_path)
 
 
 # --------------------------------------------------------------------------- command line

@@ -354,3 +354,34 @@ def test_find_cases(tmp_path, names, channels, expected, problems):
     cases, found = find_cases(tmp_path, channels)
     assert {c.case_id: [f.name for f in c.files] for c in cases} == expected
     assert len(found) == len(problems) and all(p in f for p, f in zip(problems, found))
+
+
+def test_a_folder_gives_each_case_the_mask_it_gets_alone_in_order(model_file, tmp_path, monkeypatch):
+    """Reading ahead and writing behind: results in case order, a failed read, a skip and a failed write in between."""
+    import medeman.infer as infer_module
+
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        write_scan(tmp_path / "in" / f"c{i}.nii.gz", blob() + rng.normal(0, 40, SHAPE).astype(np.float32))
+    (tmp_path / "in" / "c1.nii.gz").write_bytes(b"\x1f\x8b not a scan" * 10)  # read fails (in the read-ahead thread)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "c2.nii.gz").write_bytes(b"kept")  # skipped without --overwrite
+    write_volume = infer_module.write_volume
+
+    def failing_write(array, geometry, path, **kwargs):
+        if Path(path).name == "c3.nii.gz":
+            raise OSError("disk full")
+        return write_volume(array, geometry, path, **kwargs)
+
+    monkeypatch.setattr(infer_module, "write_volume", failing_write)
+    results = infer_cases(model_file, tmp_path / "in", tmp_path / "out", progress=False, device="cpu")
+    assert [(r.case_id, r.status) for r in results] == [
+        ("c0", "written"), ("c1", "failed"), ("c2", "skipped"), ("c3", "failed"), ("c4", "written")]
+    assert "c1.nii.gz" in results[1].message and "disk full" in results[3].message and "c3.nii.gz" in results[3].message
+    assert (tmp_path / "out" / "c2.nii.gz").read_bytes() == b"kept" and not (tmp_path / "out" / "c3.nii.gz").exists()
+    monkeypatch.setattr(infer_module, "write_volume", write_volume)
+    for case in ("c0", "c4"):  # the same mask as inferring the scan alone
+        alone = infer_cases(model_file, tmp_path / "in" / f"{case}.nii.gz", tmp_path / "alone", progress=False, device="cpu")
+        assert alone[0].status == "written"
+        assert np.array_equal(np.asarray(nib.load(str(tmp_path / "alone" / f"{case}.nii.gz")).dataobj),
+                              np.asarray(nib.load(str(tmp_path / "out" / f"{case}.nii.gz")).dataobj))
