@@ -161,11 +161,14 @@ def run(args: argparse.Namespace, cfg: dict, tmp: Path) -> None:
                 sliding_window_inference(x, roi, int(infer["sw_batch_size"]), predictor, float(infer["overlap"]), mode="gaussian")
             sync()
 
-        def end_to_end() -> None:
+        def run_infer(inputs: Path, out: Path) -> None:
             with contextlib.redirect_stdout(io.StringIO()):  # infer_cases prints one line per case
-                results = infer_cases(tmp / "teacher.pt", scan, tmp / "out", tta=tta, overwrite=True, progress=False, device=device)
-            if results[0].status != "written":
-                sys.exit(f"infer_cases failed: {results[0].message}")
+                results = infer_cases(tmp / "teacher.pt", inputs, out, tta=tta, overwrite=True, progress=False, device=device)
+            if any(r.status != "written" for r in results):
+                sys.exit(f"infer_cases failed on {inputs}: {[r.message for r in results if r.message]}")
+
+        def end_to_end() -> None:
+            run_infer(scan, tmp / "out")
 
         stages: dict[str, list[float]] = {"load + preprocess": [], "predict_volume": [], "invert + argmax": [], "write": []}
 
@@ -190,10 +193,7 @@ def run(args: argparse.Namespace, cfg: dict, tmp: Path) -> None:
             shutil.copyfile(scan, folder / f"scan{i}.nii.gz")
 
         def whole_folder() -> None:
-            with contextlib.redirect_stdout(io.StringIO()):
-                results = infer_cases(tmp / "teacher.pt", folder, tmp / "folder_out", tta=tta, overwrite=True, progress=False, device=device)
-            if any(r.status != "written" for r in results):
-                sys.exit(f"infer_cases failed on the folder: {[r.message for r in results if r.message]}")
+            run_infer(folder, tmp / "folder_out")
 
         fns = {"bare": bare, "end to end": end_to_end, "staged": staged}
         if args.cases > 1:

@@ -18,10 +18,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -127,16 +128,17 @@ def infer_cases(
     segmented = _segment_cases(jobs, net, cfg, transform, tta=tta, device=device, sw_batch_size=sw_batch_size,
                                overlap=overlap, precision=precision)
     bar = tqdm(plan, desc="infer", unit="case", disable=not progress, file=sys.stderr)
-    for item in bar:
-        bar.set_postfix_str(item.case_id if isinstance(item, CaseResult) else item.case.case_id)
-        result = next(segmented) if isinstance(item, _Job) else item
-        results.append(result)
-        if result.status == "written":
-            tqdm.write(f"{result.case_id}: {result.seconds:.2f} s -> {result.output}")
-        elif result.status == "skipped":
-            tqdm.write(f"{result.case_id}: skipped, {result.message}")
-        else:
-            tqdm.write(f"error: {result.message}", file=sys.stderr)
+    with closing(segmented):  # its I/O thread ends here, also when a case raises past the per-case handling
+        for item in bar:
+            bar.set_postfix_str(item.case_id if isinstance(item, CaseResult) else item.case.case_id)
+            result = next(segmented) if isinstance(item, _Job) else item
+            results.append(result)
+            if result.status == "written":
+                tqdm.write(f"{result.case_id}: {result.seconds:.2f} s -> {result.output}")
+            elif result.status == "skipped":
+                tqdm.write(f"{result.case_id}: skipped, {result.message}")
+            else:
+                tqdm.write(f"error: {result.message}", file=sys.stderr)
     return results
 
 
@@ -167,31 +169,29 @@ def _segment_cases(jobs: list[_Job], net, cfg, transform, **predict_kwargs) -> I
         pending = None
         for i, job in enumerate(jobs):
             read_ahead(i + 1)
-            start, write, error = time.perf_counter(), None, None
+            start = time.perf_counter()
             try:
                 labels, probs = _predict_case(job, reads.pop(i).result(), net, cfg, transform, **predict_kwargs)
-                write = io.submit(_write_case, job, labels, probs)
+                write, failure = io.submit(_write_case, job, labels, probs), None
             except Exception as err:  # one bad scan must not stop the others
-                error = err
+                write, failure = None, (err, time.perf_counter())
             if pending is not None:
                 yield _finished(*pending)
-            pending = (job, start, write, error)
+            pending = (job, start, write, failure)
         if pending is not None:
             yield _finished(*pending)
 
 
-def _finished(job: _Job, start: float, write: Future | None, error: BaseException | None) -> CaseResult:
-    """The result of one case once its write (if it got that far) is done."""
-    if error is None and write is not None:
+def _finished(job: _Job, start: float, write: Future | None, failure: tuple[Exception, float] | None) -> CaseResult:
+    """The result of one case once its write (if it got that far) is done; its seconds end when it ended."""
+    if write is not None:
         try:
-            write.result()
+            return CaseResult(job.case.case_id, "written", write.result() - start, job.out_path, job.probs_path)
         except Exception as err:
-            error = err
-    seconds = time.perf_counter() - start
-    if error is None:
-        return CaseResult(job.case.case_id, "written", seconds, job.out_path, job.probs_path)
+            failure = (err, time.perf_counter())
+    error, ended = failure
     message = str(error) if isinstance(error, CaseError) else f"{job.case.files[0]}: {one_line(error)}"
-    return CaseResult(job.case.case_id, "failed", seconds, message=message)
+    return CaseResult(job.case.case_id, "failed", ended - start, message=message)
 
 
 def _predict_case(job: _Job, image, net, cfg, transform, *, tta: bool, device: torch.device, sw_batch_size, overlap,
@@ -212,10 +212,12 @@ def _predict_case(job: _Job, image, net, cfg, transform, *, tta: bool, device: t
     return labels.cpu().numpy(), None if probs is None else np.moveaxis(probs.float().cpu().numpy(), 0, -1)
 
 
-def _write_case(job: _Job, labels: np.ndarray, probs: np.ndarray | None) -> None:
+def _write_case(job: _Job, labels: np.ndarray, probs: np.ndarray | None) -> float:
+    """Write one case's mask (and probabilities); return when it finished (``time.perf_counter``)."""
     write_volume(labels, job.case.files[0], job.out_path, intent="label")
     if probs is not None:
         write_volume(probs, job.case.files[0], job.probs_path)
+    return time.perf_counter()
 
 
 # --------------------------------------------------------------------------- command line

@@ -129,7 +129,7 @@ class TeacherMethod(Method):
         if every > 0 and module.teacher_updates % every == 0 and tracked_batchnorms(module.teacher):
             self.refresh_teacher_statistics(module)
 
-    def refresh_teacher_statistics(self, module: SSLSegModule) -> bool:
+    def refresh_teacher_statistics(self, module: SSLSegModule) -> None:
         """Re-estimate the *training* teacher's BatchNorm statistics in place (``ssl.teacher_bn_refresh_every``).
 
         Not EMAN: its statistics are EMA'd from the student's, and early in a short run, while the
@@ -138,14 +138,13 @@ class TeacherMethod(Method):
         averaged weights (precise-BN, :func:`medeman.eman.recalibrate_batchnorm`), EMA'd from the
         student's again until the next refresh. Under DDP each process re-estimates on its own
         batches and the statistics are then pooled over the processes (mean of the variances plus
-        variance of the means), so every teacher stays identical. Returns whether batches were available.
+        variance of the means), so every teacher stays identical. Without batches nothing changes.
         """
         inputs = module.recalibration_inputs()
         if inputs is None or recalibrate_batchnorm(module.teacher, inputs) == 0:
-            return False
+            return
         module.average_teacher_bn_statistics()
         self._recalibrated = {}  # a cached re-estimated copy belongs to the statistics it replaced
-        return True
 
     # ---- the validated and deployed teacher --------------------------------------------------------
     def _recalibrates(self, module: SSLSegModule, when: str) -> bool:
