@@ -113,7 +113,7 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "cache_dir": Option(None, "folder for the disk cache; null means <run dir>/cache", type=str),
         "batch_size_labeled": Option(2, "labeled patches per training step"),
         "batch_size_unlabeled": Option(2, "unlabeled patches (weak+strong view pairs) per training step"),
-        "num_workers": Option(4, "DataLoader worker processes for training batches"),
+        "num_workers": Option(4, "DataLoader worker processes for training batches, each making whole steps (labeled and unlabeled batch)"),
         "fg_class_fraction": Option(0.33, "class_ratios null (nnU-Net rule): share of labeled patches centred on a voxel of a foreground class drawn uniformly among those present in the scan; the rest are random windows"),
         "class_ratios": Option(None, "null: the fg_class_fraction rule; or one ratio per class, background first (e.g. [1, 1, 4] for a rare class 2), as MONAI RandCropByLabelClassesd: classes absent from a scan get 0, the rest are renormalized", type=list),
         "unlabeled_focus_fraction": Option(0.0, "share of unlabeled patches centred on a voxel the teacher assigns to a rare class (unlabeled_focus_classes); 0 turns it off"),

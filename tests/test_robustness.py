@@ -89,7 +89,7 @@ def _sampled_indices(tmp_path, step: int) -> list[int]:
     dm = SSLDataModule(cfg, tmp_path, run_dir=tmp_path)
     dm._datasets["labeled"] = list(range(50))  # the sampler only needs a length
     dm.trainer = types.SimpleNamespace(global_step=step, global_rank=0)
-    return list(dm._train_loader("labeled", 1, 0).sampler)
+    return [index for step in dm._train_loader().batch_sampler for _, index in step]
 
 
 def test_resumed_run_draws_new_batches_not_the_stream_start(tmp_path):

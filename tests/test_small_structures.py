@@ -135,7 +135,7 @@ def test_refreshed_focus_centres_unlabeled_patches_on_the_teacher_class(make_coh
     _, focused = TeacherFocus(cfg).refresh(dm, _BrightIsClassTwo(), torch.device("cpu"))
     assert focused == 3
     for _ in range(2):
-        batch = next(iter(dm.train_dataloader()))[0]["unlabeled"]["weak"]
+        batch = next(iter(dm.train_dataloader()))["unlabeled"]["weak"]
         assert (batch[:, 0, 4, 4, 4] > 0.8).all()  # every patch centred on a voxel the teacher calls class 2
 
 

@@ -13,12 +13,12 @@ import numpy as np
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import CombinedLoader
 from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset, list_data_collate
 from monai.transforms import Compose, Randomizable
 from torch.utils.data import RandomSampler
 
 from medeman.data import transforms as tfm
+from medeman.data.batches import StepLoader
 from medeman.data.checks import Cohort, gather_cohort, raise_problems
 from medeman.data.discovery import has_unlabeled_list, split_cases, write_split
 from medeman.data.sampling import FocusCentres
@@ -73,10 +73,11 @@ class SSLDataModule(pl.LightningDataModule):
     written to ``run_dir/split.json``.
 
     Training batches come as ``{"labeled": {"image", "label"}, "unlabeled": {"weak", "strong"}}``
-    from a ``CombinedLoader`` in ``max_size_cycle`` mode (only ``"labeled"`` for
-    ``ssl.method: supervised`` or without unlabeled scans). Each loader samples with replacement
-    exactly ``train.val_every_steps * train.accumulate_grad_batches`` batches per epoch, so one
-    epoch is one validation interval. Under DDP, run the Trainer with ``use_distributed_sampler=False``:
+    (only ``"labeled"`` for ``ssl.method: supervised`` or without unlabeled scans) from one loader
+    whose workers make both halves of a step (:class:`~medeman.data.batches.StepLoader`; so
+    ``data.num_workers`` processes in all). Each half is drawn with replacement from its own seeded
+    stream, exactly ``train.val_every_steps * train.accumulate_grad_batches`` batches per epoch, so
+    one epoch is one validation interval. Under DDP, run the Trainer with ``use_distributed_sampler=False``:
     each rank then draws its own stream (seeded with ``train.seed`` and the rank).
 
     Args:
@@ -93,7 +94,7 @@ class SSLDataModule(pl.LightningDataModule):
     Examples:
         >>> dm = SSLDataModule(cfg, "sample_data/labeled", "sample_data/unlabeled", run_dir="runs/demo")
         >>> dm.setup("fit")
-        >>> batch = next(iter(dm.train_dataloader()))[0]
+        >>> batch = next(iter(dm.train_dataloader()))
         >>> batch["labeled"]["image"].shape, batch["unlabeled"]["weak"].shape
     """
 
@@ -118,7 +119,7 @@ class SSLDataModule(pl.LightningDataModule):
         self.val_cases: list[dict] = []
         self.unlabeled_cases: list[dict] = []
         self._datasets: dict[str, Any] = {}
-        self._loaders: dict[str, Any] = {}
+        self._loader: StepLoader | None = None
         self.focus: FocusCentres | None = None  # teacher-focused unlabeled crop centres (data.unlabeled_focus_fraction)
 
     @property
@@ -211,31 +212,35 @@ class SSLDataModule(pl.LightningDataModule):
         rank = self.trainer.global_rank if self.trainer is not None else 0
         return int(self.cfg["train"]["seed"]) + 1000 * rank
 
-    def _train_loader(self, name: str, batch_size: int, offset: int) -> DataLoader:
+    def _train_loader(self) -> StepLoader:
+        """The training loader: each part (``labeled``, and ``unlabeled`` when used) drawn with replacement
+        from its own seeded stream, both batches of a step made by one worker and handed over as one tensor
+        (:mod:`medeman.data.batches`)."""
         train, data = self.cfg["train"], self.cfg["data"]
         n_batches = int(train["val_every_steps"]) * int(train["accumulate_grad_batches"])
         # Seeded with the step too: a resumed run continues with new batches instead of replaying the stream's start.
         step = int(self.trainer.global_step) if self.trainer is not None else 0
-        seed = int(np.random.SeedSequence([self._seed(), offset, step]).generate_state(1)[0])
-        sampler = RandomSampler(self._datasets[name], replacement=True, num_samples=n_batches * batch_size,
-                                generator=torch.Generator().manual_seed(seed))
+        parts = {"labeled": (int(data["batch_size_labeled"]), 0)}
+        if self.use_unlabeled:
+            parts["unlabeled"] = (int(data["batch_size_unlabeled"]), 2)
+        samplers = {}
+        for name, (size, offset) in parts.items():
+            seed = int(np.random.SeedSequence([self._seed(), offset, step]).generate_state(1)[0])
+            samplers[name] = RandomSampler(self._datasets[name], replacement=True, num_samples=n_batches * size,
+                                           generator=torch.Generator().manual_seed(seed))
         workers = int(data["num_workers"])
-        # monai's DataLoader seeds every worker's (or, without workers, the dataset's) random transforms from this generator
-        return DataLoader(
-            self._datasets[name], batch_size=batch_size, sampler=sampler, num_workers=workers,
-            collate_fn=list_data_collate, persistent_workers=workers > 0, drop_last=True,
-            generator=torch.Generator().manual_seed(seed + 1), pin_memory=torch.cuda.is_available(),
+        # monai's DataLoader seeds every worker's (or, without workers, the datasets') random transforms from this generator
+        return StepLoader(
+            {name: self._datasets[name] for name in parts}, samplers, {name: size for name, (size, _) in parts.items()},
+            num_workers=workers, persistent_workers=workers > 0,
+            generator=torch.Generator().manual_seed(int(np.random.SeedSequence([self._seed(), 1, step]).generate_state(1)[0])), pin_memory=torch.cuda.is_available(),
         )
 
-    def train_dataloader(self) -> CombinedLoader:
-        """``CombinedLoader({"labeled", "unlabeled"}, mode="max_size_cycle")``, one validation interval long."""
-        if "labeled" not in self._loaders:  # built once so persistent workers survive across epochs
-            data = self.cfg["data"]
-            loaders = {"labeled": self._train_loader("labeled", int(data["batch_size_labeled"]), 0)}
-            if self.use_unlabeled:
-                loaders["unlabeled"] = self._train_loader("unlabeled", int(data["batch_size_unlabeled"]), 2)
-            self._loaders = loaders
-        return CombinedLoader(self._loaders, mode="max_size_cycle")
+    def train_dataloader(self) -> StepLoader:
+        """One loader of whole steps, ``{"labeled": {"image", "label"}, "unlabeled": {"weak", "strong"}}``, one validation interval long."""
+        if self._loader is None:  # built once so persistent workers survive across epochs
+            self._loader = self._train_loader()
+        return self._loader
 
     def recalibration_dataloader(self, n_batches: int) -> DataLoader:
         """``n_batches`` training batches for re-estimating the teacher's BatchNorm statistics.

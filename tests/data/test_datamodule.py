@@ -101,7 +101,7 @@ def test_datamodule_batches_and_epoch_length(make_cohort, cfg, tmp_path):
     assert (len(dm.train_cases), len(dm.val_cases), len(dm.unlabeled_cases)) == (2, 1, 2)
     split = json.loads((tmp_path / "run" / "split.json").read_text())
     assert split["train"] == [c["id"] for c in dm.train_cases] and split["val"] == [c["id"] for c in dm.val_cases]
-    batches = [batch for batch, _, _ in dm.train_dataloader()]
+    batches = list(dm.train_dataloader())
     assert len(batches) == 6
     labeled, unlabeled = batches[0]["labeled"], batches[0]["unlabeled"]
     assert set(labeled) == {"image", "label"} and set(unlabeled) == {"weak", "strong"}
@@ -118,13 +118,13 @@ def test_supervised_and_no_unlabeled_give_labeled_only(make_cohort, cfg):
     cfg["ssl"]["method"] = "supervised"
     dm = SSLDataModule(cfg, root / "labeled", root / "unlabeled")
     dm.setup("fit")
-    batch, _, _ = next(iter(dm.train_dataloader()))
+    batch = next(iter(dm.train_dataloader()))
     assert set(batch) == {"labeled"}
     cfg["ssl"]["method"] = "mean_teacher"
     dm = SSLDataModule(cfg, root / "labeled", val=root / "labeled")
     dm.setup("fit")
     assert len(dm.val_cases) == 3 and len(dm.train_cases) == 3
-    assert set(next(iter(dm.train_dataloader()))[0]) == {"labeled"}
+    assert set(next(iter(dm.train_dataloader()))) == {"labeled"}
 
 
 @pytest.mark.parametrize("cache", ["memory", "disk", "none"])
@@ -136,7 +136,7 @@ def test_batches_reproducible_from_train_seed(make_cohort, cfg, tmp_path, cache)
         cfg["train"]["seed"] = seed
         dm = SSLDataModule(cfg, root / "labeled", root / "unlabeled", run_dir=tmp_path / run)
         dm.setup("fit")
-        return next(iter(dm.train_dataloader()))[0]
+        return next(iter(dm.train_dataloader()))
 
     a, b, c = first_batch(0, "a"), first_batch(0, "b"), first_batch(1, "c")
     for part, key in (("labeled", "image"), ("unlabeled", "strong")):
@@ -154,6 +154,6 @@ def test_sample_data_batches(cfg, tmp_path):
     dm = SSLDataModule(cfg, SAMPLE_DATA / "labeled", SAMPLE_DATA / "unlabeled", run_dir=tmp_path)
     dm.setup("fit")
     assert (len(dm.train_cases), len(dm.val_cases), len(dm.unlabeled_cases)) == (4, 2, 24)
-    (batch, _, _), = list(dm.train_dataloader())
+    (batch,) = list(dm.train_dataloader())
     assert batch["labeled"]["image"].shape == batch["unlabeled"]["weak"].shape == (2, 1, 32, 32, 32)
     assert set(torch.unique(batch["labeled"]["label"]).tolist()) <= {0.0, 1.0, 2.0}

@@ -1,0 +1,129 @@
+"""One loader for a step's labeled and unlabeled batches, handed over as one tensor (medeman.data.batches)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from monai.data import list_data_collate
+from monai.transforms import Randomizable
+from torch.utils.data import Dataset, RandomSampler
+
+from medeman.data.batches import StepDataset, StepLoader, StepSampler, pack_step, unpack_step
+
+
+def _labeled(i: int) -> list[dict]:  # as MONAI's patch samplers return: a one-element list
+    return [{"image": torch.full((1, 3, 2, 2), float(i)), "label": torch.full((1, 3, 2, 2), float(i % 3))}]
+
+
+def _unlabeled(i: int) -> dict:
+    return {"weak": torch.arange(8.0).reshape(1, 2, 2, 2) + i, "strong": -torch.arange(8.0).reshape(1, 2, 2, 2) - i}
+
+
+class _Numbers(Dataset):
+    def __init__(self, make, n: int):
+        self.make, self.n = make, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int):
+        return self.make(index)
+
+
+class _Draws(Dataset, Randomizable):
+    """Each item is a draw from the dataset's random state (as a random transform's)."""
+
+    def __len__(self) -> int:
+        return 6
+
+    def __getitem__(self, index: int) -> dict:
+        return {"draw": torch.tensor([float(self.R.randint(1 << 20))])}
+
+
+@pytest.mark.parametrize("labeled, unlabeled", [([0, 4], [1, 2]), ([3], [0, 5, 2]), ([1, 1], [])])
+def test_pack_then_unpack_equals_monai_collate_of_each_part(labeled, unlabeled):
+    items = [("labeled", _labeled(i)) for i in labeled] + [("unlabeled", _unlabeled(i)) for i in unlabeled]
+    batch = unpack_step(pack_step(items))
+    expected = {"labeled": list_data_collate([_labeled(i) for i in labeled])}
+    if unlabeled:
+        expected["unlabeled"] = list_data_collate([_unlabeled(i) for i in unlabeled])
+    assert set(batch) == set(expected)
+    for part, tensors in expected.items():
+        assert set(batch[part]) == set(tensors)
+        for key, tensor in tensors.items():
+            assert torch.equal(batch[part][key], tensor), (part, key)
+
+
+def test_a_packed_step_is_one_tensor_and_its_parts_are_views():
+    packed = pack_step([("labeled", _labeled(1)), ("unlabeled", _unlabeled(2))])
+    assert [k for k, v in packed.items() if isinstance(v, torch.Tensor)] == ["packed"]
+    assert packed["packed"].numel() == 2 * 12 + 2 * 8
+    batch = unpack_step(packed)
+    batch["unlabeled"]["strong"].zero_()  # writes through to the one buffer
+    assert packed["packed"][-8:].abs().sum() == 0 and packed["packed"][:24].abs().sum() > 0
+
+
+@pytest.mark.parametrize("bad, fragment", [
+    (torch.zeros((1, 2, 2, 2), dtype=torch.int64), "torch.int64"),
+    (torch.zeros((1, 2, 2, 3)), "(1, 2, 2, 3)"),
+])
+def test_a_patch_of_another_dtype_or_shape_is_named(bad, fragment):
+    items = [("unlabeled", _unlabeled(0)), ("unlabeled", {**_unlabeled(1), "strong": bad})]
+    with pytest.raises(TypeError, match="unlabeled/strong") as error:
+        pack_step(items)
+    assert fragment in str(error.value)
+
+
+def test_step_sampler_takes_each_part_from_its_own_stream():
+    samplers = {"labeled": [5, 6, 7, 8, 9, 10], "unlabeled": [0, 1, 2, 3, 4, 5, 6, 7, 8]}
+    steps = list(StepSampler(samplers, {"labeled": 2, "unlabeled": 3}))
+    assert steps == [
+        [("labeled", 5), ("labeled", 6), ("unlabeled", 0), ("unlabeled", 1), ("unlabeled", 2)],
+        [("labeled", 7), ("labeled", 8), ("unlabeled", 3), ("unlabeled", 4), ("unlabeled", 5)],
+        [("labeled", 9), ("labeled", 10), ("unlabeled", 6), ("unlabeled", 7), ("unlabeled", 8)],
+    ]
+    assert len(StepSampler(samplers, {"labeled": 4, "unlabeled": 3})) == 1  # as long as the shorter stream lasts
+    with pytest.raises(ValueError, match="different parts"):
+        StepSampler(samplers, {"labeled": 2})
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2])
+def test_step_loader_yields_each_part_in_sampler_order(workers):
+    parts = {"labeled": _Numbers(_labeled, 10), "unlabeled": _Numbers(_unlabeled, 10)}
+
+    def samplers() -> dict:
+        return {name: RandomSampler(parts[name], replacement=True, num_samples=12, generator=torch.Generator().manual_seed(seed))
+                for name, seed in (("labeled", 1), ("unlabeled", 2))}
+
+    loader = StepLoader(parts, samplers(), {"labeled": 2, "unlabeled": 2}, num_workers=workers)
+    steps = list(StepSampler(samplers(), {"labeled": 2, "unlabeled": 2}))
+    batches = list(loader)
+    assert len(batches) == len(steps) == len(loader) == 6
+    for batch, step in zip(batches, steps):
+        labeled = [i for part, i in step if part == "labeled"]
+        unlabeled = [i for part, i in step if part == "unlabeled"]
+        assert torch.equal(batch["labeled"]["image"][:, 0, 0, 0, 0], torch.tensor(labeled, dtype=torch.float32))
+        assert torch.equal(batch["unlabeled"]["weak"][:, 0, 0, 0, 0], torch.tensor(unlabeled, dtype=torch.float32))
+        # both halves arrived in one shared tensor
+        assert batch["labeled"]["label"].untyped_storage().data_ptr() == batch["unlabeled"]["strong"].untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_each_part_gets_its_own_random_stream_and_a_seed_reproduces_them(workers):
+    def draws(seed: int) -> tuple[list, list]:
+        parts = {"labeled": _Draws(), "unlabeled": _Draws()}
+        samplers = {name: list(range(6)) for name in parts}
+        loader = StepLoader(parts, samplers, {"labeled": 3, "unlabeled": 3}, num_workers=workers, generator=torch.Generator().manual_seed(seed))
+        batches = list(loader)
+        return ([b["labeled"]["draw"].flatten().tolist() for b in batches], [b["unlabeled"]["draw"].flatten().tolist() for b in batches])
+
+    labeled, unlabeled = draws(0)
+    assert labeled != unlabeled  # identical chains, seeded apart
+    assert draws(0) == (labeled, unlabeled) and draws(1) != (labeled, unlabeled)
+
+
+def test_step_dataset_indexes_by_part():
+    dataset = StepDataset({"labeled": _Numbers(_labeled, 3), "unlabeled": _Numbers(_unlabeled, 4)})
+    assert len(dataset) == 7
+    part, sample = dataset[("unlabeled", 2)]
+    assert part == "unlabeled" and torch.equal(sample["weak"], _unlabeled(2)["weak"])
