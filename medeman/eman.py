@@ -47,8 +47,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 NORMS = ("eman", "bn", "ema")
 SCHEDULES = ("constant", "cosine", "window")
 _NORM_ATTR = "medeman_teacher_norm"
-# teacher -> weakref to the student it was last checked against; kept outside the teacher so the
-# teacher still pickles, and weak so a freed student's id can never pass for a checked one.
+# teacher -> (weakref to the student it was last checked against, [(teacher submodule, student submodule)]);
+# kept outside the teacher so the teacher still pickles, and weak so a freed student's id can never pass for a checked one.
 _CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -232,23 +232,33 @@ def update_teacher(teacher: nn.Module, student: nn.Module, momentum: float) -> N
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"EMA momentum must be in [0, 1], got {momentum}")
     teacher, student = unwrap(teacher), unwrap(student)
-    checked = _CHECKED.get(teacher)
-    if checked is None or checked() is not student:
+    pairs = _CHECKED.get(teacher)
+    if pairs is None or pairs[0]() is not student:
         _check_same_architecture(teacher, student)
-        _CHECKED[teacher] = weakref.ref(student)
-    t_float = list(teacher.parameters())
-    s_float = list(student.parameters())
-    if teacher_norm(teacher) == "eman":
-        t_int, s_int = [], []
-        for t_buf, s_buf in zip(teacher.buffers(), student.buffers()):
-            if t_buf.is_floating_point():
-                t_float.append(t_buf)
-                s_float.append(s_buf)
-            else:
-                t_int.append(t_buf)
-                s_int.append(s_buf)
-        if t_int:
-            torch._foreach_copy_(t_int, s_int)
+        # submodules only: a value that held the teacher itself would keep its weak key alive forever
+        pairs = (weakref.ref(student), list(zip(teacher.modules(), student.modules()))[1:])
+        _CHECKED[teacher] = pairs
+    # each step from the modules' own tensor dicts: .to() and friends may have replaced buffers since
+    # (walking named_modules() for parameters() and buffers() cost 0.27 ms a step, twice the update)
+    t_float: list[torch.Tensor] = []
+    s_float: list[torch.Tensor] = []
+    t_int: list[torch.Tensor] = []
+    s_int: list[torch.Tensor] = []
+    eman = teacher_norm(teacher) == "eman"
+    for t_mod, s_mod in [(teacher, student), *pairs[1]]:
+        for name, t_param in t_mod._parameters.items():
+            if t_param is not None:
+                t_float.append(t_param)
+                s_float.append(s_mod._parameters[name])
+        if eman:
+            for name, t_buf in t_mod._buffers.items():
+                if t_buf is None:
+                    continue
+                floating = t_buf.is_floating_point()
+                (t_float if floating else t_int).append(t_buf)
+                (s_float if floating else s_int).append(s_mod._buffers[name])
+    if t_int:
+        torch._foreach_copy_(t_int, s_int)
     if t_float:
         torch._foreach_lerp_(t_float, s_float, 1.0 - float(momentum))
 

@@ -119,6 +119,25 @@ def test_update_does_not_touch_student():
         torch.testing.assert_close(v, before[k])
 
 
+def test_update_reaches_buffers_replaced_after_the_first_update():
+    """``.to(dtype)`` replaces buffer tensors; the next update must average the new ones, not the old."""
+    student = tiny_net()
+    teacher = make_teacher(student)
+    update_teacher(teacher, student, 0.5)  # the module pairs are cached here
+    student.double()
+    teacher.double()
+    fill(student, 1.0, 0.5, 2.0, 7)
+    fill(teacher, 3.0, -1.0, 4.0, 3)
+    update_teacher(teacher, student, 0.75)
+    (bn,) = tracked_batchnorms(teacher)
+    assert bn.running_mean.dtype == torch.float64
+    torch.testing.assert_close(bn.running_mean, torch.full_like(bn.running_mean, 0.75 * -1.0 + 0.25 * 0.5))
+    torch.testing.assert_close(bn.running_var, torch.full_like(bn.running_var, 0.75 * 4.0 + 0.25 * 2.0))
+    assert int(bn.num_batches_tracked) == 7
+    for p in teacher.parameters():
+        torch.testing.assert_close(p, torch.full_like(p, 0.75 * 3.0 + 0.25 * 1.0))
+
+
 def test_update_per_element_on_unet():
     """Element-wise formula on a real UNet with non-constant tensors (after training the student)."""
     student = small_unet()
