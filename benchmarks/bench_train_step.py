@@ -197,7 +197,8 @@ def run_ssl4mis(args: argparse.Namespace, cfg: dict, precision: str, data: Path)
 
     dm = SSLDataModule(cfg, data / "labeled", data / "unlabeled")
     dm.discover()  # the same training cases as (b)
-    workers = int(cfg["data"]["num_workers"])
+    # medeman's one loader has data.num_workers processes making whole steps; the loop's two loaders get half each, rounded up
+    workers = -(-int(cfg["data"]["num_workers"]) // 2)
     torch.manual_seed(int(cfg["train"]["seed"]))
     student = build_network(cfg).train().to(args.device)  # SSL4MIS: plain layout, eager
     teacher = copy.deepcopy(student)  # SSL4MIS: create_model(ema=True), never put in eval mode

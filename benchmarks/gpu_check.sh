@@ -81,7 +81,7 @@ fi
 step gpu_tests 150 "$PY" -m pytest -q -m gpu "$TESTS"
 # MSD heart recipe: 112x112x80 patches, UNet [16, 32, 64, 128, 256], 2 labeled + 2 unlabeled, bf16
 HEART=(--device "$DEVICE" --patch 112 112 80 --batch 2 --threads 4 --labeled 6 --unlabeled 6
-       --set "model.channels=[16,32,64,128,256]" --set data.num_workers=6 --set data.cache=memory)
+       --set "model.channels=[16,32,64,128,256]" --set data.num_workers=12 --set data.cache=memory)
 step bench_train_step 170 "$PY" benchmarks/bench_train_step.py "${HEART[@]}" --steps 20 --warmup 5 \
   --precision 32 bf16 --variants "$ALL" "${SMOKE_FLAG[@]}"
 step bench_train_step_compile 130 "$PY" benchmarks/bench_train_step.py "${HEART[@]}" --steps 20 --warmup 10 \
