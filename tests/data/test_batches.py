@@ -63,6 +63,16 @@ def test_a_packed_step_is_one_tensor_and_its_parts_are_views():
     assert packed["packed"][-8:].abs().sum() == 0 and packed["packed"][:24].abs().sum() > 0
 
 
+def test_unpack_reads_a_layout_rebuilt_as_lists():
+    """Collate and pinning code that rebuilds a batch may turn tuples into lists (older PyTorch pinning did): same views."""
+    packed = pack_step([("labeled", _labeled(1)), ("unlabeled", _unlabeled(2))])
+    as_lists = {"packed": packed["packed"], "layout": [[part, key, list(shape)] for part, key, shape in packed["layout"]]}
+    expected, got = unpack_step(packed), unpack_step(as_lists)
+    for part in expected:
+        for key in expected[part]:
+            assert torch.equal(got[part][key], expected[part][key]) and got[part][key].shape == expected[part][key].shape
+
+
 @pytest.mark.parametrize("bad, fragment", [
     (torch.zeros((1, 2, 2, 2), dtype=torch.int64), "torch.int64"),
     (torch.zeros((1, 2, 2, 3)), "(1, 2, 2, 3)"),
