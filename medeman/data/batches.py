@@ -20,9 +20,6 @@ from monai.data import DataLoader
 from monai.data.utils import set_rnd
 from torch.utils.data import Dataset, Sampler
 
-Layout = tuple[tuple[str, str, tuple[int, ...]], ...]
-
-
 class StepDataset(Dataset):
     """The patches of every part (``{"labeled": dataset, "unlabeled": dataset}``), indexed by ``(part, index)``.
 

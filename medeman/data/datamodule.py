@@ -212,28 +212,32 @@ class SSLDataModule(pl.LightningDataModule):
         rank = self.trainer.global_rank if self.trainer is not None else 0
         return int(self.cfg["train"]["seed"]) + 1000 * rank
 
+    def _stream_seed(self, stream: int, step: int) -> int:
+        """Seed of one training random stream (0: labeled sampler, 1: transforms, 2: unlabeled sampler) for
+        this rank, from step ``step``: a resumed run continues with new batches instead of replaying the stream's start."""
+        return int(np.random.SeedSequence([self._seed(), stream, step]).generate_state(1)[0])
+
     def _train_loader(self) -> StepLoader:
         """The training loader: each part (``labeled``, and ``unlabeled`` when used) drawn with replacement
         from its own seeded stream, both batches of a step made by one worker and handed over as one tensor
         (:mod:`medeman.data.batches`)."""
         train, data = self.cfg["train"], self.cfg["data"]
         n_batches = int(train["val_every_steps"]) * int(train["accumulate_grad_batches"])
-        # Seeded with the step too: a resumed run continues with new batches instead of replaying the stream's start.
         step = int(self.trainer.global_step) if self.trainer is not None else 0
-        parts = {"labeled": (int(data["batch_size_labeled"]), 0)}
+        sizes = {"labeled": int(data["batch_size_labeled"])}
         if self.use_unlabeled:
-            parts["unlabeled"] = (int(data["batch_size_unlabeled"]), 2)
-        samplers = {}
-        for name, (size, offset) in parts.items():
-            seed = int(np.random.SeedSequence([self._seed(), offset, step]).generate_state(1)[0])
-            samplers[name] = RandomSampler(self._datasets[name], replacement=True, num_samples=n_batches * size,
-                                           generator=torch.Generator().manual_seed(seed))
+            sizes["unlabeled"] = int(data["batch_size_unlabeled"])
+        samplers = {
+            name: RandomSampler(self._datasets[name], replacement=True, num_samples=n_batches * size,
+                                generator=torch.Generator().manual_seed(self._stream_seed(0 if name == "labeled" else 2, step)))
+            for name, size in sizes.items()
+        }
         workers = int(data["num_workers"])
         # monai's DataLoader seeds every worker's (or, without workers, the datasets') random transforms from this generator
         return StepLoader(
-            {name: self._datasets[name] for name in parts}, samplers, {name: size for name, (size, _) in parts.items()},
+            {name: self._datasets[name] for name in sizes}, samplers, sizes,
             num_workers=workers, persistent_workers=workers > 0,
-            generator=torch.Generator().manual_seed(int(np.random.SeedSequence([self._seed(), 1, step]).generate_state(1)[0])), pin_memory=torch.cuda.is_available(),
+            generator=torch.Generator().manual_seed(self._stream_seed(1, step)), pin_memory=torch.cuda.is_available(),
         )
 
     def train_dataloader(self) -> StepLoader:
