@@ -137,3 +137,100 @@ def test_step_dataset_indexes_by_part():
     assert len(dataset) == 7
     part, sample = dataset[("unlabeled", 2)]
     assert part == "unlabeled" and torch.equal(sample["weak"], _unlabeled(2)["weak"])
+
+
+def _step(i: int) -> list:
+    return [("labeled", _labeled(i)), ("unlabeled", _unlabeled(i))]
+
+
+def _expected(i: int) -> torch.Tensor:
+    return pack_step(_step(i))["packed"]
+
+
+@pytest.fixture
+def in_a_worker(monkeypatch):
+    """Run StepPacker as a loader worker does (get_worker_info() is not None there)."""
+    monkeypatch.setattr("medeman.data.batches.get_worker_info", lambda: object())
+
+
+def test_ring_sends_each_buffer_once_and_never_overwrites_a_slot_in_use(in_a_worker):
+    from medeman.data.batches import StepPacker, _RingReader
+
+    packer, reader = StepPacker(slots=2), _RingReader()
+    first, second = packer(_step(0)), packer(_step(1))
+    assert first["ring"][1] == 0 and second["ring"][1] == 1
+    assert first["buffer"] is not None and first["flags"] is not None  # not yet read: buffers and flags travel
+    assert second["buffer"] is not None and second["flags"] is not None
+    third = packer(_step(2))  # slot 0 still in flight: a fresh tensor instead of an overwrite, and the ring moves on
+    assert "ring" not in third and torch.equal(third["packed"], _expected(2))
+
+    got = reader.read(first)["packed"]
+    flags = first["flags"]
+    assert torch.equal(got, _expected(0)) and got.data_ptr() != first["buffer"].data_ptr()  # a copy, the caller's own
+    assert flags.tolist() == [[1, 1], [1, 0], [1, 0]]  # slot 0 is handed back only when the next step arrives
+    assert torch.equal(reader.read(second)["packed"], _expected(1))
+    assert flags.tolist() == [[0, 1], [1, 1], [1, 0]]
+    fourth = packer(_step(3))  # slot 1 is still held: fresh tensor
+    assert "ring" not in fourth
+    fifth = packer(_step(4))
+    assert fifth["ring"][1] == 0 and fifth["buffer"] is None and fifth["flags"] is None  # the main process has both
+    for message, i in ((third, 2), (fourth, 3), (fifth, 4)):
+        assert torch.equal(reader.read(message)["packed"], _expected(i))
+    assert torch.equal(got, _expected(0))  # the first step's copy is untouched by the slot's reuse
+    reader.release()
+    assert flags[0].tolist() == [0, 0]
+
+
+def test_a_message_never_read_is_resent_whole(in_a_worker):
+    """An iteration abandoned half-way drops messages: whatever they carried travels again."""
+    from medeman.data.batches import StepPacker, _RingReader
+
+    packer, reader = StepPacker(slots=3), _RingReader()
+    lost = packer(_step(0))  # never read: its slot stays taken, its buffer and flags never arrive
+    kept = packer(_step(1))
+    assert kept["flags"] is not None and kept["buffer"] is not None
+    assert torch.equal(reader.read(kept)["packed"], _expected(1))
+    through_ring = []
+    for i in range(2, 6):  # slots 2, 0 (taken by the lost step: a fresh tensor), 1, 2
+        message = packer(_step(i))
+        through_ring.append("ring" in message)
+        assert torch.equal(reader.read(message)["packed"], _expected(i))
+    assert through_ring == [True, False, True, True] and lost["ring"][1] == 0
+
+
+def test_steps_over_the_ring_size_and_the_main_process_use_one_tensor_each(in_a_worker, monkeypatch):
+    from medeman.data.batches import StepPacker
+
+    assert "packed" in StepPacker(ring_bytes=4 * 39)(_step(0))  # 40 floats: over the limit
+    assert "ring" in StepPacker(ring_bytes=4 * 40)(_step(0))
+    monkeypatch.setattr("medeman.data.batches.get_worker_info", lambda: None)
+    assert "packed" in StepPacker()(_step(0))
+    with pytest.raises(ValueError, match="at least 2 slots"):
+        StepPacker(slots=1)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_step_loader_reuses_ring_buffers_and_yields_its_own_tensors(workers):
+    parts = {"labeled": _Numbers(_labeled, 10), "unlabeled": _Numbers(_unlabeled, 10)}
+
+    def batches(ring_bytes: int) -> tuple[list, StepLoader]:
+        samplers = {name: RandomSampler(parts[name], replacement=True, num_samples=40, generator=torch.Generator().manual_seed(seed))
+                    for name, seed in (("labeled", 1), ("unlabeled", 2))}
+        loader = StepLoader(parts, samplers, {"labeled": 2, "unlabeled": 2}, num_workers=workers, ring_bytes=ring_bytes, persistent_workers=True)
+        return list(loader), loader  # kept: every step must still hold its own values after the ring slots were reused
+
+    through_ring, loader = batches(4 << 20)
+    one_tensor_each, _ = batches(0)
+    assert len(through_ring) == 20
+    for ring_step, plain_step in zip(through_ring, one_tensor_each):
+        for part in plain_step:
+            for key in plain_step[part]:
+                assert torch.equal(ring_step[part][key], plain_step[part][key]), (part, key)
+    assert 0 < len(loader._rings.buffers) <= workers * loader.collate_fn.slots  # 20 steps through a few buffers
+    assert len(list(loader)) == 20  # a second pass over the same (persistent) workers and rings
+
+
+def test_pinned_loaders_do_not_use_the_ring():
+    parts = {"labeled": _Numbers(_labeled, 4)}
+    loader = StepLoader(parts, {"labeled": list(range(4))}, {"labeled": 2}, pin_memory=True)
+    assert loader.collate_fn.ring_bytes == 0
