@@ -373,7 +373,10 @@ def run_all(args: argparse.Namespace, data: Path) -> None:
             step = {k: statistics.median([t for r in runs for t in r[key]]) for k, runs in results.items()}
             best = min(((v, p) for v in ours_variants for p in args.precision), key=step.__getitem__)
             ours, theirs = step[best], step[("c", reference)]
-            print(f"{label + ' s/step':<10} {f'{ours:.4f} ({best[0]}, {best[1]})':<36} {f'{theirs:.4f} ({reference})':<26} {theirs / ours:>7.2f}x")
+            # each round's own ratio too: the host's speed drifts over minutes, a round's variants run close together
+            paired = [statistics.median(c[key]) / statistics.median(b[key]) for c, b in zip(results[("c", reference)], results[best])]
+            per_round = f"  (rounds: {', '.join(f'{r:.2f}x' for r in paired)})" if len(paired) > 1 else ""
+            print(f"{label + ' s/step':<10} {f'{ours:.4f} ({best[0]}, {best[1]})':<36} {f'{theirs:.4f} ({reference})':<26} {theirs / ours:>7.2f}x{per_round}")
     else:
         print()
 
