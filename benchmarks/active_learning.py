@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _report import mean_std
 
 REPO = Path(__file__).resolve().parents[1]
 # --smoke: a tiny network and cohort, a few steps, one seed and round; outputs in a temporary folder
@@ -200,13 +201,6 @@ def run_seed(seed: int, args: argparse.Namespace) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- report
-
-
-def mean_std(values: list[float]) -> str:
-    if not values:
-        return "–"
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.3f} ± {std:.3f}"
 
 
 def write_results(records: list[dict], args: argparse.Namespace, command: str, wall_s: float) -> Path:

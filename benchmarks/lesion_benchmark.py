@@ -29,16 +29,14 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from _report import commit, hardware, mean_std
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = {
@@ -103,15 +101,6 @@ def score_teacher(run_dir: Path, data: Path, lesion_overlap: float) -> dict[str,
             "false_positives": lesions["false_positive"], "dice_liver": class_dice(1), "dice_kidneys": class_dice(2)}
 
 
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout
-        return out + ("+dirty" if dirty.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
     """Train one (method, seed) run unless ``--reuse`` finds it scored, then score its teacher on the test cases."""
     from medeman.config import load_config
@@ -137,14 +126,6 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
     record["scores"] = score_teacher(run_dir, args.data, args.lesion_overlap)
     done.write_text(json.dumps(record, indent=1))
     return record
-
-
-def mean_std(values: list[float], digits: int = 3) -> str:
-    values = [v for v in values if v == v]  # NaN (e.g. no predicted lesion: precision undefined) left out
-    if not values:
-        return "n/a"
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.{digits}f} ± {std:.{digits}f}"
 
 
 def paired(records: list[dict], method: str, base: str, key: str) -> list[float]:
@@ -223,7 +204,7 @@ def write_results(records: list[dict], args: argparse.Namespace, wall_s: float, 
         f"{ssl['consistency']} consistency weight {ssl['consistency_weight']}, pseudo-labels {_pseudo(ssl)}"
         + (f"; overrides {' '.join(args.set)}" if args.set else "") + ".",
         f"- Seeds: {' '.join(str(s) for s in sorted({r['seed'] for r in records}))} (`train.seed`).",
-        f"- Hardware: {_hardware()}; one run at a time. Training wall time {sum(r['train_s'] for r in records) / 60:.1f} min "
+        f"- Hardware: {hardware()}; one run at a time. Training wall time {sum(r['train_s'] for r in records) / 60:.1f} min "
         f"over {len(records)} runs; this invocation {wall_s / 60:.1f} min (runs it did not reuse, with test inference).",
         f"- Every run: `{csv_path.name}`.",
     ]
@@ -252,18 +233,6 @@ def _count(folder: Path) -> int:
     return sum(1 for p in Path(folder).glob("*") if p.name.endswith((".nii.gz", ".nii", ".mha", ".nrrd"))) if Path(folder).is_dir() else 0
 
 
-def _hardware() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU only"
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=Path("runs/lesion_data"), help="the lesion cohort (written here if absent)")
@@ -286,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     command = "python benchmarks/lesion_benchmark.py " + " ".join(a for a in (sys.argv[1:] if argv is None else argv) if a != "--report-only")
     torch.set_num_threads(args.threads)
-    args.commit = _commit()  # the code this process runs: modules are imported once, at its start
+    args.commit = commit()  # the code this process runs: modules are imported once, at its start
     scratch = None
     if args.smoke:  # everything under a temporary folder: the recorded results are never touched
         scratch = tempfile.TemporaryDirectory(prefix="lesion_smoke_")

@@ -47,10 +47,8 @@ import io
 import itertools
 import json
 import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -58,6 +56,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from _report import code_version, hardware, mean_std
 
 REPO = Path(__file__).resolve().parents[1]
 # name: (overlay config, uses the unlabeled scans, labeled training part of the cohort, one-line description)
@@ -203,7 +202,7 @@ def run_one(method: str, seed: int, run_dir: Path, sets: list[str], args: argpar
                      callbacks=[_final_state_callback(run_dir / "final_state.pt")])
         record = {"method": method, "seed": seed, "sets": sets, "key": key, "steps": result.steps,
                   "train_s": round(time.perf_counter() - start, 1), "val_best_teacher": result.best_dice_teacher,
-                  "run_dir": str(run_dir), "code": _code_version(), "models": {}}
+                  "run_dir": str(run_dir), "code": code_version(), "models": {}}
         trained.write_text(json.dumps(record, indent=1))
         source = run_dir
     start = time.perf_counter()
@@ -241,13 +240,6 @@ def val_curves(metrics: Path) -> dict[str, dict[int, float]]:
 
 
 # ---- report -------------------------------------------------------------------------------------
-def mean_std(values: list[float], digits: int = 3) -> str:
-    if not values:
-        return "–"
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.{digits}f} ± {std:.{digits}f}"
-
-
 def _dice(records: list[dict], method: str, model: str) -> dict[int, float]:
     return {r["seed"]: r["models"][model]["dice_fg"] for r in records if r["method"] == method}
 
@@ -268,30 +260,6 @@ def gap_closed(records: list[dict], method: str, model: str) -> float | None:
     if not (m and s and u) or statistics.fmean(u.values()) == statistics.fmean(s.values()):
         return None
     return (statistics.fmean(m.values()) - statistics.fmean(s.values())) / (statistics.fmean(u.values()) - statistics.fmean(s.values()))
-
-
-def _code_version() -> str:
-    import medeman
-
-    root = Path(medeman.__file__).resolve().parents[1]
-    try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "medeman"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return f"medeman from {root} (not a git checkout)"
-    return f"medeman at commit `{commit}`{' with local changes' if dirty else ''} ({root})"
-
-
-def _hardware() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU only"
 
 
 def write_results(records: list[dict], args: argparse.Namespace, cohort: Path, command: str) -> Path:
@@ -361,7 +329,7 @@ def write_results(records: list[dict], args: argparse.Namespace, cohort: Path, c
         "- Method settings: " + "; ".join(f"`{m}` {_overlay_summary(m)}" for m in methods) + ".",
         f"- Teacher statistics in `teacher.pt`: " + ", ".join(f"{m} {sorted({r.get('teacher_stats') or '?' for r in records if r['method'] == m})}" for m in methods) + ".",
         "- Per class (teacher): " + "; ".join(per_class) + ".",
-        f"- Hardware: {_hardware()}; runs one at a time per process.",
+        f"- Hardware: {hardware()}; runs one at a time per process.",
         f"- Wall time: {wall / 60:.1f} min of training + test scoring over {len(records)} runs; per method and run: "
         + ", ".join(f"{m} {mean_std([r['train_s'] for r in records if r['method'] == m], 0)} s" for m in methods)
         + " (2 cores shared with other jobs, so wall times vary). Every run and model: "
@@ -380,7 +348,7 @@ def _codes(records: list[dict], methods: list[str]) -> dict[str, list[str]]:
     """Which medeman code trained which methods (runs record it; older records: the code writing the report)."""
     codes: dict[str, list[str]] = {}
     for method in methods:
-        for code in dict.fromkeys(r.get("code") or _code_version() for r in records if r["method"] == method):
+        for code in dict.fromkeys(r.get("code") or code_version() for r in records if r["method"] == method):
             codes.setdefault(code, []).append(method)
     return codes
 
@@ -469,8 +437,8 @@ def run_grid(args: argparse.Namespace, cohort: Path, command: str) -> int:
                          f"{'**yes**' if s == best else ''} |")
         if args.write_chosen:
             write_chosen(method, best.split(), command)
-    lines += ["", f"- Command: `{command}`", f"- Code: {_code_version()}.", f"- Base config `{args.config}`"
-              + (f", overrides {' '.join(args.set)}" if args.set else "") + f"; hardware: {_hardware()}."]
+    lines += ["", f"- Command: `{command}`", f"- Code: {code_version()}.", f"- Base config `{args.config}`"
+              + (f", overrides {' '.join(args.set)}" if args.set else "") + f"; hardware: {hardware()}."]
     (results / "ssl_ablation_grid.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
     return 0

@@ -26,7 +26,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO / "benchmarks"
-SCRIPTS = sorted([*BENCHMARKS.glob("*.py"), *BENCHMARKS.glob("*.sh")])
+# every script; ``_name.py`` files are helpers the scripts import (``benchmarks/_report.py``), not scripts
+SCRIPTS = sorted(p for p in [*BENCHMARKS.glob("*.py"), *BENCHMARKS.glob("*.sh")] if not p.name.startswith("_"))
+HELPERS = sorted(BENCHMARKS.glob("_*.py"))
 SMOKE_TIMEOUT_S = 300  # a smoke run takes seconds; this only stops a hung one on a loaded machine
 
 
@@ -38,7 +40,7 @@ def mirror_repository(root: Path) -> Path:
         if entry.name not in ("benchmarks", ".git"):
             (root / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
     (root / "benchmarks" / "results").mkdir(parents=True)
-    for script in SCRIPTS:
+    for script in [*SCRIPTS, *HELPERS]:
         shutil.copy2(script, root / "benchmarks" / script.name)
     return root / "benchmarks"
 
@@ -86,7 +88,7 @@ def test_private_use_detector(source, expected):
     assert len(found) == len(expected) and all(e in f for e, f in zip(expected, found)), found
 
 
-@pytest.mark.parametrize("script", [s for s in SCRIPTS if s.suffix == ".py"], ids=lambda p: p.name)
+@pytest.mark.parametrize("script", [s for s in [*SCRIPTS, *HELPERS] if s.suffix == ".py"], ids=lambda p: p.name)
 def test_benchmark_uses_only_public_package_functions(script):
     assert private_uses(script.read_text()) == [], f"{script.name} reaches past medeman's public API"
 
@@ -109,3 +111,14 @@ def test_benchmark_runs_end_to_end_in_smoke_mode(script, tmp_path):
     assert proc.stdout.strip(), f"{script.name} --smoke printed nothing"
     written = sorted(p.name for p in (benchmarks / "results").iterdir())
     assert written == [], f"{script.name} --smoke wrote {written} into benchmarks/results/"
+
+
+def test_report_mean_std_leaves_out_undefined_scores():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from _report import mean_std
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    assert mean_std([1.0, 2.0, float("nan")]) == "1.500 ± 0.707"  # stdev of (1, 2) = 1/sqrt(2)
+    assert mean_std([5.0], digits=0) == "5 ± 0"
+    assert mean_std([]) == mean_std([float("nan")]) == "–"
