@@ -306,21 +306,10 @@ class SSLSegModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         results = {name: (self.dice_metrics[name].aggregate(), self.hd95_metrics[name].aggregate()) for name in self._networks()}
-        if "teacher" not in results:  # supervised baseline: the student is the deployed model, logged as both
-            results["teacher"] = results["student"]
-        if "teacher_raw" in results:
-            held = "EMA'd" if self.ssl["teacher_norm"] == "eman" else "own"
-            raw, recalibrated = (self._mean_over_processes(results[name][0]) for name in ("teacher_raw", "teacher"))
-            note = ""
-            if self.ssl["teacher_bn_recalibration"] == "best":
-                results["teacher_recalibrated"] = results["teacher"]
-                if self.method.choose_teacher(raw, recalibrated) == "raw":
-                    results["teacher"] = results["teacher_raw"]
-                note = f": the teacher keeps the {'re-estimated' if self.method.chosen_statistics == 'recalibrated' else held} ones"
-            rank_zero_info(
-                f"teacher validation Dice at step {self.global_step}: {raw:.3f} with its {held} BatchNorm statistics, "
-                f"{recalibrated:.3f} re-estimated (ssl.teacher_bn_recalibration={self.ssl['teacher_bn_recalibration']}){note}"
-            )
+        # the method names the deployed network's scores "teacher" (and, under teacher_bn_recalibration=best, chooses it)
+        results, note = self.method.name_validation_results(results, lambda scores: self._mean_over_processes(scores[0]))
+        if note:
+            rank_zero_info(f"teacher validation Dice at step {self.global_step}: {note}")
         for name, (dice, hd95) in results.items():
             dice = dice.to(self.device).float()
             hd95 = hd95.to(self.device).float()

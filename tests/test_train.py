@@ -190,6 +190,33 @@ def test_choose_teacher_prefers_the_higher_validation_dice_and_the_re_estimated_
     assert method.choose_teacher(0.70, 0.70) == "recalibrated"
 
 
+@pytest.mark.parametrize("mode, raw, recalibrated, teacher, kept", [
+    ("best", 0.8, 0.7, "raw", "EMA'd"),
+    ("best", 0.7, 0.8, "re-estimated", "re-estimated"),
+    ("always", 0.8, 0.7, "re-estimated", None),  # scored both (the first validation) but no choice to make
+])
+def test_validation_results_name_the_chosen_teacher(mode, raw, recalibrated, teacher, kept):
+    from medeman.methods import METHODS
+
+    method = METHODS["mean_teacher"](load_config(sets=[f"ssl.teacher_bn_recalibration={mode}"]))
+    scores = {"student": ("s",), "teacher": ("re-estimated",), "teacher_raw": ("raw",)}
+    dice = {"s": 0.5, "re-estimated": recalibrated, "raw": raw}
+    named, note = method.name_validation_results(scores, lambda s: dice[s[0]])
+    assert named["teacher"] == (teacher,) and named["student"] == ("s",) and scores["teacher"] == ("re-estimated",)
+    assert ("teacher_recalibrated" in named) == (mode == "best")
+    assert note.startswith(f"{raw:.3f} with its EMA'd BatchNorm statistics, {recalibrated:.3f} re-estimated (ssl.teacher_bn_recalibration={mode})")
+    assert (f"keeps the {kept} ones" in note) if kept else ("keeps" not in note)
+    only_teacher = {"student": ("s",), "teacher": ("re-estimated",)}
+    assert method.name_validation_results(only_teacher, lambda s: dice[s[0]]) == (only_teacher, None)
+
+
+def test_without_a_teacher_the_student_is_logged_as_the_teacher():
+    from medeman.methods import METHODS
+
+    named, note = METHODS["supervised"](load_config(sets=["ssl.method=supervised"])).name_validation_results({"student": ("s",)}, float)
+    assert named == {"student": ("s",), "teacher": ("s",)} and note is None
+
+
 def test_recalibrated_teacher_is_validated_deployed_and_compared_once_with_the_raw_one(make_cohort, tmp_path, capsys):
     """teacher.pt holds re-estimated statistics; the training teacher keeps its EMA'd ones; raw Dice logged once."""
     root = make_cohort(3, 2)

@@ -13,7 +13,7 @@ name in the ``ssl.method`` choices of :mod:`medeman.config` (see the README's de
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
@@ -80,6 +80,19 @@ class Method:
     def validated_networks(self, module: SSLSegModule) -> dict[str, nn.Module]:
         """The networks to score at a validation, by name; ``"teacher"`` is the deployed one."""
         return {"student": module.student}
+
+    def name_validation_results(self, results: dict[str, Any], mean_dice: Callable[[Any], float]) -> tuple[dict[str, Any], str | None]:
+        """The validation's results by the name they are logged under, and a line for the log (or ``None``).
+
+        Args:
+            results: ``{network name: scores}`` of :meth:`validated_networks`' networks.
+            mean_dice: the mean class Dice over all processes of a network's scores.
+
+        Returns:
+            ``results`` with ``"teacher"`` naming the deployed network's scores; here (no teacher)
+            the student's.
+        """
+        return {**results, "teacher": results["student"]}, None
 
     def deployed_network(self, module: SSLSegModule) -> tuple[nn.Module, str]:
         """The network written to ``teacher.pt`` and which BatchNorm statistics it holds.
@@ -180,6 +193,28 @@ class TeacherMethod(Method):
                 nets["teacher_raw"] = module.teacher  # with its EMA'd (or own) statistics: the first time, or every time to choose
                 self._compare_raw_teacher = False
         return nets
+
+    def name_validation_results(self, results: dict[str, Any], mean_dice: Callable[[Any], float]) -> tuple[dict[str, Any], str | None]:
+        """Name the validated teachers' scores; with ``teacher_bn_recalibration: best`` choose the teacher.
+
+        When both teachers were scored (``"teacher"``: re-estimated statistics, ``"teacher_raw"``:
+        its EMA'd or own ones), the line for the log compares them; under ``best`` the re-estimated
+        scores are kept as ``"teacher_recalibrated"`` and ``"teacher"`` names the winner's
+        (:meth:`choose_teacher`).
+        """
+        if "teacher_raw" not in results:
+            return results, None
+        held = "EMA'd" if self.ssl["teacher_norm"] == "eman" else "own"
+        raw, recalibrated = mean_dice(results["teacher_raw"]), mean_dice(results["teacher"])
+        mode = self.ssl["teacher_bn_recalibration"]
+        note = ""
+        if mode == "best":
+            results = {**results, "teacher_recalibrated": results["teacher"]}
+            if self.choose_teacher(raw, recalibrated) == "raw":
+                results["teacher"] = results["teacher_raw"]
+            note = f": the teacher keeps the {'re-estimated' if self.chosen_statistics == 'recalibrated' else held} ones"
+        return results, (f"{raw:.3f} with its {held} BatchNorm statistics, {recalibrated:.3f} re-estimated "
+                         f"(ssl.teacher_bn_recalibration={mode}){note}")
 
     def choose_teacher(self, raw_dice: float, recalibrated_dice: float) -> str:
         """``teacher_bn_recalibration=best``: keep the statistics that scored higher on validation.
