@@ -74,7 +74,7 @@ class StepSampler(Sampler):
             yield [(part, int(next(streams[part]))) for part, size in self.sizes.items() for _ in range(size)]
 
 
-def pack_step(items: Sequence[tuple[str, Any]], out: torch.Tensor | None = None) -> dict[str, Any]:
+def pack_step(items: Sequence[tuple[str, Any]]) -> dict[str, Any]:
     """Collate a step's ``(part, sample)`` items into one float32 buffer and the layout to read it back.
 
     A sample is a dict of float32 tensors, or a list of them (MONAI's patch samplers return lists);
@@ -83,7 +83,6 @@ def pack_step(items: Sequence[tuple[str, Any]], out: torch.Tensor | None = None)
 
     Args:
         items: the step's ``(part, sample)`` pairs, in sampler order.
-        out: the buffer to write into (1-D float32 of the step's size); a new one when ``None``.
 
     Returns:
         ``{"packed": 1-D tensor, "layout": ((part, key, shape), ...)}``; :func:`unpack_step` reads it.
@@ -92,7 +91,7 @@ def pack_step(items: Sequence[tuple[str, Any]], out: torch.Tensor | None = None)
         TypeError: a patch that is not float32 or not of its key's shape, named ``part/key``.
     """
     samples, layout = _collect(items)
-    return {"packed": _fill(samples, layout, out), "layout": layout}
+    return {"packed": _fill(samples, layout, None), "layout": layout}
 
 
 def _collect(items: Sequence[tuple[str, Any]]) -> tuple[dict[str, list[dict]], tuple]:
@@ -117,6 +116,7 @@ def _numel(layout: Sequence) -> int:
 
 
 def _fill(samples: dict[str, list[dict]], layout: Sequence, out: torch.Tensor | None) -> torch.Tensor:
+    """Stack each part's samples into ``out`` (a new float32 buffer when ``None``) in ``layout``'s order."""
     packed = torch.empty(_numel(layout), dtype=torch.float32) if out is None else out
     offset = 0
     for part, key, shape in layout:
