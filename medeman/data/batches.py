@@ -153,17 +153,11 @@ class StepPacker:
     def __call__(self, items: Sequence[tuple[str, Any]]) -> dict[str, Any]:
         samples, layout = _collect(items)
         numel = _numel(layout)
-        if get_worker_info() is None or 4 * numel > self.ring_bytes:
+        slot = self._next_free_slot(numel)
+        if slot is None:
             return {"packed": _fill(samples, layout, None), "layout": layout}
         ring = self._ring
-        if ring is None:
-            flags = torch.zeros((3, self.slots), dtype=torch.int32).share_memory_()
-            ring = self._ring = {"token": uuid.uuid4().hex, "flags": flags, "buffers": [None] * self.slots, "next": 0}
-        flags, slot = ring["flags"], ring["next"]
-        ring["next"] = (slot + 1) % self.slots
-        if int(flags[0, slot]):  # the main process still reads it: a new tensor, no overwrite
-            return {"packed": _fill(samples, layout, None), "layout": layout}
-        buffer = ring["buffers"][slot]
+        flags, buffer = ring["flags"], ring["buffers"][slot]
         if buffer is None or buffer.numel() != numel:
             buffer = ring["buffers"][slot] = torch.empty(numel, dtype=torch.float32).share_memory_()
             flags[1, slot] = 0
@@ -171,6 +165,18 @@ class StepPacker:
         flags[0, slot] = 1
         return {"ring": (ring["token"], slot), "layout": layout,
                 "buffer": None if int(flags[1, slot]) else buffer, "flags": None if int(flags[2, 0]) else flags}
+
+    def _next_free_slot(self, numel: int) -> int | None:
+        """The ring slot for a step of ``numel`` floats; ``None`` outside a worker, over ``ring_bytes``, or
+        when the main process still holds the next slot (the ring moves on either way)."""
+        if get_worker_info() is None or 4 * numel > self.ring_bytes:
+            return None
+        if self._ring is None:
+            flags = torch.zeros((3, self.slots), dtype=torch.int32).share_memory_()
+            self._ring = {"token": uuid.uuid4().hex, "flags": flags, "buffers": [None] * self.slots, "next": 0}
+        slot = self._ring["next"]
+        self._ring["next"] = (slot + 1) % self.slots
+        return None if int(self._ring["flags"][0, slot]) else slot
 
 
 class _RingReader:
@@ -181,11 +187,11 @@ class _RingReader:
         self.buffers: dict[tuple[str, int], torch.Tensor] = {}
         self._held: tuple[str, int] | None = None
 
-    def read(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+    def read(self, batch: Mapping[str, Any]) -> Mapping[str, Any]:
         """The step as :func:`pack_step` gives it: a ring slot copied out (and the previous one handed back)."""
         self.release()  # once the next message is in: the previous copy is long done
         if "ring" not in batch:
-            return dict(batch)
+            return batch
         token, slot = batch["ring"]
         if batch["flags"] is not None:
             self.flags[token] = batch["flags"]

@@ -89,10 +89,10 @@ class Method:
             mean_dice: the mean class Dice over all processes of a network's scores.
 
         Returns:
-            ``results`` with ``"teacher"`` naming the deployed network's scores; here (no teacher)
-            the student's.
+            ``results`` with ``"teacher"`` naming the deployed network's scores; here, unless a
+            ``"teacher"`` was validated, the student's.
         """
-        return {**results, "teacher": results["student"]}, None
+        return ({**results, "teacher": results["student"]} if "teacher" not in results else results), None
 
     def deployed_network(self, module: SSLSegModule) -> tuple[nn.Module, str]:
         """The network written to ``teacher.pt`` and which BatchNorm statistics it holds.
