@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-import socket
+from datetime import timedelta
 
 import pytest
 import torch
@@ -380,17 +380,14 @@ def test_monai_networks(name, build):
 # ---------------------------------------------------------------- wrapped students
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo")
-def test_ddp_wrapped_student():
+def test_ddp_wrapped_student(monkeypatch):
     if dist.is_initialized():
         pytest.skip("a process group is already initialized")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    # One rank with an in-memory store on the loopback interface: no TCP rendezvous and no hostname lookup, which
+    # once hung a CI machine for the whole run (a tcp:// store on 127.0.0.1 inside the pytest process).
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=timedelta(seconds=60))
     try:
         plain = tiny_net()
         ddp = nn.parallel.DistributedDataParallel(plain)
