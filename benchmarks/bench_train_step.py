@@ -4,7 +4,8 @@ Every variant does the same three network passes on the same net, patch and batc
 ``cat(labeled, strong)`` with backward and an AdamW step, teacher on ``weak`` without grad) and
 the same losses (DiceCE on the labeled half + softmax MSE to the teacher):
 
-    a  floor      the passes and the optimizer step on pre-made tensors: no Lightning, no loader
+    a  floor      the passes and the optimizer step on pre-made tensors (8 real steps drawn once from
+                  the cohort, cycled): no Lightning, no loader
     b  medeman    ``medeman.train.fit`` on a generated NIfTI cohort (cache: memory): Lightning, the
                   DataModule's loaders and augmentation, logging, the EMAN teacher update
     c  ssl4mis    a Python loop over uncached MONAI Datasets (each item re-reads its NIfTI file, as
@@ -93,9 +94,13 @@ def cpu_seconds() -> float:
     return total
 
 
-def now() -> tuple[float, float]:
-    """(wall seconds, CPU seconds) at a step's start."""
-    return time.perf_counter(), cpu_seconds()
+def now() -> tuple[float, float, int]:
+    """(wall seconds, CPU seconds, minor page faults of this process so far) at a step's start.
+
+    Page faults are how glibc's allocator shows up: memory it hands back to the kernel between
+    steps (large freed blocks are unmapped or trimmed) is faulted in again, page by page, next step.
+    """
+    return time.perf_counter(), cpu_seconds(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def patch_size(args: argparse.Namespace) -> list[int]:
@@ -130,14 +135,43 @@ def step_loss(student, teacher, dice_ce, image, label, weak, strong, precision: 
     return dice_ce(logits[:n].float(), label) + softmax_mse(logits[n:], teacher_probs)
 
 
-def run_floor(args: argparse.Namespace, cfg: dict, precision: str) -> dict:
-    """(a) the passes and the optimizer step on tensors made once."""
+FLOOR_STEPS = 8  # distinct pre-made steps the floor cycles through
+
+
+def premade_steps(cfg: dict, data: Path, device: str) -> list[tuple]:
+    """``FLOOR_STEPS`` real training steps (image, label, weak, strong) drawn once from the cohort.
+
+    The floor trains on real patches, not random voxels: PyTorch's CPU PReLU backward is slower on
+    the activations of a net trained on random labels (0.77 instead of 0.43 ms a call, 3 ms a step;
+    likely its per-element choice by sign, which the CPU then cannot predict), and that once made
+    the floor slower than medeman itself.
+    """
+    import gc
+
+    from medeman.data import SSLDataModule
+
+    dm = SSLDataModule(cfg, data / "labeled", data / "unlabeled")
+    dm.setup("fit")
+    batches = iter(dm.train_dataloader())
+    steps = []
+    for _ in range(FLOOR_STEPS):
+        step = next(batches)
+        lab, unl = step["labeled"], step["unlabeled"]
+        steps.append(tuple(t.clone().to(device) for t in (lab["image"], lab["label"], unl["weak"], unl["strong"])))
+    del batches, dm
+    gc.collect()  # the loader's workers exit before the timing starts
+    return steps
+
+
+def run_floor(args: argparse.Namespace, cfg: dict, precision: str, data: Path) -> dict:
+    """(a) the passes and the optimizer step on real steps made once (no loader while timing)."""
     import torch
     from monai.losses import DiceCELoss
 
     from medeman.eman import make_teacher
     from medeman.nets import build_network
 
+    steps = premade_steps(cfg, data, args.device)
     torch.manual_seed(int(cfg["train"]["seed"]))
     student = build_network(cfg).train().to(args.device)
     if cfg["train"]["channels_last"]:  # the floor of the same compute medeman does: its layout, and compiled if it is
@@ -148,16 +182,12 @@ def run_floor(args: argparse.Namespace, cfg: dict, precision: str) -> dict:
         teacher.compile()
     optimizer = torch.optim.AdamW(student.parameters(), lr=float(cfg["train"]["lr"]), weight_decay=float(cfg["train"]["weight_decay"]), fused=True)  # as medeman's
     dice_ce = DiceCELoss(to_onehot_y=True, softmax=True)
-    shape = (args.batch, 1, *patch_size(args))
-    image, weak = torch.rand(shape, device=args.device), torch.rand(shape, device=args.device)
-    strong = weak + 0.05 * torch.randn_like(weak)
-    label = torch.randint(0, int(cfg["data"]["num_classes"]), shape, device=args.device).float()
     starts = []
-    for _ in range(args.warmup + args.steps + 1):
+    for i in range(args.warmup + args.steps + 1):
         synchronize(args.device)
         starts.append(now())
         optimizer.zero_grad(set_to_none=True)
-        loss = step_loss(student, teacher, dice_ce, image, label, weak, strong, precision)
+        loss = step_loss(student, teacher, dice_ce, *steps[i % len(steps)], precision)
         loss.backward()
         optimizer.step()
     return {"starts": starts}
@@ -248,15 +278,16 @@ def child(args: argparse.Namespace) -> None:
         cfg["train"]["compile"] = True
     variant = COMPILED.get(args.variant, args.variant)
     run = {"a": run_floor, "b": run_medeman, "c": run_ssl4mis}[variant]
-    out = run(args, cfg, args.precision) if variant == "a" else run(args, cfg, args.precision, data)
+    out = run(args, cfg, args.precision, data)
     import gc
 
     gc.collect()  # loader workers exit and are reaped before their peak RSS is read
     starts = out.pop("starts")
     steps = [b[0] - a[0] for a, b in zip(starts, starts[1:])][args.warmup:args.warmup + args.steps]
     cpu_steps = [b[1] - a[1] for a, b in zip(starts, starts[1:])][args.warmup:args.warmup + args.steps]
+    faults = [b[2] - a[2] for a, b in zip(starts, starts[1:])][args.warmup:args.warmup + args.steps]
     rss, workers_rss = peak_rss_mib()
-    print("RESULT " + json.dumps({"steps": steps, "cpu_steps": cpu_steps,
+    print("RESULT " + json.dumps({"steps": steps, "cpu_steps": cpu_steps, "faults": faults,
                                   "window_s": starts[args.warmup + len(steps)][0] - starts[args.warmup][0],
                                   "rss_mib": rss, "workers_rss_mib": workers_rss, "threads": torch.get_num_threads(), **out}))
 
@@ -342,7 +373,7 @@ def run_all(args: argparse.Namespace, data: Path) -> None:
     print(f"{args.steps} timed steps after {args.warmup} warm-up, {args.rounds} round(s); cohort {args.labeled} labeled "
           f"(split into train/val) + {args.unlabeled} unlabeled NIfTI scans\n")
     header = (f"{'variant':<36} {'precision':>9} {'median s/step':>13} {'window s/step':>13} {'vs (a)':>7} "
-              f"{'CPU s/step':>10} {'vs (a)':>7} {'peak RSS MiB':>12} {'workers MiB':>11}")
+              f"{'CPU s/step':>10} {'vs (a)':>7} {'faults/step':>11} {'peak RSS MiB':>12} {'workers MiB':>11}")
     print(header)
     print("-" * len(header))
     for precision in args.precision:
@@ -353,11 +384,12 @@ def run_all(args: argparse.Namespace, data: Path) -> None:
             median = statistics.median([t for r in runs for t in r["steps"]])
             cpu = statistics.median([t for r in runs for t in r["cpu_steps"]])
             window = sum(r["window_s"] for r in runs) / sum(len(r["steps"]) for r in runs)
+            faults = statistics.median([f for r in runs for f in r["faults"]])  # minor page faults of the training process
             rss = max(r["rss_mib"] for r in runs)
             workers = max(r["workers_rss_mib"] for r in runs)
             rounds = " (rounds: " + ", ".join(f"{statistics.median(r['steps']):.4f}" for r in runs) + ")" if len(runs) > 1 else ""
             print(f"{variant + ' ' + VARIANTS[variant]:<36} {precision:>9} {median:>13.4f} {window:>13.4f} {median / floor:>6.2f}x "
-                  f"{cpu:>10.4f} {cpu / floor_cpu:>6.2f}x {rss:>12.0f} {workers:>11.0f}{rounds}")
+                  f"{cpu:>10.4f} {cpu / floor_cpu:>6.2f}x {faults:>11.0f} {rss:>12.0f} {workers:>11.0f}{rounds}")
     for variant in "bd":
         if variant in args.variants:
             fits = ", ".join(f"{p} {statistics.mean(r['fit_s'] for r in results[(variant, p)]):.1f} s" for p in args.precision)
