@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import math
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
 from monai.networks.nets import VNet, BasicUNet, SegResNet, UNet
 from torch import nn
 
@@ -380,31 +378,34 @@ def test_monai_networks(name, build):
 # ---------------------------------------------------------------- wrapped students
 
 
-@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo")
-def test_ddp_wrapped_student(monkeypatch):
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialized")
-    # One rank with an in-memory store on the loopback interface: no TCP rendezvous and no hostname lookup, which
-    # once hung a CI machine for the whole run (a tcp:// store on 127.0.0.1 inside the pytest process).
-    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=timedelta(seconds=60))
-    try:
-        plain = tiny_net()
-        ddp = nn.parallel.DistributedDataParallel(plain)
-        assert next(iter(ddp.state_dict())).startswith("module.")
-        assert unwrap(ddp) is plain
-        teacher = make_teacher(ddp)
-        assert list(teacher.state_dict()) == list(plain.state_dict())  # no "module." prefix
-        fill(plain, 1.0, 0.5, 2.0, 7)
-        fill(teacher, 3.0, -1.0, 4.0, 3)
-        update_teacher(teacher, ddp, 0.9)
-        for p in teacher.parameters():
-            torch.testing.assert_close(p, torch.full_like(p, 0.9 * 3.0 + 0.1 * 1.0))
-        (bn,) = tracked_batchnorms(teacher)
-        torch.testing.assert_close(bn.running_var, torch.full_like(bn.running_var, 0.9 * 4.0 + 0.1 * 2.0))
-        assert int(bn.num_batches_tracked) == 7
-    finally:
-        dist.destroy_process_group()
+def _ddp_wrapper(module: nn.Module) -> nn.parallel.DistributedDataParallel:
+    """A ``DistributedDataParallel`` around ``module`` without a process group.
+
+    What medeman reads of DDP is the class and ``.module``. A real process group inside the pytest process once hung
+    a CI machine for its whole run (gloo through a tcp:// store on 127.0.0.1); real two-rank DDP runs in its own
+    processes, with a timeout, in tests/test_ddp.py.
+    """
+    ddp = nn.parallel.DistributedDataParallel.__new__(nn.parallel.DistributedDataParallel)
+    nn.Module.__init__(ddp)
+    ddp.module = module
+    return ddp
+
+
+def test_ddp_wrapped_student():
+    plain = tiny_net()
+    ddp = _ddp_wrapper(plain)
+    assert next(iter(ddp.state_dict())).startswith("module.")
+    assert unwrap(ddp) is plain
+    teacher = make_teacher(ddp)
+    assert list(teacher.state_dict()) == list(plain.state_dict())  # no "module." prefix
+    fill(plain, 1.0, 0.5, 2.0, 7)
+    fill(teacher, 3.0, -1.0, 4.0, 3)
+    update_teacher(teacher, ddp, 0.9)
+    for p in teacher.parameters():
+        torch.testing.assert_close(p, torch.full_like(p, 0.9 * 3.0 + 0.1 * 1.0))
+    (bn,) = tracked_batchnorms(teacher)
+    torch.testing.assert_close(bn.running_var, torch.full_like(bn.running_var, 0.9 * 4.0 + 0.1 * 2.0))
+    assert int(bn.num_batches_tracked) == 7
 
 
 def test_dataparallel_wrapped_student():
