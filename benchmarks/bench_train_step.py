@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import os
 import resource
@@ -146,8 +147,6 @@ def premade_steps(cfg: dict, data: Path, device: str) -> list[tuple]:
     likely its per-element choice by sign, which the CPU then cannot predict), and that once made
     the floor slower than medeman itself.
     """
-    import gc
-
     from medeman.data import SSLDataModule
 
     dm = SSLDataModule(cfg, data / "labeled", data / "unlabeled")
@@ -279,13 +278,11 @@ def child(args: argparse.Namespace) -> None:
     variant = COMPILED.get(args.variant, args.variant)
     run = {"a": run_floor, "b": run_medeman, "c": run_ssl4mis}[variant]
     out = run(args, cfg, args.precision, data)
-    import gc
-
     gc.collect()  # loader workers exit and are reaped before their peak RSS is read
     starts = out.pop("starts")
-    steps = [b[0] - a[0] for a, b in zip(starts, starts[1:])][args.warmup:args.warmup + args.steps]
-    cpu_steps = [b[1] - a[1] for a, b in zip(starts, starts[1:])][args.warmup:args.warmup + args.steps]
-    faults = [b[2] - a[2] for a, b in zip(starts, starts[1:])][args.warmup:args.warmup + args.steps]
+    timed = slice(args.warmup, args.warmup + args.steps)
+    # per step: wall seconds, CPU seconds, page faults (the differences of consecutive now() readings)
+    steps, cpu_steps, faults = ([b[k] - a[k] for a, b in zip(starts, starts[1:])][timed] for k in range(3))
     rss, workers_rss = peak_rss_mib()
     print("RESULT " + json.dumps({"steps": steps, "cpu_steps": cpu_steps, "faults": faults,
                                   "window_s": starts[args.warmup + len(steps)][0] - starts[args.warmup][0],
