@@ -42,6 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 METHODS = {
     "supervised_few": ("configs/supervised.yaml", "labeled"),
     "mt_eman": ("configs/mt_eman.yaml", "labeled"),
+    "fixmatch": ("configs/ablation_fixmatch.yaml", "labeled"),
     "supervised_all": ("configs/supervised.yaml", "all_labeled"),
 }
 LESION = 3
@@ -104,6 +105,7 @@ def score_teacher(run_dir: Path, data: Path, lesion_overlap: float) -> dict[str,
 def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
     """Train one (method, seed) run unless ``--reuse`` finds it scored, then score its teacher on the test cases."""
     from medeman.config import load_config
+    from medeman.methods import build_method
     from medeman.train import fit
 
     run_dir = Path(args.out) / method / f"seed{seed}"
@@ -117,11 +119,11 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
         record = json.loads(trained.read_text())
     else:
         start = time.perf_counter()
-        unlabeled = args.data / "unlabeled" if cfg["ssl"]["method"] == "mean_teacher" else None
+        unlabeled = args.data / "unlabeled" if build_method(cfg).uses_unlabeled else None
         result = fit(cfg, args.data / labeled, unlabeled, val=args.data / "val", out_dir=run_dir,
                      progress_bar=False, logger=not args.smoke, overwrite=True)
         record = {"method": method, "seed": seed, "steps": result.steps, "train_s": round(time.perf_counter() - start, 1),
-                  "val_best_teacher": result.best_dice_teacher, "commit": args.commit, "run_dir": str(run_dir)}
+                  "val_best_teacher": result.last_dice_teacher, "commit": args.commit, "run_dir": str(run_dir)}
         trained.write_text(json.dumps(record, indent=1))
     record["scores"] = score_teacher(run_dir, args.data, args.lesion_overlap)
     done.write_text(json.dumps(record, indent=1))
@@ -134,9 +136,9 @@ def paired(records: list[dict], method: str, base: str, key: str) -> list[float]
     return [by[method, s] - by[base, s] for s in sorted({r["seed"] for r in records}) if (method, s) in by and (base, s) in by]
 
 
-def gap_closed(records: list[dict], key: str) -> tuple[str, list[float]]:
-    """Share of the few -> all gap the mean teacher closes: from the seed means, and per seed."""
-    ssl, full = paired(records, "mt_eman", "supervised_few", key), paired(records, "supervised_all", "supervised_few", key)
+def gap_closed(records: list[dict], key: str, method: str = "mt_eman") -> tuple[str, list[float]]:
+    """Share of the few -> all gap ``method`` closes: from the seed means, and per seed."""
+    ssl, full = paired(records, method, "supervised_few", key), paired(records, "supervised_all", "supervised_few", key)
     per_seed = [a / b for a, b in zip(ssl, full) if abs(b) > 1e-9]
     if not ssl or not full or statistics.fmean(full) <= 1e-9:
         return "n/a (all labels do not beat few)", per_seed
@@ -171,7 +173,7 @@ def write_results(records: list[dict], args: argparse.Namespace, wall_s: float, 
              "*lesion Dice*: voxel Dice of class 3 per case, averaged over cases; *lesion F1, sensitivity, precision*: "
              f"connected components, a lesion found at IoU >= {args.lesion_overlap:g}, counts pooled over the test cases; "
              "*lesion-wise Dice*: BraTS 2023 (per reference lesion, 0 for each false-positive component).", "",
-             "| method | seeds | " + " | ".join(name for _, name in keys) + " | val Dice (best) | train s |",
+             "| method | seeds | " + " | ".join(name for _, name in keys) + " | val Dice (final) | train s |",
              "|---|---|" + "---|" * (len(keys) + 2)]
     for method in METHODS:
         runs = [r for r in records if r["method"] == method]
@@ -182,19 +184,23 @@ def write_results(records: list[dict], args: argparse.Namespace, wall_s: float, 
                      f"{statistics.fmean(r['train_s'] for r in runs):.0f} |")
     lines += ["", "Paired per-seed differences (same seed: same initial network and data order), mean ± std over seeds, "
               "and the share of the few -> all gap that the unlabeled scans close (from the seed means; per seed in brackets):", "",
-              "| score | mt_eman - few | all - few | gap closed by mt_eman |", "|---|---|---|---|"]
-    for key, name in keys[:2] + keys[4:5]:
-        share, per_seed = gap_closed(records, key)
-        lines.append(f"| {name} | {mean_std(paired(records, 'mt_eman', 'supervised_few', key))} | "
-                     f"{mean_std(paired(records, 'supervised_all', 'supervised_few', key))} | {share} "
-                     f"({', '.join(f'{100 * v:.0f} %' for v in per_seed) or '–'}) |")
+              "| score | method | method - few | seeds ahead | all - few | gap closed |", "|---|---|---|---|---|---|"]
+    for key, name in keys[:2] + keys[4:]:
+        for method in ("mt_eman", "fixmatch"):
+            diffs = paired(records, method, "supervised_few", key)
+            if not diffs:
+                continue
+            share, per_seed = gap_closed(records, key, method)
+            lines.append(f"| {name} | {method} | {mean_std(diffs)} | {sum(d > 0 for d in diffs)}/{len(diffs)} | "
+                         f"{mean_std(paired(records, 'supervised_all', 'supervised_few', key))} | {share} "
+                         f"({', '.join(f'{100 * v:.0f} %' for v in per_seed) or '–'}) |")
     commits = sorted({r.get("commit", "?") for r in records})
     lines += [
         "",
         f"- Command: `{command}`; code at commit(s) {', '.join(commits)} when the process that trained them started "
         "(`+dirty`: the shared tree also held uncommitted edits of others).",
         f"- Cohort: `medeman.sample_data.make_cohort(seed=11, lesions=True)`: {_count(args.data / 'labeled' / 'labels')} labeled "
-        f"training scans, {_count(args.data / 'val' / 'labels')} validation scans (every method selects its best teacher on them), "
+        f"training scans, {_count(args.data / 'val' / 'labels')} validation scans (validated on; the deployed teacher is the final-step one), "
         f"{_count(args.data / 'unlabeled')} unlabeled scans (their ground truth only for `supervised_all`), "
         f"{_count(args.data / 'test' / 'labels')} test scans.",
         f"- Budget (every run, `{args.config}` from the runs' `config.yaml`): {train['max_steps']} steps, lr {train['lr']}, "

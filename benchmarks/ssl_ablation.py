@@ -9,6 +9,8 @@ hyper-parameter is chosen on them), ``--unlabeled`` scans and ``--test`` held-ou
                     control: weight averaging without unlabeled data)
     mt_bn           mean teacher, BN teacher (batch statistics, SSL4MIS)    configs/ablation_mt_bn.yaml
     mt_eman         mean teacher, EMAN teacher (Cai et al., CVPR 2021)      configs/ablation_mt_eman.yaml
+    fixmatch        FixMatch-EMAN: hard pseudo-labels of the EMAN teacher's   configs/ablation_fixmatch.yaml
+                    weak view above a confidence threshold on the strong view
     mt_eman_refresh EMAN teacher whose training statistics are re-estimated  configs/ablation_mt_eman_refresh.yaml
                     (precise-BN) every 50 steps: the early-lag diagnostic
     ua_mt, bcp      UA-MT (Yu et al. 2019), bidirectional copy-paste        configs/ablation_ua_mt.yaml, ablation_bcp.yaml
@@ -18,15 +20,16 @@ hyper-parameter is chosen on them), ``--unlabeled`` scans and ``--test`` held-ou
 
 Every run shares the base config (``--config``, the budget: network, patches, steps) and the
 validation cases; methods differ only by their overlay, seeds only by ``train.seed``. Each run is
-scored on the test cases as two models: ``teacher``, the deployed ``teacher.pt`` (best validation
-Dice; for supervised/upper the best student), and ``student``, the final student. A case's score is
+scored on the test cases as two models: ``teacher``, the deployed ``teacher.pt`` (the final-step
+teacher, ``train.deploy: last``: chosen by nothing; for supervised/upper the final student), and
+``student``, the final student. The ``val`` column is the deployed model's last validation Dice. A case's score is
 its mean foreground Dice; a run's the mean over test cases. The report gives mean ± std over seeds,
 the fraction of the supervised→upper gap each method closes, ``(method - supervised) / (upper -
 supervised)`` on the seed means, and paired per-seed differences with their mean and sign count.
 
 Hyper-parameters are chosen on validation only: ``--grid KEY=V1,V2 ...`` trains every combination
 for each method at the ``--seeds`` given (one seed is enough), ranks them by the deployed teacher's
-best validation Dice, writes ``ssl_ablation_grid.{md,csv}`` and, with ``--write-chosen``, the winner
+final validation Dice, writes ``ssl_ablation_grid.{md,csv}`` and, with ``--write-chosen``, the winner
 into ``configs/ablation_<method>.yaml``. A main-table run whose config and data equal a grid run's
 reuses it. Runs go one at a time (``--threads`` torch threads); ``--reuse`` continues an interrupted
 ablation; two invocations with different ``--seeds`` and the same ``--out`` may run side by side,
@@ -65,19 +68,20 @@ METHODS = {
     "supervised_ema": ("configs/ablation_supervised_ema.yaml", False, "labeled", "supervised + EMA-of-weights teacher (control, no unlabeled data)"),
     "mt_bn": ("configs/ablation_mt_bn.yaml", True, "labeled", "mean teacher, BN teacher"),
     "mt_eman": ("configs/ablation_mt_eman.yaml", True, "labeled", "mean teacher, EMAN teacher"),
+    "fixmatch": ("configs/ablation_fixmatch.yaml", True, "labeled", "FixMatch-EMAN: hard thresholded pseudo-labels of the EMAN teacher"),
     "mt_eman_refresh": ("configs/ablation_mt_eman_refresh.yaml", True, "labeled", "mean teacher, EMAN teacher whose statistics are re-estimated every 50 steps"),
     "ua_mt": ("configs/ablation_ua_mt.yaml", True, "labeled", "UA-MT, EMAN teacher"),
     "bcp": ("configs/ablation_bcp.yaml", True, "labeled", "bidirectional copy-paste, EMAN teacher"),
     "upper": ("configs/ablation_supervised.yaml", False, "all", "upper bound: supervised on all labels (unlabeled scans with their true labels)"),
 }
-DEFAULT_METHODS = ("supervised", "supervised_ema", "mt_bn", "mt_eman", "upper")
+DEFAULT_METHODS = ("supervised", "supervised_ema", "mt_bn", "mt_eman", "fixmatch", "bcp", "upper")
 MODELS = ("teacher", "student")
 # paired comparisons of the report: (a, b), a - b per seed
-PAIRS = (("mt_eman", "mt_bn"), ("mt_eman", "supervised"), ("mt_bn", "supervised"), ("mt_eman", "supervised_ema"),
+PAIRS = (("fixmatch", "supervised"), ("fixmatch", "mt_eman"), ("fixmatch", "supervised_ema"), ("mt_eman", "mt_bn"), ("mt_eman", "supervised"), ("mt_bn", "supervised"), ("mt_eman", "supervised_ema"),
          ("mt_bn", "supervised_ema"), ("supervised_ema", "supervised"), ("ua_mt", "supervised"), ("bcp", "supervised"),
          ("ua_mt", "mt_eman"), ("bcp", "mt_eman"))
 NOTES_MARKER = "<!-- notes: text below this line is kept when the table is regenerated -->"
-CSV_COLUMNS = ("method", "seed", "model", "dice_fg", "dice_class1", "dice_class2", "val_best_teacher", "steps",
+CSV_COLUMNS = ("method", "seed", "model", "dice_fg", "dice_class1", "dice_class2", "val_teacher", "steps",
                "train_s", "score_s", "run_dir")
 
 
@@ -201,7 +205,7 @@ def run_one(method: str, seed: int, run_dir: Path, sets: list[str], args: argpar
         result = fit(cfg, labeled, unlabeled, cohort / "val", out_dir=run_dir, progress_bar=False, overwrite=True,
                      callbacks=[_final_state_callback(run_dir / "final_state.pt")])
         record = {"method": method, "seed": seed, "sets": sets, "key": key, "steps": result.steps,
-                  "train_s": round(time.perf_counter() - start, 1), "val_best_teacher": result.best_dice_teacher,
+                  "train_s": round(time.perf_counter() - start, 1), "val_teacher": result.last_dice_teacher,
                   "run_dir": str(run_dir), "code": code_version(), "models": {}}
         trained.write_text(json.dumps(record, indent=1))
         source = run_dir
@@ -282,8 +286,8 @@ def write_results(records: list[dict], args: argparse.Namespace, cohort: Path, c
         "# Semi-supervised ablation: do the unlabeled scans help?",
         "",
         f"Test Dice (mean foreground Dice per case, averaged over the {_count(cohort / 'test' / 'labels')} test cases), mean ± std over "
-        f"seeds {' '.join(map(str, seeds))}. **teacher** is the deployed `teacher.pt` (best validation Dice; for supervised and upper the "
-        "best student), **student** the final student. **gap closed** = (method − supervised) / (upper − supervised) on the seed means "
+        f"seeds {' '.join(map(str, seeds))}. **teacher** is the deployed `teacher.pt` (the final-step teacher, chosen by nothing; for supervised and upper the "
+        "final student), **student** the final student. **gap closed** = (method − supervised) / (upper − supervised) on the seed means "
         "of the deployed models.",
         "",
         "| method | runs | teacher (deployed) | student (final) | gap closed (teacher) | gap closed (student) | val Dice (deployed) | train s/run |",
@@ -296,7 +300,7 @@ def write_results(records: list[dict], args: argparse.Namespace, cohort: Path, c
             f"| {method} | {len(runs)} | {mean_std([r['models']['teacher']['dice_fg'] for r in runs])} | "
             f"{mean_std([r['models']['student']['dice_fg'] for r in runs])} | "
             + " | ".join("–" if g is None else f"{100 * g:.0f} %" for g in gaps)
-            + f" | {mean_std([r['val_best_teacher'] for r in runs])} | {statistics.fmean(r['train_s'] for r in runs):.0f} |")
+            + f" | {mean_std([r['val_teacher'] for r in runs])} | {statistics.fmean(r['train_s'] for r in runs):.0f} |")
     lines += ["", "Paired per-seed differences (test Dice, a − b; wins = seeds where a > b):", "",
               "| a − b | model | per seed | mean | wins |", "|---|---|---|---|---|"]
     for a, b in PAIRS:
@@ -380,7 +384,7 @@ def _write_csv(path: Path, records: list[dict]) -> None:
     for r in records:
         for model, scores in r["models"].items():
             rows.append({"method": r["method"], "seed": r["seed"], "model": model, **{k: f"{v:.4f}" for k, v in scores.items()},
-                         "val_best_teacher": f"{r['val_best_teacher']:.4f}", "steps": r["steps"], "train_s": r["train_s"],
+                         "val_teacher": f"{r['val_teacher']:.4f}", "steps": r["steps"], "train_s": r["train_s"],
                          "score_s": r.get("score_s", ""), "run_dir": r["run_dir"]})
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
@@ -412,9 +416,9 @@ def run_grid(args: argparse.Namespace, cohort: Path, command: str) -> int:
             tag = "_".join(s.split(".")[-1].replace("=", "-") for s in sets)
             for seed in args.seeds:
                 record = run_one(method, seed, Path(args.out) / "grid" / method / tag / f"seed{seed}", sets, args, cohort)
-                print(f"grid {method} {' '.join(sets)} seed {seed}: val {record['val_best_teacher']:.3f} "
+                print(f"grid {method} {' '.join(sets)} seed {seed}: val {record['val_teacher']:.3f} "
                       f"(test teacher {record['models']['teacher']['dice_fg']:.3f}; {record['train_s']:.0f} s)", flush=True)
-                rows.append({"method": method, "sets": " ".join(sets), "seed": seed, "val": record["val_best_teacher"],
+                rows.append({"method": method, "sets": " ".join(sets), "seed": seed, "val": record["val_teacher"],
                              "test_teacher": record["models"]["teacher"]["dice_fg"], "train_s": record["train_s"]})
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
@@ -463,15 +467,15 @@ def write_chosen(method: str, sets: list[str], command: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    parser.add_argument("--cohort", default="runs/ablation_cohort", help="cohort folder, generated on first use")
+    parser.add_argument("--cohort", default="runs/ablation_cohort_val6", help="cohort folder, generated on first use")
     parser.add_argument("--labeled", type=int, default=2, help="labeled training cases of a generated cohort")
-    parser.add_argument("--val", type=int, default=2, help="validation cases of a generated cohort")
+    parser.add_argument("--val", type=int, default=6, help="validation cases of a generated cohort")
     parser.add_argument("--unlabeled", type=int, default=24, help="unlabeled scans of a generated cohort")
     parser.add_argument("--test", type=int, default=12, help="test cases of a generated cohort")
     parser.add_argument("--cohort-seed", type=int, default=0, help="seed of a generated cohort")
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "ablation.yaml", help="base config: the budget shared by all methods")
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(METHODS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(range(10)))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
     parser.add_argument("--grid", nargs="+", default=None, metavar="KEY=V1,V2", help="validation grid instead of the table")
     parser.add_argument("--write-chosen", action="store_true", help="with --grid: write each method's best setting into its overlay")
@@ -531,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
             records.append(record)
             scores = record["models"]
             print(f"{method} seed {seed}: test Dice teacher {scores['teacher']['dice_fg']:.3f}, student {scores['student']['dice_fg']:.3f} "
-                  f"(val best {record['val_best_teacher']:.3f}; train {record['train_s']:.0f} s)", flush=True)
+                  f"(val {record['val_teacher']:.3f}; train {record['train_s']:.0f} s)", flush=True)
             md = write_results(records, args, cohort, command)
     if args.report_only and records:
         md = write_results(records, args, cohort, command)

@@ -120,6 +120,7 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "unlabeled_focus_classes": Option(None, "classes the unlabeled focus centres on, e.g. [3]; null: every foreground class, drawn uniformly among those the teacher predicts in the scan", type=list),
         "unlabeled_focus_every_steps": Option(500, "the teacher re-segments the cached unlabeled volumes (sliding window, no overlap) every this many steps to refresh the focus centres; the first time at this step (random crops before), so the teacher has learned the class by then"),
         "unlabeled_focus_stride": Option(4, "focus centres are taken on a grid of this stride in voxels (the low-resolution class map kept per scan)"),
+        "labeled_augmentation": Option("nnunet", "augmentation of labeled patches, shared by every method: nnunet (nnU-Net's: rotation and scaling, mirroring, gamma, contrast, brightness, noise, blur, simulated low resolution) or basic (the flips, 90-degree rotations and affine_prob below, as the unlabeled views)", ("nnunet", "basic")),
         "flip_prob": Option(0.5, "probability of a flip per axis, applied identically to both unlabeled views"),
         "rotate90_prob": Option(0.25, "probability of an axial 90-degree rotation, identical for both views"),
         "affine_prob": Option(0.0, "probability of a small random affine (rotation/scale), identical for both views"),
@@ -141,9 +142,9 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "dropout": Option(0.0, "dropout probability in the student (and hence the teacher)"),
     },
     "ssl": {
-        "method": Option("mean_teacher", "training method (medeman.methods): supervised (labeled data only, the baseline), supervised_ema (labeled data only, deployed EMA teacher: the weight-averaging control), mean_teacher, ua_mt (uncertainty-aware mean teacher, Yu et al. 2019) or bcp (bidirectional copy-paste, Bai et al. 2023)", ("supervised", "supervised_ema", "mean_teacher", "ua_mt", "bcp")),
+        "method": Option("mean_teacher", "training method (medeman.methods): supervised (labeled data only, the baseline), supervised_ema (labeled data only, deployed EMA teacher: the weight-averaging control), mean_teacher, fixmatch (hard pseudo-labels of the EMAN teacher's weak view on the strong view: FixMatch-EMAN, Cai et al. 2021), ua_mt (uncertainty-aware mean teacher, Yu et al. 2019) or bcp (bidirectional copy-paste, Bai et al. 2023)", ("supervised", "supervised_ema", "mean_teacher", "fixmatch", "ua_mt", "bcp")),
         "teacher_norm": Option("eman", "teacher normalization: eman (EMA'd running statistics, Cai et al. 2021), bn (batch statistics, classic mean teacher) or ema (weight EMA only, for networks without BatchNorm, e.g. model.norm=instance)", ("eman", "bn", "ema")),
-        "teacher_bn_recalibration": Option("best", "re-estimate the teacher's BatchNorm statistics from its own forward passes (precise-BN) before each teacher validation and export (always), only for teacher.pt (export), or never (off); best validates the teacher with both its own and re-estimated statistics and keeps (logs, exports) the better on validation; pseudo-labels keep the EMA'd statistics", ("off", "export", "always", "best")),
+        "teacher_bn_recalibration": Option("off", "the deployed teacher's BatchNorm statistics, a rule fixed before training: off (its own: EMAN's EMA'd ones, pure EMAN), always (re-estimated from its own forward passes, precise-BN, before each validation and export), export (re-estimated for teacher.pt only); best (opt-in, biased) validates both and keeps the better at each validation, a choice among twice the candidates that inflates validation Dice; pseudo-labels always keep the EMA'd statistics", ("off", "export", "always", "best")),
         "teacher_bn_refresh_every": Option(0, "every this many teacher updates, re-estimate the training teacher's BatchNorm statistics in place (precise-BN on recalibration_batches), EMA'd again in between; 0: never (pure EMAN). Not EMAN: for short runs whose EMA'd statistics lag the averaged weights"),
         "recalibration_batches": Option(16, "unlabeled weak-view batches (labeled images without unlabeled scans) used to re-estimate the teacher's BatchNorm statistics"),
         "ema_momentum": Option(0.99, "EMA momentum m of teacher weights (and EMAN statistics): theta' <- m theta' + (1-m) theta; the base of the constant and cosine schedules"),
@@ -156,17 +157,22 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "pseudo_label_weight": Option(1.0, "weight of the pseudo-label loss relative to the consistency loss"),
         "pseudo_label_dice": Option(False, "add a masked Dice term to the pseudo-label cross-entropy"),
         "pseudo_label_threshold_mode": Option("fixed", "fixed: one threshold (pseudo_label_threshold) for every class; adaptive: per-class thresholds from the teacher's EMA'd confidence (FreeMatch-style, medeman.pseudo_labels), capped by pseudo_label_threshold", ("fixed", "adaptive")),
-        "adaptive_threshold_momentum": Option(0.999, "EMA momentum m of the adaptive thresholds' confidence statistics (FreeMatch's lambda); they start at 1/num_classes and follow the teacher over ~1/(1-m) steps: 0.999 for runs of 10k+ steps, about 0.99 for a few hundred"),
+        "adaptive_threshold_momentum": Option(None, "EMA momentum m of the adaptive thresholds' confidence statistics (FreeMatch's lambda); they start at 1/num_classes and follow the teacher over ~1/(1-m) steps; null scales it to the run like the teacher: m = 1 - 1/(momentum_window * train.max_steps)", type=float),
         "pseudo_label_reduction": Option("all", "pseudo-label cross-entropy averaged over all voxels, (ce * mask).mean() as FixMatch/EMAN, or over the kept voxels only", ("all", "kept")),
-        "rampup_steps": Option(1000, "steps of the sigmoid ramp-up exp(-5(1-t)^2) of the unsupervised weight"),
-        "warmup_steps": Option(0, "supervised-only steps before the unsupervised losses start ramping up"),
+        "rampup_steps": Option(None, "steps of the sigmoid ramp-up exp(-5(1-t)^2) of the unsupervised weight, after the warm-up; null: rampup_fraction of train.max_steps", type=int),
+        "rampup_fraction": Option(0.3, "rampup_steps null: the ramp-up lasts this fraction of train.max_steps"),
+        "warmup_steps": Option(None, "supervised-only steps before the unsupervised losses start ramping up; at its end a teacher method sets the teacher to the student and estimates its BatchNorm statistics once (then pure EMAN); null: warmup_fraction of train.max_steps", type=int),
+        "warmup_fraction": Option(0.1, "warmup_steps null: the supervised warm-up lasts this fraction of train.max_steps"),
+        "fixmatch_threshold": Option(0.9, "fixmatch: teacher confidence (weak view) above which a voxel's argmax is a hard pseudo-label for the strong view (FixMatch's tau)"),
+        "fixmatch_consistency_weight": Option(0.0, "fixmatch: weight of an added soft consistency loss (ssl.consistency) beside the pseudo-label loss; 0: pseudo-labels only, as FixMatch-EMAN"),
         "ua_mt_passes": Option(8, "ua_mt: stochastic teacher passes T per unlabeled batch for the predictive entropy"),
         "ua_mt_noise_std": Option(0.1, "ua_mt: std of the Gaussian input noise of each teacher pass (normalized intensity units)"),
         "ua_mt_noise_clip": Option(0.2, "ua_mt: the input noise is clipped to [-clip, clip]"),
         "ua_mt_threshold_start": Option(0.75, "ua_mt: the entropy threshold ramps from this fraction of ln(num_classes) to ln(num_classes) over rampup_steps"),
         "bcp_box_fraction": Option(2.0 / 3.0, "bcp: side of the copy-paste box as a fraction of each patch side (the paper's 2/3)"),
         "bcp_unlabeled_weight": Option(0.5, "bcp: weight alpha of the pseudo-labeled voxels of the mixed patches (ground truth weighs 1)"),
-        "bcp_pretrain_steps": Option(0, "bcp: first steps of copy-paste pre-training on labeled patches only; the teacher then starts as a copy of the student"),
+        "bcp_pretrain_steps": Option(None, "bcp: first steps of copy-paste pre-training on labeled patches only; the teacher then starts as a copy of the student (BatchNorm statistics estimated once); null: the warm-up (ssl.warmup_steps)", type=int),
+        "bcp_keep_components": Option(None, "bcp: per foreground class, keep only the k largest connected components of the teacher's pseudo-labels in each patch (the paper keeps the largest; e.g. [1, 2] for liver and two kidneys); 0 keeps a class as it is; null: no clean-up", type=list),
     },
     "train": {
         "max_steps": Option(20000, "optimizer steps of the whole run"),
@@ -176,6 +182,7 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "batch_dice": Option(True, "supervised Dice over the whole batch (DiceCELoss(batch=True), nnU-Net) rather than per patch, so a class absent from one patch does not dilute it"),
         "lr_schedule": Option("poly", "learning-rate schedule over max_steps: poly (power 0.9), cosine or constant", ("poly", "cosine", "constant")),
         "val_every_steps": Option(500, "validate teacher and student on whole volumes every this many steps"),
+        "deploy": Option("last", "which teacher teacher.pt holds: last (the final-step teacher, no selection) or best (the best val/dice_teacher over the run's validations, opt-in: chosen among that many candidates, which teacher.pt records, so its validation Dice is optimistic)", ("last", "best")),
         "precision": Option("32", "Lightning precision: 32, bf16-mixed or 16-mixed", ("32", "bf16-mixed", "16-mixed")),
         "accumulate_grad_batches": Option(1, "batches per optimizer step"),
         "seed": Option(0, "global seed (python, numpy, torch, dataloader workers)"),
@@ -282,6 +289,7 @@ def validate(cfg: dict) -> dict:
         raise ConfigError(f"ssl.recalibration_batches: {batches!r} must be a positive integer")
     if int(cfg["ssl"]["teacher_bn_refresh_every"]) < 0:
         raise ConfigError(f"ssl.teacher_bn_refresh_every: {cfg['ssl']['teacher_bn_refresh_every']!r} must be 0 (never) or a number of steps")
+    _validate_schedules(cfg)
     if int(cfg["ssl"]["ua_mt_passes"]) < 1:
         raise ConfigError(f"ssl.ua_mt_passes: {cfg['ssl']['ua_mt_passes']!r} must be at least 1 stochastic teacher pass")
     for key in ("bcp_box_fraction", "ua_mt_threshold_start"):
@@ -310,6 +318,25 @@ def validate(cfg: dict) -> dict:
     _validate_teacher_norm(cfg)
     _validate_tune(cfg)
     return cfg
+
+
+def _validate_schedules(cfg: dict) -> None:
+    """The run-relative schedules of the ``ssl:`` section (resolved by :mod:`medeman.schedules`)."""
+    ssl = cfg["ssl"]
+    for key in ("warmup_fraction", "rampup_fraction"):
+        if not 0.0 <= ssl[key] < 1.0:
+            raise ConfigError(f"ssl.{key}: {ssl[key]!r} must be a fraction of train.max_steps in [0, 1)")
+    for key in ("warmup_steps", "rampup_steps", "bcp_pretrain_steps"):
+        if ssl[key] is not None and ssl[key] < 0:
+            raise ConfigError(f"ssl.{key}: {ssl[key]!r} must be null (scaled to the run) or a number of steps >= 0")
+    if not 0.0 < ssl["fixmatch_threshold"] <= 1.0:
+        raise ConfigError(f"ssl.fixmatch_threshold: {ssl['fixmatch_threshold']!r} must be a confidence in (0, 1]")
+    if ssl["fixmatch_consistency_weight"] < 0:
+        raise ConfigError(f"ssl.fixmatch_consistency_weight: {ssl['fixmatch_consistency_weight']!r} must be >= 0")
+    keep = ssl["bcp_keep_components"]
+    classes = int(cfg["data"]["num_classes"]) - 1
+    if keep is not None and not (len(keep) == classes and all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in keep)):
+        raise ConfigError(f"ssl.bcp_keep_components: {keep!r} must be null or {classes} whole numbers >= 0 (one per foreground class)")
 
 
 def _validate_teacher_norm(cfg: dict) -> None:
@@ -388,7 +415,7 @@ def _validate_small_structures(cfg: dict) -> None:
         if int(data[key]) < 1:
             raise ConfigError(f"data.{key} must be a positive integer, got {data[key]!r}")
     momentum = cfg["ssl"]["adaptive_threshold_momentum"]
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
+    if momentum is not None and not 0.0 <= momentum < 1.0:
         raise ConfigError(f"ssl.adaptive_threshold_momentum: {momentum!r} must be a number in [0, 1)")
     if train["deep_supervision"] and cfg["model"]["name"] != "dynunet":
         raise ConfigError(f"train.deep_supervision needs model.name=dynunet (the MONAI network with deep-supervision heads), not {cfg['model']['name']}")

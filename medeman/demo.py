@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = fit(cfg, data / "labeled", data / "unlabeled", out_dir=out, overwrite=True)
     trained = time.perf_counter()
     print(f"      validation Dice after {result.steps} steps: teacher {result.last_dice_teacher:.3f}, student {result.last_dice_student:.3f} "
-          f"(best teacher {result.best_dice_teacher:.3f}, kept in {out / 'teacher.pt'})")
+          f"({out / 'teacher.pt'} holds the {'final-step' if cfg['train']['deploy'] == 'last' else 'best-validation'} teacher)")
     stats = read_teacher_file(out / "teacher.pt")["extra"].get("teacher_bn_stats", "unknown")
     print(f"      teacher.pt holds {stats} BatchNorm statistics (ssl.teacher_bn_recalibration={cfg['ssl']['teacher_bn_recalibration']})")
 

@@ -263,6 +263,22 @@ def update_teacher(teacher: nn.Module, student: nn.Module, momentum: float) -> N
         torch._foreach_lerp_(t_float, s_float, 1.0 - float(momentum))
 
 
+@torch.no_grad()
+def set_teacher(teacher: nn.Module, student: nn.Module) -> None:
+    """Make the teacher a copy of the student in place: every parameter and buffer, whatever ``teacher_norm``.
+
+    Where self-training starts (after a supervised warm-up, or BCP's pre-training), so the teacher
+    does not carry the average of a random start. Like timm's ``ModelEmaV3.set``.
+
+    Raises:
+        ValueError: a teacher of another architecture.
+    """
+    teacher, student = unwrap(teacher), unwrap(student)
+    _check_same_architecture(teacher, student)
+    t_state, s_state = teacher.state_dict(keep_vars=True), student.state_dict(keep_vars=True)
+    torch._foreach_copy_([t.data for t in t_state.values()], [s_state[name].data for name in t_state])
+
+
 def momentum_at(step: int, base: float, warmup: bool = True) -> float:
     """EMA momentum at optimizer step ``step`` (0-based): ``min(1 - 1/(step + 1), base)`` with warm-up.
 

@@ -95,7 +95,7 @@ class SSLSegModule(pl.LightningModule):
         self.adaptive_thresholds: AdaptiveThresholds | None = None
         if self.ssl["pseudo_label_threshold_mode"] == "adaptive" and self.ssl["pseudo_label_threshold"] is not None:
             self.adaptive_thresholds = AdaptiveThresholds(
-                self.num_classes, float(self.ssl["adaptive_threshold_momentum"]), cap=float(self.ssl["pseudo_label_threshold"]))
+                self.num_classes, self.method.schedule.threshold_momentum, cap=float(self.ssl["pseudo_label_threshold"]))
         self.consistency_loss = CONSISTENCY_LOSSES.get(self.ssl["consistency"])
         self.dice_metrics = {name: DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=False) for name in ("teacher", "teacher_raw", "student")}
         self.hd95_metrics = {name: HausdorffDistanceMetric(include_background=False, percentile=95, reduction="mean_batch") for name in ("teacher", "teacher_raw", "student")}

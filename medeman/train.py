@@ -4,8 +4,9 @@ Run folder layout::
 
     config.yaml           resolved configuration (commented, loads with --config)
     split.json            train/validation split of the labeled cases (when no --val folder)
-    teacher.pt            best teacher by val/dice_teacher: state_dict + config (weights_only-safe), with
-                          extra["teacher_bn_stats"]: recalibrated | ema | batch | none
+    teacher.pt            the final-step teacher (train.deploy: last; best: the best val/dice_teacher):
+                          state_dict + config (weights_only-safe), with extra["teacher_bn_stats"]:
+                          recalibrated | ema | batch | none, and extra["candidates"]: validations it was chosen from
     metrics.csv           every logged value (CSVLogger)
     tensorboard/          TensorBoard event files
     checkpoints/          Lightning checkpoints: best-*.ckpt and last.ckpt (for --resume)
@@ -68,36 +69,56 @@ class TrainResult:
 
 
 class TeacherExport(Callback):
-    """Writes ``teacher.pt`` whenever ``val/dice_teacher`` improves (the model users deploy)."""
+    """Writes ``teacher.pt``, the model users deploy, by the rule ``train.deploy`` fixes before training.
+
+    ``last`` (default): the teacher after every validation and at the end of training, so the file
+    holds the final-step teacher, chosen by nothing. ``best``: the teacher of the best
+    ``val/dice_teacher`` so far; ``teacher.pt`` then records how many validations it was chosen
+    from (``extra["candidates"]``), because the best of many noisy validation scores is optimistic.
+    """
 
     def __init__(self, path: Path, cfg: dict):
         self.path, self.cfg = Path(path), cfg
+        self.rule = cfg["train"]["deploy"]
         self.best = -math.inf
+        self.validations = 0
+        self.exported_step: int | None = None
         self.last: dict[str, float] = {}
 
     def _export(self, trainer: pl.Trainer, module: pl.LightningModule, score: float) -> None:
         if trainer.is_global_zero:
             net, stats = module.deployed_network()  # the teacher as validated (re-estimated statistics, if on)
-            save_teacher(self.path, net, self.cfg, step=trainer.global_step, val_dice_teacher=score, teacher_bn_stats=stats)
+            save_teacher(self.path, net, self.cfg, step=trainer.global_step, val_dice_teacher=score, teacher_bn_stats=stats,
+                         deploy=self.rule, candidates=self.validations if self.rule == "best" else 1)
+        self.exported_step = trainer.global_step
 
     def on_validation_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
         self.last = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/dice_")}
         score = self.last.get("val/dice_teacher", math.nan)
-        if not math.isnan(score) and score > self.best:
-            self.best = score
+        if math.isnan(score):
+            return
+        self.validations += 1
+        self.best = max(self.best, score)
+        if self.rule == "last" or score >= self.best:
             self._export(trainer, module, score)
 
     def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        if not self.path.exists():  # never validated: still leave a usable model
+        if not self.path.exists() or (self.rule == "last" and self.exported_step != trainer.global_step):
+            # never validated, or not validated at the final step: the final teacher, without a validation score
             self._export(trainer, module, math.nan)
+        elif self.rule == "best" and trainer.is_global_zero:  # the best of how many: all of the run's validations
+            payload = torch.load(self.path, map_location="cpu", weights_only=True)
+            payload["extra"]["candidates"] = self.validations
+            torch.save(payload, str(self.path))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best}
+        return {"best": self.best, "validations": self.validations}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.best = float(state_dict["best"])
+        self.validations = int(state_dict.get("validations", 0))
 
 
 def _sync_batchnorm(cfg: dict) -> bool:
@@ -292,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(
         f"done: {result.steps} steps; validation Dice teacher {result.last_dice_teacher:.3f}, student {result.last_dice_student:.3f} "
-        f"(best teacher {result.best_dice_teacher:.3f}); model {result.run_dir / 'teacher.pt'}"
+        f"(best validation {result.best_dice_teacher:.3f}); model {result.run_dir / 'teacher.pt'} (train.deploy={cfg['train']['deploy']})"
     )
     return 0
 

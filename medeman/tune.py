@@ -135,9 +135,13 @@ def run_config(cfg: dict, params: dict[str, Any], steps: int) -> dict:
     for key in ("consistency_weight", "pseudo_label_threshold"):
         if key in params:
             ssl[key] = float(params[key])
-    rampup = int(params.get("rampup_steps", ssl["rampup_steps"]))
-    ssl["rampup_steps"] = max(1, round(rampup * scale)) if rampup > 0 else 0
-    ssl["warmup_steps"] = round(int(ssl["warmup_steps"]) * scale)
+    # a schedule given in steps is scaled to the trial; a null one is a fraction of max_steps already
+    rampup = params.get("rampup_steps", ssl["rampup_steps"])
+    if rampup is not None:
+        ssl["rampup_steps"] = max(1, round(int(rampup) * scale)) if int(rampup) > 0 else 0
+    for key in ("warmup_steps", "bcp_pretrain_steps"):
+        if ssl[key] is not None:
+            ssl[key] = round(int(ssl[key]) * scale)
     window = momentum_window(cfg, params)
     if ssl["momentum_schedule"] == "window":
         ssl["momentum_window"] = window

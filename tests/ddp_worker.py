@@ -25,7 +25,7 @@ class SaveTeacher(pl.Callback):
 
 if __name__ == "__main__":
     out = Path(sys.argv[1])
-    cfg = load_config(sets=["model.channels=[4,8]", "model.num_res_units=1", "data.patch_size=[16,16,16]", "ssl.ema_momentum=0.5", "ssl.rampup_steps=0"])
+    cfg = load_config(sets=["model.channels=[4,8]", "model.num_res_units=1", "data.patch_size=[16,16,16]", "ssl.ema_momentum=0.5", "ssl.rampup_steps=0", "ssl.warmup_steps=0"])
     pl.seed_everything(0, verbose=False)
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_steps=3, logger=False, enable_checkpointing=False,

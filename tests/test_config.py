@@ -200,7 +200,7 @@ CHOICE_CASES = [
     for key, bad in [
         ("model.name", "resnet"),
         ("ssl.teacher_norm", "group"),
-        ("ssl.method", "fixmatch"),
+        ("ssl.method", "mixmatch"),
         ("ssl.consistency", "l1"),
         ("data.modality", "PET"),
         ("data.cache", "redis"),

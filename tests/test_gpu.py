@@ -24,7 +24,7 @@ pytestmark = pytest.mark.gpu
 
 TINY = ["model.channels=[4,8]", "model.num_res_units=1", "data.patch_size=[16,16,16]", "data.spacing=[1,1,1]",
         "data.num_classes=3", "data.num_workers=0", "data.cache=none", "data.val_fraction=0.34",
-        "train.val_every_steps=2", "train.log_every_steps=1", "ssl.rampup_steps=2", "train.max_steps=4",
+        "train.val_every_steps=2", "train.log_every_steps=1", "ssl.rampup_steps=2", "ssl.warmup_steps=0", "train.max_steps=4",
         "train.accelerator=gpu", "train.devices=1"]
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from medeman.config import load_config
-from medeman.eman import momentum_at, recalibrate_batchnorm, tracked_batchnorms
+from medeman.eman import make_teacher, momentum_at, recalibrate_batchnorm, tracked_batchnorms, update_teacher
 from medeman.module import SSLSegModule
 from tiny_patches import TinyData
 
@@ -41,7 +41,7 @@ def _train(sets, steps=4, accumulate=1):
 
 @pytest.mark.parametrize("norm, accumulate, method", [("eman", 1, "mean_teacher"), ("bn", 1, "mean_teacher"), ("eman", 2, "mean_teacher"), ("eman", 1, "supervised_ema")])
 def test_teacher_equals_hand_computed_ema_of_student_history(norm, accumulate, method):
-    cfg, module, initial, states = _train([f"ssl.teacher_norm={norm}", "ssl.ema_momentum=0.8", "ssl.momentum_schedule=constant", "ssl.rampup_steps=0", f"ssl.method={method}"], 4, accumulate)
+    cfg, module, initial, states = _train([f"ssl.teacher_norm={norm}", "ssl.ema_momentum=0.8", "ssl.momentum_schedule=constant", "ssl.rampup_steps=0", "ssl.warmup_steps=0", f"ssl.method={method}"], 4, accumulate)
     assert len(states) == 4  # one teacher update per optimizer step, whatever the accumulation
     expected = {k: v.clone() for k, v in initial.items()}
     for step, student in enumerate(states):
@@ -150,11 +150,42 @@ def test_deployed_network_names_the_statistics_it_holds(sets, stats):
     assert net is (module.student if module.teacher is None else module.teacher)
 
 
-def test_bcp_teacher_starts_as_the_pretrained_student():
-    """After ssl.bcp_pretrain_steps labeled-only copy-paste steps the teacher is a copy of the student."""
-    _, module, _, states = _train(["ssl.method=bcp", "ssl.bcp_pretrain_steps=2", "ssl.ema_momentum=0.99", "ssl.momentum_schedule=constant"], 2)
-    for name, value in module.teacher.state_dict().items():
-        torch.testing.assert_close(value, states[-1][name], msg=name)
+def _student_then_precise_bn(module, state, norm="eman"):
+    """A teacher made from ``module``'s student holding ``state``, its BatchNorm statistics re-estimated on TinyData's weak views."""
+    student = copy.deepcopy(module.student)
+    student.load_state_dict(state)
+    expected = make_teacher(student, norm=norm)
+    batches = TinyData().recalibration_dataloader(int(module.ssl["recalibration_batches"]))
+    assert recalibrate_batchnorm(expected, (batch["weak"] for batch in batches)) > 0
+    return expected
+
+
+@pytest.mark.parametrize("sets", [
+    ["ssl.method=bcp", "ssl.bcp_pretrain_steps=2"],  # BCP: after its labeled-only copy-paste pre-training
+    ["ssl.method=bcp", "ssl.warmup_steps=2"],  # BCP: the pre-training is the warm-up unless set
+    ["ssl.method=mean_teacher", "ssl.warmup_steps=2"],  # a mean teacher: after the supervised warm-up
+    ["ssl.method=fixmatch", "ssl.warmup_fraction=0.5"],  # FixMatch-EMAN: the warm-up as a fraction of the run (2 of 4 steps)
+], ids=["bcp_pretrain", "bcp_warmup", "mean_teacher_warmup", "fixmatch_warmup_fraction"])
+def test_teacher_restarts_as_the_student_with_estimated_statistics_after_the_warmup(sets):
+    """At the end of the warm-up the teacher is the student's weights with BatchNorm statistics estimated once
+    from its own forward passes (precise-BN), not the average of a random start; then EMA updates resume."""
+    steps = 4 if "ssl.warmup_fraction=0.5" in sets else 2
+    _, module, _, states = _train(sets + ["ssl.recalibration_batches=3", "ssl.ema_momentum=0.99", "ssl.momentum_schedule=constant"], steps)
+    expected = _student_then_precise_bn(module, states[1])
+    if steps == 2:
+        for name, value in module.teacher.state_dict().items():
+            torch.testing.assert_close(value, expected.state_dict()[name], msg=name)
+    else:  # two more EMA updates with m = 0.99 (after the warm-up of momentum_at: min(1 - 1/(t + 1), m))
+        for t in (2, 3):
+            update_teacher(expected, _with_state(module.student, states[t]), momentum_at(t, 0.99))
+        for name, value in module.teacher.state_dict().items():
+            torch.testing.assert_close(value, expected.state_dict()[name], msg=name)
+
+
+def _with_state(net, state):
+    copied = copy.deepcopy(net)
+    copied.load_state_dict(state)
+    return copied
 
 
 def test_ua_mt_masks_the_consistency_by_the_teacher_entropy():
@@ -166,7 +197,7 @@ def test_ua_mt_masks_the_consistency_by_the_teacher_entropy():
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
             self.rows.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("ssl/")})
 
-    cfg = load_config(sets=TINY + ["ssl.method=ua_mt", "ssl.ua_mt_passes=2", "ssl.rampup_steps=4", "train.max_steps=2"])
+    cfg = load_config(sets=TINY + ["ssl.method=ua_mt", "ssl.ua_mt_passes=2", "ssl.rampup_steps=4", "ssl.warmup_steps=0", "train.max_steps=2"])
     logs = Logs()
     trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, limit_val_batches=0, callbacks=[logs], log_every_n_steps=1)
@@ -189,7 +220,7 @@ def test_training_logs_are_made_only_on_the_steps_the_logger_writes(tmp_path):
             self.steps.append(self.global_step)
             super().log_dict(*args, **kwargs)
 
-    cfg = load_config(sets=TINY + ["ssl.pseudo_label_threshold=0.5", "ssl.rampup_steps=0", "train.max_steps=7"])
+    cfg = load_config(sets=TINY + ["ssl.pseudo_label_threshold=0.5", "ssl.rampup_steps=0", "ssl.warmup_steps=0", "train.max_steps=7"])
     trainer = pl.Trainer(accelerator="cpu", max_steps=7, logger=CSVLogger(tmp_path, name="", version=""), enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, log_every_n_steps=3)
     trainer.fit(Recorded(cfg), datamodule=TinyData())

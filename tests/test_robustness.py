@@ -13,7 +13,7 @@ from medeman.module import SSLSegModule, pool_statistics
 from tiny_patches import TinyData
 
 TINY = ["model.channels=[4,8]", "model.num_res_units=1", "data.patch_size=[16,16,16]", "data.spacing=null", "train.lr=0.01",
-        "ssl.rampup_steps=0", "ssl.momentum_schedule=constant", "ssl.ema_momentum=0.5", "ssl.teacher_bn_recalibration=off"]
+        "ssl.rampup_steps=0", "ssl.warmup_steps=0", "ssl.momentum_schedule=constant", "ssl.ema_momentum=0.5", "ssl.teacher_bn_recalibration=off"]
 
 # (per-rank shifts, per-rank scales): ranks whose batches differ in mean, in spread, or in both
 POOL_CASES = [

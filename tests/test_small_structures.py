@@ -56,7 +56,7 @@ def test_deep_supervision_loss_is_the_weighted_sum_over_heads():
 
 
 def test_deep_supervision_trains_and_evaluates_with_one_output():
-    cfg = load_config(sets=DYNUNET + ["train.deep_supervision=true", "train.deep_supervision_heads=1", "ssl.pseudo_label_threshold=0.5", "ssl.rampup_steps=0"])
+    cfg = load_config(sets=DYNUNET + ["train.deep_supervision=true", "train.deep_supervision_heads=1", "ssl.pseudo_label_threshold=0.5", "ssl.rampup_steps=0", "ssl.warmup_steps=0"])
     module, trainer = _fit(cfg)
     assert trainer.global_step == 2
     x = torch.randn(1, 1, 16, 16, 16)
@@ -84,7 +84,7 @@ def test_bad_small_structure_settings_are_refused(sets, message):
 
 def test_adaptive_thresholds_train_and_travel_in_the_checkpoint(tmp_path):
     cfg = load_config(sets=TINY + ["ssl.pseudo_label_threshold=0.9", "ssl.pseudo_label_threshold_mode=adaptive",
-                                   "ssl.adaptive_threshold_momentum=0.5", "ssl.rampup_steps=0"])
+                                   "ssl.adaptive_threshold_momentum=0.5", "ssl.rampup_steps=0", "ssl.warmup_steps=0"])
     module, trainer = _fit(cfg)
     state = module.adaptive_thresholds.state_dict()
     assert not torch.allclose(state["class_confidence"], torch.full((2,), 0.5))  # moved off 1/C

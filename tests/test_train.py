@@ -14,7 +14,7 @@ from medeman.train import fit, main
 
 TINY = ["model.channels=[4,8]", "model.num_res_units=1", "data.patch_size=[16,16,16]", "data.spacing=[1,1,1]",
         "data.num_classes=3", "data.num_workers=0", "data.cache=none", "data.val_fraction=0.34",
-        "train.val_every_steps=2", "train.log_every_steps=1", "ssl.rampup_steps=2"]
+        "train.val_every_steps=2", "train.log_every_steps=1", "ssl.rampup_steps=2", "ssl.warmup_steps=0"]
 
 
 def _metrics(run):
@@ -233,3 +233,25 @@ def test_recalibrated_teacher_is_validated_deployed_and_compared_once_with_the_r
     if payload["step"] == 4:  # the deployed copy: same weights as the EMA teacher, other statistics
         assert all(torch.equal(payload["state_dict"][k], ckpt["teacher." + k]) for k in params)
         assert not all(torch.equal(payload["state_dict"][k], ckpt["teacher." + k]) for k in means)
+
+
+@pytest.mark.parametrize("rule", ["last", "best"])
+def test_teacher_pt_holds_the_final_step_teacher_or_says_how_many_candidates_the_best_was_chosen_from(make_cohort, tmp_path, rule):
+    """train.deploy=last (default): teacher.pt is the final teacher, chosen by nothing; best: the best validation of 3, and it says so."""
+    root = make_cohort(3, 2)
+    cfg = load_config(sets=TINY + ["train.max_steps=6", f"train.deploy={rule}"])
+    run = tmp_path / "run"
+    result = fit(cfg, root / "labeled", root / "unlabeled", out_dir=run, progress_bar=False)
+    scores = {int(r["step"]): float(r["val/dice_teacher"]) for r in _metrics(run) if r.get("val/dice_teacher")}
+    assert sorted(scores) == [1, 3, 5]  # validations after steps 2, 4 and 6
+    payload = read_teacher_file(run)
+    assert payload["extra"]["deploy"] == rule
+    if rule == "last":
+        final = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+        assert payload["step"] == 6 and payload["extra"]["candidates"] == 1
+        assert all(torch.equal(value, final["teacher." + name]) for name, value in payload["state_dict"].items())
+        assert payload["extra"]["val_dice_teacher"] == pytest.approx(scores[5]) == pytest.approx(result.last_dice_teacher)
+    else:
+        best_step = max(scores, key=lambda s: (scores[s], s))  # ties go to the later validation
+        assert payload["extra"]["candidates"] == 3
+        assert payload["step"] == best_step + 1 and payload["extra"]["val_dice_teacher"] == pytest.approx(max(scores.values()))

@@ -17,6 +17,7 @@ Both are :class:`PatchChain`\ s: their random part runs with MONAI's meta-data t
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import torch
@@ -38,7 +39,10 @@ from monai.transforms import (
     RandGaussianNoised,
     RandGaussianSmoothd,
     RandRotate90d,
+    RandScaleIntensityd,
+    RandScaleIntensityFixedMeand,
     RandShiftIntensityd,
+    RandSimulateLowResolutiond,
     Randomizable,
     RandSpatialCropd,
     ScaleIntensityRanged,
@@ -154,6 +158,32 @@ def spatial_augmentation(cfg: dict[str, Any], keys: Sequence[str]) -> list:
     return chain
 
 
+def nnunet_augmentation(cfg: dict[str, Any], keys: Sequence[str] = ("image", "label")) -> list:
+    """nnU-Net's default augmentation of a labeled patch (Isensee et al., Nature Methods 2021), as MONAI transforms.
+
+    Spatial, identical for image and label (nearest for the label): rotation by up to 30 degrees
+    about each axis and scaling by 0.7-1.4 (each with probability 0.2, as one affine), mirroring
+    along each axis (``data.flip_prob``). Intensity, image only, with nnU-Net's probabilities:
+    Gaussian noise (0.1), blur (0.2), brightness x0.75-1.25 (0.15), contrast x0.75-1.25 about the
+    mean (0.15), simulated low resolution (0.25), gamma 0.7-1.5 (0.3). The patch keeps its size
+    (rotated-in corners are zero, the air value).
+    """
+    keys = list(keys)
+    image = keys[0]
+    rotation = 30.0 * math.pi / 180.0
+    return [
+        RandAffined(keys=keys, prob=0.36, rotate_range=(rotation,) * 3, scale_range=((-0.3, 0.4),) * 3,
+                    mode=_modes(keys), padding_mode="zeros"),  # 1 - 0.8^2: rotation or scaling, each p=0.2
+        *[RandFlipd(keys=keys, prob=float(cfg["data"]["flip_prob"]), spatial_axis=axis) for axis in range(3)],
+        RandGaussianNoised(keys=image, prob=0.1, mean=0.0, std=0.1),
+        RandGaussianSmoothd(keys=image, prob=0.2, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)),
+        RandScaleIntensityd(keys=image, prob=0.15, factors=0.25),
+        RandScaleIntensityFixedMeand(keys=image, prob=0.15, factors=0.25, preserve_range=True),
+        RandSimulateLowResolutiond(keys=image, prob=0.25, zoom_range=(0.5, 1.0)),
+        RandAdjustContrastd(keys=image, prob=0.3, gamma=(0.7, 1.5), retain_stats=True),
+    ]
+
+
 def strong_augmentation(cfg: dict[str, Any], key: str = "strong") -> list:
     """Intensity perturbations of the student's view: contrast (gamma), brightness, blur, noise, cut-out."""
     data = cfg["data"]
@@ -173,7 +203,8 @@ def strong_augmentation(cfg: dict[str, Any], key: str = "strong") -> list:
 
 def labeled_transforms(cfg: dict[str, Any]) -> PatchChain:
     """Labeled training chain: preprocessing, foreground crop, padding, class locations (all cached),
-    then one class-aware patch (:class:`~medeman.data.sampling.RandClassCropd`) with spatial augmentation.
+    then one class-aware patch (:class:`~medeman.data.sampling.RandClassCropd`) with augmentation
+    (``data.labeled_augmentation``: :func:`nnunet_augmentation` or :func:`spatial_augmentation`).
 
     ``data.class_ratios`` null: ``data.fg_class_fraction`` of the patches are centred on a foreground
     class drawn uniformly among those present in the scan, the rest are random (nnU-Net); a list:
@@ -193,7 +224,7 @@ def labeled_transforms(cfg: dict[str, Any]) -> PatchChain:
         RandClassCropd(keys=keys, spatial_size=_patch(cfg), num_classes=num_classes,
                        fg_fraction=float(data["fg_class_fraction"]), ratios=data["class_ratios"],
                        label_key="label", indices_key="label_cls_indices"),
-        *spatial_augmentation(cfg, keys),
+        *(nnunet_augmentation(cfg, keys) if data["labeled_augmentation"] == "nnunet" else spatial_augmentation(cfg, keys)),
         SelectItemsd(keys=keys),
         EnsureTyped(keys=keys, dtype=torch.float32, track_meta=False),
     ])

@@ -12,6 +12,7 @@ from typing import Any
 from medeman.config import ConfigError
 from medeman.methods.base import Method, TeacherMethod
 from medeman.methods.bcp import BCP
+from medeman.methods.fixmatch import FixMatch
 from medeman.methods.mean_teacher import MeanTeacher
 from medeman.methods.supervised import Supervised, SupervisedEMA
 from medeman.methods.ua_mt import UAMT
@@ -20,6 +21,7 @@ METHODS: dict[str, type[Method]] = {
     "supervised": Supervised,  # labeled scans only
     "supervised_ema": SupervisedEMA,  # labeled scans only, deployed EMA teacher (the weight-averaging control)
     "mean_teacher": MeanTeacher,  # Tarvainen & Valpola 2017, EMAN teacher (Cai et al. 2021)
+    "fixmatch": FixMatch,  # FixMatch-EMAN (Sohn et al. 2020; Cai et al. 2021)
     "ua_mt": UAMT,  # Yu et al., MICCAI 2019
     "bcp": BCP,  # Bai et al., CVPR 2023
 }

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from medeman.config import ConfigError
-from medeman.eman import make_teacher, recalibrate_batchnorm, tracked_batchnorms, update_teacher
+from medeman.eman import make_teacher, recalibrate_batchnorm, set_teacher, tracked_batchnorms, update_teacher
+from medeman.schedules import RunSchedule, run_schedule
 
 if TYPE_CHECKING:  # the module imports the methods, not the other way round
     from medeman.module import SSLSegModule
@@ -42,6 +43,7 @@ class Method:
     def __init__(self, cfg: dict[str, Any]):
         self.cfg = cfg
         self.ssl = cfg["ssl"]
+        self.schedule: RunSchedule = run_schedule(cfg)
 
     @property
     def uses_unlabeled(self) -> bool:
@@ -109,7 +111,10 @@ class TeacherMethod(Method):
     """A method with an EMA teacher (``ssl.teacher_norm``: eman | bn | ema), validated and deployed.
 
     After each optimizer step the teacher becomes ``m θ' + (1 - m) θ`` with the scheduled momentum
-    (:meth:`SSLSegModule.teacher_momentum`). The validated and deployed teacher is, with
+    (:meth:`SSLSegModule.teacher_momentum`). At the end of the supervised warm-up
+    (:meth:`teacher_start_step`) the teacher is set to the student and its BatchNorm statistics are
+    estimated once from its own forward passes, so self-training starts from a teacher as good as
+    the student instead of one that still averages the random start; then pure EMAN. The validated and deployed teacher is, with
     ``ssl.teacher_bn_recalibration``, a copy with BatchNorm statistics re-estimated from its own
     forward passes (:func:`medeman.eman.recalibrate_batchnorm`); the teacher used in training keeps
     its EMA'd statistics (that is EMAN). The first validation also scores the raw teacher
@@ -138,8 +143,20 @@ class TeacherMethod(Method):
             module.average_student_bn_statistics()
         update_teacher(module.teacher, module.student, module.teacher_momentum(module.teacher_updates))
         module.teacher_updates += 1
+        if module.teacher_updates == self.teacher_start_step() > 0:
+            self.start_teacher_from_student(module)
         every = int(self.ssl["teacher_bn_refresh_every"])
         if every > 0 and module.teacher_updates % every == 0 and tracked_batchnorms(module.teacher):
+            self.refresh_teacher_statistics(module)
+
+    def teacher_start_step(self) -> int:
+        """The teacher update after which the teacher restarts as the student: the end of the warm-up (0: never)."""
+        return self.schedule.warmup_steps
+
+    def start_teacher_from_student(self, module: SSLSegModule) -> None:
+        """Set the teacher to the student (weights and buffers), then estimate its BatchNorm statistics once (precise-BN)."""
+        set_teacher(module.teacher, module.student)
+        if tracked_batchnorms(module.teacher):
             self.refresh_teacher_statistics(module)
 
     def refresh_teacher_statistics(self, module: SSLSegModule) -> None:

@@ -5,15 +5,18 @@ Segmentation", CVPR 2023. Each step a random 3D box (``ssl.bcp_box_fraction`` of
 paper's 2/3) of an unlabeled patch is pasted into a labeled one and a labeled box into an
 unlabeled one; the student learns both mixed patches with Dice+CE against mixed targets — ground
 truth where the voxels came from a labeled patch, the teacher's argmax elsewhere, weighted
-``ssl.bcp_unlabeled_weight`` (the paper's α = 0.5). The optional pre-training stage
-(``ssl.bcp_pretrain_steps``) mixes labeled patches with each other only, then the teacher starts
-as a copy of the pre-trained student, as in the paper. Mixing and loss:
+``ssl.bcp_unlabeled_weight`` (the paper's α = 0.5). The pre-training stage
+(``ssl.bcp_pretrain_steps``, by default the run's warm-up, ``ssl.warmup_fraction`` of it) mixes
+labeled patches with each other only; then the teacher starts as a copy of the pre-trained
+student with its BatchNorm statistics estimated once, as in the paper. The teacher's argmax is
+cleaned per class to its largest connected components (``ssl.bcp_keep_components``: k where the
+anatomy has k, e.g. two kidneys), as the paper keeps the largest one. Mixing and loss:
 :mod:`medeman.methods.copy_paste`.
 
-Where medeman differs from the paper: one box per sample; the teacher's pseudo-labels are its
-plain argmax on the weak view (the paper keeps the largest connected component); pre-training
-and self-training are one run (one learning-rate schedule) instead of two; the teacher is EMAN
-by default; deep-supervision heads other than the main output are not trained by the mixed loss.
+Where medeman differs from the paper: one box per sample; the components are kept per patch
+(the paper's patches hold the whole left atrium); pre-training and self-training are one run
+(one learning-rate schedule) instead of two; the teacher is EMAN by default; deep-supervision
+heads other than the main output are not trained by the mixed loss.
 """
 
 from __future__ import annotations
@@ -23,8 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from medeman.config import ConfigError
-from medeman.eman import update_teacher
-from medeman.labels import argmax_labels
+from medeman.labels import argmax_labels, keep_largest_components
 from medeman.methods.base import TeacherMethod
 from medeman.methods.copy_paste import bidirectional_copy_paste, copy_paste_loss, random_boxes
 from medeman.nets import main_output
@@ -53,7 +55,7 @@ class BCP(TeacherMethod):
         image, label = labeled["image"], labeled["label"]
         unlabeled = batch.get("unlabeled")
         box = random_boxes(image.shape[0], image.shape[2:], float(self.ssl["bcp_box_fraction"]), device=image.device)
-        if module.global_step < int(self.ssl["bcp_pretrain_steps"]) or unlabeled is None:
+        if module.global_step < self.schedule.bcp_pretrain_steps or unlabeled is None:
             # pre-training: the pasted patch is the next labeled one, and its target is ground truth too
             other, other_label = image.roll(1, dims=0), label.roll(1, dims=0)[:, 0].long()
             mixed = bidirectional_copy_paste(image, label, other, other_label, box)
@@ -61,14 +63,21 @@ class BCP(TeacherMethod):
         else:
             weak = unlabeled["weak"]
             with torch.no_grad():
-                pseudo = argmax_labels(module.teacher_probs(weak), dim=1, dtype=torch.long)
+                pseudo = self.keep_components(argmax_labels(module.teacher_probs(weak), dim=1, dtype=torch.long))
             mixed = bidirectional_copy_paste(image, label, weak, pseudo, box)
             weight = float(self.ssl["bcp_unlabeled_weight"])
         logits = main_output(module.student(mixed.image))
         loss = copy_paste_loss(logits, mixed, pseudo_weight=weight)
         return loss, {"loss/copy_paste": loss.detach(), "loss/total": loss.detach(), "ssl/weight": weight}
 
-    def after_optimizer_step(self, module: SSLSegModule) -> None:
-        super().after_optimizer_step(module)
-        if module.teacher_updates == int(self.ssl["bcp_pretrain_steps"]):  # self-training starts from the pre-trained student
-            update_teacher(module.teacher, module.student, 0.0)
+    def teacher_start_step(self) -> int:
+        """Self-training starts from the pre-trained student (``ssl.bcp_pretrain_steps``, by default the warm-up)."""
+        return self.schedule.bcp_pretrain_steps
+
+    def keep_components(self, labels: torch.Tensor) -> torch.Tensor:
+        """``labels`` ``(B, *spatial)`` with each class cut to its ``ssl.bcp_keep_components`` largest components per patch."""
+        keep = self.ssl["bcp_keep_components"]
+        if not keep:
+            return labels
+        per_class = {c: int(k) for c, k in enumerate(keep, start=1)}
+        return torch.stack([keep_largest_components(sample, per_class) for sample in labels])

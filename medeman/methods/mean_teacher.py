@@ -37,7 +37,7 @@ class MeanTeacher(TeacherMethod):
         unlabeled = batch.get("unlabeled")
         weight = 0.0
         if unlabeled is not None:
-            weight = unsupervised_weight(module.global_step, self.ssl["consistency_weight"], self.ssl["rampup_steps"], self.ssl["warmup_steps"])
+            weight = unsupervised_weight(module.global_step, self.ssl["consistency_weight"], self.schedule.rampup_steps, self.schedule.warmup_steps)
         n_labeled = image.shape[0]
         if weight > 0.0:
             logits = module.student(torch.cat([image, unlabeled["strong"]]))

@@ -39,8 +39,8 @@ class UAMT(MeanTeacher):
             lambda x: main_output(teacher(x)), weak, passes=int(ssl["ua_mt_passes"]),
             noise_std=float(ssl["ua_mt_noise_std"]), noise_clip=float(ssl["ua_mt_noise_clip"]),
         )
-        step = max(module.global_step - int(ssl["warmup_steps"]), 0)
-        threshold = uncertainty_threshold(step, int(ssl["rampup_steps"]), module.num_classes, float(ssl["ua_mt_threshold_start"]))
+        step = max(module.global_step - self.schedule.warmup_steps, 0)
+        threshold = uncertainty_threshold(step, self.schedule.rampup_steps, module.num_classes, float(ssl["ua_mt_threshold_start"]))
         certain = predictive_entropy(probs) < threshold
         loss = uncertainty_masked_mse(strong_logits, probs, certain)
         logs["loss/consistency"] = loss.detach()

@@ -11,16 +11,29 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
+from monai.data import set_track_meta
+from monai.transforms import (
+    Compose,
+    RandAdjustContrastd,
+    RandAffined,
+    RandFlipd,
+    RandGaussianNoised,
+    RandGaussianSmoothd,
+    RandScaleIntensityd,
+    RandScaleIntensityFixedMeand,
+    RandSimulateLowResolutiond,
+)
+
 from medeman.data import SSLDataModule
-from medeman.data.transforms import labeled_transforms, unlabeled_transforms
+from medeman.data.transforms import labeled_transforms, nnunet_augmentation, unlabeled_transforms
 
 SAMPLE_DATA = Path(__file__).resolve().parents[2] / "sample_data"
 
 # data overrides for the spatial augmentation: all applied with certainty, or each in turn
 SPATIAL_CASES = [
-    {"flip_prob": 1.0, "rotate90_prob": 1.0, "affine_prob": 0.0},
-    {"flip_prob": 0.0, "rotate90_prob": 0.0, "affine_prob": 1.0},
-    {"flip_prob": 0.5, "rotate90_prob": 0.5, "affine_prob": 0.5},
+    {"flip_prob": 1.0, "rotate90_prob": 1.0, "affine_prob": 0.0, "labeled_augmentation": "basic"},
+    {"flip_prob": 0.0, "rotate90_prob": 0.0, "affine_prob": 1.0, "labeled_augmentation": "basic"},
+    {"flip_prob": 0.5, "rotate90_prob": 0.5, "affine_prob": 0.5, "labeled_augmentation": "basic"},
 ]
 
 
@@ -73,6 +86,48 @@ def test_weak_only_chain_makes_the_same_weak_view_without_a_strong_one(tmp_path,
         torch.testing.assert_close(a["weak"], b["weak"])
     with pytest.raises(ValueError, match="unlabeled views"):
         unlabeled_transforms(cfg, views=("strong",))
+
+
+def _only(chain, kinds, prob):
+    """``chain``'s transforms of the given kinds, each forced to probability ``prob`` (others dropped)."""
+    picked = [t for t in chain if isinstance(t, kinds)]
+    for t in picked:
+        t.prob = prob
+    return Compose(picked)
+
+
+def test_nnunet_spatial_augmentation_moves_image_and_label_together(cfg):
+    """Rotation/scaling and mirroring apply the same geometry to image and label (nearest for the label)."""
+    label = torch.zeros(1, 16, 16, 16)
+    label[0, 3:9, 4:12, 5:10] = 1
+    label[0, 10:14, 2:6, 8:15] = 2
+    spatial = _only(nnunet_augmentation(cfg), (RandAffined, RandFlipd), 1.0)
+    spatial.set_random_state(seed=0)
+    set_track_meta(False)
+    try:
+        for _ in range(4):
+            out = spatial({"image": label / 2, "label": label.clone()})
+            assert set(out["label"].unique().tolist()) <= {0.0, 1.0, 2.0}  # nearest: no new label values
+            assert not torch.equal(out["label"], label)  # it did move
+            agree = ((out["image"] * 2).round() == out["label"]).float().mean()
+            assert agree > 0.95  # bilinear image and nearest label differ only along edges
+    finally:
+        set_track_meta(True)
+
+
+def test_nnunet_intensity_augmentation_never_touches_the_label(cfg):
+    label = torch.randint(0, 3, (1, 16, 16, 16)).float()
+    image = torch.rand(1, 16, 16, 16)
+    intensity = _only(nnunet_augmentation(cfg), (RandGaussianNoised, RandGaussianSmoothd, RandScaleIntensityd,
+                                                  RandScaleIntensityFixedMeand, RandSimulateLowResolutiond, RandAdjustContrastd), 1.0)
+    assert len(intensity.transforms) == 6
+    intensity.set_random_state(seed=1)
+    set_track_meta(False)
+    try:
+        out = intensity({"image": image.clone(), "label": label.clone()})
+    finally:
+        set_track_meta(True)
+    assert torch.equal(out["label"], label) and not torch.allclose(out["image"], image)
 
 
 @pytest.mark.parametrize("spatial", SPATIAL_CASES)

@@ -16,7 +16,7 @@ from medeman.train import fit
 
 TINY = ["model.channels=[4,8]", "model.num_res_units=1", "data.patch_size=[16,16,16]", "data.spacing=[1,1,1]",
         "data.num_classes=3", "data.num_workers=0", "data.cache=none", "data.val_fraction=0.34",
-        "train.val_every_steps=2", "train.log_every_steps=1", "ssl.rampup_steps=2"]
+        "train.val_every_steps=2", "train.log_every_steps=1", "ssl.rampup_steps=2", "ssl.warmup_steps=0"]
 
 
 class EntropyMinimization(Method):
@@ -54,8 +54,8 @@ def test_each_method_says_what_it_needs(name):
 
 def test_unregistered_method_is_refused_with_the_registered_names():
     cfg = load_config()
-    cfg["ssl"]["method"] = "fixmatch"
-    with pytest.raises(ConfigError, match="registered: supervised, supervised_ema, mean_teacher"):
+    cfg["ssl"]["method"] = "mixmatch"
+    with pytest.raises(ConfigError, match="registered: supervised, supervised_ema, mean_teacher, fixmatch"):
         build_method(cfg)
 
 

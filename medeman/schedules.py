@@ -1,0 +1,60 @@
+"""Run-relative schedules: the warm-up, ramp-up and statistics windows of a run, resolved once from the config.
+
+Every schedule of a semi-supervised run is a fraction of ``train.max_steps`` unless the config
+gives it in steps, so a 500-step CPU run and a 20k-step GPU run get the same shape of training:
+a supervised warm-up (``ssl.warmup_fraction``), then the unsupervised weight ramps up
+(``ssl.rampup_fraction``, Laine & Aila's ``exp(-5(1-t)^2)``), and statistics that are EMA'd
+(the teacher, the adaptive thresholds) average over the same window of the run
+(``ssl.momentum_window``). One function resolves them; methods, tuning and the docs read it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from medeman.eman import scheduled_momentum
+
+
+@dataclass(frozen=True)
+class RunSchedule:
+    """The step counts of one run's schedules.
+
+    Attributes:
+        max_steps: optimizer steps of the run.
+        warmup_steps: supervised-only steps; a teacher method starts its teacher from the student at their end.
+        rampup_steps: steps of the unsupervised weight's sigmoid ramp-up after the warm-up.
+        bcp_pretrain_steps: BCP's labeled-only copy-paste pre-training (the warm-up unless set).
+        threshold_momentum: EMA momentum of the adaptive pseudo-label thresholds' statistics.
+    """
+
+    max_steps: int
+    warmup_steps: int
+    rampup_steps: int
+    bcp_pretrain_steps: int
+    threshold_momentum: float
+
+
+def run_schedule(cfg: dict[str, Any]) -> RunSchedule:
+    """Resolve ``cfg``'s schedules to steps: a key given in steps wins, ``null`` takes its fraction of ``train.max_steps``.
+
+    Examples:
+        >>> s = run_schedule(load_config(sets=["train.max_steps=1000"]))
+        >>> s.warmup_steps, s.rampup_steps, round(s.threshold_momentum, 3)
+        (100, 300, 0.99)
+    """
+    ssl = cfg["ssl"]
+    steps = int(cfg["train"]["max_steps"])
+
+    def resolved(key: str, fraction: float) -> int:
+        return int(ssl[key]) if ssl[key] is not None else round(fraction * steps)
+
+    warmup = resolved("warmup_steps", float(ssl["warmup_fraction"]))
+    momentum = ssl["adaptive_threshold_momentum"]
+    return RunSchedule(
+        max_steps=steps,
+        warmup_steps=warmup,
+        rampup_steps=resolved("rampup_steps", float(ssl["rampup_fraction"])),
+        bcp_pretrain_steps=int(ssl["bcp_pretrain_steps"]) if ssl["bcp_pretrain_steps"] is not None else warmup,
+        threshold_momentum=float(momentum) if momentum is not None else scheduled_momentum(0, steps, schedule="window", window=float(ssl["momentum_window"])),
+    )
