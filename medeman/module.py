@@ -23,6 +23,7 @@ from monai.losses import DeepSupervisionLoss, DiceCELoss
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
 from torch import nn
 
+from medeman.data.batches import stream_seed
 from medeman.eman import momentum_at, scheduled_momentum, tracked_batchnorms
 from medeman.predict import predict_volume
 from medeman.labels import argmax_labels
@@ -101,6 +102,19 @@ class SSLSegModule(pl.LightningModule):
         self.hd95_metrics = {name: HausdorffDistanceMetric(include_background=False, percentile=95, reduction="mean_batch") for name in ("teacher", "teacher_raw", "student")}
 
     # ---- training ----------------------------------------------------------------------------
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Seed the global torch RNG (dropout, the methods' boxes and noise) from ``(train.seed, rank, batch)``.
+
+        So what a step draws is a function of the step only: validation, BatchNorm re-estimation
+        and a resume (Lightning does not save the global RNG) never shift it. Costs 3 us on CPU.
+        """
+        accumulate = int(self.cfg["train"]["accumulate_grad_batches"])
+        batch_index = self.global_step * accumulate + batch_idx % accumulate  # epochs are whole steps
+        seed = stream_seed(int(self.cfg["train"]["seed"]), self.global_rank, 3, batch_index)
+        torch.default_generator.manual_seed(seed)
+        if self.device.type == "cuda":
+            torch.cuda.manual_seed(seed)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, logs = self.method.training_loss(self, batch)
         if not self.writes_training_logs():  # each self.log costs ~0.2 ms of Python: only on the steps the loggers write

@@ -233,3 +233,31 @@ def test_recalibrated_teacher_is_validated_deployed_and_compared_once_with_the_r
     if payload["step"] == 4:  # the deployed copy: same weights as the EMA teacher, other statistics
         assert all(torch.equal(payload["state_dict"][k], ckpt["teacher." + k]) for k in params)
         assert not all(torch.equal(payload["state_dict"][k], ckpt["teacher." + k]) for k in means)
+
+
+def _student_after(make_cohort, tmp_path, name: str, sets: list[str]) -> dict:
+    root = tmp_path / "cohort"
+    if not root.exists():
+        make_cohort(3, 2, root=root)
+    cfg = load_config(sets=TINY + ["train.max_steps=12", "train.log_every_steps=5", *sets])
+    module_states = {}
+
+    class _Student(pl.Callback):
+        def on_train_end(self, trainer, module):
+            module_states.update({k: v.detach().clone() for k, v in module.student.state_dict().items()})
+
+    fit(cfg, root / "labeled", root / "unlabeled", out_dir=tmp_path / name, callbacks=[_Student()], progress_bar=False)
+    return module_states
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_training_does_not_depend_on_how_often_it_validates(make_cohort, tmp_path, workers):
+    """Validation and both BatchNorm re-estimations (of the validated copy, and in place every 2 steps) never
+    touch the training stream: runs validating every 3 and every 12 steps end with the same student, bit for bit."""
+    sets = [f"data.num_workers={workers}", "ssl.teacher_bn_recalibration=best", "ssl.teacher_bn_refresh_every=2",
+            "ssl.recalibration_batches=2"]
+    often = _student_after(make_cohort, tmp_path, "often", sets + ["train.val_every_steps=3"])
+    rarely = _student_after(make_cohort, tmp_path, "rarely", sets + ["train.val_every_steps=12"])
+    assert often.keys() == rarely.keys()
+    different = [name for name in often if not torch.equal(often[name], rarely[name])]
+    assert different == []
