@@ -209,11 +209,36 @@ class SSLSegModule(pl.LightningModule):
         checkpoint["medeman_method_state"] = self.method.state_dict()  # e.g. which teacher statistics won the last validation
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._apply_optimisation_settings(checkpoint)
         self.teacher_updates = int(checkpoint.get("medeman_teacher_updates", checkpoint.get("global_step", 0)))
         state = checkpoint.get("medeman_method_state", {})
         if "medeman_teacher_statistics" in checkpoint:  # checkpoints written before medeman_method_state
             state = {"chosen_statistics": checkpoint["medeman_teacher_statistics"], **state}
         self.method.load_state_dict(state)
+
+    def _apply_optimisation_settings(self, checkpoint: dict[str, Any]) -> None:
+        """Give a resumed run this config's ``train.lr`` and ``train.weight_decay`` (the checkpoint holds the old ones).
+
+        Called before Lightning restores optimizer and scheduler from ``checkpoint``: the scheduler's
+        base learning rate becomes ``train.lr``; :meth:`on_train_start` then sets the current rate
+        from the schedule (built from this config, so ``train.max_steps`` counts too): a changed
+        setting takes effect at the step the run resumed from.
+        """
+        lr, weight_decay = float(self.cfg["train"]["lr"]), float(self.cfg["train"]["weight_decay"])
+        for scheduler in checkpoint.get("lr_schedulers", []):
+            if "base_lrs" in scheduler:
+                scheduler["base_lrs"] = [lr for _ in scheduler["base_lrs"]]
+        for optimizer in checkpoint.get("optimizer_states", []):
+            for group in optimizer.get("param_groups", []):
+                group["initial_lr"], group["weight_decay"] = lr, weight_decay
+
+    def on_train_start(self) -> None:
+        """The learning rate of the step training starts at, from the schedule (after a resume: the resumed config's)."""
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+                for group, base, rate in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+                    group["lr"] = base * rate(scheduler.last_epoch)
 
     def teacher_momentum(self, step: int) -> float:
         """The EMA momentum of the update after optimizer step ``step``: the schedule, then the warm-up."""
