@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
@@ -120,3 +121,20 @@ class ContinuedStepCount(pl.Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
+
+
+class CadenceCheckpoint(ModelCheckpoint):
+    """``last.ckpt`` every ``every`` steps between validations (``train.checkpoint_every_steps``).
+
+    The last step of a validation interval is left to the checkpoint written after its
+    validation: resumed from a checkpoint written before it, Lightning runs that validation but
+    logs none of it.
+    """
+
+    def __init__(self, dirpath: Path, every: int):
+        super().__init__(dirpath=dirpath, filename="last", monitor=None, save_top_k=1, enable_version_counter=False,
+                         every_n_train_steps=every)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if batch_idx + 1 < trainer.num_training_batches:
+            super().on_train_batch_end(trainer, module, outputs, batch, batch_idx)

@@ -8,7 +8,8 @@ Run folder layout::
                           extra["teacher_bn_stats"]: recalibrated | ema | batch | none
     metrics.csv           every logged value (CSVLogger)
     tensorboard/          TensorBoard event files
-    checkpoints/          Lightning checkpoints: best-*.ckpt and last.ckpt (at every validation, for --resume)
+    checkpoints/          Lightning checkpoints: best-*.ckpt and last.ckpt (at every validation and every
+                          train.checkpoint_every_steps, for --resume)
 
 A resumed run continues exactly (docs/resume.md, :mod:`medeman.resume`).
 """
@@ -33,7 +34,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from medeman.checkpoint import save_teacher
 from medeman.config import ConfigError, load_config, save_config, validate
-from medeman.resume import ContinuedCSVLogger, ContinuedStepCount, check_resume, record_resume
+from medeman.resume import CadenceCheckpoint, ContinuedCSVLogger, ContinuedStepCount, check_resume, record_resume
 
 RUN_OUTPUTS = ("config.yaml", "split.json", "teacher.pt", "metrics.csv", "hparams.yaml", "tensorboard", "checkpoints", "cache")
 
@@ -210,6 +211,9 @@ def fit(
     # last.ckpt at the final state, which is what --resume continues from (an epoch is a validation interval).
     last = ModelCheckpoint(dirpath=out_dir / "checkpoints", filename="last", monitor=None, save_top_k=1,
                            enable_version_counter=False)
+    every = int(cfg["train"]["checkpoint_every_steps"])
+    if every > 0:  # the same last.ckpt between validations too: a resume from mid-interval is exact (docs/resume.md)
+        callbacks = [*callbacks, CadenceCheckpoint(out_dir / "checkpoints", every)]
     loggers = [ContinuedCSVLogger(out_dir, resume_step), TensorBoardLogger(out_dir, name="tensorboard", version="")] if logger else False
     if resume:
         callbacks = [*callbacks, ContinuedStepCount()]

@@ -41,15 +41,17 @@ def cohort(make_cohort, tmp_path):
     return make_cohort(3, 2, root=tmp_path / "cohort")
 
 
-def test_a_run_stopped_at_a_checkpoint_and_resumed_longer_equals_the_uninterrupted_run(cohort, tmp_path):
+@pytest.mark.parametrize("first", [4, 6])  # at a validation, and mid-interval
+def test_a_run_stopped_at_max_steps_and_resumed_longer_equals_the_uninterrupted_run(cohort, tmp_path, first):
     sets = TINY + ["train.lr_schedule=constant", "ssl.momentum_schedule=constant"]  # schedules that do not depend on max_steps
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    fit(load_config(sets=sets + ["train.max_steps=8"]), cohort / "labeled", cohort / "unlabeled", out_dir=whole, progress_bar=False)
-    fit(load_config(sets=sets + ["train.max_steps=4"]), cohort / "labeled", cohort / "unlabeled", out_dir=parts, progress_bar=False)
-    fit(load_config([parts / "config.yaml"], ["train.max_steps=8"]), cohort / "labeled", cohort / "unlabeled", out_dir=parts,
+    fit(load_config(sets=sets + ["train.max_steps=10"]), cohort / "labeled", cohort / "unlabeled", out_dir=whole, progress_bar=False)
+    fit(load_config(sets=sets + [f"train.max_steps={first}"]), cohort / "labeled", cohort / "unlabeled", out_dir=parts, progress_bar=False)
+    fit(load_config([parts / "config.yaml"], ["train.max_steps=10"]), cohort / "labeled", cohort / "unlabeled", out_dir=parts,
         resume=True, progress_bar=False)
     _assert_same_run(parts, whole)
-    assert [int(r["step"]) for r in _rows(parts) if r["loss/total"]] == list(range(8))
+    assert [int(r["step"]) for r in _rows(parts) if r["loss/total"]] == list(range(10))
+    assert [int(r["step"]) for r in _rows(parts) if r["val/dice_teacher"]] == [3, 7]  # after steps 4 and 8
 
 
 class _Killed(RuntimeError):
@@ -57,22 +59,36 @@ class _Killed(RuntimeError):
 
 
 class _KillAt(pl.Callback):
-    def __init__(self, step: int):
-        self.step = step
+    """Raises as training reaches ``step`` (or as the validation after it starts)."""
+
+    def __init__(self, step: int, in_validation: bool = False):
+        self.step, self.in_validation = step, in_validation
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        if trainer.global_step == self.step:
+        if trainer.global_step == self.step and not self.in_validation:
             raise _Killed(f"killed at step {self.step}")
 
+    def on_validation_start(self, trainer, module):
+        if trainer.global_step == self.step and self.in_validation:
+            raise _Killed(f"killed in the validation of step {self.step}")
 
-def test_a_run_killed_between_checkpoints_and_resumed_equals_the_uninterrupted_run(cohort, tmp_path):
-    """Killed at step 7 (last checkpoint at step 4): the rows of steps 4-6 are logged once, by the resumed run."""
-    cfg = load_config(sets=TINY + ["train.max_steps=10", "ssl.teacher_bn_refresh_every=3"])
+
+@pytest.mark.parametrize("every, kill, in_validation, resumed_from, sets", [
+    (0, 7, False, 4, []),  # last.ckpt at validations only: steps 4-6 run again
+    (3, 7, False, 6, []),  # and every 3 steps: from mid-interval
+    (3, 7, False, 6, ["data.num_workers=1"]),
+    (3, 7, False, 6, ["train.accumulate_grad_batches=2"]),
+    (4, 8, True, 4, []),  # killed in a validation: the checkpoint of its step is the one written after it
+])
+def test_a_run_killed_and_resumed_equals_the_uninterrupted_run(cohort, tmp_path, every, kill, in_validation, resumed_from, sets):
+    """The rows logged after the checkpoint and before the kill are logged once, by the resumed run."""
+    cfg = load_config(sets=TINY + ["train.max_steps=10", "ssl.teacher_bn_refresh_every=3", f"train.checkpoint_every_steps={every}", *sets])
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     fit(cfg, cohort / "labeled", cohort / "unlabeled", out_dir=whole, progress_bar=False)
     with pytest.raises(_Killed):
-        fit(cfg, cohort / "labeled", cohort / "unlabeled", out_dir=killed, callbacks=[_KillAt(7)], progress_bar=False)
-    assert max(int(r["step"]) for r in _rows(killed)) == 6
+        fit(cfg, cohort / "labeled", cohort / "unlabeled", out_dir=killed, callbacks=[_KillAt(kill, in_validation)], progress_bar=False)
+    assert max(int(r["step"]) for r in _rows(killed)) == kill - 1
+    assert torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == resumed_from
     fit(load_config([killed / "config.yaml"]), cohort / "labeled", cohort / "unlabeled", out_dir=killed, resume=True, progress_bar=False)
     _assert_same_run(killed, whole)
 
