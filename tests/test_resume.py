@@ -160,3 +160,19 @@ def test_changed_settings_lists_each_differing_key():
     saved = load_config(sets=["train.lr=0.001"])
     assert changed_settings(saved, load_config(sets=["train.lr=0.01", "data.num_classes=4"])) == {
         "data.num_classes": (2, 4), "train.lr": (0.001, 0.01)}
+
+
+def test_a_checkpoint_that_does_not_fit_the_network_is_refused_in_one_line(cohort, tmp_path, capsys):
+    """A config.yaml edited by hand passes the settings check; the checkpoint's tensors still must fit."""
+    run = tmp_path / "run"
+    args = ["--labeled", str(cohort / "labeled"), "--unlabeled", str(cohort / "unlabeled"), "--out", str(run), "--no-progress"]
+    assert main(args + [x for s in TINY + ["train.max_steps=4"] for x in ("--set", s)]) == 0
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("channels: [4, 8]", "channels: [4, 16]"))
+    before = _files(run)
+    capsys.readouterr()
+    assert main(args + ["--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(f"error: {run / 'checkpoints' / 'last.ckpt'}: cannot resume: the checkpoint's network differs from this config's in ")
+    assert _files(run) == before
