@@ -106,7 +106,7 @@ class SSLSegModule(pl.LightningModule):
         """Seed the global torch RNG (dropout, the methods' boxes and noise) from ``(train.seed, rank, batch)``.
 
         So what a step draws is a function of the step only: validation, BatchNorm re-estimation
-        and a resume (Lightning does not save the global RNG) never shift it. Costs 3 us on CPU.
+        and a resume (Lightning does not save the global RNG) never shift it. About 20 us a batch on CPU.
         """
         accumulate = int(self.cfg["train"]["accumulate_grad_batches"])
         batch_index = self.global_step * accumulate + batch_idx % accumulate  # epochs are whole steps

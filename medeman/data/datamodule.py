@@ -76,9 +76,10 @@ class SSLDataModule(pl.LightningDataModule):
     whose workers make both halves of a step (:class:`~medeman.data.batches.StepLoader`; so
     ``data.num_workers`` processes in all). The patches of a step and their augmentations are a
     function of ``train.seed`` and the step only (:class:`~medeman.data.batches.StepSampler`), so
-    validation, BatchNorm re-estimation, the number of workers and a resume never change them;
-    an epoch is ``train.val_every_steps * train.accumulate_grad_batches`` batches, one validation interval. Under DDP, run the Trainer with ``use_distributed_sampler=False``:
-    each rank then draws its own stream (seeded with ``train.seed`` and the rank).
+    validation, BatchNorm re-estimation, the number of workers and a resume never change them.
+    An epoch is ``train.val_every_steps * train.accumulate_grad_batches`` batches, one validation
+    interval. Under DDP, run the Trainer with ``use_distributed_sampler=False``: each rank then
+    draws its own stream (seeded with ``train.seed`` and the rank).
 
     Args:
         cfg: resolved medeman config.
