@@ -23,6 +23,7 @@ from monai.losses import DeepSupervisionLoss, DiceCELoss
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
 from torch import nn
 
+from medeman.data.batches import stream_seed
 from medeman.eman import momentum_at, scheduled_momentum, tracked_batchnorms
 from medeman.predict import predict_volume
 from medeman.labels import argmax_labels
@@ -101,6 +102,19 @@ class SSLSegModule(pl.LightningModule):
         self.hd95_metrics = {name: HausdorffDistanceMetric(include_background=False, percentile=95, reduction="mean_batch") for name in ("teacher", "teacher_raw", "student")}
 
     # ---- training ----------------------------------------------------------------------------
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Seed the global torch RNG (dropout, the methods' boxes and noise) from ``(train.seed, rank, batch)``.
+
+        So what a step draws is a function of the step only: validation, BatchNorm re-estimation
+        and a resume (Lightning does not save the global RNG) never shift it. About 20 us a batch on CPU.
+        """
+        accumulate = int(self.cfg["train"]["accumulate_grad_batches"])
+        batch_index = self.global_step * accumulate + batch_idx % accumulate  # epochs are whole steps
+        seed = stream_seed(int(self.cfg["train"]["seed"]), self.global_rank, 3, batch_index)
+        torch.default_generator.manual_seed(seed)
+        if self.device.type == "cuda":
+            torch.cuda.manual_seed(seed)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, logs = self.method.training_loss(self, batch)
         if not self.writes_training_logs():  # each self.log costs ~0.2 ms of Python: only on the steps the loggers write
@@ -195,11 +209,36 @@ class SSLSegModule(pl.LightningModule):
         checkpoint["medeman_method_state"] = self.method.state_dict()  # e.g. which teacher statistics won the last validation
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._apply_optimisation_settings(checkpoint)
         self.teacher_updates = int(checkpoint.get("medeman_teacher_updates", checkpoint.get("global_step", 0)))
         state = checkpoint.get("medeman_method_state", {})
         if "medeman_teacher_statistics" in checkpoint:  # checkpoints written before medeman_method_state
             state = {"chosen_statistics": checkpoint["medeman_teacher_statistics"], **state}
         self.method.load_state_dict(state)
+
+    def _apply_optimisation_settings(self, checkpoint: dict[str, Any]) -> None:
+        """Give a resumed run this config's ``train.lr`` and ``train.weight_decay`` (the checkpoint holds the old ones).
+
+        Called before Lightning restores optimizer and scheduler from ``checkpoint``: the scheduler's
+        base learning rate becomes ``train.lr``; :meth:`on_train_start` then sets the current rate
+        from the schedule (built from this config, so ``train.max_steps`` counts too): a changed
+        setting takes effect at the step the run resumed from.
+        """
+        lr, weight_decay = float(self.cfg["train"]["lr"]), float(self.cfg["train"]["weight_decay"])
+        for scheduler in checkpoint.get("lr_schedulers", []):
+            if "base_lrs" in scheduler:
+                scheduler["base_lrs"] = [lr for _ in scheduler["base_lrs"]]
+        for optimizer in checkpoint.get("optimizer_states", []):
+            for group in optimizer.get("param_groups", []):
+                group["initial_lr"], group["weight_decay"] = lr, weight_decay
+
+    def on_train_start(self) -> None:
+        """The learning rate of the step training starts at, from the schedule (after a resume: the resumed config's)."""
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+                for group, base, rate in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+                    group["lr"] = base * rate(scheduler.last_epoch)
 
     def teacher_momentum(self, step: int) -> float:
         """The EMA momentum of the update after optimizer step ``step``: the schedule, then the warm-up."""

@@ -9,13 +9,15 @@ Run folder layout::
                           recalibrated | ema | batch | none, and extra["candidates"]: validations it was chosen from
     metrics.csv           every logged value (CSVLogger)
     tensorboard/          TensorBoard event files
-    checkpoints/          Lightning checkpoints: best-*.ckpt and last.ckpt (for --resume)
+    checkpoints/          Lightning checkpoints: best-*.ckpt and last.ckpt (at every validation and every
+                          train.checkpoint_every_steps, for --resume)
+
+A resumed run continues exactly (docs/resume.md, :mod:`medeman.resume`).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import math
 import shutil
@@ -28,11 +30,12 @@ from typing import Any, Iterable, Sequence
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from medeman.checkpoint import save_teacher
 from medeman.config import ConfigError, load_config, save_config, validate
+from medeman.resume import CadenceCheckpoint, ContinuedCSVLogger, ContinuedStepCount, check_resume, record_resume
 
 RUN_OUTPUTS = ("config.yaml", "split.json", "teacher.pt", "metrics.csv", "hparams.yaml", "tensorboard", "checkpoints", "cache")
 
@@ -140,12 +143,20 @@ def _sync_batchnorm(cfg: dict) -> bool:
     return False
 
 
+def nothing_to_resume(out_dir: Path, missing: str) -> ConfigError:
+    """The error of a --resume without ``missing``: what to run instead depends on whether a run is there."""
+    if any((Path(out_dir) / name).exists() for name in RUN_OUTPUTS):
+        return ConfigError(f"{out_dir}: nothing to resume (no {missing}: the run stopped before its first checkpoint); "
+                           "start it again with --overwrite instead of --resume")
+    return ConfigError(f"{out_dir}: nothing to resume (no {missing}); start a new run without --resume")
+
+
 def prepare_run_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
     """Create the run folder; refuse to clobber an earlier run unless resuming or ``overwrite``."""
     existing = [name for name in RUN_OUTPUTS if (out_dir / name).exists()]
     if resume:
         if not (out_dir / "checkpoints" / "last.ckpt").is_file():
-            raise ConfigError(f"{out_dir}: nothing to resume (no checkpoints/last.ckpt); start a new run without --resume")
+            raise nothing_to_resume(out_dir, "checkpoints/last.ckpt")
         return
     if existing and not overwrite:
         raise ConfigError(
@@ -182,7 +193,8 @@ def fit(
         out_dir: run folder.
         test: optional test cohort: never used as unlabeled scans (nor are copies of it); not trained or validated on.
         callbacks: extra Lightning callbacks (e.g. Optuna's pruning callback).
-        resume: continue from ``out_dir/checkpoints/last.ckpt`` with the teacher restored exactly.
+        resume: continue from ``out_dir/checkpoints/last.ckpt`` as if never stopped (docs/resume.md): data and
+            model settings must equal the run's ``config.yaml``; changed others are recorded there.
         overwrite: replace an earlier run's outputs in ``out_dir``.
         progress_bar: show Lightning's progress bar.
         logger: write ``metrics.csv`` and TensorBoard logs.
@@ -199,25 +211,33 @@ def fit(
     method.check(cfg, has_unlabeled=unlabeled is not None)
     validate(cfg)  # types, choices and the rules between keys (config.validate), also for a config built in code
     prepare_run_dir(out_dir, resume, overwrite)
+    resume_step, changes = _check_resume(out_dir, cfg) if resume else (None, {})  # before anything in the run folder is written
     pl.seed_everything(int(cfg["train"]["seed"]), workers=True, verbose=False)
     datamodule = SSLDataModule(cfg, labeled=labeled, unlabeled=unlabeled if method.uses_unlabeled else None, val=val, run_dir=out_dir, test=test)
     datamodule.setup("fit")  # every data check runs here, before any training
     cohort = datamodule.cohort
     if cohort is not None and (cohort.unlabeled or cohort.flagged) and rank_zero_only.rank == 0:
         print(cohort.summary())  # nothing is left out of the unlabeled scans silently
-    if not resume:
-        save_config(cfg, out_dir / "config.yaml")
     module = SSLSegModule(cfg, sync_batchnorm=_sync_batchnorm(cfg))
+    if resume:
+        record_resume(out_dir / "config.yaml", cfg, changes, resume_step)
+    else:
+        save_config(cfg, out_dir / "config.yaml")
     export = TeacherExport(out_dir / "teacher.pt", cfg)
     best = ModelCheckpoint(
         dirpath=out_dir / "checkpoints", filename="best-step{step}", monitor="val/dice_teacher", mode="max",
         save_top_k=1, auto_insert_metric_name=False,
     )
     # Lightning writes save_last only together with a new best; a plain per-epoch checkpoint keeps
-    # last.ckpt at the final state, which is what --resume continues from.
+    # last.ckpt at the final state, which is what --resume continues from (an epoch is a validation interval).
     last = ModelCheckpoint(dirpath=out_dir / "checkpoints", filename="last", monitor=None, save_top_k=1,
                            enable_version_counter=False)
-    loggers = [CSVLogger(out_dir, name="", version=""), TensorBoardLogger(out_dir, name="tensorboard", version="")] if logger else False
+    every = int(cfg["train"]["checkpoint_every_steps"])
+    if every > 0:  # the same last.ckpt between validations too: a resume from mid-interval is exact (docs/resume.md)
+        callbacks = [*callbacks, CadenceCheckpoint(out_dir / "checkpoints", every)]
+    loggers = [ContinuedCSVLogger(out_dir, resume_step), TensorBoardLogger(out_dir, name="tensorboard", version="")] if logger else False
+    if resume:
+        callbacks = [*callbacks, ContinuedStepCount()]
     train = cfg["train"]
     trainer = pl.Trainer(
         accelerator=train["accelerator"], devices=train["devices"], num_nodes=int(train["num_nodes"]),
@@ -228,13 +248,10 @@ def fit(
         enable_progress_bar=progress_bar, enable_model_summary=False, use_distributed_sampler=False,
     )
     ckpt_path = out_dir / "checkpoints" / "last.ckpt" if resume else None
-    earlier_metrics = _read_metrics(out_dir / "metrics.csv") if resume and logger else []
     with warnings.catch_warnings():
         for message in _EXPECTED_WARNINGS:
             warnings.filterwarnings("ignore", message=message)
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True if resume else None)
-    if earlier_metrics and trainer.is_global_zero:  # Lightning's CSVLogger starts metrics.csv afresh
-        _prepend_metrics(out_dir / "metrics.csv", earlier_metrics)
     return TrainResult(
         run_dir=out_dir,
         best_dice_teacher=export.best if export.best > -math.inf else math.nan,
@@ -244,24 +261,27 @@ def fit(
     )
 
 
-def _read_metrics(path: Path) -> list[dict[str, str]]:
-    if not path.is_file():
-        return []
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
+def _check_resume(out_dir: Path, cfg: dict) -> tuple[int, dict[str, tuple[Any, Any]]]:
+    """The step ``last.ckpt`` resumes from and the settings the resume changes; a one-line ConfigError if it
+    changes data or model settings (:func:`medeman.resume.check_resume`) or the checkpoint does not fit the network."""
+    from medeman.module import SSLSegModule
 
-
-def _prepend_metrics(path: Path, earlier: list[dict[str, str]]) -> None:
-    """Put a resumed run's earlier rows back in front of the rows the resumed part wrote."""
-    later = _read_metrics(path)
-    first_new_step = min((int(r["step"]) for r in later if r.get("step")), default=None)
-    if first_new_step is not None:
-        earlier = [r for r in earlier if r.get("step") and int(r["step"]) < first_new_step]
-    fields = sorted({key for row in earlier + later for key in row})
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(earlier + later)
+    saved_path = out_dir / "config.yaml"
+    if not saved_path.is_file():
+        raise nothing_to_resume(out_dir, "config.yaml")
+    changes = check_resume(out_dir, load_config([saved_path]), cfg)
+    path = out_dir / "checkpoints" / "last.ckpt"
+    try:
+        checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        raise ConfigError(f"{path}: cannot resume from it ({str(err).strip().splitlines()[0]})") from None
+    expected = {k: tuple(v.shape) for k, v in SSLSegModule(cfg).state_dict().items()}
+    saved = {k: tuple(v.shape) for k, v in checkpoint.get("state_dict", {}).items()}
+    differ = sorted(k for k in expected.keys() | saved.keys() if expected.get(k) != saved.get(k))
+    if differ:
+        raise ConfigError(f"{path}: cannot resume: the checkpoint's network differs from this config's in {len(differ)} "
+                          f"tensor(s) ({', '.join(differ[:3])}{', ...' if len(differ) > 3 else ''})")
+    return int(checkpoint["global_step"]), changes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -296,7 +316,7 @@ def config_from_args(args: argparse.Namespace) -> dict:
     if getattr(args, "resume", False):
         paths = [Path(args.out) / "config.yaml"]
         if not paths[0].is_file():
-            raise ConfigError(f"{args.out}: nothing to resume (no config.yaml); start a new run without --resume")
+            raise nothing_to_resume(Path(args.out), "config.yaml")
     return load_config(paths, sets)
 
 

@@ -4,8 +4,9 @@ A semi-supervised step needs a labeled batch (``image``, ``label``) and an unlab
 ``strong``). Drawn by two DataLoaders, that is two worker hand-overs and four shared-memory tensors
 a step; on Linux the main process opens a socket back to the worker for every tensor it receives
 (PyTorch's ``file_descriptor`` sharing), 0.3-0.5 ms each. Here one loader draws both batches of a
-step: :class:`StepSampler` names the patches (``(part, index)`` pairs from one random stream per
-part), :class:`StepDataset` makes each with its part's chain, :func:`pack_step` stacks them straight
+step: :class:`StepSampler` names the patches and their augmentation seeds (``(part, index, seed)``,
+drawn from the step's own seed, so the stream is a function of the run's seed and the step only),
+:class:`StepDataset` makes each with its part's chain seeded so, :func:`pack_step` stacks them straight
 into one buffer in the worker (no copy besides the stack), and :class:`StepLoader` hands out views
 of it: ``{"labeled": {"image", "label"}, "unlabeled": {"weak", "strong"}}``.
 
@@ -21,57 +22,108 @@ from __future__ import annotations
 
 import math
 import uuid
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 from monai.data import DataLoader
-from monai.data.utils import set_rnd
+from monai.transforms import Compose, Randomizable
 from torch.utils.data import Dataset, Sampler, get_worker_info
 
-class StepDataset(Dataset):
-    """The patches of every part (``{"labeled": dataset, "unlabeled": dataset}``), indexed by ``(part, index)``.
 
-    Items are ``(part, sample)``. MONAI's loaders seed random transforms through
-    :meth:`set_random_state`, which gives each part's chain its own seed.
+def stream_seed(*keys: int) -> int:
+    """A 32-bit seed that is a pure function of ``keys`` (e.g. run seed, rank, stream, step), well mixed by
+    :class:`numpy.random.SeedSequence`: neighbouring steps get unrelated streams."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
+
+
+def share_random_state(obj: Any, state: np.random.RandomState) -> int:
+    """Make every random transform of a chain (or a dataset's ``transform``) draw from ``state``; returns how many.
+
+    Re-seeding one shared state before each sample costs 1.5 us; MONAI's ``set_random_state(seed=)``
+    builds a new state per transform (2 ms for the labeled chain), too slow to do per sample.
+    """
+    if isinstance(obj, Compose):  # its own set_random_state would give each child a new state
+        obj.R = state
+        return sum(share_random_state(t, state) for t in obj.transforms)
+    if isinstance(obj, Randomizable):  # dictionary transforms pass the state on to the array transforms inside
+        obj.set_random_state(state=state)
+        return 1
+    transform = getattr(obj, "transform", None)
+    return share_random_state(transform, state) if transform is not None else 0
+
+class StepDataset(Dataset):
+    """The patches of every part (``{"labeled": dataset, "unlabeled": dataset}``), indexed by ``(part, index, seed)``.
+
+    Items are ``(part, sample)``. Each part's random transforms share one random state, seeded with
+    the key's ``seed`` before the sample is made: a patch and its augmentation depend on the key
+    only, never on which worker makes it or what was drawn before (a ``(part, index)`` key leaves
+    the state as it is). The parts' transforms are changed in place to share the state, so a
+    dataset used elsewhere too (BatchNorm re-estimation) should be given its own copy there.
     """
 
     def __init__(self, parts: Mapping[str, Dataset]):
         self.parts = dict(parts)
+        self._states = {name: np.random.RandomState(0) for name in self.parts}
+        for name, part in self.parts.items():
+            share_random_state(part, self._states[name])
 
     def __len__(self) -> int:
         return sum(len(part) for part in self.parts.values())  # type: ignore[arg-type]
 
-    def __getitem__(self, key: tuple[str, int]) -> tuple[str, Any]:
-        part, index = key
+    def __getitem__(self, key: tuple) -> tuple[str, Any]:
+        part, index, *seed = key
+        if seed:
+            self._states[part].seed(int(seed[0]))
         return part, self.parts[part][index]
 
     def set_random_state(self, seed: int | None = None, state: Any = None) -> StepDataset:
-        """Seed each part's random transforms in turn (as :func:`monai.data.utils.set_rnd` does one dataset)."""
-        next_seed = int(seed or 0)
-        for part in self.parts.values():
-            next_seed = set_rnd(part, next_seed)
+        """Nothing to do: MONAI's loaders call this (per worker, or per loader without workers), but every
+        sample is seeded from its key, so the stream does not depend on the workers or on when a loader was made."""
         return self
 
 
 class StepSampler(Sampler):
-    """Batch sampler of a step's patches: ``sizes[part]`` indices of each part per step, from ``samplers[part]``.
+    """Batch sampler of whole steps, each a pure function of ``(seed, step)``.
 
-    Every part's sampler must give ``sizes[part] * len(self)`` indices or more; a step is
-    ``[(part, index), ...]``, parts in the order of ``sizes``.
+    Step ``b`` draws, from a generator seeded with ``stream_seed(seed, b)``, ``sizes[part]``
+    indices of each part (uniformly, with replacement; parts in the order of ``sizes``) and one
+    augmentation seed per patch: ``[(part, index, patch seed), ...]``. A pass yields ``steps`` steps
+    from ``start()`` (the first step of the pass, e.g. the trainer's step), so the batches of step
+    ``b`` are the same however the run is cut into passes (validation intervals) or resumed.
+
+    Args:
+        lengths: ``{part: number of items}``.
+        sizes: ``{part: patches per step}``.
+        seed: the stream's seed.
+        steps: steps per pass.
+        start: the first step of the next pass: an int or a callable asked at each pass.
     """
 
-    def __init__(self, samplers: Mapping[str, Sampler], sizes: Mapping[str, int]):
-        self.samplers, self.sizes = dict(samplers), dict(sizes)
-        if set(self.samplers) != set(self.sizes):
-            raise ValueError(f"samplers {sorted(self.samplers)} and batch sizes {sorted(self.sizes)} name different parts")
+    def __init__(self, lengths: Mapping[str, int], sizes: Mapping[str, int], seed: int, steps: int,
+                 start: int | Callable[[], int] = 0):
+        self.lengths, self.sizes = dict(lengths), dict(sizes)
+        if set(self.lengths) != set(self.sizes):
+            raise ValueError(f"parts {sorted(self.lengths)} and batch sizes {sorted(self.sizes)} name different parts")
+        self.seed, self.steps, self.start = int(seed), int(steps), start
 
     def __len__(self) -> int:
-        return min(len(self.samplers[part]) // size for part, size in self.sizes.items())  # type: ignore[arg-type]
+        return self.steps
 
-    def __iter__(self) -> Iterator[list[tuple[str, int]]]:
-        streams = {part: iter(sampler) for part, sampler in self.samplers.items()}
-        for _ in range(len(self)):
-            yield [(part, int(next(streams[part]))) for part, size in self.sizes.items() for _ in range(size)]
+    def step(self, index: int) -> list[tuple[str, int, int]]:
+        """The patches of step ``index``: ``[(part, item index, augmentation seed), ...]``."""
+        generator = torch.Generator().manual_seed(stream_seed(self.seed, index))
+        keys: list[tuple[str, int, int]] = []
+        for part, size in self.sizes.items():
+            items = torch.randint(self.lengths[part], (size,), generator=generator).tolist()
+            seeds = torch.randint(1 << 32, (size,), generator=generator).tolist()  # RandomState takes 32-bit seeds
+            keys += [(part, i, s) for i, s in zip(items, seeds)]
+        return keys
+
+    def __iter__(self) -> Iterator[list[tuple[str, int, int]]]:
+        first = self.start() if callable(self.start) else int(self.start)
+        for index in range(first, first + self.steps):
+            yield self.step(index)
 
 
 def pack_step(items: Sequence[tuple[str, Any]]) -> dict[str, Any]:
@@ -229,18 +281,16 @@ class StepLoader(DataLoader):
 
     Args:
         parts: ``{part: dataset}``.
-        samplers: ``{part: sampler}``, one random stream per part.
-        batch_sizes: ``{part: patches per step}``.
+        sampler: the steps (:class:`StepSampler`).
         ring_bytes: steps up to this size come through the workers' rings of reused buffers
             (:class:`StepPacker`); 0, or ``pin_memory=True``, turns that off.
         kwargs: for :class:`monai.data.DataLoader` (``num_workers``, ``generator``, ``pin_memory``, ...).
     """
 
-    def __init__(self, parts: Mapping[str, Dataset], samplers: Mapping[str, Sampler], batch_sizes: Mapping[str, int],
-                 ring_bytes: int = 4 << 20, **kwargs: Any):
+    def __init__(self, parts: Mapping[str, Dataset], sampler: StepSampler, ring_bytes: int = 4 << 20, **kwargs: Any):
         ring = 0 if kwargs.get("pin_memory") else ring_bytes
         prefetch = kwargs.get("prefetch_factor") or 2
-        super().__init__(StepDataset(parts), batch_sampler=StepSampler(samplers, batch_sizes),
+        super().__init__(StepDataset(parts), batch_sampler=sampler,
                          collate_fn=StepPacker(slots=prefetch + 2, ring_bytes=ring), **kwargs)
         self._rings = _RingReader()
 

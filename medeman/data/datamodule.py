@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
-
-import numpy as np
 
 import lightning.pytorch as pl
 import torch
@@ -18,7 +17,7 @@ from monai.transforms import Compose, Randomizable
 from torch.utils.data import RandomSampler
 
 from medeman.data import transforms as tfm
-from medeman.data.batches import StepLoader
+from medeman.data.batches import StepLoader, StepSampler, stream_seed
 from medeman.data.checks import Cohort, gather_cohort, raise_problems
 from medeman.data.discovery import has_unlabeled_list, split_cases, write_split
 from medeman.data.sampling import FocusCentres
@@ -75,10 +74,12 @@ class SSLDataModule(pl.LightningDataModule):
     Training batches come as ``{"labeled": {"image", "label"}, "unlabeled": {"weak", "strong"}}``
     (only ``"labeled"`` for ``ssl.method: supervised`` or without unlabeled scans) from one loader
     whose workers make both halves of a step (:class:`~medeman.data.batches.StepLoader`; so
-    ``data.num_workers`` processes in all). Each half is drawn with replacement from its own seeded
-    stream, exactly ``train.val_every_steps * train.accumulate_grad_batches`` batches per epoch, so
-    one epoch is one validation interval. Under DDP, run the Trainer with ``use_distributed_sampler=False``:
-    each rank then draws its own stream (seeded with ``train.seed`` and the rank).
+    ``data.num_workers`` processes in all). The patches of a step and their augmentations are a
+    function of ``train.seed`` and the step only (:class:`~medeman.data.batches.StepSampler`), so
+    validation, BatchNorm re-estimation, the number of workers and a resume never change them.
+    An epoch is ``train.val_every_steps * train.accumulate_grad_batches`` batches, one validation
+    interval. Under DDP, run the Trainer with ``use_distributed_sampler=False``: each rank then
+    draws its own stream (seeded with ``train.seed`` and the rank).
 
     Args:
         cfg: resolved medeman config.
@@ -212,32 +213,27 @@ class SSLDataModule(pl.LightningDataModule):
         rank = self.trainer.global_rank if self.trainer is not None else 0
         return int(self.cfg["train"]["seed"]) + 1000 * rank
 
-    def _stream_seed(self, stream: int, step: int) -> int:
-        """Seed of one training random stream (0: labeled sampler, 1: transforms, 2: unlabeled sampler) for
-        this rank, from step ``step``: a resumed run continues with new batches instead of replaying the stream's start."""
-        return int(np.random.SeedSequence([self._seed(), stream, step]).generate_state(1)[0])
+    def _first_batch(self) -> int:
+        """The batch a new pass of the training loader starts at: the trainer's step (times the accumulated batches)."""
+        step = int(self.trainer.global_step) if self.trainer is not None else 0
+        return step * int(self.cfg["train"]["accumulate_grad_batches"])
 
     def _train_loader(self) -> StepLoader:
-        """The training loader: each part (``labeled``, and ``unlabeled`` when used) drawn with replacement
-        from its own seeded stream, both batches of a step made by one worker and handed over as one tensor
-        (:mod:`medeman.data.batches`)."""
+        """The training loader: every step (``labeled``, and ``unlabeled`` when used) drawn from its own seed,
+        both batches of a step made by one worker and handed over as one tensor (:mod:`medeman.data.batches`)."""
         train, data = self.cfg["train"], self.cfg["data"]
         n_batches = int(train["val_every_steps"]) * int(train["accumulate_grad_batches"])
-        step = int(self.trainer.global_step) if self.trainer is not None else 0
         sizes = {"labeled": int(data["batch_size_labeled"])}
         if self.use_unlabeled:
             sizes["unlabeled"] = int(data["batch_size_unlabeled"])
-        samplers = {
-            name: RandomSampler(self._datasets[name], replacement=True, num_samples=n_batches * size,
-                                generator=torch.Generator().manual_seed(self._stream_seed(0 if name == "labeled" else 2, step)))
-            for name, size in sizes.items()
-        }
+        sampler = StepSampler({name: len(self._datasets[name]) for name in sizes}, sizes,
+                              seed=stream_seed(self._seed(), 0), steps=n_batches, start=self._first_batch)
         workers = int(data["num_workers"])
-        # monai's DataLoader seeds every worker's (or, without workers, the datasets') random transforms from this generator
         return StepLoader(
-            {name: self._datasets[name] for name in sizes}, samplers, sizes,
+            {name: self._datasets[name] for name in sizes}, sampler,
             num_workers=workers, persistent_workers=workers > 0,
-            generator=torch.Generator().manual_seed(self._stream_seed(1, step)), pin_memory=torch.cuda.is_available(),
+            # MONAI's loader seeds from this generator (its own, so the global RNG is never read); the steps re-seed every patch
+            generator=torch.Generator().manual_seed(self._seed()), pin_memory=torch.cuda.is_available(),
         )
 
     def train_dataloader(self) -> StepLoader:
@@ -251,18 +247,30 @@ class SSLDataModule(pl.LightningDataModule):
 
         Weak views of unlabeled patches (``{"weak", "strong"}``), or labeled patches
         (``{"image", "label"}``) without unlabeled scans; the same patches at every call (fixed
-        seed), drawn in the main process.
+        seed), drawn in the main process. The loader has its own view of the dataset (same cache,
+        a copy of the transform chain) and its own generators: MONAI's loader re-seeds the
+        transforms of the dataset it is given, and the training stream must not depend on when
+        re-estimation runs.
         """
         name = "unlabeled" if "unlabeled" in self._datasets else "labeled"
         size = int(self.cfg["data"][f"batch_size_{name}"])
-        seed = self._seed() + 4
+        seed = stream_seed(self._seed(), 4)
         sampler = RandomSampler(self._datasets[name], replacement=True, num_samples=n_batches * size,
                                 generator=torch.Generator().manual_seed(seed))
-        return DataLoader(self._datasets[name], batch_size=size, sampler=sampler, num_workers=0,
+        return DataLoader(self._own_view(self._datasets[name]), batch_size=size, sampler=sampler, num_workers=0,
                           collate_fn=list_data_collate, drop_last=True, generator=torch.Generator().manual_seed(seed + 1))
+
+    def _own_view(self, dataset):
+        """The dataset with its own copy of the transform chain (the cache, and the teacher focus's centres, shared)."""
+        view = copy.copy(dataset)
+        memo = {id(self.focus): self.focus} if self.focus is not None else {}
+        view.transform = copy.deepcopy(dataset.transform, memo)
+        return view
 
     def val_dataloader(self) -> DataLoader | list:
         """Whole preprocessed validation volumes, one at a time: ``{"image": (1, C, ...), "label": (1, 1, ...)}``."""
         if "val" not in self._datasets:
             return []
-        return DataLoader(self._datasets["val"], batch_size=1, shuffle=False, num_workers=0)
+        # its own generator: without one, MONAI's loader reads and then resets the global torch RNG
+        return DataLoader(self._datasets["val"], batch_size=1, shuffle=False, num_workers=0,
+                          generator=torch.Generator().manual_seed(stream_seed(self._seed(), 5)))

@@ -6,9 +6,9 @@ import pytest
 import torch
 from monai.data import list_data_collate
 from monai.transforms import Randomizable
-from torch.utils.data import Dataset, RandomSampler
+from torch.utils.data import Dataset
 
-from medeman.data.batches import StepDataset, StepLoader, StepSampler, pack_step, unpack_step
+from medeman.data.batches import StepDataset, StepLoader, StepSampler, pack_step, share_random_state, unpack_step
 
 
 def _labeled(i: int) -> list[dict]:  # as MONAI's patch samplers return: a one-element list
@@ -84,52 +84,77 @@ def test_a_patch_of_another_dtype_or_shape_is_named(bad, fragment):
     assert fragment in str(error.value)
 
 
-def test_step_sampler_takes_each_part_from_its_own_stream():
-    samplers = {"labeled": [5, 6, 7, 8, 9, 10], "unlabeled": [0, 1, 2, 3, 4, 5, 6, 7, 8]}
-    steps = list(StepSampler(samplers, {"labeled": 2, "unlabeled": 3}))
-    assert steps == [
-        [("labeled", 5), ("labeled", 6), ("unlabeled", 0), ("unlabeled", 1), ("unlabeled", 2)],
-        [("labeled", 7), ("labeled", 8), ("unlabeled", 3), ("unlabeled", 4), ("unlabeled", 5)],
-        [("labeled", 9), ("labeled", 10), ("unlabeled", 6), ("unlabeled", 7), ("unlabeled", 8)],
-    ]
-    assert len(StepSampler(samplers, {"labeled": 4, "unlabeled": 3})) == 1  # as long as the shorter stream lasts
+def test_step_sampler_draws_each_step_from_its_own_seed():
+    sampler = StepSampler({"labeled": 6, "unlabeled": 9}, {"labeled": 2, "unlabeled": 3}, seed=7, steps=3)
+    steps = list(sampler)
+    assert len(steps) == len(sampler) == 3
+    for step in steps:
+        assert [part for part, _, _ in step] == ["labeled"] * 2 + ["unlabeled"] * 3
+        assert all(0 <= i < {"labeled": 6, "unlabeled": 9}[part] and 0 <= s < 1 << 32 for part, i, s in step)
+    assert steps == [sampler.step(b) for b in range(3)] and steps[0] != steps[1]
     with pytest.raises(ValueError, match="different parts"):
-        StepSampler(samplers, {"labeled": 2})
+        StepSampler({"labeled": 6, "unlabeled": 9}, {"labeled": 2}, seed=7, steps=3)
+
+
+def test_step_stream_is_the_same_however_it_is_cut_into_passes():
+    """Steps 0-11 as one pass, as passes of 3 or 5 steps, or resumed at step 7: the same steps (the stream is a function of seed and step)."""
+    sizes, lengths = {"labeled": 2, "unlabeled": 2}, {"labeled": 10, "unlabeled": 10}
+    whole = list(StepSampler(lengths, sizes, seed=1, steps=12))
+
+    def in_passes(steps: int, first: int = 0) -> list:
+        position = {"step": first}
+        sampler = StepSampler(lengths, sizes, seed=1, steps=steps, start=lambda: position["step"])
+        out = []
+        while position["step"] < 12:
+            out += list(sampler)[: 12 - position["step"]]
+            position["step"] += steps
+        return out
+
+    assert in_passes(3) == in_passes(5) == whole
+    assert in_passes(5, first=7) == whole[7:]
+    assert list(StepSampler(lengths, sizes, seed=2, steps=12)) != whole
 
 
 @pytest.mark.parametrize("workers", [0, 1, 2])
 def test_step_loader_yields_each_part_in_sampler_order(workers):
     parts = {"labeled": _Numbers(_labeled, 10), "unlabeled": _Numbers(_unlabeled, 10)}
-
-    def samplers() -> dict:
-        return {name: RandomSampler(parts[name], replacement=True, num_samples=12, generator=torch.Generator().manual_seed(seed))
-                for name, seed in (("labeled", 1), ("unlabeled", 2))}
-
-    loader = StepLoader(parts, samplers(), {"labeled": 2, "unlabeled": 2}, num_workers=workers)
-    steps = list(StepSampler(samplers(), {"labeled": 2, "unlabeled": 2}))
+    sampler = StepSampler({"labeled": 10, "unlabeled": 10}, {"labeled": 2, "unlabeled": 2}, seed=1, steps=6)
+    loader = StepLoader(parts, sampler, num_workers=workers)
+    steps = list(sampler)
     batches = list(loader)
     assert len(batches) == len(steps) == len(loader) == 6
     for batch, step in zip(batches, steps):
-        labeled = [i for part, i in step if part == "labeled"]
-        unlabeled = [i for part, i in step if part == "unlabeled"]
+        labeled = [i for part, i, _ in step if part == "labeled"]
+        unlabeled = [i for part, i, _ in step if part == "unlabeled"]
         assert torch.equal(batch["labeled"]["image"][:, 0, 0, 0, 0], torch.tensor(labeled, dtype=torch.float32))
         assert torch.equal(batch["unlabeled"]["weak"][:, 0, 0, 0, 0], torch.tensor(unlabeled, dtype=torch.float32))
         # both halves arrived in one shared tensor
         assert batch["labeled"]["label"].untyped_storage().data_ptr() == batch["unlabeled"]["strong"].untyped_storage().data_ptr()
 
 
-@pytest.mark.parametrize("workers", [0, 1])
-def test_each_part_gets_its_own_random_stream_and_a_seed_reproduces_them(workers):
-    def draws(seed: int) -> tuple[list, list]:
-        parts = {"labeled": _Draws(), "unlabeled": _Draws()}
-        samplers = {name: list(range(6)) for name in parts}
-        loader = StepLoader(parts, samplers, {"labeled": 3, "unlabeled": 3}, num_workers=workers, generator=torch.Generator().manual_seed(seed))
-        batches = list(loader)
-        return ([b["labeled"]["draw"].flatten().tolist() for b in batches], [b["unlabeled"]["draw"].flatten().tolist() for b in batches])
+def _draws(seed: int, workers: int, loader_seed: int = 0) -> tuple[list, list]:
+    parts = {"labeled": _Draws(), "unlabeled": _Draws()}
+    sampler = StepSampler({name: 6 for name in parts}, {"labeled": 3, "unlabeled": 3}, seed=seed, steps=4)
+    loader = StepLoader(parts, sampler, num_workers=workers, generator=torch.Generator().manual_seed(loader_seed))
+    batches = list(loader)
+    return ([b["labeled"]["draw"].flatten().tolist() for b in batches], [b["unlabeled"]["draw"].flatten().tolist() for b in batches])
 
-    labeled, unlabeled = draws(0)
+
+def test_each_patch_is_seeded_by_its_step_whatever_the_workers_or_the_loader_seed():
+    labeled, unlabeled = _draws(0, workers=0)
     assert labeled != unlabeled  # identical chains, seeded apart
-    assert draws(0) == (labeled, unlabeled) and draws(1) != (labeled, unlabeled)
+    assert _draws(0, workers=1) == _draws(0, workers=2) == _draws(0, workers=0, loader_seed=5) == (labeled, unlabeled)
+    assert _draws(1, workers=0) != (labeled, unlabeled)
+
+
+def test_a_part_s_random_transforms_share_one_state():
+    from monai.transforms import Compose, RandFlipd, RandGaussianNoised
+
+    chain = Compose([RandFlipd(keys="image", prob=0.5), Compose([RandGaussianNoised(keys="image", prob=0.5)])])
+    dataset = StepDataset({"labeled": _Numbers(_labeled, 2)})
+    assert share_random_state(chain, dataset._states["labeled"]) == 2
+    noise = chain.transforms[1].transforms[0]
+    assert chain.transforms[0].R is noise.R is noise.rand_gaussian_noise.R is dataset._states["labeled"]
 
 
 def test_step_dataset_indexes_by_part():
@@ -214,9 +239,8 @@ def test_step_loader_reuses_ring_buffers_and_yields_its_own_tensors(workers):
     parts = {"labeled": _Numbers(_labeled, 10), "unlabeled": _Numbers(_unlabeled, 10)}
 
     def batches(ring_bytes: int) -> tuple[list, StepLoader]:
-        samplers = {name: RandomSampler(parts[name], replacement=True, num_samples=40, generator=torch.Generator().manual_seed(seed))
-                    for name, seed in (("labeled", 1), ("unlabeled", 2))}
-        loader = StepLoader(parts, samplers, {"labeled": 2, "unlabeled": 2}, num_workers=workers, ring_bytes=ring_bytes, persistent_workers=True)
+        sampler = StepSampler({"labeled": 10, "unlabeled": 10}, {"labeled": 2, "unlabeled": 2}, seed=1, steps=20)
+        loader = StepLoader(parts, sampler, num_workers=workers, ring_bytes=ring_bytes, persistent_workers=True)
         return list(loader), loader  # kept: every step must still hold its own values after the ring slots were reused
 
     through_ring, loader = batches(4 << 20)
@@ -232,5 +256,5 @@ def test_step_loader_reuses_ring_buffers_and_yields_its_own_tensors(workers):
 
 def test_pinned_loaders_do_not_use_the_ring():
     parts = {"labeled": _Numbers(_labeled, 4)}
-    loader = StepLoader(parts, {"labeled": list(range(4))}, {"labeled": 2}, pin_memory=True)
+    loader = StepLoader(parts, StepSampler({"labeled": 4}, {"labeled": 2}, seed=0, steps=2), pin_memory=True)
     assert loader.collate_fn.ring_bytes == 0
