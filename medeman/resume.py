@@ -138,3 +138,22 @@ class CadenceCheckpoint(ModelCheckpoint):
     def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if batch_idx + 1 < trainer.num_training_batches:
             super().on_train_batch_end(trainer, module, outputs, batch, batch_idx)
+
+
+def pin_schedules(saved: dict, cfg: dict) -> None:
+    """Keep a resumed run's warm-up, ramp-up and BCP pre-training where the stopped run had them, in steps.
+
+    They are fractions of ``train.max_steps`` unless given in steps (:mod:`medeman.schedules`): a resume
+    that extends the run would otherwise move the end of the warm-up, and the teacher would restart as
+    the student a second time. Pinned values are ordinary changed settings, recorded in ``config.yaml``.
+    """
+    from medeman.schedules import run_schedule
+
+    if saved["train"]["max_steps"] == cfg["train"]["max_steps"]:
+        return
+    before = run_schedule(saved)
+    for key in ("warmup_steps", "rampup_steps", "bcp_pretrain_steps"):
+        if cfg["ssl"][key] is None:
+            cfg["ssl"][key] = getattr(before, key)
+    if cfg["ssl"]["adaptive_threshold_momentum"] is None:
+        cfg["ssl"]["adaptive_threshold_momentum"] = before.threshold_momentum

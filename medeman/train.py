@@ -35,7 +35,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from medeman.checkpoint import save_teacher
 from medeman.config import ConfigError, load_config, save_config, validate
-from medeman.resume import CadenceCheckpoint, ContinuedCSVLogger, ContinuedStepCount, check_resume, record_resume
+from medeman.resume import CadenceCheckpoint, ContinuedCSVLogger, ContinuedStepCount, check_resume, pin_schedules, record_resume
 
 RUN_OUTPUTS = ("config.yaml", "split.json", "teacher.pt", "metrics.csv", "hparams.yaml", "tensorboard", "checkpoints", "cache")
 
@@ -269,7 +269,9 @@ def _check_resume(out_dir: Path, cfg: dict) -> tuple[int, dict[str, tuple[Any, A
     saved_path = out_dir / "config.yaml"
     if not saved_path.is_file():
         raise nothing_to_resume(out_dir, "config.yaml")
-    changes = check_resume(out_dir, load_config([saved_path]), cfg)
+    saved = load_config([saved_path])
+    pin_schedules(saved, cfg)
+    changes = check_resume(out_dir, saved, cfg)
     path = out_dir / "checkpoints" / "last.ckpt"
     try:
         checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)

@@ -13,7 +13,7 @@ from medeman.train import fit, main
 
 TINY = ["model.channels=[4,8]", "model.num_res_units=1", "data.patch_size=[16,16,16]", "data.spacing=[1,1,1]",
         "data.num_classes=3", "data.num_workers=0", "data.cache=none", "data.val_fraction=0.34",
-        "train.val_every_steps=4", "train.log_every_steps=1", "ssl.rampup_steps=2", "ssl.recalibration_batches=2"]
+        "train.val_every_steps=4", "train.log_every_steps=1", "ssl.rampup_steps=2", "ssl.warmup_steps=0", "ssl.recalibration_batches=2"]
 
 
 def _rows(run) -> list[dict]:
@@ -43,7 +43,7 @@ def cohort(make_cohort, tmp_path):
 
 @pytest.mark.parametrize("first", [4, 6])  # at a validation, and mid-interval
 def test_a_run_stopped_at_max_steps_and_resumed_longer_equals_the_uninterrupted_run(cohort, tmp_path, first):
-    sets = TINY + ["train.lr_schedule=constant", "ssl.momentum_schedule=constant"]  # schedules that do not depend on max_steps
+    sets = TINY + ["train.lr_schedule=constant", "ssl.momentum_schedule=constant"]  # schedules that do not depend on max_steps (warm-up and ramp-up in steps)
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     fit(load_config(sets=sets + ["train.max_steps=10"]), cohort / "labeled", cohort / "unlabeled", out_dir=whole, progress_bar=False)
     fit(load_config(sets=sets + [f"train.max_steps={first}"]), cohort / "labeled", cohort / "unlabeled", out_dir=parts, progress_bar=False)
@@ -126,7 +126,9 @@ def test_changed_optimisation_settings_are_used_and_recorded_with_their_step(coh
     assert seen["group"]["lr"] == pytest.approx(0.01 * (1 - 4 / 6) ** 0.9)
     assert seen["group"]["initial_lr"] == 0.01 and seen["group"]["weight_decay"] == 0.001
     first = (run / "config.yaml").read_text().splitlines()[0]
-    assert first == "# resumed at step 4: train.max_steps 4 -> 6, train.lr 0.001 -> 0.01, train.weight_decay 1e-05 -> 0.001"
+    # the schedules given as fractions of the run are pinned where the 4-step run had them (resume.pin_schedules)
+    assert first == ("# resumed at step 4: ssl.adaptive_threshold_momentum None -> 0.0, ssl.bcp_pretrain_steps None -> 0, "
+                     "train.max_steps 4 -> 6, train.lr 0.001 -> 0.01, train.weight_decay 1e-05 -> 0.001")
     saved = load_config([run / "config.yaml"])
     assert (saved["train"]["max_steps"], saved["train"]["lr"]) == (6, 0.01)
 
@@ -176,3 +178,16 @@ def test_a_checkpoint_that_does_not_fit_the_network_is_refused_in_one_line(cohor
     assert err.count("\n") == 1
     assert err.startswith(f"error: {run / 'checkpoints' / 'last.ckpt'}: cannot resume: the checkpoint's network differs from this config's in ")
     assert _files(run) == before
+
+
+def test_a_longer_resume_keeps_the_warmup_where_it_was(cohort, tmp_path):
+    """Warm-up and ramp-up are fractions of max_steps: extending a 10-step run to 20 keeps them at 1 and 3 steps (recorded)."""
+    run = tmp_path / "run"
+    sets = [s for s in TINY if not s.startswith(("ssl.rampup_steps", "ssl.warmup_steps"))]
+    fit(load_config(sets=sets + ["train.max_steps=10"]), cohort / "labeled", cohort / "unlabeled", out_dir=run, progress_bar=False)
+    cfg = load_config([run / "config.yaml"], ["train.max_steps=20"])
+    fit(cfg, cohort / "labeled", cohort / "unlabeled", out_dir=run, resume=True, progress_bar=False)
+    assert (cfg["ssl"]["warmup_steps"], cfg["ssl"]["rampup_steps"], cfg["ssl"]["bcp_pretrain_steps"]) == (1, 3, 1)
+    saved = load_config([run / "config.yaml"])
+    assert saved["ssl"]["warmup_steps"] == 1 and saved["train"]["max_steps"] == 20
+    assert "ssl.warmup_steps None -> 1" in (run / "config.yaml").read_text().splitlines()[0]
