@@ -11,17 +11,18 @@ import argparse
 import sys
 from typing import Iterable
 
+from medeman.classes import class_names
 from medeman.config import ConfigError, load_config, read_yaml
 from medeman.data.checks import CaseReport, gather_cohort
 
 COLUMNS = ("set", "case", "shape", "spacing (mm)", "orient", "intensity", "classes (voxels)", "status")
 
 
-def _row(part: str, r: CaseReport) -> tuple[str, ...]:
+def _row(part: str, r: CaseReport, names: dict[int, str] | None = None) -> tuple[str, ...]:
     shape = "x".join(map(str, r.shape)) + (f" c{r.channels}" if r.channels > 1 else "") if r.shape else "-"
     spacing = "x".join(f"{s:.2f}" for s in r.spacing) if r.spacing else "-"
     intensity = f"{r.intensity[0]:.6g}..{r.intensity[1]:.6g}" if r.intensity else "-"
-    classes = " ".join(f"{k}:{v}" for k, v in sorted(r.classes.items())) if r.classes else "-"
+    classes = " ".join(f"{(names or {}).get(k, k)}:{v}" for k, v in sorted(r.classes.items())) if r.classes else "-"
     status = "ok" if not r.problems else f"{len(r.problems)} problem(s)"
     return part, r.id, shape, spacing, r.orientation, intensity, classes, status
 
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, classes = [], set()
     for part, _ in parts:
         for report in cohort.reports.get(part, []):
-            rows.append(_row(part, report))
+            rows.append(_row(part, report, class_names(cfg)))
             classes.update(report.classes)
     print(format_table(rows))
     counts = ", ".join(f"{len(cases)} {part}" for part, cases in parts)

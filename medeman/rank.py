@@ -36,6 +36,7 @@ from torch import nn
 from tqdm import tqdm
 
 from medeman.checkpoint import ModelFileError, load_error_reason, load_teacher
+from medeman.classes import class_names, class_title
 from medeman.data.readers import read_geometry, read_volume, voxel_spacing, write_volume
 from medeman.data.transforms import preprocessing
 from medeman.cases import SUFFIXES, Case, CaseError, find_cases, one_line, preprocess_case
@@ -291,7 +292,7 @@ def rank_cases(
         if png:
             by_case = {s.case_id: s for s in scored}
             for row in rows[:top]:
-                _draw(row, by_case[row["case"]], out / "png")
+                _draw(row, by_case[row["case"]], out / "png", class_names(cfg))
     return rows, problems
 
 
@@ -340,7 +341,7 @@ def write_ranking(rows: list[dict], path: str | Path) -> Path:
 # --------------------------------------------------------------------------- pictures
 
 
-def _draw(row: dict, item: ScanScores, png_dir: Path) -> Path:
+def _draw(row: dict, item: ScanScores, png_dir: Path, names: dict[int, str]) -> Path:
     saved = np.load(item.maps)
     image, affine = read_volume(item.file)
     if image.ndim == 4:
@@ -349,11 +350,11 @@ def _draw(row: dict, item: ScanScores, png_dir: Path) -> Path:
     if not math.isnan(row["argmax_differs"]):
         title += f"   teacher and student differ on {row['argmax_differs']:.2%} of voxels"
     return save_uncertainty_figure(png_dir / f"{row['rank']:03d}_{row['case']}.png", image, saved["mask"],
-                                   saved["entropy"].astype(np.float32), affine, title)
+                                   saved["entropy"].astype(np.float32), affine, title, names)
 
 
 def save_uncertainty_figure(path: str | Path, image: np.ndarray, mask: np.ndarray, uncertainty: np.ndarray,
-                            affine: np.ndarray, title: str = "") -> Path:
+                            affine: np.ndarray, title: str = "", names: dict[int, str] | None = None) -> Path:
     """A PNG of the most uncertain axial, coronal and sagittal slice: scan, uncertainty heat map, teacher contours.
 
     Each plane is cut where the summed uncertainty over that slice is highest, so the picture shows
@@ -376,9 +377,9 @@ def save_uncertainty_figure(path: str | Path, image: np.ndarray, mask: np.ndarra
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 3)
     aspects = (sy / sx, sz / sx, sz / sy)
-    names = (f"axial z={centre[2]}", f"coronal y={centre[1]}", f"sagittal x={centre[0]}")
+    view_titles = (f"axial z={centre[2]}", f"coronal y={centre[1]}", f"sagittal x={centre[0]}")
     heat = None
-    for ax, name, aspect, under, u, s in zip(axes, names, aspects, _views(img, centre), _views(unc, centre), _views(seg, centre)):
+    for ax, name, aspect, under, u, s in zip(axes, view_titles, aspects, _views(img, centre), _views(unc, centre), _views(seg, centre)):
         ax.imshow(under, cmap="gray", vmin=low, vmax=high if high > low else low + 1, aspect=aspect, interpolation="nearest")
         # near-zero doubt is left transparent so the anatomy stays readable
         heat = ax.imshow(np.ma.masked_less(u, 0.05), cmap="inferno", vmin=0.0, vmax=1.0, alpha=0.65, aspect=aspect,
@@ -388,7 +389,7 @@ def save_uncertainty_figure(path: str | Path, image: np.ndarray, mask: np.ndarra
                 ax.contour(s == c, levels=[0.5], colors=[COLOURS[i % len(COLOURS)]], linewidths=1.4)
         ax.set_title(name)
         ax.set_axis_off()
-    handles = [Line2D([], [], color=COLOURS[i % len(COLOURS)], label=f"class {c} teacher") for i, c in enumerate(classes)]
+    handles = [Line2D([], [], color=COLOURS[i % len(COLOURS)], label=f"{class_title(c, names)} teacher") for i, c in enumerate(classes)]
     if handles:
         fig.legend(handles=handles, loc="lower left", ncol=len(handles), frameon=False)
     bar_axes = fig.add_axes((0.55, 0.11, 0.35, 0.025))
