@@ -67,6 +67,7 @@ class ScanScores:
     values: dict[str, float]
     embedding: np.ndarray
     maps: Path | None = None  # npz with the entropy map and teacher mask, for the pictures
+    source: str = ""  # what ranking.csv names: the file, or a DICOM series' folder and number
 
 
 # --------------------------------------------------------------------------- models
@@ -168,7 +169,7 @@ def score_case(case: Case, teacher: nn.Module, student: nn.Module | None, cfg: d
     maps = invert_to_input(torch.cat([c.cpu() for c in channels]), image, transform)
     shape, affine = read_geometry(case.files[0])
     if tuple(maps.shape[1:4]) != shape:
-        raise CaseError(f"{case.files[0]}: prediction came back as {tuple(maps.shape[1:])}, not the scan's {shape}")
+        raise CaseError(f"{case.source}: prediction came back as {tuple(maps.shape[1:])}, not the scan's {shape}")
     teacher_probs = maps[:num_classes]
     teacher_mask = argmax_labels(teacher_probs, dim=0)
     entropy = normalized_entropy(teacher_probs)
@@ -256,7 +257,10 @@ def rank_cases(
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         _prepare(out, overwrite)
-    cases, problems = find_cases(unlabeled, int(cfg["data"]["in_channels"]))
+    skipped: list[str] = []
+    cases, problems = find_cases(unlabeled, int(cfg["data"]["in_channels"]), skipped=skipped)
+    for message in skipped:
+        tqdm.write(f"skipped: {message}", file=sys.stderr)
     for message in problems:
         tqdm.write(f"error: {message}", file=sys.stderr)
     transform = preprocessing(cfg, keys=("image",))
@@ -275,10 +279,10 @@ def rank_cases(
                 tqdm.write(f"error: {err}", file=sys.stderr)
                 continue
             except Exception as err:  # one bad scan must not stop the others
-                problems.append(f"{case.files[0]}: {one_line(err)}")
+                problems.append(f"{case.source}: {one_line(err)}")
                 tqdm.write(f"error: {problems[-1]}", file=sys.stderr)
                 continue
-            item = ScanScores(case.case_id, case.files[0], values, embedding)
+            item = ScanScores(case.case_id, case.files[0], values, embedding, source=case.source)
             if maps:  # on the scan's grid, with its header when it is NIfTI
                 write_volume(entropy.numpy().astype(np.float32), case.files[0], out / "uncertainty" / f"{case.case_id}.nii.gz")
             if png:  # kept on disk, not in memory: a pool may hold hundreds of full-size scans
@@ -321,7 +325,7 @@ def _order(scored: list[ScanScores], strategy: str, top: int, diverse: bool, pen
         row = {"rank": rank, "case": scored[i].case_id, "score": float(score[i]), **scored[i].values}
         if diverse:
             row["similarity"] = similarity[i]
-        row["file"] = str(scored[i].file)
+        row["file"] = scored[i].source or str(scored[i].file)
         rows.append(row)
     return rows
 

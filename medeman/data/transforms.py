@@ -17,6 +17,7 @@ Both are :class:`PatchChain`\ s: their random part runs with MONAI's meta-data t
 
 from __future__ import annotations
 
+import logging
 import warnings
 from typing import Any, Sequence
 
@@ -117,11 +118,17 @@ def load_images(keys: Sequence[str]) -> LoadImaged:
 
     ``LoadImaged`` also builds every default reader MONAI knows; with pydicom installed (the
     ``deploy`` extra) its nvImageCodec DICOM reader warns on each build that the GPU decoder plugin
-    is missing, a warning about a reader medeman never uses.
+    is missing (a warning and a log line), about a reader medeman never uses.
     """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
-        return LoadImaged(keys=list(keys), reader=VolumeReader(), image_only=True)
+    plugin_log = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
+    level = plugin_log.level
+    plugin_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
+            return LoadImaged(keys=list(keys), reader=VolumeReader(), image_only=True)
+    finally:
+        plugin_log.setLevel(level)
 
 
 def _modes(keys: Sequence[str], label_mode: str = "nearest", image_mode: str = "bilinear") -> list[str]:
