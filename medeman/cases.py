@@ -106,14 +106,20 @@ def _series_cases(folder: Path, skipped: list[str] | None) -> tuple[list[Case], 
     return cases, found.errors
 
 
+def case_volume(case: Case) -> list[Path]:
+    """The case's image files, a DICOM series' volume written first if it is not yet."""
+    if case.series is not None and not case.files[0].exists():
+        write_series_volume(case.series, case.files[0])
+    return case.files
+
+
 def preprocess_case(case: Case, cfg: dict, transform) -> torch.Tensor:
     """Read and preprocess one case for the model; raise CaseError with a one-line reason.
 
     Shared by ``medeman infer`` and ``medeman rank`` so both refuse the same scans with the same words.
     """
     try:
-        if case.series is not None and not case.files[0].exists():
-            write_series_volume(case.series, case.files[0])
+        case_volume(case)
         data = transform({"image": image_entry(case.files)})
     except Exception as err:
         raise CaseError(f"{case.source}: cannot read or preprocess: {one_line(err)}") from None

@@ -79,3 +79,28 @@ def test_dicom_seg_holds_the_nifti_masks_voxels_in_the_series_geometry(study, ca
             assert np.array_equal(frame, labels[voxel[..., 0], voxel[..., 1], voxel[..., 2]])
             found += int(frame.sum())
         assert found == int(labels.sum()) > 0
+
+
+def test_a_broken_series_is_named_in_one_line_and_the_others_written(tmp_path, capsys):
+    net, cfg = trained_teacher()
+    (tmp_path / "run").mkdir()
+    save_teacher(tmp_path / "run" / "teacher.pt", net, cfg, step=60)
+    write_series(tmp_path / "study" / "good", smooth_scan((20, 16, 6)), RAS)
+    write_series(tmp_path / "study" / "gap", smooth_scan((20, 16, 6)), RAS, skip_slices=(4,))
+    assert main(["--model", str(tmp_path / "run"), "--input", str(tmp_path / "study"), "--output", str(tmp_path / "out"),
+                 "--format", "nrrd", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    message = (f"{tmp_path / 'study' / 'gap'} (series 1, abdomen): slices missing: a 4.00 mm gap between 6.00 and 10.00 mm "
+               "where slices are 2.00 mm apart (about 1 slice(s))")
+    assert f"error: {message}\n" in err and "Traceback" not in err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.nrrd"]
+
+
+def test_dicom_seg_of_a_nifti_scan_is_refused_by_name(tmp_path, capsys):
+    net, cfg = trained_teacher()
+    write_volume(smooth_scan((20, 16, 6)), RAS, tmp_path / "scans" / "x.nii.gz")
+    results = infer_cases((net, cfg), tmp_path / "scans", tmp_path / "out", output_format="dicom-seg", device="cpu",
+                          progress=False)
+    assert [(r.status, r.message) for r in results] == [("failed", f"{tmp_path / 'scans' / 'x.nii.gz'}: a DICOM-SEG "
+                                                         "references a DICOM series, and this scan is not one; choose "
+                                                         "--format nifti or nrrd")]
