@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from medeman.data.dicom import DicomSeries, dicom_files, find_series, write_series_volume
+from medeman.data.dicom import DicomSeries, dicom_files, find_series, is_dicom_file, write_series_volume
 from medeman.data.discovery import group_channels, image_entry, list_images
 from medeman.data.readers import IMAGE_SUFFIXES, image_suffix
 
@@ -82,6 +82,8 @@ def find_cases(inputs: str | Path | Sequence[str | Path], in_channels: int = 1,
     else:
         files = [Path(p) for p in inputs]
     unsupported = [f for f in files if image_suffix(f.name) is None]
+    if unsupported and is_dicom_file(unsupported[0]):
+        raise ValueError(f"{unsupported[0]}: one DICOM slice; give the folder of its series (each series there is a scan)")
     if unsupported:
         raise ValueError(f"{unsupported[0]}: not an image file medeman reads ({', '.join(SUFFIXES)})")
 

@@ -157,7 +157,7 @@ def _clear_bundle(out_dir: Path, overwrite: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="medeman export", description=__doc__.splitlines()[0].strip("`"))
+    parser = argparse.ArgumentParser(prog="medeman export", description="Export a trained teacher as a MONAI bundle, an ONNX model or a TorchScript module.")
     parser.add_argument("--model", required=True, help="run folder with teacher.pt, or the teacher.pt file")
     parser.add_argument("--format", required=True, choices=FORMATS,
                         help="bundle: a MONAI bundle that runs medeman infer's whole pipeline; onnx / torchscript: "

@@ -104,3 +104,10 @@ def test_dicom_seg_of_a_nifti_scan_is_refused_by_name(tmp_path, capsys):
     assert [(r.status, r.message) for r in results] == [("failed", f"{tmp_path / 'scans' / 'x.nii.gz'}: a DICOM-SEG "
                                                          "references a DICOM series, and this scan is not one; choose "
                                                          "--format nifti or nrrd")]
+
+
+def test_one_dicom_slice_as_input_asks_for_its_folder(tmp_path):
+    files = write_series(tmp_path / "ct", smooth_scan((8, 6, 3)), RAS)
+    with pytest.raises(ValueError) as err:
+        infer_cases(trained_teacher(), files[0], tmp_path / "out", device="cpu", progress=False)
+    assert str(err.value) == f"{files[0]}: one DICOM slice; give the folder of its series (each series there is a scan)"
