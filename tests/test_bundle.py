@@ -98,3 +98,31 @@ def test_bundle_export_keeps_an_earlier_bundle_and_other_folders(exported, tmp_p
     assert main(["--model", run, "--format", "bundle", "--out", str(tmp_path / "mine"), "--overwrite"]) == 2
     assert "not a MONAI bundle and not empty" in capsys.readouterr().err
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+PREPROCESSING_CASES = [
+    # (modality, spacing, affine): the bundle's stock transforms against medeman's preprocessing
+    ("CT", [1.5, 1.5, 1.5], TILTED_AFFINE),
+    ("CT", None, OBLIQUE_AFFINE),
+    ("MR", [1.0, 2.0, 1.5], OBLIQUE_AFFINE),
+]
+
+
+@pytest.mark.parametrize("modality,spacing,affine", PREPROCESSING_CASES)
+def test_bundle_preprocessing_equals_medemans(tmp_path, modality, spacing, affine):
+    import torch
+    from monai.bundle import ConfigParser
+
+    from medeman.bundle import preprocessing_config
+    from medeman.data.transforms import preprocessing
+    from tiny_teacher import teacher_config
+
+    cfg = teacher_config(spacing=(1.0, 1.0, 1.0))
+    cfg["data"].update(modality=modality, spacing=spacing)
+    write_volume(smooth_scan((19, 13, 21)) + 10, affine, tmp_path / "scan.nii.gz")
+    parser = ConfigParser({"preprocessing": preprocessing_config(cfg)})
+    theirs = parser.get_parsed_content("preprocessing")({"image": str(tmp_path / "scan.nii.gz")})["image"]
+    ours = preprocessing(cfg, keys=("image",))({"image": str(tmp_path / "scan.nii.gz")})["image"]
+    assert theirs.shape == ours.shape
+    np.testing.assert_allclose(np.asarray(theirs.affine), np.asarray(ours.affine), atol=1e-5)
+    assert torch.allclose(theirs.as_tensor(), ours.as_tensor(), atol=1e-5)
