@@ -75,3 +75,23 @@ def test_export_refuses_a_file_that_is_not_a_model(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"error: {tmp_path / 'teacher.pt'}: refused") and err.count("\n") == 1
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("name,channels", [("basicunet", [4, 4, 8, 8]), ("segresnet", [4, 8, 16, 32]), ("dynunet", [4, 8, 16])])
+def test_every_architecture_exports_to_onnx_and_torchscript(tmp_path, name, channels):
+    import onnxruntime
+
+    from medeman.nets import build_network
+    from tiny_teacher import teacher_config
+
+    cfg = teacher_config()
+    cfg["model"].update(name=name, channels=channels)
+    torch.manual_seed(0)
+    net = build_network(cfg).eval()
+    onnx_file, _ = export_model((net, cfg), "onnx", tmp_path / "onnx")
+    ts_file, _ = export_model((net, cfg), "torchscript", tmp_path / "ts")
+    x = example_input(cfg, batch=2, seed=5)
+    expected = _logits(net, x)
+    session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"image": x.numpy()})[0], expected, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(_logits(torch.jit.load(str(ts_file)), x), expected, atol=1e-4, rtol=0)
