@@ -85,7 +85,7 @@ def score_teacher(run_dir: Path, data: Path, lesion_overlap: float) -> dict[str,
 
     _, summary = segment_and_score(run_dir, data / "test" / "images", data / "test" / "labels", run_dir / "pred_test",
                                    csv=run_dir / "test_scores.csv", lesion_overlap=lesion_overlap,
-                                   overwrite=True, progress=False, device="cpu")
+                                   lesion_classes=[LESION], overwrite=True, progress=False, device="cpu")
     if summary.problems:
         raise RuntimeError(f"{run_dir}: {len(summary.problems)} test case(s) not scored: {summary.problems[0]}")
     dice = summary.per_class()

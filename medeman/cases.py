@@ -1,6 +1,9 @@
 """Cases: the scans a command works on, found on disk, read and preprocessed for the model, or
 refused with one line that names the file (shared by ``medeman infer``, ``rank`` and ``evaluate``).
 
+A folder of DICOM files is a folder of scans too: each series in it is a case
+(:mod:`medeman.data.dicom`), read into a volume file in a temporary folder the cases keep alive.
+
 Typical use::
 
     cases, problems = find_cases("sample_data/test/images")
@@ -9,12 +12,14 @@ Typical use::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from medeman.data.dicom import DicomSeries, dicom_files, find_series, is_dicom_file, write_series_volume
 from medeman.data.discovery import group_channels, image_entry, list_images
 from medeman.data.readers import IMAGE_SUFFIXES, image_suffix
 
@@ -28,27 +33,48 @@ class CaseError(RuntimeError):
 
 @dataclass
 class Case:
-    """One scan to segment: its id and its image files, one per channel in channel order."""
+    """One scan to segment: its id and its image files, one per channel in channel order.
+
+    A DICOM series has one file, its volume in a temporary folder (written when first read; the
+    folder goes when the last case holding it does), and ``series`` says where it came from.
+    """
 
     case_id: str
     files: list[Path]
+    series: DicomSeries | None = None
+    _scratch: tempfile.TemporaryDirectory | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def source(self) -> str:
+        """What messages name: the first image file, or the DICOM series' folder and number."""
+        return self.series.where if self.series is not None else str(self.files[0])
 
 
-def find_cases(inputs: str | Path | Sequence[str | Path], in_channels: int = 1) -> tuple[list[Case], list[str]]:
+def find_cases(inputs: str | Path | Sequence[str | Path], in_channels: int = 1,
+               skipped: list[str] | None = None) -> tuple[list[Case], list[str]]:
     """Group image files into cases by medeman's one case-id rule (:func:`medeman.data.discovery.case_key`).
 
     With one channel each file is a case named after it, a trailing ``_0000`` dropped (so
     ``liver_0007.nii.gz`` stays ``liver_0007``); with more, ``<case>_0000``, ``<case>_0001``, ...
     are grouped per case. Training and evaluation name cases by the same rule.
 
+    A folder's DICOM files (below it too) are grouped into series, one case each; a broken series
+    is a problem, a non-image one is appended to ``skipped`` with its reason.
+
     Returns:
         ``(cases, problems)``; a problem is a one-line message naming the file of a case whose
-        channel files are incomplete or whose id is given twice.
+        channel files are incomplete or whose id is given twice, or a DICOM series that is not a volume.
     """
+    series_cases: list[Case] = []
+    series_problems: list[str] = []
     if isinstance(inputs, (str, Path)):
         path = Path(inputs)
         if path.is_dir():
             files = list_images(path)
+            if dicom_files(path):
+                if in_channels != 1:
+                    raise ValueError(f"{path}: DICOM series are single-channel scans; the model takes {in_channels} channels")
+                series_cases, series_problems = _series_cases(path, skipped)
         elif path.is_file():
             files = [path]
         else:
@@ -56,12 +82,37 @@ def find_cases(inputs: str | Path | Sequence[str | Path], in_channels: int = 1) 
     else:
         files = [Path(p) for p in inputs]
     unsupported = [f for f in files if image_suffix(f.name) is None]
+    if unsupported and is_dicom_file(unsupported[0]):
+        raise ValueError(f"{unsupported[0]}: one DICOM slice; give the folder of its series (each series there is a scan)")
     if unsupported:
         raise ValueError(f"{unsupported[0]}: not an image file medeman reads ({', '.join(SUFFIXES)})")
 
     groups, problems = group_channels(files, in_channels)
     cases = [Case(case_id, channel_files) for case_id, channel_files in groups.items()]
-    return cases, problems
+    for case in series_cases:
+        if case.case_id in groups:
+            problems.append(f"{case.source}: case id {case.case_id} is also the image file {groups[case.case_id][0]}; left out")
+        else:
+            cases.append(case)
+    return cases, problems + series_problems
+
+
+def _series_cases(folder: Path, skipped: list[str] | None) -> tuple[list[Case], list[str]]:
+    found = find_series(folder)
+    if skipped is not None:
+        skipped.extend(found.skipped)
+    if not found.series:
+        return [], found.errors
+    scratch = tempfile.TemporaryDirectory(prefix="medeman-dicom-")
+    cases = [Case(s.case_id, [Path(scratch.name) / f"{s.case_id}.nii"], s, scratch) for s in found.series]
+    return cases, found.errors
+
+
+def case_volume(case: Case) -> list[Path]:
+    """The case's image files, a DICOM series' volume written first if it is not yet."""
+    if case.series is not None and not case.files[0].exists():
+        write_series_volume(case.series, case.files[0])
+    return case.files
 
 
 def preprocess_case(case: Case, cfg: dict, transform) -> torch.Tensor:
@@ -70,13 +121,14 @@ def preprocess_case(case: Case, cfg: dict, transform) -> torch.Tensor:
     Shared by ``medeman infer`` and ``medeman rank`` so both refuse the same scans with the same words.
     """
     try:
+        case_volume(case)
         data = transform({"image": image_entry(case.files)})
     except Exception as err:
-        raise CaseError(f"{case.files[0]}: cannot read or preprocess: {one_line(err)}") from None
+        raise CaseError(f"{case.source}: cannot read or preprocess: {one_line(err)}") from None
     image = data["image"]
     expected = int(cfg["data"]["in_channels"])
     if image.shape[0] != expected:
-        raise CaseError(f"{case.files[0]}: has {image.shape[0]} channel(s), the model takes {expected}")
+        raise CaseError(f"{case.source}: has {image.shape[0]} channel(s), the model takes {expected}")
     return image
 
 

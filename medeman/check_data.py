@@ -3,6 +3,7 @@
 Usage::
 
     python scripts/check_data.py --labeled DIR [--unlabeled DIR] [--val DIR] [--test DIR] [--config FILE ...]
+    python scripts/check_data.py --scans DIR [--config FILE ...]     # scans to segment, DICOM series too
 """
 
 from __future__ import annotations
@@ -11,17 +12,20 @@ import argparse
 import sys
 from typing import Iterable
 
+from medeman.cases import case_volume, find_cases, one_line
+from medeman.classes import class_names
 from medeman.config import ConfigError, load_config, read_yaml
-from medeman.data.checks import CaseReport, gather_cohort
+from medeman.data.checks import CaseReport, gather_cohort, inspect_case
+from medeman.data.discovery import image_entry
 
 COLUMNS = ("set", "case", "shape", "spacing (mm)", "orient", "intensity", "classes (voxels)", "status")
 
 
-def _row(part: str, r: CaseReport) -> tuple[str, ...]:
+def _row(part: str, r: CaseReport, names: dict[int, str] | None = None) -> tuple[str, ...]:
     shape = "x".join(map(str, r.shape)) + (f" c{r.channels}" if r.channels > 1 else "") if r.shape else "-"
     spacing = "x".join(f"{s:.2f}" for s in r.spacing) if r.spacing else "-"
     intensity = f"{r.intensity[0]:.6g}..{r.intensity[1]:.6g}" if r.intensity else "-"
-    classes = " ".join(f"{k}:{v}" for k, v in sorted(r.classes.items())) if r.classes else "-"
+    classes = " ".join(f"{(names or {}).get(k, k)}:{v}" for k, v in sorted(r.classes.items())) if r.classes else "-"
     status = "ok" if not r.problems else f"{len(r.problems)} problem(s)"
     return part, r.id, shape, spacing, r.orientation, intensity, classes, status
 
@@ -33,6 +37,39 @@ def format_table(rows: Iterable[tuple[str, ...]]) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def _check_scans(folder: str, cfg: dict) -> int:
+    """Check the scans ``medeman infer`` would segment in ``folder``: a table row each, then every problem; 0 when clean."""
+    skipped: list[str] = []
+    try:
+        cases, problems = find_cases(folder, int(cfg["data"]["in_channels"]), skipped=skipped)
+    except (FileNotFoundError, ValueError, ImportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    rows = []
+    for case in cases:
+        try:
+            files = case_volume(case)
+        except Exception as err:  # an unreadable series is named, the others still checked
+            problems.append(f"{case.source}: cannot read: {one_line(err)}")
+            continue
+        report = inspect_case({"id": case.case_id, "image": image_entry(files)}, int(cfg["data"]["num_classes"]),
+                              int(cfg["data"]["in_channels"]))
+        rows.append(_row("scans", report))
+        # a DICOM series' volume is a temporary file: messages name the series
+        problems += [p.replace(str(files[0]), case.source) for p in report.problems]
+    print(format_table(rows))
+    print(f"\n{len(rows)} scan(s) in {folder}")
+    if skipped:
+        print(f"\n{len(skipped)} DICOM series skipped:")
+        print("\n".join(f"  {line}" for line in skipped))
+    if problems:
+        print(f"\n{len(problems)} problem(s):")
+        print("\n".join(problems))
+        return 1
+    print("\nno problems found")
+    return 0
 
 
 def _declares_num_classes(configs: list[str], sets: list[str]) -> bool:
@@ -48,13 +85,17 @@ def _declares_num_classes(configs: list[str], sets: list[str]) -> bool:
 def main(argv: list[str] | None = None) -> int:
     """Check the cohort; return 0 when clean, 1 when any problem was found, 2 on a bad config."""
     parser = argparse.ArgumentParser(prog="medeman check-data", description=__doc__.splitlines()[0])
-    parser.add_argument("--labeled", required=True, help="labeled folder (images/ + labels/) or Decathlon/nnU-Net dataset root")
+    parser.add_argument("--labeled", help="labeled folder (images/ + labels/) or Decathlon/nnU-Net dataset root")
+    parser.add_argument("--scans", help="folder of scans to segment (as medeman infer reads it: image files, or DICOM "
+                                        "files, each series one scan); checked, every broken or skipped series named")
     parser.add_argument("--unlabeled", help="folder of unlabeled scans, searched recursively (label folders, labeled/validation/test cases and copies of them are left out)")
     parser.add_argument("--val", help="labeled validation folder")
     parser.add_argument("--test", help="test cohort (images/ + labels/, or a folder of images): checked, and never used as unlabeled scans")
     parser.add_argument("--config", action="append", default=[], help="YAML config (repeatable); uses data.num_classes (if not set, the classes found are reported) and data.in_channels")
     parser.add_argument("--set", action="append", default=[], dest="sets", metavar="SECTION.KEY=VALUE", help="config override")
     args = parser.parse_args(argv)
+    if args.labeled is None and args.scans is None:
+        parser.error("give --labeled (a training cohort) or --scans (scans to segment)")
     try:
         cfg = load_config(args.config, args.sets)
         declared = _declares_num_classes(args.config, args.sets)
@@ -62,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
+    if args.scans is not None:
+        code = _check_scans(args.scans, cfg)
+        if args.labeled is None:
+            return code
+        print()
     if not declared:  # check label values for integers >= 0 only, then report the classes found
         cfg["data"]["num_classes"] = 2 ** 31
     cohort = gather_cohort(cfg, args.labeled, args.unlabeled, args.val, args.test)
@@ -71,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, classes = [], set()
     for part, _ in parts:
         for report in cohort.reports.get(part, []):
-            rows.append(_row(part, report))
+            rows.append(_row(part, report, class_names(cfg)))
             classes.update(report.classes)
     print(format_table(rows))
     counts = ", ".join(f"{len(cases)} {part}" for part, cases in parts)

@@ -12,6 +12,7 @@ COMMANDS = {
     "evaluate": ("medeman.evaluate", "Dice, HD95 and surface distance of predictions against labels"),
     "tune": ("medeman.tune", "tune EMA momentum and consistency weight with Optuna"),
     "rank": ("medeman.rank", "rank unlabeled scans for annotation by the teacher's doubt"),
+    "export": ("medeman.export", "the teacher as a MONAI bundle, ONNX or TorchScript model"),
 }
 
 

@@ -19,6 +19,8 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
+from medeman.classes import lesion_classes
+
 
 class _Loader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that also reads ``1e-4`` as a float: PyYAML's YAML 1.1 rules need a dot
@@ -105,7 +107,8 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "modality": Option("CT", "intensity normalization: CT clips to intensity_window and scales to [0, 1]; MR z-scores each scan on its foreground", ("CT", "MR")),
         "intensity_window": Option([-175.0, 250.0], "CT window in HU [low, high] clipped and scaled to [0, 1] (ignored for MR)"),
         "num_classes": Option(2, "number of classes including background; label values must lie in 0..num_classes-1"),
-        "labels": Option(None, "class names by label value, e.g. {1: liver, 2: lesion}, shown by medeman evaluate --classes; null: numbers only", type=dict),
+        "labels": Option(None, "class names by label value, e.g. {1: liver, 2: lesion}: tables, CSVs, pictures, exported models and DICOM-SEG segments use them; null: numbers only", type=dict),
+        "lesion_classes": Option(None, "classes scored lesion-wise by medeman evaluate (connected components: detected, missed, false positives), by value or name, e.g. [3] or [lesion]; null: none, organs get Dice and distances only", type=list),
         "in_channels": Option(1, "image channels per case (nnU-Net _0000, _0001, ... files grouped into one case)"),
         "val_fraction": Option(0.2, "fraction of labeled cases held out for validation when no --val folder is given"),
         "split_seed": Option(0, "seed of the deterministic train/validation split"),
@@ -305,6 +308,10 @@ def validate(cfg: dict) -> dict:
     if names is not None and not (isinstance(names, dict) and all(
             isinstance(k, int) and not isinstance(k, bool) and 0 <= k < int(cfg["data"]["num_classes"]) for k in names)):
         raise ConfigError(f"data.labels: {names!r} must be null or a map from label values 0..num_classes-1 to names")
+    try:
+        lesion_classes(cfg)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     for key in ("patch_size",):
         value = cfg["data"][key]
         if not (isinstance(value, (list, tuple)) and len(value) == 3 and all(int(v) > 0 for v in value)):

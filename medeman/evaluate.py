@@ -11,7 +11,8 @@ Empty masks: a class absent from both prediction and reference scores Dice 1; ab
 one, Dice 0. A surface distance needs two surfaces, so HD95 and ASD are NaN when either mask of
 the class is empty; summary means leave NaN out and say over how many cases they were taken.
 
-Lesion-wise figures (per class, for lesions, tumours, nodules): each mask of the class is split
+Lesion-wise figures (only for the classes marked as lesions, tumours, nodules: ``data.lesion_classes``
+or ``--lesion-classes``; an organ is one structure, where component counts read as noise): each mask of the class is split
 into connected components (:func:`scipy.ndimage.label`, 26-neighbourhood by default). A reference
 lesion is *detected* when the predicted components that touch it cover it with an IoU of at least
 ``lesion_overlap`` (0: any overlap); a predicted component is a *true positive* under the same rule
@@ -38,6 +39,7 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -47,6 +49,7 @@ from scipy import ndimage
 from medeman.data.discovery import group_channels, index_by_case, label_id, list_images
 from medeman.data.readers import image_stem, read_volume, voxel_spacing
 from medeman.cases import CaseError, one_line
+from medeman.classes import resolve_classes
 
 label_case_id = label_id  # a label file's case id: name without image suffix and without _seg/_label/_mask
 CSV_COLUMNS = ("case", "class", "name", "dice", "hd95_mm", "asd_mm", "reference_voxels", "predicted_voxels",
@@ -105,7 +108,7 @@ class ClassScore:
     asd: float
     reference_voxels: int
     predicted_voxels: int
-    lesions: LesionCounts = field(default_factory=LesionCounts)
+    lesions: LesionCounts | None = None  # only for lesion classes
 
 
 @dataclass
@@ -118,6 +121,7 @@ class EvaluationSummary:
     cases: list[str] = field(default_factory=list)     # the case ids that were scored
     class_names: dict[int, str] = field(default_factory=dict)  # shown beside the label values
     lesion_overlap: float = DEFAULT_LESION_OVERLAP
+    lesion_classes: list[int] = field(default_factory=list)  # scored lesion-wise; the others are organs
 
     @property
     def classes(self) -> list[int]:
@@ -133,7 +137,9 @@ class EvaluationSummary:
         and the lesion-wise Dice's mean and std over cases."""
         out = {}
         for label in self.classes:
-            counts = [s.lesions for s in self.scores if s.label == label]
+            counts = [s.lesions for s in self.scores if s.label == label and s.lesions is not None]
+            if not counts:
+                continue
             total = {key: sum(getattr(c, key) for c in counts)
                      for key in ("reference", "detected", "missed", "predicted", "true_positive", "false_positive")}
             total["sensitivity"] = total["detected"] / total["reference"] if total["reference"] else math.nan
@@ -189,7 +195,7 @@ class EvaluationSummary:
             lines.append(f"{self.class_name(label):<{width}}{st['n']:>6}  {cell('dice', 3):<17}{cell('hd95', 2):<22}{cell('asd', 2):<22}")
         if not self.classes:
             lines.append("(no foreground class in any prediction or reference)")
-        else:
+        elif self.lesion_totals():
             lines += ["", self.lesion_table()]
         return "\n".join(lines)
 
@@ -278,14 +284,16 @@ def lesion_counts(prediction: np.ndarray, reference: np.ndarray, overlap: float 
 
 
 def case_scores(case_id: str, prediction: np.ndarray, reference: np.ndarray, spacing,
-                lesion_overlap: float = DEFAULT_LESION_OVERLAP, connectivity: int = 3) -> list[ClassScore]:
-    """Scores (voxel-wise and lesion-wise) of every foreground class present in either label array."""
+                lesion_overlap: float = DEFAULT_LESION_OVERLAP, connectivity: int = 3,
+                lesion_classes: Iterable[int] = ()) -> list[ClassScore]:
+    """Scores of every foreground class present in either label array; lesion-wise ones for ``lesion_classes``."""
+    lesion_classes = {int(c) for c in lesion_classes}
     labels = sorted((set(np.unique(prediction).tolist()) | set(np.unique(reference).tolist())) - {0})
     out = []
     for label in labels:
         pred, ref = prediction == label, reference == label
         dice, hd95, asd = mask_scores(pred, ref, spacing)
-        lesions = lesion_counts(pred, ref, lesion_overlap, connectivity)
+        lesions = lesion_counts(pred, ref, lesion_overlap, connectivity) if label in lesion_classes else None
         out.append(ClassScore(case_id, int(label), dice, hd95, asd, int(ref.sum()), int(pred.sum()), lesions))
     return out
 
@@ -310,6 +318,7 @@ def evaluate_folder(
     class_names: dict[int, str] | None = None,
     lesion_overlap: float = DEFAULT_LESION_OVERLAP,
     connectivity: int = 3,
+    lesion_classes: Iterable[int] = (),
 ) -> EvaluationSummary:
     """Score every prediction in ``pred_dir`` against its label in ``label_dir``.
 
@@ -322,12 +331,14 @@ def evaluate_folder(
         class_names: names by label value for the table, CSV and pictures (see :func:`load_class_names`).
         lesion_overlap: IoU a lesion needs to count as detected (0: any overlap); see :func:`lesion_counts`.
         connectivity: neighbourhood of the connected components, 1 (6), 2 (18) or 3 (26 neighbours).
+        lesion_classes: label values scored lesion-wise (connected components); none by default.
 
     Returns:
         The :class:`EvaluationSummary`; nothing is printed.
     """
     pred_dir = Path(pred_dir)
-    summary = EvaluationSummary(class_names=dict(class_names or {}), lesion_overlap=float(lesion_overlap))
+    summary = EvaluationSummary(class_names=dict(class_names or {}), lesion_overlap=float(lesion_overlap),
+                                lesion_classes=sorted(int(c) for c in lesion_classes))
     if not 0.0 <= summary.lesion_overlap <= 1.0:
         raise ValueError(f"lesion overlap {lesion_overlap!r} must be an IoU in [0, 1] (0: any overlap)")
     if not pred_dir.is_dir():
@@ -364,7 +375,8 @@ def evaluate_folder(
                 if gap > 1e-3:
                     summary.notes.append(f"{case_id}: affines of prediction and label differ by up to {gap:.3g}; "
                                          "scored voxel by voxel with the label's spacing")
-                scores = case_scores(case_id, pred, ref, voxel_spacing(ref_affine), lesion_overlap, connectivity)
+                scores = case_scores(case_id, pred, ref, voxel_spacing(ref_affine), lesion_overlap, connectivity,
+                                     summary.lesion_classes)
                 summary.scores.extend(scores)
                 summary.cases.append(case_id)
                 affine = ref_affine
@@ -427,7 +439,8 @@ def _fill_absent_classes(summary: EvaluationSummary) -> None:
     for case_id in summary.cases:
         for label in summary.classes:
             if (case_id, label) not in seen:
-                summary.scores.append(ClassScore(case_id, label, 1.0, math.nan, math.nan, 0, 0))
+                lesions = LesionCounts() if label in summary.lesion_classes else None
+                summary.scores.append(ClassScore(case_id, label, 1.0, math.nan, math.nan, 0, 0, lesions))
     summary.scores.sort(key=lambda s: (s.case_id, s.label))
 
 
@@ -440,10 +453,11 @@ def write_csv(summary: EvaluationSummary, path: str | Path) -> Path:
         writer.writerow(CSV_COLUMNS)
         for s in summary.scores:
             les = s.lesions
+            lesion_cells = [""] * 9 if les is None else [  # an organ's cells stay empty
+                les.reference, les.detected, les.missed, les.predicted, les.false_positive, _num(les.sensitivity),
+                _num(les.precision), _num(les.f1), _num(les.dice)]
             writer.writerow([s.case_id, s.label, summary.class_names.get(s.label, ""), _num(s.dice), _num(s.hd95),
-                             _num(s.asd), s.reference_voxels, s.predicted_voxels, les.reference, les.detected,
-                             les.missed, les.predicted, les.false_positive, _num(les.sensitivity),
-                             _num(les.precision), _num(les.f1), _num(les.dice), ""])
+                             _num(s.asd), s.reference_voxels, s.predicted_voxels, *lesion_cells, ""])
         for message in summary.problems + summary.notes:
             writer.writerow([message.split(":", 1)[0]] + [""] * (len(CSV_COLUMNS) - 2) + [message])
     return path
@@ -462,23 +476,33 @@ def segment_and_score(
     csv: str | Path | None = None,
     class_names: dict[int, str] | None = None,
     lesion_overlap: float = DEFAULT_LESION_OVERLAP,
+    lesion_classes: Iterable[int] | None = None,
     **infer_options,
 ):
     """Segment every scan of ``images_dir`` into ``output_dir``, then score and draw them (what ``make demo`` shows).
 
     Args:
         model: a run folder, ``teacher.pt`` or ``(network, config)``, as for :func:`medeman.infer.infer_cases`.
-        class_names, lesion_overlap: as for :func:`evaluate_folder`.
+        class_names, lesion_overlap, lesion_classes: as for :func:`evaluate_folder`; names and lesion
+            classes left out (None) are the model's own (``data.labels``, ``data.lesion_classes``).
         infer_options: passed to :func:`~medeman.infer.infer_cases` (``overwrite``, ``tta``, ``device``, ...).
 
     Returns:
         ``(case results, EvaluationSummary)``; print ``summary.table()`` for the table.
     """
+    from medeman.checkpoint import load_teacher
+    from medeman.classes import class_names as config_names, lesion_classes as config_lesions
     from medeman.infer import infer_cases
 
+    if isinstance(model, (str, Path)):
+        net, cfg, _ = load_teacher(model)
+        model = (net, cfg)
+    cfg = model[1]
+    class_names = config_names(cfg) if class_names is None else class_names
+    lesion_classes = config_lesions(cfg) if lesion_classes is None else lesion_classes
     results = infer_cases(model, images_dir, output_dir, **infer_options)
     summary = evaluate_folder(output_dir, labels_dir, csv=csv, png_dir=png_dir, images_dir=images_dir,
-                              class_names=class_names, lesion_overlap=lesion_overlap)
+                              class_names=class_names, lesion_overlap=lesion_overlap, lesion_classes=lesion_classes)
     return results, summary
 
 
@@ -529,6 +553,20 @@ def load_class_names(spec: str | Path) -> dict[int, str]:
     raise ValueError(f"--classes {text!r}: give a dataset.json, a config or run folder, '1=liver,2=kidneys' or 'liver,kidneys'")
 
 
+def load_lesion_classes(spec: str | Path) -> list[int]:
+    """``data.lesion_classes`` of a medeman config or run folder (``[]`` for anything else: names written out, dataset.json)."""
+    from medeman.classes import resolve_classes
+    from medeman.config import read_yaml
+
+    path = Path(spec)
+    path = path / "config.yaml" if path.is_dir() else path
+    if not path.is_file() or path.suffix not in (".yaml", ".yml"):
+        return []
+    data = (read_yaml(path) or {}).get("data") or {}
+    return resolve_classes(data.get("lesion_classes"), load_class_names(path) if data.get("labels") else {},
+                           where=f"{path}: data.lesion_classes")
+
+
 def _names_from_map(raw, where: str) -> dict[int, str]:
     """``{value: name}`` (MSD, medeman) or ``{name: value}`` (nnU-Net v2) -> ``{int value: name}`` without background."""
     if not isinstance(raw, dict):
@@ -557,6 +595,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--images", help="folder of the scans, drawn under the contours in --png pictures")
     parser.add_argument("--classes", help="class names for the table and pictures: a dataset.json, a config or run folder "
                                           "(data.labels), or '1=liver,2=kidneys' / 'liver,kidneys'")
+    parser.add_argument("--lesion-classes", help="classes scored lesion-wise (connected components), by value or name: "
+                                                 "'3' or 'lesion,cyst' (default: data.lesion_classes of a --classes "
+                                                 "config or run folder, else none: organs get no lesion-wise table)")
     parser.add_argument("--lesion-overlap", type=float, default=DEFAULT_LESION_OVERLAP,
                         help="IoU with the prediction a reference lesion (connected component) needs to count as "
                              f"detected; 0 means any overlap (default {DEFAULT_LESION_OVERLAP})")
@@ -573,8 +614,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         names = load_class_names(args.classes) if args.classes else None
+        if args.lesion_classes is not None:
+            lesions = resolve_classes(args.lesion_classes, names, where="--lesion-classes")
+        else:
+            lesions = load_lesion_classes(args.classes) if args.classes else []
         summary = evaluate_folder(args.pred, args.labels, csv=args.csv, png_dir=args.png, images_dir=args.images,
-                                  class_names=names, lesion_overlap=args.lesion_overlap, connectivity=args.connectivity)
+                                  class_names=names, lesion_overlap=args.lesion_overlap, connectivity=args.connectivity,
+                                  lesion_classes=lesions)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

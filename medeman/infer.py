@@ -4,8 +4,9 @@ A case goes through the model's own preprocessing (:func:`medeman.data.transform
 rebuilt from the config saved in ``teacher.pt``), sliding-window inference with Gaussian blending
 (:func:`medeman.predict.predict_volume`), and back to the scan's grid and orientation
 (:func:`medeman.predict.labels_on_input`); the class map is written as ``<case>.nii.gz`` (``uint8``
-up to 256 classes) with the scan's own affine (or in the scan's format with ``output_format="input"``), so it opens aligned with
-the scan in any viewer.
+up to 256 classes) with the scan's own affine (or as NRRD, or in the scan's own kind with ``output_format="input"``), so it
+opens aligned with the scan in any viewer. A DICOM series (a folder of DICOM files is a folder of scans) can get
+its mask as a DICOM-SEG that references it (:mod:`medeman.dicom_seg`), one segment per class named from ``data.labels``.
 
 Typical use::
 
@@ -32,6 +33,7 @@ from tqdm import tqdm
 
 from medeman.cases import SUFFIXES, Case, CaseError, find_cases, one_line, preprocess_case
 from medeman.checkpoint import ModelFileError, load_teacher
+from medeman.classes import class_names, lesion_classes
 from medeman.data.readers import image_suffix, read_geometry, write_volume
 from medeman.data.transforms import preprocessing
 from medeman.labels import argmax_labels, label_dtype
@@ -39,6 +41,8 @@ from medeman.predict import invert_to_input, labels_on_input, predict_volume
 
 # With output_format="input", detached-header formats are written as their single-file twin.
 SINGLE_FILE = {".nhdr": ".nrrd", ".mhd": ".mha"}
+OUTPUT_SUFFIXES = {"nii.gz": ".nii.gz", "nifti": ".nii.gz", "nrrd": ".nrrd", "dicom-seg": ".dcm"}
+OUTPUT_FORMATS = (*OUTPUT_SUFFIXES, "input")
 
 
 @dataclass
@@ -80,7 +84,8 @@ def infer_cases(
         output_dir: created if needed; an existing output is skipped unless ``overwrite``.
         tta, sw_batch_size, overlap, precision: override the config's ``infer`` section.
         probabilities: also write ``<case>_probs.nii.gz``, one float32 channel per class (4D).
-        output_format: ``"nii.gz"`` or ``"input"`` (each mask in its scan's own format).
+        output_format: ``"nii.gz"`` (or ``"nifti"``), ``"nrrd"``, ``"dicom-seg"`` (DICOM series inputs only)
+            or ``"input"`` (each mask in its scan's own kind: a DICOM series gets a DICOM-SEG).
         device: ``None`` picks CUDA when available.
 
     Returns:
@@ -90,8 +95,8 @@ def infer_cases(
         ModelFileError: ``model`` is not a medeman model file.
         FileNotFoundError, ValueError: ``inputs`` is missing or not image files.
     """
-    if output_format not in ("nii.gz", "input"):
-        raise ValueError(f"output_format {output_format!r}: choose nii.gz or input")
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"output_format {output_format!r}: choose one of {', '.join(OUTPUT_FORMATS)}")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
@@ -103,21 +108,25 @@ def infer_cases(
     tta = bool(cfg["infer"]["tta"] if tta is None else tta)
     transform = preprocessing(cfg, keys=("image",))
     in_channels = int(cfg["data"]["in_channels"])
-    cases, problems = find_cases(inputs, in_channels)
+    skipped: list[str] = []
+    cases, problems = find_cases(inputs, in_channels, skipped=skipped)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
     results = [CaseResult(p.split(":", 1)[0], "failed", message=p) for p in problems]
+    for message in skipped:
+        tqdm.write(f"skipped: {message}", file=sys.stderr)
     for message in problems:
         tqdm.write(f"error: {message}", file=sys.stderr)
     plan: list[CaseResult | _Job] = []  # per case, in order: decided now (skip, refusal) or to segment
     for case in cases:
-        suffix = ".nii.gz" if output_format == "nii.gz" else image_suffix(case.files[0])
-        suffix = SINGLE_FILE.get(suffix, suffix)
-        out_path = output_dir / f"{case.case_id}{suffix}"
+        out_path = output_dir / f"{case.case_id}{output_suffix(case, output_format)}"
         probs_path = output_dir / f"{case.case_id}_probs.nii.gz" if probabilities else None
         targets = [p for p in (out_path, probs_path) if p is not None]
-        if any(p.resolve() in {f.resolve() for f in case.files} for p in targets):
+        if out_path.suffix == ".dcm" and case.series is None:
+            plan.append(CaseResult(case.case_id, "failed", message=f"{case.source}: a DICOM-SEG references a DICOM "
+                                   "series, and this scan is not one; choose --format nifti or nrrd"))
+        elif any(p.resolve() in {f.resolve() for f in case.files} for p in targets):
             plan.append(CaseResult(case.case_id, "failed", message=f"{out_path}: would overwrite the input scan; choose another --output"))
         elif not overwrite and any(p.exists() for p in targets):
             existing = next(p for p in targets if p.exists())
@@ -140,6 +149,16 @@ def infer_cases(
             else:
                 tqdm.write(f"error: {result.message}", file=sys.stderr)
     return results
+
+
+def output_suffix(case: Case, output_format: str) -> str:
+    """The mask's file suffix: the format's, or with ``"input"`` the scan's own kind (``.dcm`` DICOM-SEG for a series)."""
+    if output_format != "input":
+        return OUTPUT_SUFFIXES[output_format]
+    if case.series is not None:
+        return OUTPUT_SUFFIXES["dicom-seg"]
+    suffix = image_suffix(case.files[0])
+    return SINGLE_FILE.get(suffix, suffix)
 
 
 @dataclass
@@ -172,7 +191,7 @@ def _segment_cases(jobs: list[_Job], net, cfg, transform, **predict_kwargs) -> I
             start = time.perf_counter()
             try:
                 labels, probs = _predict_case(job, reads.pop(i).result(), net, cfg, transform, **predict_kwargs)
-                write, failure = io.submit(_write_case, job, labels, probs), None
+                write, failure = io.submit(_write_case, job, labels, probs, cfg), None
             except Exception as err:  # one bad scan must not stop the others
                 write, failure = None, (err, time.perf_counter())
             if pending is not None:
@@ -190,7 +209,7 @@ def _finished(job: _Job, start: float, write: Future | None, failure: tuple[Exce
         except Exception as err:
             failure = (err, time.perf_counter())
     error, ended = failure
-    message = str(error) if isinstance(error, CaseError) else f"{job.case.files[0]}: {one_line(error)}"
+    message = str(error) if isinstance(error, CaseError) else f"{job.case.source}: {one_line(error)}"
     return CaseResult(job.case.case_id, "failed", ended - start, message=message)
 
 
@@ -208,13 +227,19 @@ def _predict_case(job: _Job, image, net, cfg, transform, *, tta: bool, device: t
     scan = job.case.files[0]
     shape, _ = read_geometry(scan)
     if tuple(labels.shape) != shape:
-        raise CaseError(f"{scan}: prediction came back as {tuple(labels.shape)}, not the scan's {shape}")
+        raise CaseError(f"{job.case.source}: prediction came back as {tuple(labels.shape)}, not the scan's {shape}")
     return labels.cpu().numpy(), None if probs is None else np.moveaxis(probs.float().cpu().numpy(), 0, -1)
 
 
-def _write_case(job: _Job, labels: np.ndarray, probs: np.ndarray | None) -> float:
+def _write_case(job: _Job, labels: np.ndarray, probs: np.ndarray | None, cfg: dict) -> float:
     """Write one case's mask (and probabilities); return when it finished (``time.perf_counter``)."""
-    write_volume(labels, job.case.files[0], job.out_path, intent="label")
+    if job.out_path.suffix == ".dcm":
+        from medeman.dicom_seg import write_dicom_seg  # highdicom only when a DICOM-SEG is asked for
+
+        write_dicom_seg(labels, job.case.files[0], job.case.series, job.out_path, class_names(cfg),
+                        set(lesion_classes(cfg)), int(cfg["data"]["num_classes"]))
+    else:
+        write_volume(labels, job.case.files[0], job.out_path, intent="label")
     if probs is not None:
         write_volume(probs, job.case.files[0], job.probs_path)
     return time.perf_counter()
@@ -229,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Segment scans with a trained medeman teacher; each mask has its scan's shape and affine.",
     )
     parser.add_argument("--model", required=True, help="run folder with teacher.pt, or the teacher.pt file")
-    parser.add_argument("--input", required=True, help=f"folder of scans ({', '.join(SUFFIXES)}) or one scan")
+    parser.add_argument("--input", required=True, help=f"folder of scans ({', '.join(SUFFIXES)}, or DICOM files: each series "
+                                                       "is a scan) or one scan")
     parser.add_argument("--output", required=True, help="folder for <case>.nii.gz masks")
     parser.add_argument("--tta", action="store_true", default=None, help="average the softmax over 8 mirrorings (default: config infer.tta)")
     parser.add_argument("--probabilities", action="store_true", help="also write <case>_probs.nii.gz, one channel per class")
@@ -238,8 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sw-batch-size", type=int, help="sliding-window patches per forward pass (default: config)")
     parser.add_argument("--overlap", type=float, help="sliding-window overlap in [0, 1) (default: config)")
     parser.add_argument("--precision", choices=("32", "bf16"), help="bf16 autocast where supported (default: config)")
-    parser.add_argument("--output-format", choices=("nii.gz", "input"), default="nii.gz",
-                        help="nii.gz, or input: each mask in its scan's format (.nii, .nrrd, .mha; .nhdr/.mhd as .nrrd/.mha)")
+    parser.add_argument("--format", choices=("nifti", "nrrd", "dicom-seg"),
+                        help="mask format (default: the input's own kind: NIfTI, NRRD or MetaImage as the scan, "
+                             "a DICOM-SEG referencing a DICOM series)")
+    parser.add_argument("--output-format", choices=("nii.gz", "input"),
+                        help="older spelling: nii.gz (= --format nifti), or input (the default)")
     return parser
 
 
@@ -264,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         results = infer_cases(
             args.model, args.input, args.output, tta=args.tta, probabilities=args.probabilities,
             overwrite=args.overwrite, device=device, sw_batch_size=args.sw_batch_size, overlap=args.overlap,
-            precision=args.precision, output_format=args.output_format,
+            precision=args.precision, output_format=args.format or args.output_format or "input",
         )
     except (ModelFileError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -32,6 +32,28 @@ def build_network(cfg: dict[str, Any]) -> nn.Module:
         A MONAI 3D network with BatchNorm that maps ``(B, in_channels, X, Y, Z)`` to
         ``(B, num_classes, X, Y, Z)`` logits.
     """
+    definition = network_definition(cfg)
+    kwargs = {k: v for k, v in definition.items() if k != "_target_"}
+    net = NETWORK_CLASSES[definition["_target_"].rsplit(".", 1)[1]](**kwargs)
+    if cfg["model"]["name"] == "vnet":
+        # its up_tr64/up_tr32 hard-code Dropout3d(0.5) on the skips: model.dropout must govern all of them
+        # (eval mode, the exported teacher, has no dropout either way)
+        for module in net.modules():
+            if isinstance(module, nn.modules.dropout._DropoutNd):
+                module.p = float(cfg["model"]["dropout"])
+    return net
+
+
+NETWORK_CLASSES = {cls.__name__: cls for cls in (UNet, BasicUNet, VNet, SegResNet, DynUNet)}
+
+
+def network_definition(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The network of ``cfg`` as a MONAI bundle component: ``{"_target_": "monai.networks.nets.UNet", **kwargs}``.
+
+    The one description of each architecture: :func:`build_network` instantiates it, and
+    ``medeman export --format bundle`` writes it as the bundle's ``network_def``, so a bundle
+    rebuilds the very network medeman trained with MONAI alone (plain JSON values only).
+    """
     model, data = cfg["model"], cfg["data"]
     name = model["name"]
     in_ch, out_ch = int(data["in_channels"]), int(data["num_classes"])
@@ -41,36 +63,36 @@ def build_network(cfg: dict[str, Any]) -> nn.Module:
     if name == "unet":
         if len(channels) < 2:
             raise ValueError("model.channels needs at least two levels for unet")
-        return UNet(
-            spatial_dims=3, in_channels=in_ch, out_channels=out_ch, channels=channels,
+        return _definition(
+            UNet, spatial_dims=3, in_channels=in_ch, out_channels=out_ch, channels=channels,
             strides=[2] * (len(channels) - 1), num_res_units=int(model["num_res_units"]),
             norm=norm, dropout=dropout,
         )
     if name == "basicunet":
         features = channels if len(channels) == 6 else _basicunet_features(channels)
-        return BasicUNet(spatial_dims=3, in_channels=in_ch, out_channels=out_ch, features=features, norm=norm, dropout=dropout)
+        return _definition(BasicUNet, spatial_dims=3, in_channels=in_ch, out_channels=out_ch, features=features,
+                           norm=norm, dropout=dropout)
     if name == "vnet":  # MONAI's VNet is BatchNorm-only with fixed widths (16, 32, 64, 128, 256)
-        net = VNet(spatial_dims=3, in_channels=in_ch, out_channels=out_ch,
-                   dropout_prob_down=dropout or None, dropout_prob_up=(dropout or None, dropout))
-        # its up_tr64/up_tr32 hard-code Dropout3d(0.5) on the skips: model.dropout must govern all of them
-        for module in net.modules():
-            if isinstance(module, nn.modules.dropout._DropoutNd):
-                module.p = dropout
-        return net
+        return _definition(VNet, spatial_dims=3, in_channels=in_ch, out_channels=out_ch,
+                           dropout_prob_down=dropout or None, dropout_prob_up=[dropout or None, dropout])
     if name == "segresnet":
-        return SegResNet(spatial_dims=3, init_filters=channels[0], in_channels=in_ch, out_channels=out_ch,
-                         norm=norm, dropout_prob=dropout or None)
+        return _definition(SegResNet, spatial_dims=3, init_filters=channels[0], in_channels=in_ch, out_channels=out_ch,
+                           norm=norm, dropout_prob=dropout or None)
     if name == "dynunet":
         n = len(channels)
         train = cfg.get("train", {})  # configs saved in older teacher.pt files have no deep-supervision keys
         deep = bool(train.get("deep_supervision", False))
-        return DynUNet(
-            spatial_dims=3, in_channels=in_ch, out_channels=out_ch, kernel_size=[3] * n,
+        return _definition(
+            DynUNet, spatial_dims=3, in_channels=in_ch, out_channels=out_ch, kernel_size=[3] * n,
             strides=[1] + [2] * (n - 1), upsample_kernel_size=[2] * (n - 1), filters=channels,
             norm_name=norm, dropout=dropout or None, res_block=True,
             deep_supervision=deep, deep_supr_num=int(train.get("deep_supervision_heads", 1)) if deep else 1,
         )
     raise ValueError(f"unknown model.name {name!r}: choose one of {', '.join(NETWORKS)}")
+
+
+def _definition(cls: type, **kwargs: Any) -> dict[str, Any]:
+    return {"_target_": f"monai.networks.nets.{cls.__name__}", **kwargs}
 
 
 def deep_supervision_heads(output: torch.Tensor) -> list[torch.Tensor]:

@@ -36,6 +36,7 @@ from torch import nn
 from tqdm import tqdm
 
 from medeman.checkpoint import ModelFileError, load_error_reason, load_teacher
+from medeman.classes import class_names, class_title
 from medeman.data.readers import read_geometry, read_volume, voxel_spacing, write_volume
 from medeman.data.transforms import preprocessing
 from medeman.cases import SUFFIXES, Case, CaseError, find_cases, one_line, preprocess_case
@@ -66,6 +67,7 @@ class ScanScores:
     values: dict[str, float]
     embedding: np.ndarray
     maps: Path | None = None  # npz with the entropy map and teacher mask, for the pictures
+    source: str = ""  # what ranking.csv names: the file, or a DICOM series' folder and number
 
 
 # --------------------------------------------------------------------------- models
@@ -167,7 +169,7 @@ def score_case(case: Case, teacher: nn.Module, student: nn.Module | None, cfg: d
     maps = invert_to_input(torch.cat([c.cpu() for c in channels]), image, transform)
     shape, affine = read_geometry(case.files[0])
     if tuple(maps.shape[1:4]) != shape:
-        raise CaseError(f"{case.files[0]}: prediction came back as {tuple(maps.shape[1:])}, not the scan's {shape}")
+        raise CaseError(f"{case.source}: prediction came back as {tuple(maps.shape[1:])}, not the scan's {shape}")
     teacher_probs = maps[:num_classes]
     teacher_mask = argmax_labels(teacher_probs, dim=0)
     entropy = normalized_entropy(teacher_probs)
@@ -255,7 +257,10 @@ def rank_cases(
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         _prepare(out, overwrite)
-    cases, problems = find_cases(unlabeled, int(cfg["data"]["in_channels"]))
+    skipped: list[str] = []
+    cases, problems = find_cases(unlabeled, int(cfg["data"]["in_channels"]), skipped=skipped)
+    for message in skipped:
+        tqdm.write(f"skipped: {message}", file=sys.stderr)
     for message in problems:
         tqdm.write(f"error: {message}", file=sys.stderr)
     transform = preprocessing(cfg, keys=("image",))
@@ -274,10 +279,10 @@ def rank_cases(
                 tqdm.write(f"error: {err}", file=sys.stderr)
                 continue
             except Exception as err:  # one bad scan must not stop the others
-                problems.append(f"{case.files[0]}: {one_line(err)}")
+                problems.append(f"{case.source}: {one_line(err)}")
                 tqdm.write(f"error: {problems[-1]}", file=sys.stderr)
                 continue
-            item = ScanScores(case.case_id, case.files[0], values, embedding)
+            item = ScanScores(case.case_id, case.files[0], values, embedding, source=case.source)
             if maps:  # on the scan's grid, with its header when it is NIfTI
                 write_volume(entropy.numpy().astype(np.float32), case.files[0], out / "uncertainty" / f"{case.case_id}.nii.gz")
             if png:  # kept on disk, not in memory: a pool may hold hundreds of full-size scans
@@ -291,7 +296,7 @@ def rank_cases(
         if png:
             by_case = {s.case_id: s for s in scored}
             for row in rows[:top]:
-                _draw(row, by_case[row["case"]], out / "png")
+                _draw(row, by_case[row["case"]], out / "png", class_names(cfg))
     return rows, problems
 
 
@@ -320,7 +325,7 @@ def _order(scored: list[ScanScores], strategy: str, top: int, diverse: bool, pen
         row = {"rank": rank, "case": scored[i].case_id, "score": float(score[i]), **scored[i].values}
         if diverse:
             row["similarity"] = similarity[i]
-        row["file"] = str(scored[i].file)
+        row["file"] = scored[i].source or str(scored[i].file)
         rows.append(row)
     return rows
 
@@ -340,7 +345,7 @@ def write_ranking(rows: list[dict], path: str | Path) -> Path:
 # --------------------------------------------------------------------------- pictures
 
 
-def _draw(row: dict, item: ScanScores, png_dir: Path) -> Path:
+def _draw(row: dict, item: ScanScores, png_dir: Path, names: dict[int, str]) -> Path:
     saved = np.load(item.maps)
     image, affine = read_volume(item.file)
     if image.ndim == 4:
@@ -349,11 +354,11 @@ def _draw(row: dict, item: ScanScores, png_dir: Path) -> Path:
     if not math.isnan(row["argmax_differs"]):
         title += f"   teacher and student differ on {row['argmax_differs']:.2%} of voxels"
     return save_uncertainty_figure(png_dir / f"{row['rank']:03d}_{row['case']}.png", image, saved["mask"],
-                                   saved["entropy"].astype(np.float32), affine, title)
+                                   saved["entropy"].astype(np.float32), affine, title, names)
 
 
 def save_uncertainty_figure(path: str | Path, image: np.ndarray, mask: np.ndarray, uncertainty: np.ndarray,
-                            affine: np.ndarray, title: str = "") -> Path:
+                            affine: np.ndarray, title: str = "", names: dict[int, str] | None = None) -> Path:
     """A PNG of the most uncertain axial, coronal and sagittal slice: scan, uncertainty heat map, teacher contours.
 
     Each plane is cut where the summed uncertainty over that slice is highest, so the picture shows
@@ -376,9 +381,9 @@ def save_uncertainty_figure(path: str | Path, image: np.ndarray, mask: np.ndarra
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 3)
     aspects = (sy / sx, sz / sx, sz / sy)
-    names = (f"axial z={centre[2]}", f"coronal y={centre[1]}", f"sagittal x={centre[0]}")
+    view_titles = (f"axial z={centre[2]}", f"coronal y={centre[1]}", f"sagittal x={centre[0]}")
     heat = None
-    for ax, name, aspect, under, u, s in zip(axes, names, aspects, _views(img, centre), _views(unc, centre), _views(seg, centre)):
+    for ax, name, aspect, under, u, s in zip(axes, view_titles, aspects, _views(img, centre), _views(unc, centre), _views(seg, centre)):
         ax.imshow(under, cmap="gray", vmin=low, vmax=high if high > low else low + 1, aspect=aspect, interpolation="nearest")
         # near-zero doubt is left transparent so the anatomy stays readable
         heat = ax.imshow(np.ma.masked_less(u, 0.05), cmap="inferno", vmin=0.0, vmax=1.0, alpha=0.65, aspect=aspect,
@@ -388,7 +393,7 @@ def save_uncertainty_figure(path: str | Path, image: np.ndarray, mask: np.ndarra
                 ax.contour(s == c, levels=[0.5], colors=[COLOURS[i % len(COLOURS)]], linewidths=1.4)
         ax.set_title(name)
         ax.set_axis_off()
-    handles = [Line2D([], [], color=COLOURS[i % len(COLOURS)], label=f"class {c} teacher") for i, c in enumerate(classes)]
+    handles = [Line2D([], [], color=COLOURS[i % len(COLOURS)], label=f"{class_title(c, names)} teacher") for i, c in enumerate(classes)]
     if handles:
         fig.legend(handles=handles, loc="lower left", ncol=len(handles), frameon=False)
     bar_axes = fig.add_axes((0.55, 0.11, 0.35, 0.025))

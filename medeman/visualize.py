@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from nibabel.orientations import apply_orientation, io_orientation
 
+from medeman.classes import class_title
 from medeman.data.readers import voxel_spacing
 
 COLOURS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45", "#ffe119", "#469990")
@@ -53,7 +54,7 @@ def _views(volume: np.ndarray, centre: tuple[int, int, int]) -> list[np.ndarray]
 def legend_labels(label: int, with_reference: bool, scores: Mapping[int, float] | None = None,
                   names: Mapping[int, str] | None = None) -> list[str]:
     """Legend entries of one class: ``["liver reference", "liver prediction (Dice 0.912)"]``."""
-    name = (names or {}).get(label) or f"class {label}"
+    name = class_title(label, names)
     score = scores.get(label) if scores else None
     score = f" (Dice {score:.3f})" if score is not None and np.isfinite(score) else ""
     return ([f"{name} reference"] if with_reference else []) + [f"{name} prediction{score}"]

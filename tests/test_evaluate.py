@@ -166,6 +166,33 @@ def test_segment_and_score_runs_inference_then_evaluation(tmp_path):
     assert summary.cases == ["x"] and (tmp_path / "png" / "x.png").is_file()
 
 
+
+@pytest.mark.parametrize("lesion_classes,table_has_lesions", [(None, False), ([1], True)])
+def test_segment_and_score_names_classes_from_the_model(tmp_path, lesion_classes, table_has_lesions):
+    """The demo's path: names and lesion classes come from the teacher's own config."""
+    import torch
+
+    from medeman.checkpoint import save_teacher
+    from medeman.config import default_config
+    from medeman.evaluate import segment_and_score
+    from medeman.nets import build_network
+
+    cfg = default_config()
+    cfg["model"]["channels"], cfg["model"]["num_res_units"] = [4, 8], 0
+    cfg["data"]["patch_size"] = [16, 16, 16]
+    cfg["data"]["labels"], cfg["data"]["lesion_classes"] = {1: "liver"}, lesion_classes
+    torch.manual_seed(0)
+    save_teacher(tmp_path / "teacher.pt", build_network(cfg), cfg, step=0)
+    save(tmp_path / "images" / "x_0000.nii.gz", cube((2, 2, 2), (6, 6, 6)) * 200)
+    save(tmp_path / "labels" / "x.nii.gz", cube((2, 2, 2), (6, 6, 6)))
+    _, summary = segment_and_score(tmp_path / "teacher.pt", tmp_path / "images", tmp_path / "labels",
+                                   tmp_path / "pred", csv=tmp_path / "s.csv", device="cpu", progress=False)
+    table = summary.table()
+    assert "1 liver" in table and ("Lesion-wise" in table) == table_has_lesions
+    rows = list(csv.DictReader(open(tmp_path / "s.csv")))
+    assert {r["name"] for r in rows if r["class"] == "1"} == {"liver"}
+
+
 # ---- lesion-wise detection (connected components) -------------------------------------------
 
 L = (16, 16, 16)
@@ -232,7 +259,7 @@ def test_lesion_figures_are_pooled_over_cases_in_csv_and_table(tmp_path, capsys)
     save(tmp_path / "pred" / "q.nii.gz", organ + 2 * A)
     save(tmp_path / "labels" / "q.nii.gz", organ + 2 * A)
     assert main(["--pred", str(tmp_path / "pred"), "--labels", str(tmp_path / "labels"), "--csv", str(tmp_path / "s.csv"),
-                 "--classes", "1=liver,2=lesion", "--lesion-overlap", "0.2"]) == 0
+                 "--classes", "1=liver,2=lesion", "--lesion-classes", "lesion", "--lesion-overlap", "0.2"]) == 0
     out = capsys.readouterr().out
     assert "IoU >= 0.2" in out and "2 lesion" in out and "1 liver" in out
     lesion_table = out.split("Lesion-wise", 1)[1].splitlines()
@@ -246,6 +273,52 @@ def test_lesion_figures_are_pooled_over_cases_in_csv_and_table(tmp_path, capsys)
     assert row["name"] == "lesion" and (row["reference_lesions"], row["detected_lesions"], row["missed_lesions"]) == ("2", "1", "1")
     assert (row["predicted_lesions"], row["false_positive_lesions"]) == ("2", "1")
     assert float(row["lesion_f1"]) == pytest.approx(0.5) and float(row["lesion_dice"]) == pytest.approx(1 / 3)
+    # the organ is scored voxel-wise only: no lesion row, empty lesion cells
+    assert not any(line.startswith("1 liver") for line in lesion_table)
+    organ_row = next(r for r in rows if r["case"] == "p" and r["class"] == "1")
+    assert organ_row["name"] == "liver" and organ_row["dice"] == "1" and organ_row["reference_lesions"] == ""
+
+
+LESION_CLASS_CASES = [
+    # (evaluate options, the config in the run folder (or None), classes with a lesion-wise row)
+    ("organs only, no marking", [], None, []),
+    ("by value", ["--lesion-classes", "2"], None, ["2 lesion"]),
+    ("by name", ["--lesion-classes", "liver,lesion"], None, ["1 liver", "2 lesion"]),
+    ("from the run's config", [], "data:\n  labels: {1: liver, 2: lesion}\n  lesion_classes: [lesion]\n", ["2 lesion"]),
+    ("option over the config", ["--lesion-classes", "1"], "data:\n  labels: {1: liver, 2: lesion}\n  lesion_classes: [2]\n",
+     ["1 liver"]),
+]
+
+
+@pytest.mark.parametrize("name,options,config,expected", LESION_CLASS_CASES, ids=[c[0] for c in LESION_CLASS_CASES])
+def test_lesion_table_only_for_classes_marked_as_lesions(tmp_path, capsys, name, options, config, expected):
+    organ = cube((13, 0, 0), (16, 16, 16), L)
+    save(tmp_path / "pred" / "p.nii.gz", organ + 2 * A)
+    save(tmp_path / "labels" / "p.nii.gz", organ + 2 * (A | B))
+    classes = "1=liver,2=lesion"
+    if config is not None:
+        _write(tmp_path / "run" / "config.yaml", config)
+        classes = str(tmp_path / "run")
+    assert main(["--pred", str(tmp_path / "pred"), "--labels", str(tmp_path / "labels"), "--classes", classes, *options]) == 0
+    out = capsys.readouterr().out
+    assert "1 liver" in out and "2 lesion" in out  # the Dice table names both
+    if not expected:
+        assert "Lesion-wise" not in out
+        return
+    rows = [line.split("  ")[0].strip() for line in out.split("Lesion-wise", 1)[1].splitlines()[2:] if line.strip()]
+    assert rows == expected
+
+
+@pytest.mark.parametrize("value,message", [
+    ("tumour", "--lesion-classes: 'tumour' is neither a label value nor a class name (1=liver, 2=lesion)"),
+    ("0", "--lesion-classes: 0 is not a foreground class (1 or more)"),
+])
+def test_unknown_lesion_class_is_one_line_error(tmp_path, capsys, value, message):
+    save(tmp_path / "pred" / "p.nii.gz", cube((2, 2, 2), (6, 6, 6), L))
+    save(tmp_path / "labels" / "p.nii.gz", cube((2, 2, 2), (6, 6, 6), L))
+    assert main(["--pred", str(tmp_path / "pred"), "--labels", str(tmp_path / "labels"), "--classes", "liver,lesion",
+                 "--lesion-classes", value]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {message}"
 
 
 # ---- class names -------------------------------------------------------------------------------

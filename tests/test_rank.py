@@ -302,3 +302,22 @@ def test_the_benchmark_cohort_has_the_unseen_scanner_only_in_the_pool_and_the_te
     assert unseen == [("test", "case_005"), ("unlabeled", "case_008")]
     assert len(rows) == 9 and (tmp_path / "unlabeled_labels").exists() is False
     assert (tmp_path / "unlabeled" / "case_008.nii.gz").is_file()
+
+
+def test_a_dicom_series_is_ranked_as_the_same_scan_in_nifti(tmp_path):
+    """The pool may be DICOM: each series one scan, the same scores as its NIfTI twin, named by its folder."""
+    from dicom_series import write_series
+
+    volume = box_scan()
+    write_series(tmp_path / "dicom" / "a", volume, OBLIQUE_AFFINE)
+    write_volume(volume, OBLIQUE_AFFINE, tmp_path / "nifti" / "a.nii.gz")
+    cfg = tiny_config(spacing=None)
+    teacher, student = BoxNet(offset=-20.0 + math.log(3.0)), BoxNet(offset=-60.0)
+    rows = {}
+    for pool in ("dicom", "nifti"):
+        found, problems = rank_cases((teacher, cfg), tmp_path / pool, None, student=student, device="cpu", progress=False)
+        assert problems == [] and [r["case"] for r in found] == ["a"]
+        rows[pool] = found[0]
+    assert rows["dicom"]["file"] == f"{tmp_path / 'dicom' / 'a'} (series 1, abdomen)"
+    for key in ("entropy_fg", "entropy_mean", "disagree_c1", "argmax_differs", "volume_ml_c1"):
+        assert rows["dicom"][key] == pytest.approx(rows["nifti"][key], abs=1e-6), key

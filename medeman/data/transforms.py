@@ -17,7 +17,9 @@ Both are :class:`PatchChain`\ s: their random part runs with MONAI's meta-data t
 
 from __future__ import annotations
 
+import logging
 import math
+import warnings
 from typing import Any, Sequence
 
 import torch
@@ -100,7 +102,7 @@ def preprocessing(cfg: dict[str, Any], keys: Sequence[str] = ("image", "label"))
     keys = list(keys)
     modes = _modes(keys)
     chain: list = [
-        LoadImaged(keys=keys, reader=VolumeReader(), image_only=True),
+        load_images(keys),
         EnsureChannelFirstd(keys=keys),
         Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
     ]
@@ -113,6 +115,24 @@ def preprocessing(cfg: dict[str, Any], keys: Sequence[str] = ("image", "label"))
         chain.append(NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True))
     chain.append(EnsureTyped(keys="image", dtype="float32", track_meta=True))
     return Compose(chain)
+
+
+def load_images(keys: Sequence[str]) -> LoadImaged:
+    """``LoadImaged`` with medeman's :class:`VolumeReader`.
+
+    ``LoadImaged`` also builds every default reader MONAI knows; with pydicom installed (the
+    ``deploy`` extra) its nvImageCodec DICOM reader warns on each build that the GPU decoder plugin
+    is missing (a warning and a log line), about a reader medeman never uses.
+    """
+    plugin_log = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
+    level = plugin_log.level
+    plugin_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
+            return LoadImaged(keys=list(keys), reader=VolumeReader(), image_only=True)
+    finally:
+        plugin_log.setLevel(level)
 
 
 def _modes(keys: Sequence[str], label_mode: str = "nearest", image_mode: str = "bilinear") -> list[str]:

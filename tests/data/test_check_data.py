@@ -137,3 +137,20 @@ def test_test_cohort_problems_are_reported(make_cohort, volume_writer, capsys):
     assert main(["--labeled", str(root / "labeled"), "--unlabeled", str(root / "unlabeled"), "--test", str(root / "test")]) == 1
     out = capsys.readouterr().out
     assert "t0.nii.gz: image without label" in out
+
+
+def test_scans_folder_of_dicom_series_is_checked_series_by_series(tmp_path, capsys):
+    """check-data --scans reads DICOM as medeman infer does: a row per series, broken ones named, SEG skipped."""
+    from dicom_series import write_series
+
+    volume = np.random.default_rng(0).integers(-500, 500, size=(8, 6, 5)).astype(np.int16)
+    write_series(tmp_path / "study" / "ct", volume, np.diag([1.0, 1.0, 2.0, 1.0]))
+    write_series(tmp_path / "study" / "broken", volume, np.diag([1.0, 1.0, 2.0, 1.0]), skip_slices=(2,))
+    write_series(tmp_path / "study" / "seg", volume, np.eye(4), modality="SEG")
+    assert main(["--scans", str(tmp_path / "study")]) == 1
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("scans"))
+    assert row.split()[:4] == ["scans", "ct", "8x6x5", "1.00x1.00x2.00"] and row.split()[-1] == "ok"
+    assert f"{tmp_path / 'study' / 'seg'} (series 1, abdomen): a SEG object, not an image series" in out
+    assert (f"{tmp_path / 'study' / 'broken'} (series 1, abdomen): slices missing: a 4.00 mm gap between 2.00 and 6.00 mm "
+            "where slices are 2.00 mm apart (about 1 slice(s))") in out
