@@ -103,7 +103,7 @@ def test_evaluate_folder_scores_and_names_every_problem(cohort, tmp_path):
     assert set(by) == {(c, k) for c in "abc" for k in (1, 2)}
     assert (by["a", 1].dice, by["a", 1].hd95, by["a", 1].asd) == (1.0, 0.0, 0.0)
     assert by["b", 1].dice == 0.0 and by["b", 1].hd95 == pytest.approx(6.0) and by["b", 1].asd == pytest.approx(6.0)
-    assert by["b", 2].dice == 1.0 and math.isnan(by["b", 2].hd95)   # absent from both: filled in
+    assert math.isnan(by["b", 2].dice) and by["b", 2].note == "absent from prediction and reference"  # not a Dice of 1
     assert by["c", 1].dice == 0.0 and math.isnan(by["c", 1].asd)
     stats = summary.per_class()
     assert stats[1]["n"] == 3 and stats[1]["dice_mean"] == pytest.approx(1 / 3)
