@@ -106,7 +106,8 @@ def prepare_output_dir(folder: Path) -> None:
     """Create the output folder, or raise ValueError in one line: a file in its way, or no permission to write there."""
     for parent in (folder, *folder.parents):
         if parent.exists() and not parent.is_dir():
-            raise ValueError(f"{folder}: {parent} is a file, not a folder; choose another output folder")
+            where = "is a file" if parent == folder else f"{parent} is a file"
+            raise ValueError(f"{folder}: {where}, not a folder; choose another output folder")
         if parent.exists():
             break
     try:

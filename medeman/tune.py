@@ -307,7 +307,7 @@ def open_storage(storage: str | None, out_dir: Path, tune: dict | None = None) -
             _log.info("a journal storage has no heartbeat: a trial whose worker dies stays RUNNING (use a database to retry it)")
         return JournalStorage(JournalFileBackend(str(storage)))
     check_storage_url(storage)
-    storage = database_url(storage)
+    given, storage = storage, database_url(storage)
     engine_kwargs = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else {"pool_pre_ping": True}
     heartbeat: dict[str, Any] = {}
     if tune is not None and tune["heartbeat_interval"] is not None:
@@ -326,12 +326,12 @@ def open_storage(storage: str | None, out_dir: Path, tune: dict | None = None) -
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return optuna.storages.RDBStorage(storage, engine_kwargs=engine_kwargs, **heartbeat)
         except ModuleNotFoundError as err:  # the database's driver
-            raise ConfigError(f"--storage {_where(storage)}: the database driver {err.name} is not installed "
+            raise ConfigError(f"--storage {_where(given)}: the database driver {err.name} is not installed "
                               "(pip install 'medeman[postgres]' for PostgreSQL)") from None
         except Exception as err:  # sqlalchemy's OperationalError/IntegrityError/ProgrammingError
             unreachable = type(err).__name__ == "OperationalError" and not storage.startswith("sqlite")
             if attempt == 4 or unreachable or "sqlalchemy" not in type(err).__module__:
-                raise ConfigError(f"--storage {_where(storage)}: cannot open the study database: {_reason(err)}") from None
+                raise ConfigError(f"--storage {_where(given)}: cannot open the study database: {_reason(err)}") from None
             time.sleep(0.2 + random.random())
     raise AssertionError("unreachable")
 
@@ -344,8 +344,11 @@ def check_storage_url(url: str) -> None:
     """Refuse a ``--storage`` URL whose scheme medeman does not support, naming it and what is supported."""
     scheme = url.split("://", 1)[0]
     if scheme.split("+", 1)[0].lower() not in STORAGE_SCHEMES:
-        raise ConfigError(f"--storage {url}: unknown database scheme '{scheme}'; medeman supports sqlite:///path/study.db, "
+        raise ConfigError(f"--storage {_where(url)}: unknown database scheme '{scheme}'; medeman supports sqlite:///path/study.db, "
                           "postgresql://user@host/db, or a journal file path (no ://)")
+    path = url.split(":///", 1)[1] if scheme.startswith("sqlite") and ":///" in url else ""
+    if path and path != ":memory:" and not Path(path).parent.is_dir():
+        raise ConfigError(f"--storage {url}: the folder {Path(path).parent} does not exist (SQLite creates the file, not its folder)")
 
 
 def _where(url: str) -> str:

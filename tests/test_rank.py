@@ -302,3 +302,18 @@ def test_the_benchmark_cohort_has_the_unseen_scanner_only_in_the_pool_and_the_te
     assert unseen == [("test", "case_005"), ("unlabeled", "case_008")]
     assert len(rows) == 9 and (tmp_path / "unlabeled_labels").exists() is False
     assert (tmp_path / "unlabeled" / "case_008.nii.gz").is_file()
+
+
+def test_a_supervised_model_has_no_disagreement_scores_and_says_which(run_dir, pool, tmp_path, capsys):
+    """Issue 23: a supervised run's teacher.pt is its student, so every disagreement was exactly 0, without a word."""
+    cfg = tiny_config(num_classes=3)
+    cfg["ssl"]["method"] = "supervised"
+    torch.manual_seed(0)
+    save_teacher(run_dir / "teacher.pt", build_network(cfg), cfg, step=1)  # last.ckpt (a student) is still there
+    assert main(["--model", str(run_dir), "--unlabeled", str(pool), "--out", str(tmp_path / "rank"), "--device", "cpu",
+                 "--no-progress", "--threads", "1"]) == 0
+    err = capsys.readouterr().err
+    assert (f"note: {run_dir}: a supervised model has no teacher-student pair, so the disagreement scores "
+            "(disagree_c*, argmax_differs) need one and are left out") in err
+    rows = read_csv(tmp_path / "rank" / "ranking.csv")
+    assert len(rows) == 3 and all(r["argmax_differs"] == "nan" and r["disagree_c1"] == "nan" for r in rows)

@@ -209,6 +209,41 @@ def test_failed_trial_is_recorded_and_study_goes_on(tmp_path):
     assert "out of memory" in tune.summary_table(study, cfg).splitlines()[3]
 
 
+def test_bad_input_data_stops_the_study_after_one_failed_trial(tmp_path):
+    """A NaN scan fails every trial alike: the first one records it and the study stops with the data error."""
+    from medeman.data.errors import DataError
+
+    def train_fn(*args, **kwargs):
+        raise DataError("L/images/case0.nii.gz: 3 NaN/Inf intensities")
+
+    cfg = _cfg({"tune.max_steps": 10})
+    with pytest.raises(DataError, match="case0.nii.gz: 3 NaN/Inf intensities"):
+        tune.run_study(cfg, "L", "U", study_name="s", out_dir=tmp_path, n_trials=3, train_fn=train_fn)
+    trials = optuna.load_study(study_name="s", storage=tune.open_storage(None, tmp_path)).trials
+    assert [t.state for t in trials] == [TrialState.FAIL]
+    assert trials[0].user_attrs["error"] == "DataError: L/images/case0.nii.gz: 3 NaN/Inf intensities"
+
+
+STORAGE_ERRORS = [
+    ("unknown scheme", "notaurl://x",
+     "--storage notaurl://x: unknown database scheme 'notaurl'; medeman supports sqlite:///path/study.db, "
+     "postgresql://user@host/db, or a journal file path (no ://)"),
+    ("password hidden", "mysql://me:secret@db/x", "--storage mysql://me:***@db/x: unknown database scheme 'mysql'"),
+    ("SQLite folder missing", "sqlite:////nonexistent_medeman/dir/x.db",
+     "--storage sqlite:////nonexistent_medeman/dir/x.db: the folder /nonexistent_medeman/dir does not exist"),
+    ("PostgreSQL server not listening", "postgresql://me:secret@127.0.0.1:1/x",
+     "--storage postgresql://me:***@127.0.0.1:1/x: cannot open the study database: connection to server at \"127.0.0.1\", port 1 failed"),
+]
+
+
+@pytest.mark.parametrize("name, url, message", STORAGE_ERRORS, ids=[c[0] for c in STORAGE_ERRORS])
+def test_storage_that_cannot_be_used_is_one_line_naming_scheme_or_host(tmp_path, name, url, message):
+    pytest.importorskip("psycopg2") if url.startswith("postgresql") else None
+    with pytest.raises(ConfigError) as info:
+        tune.open_storage(url, tmp_path)
+    assert str(info.value).startswith(message) and "\n" not in str(info.value) and "secret" not in str(info.value)
+
+
 def test_journal_storage_resumes_with_new_points(tmp_path):
     cfg = _cfg({"tune.max_steps": 10})
     journal = str(tmp_path / "shared" / "study.log")
