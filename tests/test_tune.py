@@ -427,3 +427,22 @@ def test_disk_cache_is_shared_by_the_trials(tmp_path):
     cfg = _cfg({"data.cache": "disk", "tune.max_steps": 10})
     tune.run_study(cfg, "L", "U", study_name="d", out_dir=tmp_path, n_trials=2, train_fn=train_fn)
     assert seen == [str((tmp_path / "cache").resolve())] * 2
+
+
+def test_workers_flag_starts_workers_on_one_study_and_divides_the_threads(make_cohort, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    root = make_cohort(3, 1)
+    out = tmp_path / "tune"
+    sets = ["data.patch_size=[16,16,16]", "data.spacing=null", "data.num_classes=3", "data.num_workers=0",
+            "model.channels=[4,8]", "train.max_steps=2", "tune.max_steps=2", "tune.validations=1", "data.val_fraction=0.34"]
+    argv = ["--labeled", str(root / "labeled"), "--unlabeled", str(root / "unlabeled"), "--study", "w", "--n-trials", "1",
+            "--workers", "2", "--out", str(out), "--no-plots", *[a for s in sets for a in ("--set", s)]]
+    assert tune.main(argv) == 0
+    err = capsys.readouterr().err
+    cores = len(os.sched_getaffinity(0))
+    threads = max(1, cores // 2)  # no loader workers: the cores divided by the 2 workers
+    assert [line for line in err.splitlines() if line.startswith("threads:")] == [  # said once, by the first worker
+        f"threads: {threads} torch thread{'s' if threads > 1 else ''} per process "
+        f"({cores} core{'s' if cores > 1 else ''} shared by 2 processes; change with --threads)"]
+    study = optuna.load_study(study_name="w", storage=tune.open_storage(None, out))
+    assert sorted(t.state for t in study.trials) == [TrialState.COMPLETE] * 2  # one trial from each worker
