@@ -5,6 +5,8 @@ For each unlabeled scan, the deployed teacher (``teacher.pt``) and the run's fin
 ``medeman infer`` does (model preprocessing, Gaussian sliding windows, inversion to the scan's grid).
 On the scan's own grid, :mod:`medeman.rank_scores` computes the teacher's entropy, the flip variance
 (``--tta``), the teacher-student disagreement and the predicted volumes; a strategy orders the scans.
+A model without a teacher-student pair (``ssl.method: supervised``, whose ``teacher.pt`` is its
+student) gets no disagreement scores: they are left out (``nan``), with a note that says so.
 
 Outputs in ``--out``::
 
@@ -43,7 +45,6 @@ from medeman.labels import argmax_labels
 from medeman.methods import METHODS, TeacherMethod
 from medeman.nets import build_network
 from medeman.predict import TTA_FLIPS, invert_to_input, predict_volume
-from medeman.threads import apply_threads, choose_threads
 from medeman.rank_scores import (
     DEFAULT_STRATEGY,
     STRATEGIES,
@@ -55,6 +56,7 @@ from medeman.rank_scores import (
     strategy_scores,
     volume_scores,
 )
+from medeman.threads import apply_threads, choose_threads
 
 OUTPUTS = ("ranking.csv", "uncertainty", "png")
 DISAGREEMENT_COLUMNS = ("disagree_c*", "argmax_differs")  # need a teacher-student pair (rank_scores.disagreement_scores)
