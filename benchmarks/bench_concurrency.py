@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--together", type=int, nargs="+", default=[1, 2, 4], help="runs started together (default: 1 2 4)")
     parser.add_argument("--rounds", type=int, default=1, help="rounds of the whole sequence (default: 1)")
     parser.add_argument("--old-threads", action="store_true", help="also run with --threads <cores> (the behaviour before issue 23)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help=f"result file (default: {RESULTS.relative_to(REPO)})")
     parser.add_argument("--smoke", action="store_true", help="a tiny generated cohort, 2 steps, 1 and 2 together; writes no result file")
     args = parser.parse_args(argv)
 
@@ -87,27 +88,32 @@ def main(argv: list[str] | None = None) -> int:
                               "model: {channels: [4, 8], num_res_units: 0}\n")
             steps, together, rounds = 2, [1, 2], 1
         cores = available_cores()
+        load = os.getloadavg()[0]  # other processes on the machine share the cores too
         settings = [("medeman's rule", None)] + ([(f"--threads {cores} (before)", cores)] if args.old_threads else [])
         results: dict[tuple[str, int], list[float]] = {}
+        raw: list[str] = []
         for _ in range(rounds):
             for label, threads in settings:
                 for count in together:
                     walls = start_runs(count, data / "labeled", data / "unlabeled", config, steps, scratch, threads)
                     results.setdefault((label, count), []).extend(walls)
-                    print(f"{label}: {count} together: " + ", ".join(f"{w:.1f} s" for w in walls), flush=True)
+                    raw.append(f"{label}: {count} together: " + ", ".join(f"{w:.1f} s" for w in walls))
+                    print(raw[-1], flush=True)
         alone = {label: statistics.median(results.get((label, min(together)), [float("nan")])) for label, _ in settings}
         text = table(results, alone)
     header = (f"`medeman train` on {'a tiny generated cohort' if args.smoke else 'sample_data/ with configs/sample.yaml'}, "
-              f"{steps} steps, {rounds} round(s); {cores} cores available (sched_getaffinity), no OMP_NUM_THREADS")
+              f"{steps} steps, {rounds} round(s); {cores} cores available (sched_getaffinity), no OMP_NUM_THREADS; "
+              f"1-minute load average {load:.1f} before the first run")
     print(header)
     print(text)
     if not args.smoke:
         sys.path.insert(0, str(Path(__file__).parent))
         from _report import code_version, hardware
 
-        RESULTS.write_text(f"# bench_concurrency\n\n`python benchmarks/bench_concurrency.py {' '.join(argv or sys.argv[1:])}`"
-                           f" on {hardware()}; {code_version()}\n\n{header}\n\n{text}\n", encoding="utf-8")
-        print(f"written to {RESULTS}")
+        args.results.write_text(f"# bench_concurrency\n\n`python benchmarks/bench_concurrency.py {' '.join(argv or sys.argv[1:])}`"
+                           f" on {hardware()}; {code_version()}\n\n{header}\n\n{text}\n\nEach run's wall time, in order:\n\n"
+                                + "".join(f"- {line}\n" for line in raw), encoding="utf-8")
+        print(f"written to {args.results}")
     return 0
 
 
