@@ -292,11 +292,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from medeman.data import DataError
 
     args = build_parser().parse_args(argv)
+    new_folder = not Path(args.out).exists()
     try:
         cfg = config_from_args(args)
         set_threads_for_config(cfg)
         result = fit(cfg, args.labeled, args.unlabeled, args.val, args.out, test=args.test, resume=args.resume, overwrite=args.overwrite, progress_bar=not args.no_progress)
     except (ConfigError, DataError) as err:
+        if new_folder and Path(args.out).is_dir() and not any(Path(args.out).iterdir()):
+            Path(args.out).rmdir()  # a refused run leaves no empty run folder behind
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(

@@ -90,7 +90,7 @@ PROBES = [
      "pass --overwrite to replace it, or choose another --out", []),
     ("train on a scan with NaN voxels", replace(replace(TRAIN, "{t}/cohort/labeled", "{t}/nan_cohort/labeled"),
                                                 "{t}/cohort/unlabeled", "{t}/nan_cohort/unlabeled"), 2,
-     "{t}/nan_cohort/labeled/images/case1.nii.gz: 3 NaN/Inf intensities", ["new_run/config.yaml"]),
+     "{t}/nan_cohort/labeled/images/case1.nii.gz: 3 NaN/Inf intensities", ["new_run"]),
     ("tune storage of an unknown scheme", TUNE + ["--storage", "notaurl://x"], 2,
      "error: --storage notaurl://x: unknown database scheme 'notaurl'; medeman supports sqlite:///path/study.db, "
      "postgresql://user@host/db, or a journal file path (no ://)", ["tune"]),
