@@ -188,14 +188,14 @@ class EvaluationSummary:
         """The summary table: mean ± std per class, distances in mm."""
         lines = [f"{len(self.cases)} case(s) scored; HD95 and ASD in mm, NaN (a mask empty) left out of the mean"]
         width = max([7] + [len(self.class_name(c)) + 2 for c in self.classes])
-        lines.append(f"{'class':<{width}}{'cases':>6}  {'Dice':<17}{'HD95 mm':<22}{'ASD mm':<22}")
+        lines.append(f"{'class':<{width}}{'cases':>6}  {'Dice':<22}{'HD95 mm':<22}{'ASD mm':<22}")
         for label, st in self.per_class().items():
             def cell(name: str, digits: int) -> str:
                 if not st[f"{name}_n"]:
                     return "n/a"
                 text = f"{st[f'{name}_mean']:.{digits}f} ± {st[f'{name}_std']:.{digits}f}"
                 return text if st[f"{name}_n"] == st["n"] else f"{text} (n={st[f'{name}_n']})"
-            lines.append(f"{self.class_name(label):<{width}}{st['n']:>6}  {cell('dice', 3):<17}{cell('hd95', 2):<22}{cell('asd', 2):<22}")
+            lines.append(f"{self.class_name(label):<{width}}{st['n']:>6}  {cell('dice', 3):<22}{cell('hd95', 2):<22}{cell('asd', 2):<22}")
         for label, st in self.per_class().items():
             if st["absent_n"]:
                 lines.append(f"class {self.class_name(label)}: {ABSENT_NOTE} in {st['absent_n']} of {st['n']} case(s), "
