@@ -12,6 +12,7 @@ Typical use::
 
 from __future__ import annotations
 
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,7 +130,44 @@ def preprocess_case(case: Case, cfg: dict, transform) -> torch.Tensor:
     expected = int(cfg["data"]["in_channels"])
     if image.shape[0] != expected:
         raise CaseError(f"{case.source}: has {image.shape[0]} channel(s), the model takes {expected}")
+    if not torch.isfinite(image).all():
+        raise CaseError(_nonfinite_message(case))
     return image
+
+
+def _nonfinite_message(case: Case) -> str:
+    """The problem of a case whose preprocessed image is not finite, in train's words (:func:`nonfinite_problem`).
+
+    A NaN in the scan spreads through resampling, so the raw files are read again (only on this
+    failure) to name the file and count its voxels as ``medeman train`` and ``check-data`` do.
+    """
+    from medeman.data.checks import nonfinite_problem
+    from medeman.data.readers import read_volume
+
+    for path in case.files:
+        try:
+            problem = nonfinite_problem(path, read_volume(path)[0])
+        except Exception:  # unreadable on a second read: the generic line below still names the case
+            continue
+        if problem:
+            return f"{problem}; refused (replace them, e.g. with the scan's minimum, and run again)"
+    return f"{case.files[0]}: preprocessing gave NaN/Inf intensities; refused"
+
+
+def prepare_output_dir(folder: Path) -> None:
+    """Create the output folder, or raise ValueError in one line: a file in its way, or no permission to write there."""
+    for parent in (folder, *folder.parents):
+        if parent.exists() and not parent.is_dir():
+            where = "is a file" if parent == folder else f"{parent} is a file"
+            raise ValueError(f"{folder}: {where}, not a folder; choose another output folder")
+        if parent.exists():
+            break
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"{folder}: cannot create the output folder ({err.strerror or one_line(err)})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{folder}: the output folder is not writable; choose another output folder")
 
 
 def one_line(err: BaseException) -> str:

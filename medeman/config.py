@@ -189,6 +189,7 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "precision": Option("32", "Lightning precision: 32, bf16-mixed or 16-mixed", ("32", "bf16-mixed", "16-mixed")),
         "accumulate_grad_batches": Option(1, "batches per optimizer step"),
         "seed": Option(0, "global seed (python, numpy, torch, dataloader workers)"),
+        "num_threads": Option(None, "torch intra-op threads per process (medeman train --threads); null: OMP_NUM_THREADS if set, else the available cores less one per loader worker, divided among the node's processes (medeman.threads)", type=int),
         "accelerator": Option("auto", "Lightning accelerator: auto uses a GPU when present", ("auto", "cpu", "gpu")),
         "devices": Option(1, "devices per node", type=(int, list, str)),
         "num_nodes": Option(1, "nodes"),
@@ -324,6 +325,11 @@ def validate(cfg: dict) -> dict:
             raise ConfigError(f"train.{key} must be a positive integer, got {cfg['train'][key]!r}")
     if int(cfg["train"]["checkpoint_every_steps"]) < 0:
         raise ConfigError(f"train.checkpoint_every_steps must be 0 (at validations only) or a number of steps, got {cfg['train']['checkpoint_every_steps']!r}")
+    for name, holds, requirement in _VALUE_RULES:
+        section, key = name.split(".")
+        value = cfg[section][key]
+        if value is not None and not holds(value):
+            raise ConfigError(f"{name}: {value!r} must be {requirement}")
     _validate_small_structures(cfg)
     _validate_teacher_norm(cfg)
     _validate_tune(cfg)
@@ -347,6 +353,61 @@ def _validate_schedules(cfg: dict) -> None:
     classes = int(cfg["data"]["num_classes"]) - 1
     if keep is not None and not (len(keep) == classes and all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in keep)):
         raise ConfigError(f"ssl.bcp_keep_components: {keep!r} must be null or {classes} whole numbers >= 0 (one per foreground class)")
+
+
+def _positive(v: Any) -> bool:
+    return v > 0
+
+
+def _non_negative(v: Any) -> bool:
+    return v >= 0
+
+
+def _fraction(v: Any) -> bool:
+    return 0.0 <= v <= 1.0
+
+
+def _range(low_min: float) -> Any:
+    return lambda v: len(v) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v) and low_min <= v[0] <= v[1]
+
+
+# Values that pass the type check but would crash or mislead later (issue 23): checked at load time, before
+# anything is written. A null value (where allowed) is not checked here.
+_VALUE_RULES: tuple[tuple[str, Any, str], ...] = (
+    ("train.lr", _positive, "a positive learning rate"),
+    ("train.weight_decay", _non_negative, "a non-negative number"),
+    ("train.log_every_steps", _positive, "a positive number of steps"),
+    ("train.num_nodes", _positive, "a positive number of nodes"),
+    ("train.num_threads", _positive, "null or a positive number of threads"),
+    ("data.batch_size_labeled", _positive, "at least 1 patch per step"),
+    ("data.batch_size_unlabeled", _positive, "at least 1 patch per step"),
+    ("data.num_workers", _non_negative, "0 (load in the main process) or a number of worker processes"),
+    ("data.in_channels", _positive, "at least 1 channel"),
+    ("data.val_fraction", lambda v: 0.0 <= v < 1.0, "a fraction in [0, 1)"),
+    ("data.flip_prob", _fraction, "a probability in [0, 1]"),
+    ("data.rotate90_prob", _fraction, "a probability in [0, 1]"),
+    ("data.affine_prob", _fraction, "a probability in [0, 1]"),
+    ("data.strong_prob", _fraction, "a probability in [0, 1]"),
+    ("data.strong_noise_std", _non_negative, "a non-negative standard deviation"),
+    ("data.strong_brightness", _non_negative, "a non-negative intensity shift"),
+    ("data.strong_contrast", lambda v: _range(0.0)(v) and v[0] > 0, "a gamma range [low, high] with 0 < low <= high"),
+    ("data.strong_blur_sigma", _range(0.0), "a sigma range [low, high] with 0 <= low <= high"),
+    ("data.intensity_window", lambda v: _range(-math.inf)(v) and v[0] < v[1], "a window [low, high] with low < high"),
+    ("model.channels", lambda v: len(v) >= 1 and all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in v),
+     "a list of positive integers (channels per level)"),
+    ("model.num_res_units", _non_negative, "a non-negative number of units"),
+    ("model.dropout", lambda v: 0.0 <= v < 1.0, "a probability in [0, 1)"),
+    ("ssl.consistency_weight", _non_negative, "a non-negative weight"),
+    ("ssl.pseudo_label_weight", _non_negative, "a non-negative weight"),
+    ("ssl.bcp_unlabeled_weight", _non_negative, "a non-negative weight"),
+    ("ssl.rampup_steps", _non_negative, "a non-negative number of steps"),
+    ("ssl.warmup_steps", _non_negative, "a non-negative number of steps"),
+    ("ssl.bcp_pretrain_steps", _non_negative, "a non-negative number of steps"),
+    ("ssl.ua_mt_noise_std", _non_negative, "a non-negative standard deviation"),
+    ("ssl.ua_mt_noise_clip", _non_negative, "a non-negative clip"),
+    ("infer.sw_batch_size", _positive, "at least 1 window per forward pass"),
+    ("infer.overlap", lambda v: 0.0 <= v < 1.0, "a fraction in [0, 1) (1 would never move the window)"),
+)
 
 
 def _validate_teacher_norm(cfg: dict) -> None:

@@ -17,6 +17,7 @@ from typing import Sequence
 from medeman.checkpoint import read_teacher_file
 from medeman.config import load_config
 from medeman.evaluate import segment_and_score
+from medeman.threads import set_threads_for_config
 from medeman.train import fit
 
 
@@ -36,6 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     data, out = Path(args.data), Path(args.out)
     cfg = load_config(args.config or ["configs/sample.yaml"], args.set)
+    set_threads_for_config(cfg)  # make demo beside another training: threads that fit the machine
 
     start = time.perf_counter()
     print(f"[1/3] training {cfg['ssl']['method']} (teacher_norm={cfg['ssl']['teacher_norm']}) on {data / 'labeled'} + {data / 'unlabeled'} -> {out}")

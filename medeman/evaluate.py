@@ -7,9 +7,13 @@ MONAI's ``compute_dice``, ``compute_hausdorff_distance(percentile=95)`` and
 ``HausdorffDistanceMetric`` and ``SurfaceDistanceMetric`` compute), with the label file's voxel
 spacing so distances are in mm.
 
-Empty masks: a class absent from both prediction and reference scores Dice 1; absent from exactly
-one, Dice 0. A surface distance needs two surfaces, so HD95 and ASD are NaN when either mask of
-the class is empty; summary means leave NaN out and say over how many cases they were taken.
+Empty masks: a class absent from exactly one of prediction and reference scores Dice 0. A class
+seen in some case but absent from both masks of another is not scored there: its Dice is NaN with
+the note "absent from prediction and reference", left out of the class mean, and the table says in
+how many cases (a Dice of 1 for every empty case would make a class the model never predicts look
+good). A surface distance needs two surfaces, so HD95 and ASD are NaN when either mask of the class
+is empty; summary means leave NaN out and say over how many cases they were taken. A class in some
+reference but in no prediction is warned about: the model may not predict it at all.
 
 Lesion-wise figures (only for the classes marked as lesions, tumours, nodules: ``data.lesion_classes``
 or ``--lesion-classes``; an organ is one structure, where component counts read as noise): each mask of the class is split
@@ -46,6 +50,7 @@ import torch
 from monai.metrics import compute_average_surface_distance, compute_dice, compute_hausdorff_distance
 from scipy import ndimage
 
+from medeman.data.checks import nonfinite_problem
 from medeman.data.discovery import group_channels, index_by_case, label_id, list_images
 from medeman.data.readers import image_stem, read_volume, voxel_spacing
 from medeman.cases import CaseError, one_line
@@ -56,6 +61,7 @@ CSV_COLUMNS = ("case", "class", "name", "dice", "hd95_mm", "asd_mm", "reference_
                "reference_lesions", "detected_lesions", "missed_lesions", "predicted_lesions", "false_positive_lesions",
                "lesion_sensitivity", "lesion_precision", "lesion_f1", "lesion_dice", "note")
 DEFAULT_LESION_OVERLAP = 0.1  # IoU a lesion needs to count as detected; 0 means any overlap
+ABSENT_NOTE = "absent from prediction and reference"
 
 
 @dataclass(frozen=True)
@@ -109,6 +115,7 @@ class ClassScore:
     reference_voxels: int
     predicted_voxels: int
     lesions: LesionCounts | None = None  # only for lesion classes
+    note: str = ""  # ABSENT_NOTE when the class is in neither mask of this case
 
 
 @dataclass
@@ -118,6 +125,7 @@ class EvaluationSummary:
     scores: list[ClassScore] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # unreadable, mismatched, missing prediction
     notes: list[str] = field(default_factory=list)     # predictions without a label, affine warnings
+    warnings: list[str] = field(default_factory=list)  # label values no prediction contains
     cases: list[str] = field(default_factory=list)     # the case ids that were scored
     class_names: dict[int, str] = field(default_factory=dict)  # shown beside the label values
     lesion_overlap: float = DEFAULT_LESION_OVERLAP
@@ -146,6 +154,7 @@ class EvaluationSummary:
             total["precision"] = total["true_positive"] / total["predicted"] if total["predicted"] else math.nan
             total["f1"] = f1_score(total["sensitivity"], total["precision"])
             dice = np.array([c.dice for c in counts], dtype=float)
+            dice = dice[np.isfinite(dice)]  # cases where the class is in neither mask
             total["dice_mean"] = float(dice.mean()) if len(dice) else math.nan
             total["dice_std"] = float(dice.std()) if len(dice) else math.nan
             out[label] = total
@@ -171,7 +180,7 @@ class EvaluationSummary:
         out = {}
         for label in self.classes:
             rows = [s for s in self.scores if s.label == label]
-            stats: dict[str, float] = {"n": len(rows)}
+            stats: dict[str, float] = {"n": len(rows), "absent_n": sum(s.note == ABSENT_NOTE for s in rows)}
             for name in ("dice", "hd95", "asd"):
                 values = np.array([getattr(s, name) for s in rows], dtype=float)
                 values = values[np.isfinite(values)]
@@ -185,14 +194,18 @@ class EvaluationSummary:
         """The summary table: mean ± std per class, distances in mm."""
         lines = [f"{len(self.cases)} case(s) scored; HD95 and ASD in mm, NaN (a mask empty) left out of the mean"]
         width = max([7] + [len(self.class_name(c)) + 2 for c in self.classes])
-        lines.append(f"{'class':<{width}}{'cases':>6}  {'Dice':<17}{'HD95 mm':<22}{'ASD mm':<22}")
+        lines.append(f"{'class':<{width}}{'cases':>6}  {'Dice':<22}{'HD95 mm':<22}{'ASD mm':<22}")
         for label, st in self.per_class().items():
             def cell(name: str, digits: int) -> str:
                 if not st[f"{name}_n"]:
                     return "n/a"
                 text = f"{st[f'{name}_mean']:.{digits}f} ± {st[f'{name}_std']:.{digits}f}"
                 return text if st[f"{name}_n"] == st["n"] else f"{text} (n={st[f'{name}_n']})"
-            lines.append(f"{self.class_name(label):<{width}}{st['n']:>6}  {cell('dice', 3):<17}{cell('hd95', 2):<22}{cell('asd', 2):<22}")
+            lines.append(f"{self.class_name(label):<{width}}{st['n']:>6}  {cell('dice', 3):<22}{cell('hd95', 2):<22}{cell('asd', 2):<22}")
+        for label, st in self.per_class().items():
+            if st["absent_n"]:
+                lines.append(f"class {self.class_name(label)}: {ABSENT_NOTE} in {st['absent_n']} of {st['n']} case(s), "
+                             f"not scored there (its Dice is over the other {st['n'] - st['absent_n']})")
         if not self.classes:
             lines.append("(no foreground class in any prediction or reference)")
         elif self.lesion_totals():
@@ -388,6 +401,7 @@ def evaluate_folder(
             summary.problems.append(f"{case_id}: {preds[case_id]}: {one_line(err)}")
 
     _fill_absent_classes(summary)
+    summary.warnings.extend(never_predicted(summary))
     if csv is not None:
         write_csv(summary, csv)
     return summary
@@ -408,6 +422,8 @@ def _labels_3d(array: np.ndarray, path: Path) -> np.ndarray:
     if array.ndim != 3:
         raise CaseError(f"{path}: a label mask must be 3D, got shape {array.shape}")
     if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise CaseError(f"{path}: NaN/Inf label values")
         if not np.all(np.equal(np.mod(array, 1), 0)):
             raise CaseError(f"{path}: a label mask must hold integer labels, found fractional values")
     return array.astype(np.int64)
@@ -422,7 +438,11 @@ def _draw(case_id, pred, ref, affine, image_path, png_dir: Path, summary: Evalua
             image, _ = _read(image_path)
             image = np.asarray(image, dtype=np.float32)
             image = image[..., 0] if image.ndim == 4 else image
-            if image.shape != pred.shape:
+            problem = nonfinite_problem(image_path, image)
+            if problem:  # refused as train refuses it; the masks are still drawn
+                summary.problems.append(f"{problem}; refused, {case_id} drawn without the scan")
+                image = None
+            elif image.shape != pred.shape:
                 summary.notes.append(f"{case_id}: scan {image_path} has shape {image.shape}, not the mask's "
                                      f"{pred.shape}; drawn without it")
                 image = None
@@ -434,14 +454,26 @@ def _draw(case_id, pred, ref, affine, image_path, png_dir: Path, summary: Evalua
 
 
 def _fill_absent_classes(summary: EvaluationSummary) -> None:
-    """A class seen in some case but absent from both masks of another scores Dice 1 there (distances NaN)."""
+    """A class seen in some case but absent from both masks of another gets a row there that says so (no scores)."""
     seen = {(s.case_id, s.label) for s in summary.scores}
     for case_id in summary.cases:
         for label in summary.classes:
             if (case_id, label) not in seen:
-                lesions = LesionCounts() if label in summary.lesion_classes else None
-                summary.scores.append(ClassScore(case_id, label, 1.0, math.nan, math.nan, 0, 0, lesions))
+                lesions = LesionCounts(dice=math.nan) if label in summary.lesion_classes else None
+                summary.scores.append(ClassScore(case_id, label, math.nan, math.nan, math.nan, 0, 0, lesions, note=ABSENT_NOTE))
     summary.scores.sort(key=lambda s: (s.case_id, s.label))
+
+
+def never_predicted(summary: EvaluationSummary) -> list[str]:
+    """One warning per label value found in some reference but in no prediction (the model may not know the class)."""
+    out = []
+    for label in summary.classes:
+        rows = [s for s in summary.scores if s.label == label]
+        in_reference = sum(s.reference_voxels > 0 for s in rows)
+        if in_reference and not any(s.predicted_voxels > 0 for s in rows):
+            out.append(f"class {summary.class_name(label)}: in the labels of {in_reference} case(s) but in no prediction "
+                       "(does the model predict this class? check data.num_classes and the label values)")
+    return out
 
 
 def write_csv(summary: EvaluationSummary, path: str | Path) -> Path:
@@ -457,8 +489,8 @@ def write_csv(summary: EvaluationSummary, path: str | Path) -> Path:
                 les.reference, les.detected, les.missed, les.predicted, les.false_positive, _num(les.sensitivity),
                 _num(les.precision), _num(les.f1), _num(les.dice)]
             writer.writerow([s.case_id, s.label, summary.class_names.get(s.label, ""), _num(s.dice), _num(s.hd95),
-                             _num(s.asd), s.reference_voxels, s.predicted_voxels, *lesion_cells, ""])
-        for message in summary.problems + summary.notes:
+                             _num(s.asd), s.reference_voxels, s.predicted_voxels, *lesion_cells, s.note])
+        for message in summary.problems + summary.warnings + summary.notes:
             writer.writerow([message.split(":", 1)[0]] + [""] * (len(CSV_COLUMNS) - 2) + [message])
     return path
 
@@ -626,6 +658,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for note in summary.notes:
         print(f"note: {note}")
+    for warning in summary.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     for problem in summary.problems:
         print(f"error: {problem}", file=sys.stderr)
     if args.labels is not None:

@@ -31,13 +31,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from medeman.cases import SUFFIXES, Case, CaseError, find_cases, one_line, preprocess_case
+from medeman.cases import SUFFIXES, Case, CaseError, find_cases, one_line, prepare_output_dir, preprocess_case
 from medeman.checkpoint import ModelFileError, load_teacher
 from medeman.classes import class_names, lesion_classes
 from medeman.data.readers import image_suffix, read_geometry, write_volume
 from medeman.data.transforms import preprocessing
 from medeman.labels import argmax_labels, label_dtype
 from medeman.predict import invert_to_input, labels_on_input, predict_volume
+from medeman.threads import apply_threads, choose_threads
 
 # With output_format="input", detached-header formats are written as their single-file twin.
 SINGLE_FILE = {".nhdr": ".nrrd", ".mhd": ".mha"}
@@ -111,7 +112,8 @@ def infer_cases(
     skipped: list[str] = []
     cases, problems = find_cases(inputs, in_channels, skipped=skipped)
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if cases:  # no folder is left behind when there is nothing to segment
+        prepare_output_dir(output_dir)
 
     results = [CaseResult(p.split(":", 1)[0], "failed", message=p) for p in problems]
     for message in skipped:
@@ -269,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "a DICOM-SEG referencing a DICOM series)")
     parser.add_argument("--output-format", choices=("nii.gz", "input"),
                         help="older spelling: nii.gz (= --format nifti), or input (the default)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: OMP_NUM_THREADS, else the available cores)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
 
@@ -280,6 +284,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.sw_batch_size is not None and args.sw_batch_size < 1:
         print(f"error: --sw-batch-size {args.sw_batch_size}: must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        apply_threads(choose_threads(args.threads))
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     device = None if args.device == "auto" else args.device
     try:
@@ -293,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         results = infer_cases(
             args.model, args.input, args.output, tta=args.tta, probabilities=args.probabilities,
             overwrite=args.overwrite, device=device, sw_batch_size=args.sw_batch_size, overlap=args.overlap,
-            precision=args.precision, output_format=args.format or args.output_format or "input",
+            precision=args.precision, output_format=args.format or args.output_format or "input", progress=not args.no_progress,
         )
     except (ModelFileError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -5,6 +5,8 @@ For each unlabeled scan, the deployed teacher (``teacher.pt``) and the run's fin
 ``medeman infer`` does (model preprocessing, Gaussian sliding windows, inversion to the scan's grid).
 On the scan's own grid, :mod:`medeman.rank_scores` computes the teacher's entropy, the flip variance
 (``--tta``), the teacher-student disagreement and the predicted volumes; a strategy orders the scans.
+A model without a teacher-student pair (``ssl.method: supervised``, whose ``teacher.pt`` is its
+student) gets no disagreement scores: they are left out (``nan``), with a note that says so.
 
 Outputs in ``--out``::
 
@@ -39,8 +41,9 @@ from medeman.checkpoint import ModelFileError, load_error_reason, load_teacher
 from medeman.classes import class_names, class_title
 from medeman.data.readers import read_geometry, read_volume, voxel_spacing, write_volume
 from medeman.data.transforms import preprocessing
-from medeman.cases import SUFFIXES, Case, CaseError, find_cases, one_line, preprocess_case
+from medeman.cases import SUFFIXES, Case, CaseError, find_cases, one_line, prepare_output_dir, preprocess_case
 from medeman.labels import argmax_labels
+from medeman.methods import METHODS, TeacherMethod
 from medeman.nets import build_network
 from medeman.predict import TTA_FLIPS, invert_to_input, predict_volume
 from medeman.rank_scores import (
@@ -54,8 +57,10 @@ from medeman.rank_scores import (
     strategy_scores,
     volume_scores,
 )
+from medeman.threads import apply_threads, choose_threads
 
 OUTPUTS = ("ranking.csv", "uncertainty", "png")
+DISAGREEMENT_COLUMNS = ("disagree_c*", "argmax_differs")  # need a teacher-student pair (rank_scores.disagreement_scores)
 
 
 @dataclass
@@ -245,15 +250,22 @@ def rank_cases(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if isinstance(model, (str, Path)):
         teacher, cfg, _ = load_teacher(model, device)
-        student = load_student(model, cfg, device)
-        if student is None:
-            tqdm.write(f"warning: {model}: no checkpoints/last.ckpt, so no student: disagreement scores are empty", file=sys.stderr)
+        method = cfg["ssl"]["method"]
+        if not issubclass(METHODS.get(method, TeacherMethod), TeacherMethod):  # its teacher.pt is the student itself
+            student = None
+            tqdm.write(f"note: {model}: a {method} model has no teacher-student pair, so the disagreement scores "
+                       f"({', '.join(DISAGREEMENT_COLUMNS)}) need one and are left out", file=sys.stderr)
+        else:
+            student = load_student(model, cfg, device)
+            if student is None:
+                tqdm.write(f"warning: {model}: no checkpoints/last.ckpt, so no student: the disagreement scores "
+                           f"({', '.join(DISAGREEMENT_COLUMNS)}) are left out", file=sys.stderr)
     else:
         teacher, cfg = model
         teacher = teacher.to(device).eval()
         student = student.to(device).eval() if student is not None else None
     if strategy == "disagreement" and student is None:
-        raise ValueError("strategy 'disagreement' needs the run's student (checkpoints/last.ckpt)")
+        raise ValueError("strategy 'disagreement' needs the run's student (checkpoints/last.ckpt of a run with a teacher-student pair)")
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         _prepare(out, overwrite)
@@ -302,12 +314,14 @@ def rank_cases(
 
 def _prepare(out: Path, overwrite: bool) -> None:
     """Refuse to replace earlier outputs unless ``overwrite``; with it, remove them (never other files)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: is a file, not a folder; choose another --out")
     existing = [out / name for name in OUTPUTS if (out / name).exists()]
     if existing and not overwrite:
         raise ValueError(f"{existing[0]} exists; pass --overwrite to replace the earlier ranking in {out}")
+    prepare_output_dir(out)  # before anything is removed: a folder we cannot write to keeps the earlier ranking
     for path in existing:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
 
 
 def _order(scored: list[ScanScores], strategy: str, top: int, diverse: bool, penalty: float, seed: int) -> list[dict]:
@@ -428,6 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of --strategy random (default: 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier ranking in --out")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--threads", type=int, help="torch threads (default: OMP_NUM_THREADS, else the available cores)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
 
@@ -435,10 +451,11 @@ def main(argv: list[str] | None = None) -> int:
     """``medeman rank``: 0 when every scan was ranked, 1 when any failed, 2 on a bad model, input or option."""
     args = build_parser().parse_args(argv)
     try:
+        apply_threads(choose_threads(args.threads))
         rows, problems = rank_cases(
             args.model, args.unlabeled, args.out, strategy=args.strategy, top=args.top, tta=args.tta, maps=args.maps,
             png=args.png, diverse=args.diverse, diversity_penalty=args.diversity_penalty, seed=args.seed,
-            overwrite=args.overwrite, device=None if args.device == "auto" else args.device,
+            overwrite=args.overwrite, device=None if args.device == "auto" else args.device, progress=not args.no_progress,
         )
     except (ModelFileError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -449,8 +466,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"rank: {len(rows)} scans ranked by {args.strategy}{' (diverse)' if args.diverse else ''}, {len(problems)} failed"
           f" -> {Path(args.out) / 'ranking.csv'}")
     for row in rows[:args.top]:
+        differs = f"  argmax_differs {row['argmax_differs']:.4f}" if math.isfinite(row.get("argmax_differs", math.nan)) else ""
         print(f"  {row['rank']:>3}  {row['case']:<24} score {row['score']:.3f}  entropy_mean {row['entropy_mean']:.4f}"
-              f"  entropy_fg {row['entropy_fg']:.3f}  argmax_differs {row['argmax_differs']:.4f}")
+              f"  entropy_fg {row['entropy_fg']:.3f}{differs}")
     for message in problems:
         print(f"  failed: {message}", file=sys.stderr)
     return 1 if problems else 0

@@ -36,6 +36,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from medeman.checkpoint import save_teacher
 from medeman.config import ConfigError, load_config, save_config, validate
 from medeman.resume import CadenceCheckpoint, ContinuedCSVLogger, ContinuedStepCount, check_resume, pin_schedules, record_resume
+from medeman.threads import set_threads_for_config
 
 RUN_OUTPUTS = ("config.yaml", "split.json", "teacher.pt", "metrics.csv", "hparams.yaml", "tensorboard", "checkpoints", "cache")
 
@@ -159,6 +160,11 @@ def prepare_run_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
             raise nothing_to_resume(out_dir, "checkpoints/last.ckpt")
         return
     if existing and not overwrite:
+        if not (out_dir / "checkpoints" / "last.ckpt").is_file():  # stopped before its first checkpoint: --resume cannot help
+            raise ConfigError(
+                f"{out_dir} already holds a run that stopped before its first checkpoint ({', '.join(existing)}); "
+                "pass --overwrite to replace it, or choose another --out"
+            )
         raise ConfigError(
             f"{out_dir} already holds a run ({', '.join(existing)}); pass --resume to continue it, "
             "--overwrite to replace it, or choose another --out"
@@ -305,13 +311,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--strategy", help="shorthand for --set train.strategy=NAME (e.g. ddp)")
     parser.add_argument("--num-nodes", type=int, help="shorthand for --set train.num_nodes=M")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--threads", type=int, help="shorthand for --set train.num_threads=N (torch threads per process)")
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> dict:
     """Resolve the config of a CLI call (a resumed run starts from its saved config.yaml)."""
     sets = list(args.set)
-    for flag, key in (("seed", "train.seed"), ("devices", "train.devices"), ("strategy", "train.strategy"), ("num_nodes", "train.num_nodes")):
+    for flag, key in (("seed", "train.seed"), ("devices", "train.devices"), ("strategy", "train.strategy"), ("num_nodes", "train.num_nodes"),
+                      ("threads", "train.num_threads")):
         if getattr(args, flag, None) is not None:
             sets.append(f"{key}={getattr(args, flag)}")
     paths: list[str | Path] = list(args.config)
@@ -327,10 +335,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from medeman.data import DataError
 
     args = build_parser().parse_args(argv)
+    new_folder = not Path(args.out).exists()
     try:
         cfg = config_from_args(args)
+        set_threads_for_config(cfg)
         result = fit(cfg, args.labeled, args.unlabeled, args.val, args.out, test=args.test, resume=args.resume, overwrite=args.overwrite, progress_bar=not args.no_progress)
     except (ConfigError, DataError) as err:
+        if new_folder and Path(args.out).is_dir() and not any(Path(args.out).iterdir()):
+            Path(args.out).rmdir()  # a refused run leaves no empty run folder behind
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(

@@ -51,6 +51,8 @@ import gc
 import logging
 import math
 import random
+import signal
+import subprocess
 import sys
 import time
 import traceback
@@ -65,6 +67,8 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from medeman.config import ConfigError, load_config, render_yaml, validate
+from medeman.data.errors import DataError
+from medeman.threads import apply_threads, choose_threads, local_processes
 
 MONITOR = "val/dice_teacher"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -306,7 +310,8 @@ def open_storage(storage: str | None, out_dir: Path, tune: dict | None = None) -
         if tune is not None and tune["heartbeat_interval"] is not None:
             _log.info("a journal storage has no heartbeat: a trial whose worker dies stays RUNNING (use a database to retry it)")
         return JournalStorage(JournalFileBackend(str(storage)))
-    storage = database_url(storage)
+    check_storage_url(storage)
+    given, storage = storage, database_url(storage)
     engine_kwargs = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else {"pool_pre_ping": True}
     heartbeat: dict[str, Any] = {}
     if tune is not None and tune["heartbeat_interval"] is not None:
@@ -324,11 +329,46 @@ def open_storage(storage: str | None, out_dir: Path, tune: dict | None = None) -
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return optuna.storages.RDBStorage(storage, engine_kwargs=engine_kwargs, **heartbeat)
+        except ModuleNotFoundError as err:  # the database's driver
+            raise ConfigError(f"--storage {_where(given)}: the database driver {err.name} is not installed "
+                              "(pip install 'medeman[postgres]' for PostgreSQL)") from None
         except Exception as err:  # sqlalchemy's OperationalError/IntegrityError/ProgrammingError
-            if attempt == 4 or "sqlalchemy" not in type(err).__module__:
-                raise
+            unreachable = type(err).__name__ == "OperationalError" and not storage.startswith("sqlite")
+            if attempt == 4 or unreachable or "sqlalchemy" not in type(err).__module__:
+                raise ConfigError(f"--storage {_where(given)}: cannot open the study database: {_reason(err)}") from None
             time.sleep(0.2 + random.random())
     raise AssertionError("unreachable")
+
+
+STORAGE_SCHEMES = ("sqlite", "postgresql")
+"""Database URL schemes ``--storage`` takes (with an optional SQLAlchemy driver, ``postgresql+psycopg2://``)."""
+
+
+def check_storage_url(url: str) -> None:
+    """Refuse a ``--storage`` URL whose scheme medeman does not support, naming it and what is supported."""
+    scheme = url.split("://", 1)[0]
+    if scheme.split("+", 1)[0].lower() not in STORAGE_SCHEMES:
+        raise ConfigError(f"--storage {_where(url)}: unknown database scheme '{scheme}'; medeman supports sqlite:///path/study.db, "
+                          "postgresql://user@host/db, or a journal file path (no ://)")
+    path = url.split(":///", 1)[1] if scheme.startswith("sqlite") and ":///" in url else ""
+    if path and path != ":memory:" and not Path(path).parent.is_dir():
+        raise ConfigError(f"--storage {url}: the folder {Path(path).parent} does not exist (SQLite creates the file, not its folder)")
+
+
+def _where(url: str) -> str:
+    """The URL without its password, for messages: scheme, host and database."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not parseable: only the scheme is safe to show
+        return url.split("://", 1)[0] + "://..."
+
+
+def _reason(err: BaseException) -> str:
+    """SQLAlchemy's first line without its ``(Background on this error ...)`` tail and SQL echo."""
+    text = str(getattr(err, "orig", None) or err).strip().splitlines()
+    return (text[0] if text else type(err).__name__)[:240]
 
 
 def make_sampler(seed: int) -> optuna.samplers.TPESampler:
@@ -416,6 +456,10 @@ def _run_trial(study: optuna.Study, trial: optuna.Trial, func: Callable[[optuna.
     except optuna.TrialPruned as err:
         study.tell(trial, state=TrialState.PRUNED)
         _log.info("trial %d pruned: %s", trial.number, err)
+    except (ConfigError, DataError) as err:  # bad input fails every trial alike: stop here and say it once
+        trial.set_user_attr("error", f"{type(err).__name__}: {err}")
+        study.tell(trial, state=TrialState.FAIL)
+        raise
     except BaseException as err:  # Lightning turns Ctrl-C into SystemExit: record the trial either way
         trial.set_user_attr("error", f"{type(err).__name__}: {err}" if isinstance(err, Exception) else "interrupted")
         trial.set_user_attr("traceback", traceback.format_exc()[-4000:])
@@ -668,6 +712,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, help="seconds after which this worker starts no new trial")
     parser.add_argument("--out", default="runs/tune", help="trial run folders, results and the default storage (default: runs/tune)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="worker processes to start on this machine, all on the same study; torch threads are divided among them (default: 1)")
+    parser.add_argument("--threads", type=int, help="torch threads per worker (default: OMP_NUM_THREADS, else the available cores shared by the workers)")
+    parser.add_argument("--worker-of", type=int, help=argparse.SUPPRESS)  # a worker started by --workers N
     return parser
 
 
@@ -681,20 +729,52 @@ def main(argv: Sequence[str] | None = None) -> int:
         _log.addHandler(logging.StreamHandler())
         _log.setLevel(logging.INFO)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if args.workers < 1:
+        print(f"error: --workers {args.workers}: must be at least 1", file=sys.stderr)
+        return 2
     out_dir = Path(args.out)
+    workers = args.worker_of or args.workers
+    started: list[subprocess.Popen] = []
     try:
         cfg = load_config(args.config, args.set)
+        threads = args.threads if args.threads is not None else cfg["train"]["num_threads"]
+        try:
+            choice = choose_threads(threads, processes=workers * local_processes(cfg["train"]),
+                                    loader_workers=int(cfg["data"]["num_workers"]))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        apply_threads(choice, announce=args.worker_of is None)
+        if args.worker_of is None and workers > 1:
+            own = list(sys.argv[1:] if argv is None else argv)
+            started = [subprocess.Popen([sys.executable, "-m", "medeman.tune", *own, "--worker-of", str(workers)])
+                       for _ in range(workers - 1)]
         study = run_study(
             cfg, args.labeled, args.unlabeled, args.val, study_name=args.study, out_dir=out_dir,
             storage=args.storage, n_trials=args.n_trials, max_trials=args.max_trials, timeout=args.timeout, test=args.test,
         )
-    except ConfigError as err:
+        failed_workers = sum(process.wait() != 0 for process in started)
+    except (ConfigError, DataError) as err:
+        _stop(started)
         print(f"error: {err}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, SystemExit):
+        _stop(started)
         print("interrupted: the running trial is recorded as failed; rerun the command to continue the study", file=sys.stderr)
         return 130
+    if args.worker_of is not None:  # the first worker reports on the whole study once the others are done
+        return 0
+    if failed_workers:
+        print(f"warning: {failed_workers} of the {workers - 1} other worker(s) stopped with an error (see above)", file=sys.stderr)
     return 0 if report(study, cfg, out_dir, args.config, plots=not args.no_plots) else 1
+
+
+def _stop(processes: Sequence[subprocess.Popen]) -> None:
+    """End the workers this worker started (they record their running trials as failed) and wait for them."""
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+    for process in processes:
+        process.wait()
 
 
 if __name__ == "__main__":

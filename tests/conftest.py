@@ -29,6 +29,16 @@ def phantom(shape=(20, 20, 16), seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return image, label
 
 
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """Commands called in-process set torch's threads (medeman.threads): each test starts with the count it had."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def cfg() -> dict:
     """Default config sized for tiny volumes: 3 classes, 16^3 patches, no workers."""

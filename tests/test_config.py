@@ -237,6 +237,42 @@ VALUE_CASES = [
     ["train.val_every_steps=0", "train.val_every_steps"],
 ]
 
+# Values of the right type that crashed or misled only later (issue 23): the exact one-line message at load time.
+RANGE_CASES = [
+    ["train.lr=-1", "train.lr: -1.0 must be a positive learning rate"],
+    ["train.lr=0", "train.lr: 0.0 must be a positive learning rate"],
+    ["train.weight_decay=-1", "train.weight_decay: -1.0 must be a non-negative number"],
+    ["data.batch_size_labeled=0", "data.batch_size_labeled: 0 must be at least 1 patch per step"],
+    ["data.batch_size_unlabeled=-2", "data.batch_size_unlabeled: -2 must be at least 1 patch per step"],
+    ["data.num_workers=-1", "data.num_workers: -1 must be 0 (load in the main process) or a number of worker processes"],
+    ["infer.overlap=1.0", "infer.overlap: 1.0 must be a fraction in [0, 1) (1 would never move the window)"],
+    ["infer.overlap=-0.1", "infer.overlap: -0.1 must be a fraction in [0, 1) (1 would never move the window)"],
+    ["infer.sw_batch_size=0", "infer.sw_batch_size: 0 must be at least 1 window per forward pass"],
+    ["train.num_threads=0", "train.num_threads: 0 must be null or a positive number of threads"],
+    ["data.val_fraction=1", "data.val_fraction: 1.0 must be a fraction in [0, 1)"],
+    ["data.flip_prob=1.5", "data.flip_prob: 1.5 must be a probability in [0, 1]"],
+    ["data.intensity_window=[250, -175]", "data.intensity_window: [250, -175] must be a window [low, high] with low < high"],
+    ["data.strong_contrast=[0, 1.5]", "data.strong_contrast: [0, 1.5] must be a gamma range [low, high] with 0 < low <= high"],
+    ["model.channels=[16, 0]", "model.channels: [16, 0] must be a list of positive integers (channels per level)"],
+    ["model.channels=[]", "model.channels: [] must be a list of positive integers (channels per level)"],
+    ["model.dropout=1", "model.dropout: 1.0 must be a probability in [0, 1)"],
+    ["ssl.consistency_weight=-1", "ssl.consistency_weight: -1.0 must be a non-negative weight"],
+    ["ssl.rampup_steps=-5", "ssl.rampup_steps: -5 must be a non-negative number of steps"],
+]
+
+
+@pytest.mark.parametrize("item, message", RANGE_CASES, ids=[c[0] for c in RANGE_CASES])
+def test_out_of_range_values_are_one_line_errors_at_load_time(item, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(sets=[item])
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize("item", ["train.lr=1e-6", "train.weight_decay=0", "infer.overlap=0", "infer.overlap=0.99",
+                                  "data.num_workers=0", "train.num_threads=null", "train.num_threads=3", "model.dropout=0.5"])
+def test_values_at_the_edge_of_their_range_load(item):
+    load_config(sets=[item])
+
 
 @pytest.mark.parametrize("item, fragment", VALUE_CASES, ids=[c[0] for c in VALUE_CASES])
 def test_bad_values(item, fragment):

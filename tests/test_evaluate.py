@@ -103,7 +103,7 @@ def test_evaluate_folder_scores_and_names_every_problem(cohort, tmp_path):
     assert set(by) == {(c, k) for c in "abc" for k in (1, 2)}
     assert (by["a", 1].dice, by["a", 1].hd95, by["a", 1].asd) == (1.0, 0.0, 0.0)
     assert by["b", 1].dice == 0.0 and by["b", 1].hd95 == pytest.approx(6.0) and by["b", 1].asd == pytest.approx(6.0)
-    assert by["b", 2].dice == 1.0 and math.isnan(by["b", 2].hd95)   # absent from both: filled in
+    assert math.isnan(by["b", 2].dice) and by["b", 2].note == "absent from prediction and reference"  # not a Dice of 1
     assert by["c", 1].dice == 0.0 and math.isnan(by["c", 1].asd)
     stats = summary.per_class()
     assert stats[1]["n"] == 3 and stats[1]["dice_mean"] == pytest.approx(1 / 3)
@@ -363,3 +363,46 @@ def test_class_names_refused_with_the_reason(tmp_path, file, text, spec, message
         spec = str(_write(tmp_path / file, text))
     with pytest.raises(ValueError, match=message):
         load_class_names(spec)
+
+
+def test_a_class_the_model_never_predicts_is_warned_about_and_not_scored_where_absent(tmp_path, capsys):
+    """Issue 23: class 5 in one of 6 references and in no prediction scored Dice 0.833 ± 0.373 (five empty cases as 1)."""
+    pred, lab = tmp_path / "pred", tmp_path / "labels"
+    for i in range(6):
+        save(pred / f"c{i}.nii.gz", plane(2, 4))
+        save(lab / f"c{i}.nii.gz", plane(2, 4).astype(np.uint8) + (5 * plane(2, 9) if i == 0 else 0))
+    summary = evaluate_folder(pred, lab, csv=tmp_path / "s.csv")
+    stats = summary.per_class()[5]
+    assert (stats["n"], stats["dice_n"], stats["dice_mean"], stats["absent_n"]) == (6, 1, 0.0, 5)
+    assert summary.warnings == ["class 5: in the labels of 1 case(s) but in no prediction "
+                                "(does the model predict this class? check data.num_classes and the label values)"]
+    assert summary.per_class()[1]["dice_mean"] == 1.0 and summary.per_class()[1]["absent_n"] == 0
+    rows = [r for r in csv.DictReader(open(tmp_path / "s.csv")) if r["class"] == "5"]
+    assert [(r["dice"], r["note"]) for r in rows] == [("0", "")] + [("nan", "absent from prediction and reference")] * 5
+
+    assert main(["--pred", str(pred), "--labels", str(lab)]) == 0
+    out, err = capsys.readouterr()
+    assert "warning: class 5: in the labels of 1 case(s) but in no prediction" in err
+    assert "class 5: absent from prediction and reference in 5 of 6 case(s), not scored there (its Dice is over the other 1)" in out
+    assert "0.000 ± 0.000 (n=1)" in out
+
+
+def test_nan_voxels_are_refused_in_drawn_scans_and_in_labels(tmp_path, capsys):
+    save(tmp_path / "pred" / "x.nii.gz", cube((2, 2, 2), (6, 6, 6)))
+    save(tmp_path / "labels" / "x.nii.gz", cube((2, 2, 2), (6, 6, 6)))
+    scan = np.full(SHAPE, 40.0, dtype=np.float32)
+    scan[0, 0, :3] = np.nan
+    images = tmp_path / "images"
+    images.mkdir()
+    nib.save(nib.Nifti1Image(scan, AFFINE), str(images / "x.nii.gz"))
+    code = main(["--pred", str(tmp_path / "pred"), "--labels", str(tmp_path / "labels"), "--png", str(tmp_path / "png"),
+                 "--images", str(images)])
+    assert code == 1
+    assert f"error: {images / 'x.nii.gz'}: 3 NaN/Inf intensities; refused, x drawn without the scan" in capsys.readouterr().err
+    assert (tmp_path / "png" / "x.png").is_file()
+
+    label = cube((2, 2, 2), (6, 6, 6)).astype(np.float32)
+    label[1, 1, 1] = np.inf
+    nib.save(nib.Nifti1Image(label, AFFINE), str(tmp_path / "labels" / "x.nii.gz"))
+    summary = evaluate_folder(tmp_path / "pred", tmp_path / "labels")
+    assert summary.problems == [f"{tmp_path / 'labels' / 'x.nii.gz'}: NaN/Inf label values"]

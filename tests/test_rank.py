@@ -321,3 +321,18 @@ def test_a_dicom_series_is_ranked_as_the_same_scan_in_nifti(tmp_path):
     assert rows["dicom"]["file"] == f"{tmp_path / 'dicom' / 'a'} (series 1, abdomen)"
     for key in ("entropy_fg", "entropy_mean", "disagree_c1", "argmax_differs", "volume_ml_c1"):
         assert rows["dicom"][key] == pytest.approx(rows["nifti"][key], abs=1e-6), key
+
+
+def test_a_supervised_model_has_no_disagreement_scores_and_says_which(run_dir, pool, tmp_path, capsys):
+    """Issue 23: a supervised run's teacher.pt is its student, so every disagreement was exactly 0, without a word."""
+    cfg = tiny_config(num_classes=3)
+    cfg["ssl"]["method"] = "supervised"
+    torch.manual_seed(0)
+    save_teacher(run_dir / "teacher.pt", build_network(cfg), cfg, step=1)  # last.ckpt (a student) is still there
+    assert main(["--model", str(run_dir), "--unlabeled", str(pool), "--out", str(tmp_path / "rank"), "--device", "cpu",
+                 "--no-progress", "--threads", "1"]) == 0
+    err = capsys.readouterr().err
+    assert (f"note: {run_dir}: a supervised model has no teacher-student pair, so the disagreement scores "
+            "(disagree_c*, argmax_differs) need one and are left out") in err
+    rows = read_csv(tmp_path / "rank" / "ranking.csv")
+    assert len(rows) == 3 and all(r["argmax_differs"] == "nan" and r["disagree_c1"] == "nan" for r in rows)

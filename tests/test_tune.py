@@ -209,6 +209,41 @@ def test_failed_trial_is_recorded_and_study_goes_on(tmp_path):
     assert "out of memory" in tune.summary_table(study, cfg).splitlines()[3]
 
 
+def test_bad_input_data_stops_the_study_after_one_failed_trial(tmp_path):
+    """A NaN scan fails every trial alike: the first one records it and the study stops with the data error."""
+    from medeman.data.errors import DataError
+
+    def train_fn(*args, **kwargs):
+        raise DataError("L/images/case0.nii.gz: 3 NaN/Inf intensities")
+
+    cfg = _cfg({"tune.max_steps": 10})
+    with pytest.raises(DataError, match="case0.nii.gz: 3 NaN/Inf intensities"):
+        tune.run_study(cfg, "L", "U", study_name="s", out_dir=tmp_path, n_trials=3, train_fn=train_fn)
+    trials = optuna.load_study(study_name="s", storage=tune.open_storage(None, tmp_path)).trials
+    assert [t.state for t in trials] == [TrialState.FAIL]
+    assert trials[0].user_attrs["error"] == "DataError: L/images/case0.nii.gz: 3 NaN/Inf intensities"
+
+
+STORAGE_ERRORS = [
+    ("unknown scheme", "notaurl://x",
+     "--storage notaurl://x: unknown database scheme 'notaurl'; medeman supports sqlite:///path/study.db, "
+     "postgresql://user@host/db, or a journal file path (no ://)"),
+    ("password hidden", "mysql://me:secret@db/x", "--storage mysql://me:***@db/x: unknown database scheme 'mysql'"),
+    ("SQLite folder missing", "sqlite:////nonexistent_medeman/dir/x.db",
+     "--storage sqlite:////nonexistent_medeman/dir/x.db: the folder /nonexistent_medeman/dir does not exist"),
+    ("PostgreSQL server not listening", "postgresql://me:secret@127.0.0.1:1/x",
+     "--storage postgresql://me:***@127.0.0.1:1/x: cannot open the study database: connection to server at \"127.0.0.1\", port 1 failed"),
+]
+
+
+@pytest.mark.parametrize("name, url, message", STORAGE_ERRORS, ids=[c[0] for c in STORAGE_ERRORS])
+def test_storage_that_cannot_be_used_is_one_line_naming_scheme_or_host(tmp_path, name, url, message):
+    pytest.importorskip("psycopg2") if url.startswith("postgresql") else None
+    with pytest.raises(ConfigError) as info:
+        tune.open_storage(url, tmp_path)
+    assert str(info.value).startswith(message) and "\n" not in str(info.value) and "secret" not in str(info.value)
+
+
 def test_journal_storage_resumes_with_new_points(tmp_path):
     cfg = _cfg({"tune.max_steps": 10})
     journal = str(tmp_path / "shared" / "study.log")
@@ -392,3 +427,22 @@ def test_disk_cache_is_shared_by_the_trials(tmp_path):
     cfg = _cfg({"data.cache": "disk", "tune.max_steps": 10})
     tune.run_study(cfg, "L", "U", study_name="d", out_dir=tmp_path, n_trials=2, train_fn=train_fn)
     assert seen == [str((tmp_path / "cache").resolve())] * 2
+
+
+def test_workers_flag_starts_workers_on_one_study_and_divides_the_threads(make_cohort, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    root = make_cohort(3, 1)
+    out = tmp_path / "tune"
+    sets = ["data.patch_size=[16,16,16]", "data.spacing=null", "data.num_classes=3", "data.num_workers=0",
+            "model.channels=[4,8]", "train.max_steps=2", "tune.max_steps=2", "tune.validations=1", "data.val_fraction=0.34"]
+    argv = ["--labeled", str(root / "labeled"), "--unlabeled", str(root / "unlabeled"), "--study", "w", "--n-trials", "1",
+            "--workers", "2", "--out", str(out), "--no-plots", *[a for s in sets for a in ("--set", s)]]
+    assert tune.main(argv) == 0
+    err = capsys.readouterr().err
+    cores = len(os.sched_getaffinity(0))
+    threads = max(1, cores // 2)  # no loader workers: the cores divided by the 2 workers
+    assert [line for line in err.splitlines() if line.startswith("threads:")] == [  # said once, by the first worker
+        f"threads: {threads} torch thread{'s' if threads > 1 else ''} per process "
+        f"({cores} core{'s' if cores > 1 else ''} shared by 2 processes; change with --threads)"]
+    study = optuna.load_study(study_name="w", storage=tune.open_storage(None, out))
+    assert sorted(t.state for t in study.trials) == [TrialState.COMPLETE] * 2  # one trial from each worker

@@ -100,6 +100,20 @@ def label_like_values(array: np.ndarray) -> tuple[int, ...] | None:
     return tuple(int(v) for v in values)
 
 
+def nonfinite_problem(path: str | Path, array: Any, finite: np.ndarray | None = None) -> str | None:
+    """The one-line problem of a scan with NaN or Inf voxels (naming ``path`` and how many), or ``None``.
+
+    Every command refuses such a scan with these words (``train``, ``check-data``, ``infer``, ``rank``,
+    ``evaluate --images``): a NaN spreads through resampling and normalization and silently changes
+    the segmentation of a whole region (issue 23: 125 NaN voxels changed 20,375 mask voxels).
+    ``finite``: ``np.isfinite(array)`` when the caller has it already.
+    """
+    finite = np.isfinite(np.asarray(array)) if finite is None else finite
+    if finite.all():
+        return None
+    return f"{path}: {int((~finite).sum())} NaN/Inf intensities"
+
+
 def _orientation(affine: np.ndarray) -> str:
     codes = "".join(aff2axcodes(affine))
     direction = affine[:3, :3] / np.asarray(voxel_spacing(affine))
@@ -156,8 +170,9 @@ def inspect_case(case: dict, num_classes: int, in_channels: int = 1) -> CaseRepo
             if values is not None:
                 report.label_values[path] = values
         finite = np.isfinite(arr)
-        if not finite.all():
-            problems.append(f"{path}: {int((~finite).sum())} NaN/Inf intensities")
+        problem = nonfinite_problem(path, arr, finite)
+        if problem:
+            problems.append(problem)
         if finite.any():
             low, high = min(low, float(arr[finite].min())), max(high, float(arr[finite].max()))
     if ref is not None:
