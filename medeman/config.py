@@ -294,7 +294,7 @@ def validate(cfg: dict) -> dict:
         raise ConfigError(f"ssl.recalibration_batches: {batches!r} must be a positive integer")
     if int(cfg["ssl"]["teacher_bn_refresh_every"]) < 0:
         raise ConfigError(f"ssl.teacher_bn_refresh_every: {cfg['ssl']['teacher_bn_refresh_every']!r} must be 0 (never) or a number of steps")
-    _validate_schedules(cfg)
+    _validate_bcp(cfg)
     if int(cfg["ssl"]["ua_mt_passes"]) < 1:
         raise ConfigError(f"ssl.ua_mt_passes: {cfg['ssl']['ua_mt_passes']!r} must be at least 1 stochastic teacher pass")
     for key in ("bcp_box_fraction", "ua_mt_threshold_start"):
@@ -336,19 +336,9 @@ def validate(cfg: dict) -> dict:
     return cfg
 
 
-def _validate_schedules(cfg: dict) -> None:
-    """The run-relative schedules of the ``ssl:`` section (resolved by :mod:`medeman.schedules`)."""
+def _validate_bcp(cfg: dict) -> None:
+    """BCP's per-class component counts: one whole number per foreground class."""
     ssl = cfg["ssl"]
-    for key in ("warmup_fraction", "rampup_fraction"):
-        if not 0.0 <= ssl[key] < 1.0:
-            raise ConfigError(f"ssl.{key}: {ssl[key]!r} must be a fraction of train.max_steps in [0, 1)")
-    for key in ("warmup_steps", "rampup_steps", "bcp_pretrain_steps"):
-        if ssl[key] is not None and ssl[key] < 0:
-            raise ConfigError(f"ssl.{key}: {ssl[key]!r} must be null (scaled to the run) or a number of steps >= 0")
-    if not 0.0 < ssl["fixmatch_threshold"] <= 1.0:
-        raise ConfigError(f"ssl.fixmatch_threshold: {ssl['fixmatch_threshold']!r} must be a confidence in (0, 1]")
-    if ssl["fixmatch_consistency_weight"] < 0:
-        raise ConfigError(f"ssl.fixmatch_consistency_weight: {ssl['fixmatch_consistency_weight']!r} must be >= 0")
     keep = ssl["bcp_keep_components"]
     classes = int(cfg["data"]["num_classes"]) - 1
     if keep is not None and not (len(keep) == classes and all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in keep)):
@@ -403,6 +393,10 @@ _VALUE_RULES: tuple[tuple[str, Any, str], ...] = (
     ("ssl.rampup_steps", _non_negative, "a non-negative number of steps"),
     ("ssl.warmup_steps", _non_negative, "a non-negative number of steps"),
     ("ssl.bcp_pretrain_steps", _non_negative, "a non-negative number of steps"),
+    ("ssl.warmup_fraction", lambda v: 0.0 <= v < 1.0, "a fraction of train.max_steps in [0, 1)"),
+    ("ssl.rampup_fraction", lambda v: 0.0 <= v < 1.0, "a fraction of train.max_steps in [0, 1)"),
+    ("ssl.fixmatch_threshold", lambda v: 0.0 < v <= 1.0, "a confidence in (0, 1]"),
+    ("ssl.fixmatch_consistency_weight", _non_negative, "a non-negative weight"),
     ("ssl.ua_mt_noise_std", _non_negative, "a non-negative standard deviation"),
     ("ssl.ua_mt_noise_clip", _non_negative, "a non-negative clip"),
     ("infer.sw_batch_size", _positive, "at least 1 window per forward pass"),

@@ -74,9 +74,9 @@ def test_bcp_keeps_the_k_largest_components_per_class(keep, expected_counts):
 
 @pytest.mark.parametrize("sets, message", [
     (["data.num_classes=3", "ssl.bcp_keep_components=[1]"], "one per foreground class"),
-    (["ssl.fixmatch_threshold=0"], "must be a confidence in (0, 1]"),
-    (["ssl.warmup_fraction=1.0"], "must be a fraction of train.max_steps in [0, 1)"),
-    (["ssl.rampup_steps=-1"], "must be null (scaled to the run) or a number of steps >= 0"),
+    (["ssl.fixmatch_threshold=0"], "ssl.fixmatch_threshold: 0.0 must be a confidence in (0, 1]"),
+    (["ssl.warmup_fraction=1.0"], "ssl.warmup_fraction: 1.0 must be a fraction of train.max_steps in [0, 1)"),
+    (["ssl.fixmatch_consistency_weight=-1"], "ssl.fixmatch_consistency_weight: -1.0 must be a non-negative weight"),
 ])
 def test_bad_recipe_values_are_refused_at_load(sets, message):
     from medeman.config import ConfigError
