@@ -31,3 +31,36 @@ def test_plan_refuses_to_overwrite_and_bad_budgets(make_cohort, tmp_path, capsys
     assert capsys.readouterr().err.strip() == "error: --time-budget: time budget 'soon': expected a duration such as 900, 900s, 15m or 1h30m"
     assert cli_main(["plan", "--labeled", str(tmp_path / "missing"), "--out", str(tmp_path / "p.yaml")]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_train_without_config_plans_and_keeps_the_plan_in_the_run(make_cohort, tmp_path, capsys):
+    from medeman.train import main as train_main
+
+    root = make_cohort(n_labeled=3, n_unlabeled=2)
+    run = tmp_path / "run"
+    args = ["--labeled", str(root / "labeled"), "--unlabeled", str(root / "unlabeled"), "--out", str(run), "--no-progress",
+            "--device", "cpu", "--set", "train.max_steps=2", "--set", "train.val_every_steps=2", "--set", "data.num_workers=0"]
+    assert train_main(args) == 0
+    assert "no --config: planned from the data" in capsys.readouterr().out
+    planned = load_config([run / "plan.yaml"])
+    used = load_config([run / "config.yaml"])
+    assert used["train"]["max_steps"] == 2 and planned["train"]["max_steps"] == 2000  # --set overrides the plan
+    assert used["data"]["spacing"] == planned["data"]["spacing"] and used["data"]["patch_size"] == planned["data"]["patch_size"]
+    assert (run / "fingerprint.json").is_file() and (run / "teacher.pt").is_file()
+    plan_text = (run / "plan.yaml").read_text()
+    assert train_main(args) == 2  # the earlier run (and its plan) is kept without --overwrite
+    assert "already holds a run" in capsys.readouterr().err
+    assert (run / "plan.yaml").read_text() == plan_text
+    assert train_main(args + ["--overwrite"]) == 0
+
+
+def test_time_budget_on_a_config_sets_the_steps_and_scales_the_schedules(monkeypatch):
+    import medeman.planning
+    from medeman.train import fit_time_budget
+
+    monkeypatch.setattr(medeman.planning, "time_training_steps", lambda cfg, device="cpu": 0.1)
+    cfg = load_config(sets=["train.max_steps=1000", "ssl.rampup_steps=400", "train.val_every_steps=200"])
+    out = fit_time_budget(cfg, "100s")
+    assert out["train"]["max_steps"] == 700  # 70 % of 100 s at 0.1 s a step
+    assert out["ssl"]["rampup_steps"] == 280 and out["train"]["val_every_steps"] == 140
+    assert fit_time_budget(cfg, "100s", ["train.max_steps=1000"]) is cfg  # an explicit --set wins
