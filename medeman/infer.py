@@ -32,9 +32,10 @@ from tqdm import tqdm
 
 from medeman.cases import SUFFIXES, Case, CaseError, find_cases, one_line, preprocess_case
 from medeman.checkpoint import ModelFileError, load_teacher
-from medeman.data.readers import image_suffix, read_geometry, write_volume
+from medeman.data.readers import image_suffix, read_geometry, voxel_spacing, write_volume
 from medeman.data.transforms import preprocessing
 from medeman.labels import argmax_labels, label_dtype
+from medeman.postprocess import apply_postprocessing
 from medeman.predict import invert_to_input, labels_on_input, predict_volume
 
 # With output_format="input", detached-header formats are written as their single-file twin.
@@ -70,6 +71,7 @@ def infer_cases(
     precision: str | None = None,
     output_format: str = "nii.gz",
     progress: bool = True,
+    postprocess: bool = True,
 ) -> list[CaseResult]:
     """Segment every case of ``inputs`` and write ``<case>.nii.gz`` masks into ``output_dir``.
 
@@ -82,6 +84,8 @@ def infer_cases(
         probabilities: also write ``<case>_probs.nii.gz``, one float32 channel per class (4D).
         output_format: ``"nii.gz"`` or ``"input"`` (each mask in its scan's own format).
         device: ``None`` picks CUDA when available.
+        postprocess: apply the model's component rules learned on validation (``teacher.pt``'s
+            ``extra["postprocessing"]``, :mod:`medeman.postprocess`) to the masks; False writes the raw argmax.
 
     Returns:
         One :class:`CaseResult` per case, in order; failures carry a one-line message naming the file.
@@ -95,8 +99,10 @@ def infer_cases(
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
+    rules = None
     if isinstance(model, (str, Path)):
-        net, cfg, _ = load_teacher(model, device)
+        net, cfg, payload = load_teacher(model, device)
+        rules = payload["extra"].get("postprocessing") if postprocess else None
     else:
         net, cfg = model
         net = net.to(device).eval()
@@ -125,7 +131,7 @@ def infer_cases(
         else:
             plan.append(_Job(case, out_path, probs_path))
     jobs = [item for item in plan if isinstance(item, _Job)]
-    segmented = _segment_cases(jobs, net, cfg, transform, tta=tta, device=device, sw_batch_size=sw_batch_size,
+    segmented = _segment_cases(jobs, net, cfg, transform, tta=tta, device=device, sw_batch_size=sw_batch_size, postprocessing=rules,
                                overlap=overlap, precision=precision)
     bar = tqdm(plan, desc="infer", unit="case", disable=not progress, file=sys.stderr)
     with closing(segmented):  # its I/O thread ends here, also when a case raises past the per-case handling
@@ -195,7 +201,7 @@ def _finished(job: _Job, start: float, write: Future | None, failure: tuple[Exce
 
 
 def _predict_case(job: _Job, image, net, cfg, transform, *, tta: bool, device: torch.device, sw_batch_size, overlap,
-                  precision) -> tuple[np.ndarray, np.ndarray | None]:
+                  precision, postprocessing: dict | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Predict and invert one preprocessed case: the class map (and, if asked, the probabilities) on the scan's grid."""
     probs = predict_volume(net, image, cfg, tta, sw_batch_size=sw_batch_size, overlap=overlap,
                            precision=precision, device=device)
@@ -206,10 +212,11 @@ def _predict_case(job: _Job, image, net, cfg, transform, *, tta: bool, device: t
         probs = invert_to_input(probs, image, transform)
         labels = argmax_labels(probs, dim=0, dtype=dtype)
     scan = job.case.files[0]
-    shape, _ = read_geometry(scan)
+    shape, affine = read_geometry(scan)
     if tuple(labels.shape) != shape:
         raise CaseError(f"{scan}: prediction came back as {tuple(labels.shape)}, not the scan's {shape}")
-    return labels.cpu().numpy(), None if probs is None else np.moveaxis(probs.float().cpu().numpy(), 0, -1)
+    mask = apply_postprocessing(labels.cpu().numpy(), postprocessing, float(np.prod(voxel_spacing(affine))))
+    return mask, None if probs is None else np.moveaxis(probs.float().cpu().numpy(), 0, -1)
 
 
 def _write_case(job: _Job, labels: np.ndarray, probs: np.ndarray | None) -> float:
@@ -240,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", choices=("32", "bf16"), help="bf16 autocast where supported (default: config)")
     parser.add_argument("--output-format", choices=("nii.gz", "input"), default="nii.gz",
                         help="nii.gz, or input: each mask in its scan's format (.nii, .nrrd, .mha; .nhdr/.mhd as .nrrd/.mha)")
+    parser.add_argument("--no-postprocessing", action="store_true",
+                        help="write the raw argmax, without the model's component rules learned on validation (to compare with medeman evaluate)")
     return parser
 
 
@@ -264,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         results = infer_cases(
             args.model, args.input, args.output, tta=args.tta, probabilities=args.probabilities,
             overwrite=args.overwrite, device=device, sw_batch_size=args.sw_batch_size, overlap=args.overlap,
-            precision=args.precision, output_format=args.output_format,
+            precision=args.precision, output_format=args.output_format, postprocess=not args.no_postprocessing,
         )
     except (ModelFileError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

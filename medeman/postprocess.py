@@ -122,6 +122,38 @@ def apply_postprocessing(labels: np.ndarray, rules: dict[str, Any] | None, voxel
     return out
 
 
+def learn_on_validation(net, cfg: dict, loader, device: str | Any = "cpu") -> dict[str, Any] | None:
+    """Segment the whole validation volumes of ``loader`` with ``net`` and learn the rules on them.
+
+    Args:
+        net: the deployed teacher, in eval mode.
+        cfg: its config (``data.spacing`` gives the voxel volume; null: each volume's own affine).
+        loader: batches ``{"image": (1, C, ...), "label": (1, 1, ...)}`` as ``SSLDataModule.val_dataloader``.
+
+    Returns:
+        The rules of :func:`learn_postprocessing`, or ``None`` without validation volumes.
+    """
+    import torch
+
+    from medeman.data.readers import voxel_spacing
+    from medeman.labels import argmax_labels
+    from medeman.predict import predict_volume
+
+    predictions, references, volumes = [], [], []
+    for batch in loader:
+        image = batch["image"][0]
+        probs = predict_volume(net, image, cfg, device=device)
+        predictions.append(argmax_labels(probs, dim=0).cpu().numpy())
+        references.append(np.rint(torch.as_tensor(batch["label"])[0, 0].cpu().numpy()).astype(np.int64))
+        spacing = cfg["data"]["spacing"]
+        if spacing is None:
+            spacing = voxel_spacing(np.asarray(image.affine))
+        volumes.append(float(np.prod([float(s) for s in spacing])))
+    if not predictions:
+        return None
+    return learn_postprocessing(predictions, references, volumes, int(cfg["data"]["num_classes"]))
+
+
 def describe(rules: dict[str, Any] | None) -> str:
     """One line per class: its rule and validation Dice before and after."""
     if not rules or not rules.get("classes"):

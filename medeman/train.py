@@ -7,7 +7,8 @@ Run folder layout::
     fingerprint.json      the dataset fingerprint the plan was made from (medeman.fingerprint)
     split.json            train/validation split of the labeled cases (when no --val folder)
     teacher.pt            best teacher by val/dice_teacher: state_dict + config (weights_only-safe), with
-                          extra["teacher_bn_stats"]: recalibrated | ema | batch | none
+                          extra["teacher_bn_stats"]: recalibrated | ema | batch | none, and
+                          extra["postprocessing"]: per-class component rules learned on validation (medeman.postprocess)
     metrics.csv           every logged value (CSVLogger)
     tensorboard/          TensorBoard event files
     checkpoints/          Lightning checkpoints: best-*.ckpt and last.ckpt (for --resume)
@@ -222,6 +223,8 @@ def fit(
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True if resume else None)
     if earlier_metrics and trainer.is_global_zero:  # Lightning's CSVLogger starts metrics.csv afresh
         _prepend_metrics(out_dir / "metrics.csv", earlier_metrics)
+    if trainer.is_global_zero and (out_dir / "teacher.pt").is_file():
+        _learn_postprocessing(out_dir / "teacher.pt", datamodule)
     return TrainResult(
         run_dir=out_dir,
         best_dice_teacher=export.best if export.best > -math.inf else math.nan,
@@ -229,6 +232,19 @@ def fit(
         last_dice_student=export.last.get("val/dice_student", math.nan),
         steps=trainer.global_step,
     )
+
+
+def _learn_postprocessing(model: Path, datamodule) -> None:
+    """Learn the per-class component rules on the validation volumes with the exported teacher; store them in ``teacher.pt``."""
+    from medeman.checkpoint import load_teacher, update_teacher_extra
+    from medeman.postprocess import describe, learn_on_validation
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    net, cfg, _ = load_teacher(model, device)
+    rules = learn_on_validation(net, cfg, datamodule.val_dataloader(), device)
+    if rules is not None:
+        update_teacher_extra(model, postprocessing=rules)
+        print(f"post-processing learned on validation: {describe(rules)}")
 
 
 def _read_metrics(path: Path) -> list[dict[str, str]]:

@@ -69,3 +69,44 @@ def test_a_class_that_is_only_ever_false_is_dropped_entirely():
     assert rules["classes"]["2"]["min_volume_mm3"] == pytest.approx(4.0)  # twice the largest (2-voxel) component
     assert rules["classes"]["2"]["dice_before"] == 0.0 and rules["classes"]["2"]["dice_after"] == 1.0
     np.testing.assert_array_equal(apply_postprocessing(prediction, rules, 1.0), reference)
+
+
+TINY = ["model.channels=[4,8]", "model.num_res_units=1", "data.patch_size=[16,16,16]", "data.spacing=[1,1,1]",
+        "data.num_classes=3", "data.num_workers=0", "data.cache=none", "data.val_fraction=0.34",
+        "train.val_every_steps=2", "train.log_every_steps=1", "ssl.method=supervised", "train.max_steps=2"]
+
+
+def test_training_stores_the_rules_and_infer_and_rank_apply_them(make_cohort, tmp_path):
+    import torch
+
+    from medeman.checkpoint import read_teacher_file, update_teacher_extra
+    from medeman.config import load_config
+    from medeman.data.readers import read_volume
+    from medeman.infer import infer_cases
+    from medeman.rank import rank_cases
+    from medeman.train import fit
+
+    root = make_cohort(3, 1)
+    run = tmp_path / "run"
+    fit(load_config(sets=TINY), root / "labeled", out_dir=run, progress_bar=False, logger=False)
+    learned = read_teacher_file(run)["extra"]["postprocessing"]
+    assert set(learned["classes"]) == {"1", "2"}
+    assert all(r["dice_after"] >= r["dice_before"] for r in learned["classes"].values())
+    # a rule that drops every component of every class (no scan holds 10^9 mm^3) shows that infer applies it
+    drop_all = {"classes": {c: {"min_volume_mm3": 1e9, "keep_largest": 0, "dice_before": 0.0, "dice_after": 0.0} for c in ("1", "2")}}
+    update_teacher_extra(run / "teacher.pt", postprocessing=drop_all)
+    assert torch.load(run / "teacher.pt", weights_only=True)["extra"]["postprocessing"] == drop_all
+    # a network that says class 1 everywhere: the raw mask is all 1, the post-processed one all background
+    payload = read_teacher_file(run)
+    for name, value in payload["state_dict"].items():
+        if value.is_floating_point():
+            value.zero_()
+    bias = [n for n in payload["state_dict"] if n.endswith("bias")][-1]
+    payload["state_dict"][bias][1] = 5.0
+    torch.save(payload, run / "teacher.pt")
+    infer_cases(run, root / "unlabeled", tmp_path / "raw", postprocess=False, progress=False)
+    infer_cases(run, root / "unlabeled", tmp_path / "clean", progress=False)
+    assert (read_volume(tmp_path / "raw" / "scan0.nii.gz")[0] == 1).all()
+    assert (read_volume(tmp_path / "clean" / "scan0.nii.gz")[0] == 0).all()
+    rows, _ = rank_cases(run, root / "unlabeled", None, strategy="random", progress=False)
+    assert rows[0]["volume_ml_c1"] == 0.0  # rank scores the post-processed mask
