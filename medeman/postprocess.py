@@ -162,7 +162,7 @@ def describe(rules: dict[str, Any] | None) -> str:
     for c, r in rules["classes"].items():
         rule = []
         if r["min_volume_mm3"] > 0:
-            rule.append(f"drop components < {r['min_volume_mm3']:.0f} mm^3")
+            rule.append(f"drop components < {r['min_volume_mm3']:.4g} mm^3")
         if r["keep_largest"] > 0:
             rule.append(f"keep the {r['keep_largest']} largest")
         lines.append(f"class {c}: {', '.join(rule) or 'none'} (validation Dice {r['dice_before']:.3f} -> {r['dice_after']:.3f})")

@@ -110,3 +110,23 @@ def test_training_stores_the_rules_and_infer_and_rank_apply_them(make_cohort, tm
     assert (read_volume(tmp_path / "clean" / "scan0.nii.gz")[0] == 0).all()
     rows, _ = rank_cases(run, root / "unlabeled", None, strategy="random", progress=False)
     assert rows[0]["volume_ml_c1"] == 0.0  # rank scores the post-processed mask
+
+
+def test_evaluate_reports_before_and_after_a_models_post_processing(tmp_path, volume_writer, capsys):
+    import torch
+
+    from medeman.evaluate import main as evaluate_main
+
+    reference = _box((18, 18, 18), (CUBE, 1))
+    prediction = _box((18, 18, 18), (CUBE, 1), (SPECKLE_A, 1), (SPECKLE_B, 1))
+    volume_writer(tmp_path / "labels" / "a.nii.gz", reference)
+    volume_writer(tmp_path / "pred" / "a.nii.gz", prediction)
+    rules = learn_postprocessing([prediction], [reference], voxel_mm3=[1.0], num_classes=2)
+    torch.save({"format": "medeman-teacher-v1", "config": {}, "step": 0, "state_dict": {}, "extra": {"postprocessing": rules}},
+               tmp_path / "teacher.pt")
+    assert evaluate_main(["--pred", str(tmp_path / "pred"), "--labels", str(tmp_path / "labels"),
+                          "--postprocessing", str(tmp_path / "teacher.pt")]) == 0
+    out = capsys.readouterr().out
+    before, after = out.split("after the post-processing of")
+    assert f"{2 * 27 / 57:.3f}" in before and "1.000" in after
+    assert "drop components < 14.5 mm^3" in after  # midway between the 2-voxel speckle and the 27-voxel cube of 1 mm^3 voxels
