@@ -181,11 +181,11 @@ def unet_levels(patch: Sequence[int], max_levels: int) -> int:
 def fit_patch(shape_vox: Sequence[float], max_voxels: float, divisor: int, min_side: int = 16) -> list[int]:
     """A patch of at most ``max_voxels``, as close to the median shape as that allows (nnU-Net's rule).
 
-    Starts from the median shape (each side rounded up to ``divisor``) and shortens, one ``divisor``
+    Starts from the median shape (each side rounded to the nearest multiple of ``divisor``) and shortens, one ``divisor``
     at a time, the side that is longest relative to the median shape until it fits.
     """
     shape = np.maximum(np.asarray(shape_vox, dtype=float), 1.0)
-    patch = [max(min_side, int(math.ceil(s / divisor) * divisor)) for s in shape]
+    patch = [max(min_side, int(round(s / divisor)) * divisor) for s in shape]
     while np.prod(patch) > max_voxels:
         ratios = [p / s if p - divisor >= min_side else -1.0 for p, s in zip(patch, shape)]
         axis = int(np.argmax(ratios))
@@ -315,7 +315,7 @@ def make_plan(summary: dict[str, Any], *, device: str = "cpu", memory_gb: float 
     batch = 2  # nnU-Net's minimum; BatchNorm statistics need more than one sample
 
     def recipe_for(max_voxels: float, base_features: int, feature_cap: int) -> Recipe:
-        patch = fit_patch(shape_vox, max_voxels, divisor=16)
+        patch = fit_patch(shape_vox, max_voxels, divisor=8)  # 8: three halvings, as nnU-Net's patches
         levels = unet_levels(patch, max_levels)
         divisor = 2 ** (levels - 1)
         patch = [max(divisor * 2, int(math.ceil(p / divisor) * divisor)) for p in patch]

@@ -71,7 +71,7 @@ def test_anisotropic_mr_plan_keeps_thick_slices_and_a_flat_patch():
     assert plan.get("data", "modality") == "MR" and plan.get("data", "intensity_window") is None
     assert plan.get("data", "spacing") == pytest.approx([0.7, 0.7, 4.0], abs=1e-3)
     x, y, z = plan.get("data", "patch_size")
-    assert x == y and x > 2 * z  # the patch follows the median shape: 320 x 320 x 30 voxels
+    assert abs(x - y) <= 8 and x > 2 * z  # the patch follows the median shape (320 x 320 x 30 voxels), shrunk 8 at a time
     assert z >= 2 ** (len(plan.get("model", "channels")) - 1)  # the isotropic UNet can still halve z to the bottleneck
     cpu = make_plan(ANISOTROPIC_MR, device="cpu").get("data", "spacing")
     assert cpu[2] == pytest.approx(4.0, abs=1e-3) and 0.7 < cpu[0] == cpu[1] < 4.0  # a CPU coarsens the fine axes only
@@ -141,7 +141,7 @@ def test_plan_yaml_loads_as_a_config_and_gives_each_key_a_reason(fp, device, tmp
 
 
 @pytest.mark.parametrize("patch_shape, max_voxels, expected", [
-    ([100, 100, 100], 1e9, [112, 112, 112]),
+    ([100, 100, 100], 1e9, [96, 96, 96]),  # to the nearest multiple of 16
     ([160, 160, 160], 128**3, [128, 128, 128]),
     # all sides equally long relative to the median shape: x, y, then z shrink by 16 in turn (z stops at 16),
     # then x and y down to 224 x 224 x 16 = 802 816 voxels
