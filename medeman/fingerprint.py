@@ -22,6 +22,7 @@ import numpy as np
 from scipy import ndimage
 
 from medeman.data.discovery import discover_labeled, discover_unlabeled
+from medeman.data.errors import DataError
 from medeman.data.readers import read_geometry, read_volume, voxel_spacing
 
 VERSION = 1
@@ -53,13 +54,15 @@ def case_fingerprint(image_path: str | Path, label_path: str | Path, num_classes
         ``class_voxels[c]`` voxels of class c, ``components[c]`` the volumes (mm^3) of class c's
         connected components (26-connectivity), a sample of foreground intensities.
     """
-    image, affine = read_volume(image_path)
-    label, _ = read_volume(label_path)
+    image, affine = _read(image_path)
+    label, _ = _read(label_path)
     if image.ndim == 4:
         image = image[..., 0]
-    label = np.rint(label.reshape(label.shape[:3])).astype(np.int64)
-    if label.shape != image.shape[:3]:
-        raise ValueError(f"{label_path}: label shape {label.shape} differs from its image's {image.shape[:3]} ({image_path})")
+    if label.shape[:3] != image.shape[:3] or label.size != int(np.prod(image.shape[:3])):
+        raise DataError(f"{label_path}: label shape {label.shape} differs from its image's {image.shape[:3]} ({image_path})")
+    if label.min() < 0 or not np.all(np.mod(label, 1) == 0):
+        raise DataError(f"{label_path}: a label map must hold non-negative integer labels")
+    label = label.reshape(label.shape[:3]).astype(np.int64)
     spacing = [float(s) for s in voxel_spacing(affine)]
     voxel_mm3 = float(np.prod(spacing))
     classes = int(label.max()) + 1 if num_classes is None else int(num_classes)
@@ -85,6 +88,14 @@ def case_fingerprint(image_path: str | Path, label_path: str | Path, num_classes
         "foreground_intensities": [float(v) for v in foreground],
         "image_min": float(image.min()),
     }
+
+
+def _read(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        return read_volume(path)
+    except Exception as err:  # any reader failure is one line naming the file, never a reader traceback
+        lines = [line for line in str(err).strip().splitlines() if line.strip()]
+        raise DataError(f"{path}: cannot read: {lines[0] if lines else type(err).__name__}") from None
 
 
 def guess_modality(image_min: float, foreground_p005: float) -> str:

@@ -101,3 +101,19 @@ def test_cached_fingerprint_is_reused_until_a_file_changes(cohort, tmp_path, mon
     os.utime(label, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
     with pytest.raises(AssertionError, match="recomputed"):
         fingerprint_cohort(cohort, cache=cache)
+
+
+def test_bad_cases_are_one_line_errors_naming_the_file(tmp_path, volume_writer):
+    from medeman.data.errors import DataError
+
+    root = tmp_path / "labeled"
+    _case(root, "a", volume_writer)
+    volume_writer(root / "labels" / "a.nii.gz", np.zeros((5, 5, 5), np.uint8), np.diag([*SPACING, 1.0]))
+    with pytest.raises(DataError, match=r"labels/a.nii.gz: label shape \(5, 5, 5\) differs from its image's \(20, 16, 10\)"):
+        fingerprint_cohort(root)
+    volume_writer(root / "labels" / "a.nii.gz", np.full((20, 16, 10), 0.5, np.float32), np.diag([*SPACING, 1.0]))
+    with pytest.raises(DataError, match="labels/a.nii.gz: a label map must hold non-negative integer labels"):
+        fingerprint_cohort(root)
+    (root / "labels" / "a.nii.gz").write_bytes(b"not a volume")
+    with pytest.raises(DataError, match="labels/a.nii.gz: cannot read: "):
+        fingerprint_cohort(root)
