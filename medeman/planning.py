@@ -75,6 +75,7 @@ class Plan:
         self.decisions.append(Decision(section, key, value, reason))
 
     def get(self, section: str, key: str, default: Any = None) -> Any:
+        """The planned value of ``section.key``, or ``default`` when the plan leaves it to the schema."""
         for d in self.decisions:
             if (d.section, d.key) == (section, key):
                 return d.value
@@ -323,7 +324,9 @@ def make_plan(summary: dict[str, Any], *, device: str = "cpu", memory_gb: float 
         return Recipe(patch, unet_channels(levels, base_features, feature_cap), 2 if gpu else 1)
 
     # the largest patch whose activations fit the memory (nnU-Net shrinks from the median shape)
-    per_batch = batch * (2 if unlabeled else 1) + (batch if unlabeled else 0) * 0.5  # student on labeled+strong, teacher (no grad) on weak
+    # patches whose activations a step keeps: the student's labeled (and strong-view) patches; the
+    # teacher's weak views run without gradients, counted as half
+    per_batch = batch * 2.5 if unlabeled else batch
     max_voxels = float(np.prod(np.ceil(shape_vox / 16) * 16))
     recipe = recipe_for(max_voxels, base, cap)
     while activation_gb(recipe.patch, recipe.channels, per_batch) > memory and max_voxels > 16**3:
