@@ -64,3 +64,30 @@ def test_time_budget_on_a_config_sets_the_steps_and_scales_the_schedules(monkeyp
     assert out["train"]["max_steps"] == 700  # 70 % of 100 s at 0.1 s a step
     assert out["ssl"]["rampup_steps"] == 280 and out["train"]["val_every_steps"] == 140
     assert fit_time_budget(cfg, "100s", ["train.max_steps=1000"]) is cfg  # an explicit --set wins
+
+
+def test_train_without_config_on_an_anisotropic_mr_cohort(tmp_path, volume_writer, capsys):
+    """0.7 x 0.7 x 5 mm MR-like scans: thick slices kept, per-scan z-score, and a run that trains and segments."""
+    import numpy as np
+
+    from medeman.infer import infer_cases
+    from medeman.train import main as train_main
+
+    affine = np.diag([0.7, 0.7, 5.0, 1.0])
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        image = rng.normal(300, 20, size=(64, 64, 8)).astype(np.float32)
+        label = np.zeros(image.shape, np.uint8)
+        label[20 + i:40 + i, 20:44, 2:6] = 1
+        image[label == 1] += 200
+        volume_writer(tmp_path / "mr" / "images" / f"case{i}.nii.gz", image, affine)
+        volume_writer(tmp_path / "mr" / "labels" / f"case{i}.nii.gz", label, affine)
+    run = tmp_path / "run"
+    assert train_main(["--labeled", str(tmp_path / "mr"), "--out", str(run), "--no-progress", "--device", "cpu",
+                       "--set", "train.max_steps=2", "--set", "train.val_every_steps=2", "--set", "data.num_workers=0"]) == 0
+    cfg = load_config([run / "config.yaml"])
+    assert cfg["data"]["modality"] == "MR" and cfg["ssl"]["method"] == "supervised"
+    assert cfg["data"]["spacing"] == [0.7, 0.7, 5.0]  # every scan alike: the 10th percentile of z is 5 mm too
+    assert cfg["data"]["patch_size"] == [64, 64, 16]  # 8 slices padded to the 16 the 3-level UNet needs
+    results = infer_cases(run, tmp_path / "mr" / "images", tmp_path / "pred", progress=False)
+    assert [r.status for r in results] == ["written"] * 4
