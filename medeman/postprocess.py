@@ -162,7 +162,8 @@ def describe(rules: dict[str, Any] | None) -> str:
     for c, r in rules["classes"].items():
         rule = []
         if r["min_volume_mm3"] > 0:
-            rule.append(f"drop components < {r['min_volume_mm3']:.4g} mm^3")
+            volume = r["min_volume_mm3"]
+            rule.append(f"drop components < {volume:.0f} mm^3" if volume >= 100 else f"drop components < {volume:.3g} mm^3")
         if r["keep_largest"] > 0:
             rule.append(f"keep the {r['keep_largest']} largest")
         lines.append(f"class {c}: {', '.join(rule) or 'none'} (validation Dice {r['dice_before']:.3f} -> {r['dice_after']:.3f})")

@@ -299,6 +299,9 @@ def _plan_run(args: argparse.Namespace) -> None:
     from medeman.plan import plan_cohort
 
     out = Path(args.out)
+    if rank_zero_only.rank != 0:  # a DDP process Lightning launched after rank 0 planned: train with rank 0's plan
+        args.config = [str(out / "plan.yaml")]
+        return
     prepare_run_dir(out, resume=False, overwrite=args.overwrite)  # refuse (or clear) an earlier run before writing the plan
     plan = plan_cohort(args.labeled, args.unlabeled, out / "plan.yaml", device=args.device, time_budget=args.time_budget)
     if rank_zero_only.rank == 0:
