@@ -161,3 +161,13 @@ def test_parse_duration(text, seconds):
 def test_parse_duration_refuses_what_is_not_a_duration(text):
     with pytest.raises(ValueError, match="time budget"):
         parse_duration(text)
+
+
+@pytest.mark.parametrize("method", ["supervised", "mean_teacher"])
+def test_time_training_steps_runs_real_steps_of_the_method(method):
+    from medeman.planning import time_training_steps
+
+    cfg = load_config(sets=["model.channels=[4,8]", "model.num_res_units=1", "data.patch_size=[16,16,16]",
+                            "data.num_classes=3", f"ssl.method={method}"])
+    seconds = time_training_steps(cfg, steps=2, warmup=1)
+    assert 0.0 < seconds < 60.0
