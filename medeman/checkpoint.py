@@ -29,6 +29,13 @@ def save_teacher(path: str | Path, teacher: nn.Module, cfg: dict, step: int, **e
     torch.save({"format": FORMAT, "config": cfg, "step": int(step), "state_dict": state, "extra": dict(extra)}, str(path))
 
 
+def update_teacher_extra(path: str | Path, **extra: Any) -> None:
+    """Add plain values to the extras of an existing ``teacher.pt`` (e.g. post-processing learned after training)."""
+    payload = read_teacher_file(path)
+    payload["extra"].update(extra)
+    torch.save(payload, str(path))
+
+
 def read_teacher_file(path: str | Path) -> dict:
     """Load a ``teacher.pt`` safely (``weights_only=True``) and check it is a medeman model."""
     path = Path(path)

@@ -7,6 +7,7 @@ import sys
 
 COMMANDS = {
     "check-data": ("medeman.check_data", "check a labeled/unlabeled cohort and print a table"),
+    "plan": ("medeman.plan", "fingerprint a cohort and write the training recipe it calls for (plan.yaml)"),
     "train": ("medeman.train", "train a mean teacher with EMAN (or a baseline)"),
     "infer": ("medeman.infer", "segment scans with a trained EMA teacher"),
     "evaluate": ("medeman.evaluate", "Dice, HD95 and surface distance of predictions against labels"),

@@ -55,6 +55,8 @@ from medeman.data.discovery import group_channels, index_by_case, label_id, list
 from medeman.data.readers import image_stem, read_volume, voxel_spacing
 from medeman.cases import CaseError, one_line
 from medeman.classes import resolve_classes
+from medeman.checkpoint import ModelFileError, read_teacher_file
+from medeman.postprocess import apply_postprocessing, describe
 
 label_case_id = label_id  # a label file's case id: name without image suffix and without _seg/_label/_mask
 CSV_COLUMNS = ("case", "class", "name", "dice", "hd95_mm", "asd_mm", "reference_voxels", "predicted_voxels",
@@ -332,6 +334,7 @@ def evaluate_folder(
     lesion_overlap: float = DEFAULT_LESION_OVERLAP,
     connectivity: int = 3,
     lesion_classes: Iterable[int] = (),
+    postprocessing: dict | None = None,
 ) -> EvaluationSummary:
     """Score every prediction in ``pred_dir`` against its label in ``label_dir``.
 
@@ -345,6 +348,7 @@ def evaluate_folder(
         lesion_overlap: IoU a lesion needs to count as detected (0: any overlap); see :func:`lesion_counts`.
         connectivity: neighbourhood of the connected components, 1 (6), 2 (18) or 3 (26 neighbours).
         lesion_classes: label values scored lesion-wise (connected components); none by default.
+        postprocessing: component rules (:mod:`medeman.postprocess`) applied to each prediction before scoring.
 
     Returns:
         The :class:`EvaluationSummary`; nothing is printed.
@@ -377,6 +381,7 @@ def evaluate_folder(
         try:
             pred, affine = _read(preds[case_id])
             pred = _labels_3d(pred, preds[case_id])
+            pred = apply_postprocessing(pred, postprocessing, float(np.prod(voxel_spacing(affine))))
             ref = None
             if case_id in labels:
                 ref, ref_affine = _read(labels[case_id])
@@ -635,6 +640,9 @@ def build_parser() -> argparse.ArgumentParser:
                              f"detected; 0 means any overlap (default {DEFAULT_LESION_OVERLAP})")
     parser.add_argument("--connectivity", type=int, default=3, choices=(1, 2, 3),
                         help="connected components over 6 (1), 18 (2) or 26 (3, default) neighbours")
+    parser.add_argument("--postprocessing", metavar="MODEL",
+                        help="also score the predictions after MODEL's component rules learned on validation (run folder or "
+                             "teacher.pt; predictions from medeman infer --no-postprocessing): tables before and after")
     return parser
 
 
@@ -656,6 +664,17 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.postprocessing and args.labels is not None:
+        try:
+            rules = read_teacher_file(args.postprocessing)["extra"].get("postprocessing")
+        except ModelFileError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        after = evaluate_folder(args.pred, args.labels, class_names=names, lesion_overlap=args.lesion_overlap,
+                                connectivity=args.connectivity, postprocessing=rules)
+        print(f"as predicted ({args.pred}):\n{summary.table()}\n")
+        print(f"after the post-processing of {args.postprocessing} ({describe(rules)}):")
+        summary = after
     for note in summary.notes:
         print(f"note: {note}")
     for warning in summary.warnings:

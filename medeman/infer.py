@@ -34,9 +34,10 @@ from tqdm import tqdm
 from medeman.cases import SUFFIXES, Case, CaseError, find_cases, one_line, prepare_output_dir, preprocess_case
 from medeman.checkpoint import ModelFileError, load_teacher
 from medeman.classes import class_names, lesion_classes
-from medeman.data.readers import image_suffix, read_geometry, write_volume
+from medeman.data.readers import image_suffix, read_geometry, voxel_spacing, write_volume
 from medeman.data.transforms import preprocessing
 from medeman.labels import argmax_labels, label_dtype
+from medeman.postprocess import apply_postprocessing
 from medeman.predict import invert_to_input, labels_on_input, predict_volume
 from medeman.threads import apply_threads, choose_threads
 
@@ -75,6 +76,7 @@ def infer_cases(
     precision: str | None = None,
     output_format: str = "nii.gz",
     progress: bool = True,
+    postprocess: bool = True,
 ) -> list[CaseResult]:
     """Segment every case of ``inputs`` and write ``<case>.nii.gz`` masks into ``output_dir``.
 
@@ -88,6 +90,8 @@ def infer_cases(
         output_format: ``"nii.gz"`` (or ``"nifti"``), ``"nrrd"``, ``"dicom-seg"`` (DICOM series inputs only)
             or ``"input"`` (each mask in its scan's own kind: a DICOM series gets a DICOM-SEG).
         device: ``None`` picks CUDA when available.
+        postprocess: apply the model's component rules learned on validation (``teacher.pt``'s
+            ``extra["postprocessing"]``, :mod:`medeman.postprocess`) to the masks; False writes the raw argmax.
 
     Returns:
         One :class:`CaseResult` per case, in order; failures carry a one-line message naming the file.
@@ -101,8 +105,10 @@ def infer_cases(
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
+    rules = None
     if isinstance(model, (str, Path)):
-        net, cfg, _ = load_teacher(model, device)
+        net, cfg, payload = load_teacher(model, device)
+        rules = payload["extra"].get("postprocessing") if postprocess else None
     else:
         net, cfg = model
         net = net.to(device).eval()
@@ -136,7 +142,7 @@ def infer_cases(
         else:
             plan.append(_Job(case, out_path, probs_path))
     jobs = [item for item in plan if isinstance(item, _Job)]
-    segmented = _segment_cases(jobs, net, cfg, transform, tta=tta, device=device, sw_batch_size=sw_batch_size,
+    segmented = _segment_cases(jobs, net, cfg, transform, tta=tta, device=device, sw_batch_size=sw_batch_size, postprocessing=rules,
                                overlap=overlap, precision=precision)
     bar = tqdm(plan, desc="infer", unit="case", disable=not progress, file=sys.stderr)
     with closing(segmented):  # its I/O thread ends here, also when a case raises past the per-case handling
@@ -216,7 +222,7 @@ def _finished(job: _Job, start: float, write: Future | None, failure: tuple[Exce
 
 
 def _predict_case(job: _Job, image, net, cfg, transform, *, tta: bool, device: torch.device, sw_batch_size, overlap,
-                  precision) -> tuple[np.ndarray, np.ndarray | None]:
+                  precision, postprocessing: dict | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Predict and invert one preprocessed case: the class map (and, if asked, the probabilities) on the scan's grid."""
     probs = predict_volume(net, image, cfg, tta, sw_batch_size=sw_batch_size, overlap=overlap,
                            precision=precision, device=device)
@@ -227,10 +233,11 @@ def _predict_case(job: _Job, image, net, cfg, transform, *, tta: bool, device: t
         probs = invert_to_input(probs, image, transform)
         labels = argmax_labels(probs, dim=0, dtype=dtype)
     scan = job.case.files[0]
-    shape, _ = read_geometry(scan)
+    shape, affine = read_geometry(scan)
     if tuple(labels.shape) != shape:
         raise CaseError(f"{job.case.source}: prediction came back as {tuple(labels.shape)}, not the scan's {shape}")
-    return labels.cpu().numpy(), None if probs is None else np.moveaxis(probs.float().cpu().numpy(), 0, -1)
+    mask = apply_postprocessing(labels.cpu().numpy(), postprocessing, float(np.prod(voxel_spacing(affine))))
+    return mask, None if probs is None else np.moveaxis(probs.float().cpu().numpy(), 0, -1)
 
 
 def _write_case(job: _Job, labels: np.ndarray, probs: np.ndarray | None, cfg: dict) -> float:
@@ -273,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="older spelling: nii.gz (= --format nifti), or input (the default)")
     parser.add_argument("--threads", type=int, help="torch threads (default: OMP_NUM_THREADS, else the available cores)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--no-postprocessing", action="store_true",
+                        help="write the raw argmax, without the model's component rules learned on validation (to compare with medeman evaluate)")
     return parser
 
 
@@ -303,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
             args.model, args.input, args.output, tta=args.tta, probabilities=args.probabilities,
             overwrite=args.overwrite, device=device, sw_batch_size=args.sw_batch_size, overlap=args.overlap,
             precision=args.precision, output_format=args.format or args.output_format or "input", progress=not args.no_progress,
+            postprocess=not args.no_postprocessing,
         )
     except (ModelFileError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -44,6 +44,7 @@ from medeman.data.transforms import preprocessing
 from medeman.cases import SUFFIXES, Case, CaseError, find_cases, one_line, prepare_output_dir, preprocess_case
 from medeman.labels import argmax_labels
 from medeman.methods import METHODS, TeacherMethod
+from medeman.postprocess import apply_postprocessing
 from medeman.nets import build_network
 from medeman.predict import TTA_FLIPS, invert_to_input, predict_volume
 from medeman.rank_scores import (
@@ -144,7 +145,7 @@ def bottleneck_module(net: nn.Module, cfg: dict) -> nn.Module:
 
 def score_case(case: Case, teacher: nn.Module, student: nn.Module | None, cfg: dict, transform, *,
                tta: bool = False, device: torch.device | str = "cpu", bottleneck: nn.Module | None = None,
-               ) -> tuple[dict[str, float], torch.Tensor, torch.Tensor, np.ndarray]:
+               postprocessing: dict | None = None) -> tuple[dict[str, float], torch.Tensor, torch.Tensor, np.ndarray]:
     """Scores of one scan on its own grid.
 
     Returns:
@@ -177,6 +178,9 @@ def score_case(case: Case, teacher: nn.Module, student: nn.Module | None, cfg: d
         raise CaseError(f"{case.source}: prediction came back as {tuple(maps.shape[1:])}, not the scan's {shape}")
     teacher_probs = maps[:num_classes]
     teacher_mask = argmax_labels(teacher_probs, dim=0)
+    if postprocessing:  # the mask infer would write: scores measure the structures a user would get
+        cleaned = apply_postprocessing(teacher_mask.numpy(), postprocessing, float(np.prod(voxel_spacing(affine))))
+        teacher_mask = torch.from_numpy(cleaned)
     entropy = normalized_entropy(teacher_probs)
     scores = entropy_scores(entropy, teacher_mask)
     if tta:
@@ -249,7 +253,8 @@ def rank_cases(
         raise ValueError("maps and pictures need an output folder")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if isinstance(model, (str, Path)):
-        teacher, cfg, _ = load_teacher(model, device)
+        teacher, cfg, payload = load_teacher(model, device)
+        rules = payload["extra"].get("postprocessing")
         method = cfg["ssl"]["method"]
         if not issubclass(METHODS.get(method, TeacherMethod), TeacherMethod):  # its teacher.pt is the student itself
             student = None
@@ -262,6 +267,7 @@ def rank_cases(
                            f"({', '.join(DISAGREEMENT_COLUMNS)}) are left out", file=sys.stderr)
     else:
         teacher, cfg = model
+        rules = None
         teacher = teacher.to(device).eval()
         student = student.to(device).eval() if student is not None else None
     if strategy == "disagreement" and student is None:
@@ -285,7 +291,7 @@ def rank_cases(
             bar.set_postfix_str(case.case_id)
             try:
                 values, entropy, mask, embedding = score_case(case, teacher, student, cfg, transform, tta=tta,
-                                                               device=device, bottleneck=bottleneck)
+                                                               device=device, bottleneck=bottleneck, postprocessing=rules)
             except CaseError as err:
                 problems.append(str(err))
                 tqdm.write(f"error: {err}", file=sys.stderr)

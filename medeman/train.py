@@ -3,10 +3,13 @@
 Run folder layout::
 
     config.yaml           resolved configuration (commented, loads with --config)
+    plan.yaml             the plan a run without --config trained with (medeman.planning), each key with its reason
+    fingerprint.json      the dataset fingerprint the plan was made from (medeman.fingerprint)
     split.json            train/validation split of the labeled cases (when no --val folder)
     teacher.pt            the final-step teacher (train.deploy: last; best: the best val/dice_teacher):
                           state_dict + config (weights_only-safe), with extra["teacher_bn_stats"]:
                           recalibrated | ema | batch | none, and extra["candidates"]: validations it was chosen from
+                          extra["postprocessing"]: per-class component rules learned on validation (medeman.postprocess)
     metrics.csv           every logged value (CSVLogger)
     tensorboard/          TensorBoard event files
     checkpoints/          Lightning checkpoints: best-*.ckpt and last.ckpt (at every validation and every
@@ -38,7 +41,8 @@ from medeman.config import ConfigError, load_config, save_config, validate
 from medeman.resume import CadenceCheckpoint, ContinuedCSVLogger, ContinuedStepCount, check_resume, pin_schedules, record_resume
 from medeman.threads import set_threads_for_config
 
-RUN_OUTPUTS = ("config.yaml", "split.json", "teacher.pt", "metrics.csv", "hparams.yaml", "tensorboard", "checkpoints", "cache")
+PLAN_OUTPUTS = ("plan.yaml", "fingerprint.json")
+RUN_OUTPUTS = (*PLAN_OUTPUTS, "config.yaml", "split.json", "teacher.pt", "metrics.csv", "hparams.yaml", "tensorboard", "checkpoints", "cache")
 
 
 # Warnings that say nothing wrong about a medeman run: the EMAN teacher's BN layers are in eval mode
@@ -152,9 +156,12 @@ def nothing_to_resume(out_dir: Path, missing: str) -> ConfigError:
     return ConfigError(f"{out_dir}: nothing to resume (no {missing}); start a new run without --resume")
 
 
-def prepare_run_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Create the run folder; refuse to clobber an earlier run unless resuming or ``overwrite``."""
-    existing = [name for name in RUN_OUTPUTS if (out_dir / name).exists()]
+def prepare_run_dir(out_dir: Path, resume: bool, overwrite: bool, keep: Sequence[str] = ()) -> None:
+    """Create the run folder; refuse to clobber an earlier run unless resuming or ``overwrite``.
+
+    ``keep``: outputs this run already wrote (the plan of a run without ``--config``).
+    """
+    existing = [name for name in RUN_OUTPUTS if (out_dir / name).exists() and name not in keep]
     if resume:
         if not (out_dir / "checkpoints" / "last.ckpt").is_file():
             raise nothing_to_resume(out_dir, "checkpoints/last.ckpt")
@@ -188,6 +195,7 @@ def fit(
     overwrite: bool = False,
     progress_bar: bool = True,
     logger: bool = True,
+    keep: Sequence[str] = (),
 ) -> TrainResult:
     """Train a model as ``cfg`` says and leave a run folder (see module docstring).
 
@@ -204,6 +212,7 @@ def fit(
         overwrite: replace an earlier run's outputs in ``out_dir``.
         progress_bar: show Lightning's progress bar.
         logger: write ``metrics.csv`` and TensorBoard logs.
+        keep: run outputs already in ``out_dir`` that belong to this run (``plan.yaml``, ``fingerprint.json``).
 
     Raises:
         ConfigError: inconsistent config or run folder. ``DataError``: bad input data.
@@ -216,7 +225,7 @@ def fit(
     method = build_method(cfg)
     method.check(cfg, has_unlabeled=unlabeled is not None)
     validate(cfg)  # types, choices and the rules between keys (config.validate), also for a config built in code
-    prepare_run_dir(out_dir, resume, overwrite)
+    prepare_run_dir(out_dir, resume, overwrite, keep)
     resume_step, changes = _check_resume(out_dir, cfg) if resume else (None, {})  # before anything in the run folder is written
     pl.seed_everything(int(cfg["train"]["seed"]), workers=True, verbose=False)
     datamodule = SSLDataModule(cfg, labeled=labeled, unlabeled=unlabeled if method.uses_unlabeled else None, val=val, run_dir=out_dir, test=test)
@@ -258,6 +267,8 @@ def fit(
         for message in _EXPECTED_WARNINGS:
             warnings.filterwarnings("ignore", message=message)
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True if resume else None)
+    if trainer.is_global_zero and (out_dir / "teacher.pt").is_file():
+        _learn_postprocessing(out_dir / "teacher.pt", datamodule)
     return TrainResult(
         run_dir=out_dir,
         best_dice_teacher=export.best if export.best > -math.inf else math.nan,
@@ -265,6 +276,19 @@ def fit(
         last_dice_student=export.last.get("val/dice_student", math.nan),
         steps=trainer.global_step,
     )
+
+
+def _learn_postprocessing(model: Path, datamodule) -> None:
+    """Learn the per-class component rules on the validation volumes with the exported teacher; store them in ``teacher.pt``."""
+    from medeman.checkpoint import load_teacher, update_teacher_extra
+    from medeman.postprocess import describe, learn_on_validation
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    net, cfg, _ = load_teacher(model, device)
+    rules = learn_on_validation(net, cfg, datamodule.val_dataloader(), device)
+    if rules is not None:
+        update_teacher_extra(model, postprocessing=rules)
+        print(f"post-processing learned on validation: {describe(rules)}")
 
 
 def _check_resume(out_dir: Path, cfg: dict) -> tuple[int, dict[str, tuple[Any, Any]]]:
@@ -301,7 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--unlabeled", help="folder of unlabeled scans (searched recursively)")
     parser.add_argument("--val", help="labeled validation cohort (default: a split of --labeled)")
     parser.add_argument("--test", help="test cohort: never used as unlabeled scans, by path or by content (see medeman check-data)")
-    parser.add_argument("--config", action="append", default=[], help="YAML config; repeat to overlay (e.g. sample.yaml then mt_bn.yaml)")
+    parser.add_argument("--config", action="append", default=[],
+                        help="YAML config; repeat to overlay (e.g. sample.yaml then mt_bn.yaml). Without it, medeman plans the recipe "
+                             "from the data (medeman plan) and keeps plan.yaml and fingerprint.json in --out")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one key, e.g. ssl.ema_momentum=0.999")
     parser.add_argument("--out", default="runs/medeman", help="run folder (default: runs/medeman)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -310,9 +336,54 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--devices", help="shorthand for --set train.devices=N")
     parser.add_argument("--strategy", help="shorthand for --set train.strategy=NAME (e.g. ddp)")
     parser.add_argument("--num-nodes", type=int, help="shorthand for --set train.num_nodes=M")
+    parser.add_argument("--time-budget", help="fit the run in this time (e.g. 900, 15m, 1h30m): a few training steps are timed and "
+                                              "train.max_steps (and, when planning, the network and patch) chosen to fit")
+    parser.add_argument("--device", choices=("cpu", "gpu"), help="without --config: plan for this device (default: gpu if one is present)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--threads", type=int, help="shorthand for --set train.num_threads=N (torch threads per process)")
     return parser
+
+
+def _plan_run(args: argparse.Namespace) -> None:
+    """Without ``--config``: plan the recipe from the data into ``--out`` and train with it (``--set`` still overrides)."""
+    from medeman.plan import plan_cohort
+
+    out = Path(args.out)
+    if rank_zero_only.rank != 0:  # a DDP process Lightning launched after rank 0 planned: train with rank 0's plan
+        args.config = [str(out / "plan.yaml")]
+        return
+    prepare_run_dir(out, resume=False, overwrite=args.overwrite)  # refuse (or clear) an earlier run before writing the plan
+    plan = plan_cohort(args.labeled, args.unlabeled, out / "plan.yaml", device=args.device, time_budget=args.time_budget)
+    if rank_zero_only.rank == 0:
+        print(f"no --config: planned from the data ({out / 'plan.yaml'}; --set overrides a key):\n{plan.summary()}")
+    args.config = [str(out / "plan.yaml")]
+
+
+def fit_time_budget(cfg: dict, budget: str, sets: Sequence[str] = ()) -> dict:
+    """``cfg`` with ``train.max_steps`` timed to fit ``budget`` and its step-based keys scaled with it.
+
+    A ``--set train.max_steps`` wins over the budget. The ramp-up, warm-up and momentum window
+    keep their share of the run (:func:`medeman.tune.run_config`), and so does the validation interval.
+    """
+    from medeman.planning import TIME_OVERHEAD, parse_duration, time_training_steps
+    from medeman.tune import run_config
+
+    if any(item.split("=", 1)[0].strip() == "train.max_steps" for item in sets):
+        return cfg
+    try:
+        seconds = parse_duration(budget)
+    except ValueError as err:
+        raise ConfigError(f"--time-budget: {err}") from None
+    device = "cuda" if cfg["train"]["accelerator"] in ("auto", "gpu") and torch.cuda.is_available() else "cpu"
+    per_step = time_training_steps(cfg, device=device)
+    steps = max(1, int(seconds * (1.0 - TIME_OVERHEAD) / per_step))
+    scale = steps / int(cfg["train"]["max_steps"])
+    out = run_config(cfg, {}, steps)
+    out["train"]["val_every_steps"] = max(1, min(steps, round(int(cfg["train"]["val_every_steps"]) * scale)))
+    out["data"]["unlabeled_focus_every_steps"] = max(1, round(int(cfg["data"]["unlabeled_focus_every_steps"]) * scale))
+    if rank_zero_only.rank == 0:
+        print(f"--time-budget {budget}: {per_step:.3f} s per timed step -> train.max_steps={steps} (step-based keys scaled x{scale:.3g})")
+    return validate(out)
 
 
 def config_from_args(args: argparse.Namespace) -> dict:
@@ -337,9 +408,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     new_folder = not Path(args.out).exists()
     try:
+        planned = not args.config and not args.resume
+        if planned:
+            _plan_run(args)  # a time budget is fitted by the plan itself
         cfg = config_from_args(args)
         set_threads_for_config(cfg)
-        result = fit(cfg, args.labeled, args.unlabeled, args.val, args.out, test=args.test, resume=args.resume, overwrite=args.overwrite, progress_bar=not args.no_progress)
+        if args.time_budget is not None and not planned and not args.resume:
+            cfg = fit_time_budget(cfg, args.time_budget, args.set)
+        result = fit(cfg, args.labeled, args.unlabeled, args.val, args.out, test=args.test, resume=args.resume,
+                     overwrite=args.overwrite, progress_bar=not args.no_progress, keep=PLAN_OUTPUTS if planned else ())
     except (ConfigError, DataError) as err:
         if new_folder and Path(args.out).is_dir() and not any(Path(args.out).iterdir()):
             Path(args.out).rmdir()  # a refused run leaves no empty run folder behind

@@ -136,7 +136,8 @@ def test_bad_configs_fail_with_their_message(make_cohort, tmp_path, capsys, extr
 
 def test_mean_teacher_without_unlabeled_scans_is_refused(make_cohort, tmp_path, capsys):
     root = make_cohort(3, 0)
-    assert main(["--labeled", str(root / "labeled"), "--out", str(tmp_path / "run")]) == 2
+    # (without --config and without unlabeled scans the plan trains supervised: ask for the mean teacher)
+    assert main(["--labeled", str(root / "labeled"), "--out", str(tmp_path / "run"), "--set", "ssl.method=mean_teacher"]) == 2
     assert "needs unlabeled scans" in capsys.readouterr().err
     empty = tmp_path / "empty"
     empty.mkdir()

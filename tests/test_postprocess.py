@@ -1,0 +1,132 @@
+"""Post-processing learned on hand-made validation volumes whose right rules are known."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from medeman.postprocess import apply_postprocessing, describe, learn_postprocessing
+
+
+def _box(shape, *slices_and_values):
+    out = np.zeros(shape, dtype=np.uint8)
+    for region, value in slices_and_values:
+        out[region] = value
+    return out
+
+
+CUBE = (slice(2, 5), slice(2, 5), slice(2, 5))  # 27 voxels
+SPECKLE_A = (slice(10, 11), slice(10, 11), slice(10, 11))  # 1 voxel
+SPECKLE_B = (slice(14, 16), slice(2, 3), slice(2, 3))  # 2 voxels
+
+
+def test_speckles_are_dropped_at_the_volume_between_them_and_the_true_structure():
+    reference = _box((18, 18, 18), (CUBE, 1))
+    prediction = _box((18, 18, 18), (CUBE, 1), (SPECKLE_A, 1), (SPECKLE_B, 1))
+    rules = learn_postprocessing([prediction], [reference], voxel_mm3=[8.0], num_classes=2)
+    rule = rules["classes"]["1"]
+    # component volumes 8, 16 and 216 mm^3: the threshold midway between 16 and 216
+    assert rule["min_volume_mm3"] == pytest.approx(116.0)
+    assert rule["keep_largest"] == 0  # one component in every reference, but keeping 1 adds nothing once the speckles are gone
+    assert rule["dice_before"] == pytest.approx(2 * 27 / (30 + 27)) and rule["dice_after"] == pytest.approx(1.0)
+    cleaned = apply_postprocessing(prediction, rules, voxel_mm3=8.0)
+    np.testing.assert_array_equal(cleaned, reference)
+    assert prediction[SPECKLE_A].all()  # the input is not modified
+    # the rule is a volume: on a grid of 1 mm^3 voxels the 27-voxel cube (27 mm^3) is under it and goes too
+    assert apply_postprocessing(prediction, rules, voxel_mm3=1.0).max() == 0
+
+
+def test_keep_the_k_largest_where_a_size_threshold_would_cut_true_components():
+    shape = (24, 24, 12)
+    kidney_l, kidney_r = (slice(2, 6), slice(2, 6), slice(2, 6)), (slice(14, 18), slice(2, 6), slice(2, 6))  # 64 voxels each
+    false = (slice(2, 5), slice(14, 17), slice(2, 5))  # 27 voxels
+    small_l, small_r = (slice(2, 5), slice(2, 5), slice(2, 5)), (slice(14, 17), slice(2, 5), slice(2, 5))  # 27 voxels each
+    references = [_box(shape, (kidney_l, 1), (kidney_r, 1)), _box(shape, (small_l, 1), (small_r, 1))]
+    predictions = [_box(shape, (kidney_l, 1), (kidney_r, 1), (false, 1)), references[1].copy()]
+    rules = learn_postprocessing(predictions, references, voxel_mm3=[1.0, 1.0], num_classes=2)
+    rule = rules["classes"]["1"]
+    assert rule["min_volume_mm3"] == 0.0  # dropping 27-voxel components would remove the small kidneys too
+    assert rule["keep_largest"] == 2
+    assert rule["dice_before"] == pytest.approx((2 * 128 / (155 + 128) + 1.0) / 2) and rule["dice_after"] == pytest.approx(1.0)
+    np.testing.assert_array_equal(apply_postprocessing(predictions[0], rules, 1.0), references[0])
+    assert "keep the 2 largest" in describe(rules)
+
+
+def test_no_rule_when_nothing_would_improve_and_other_classes_are_untouched():
+    reference = _box((12, 12, 12), (CUBE, 1), (SPECKLE_A, 2))
+    prediction = reference.copy()
+    rules = learn_postprocessing([prediction], [reference], voxel_mm3=[1.0], num_classes=3)
+    assert rules["classes"]["1"] == {"min_volume_mm3": 0.0, "keep_largest": 0, "dice_before": 1.0, "dice_after": 1.0}
+    assert rules["classes"]["2"]["min_volume_mm3"] == 0.0
+    assert apply_postprocessing(prediction, rules, 1.0) is prediction
+    assert apply_postprocessing(prediction, None, 1.0) is prediction
+
+
+def test_a_class_that_is_only_ever_false_is_dropped_entirely():
+    reference = _box((18, 18, 18), (CUBE, 1))
+    prediction = _box((18, 18, 18), (CUBE, 1), (SPECKLE_B, 2))
+    rules = learn_postprocessing([prediction], [reference], voxel_mm3=[1.0], num_classes=3)
+    assert rules["classes"]["2"]["min_volume_mm3"] == pytest.approx(4.0)  # twice the largest (2-voxel) component
+    assert rules["classes"]["2"]["dice_before"] == 0.0 and rules["classes"]["2"]["dice_after"] == 1.0
+    np.testing.assert_array_equal(apply_postprocessing(prediction, rules, 1.0), reference)
+
+
+TINY = ["model.channels=[4,8]", "model.num_res_units=1", "data.patch_size=[16,16,16]", "data.spacing=[1,1,1]",
+        "data.num_classes=3", "data.num_workers=0", "data.cache=none", "data.val_fraction=0.34",
+        "train.val_every_steps=2", "train.log_every_steps=1", "ssl.method=supervised", "train.max_steps=2"]
+
+
+def test_training_stores_the_rules_and_infer_and_rank_apply_them(make_cohort, tmp_path):
+    import torch
+
+    from medeman.checkpoint import read_teacher_file, update_teacher_extra
+    from medeman.config import load_config
+    from medeman.data.readers import read_volume
+    from medeman.infer import infer_cases
+    from medeman.rank import rank_cases
+    from medeman.train import fit
+
+    root = make_cohort(3, 1)
+    run = tmp_path / "run"
+    fit(load_config(sets=TINY), root / "labeled", out_dir=run, progress_bar=False, logger=False)
+    learned = read_teacher_file(run)["extra"]["postprocessing"]
+    assert set(learned["classes"]) == {"1", "2"}
+    assert all(r["dice_after"] >= r["dice_before"] for r in learned["classes"].values())
+    # a rule that drops every component of every class (no scan holds 10^9 mm^3) shows that infer applies it
+    drop_all = {"classes": {c: {"min_volume_mm3": 1e9, "keep_largest": 0, "dice_before": 0.0, "dice_after": 0.0} for c in ("1", "2")}}
+    update_teacher_extra(run / "teacher.pt", postprocessing=drop_all)
+    assert torch.load(run / "teacher.pt", weights_only=True)["extra"]["postprocessing"] == drop_all
+    # a network that says class 1 everywhere: the raw mask is all 1, the post-processed one all background
+    payload = read_teacher_file(run)
+    for name, value in payload["state_dict"].items():
+        if value.is_floating_point():
+            value.zero_()
+    bias = [n for n in payload["state_dict"] if n.endswith("bias")][-1]
+    payload["state_dict"][bias][1] = 5.0
+    torch.save(payload, run / "teacher.pt")
+    infer_cases(run, root / "unlabeled", tmp_path / "raw", postprocess=False, progress=False)
+    infer_cases(run, root / "unlabeled", tmp_path / "clean", progress=False)
+    assert (read_volume(tmp_path / "raw" / "scan0.nii.gz")[0] == 1).all()
+    assert (read_volume(tmp_path / "clean" / "scan0.nii.gz")[0] == 0).all()
+    rows, _ = rank_cases(run, root / "unlabeled", None, strategy="random", progress=False)
+    assert rows[0]["volume_ml_c1"] == 0.0  # rank scores the post-processed mask
+
+
+def test_evaluate_reports_before_and_after_a_models_post_processing(tmp_path, volume_writer, capsys):
+    import torch
+
+    from medeman.evaluate import main as evaluate_main
+
+    reference = _box((18, 18, 18), (CUBE, 1))
+    prediction = _box((18, 18, 18), (CUBE, 1), (SPECKLE_A, 1), (SPECKLE_B, 1))
+    volume_writer(tmp_path / "labels" / "a.nii.gz", reference)
+    volume_writer(tmp_path / "pred" / "a.nii.gz", prediction)
+    rules = learn_postprocessing([prediction], [reference], voxel_mm3=[1.0], num_classes=2)
+    torch.save({"format": "medeman-teacher-v1", "config": {}, "step": 0, "state_dict": {}, "extra": {"postprocessing": rules}},
+               tmp_path / "teacher.pt")
+    assert evaluate_main(["--pred", str(tmp_path / "pred"), "--labels", str(tmp_path / "labels"),
+                          "--postprocessing", str(tmp_path / "teacher.pt")]) == 0
+    out = capsys.readouterr().out
+    before, after = out.split("after the post-processing of")
+    assert f"{2 * 27 / 57:.3f}" in before and "1.000" in after
+    assert "drop components < 14.5 mm^3" in after  # midway between the 2-voxel speckle and the 27-voxel cube of 1 mm^3 voxels
