@@ -425,9 +425,9 @@ def _common(plan: Plan, summary: dict, unlabeled: bool, batch: int, num_classes:
 
 def _schedules(plan: Plan, steps: int, unlabeled: bool, rare: dict[int, str]) -> None:
     """Step-based keys scaled to the run (the lesion recipe's proportions)."""
-    plan.set("train", "val_every_steps", max(1, steps // 5), "5 validations a run (the best teacher is kept)")
+    # warm-up, ramp-up and the EMA windows are the schema's fractions of train.max_steps (medeman.schedules): not set here
+    plan.set("train", "val_every_steps", max(1, steps // 5), "5 validations a run (the deployed teacher is the final-step one)")
     if unlabeled:
-        plan.set("ssl", "rampup_steps", max(1, int(0.4 * steps)), "unsupervised weight ramps up over 40 % of the run (the lesion recipe: a teacher blind to a small class teaches 'absent' early on)")
         if rare:
             plan.set("data", "unlabeled_focus_fraction", 0.5, "half the unlabeled patches centred where the teacher sees a rare class")
             plan.set("data", "unlabeled_focus_classes", sorted(rare), "the rare classes")
