@@ -418,8 +418,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = fit(cfg, args.labeled, args.unlabeled, args.val, args.out, test=args.test, resume=args.resume,
                      overwrite=args.overwrite, progress_bar=not args.no_progress, keep=PLAN_OUTPUTS if planned else ())
     except (ConfigError, DataError) as err:
-        if new_folder and Path(args.out).is_dir() and not any(Path(args.out).iterdir()):
-            Path(args.out).rmdir()  # a refused run leaves no empty run folder behind
+        out = Path(args.out)
+        if new_folder and out.is_dir() and all(p.name in PLAN_OUTPUTS and p.is_file() for p in out.iterdir()):
+            for written in out.iterdir():  # only this call's plan: a refused run leaves no run folder behind
+                written.unlink()
+            out.rmdir()
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(
