@@ -16,7 +16,7 @@ from typing import Sequence
 
 from medeman.checkpoint import read_teacher_file
 from medeman.config import load_config
-from medeman.evaluate import segment_and_score
+from medeman.score_run import segment_and_score
 from medeman.threads import set_threads_for_config
 from medeman.train import fit
 
