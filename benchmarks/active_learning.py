@@ -94,7 +94,7 @@ def train_and_score(cohort: Path, acquired: list[str], run_dir: Path, seed: int,
     if done.is_file():
         return json.loads(done.read_text())
     from medeman.config import load_config
-    from medeman.evaluate import segment_and_score
+    from medeman.score_run import segment_and_score
     from medeman.train import fit
 
     labeled, unlabeled = build_sets(cohort, acquired, run_dir / "data")
@@ -141,7 +141,7 @@ def score_study(cohort: Path, round_dir: Path, seed: int, k: int) -> list[dict]:
     """
     from scipy.stats import spearmanr
 
-    from medeman.evaluate import segment_and_score
+    from medeman.score_run import segment_and_score
     from medeman.rank import rank_cases
     from medeman.rank_scores import rank_fraction
 

@@ -81,7 +81,7 @@ def make_lesion_cohort(root: Path, counts: dict) -> Path:
 
 def score_teacher(run_dir: Path, data: Path, lesion_overlap: float) -> dict[str, float]:
     """Segment ``<data>/test/images`` with the run's ``teacher.pt``; lesion and organ figures of the test cases."""
-    from medeman.evaluate import segment_and_score
+    from medeman.score_run import segment_and_score
 
     _, summary = segment_and_score(run_dir, data / "test" / "images", data / "test" / "labels", run_dir / "pred_test",
                                    csv=run_dir / "test_scores.csv", lesion_overlap=lesion_overlap,

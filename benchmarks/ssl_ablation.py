@@ -150,7 +150,7 @@ def final_student(run_dir: Path, cfg: dict) -> torch.nn.Module:
 
 def score_model(model, cfg: dict, cohort: Path, pred_dir: Path) -> dict[str, float]:
     """Segment ``<cohort>/test/images`` and return the mean foreground Dice and per-class Dice over the test cases."""
-    from medeman.evaluate import segment_and_score
+    from medeman.score_run import segment_and_score
 
     _, summary = segment_and_score((model, cfg), cohort / "test" / "images", cohort / "test" / "labels", pred_dir,
                                    overwrite=True, progress=False, device="cpu")

@@ -10,10 +10,12 @@ Typical use::
     names = class_names(cfg)                       # {1: "liver", 2: "kidneys"}
     lesions = lesion_classes(cfg)                  # [3]
     class_title(2, names)                          # "kidneys"
+    load_class_names("Task03_Liver/dataset.json")  # {1: "liver", 2: "cancer"}  (medeman evaluate --classes)
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Iterable, Mapping
 
 
@@ -69,3 +71,75 @@ def lesion_classes(cfg: dict) -> list[int]:
     """``data.lesion_classes`` as label values (names resolved through ``data.labels``)."""
     data = cfg["data"]
     return resolve_classes(data.get("lesion_classes"), class_names(cfg), int(data["num_classes"]), "data.lesion_classes")
+
+
+def load_class_names(spec: str | Path) -> dict[int, str]:
+    """Class names by label value, from a file or written out.
+
+    Args:
+        spec: one of
+            - an MSD or nnU-Net v2 ``dataset.json`` (``"labels": {"1": "liver"}`` or ``{"liver": 1}``);
+            - a medeman YAML config or a run folder (its ``config.yaml``): the ``data.labels`` map;
+            - a folder holding a ``dataset.json``;
+            - names written out: ``1=liver,2=kidneys`` or ``liver,kidneys`` (classes 1, 2, ... in order).
+
+    Returns:
+        ``{label value: name}``, background left out.
+
+    Raises:
+        ValueError: a file without a usable map, or a map that is not label values and names.
+    """
+    from medeman.config import read_yaml
+
+    path = Path(spec)
+    if path.is_dir():
+        found = [f for f in (path / "config.yaml", path / "dataset.json") if f.is_file()]
+        if not found:
+            raise ValueError(f"{path}: no config.yaml (run folder) or dataset.json with class names in it")
+        path = found[0]
+    if path.is_file():
+        if path.suffix == ".json":
+            from medeman.data.discovery import read_dataset_json  # the one dataset.json reader
+
+            raw = read_dataset_json(path, layout=False).get("labels")
+        else:
+            cfg = read_yaml(path)
+            raw = ((cfg or {}).get("data") or {}).get("labels") if isinstance(cfg, dict) else None
+        if not raw:
+            raise ValueError(f"{path}: no class names in it (a 'labels' map in dataset.json, data.labels in a config)")
+        return _names_from_map(raw, str(path))
+    text = str(spec).strip()
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if items and all("=" in item for item in items):
+        return _names_from_map(dict(item.split("=", 1) for item in items), f"--classes {text}")
+    if items and not any("=" in item for item in items):
+        return {i: name for i, name in enumerate(items, start=1)}
+    raise ValueError(f"--classes {text!r}: give a dataset.json, a config or run folder, '1=liver,2=kidneys' or 'liver,kidneys'")
+
+
+def load_lesion_classes(spec: str | Path) -> list[int]:
+    """``data.lesion_classes`` of a medeman config or run folder (``[]`` for anything else: names written out, dataset.json)."""
+    from medeman.config import read_yaml
+
+    path = Path(spec)
+    path = path / "config.yaml" if path.is_dir() else path
+    if not path.is_file() or path.suffix not in (".yaml", ".yml"):
+        return []
+    data = (read_yaml(path) or {}).get("data") or {}
+    return resolve_classes(data.get("lesion_classes"), load_class_names(path) if data.get("labels") else {},
+                           where=f"{path}: data.lesion_classes")
+
+
+def _names_from_map(raw, where: str) -> dict[int, str]:
+    """``{value: name}`` (MSD, medeman) or ``{name: value}`` (nnU-Net v2) -> ``{int value: name}`` without background."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: class names must be a map of label values and names, got {raw!r}")
+    out = {}
+    for key, value in raw.items():
+        number, name = (key, value) if str(key).strip().lstrip("-").isdigit() else (value, key)
+        if isinstance(number, bool) or not str(number).strip().isdigit():
+            raise ValueError(f"{where}: {key!r}: {value!r} is not a label value and a name "
+                             "(nnU-Net region labels with several values are not supported)")
+        out[int(str(number).strip())] = str(name).strip()
+    out.pop(0, None)
+    return out

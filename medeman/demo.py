@@ -16,9 +16,9 @@ from typing import Sequence
 
 from medeman.checkpoint import read_teacher_file
 from medeman.config import load_config
-from medeman.evaluate import segment_and_score
+from medeman.score_run import segment_and_score
 from medeman.threads import set_threads_for_config
-from medeman.train import fit
+from medeman.train import fit, hide_lightning_advert
 
 
 def _peak_rss_mib() -> float:
@@ -35,6 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--out", default="runs/demo", help="run folder, replaced on each demo run")
     args = parser.parse_args(argv)
+    hide_lightning_advert()
     data, out = Path(args.data), Path(args.out)
     cfg = load_config(args.config or ["configs/sample.yaml"], args.set)
     set_threads_for_config(cfg)  # make demo beside another training: threads that fit the machine

@@ -28,6 +28,10 @@ every connected-component count. Lesion-wise Dice (BraTS 2023): per reference le
 with the predicted components touching it (0 when none), averaged with a 0 for every predicted
 component that touches no reference lesion; 1 when a case has neither.
 
+Here: matching folders, the summary table, the CSV and the pictures. The scores themselves are
+:mod:`medeman.metrics`, class names :mod:`medeman.classes`, file names :mod:`medeman.outputs`;
+segmenting then scoring in one call is :func:`medeman.score_run.segment_and_score`.
+
 Typical use::
 
     summary = evaluate_folder("runs/demo/pred", "sample_data/test/labels", csv="runs/demo/metrics.csv")
@@ -40,84 +44,28 @@ import argparse
 import csv as csv_module
 import math
 import sys
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
-import torch
-from monai.metrics import compute_average_surface_distance, compute_dice, compute_hausdorff_distance
-from scipy import ndimage
 
 from medeman.data.checks import nonfinite_problem
 from medeman.data.discovery import group_channels, index_by_case, label_id, list_images
-from medeman.data.readers import image_stem, read_volume, voxel_spacing
+from medeman.data.readers import read_volume, voxel_spacing
 from medeman.cases import CaseError, one_line
-from medeman.classes import resolve_classes
+from medeman.classes import load_class_names, load_lesion_classes, resolve_classes
 from medeman.checkpoint import ModelFileError, read_teacher_file
+from medeman.metrics import (  # noqa: F401  (re-exported: the scores were defined here before medeman.metrics)
+    DEFAULT_LESION_OVERLAP, ClassScore, LesionCounts, case_scores, f1_score, lesion_counts, mask_scores)
+from medeman.outputs import picture_path, prediction_id
 from medeman.postprocess import apply_postprocessing, describe
 
 label_case_id = label_id  # a label file's case id: name without image suffix and without _seg/_label/_mask
 CSV_COLUMNS = ("case", "class", "name", "dice", "hd95_mm", "asd_mm", "reference_voxels", "predicted_voxels",
                "reference_lesions", "detected_lesions", "missed_lesions", "predicted_lesions", "false_positive_lesions",
                "lesion_sensitivity", "lesion_precision", "lesion_f1", "lesion_dice", "note")
-DEFAULT_LESION_OVERLAP = 0.1  # IoU a lesion needs to count as detected; 0 means any overlap
 ABSENT_NOTE = "absent from prediction and reference"
-
-
-@dataclass(frozen=True)
-class LesionCounts:
-    """Connected-component detection figures of one class in one case (see the module docstring)."""
-
-    reference: int = 0         # reference lesions (components)
-    detected: int = 0          # reference lesions found at the overlap rule
-    predicted: int = 0         # predicted components
-    true_positive: int = 0     # predicted components that match reference lesions at the overlap rule
-    dice: float = 1.0          # lesion-wise Dice (BraTS 2023)
-
-    @property
-    def missed(self) -> int:
-        return self.reference - self.detected
-
-    @property
-    def false_positive(self) -> int:
-        return self.predicted - self.true_positive
-
-    @property
-    def sensitivity(self) -> float:
-        return self.detected / self.reference if self.reference else math.nan
-
-    @property
-    def precision(self) -> float:
-        return self.true_positive / self.predicted if self.predicted else math.nan
-
-    @property
-    def f1(self) -> float:
-        return f1_score(self.sensitivity, self.precision)
-
-
-def f1_score(sensitivity: float, precision: float) -> float:
-    """Harmonic mean; NaN when either is undefined (no reference or no predicted lesion), 0 when both are 0."""
-    if not (math.isfinite(sensitivity) and math.isfinite(precision)):
-        return math.nan
-    total = sensitivity + precision
-    return 2 * sensitivity * precision / total if total > 0 else 0.0
-
-
-@dataclass
-class ClassScore:
-    """One class of one case."""
-
-    case_id: str
-    label: int
-    dice: float
-    hd95: float
-    asd: float
-    reference_voxels: int
-    predicted_voxels: int
-    lesions: LesionCounts | None = None  # only for lesion classes
-    note: str = ""  # ABSENT_NOTE when the class is in neither mask of this case
 
 
 @dataclass
@@ -215,104 +163,6 @@ class EvaluationSummary:
         return "\n".join(lines)
 
 
-def mask_scores(prediction: np.ndarray, reference: np.ndarray, spacing) -> tuple[float, float, float]:
-    """Dice, HD95 (mm) and symmetric average surface distance (mm) of two binary masks on one grid.
-
-    The masks are cropped to their joint bounding box plus one voxel first, which changes no
-    score. See the module docstring for empty masks.
-    """
-    pred, ref = np.asarray(prediction, dtype=bool), np.asarray(reference, dtype=bool)
-    if pred.shape != ref.shape:
-        raise ValueError(f"prediction shape {pred.shape} differs from reference shape {ref.shape}")
-    has_pred, has_ref = bool(pred.any()), bool(ref.any())
-    if not (has_pred or has_ref):
-        return 1.0, math.nan, math.nan
-    if not (has_pred and has_ref):
-        return 0.0, math.nan, math.nan
-    nonzero = np.argwhere(pred | ref)
-    low = np.maximum(nonzero.min(axis=0) - 1, 0)
-    high = np.minimum(nonzero.max(axis=0) + 2, pred.shape)
-    box = tuple(slice(lo, hi) for lo, hi in zip(low, high))
-    p = torch.from_numpy(pred[box])[None, None].float()
-    r = torch.from_numpy(ref[box])[None, None].float()
-    spacing = [float(s) for s in spacing]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # MONAI 1.5+ deprecation inside get_mask_edges
-        dice = compute_dice(p, r, include_background=True, ignore_empty=False)
-        hd95 = compute_hausdorff_distance(p, r, include_background=True, percentile=95, spacing=spacing)
-        asd = compute_average_surface_distance(p, r, include_background=True, symmetric=True, spacing=spacing)
-    return float(dice[0, 0]), float(hd95[0, 0]), float(asd[0, 0])
-
-
-def lesion_counts(prediction: np.ndarray, reference: np.ndarray, overlap: float = DEFAULT_LESION_OVERLAP,
-                  connectivity: int = 3) -> LesionCounts:
-    """Lesion-wise detection and lesion-wise Dice of two binary masks (rules in the module docstring).
-
-    Args:
-        prediction, reference: binary masks on one grid.
-        overlap: IoU a lesion (or a predicted component) needs with what it touches to count as found;
-            0 means any overlap.
-        connectivity: 1 (6-), 2 (18-) or 3 (26-neighbourhood) for :func:`scipy.ndimage.label`.
-
-    Returns:
-        The :class:`LesionCounts`.
-
-    Example:
-        >>> ref = np.zeros((9, 9, 9), bool); ref[1:3, 1:3, 1:3] = ref[6:8, 6:8, 6:8] = True
-        >>> pred = ref.copy(); pred[6:8, 6:8, 6:8] = False; pred[1:3, 6:8, 1:3] = True
-        >>> lesion_counts(pred, ref)  # one lesion found, one missed, one false positive
-        LesionCounts(reference=2, detected=1, predicted=2, true_positive=1, dice=0.3333333333333333)
-    """
-    pred, ref = np.asarray(prediction, dtype=bool), np.asarray(reference, dtype=bool)
-    if pred.shape != ref.shape:
-        raise ValueError(f"prediction shape {pred.shape} differs from reference shape {ref.shape}")
-    if connectivity not in (1, 2, 3):
-        raise ValueError(f"connectivity must be 1, 2 or 3 (6-, 18- or 26-neighbourhood), got {connectivity}")
-    structure = ndimage.generate_binary_structure(3, connectivity)
-    ref_ids, n_ref = ndimage.label(ref, structure)
-    pred_ids, n_pred = ndimage.label(pred, structure)
-    if n_ref == 0 and n_pred == 0:
-        return LesionCounts()
-    ref_size = np.bincount(ref_ids.ravel(), minlength=n_ref + 1).astype(float)
-    pred_size = np.bincount(pred_ids.ravel(), minlength=n_pred + 1).astype(float)
-    # voxels shared by each touching (reference, predicted) pair: sparse, never an n_ref x n_pred table
-    both = ref & pred
-    pairs, shared = np.unique(np.stack([ref_ids[both], pred_ids[both]]), axis=1, return_counts=True)
-    r, p = pairs if pairs.size else (np.zeros(0, int), np.zeros(0, int))
-    # components of one mask are disjoint, so a lesion's overlap with the union of the components
-    # touching it is the sum of its pairwise overlaps, and that union's size the sum of their sizes
-    ref_inter = np.bincount(r, weights=shared, minlength=n_ref + 1)[1:]
-    ref_union_pred = np.bincount(r, weights=pred_size[p], minlength=n_ref + 1)[1:]
-    pred_inter = np.bincount(p, weights=shared, minlength=n_pred + 1)[1:]
-    pred_union_ref = np.bincount(p, weights=ref_size[r], minlength=n_pred + 1)[1:]
-
-    def found(inter: np.ndarray, own: np.ndarray, touched: np.ndarray) -> np.ndarray:
-        iou = inter / np.maximum(own + touched - inter, 1.0)
-        return (inter > 0) & (iou >= overlap)
-
-    detected = found(ref_inter, ref_size[1:], ref_union_pred)
-    true_positive = found(pred_inter, pred_size[1:], pred_union_ref)
-    per_lesion_dice = 2 * ref_inter / np.maximum(ref_size[1:] + ref_union_pred, 1.0)
-    unmatched = int((pred_inter == 0).sum())  # predicted components touching no reference lesion
-    dice = float(per_lesion_dice.sum() / (n_ref + unmatched))
-    return LesionCounts(int(n_ref), int(detected.sum()), int(n_pred), int(true_positive.sum()), dice)
-
-
-def case_scores(case_id: str, prediction: np.ndarray, reference: np.ndarray, spacing,
-                lesion_overlap: float = DEFAULT_LESION_OVERLAP, connectivity: int = 3,
-                lesion_classes: Iterable[int] = ()) -> list[ClassScore]:
-    """Scores of every foreground class present in either label array; lesion-wise ones for ``lesion_classes``."""
-    lesion_classes = {int(c) for c in lesion_classes}
-    labels = sorted((set(np.unique(prediction).tolist()) | set(np.unique(reference).tolist())) - {0})
-    out = []
-    for label in labels:
-        pred, ref = prediction == label, reference == label
-        dice, hd95, asd = mask_scores(pred, ref, spacing)
-        lesions = lesion_counts(pred, ref, lesion_overlap, connectivity) if label in lesion_classes else None
-        out.append(ClassScore(case_id, int(label), dice, hd95, asd, int(ref.sum()), int(pred.sum()), lesions))
-    return out
-
-
 def _index(files: list[Path], case_id, what: str, problems: list[str]) -> dict[str, Path]:
     return index_by_case(files, case_id, problems, f"{{id}}: two {what} files, {{first}} and {{file}}; using the first")
 
@@ -360,8 +210,8 @@ def evaluate_folder(
         raise ValueError(f"lesion overlap {lesion_overlap!r} must be an IoU in [0, 1] (0: any overlap)")
     if not pred_dir.is_dir():
         raise FileNotFoundError(f"{pred_dir}: no such prediction folder")
-    preds = _index([p for p in list_images(pred_dir) if not image_stem(p).endswith("_probs")],
-                   image_stem, "prediction", summary.problems)
+    preds = _index([p for p in list_images(pred_dir) if prediction_id(p) is not None],
+                   prediction_id, "prediction", summary.problems)
     labels: dict[str, Path] = {}
     if label_dir is not None:
         if not Path(label_dir).is_dir():
@@ -454,7 +304,7 @@ def _draw(case_id, pred, ref, affine, image_path, png_dir: Path, summary: Evalua
         except CaseError as err:
             summary.notes.append(f"{err}; drawn without the scan")
     scores = {s.label: s.dice for s in summary.scores if s.case_id == case_id}
-    save_case_figure(png_dir / f"{case_id}.png", pred, affine, reference=ref, image=image, title=case_id, scores=scores,
+    save_case_figure(picture_path(png_dir, case_id), pred, affine, reference=ref, image=image, title=case_id, scores=scores,
                      names=summary.class_names)
 
 
@@ -502,121 +352,6 @@ def write_csv(summary: EvaluationSummary, path: str | Path) -> Path:
 
 def _num(value: float) -> str:
     return "nan" if not math.isfinite(value) else f"{value:.6g}"
-
-
-def segment_and_score(
-    model,
-    images_dir: str | Path,
-    labels_dir: str | Path | None,
-    output_dir: str | Path,
-    png_dir: str | Path | None = None,
-    csv: str | Path | None = None,
-    class_names: dict[int, str] | None = None,
-    lesion_overlap: float = DEFAULT_LESION_OVERLAP,
-    lesion_classes: Iterable[int] | None = None,
-    **infer_options,
-):
-    """Segment every scan of ``images_dir`` into ``output_dir``, then score and draw them (what ``make demo`` shows).
-
-    Args:
-        model: a run folder, ``teacher.pt`` or ``(network, config)``, as for :func:`medeman.infer.infer_cases`.
-        class_names, lesion_overlap, lesion_classes: as for :func:`evaluate_folder`; names and lesion
-            classes left out (None) are the model's own (``data.labels``, ``data.lesion_classes``).
-        infer_options: passed to :func:`~medeman.infer.infer_cases` (``overwrite``, ``tta``, ``device``, ...).
-
-    Returns:
-        ``(case results, EvaluationSummary)``; print ``summary.table()`` for the table.
-    """
-    from medeman.checkpoint import load_teacher
-    from medeman.classes import class_names as config_names, lesion_classes as config_lesions
-    from medeman.infer import infer_cases
-
-    if isinstance(model, (str, Path)):
-        net, cfg, _ = load_teacher(model)
-        model = (net, cfg)
-    cfg = model[1]
-    class_names = config_names(cfg) if class_names is None else class_names
-    lesion_classes = config_lesions(cfg) if lesion_classes is None else lesion_classes
-    results = infer_cases(model, images_dir, output_dir, **infer_options)
-    summary = evaluate_folder(output_dir, labels_dir, csv=csv, png_dir=png_dir, images_dir=images_dir,
-                              class_names=class_names, lesion_overlap=lesion_overlap, lesion_classes=lesion_classes)
-    return results, summary
-
-
-def load_class_names(spec: str | Path) -> dict[int, str]:
-    """Class names by label value, from a file or written out.
-
-    Args:
-        spec: one of
-            - an MSD or nnU-Net v2 ``dataset.json`` (``"labels": {"1": "liver"}`` or ``{"liver": 1}``);
-            - a medeman YAML config or a run folder (its ``config.yaml``): the ``data.labels`` map;
-            - a folder holding a ``dataset.json``;
-            - names written out: ``1=liver,2=kidneys`` or ``liver,kidneys`` (classes 1, 2, ... in order).
-
-    Returns:
-        ``{label value: name}``, background left out.
-
-    Raises:
-        ValueError: a file without a usable map, or a map that is not label values and names.
-    """
-    from medeman.config import read_yaml
-
-    path = Path(spec)
-    if path.is_dir():
-        found = [f for f in (path / "config.yaml", path / "dataset.json") if f.is_file()]
-        if not found:
-            raise ValueError(f"{path}: no config.yaml (run folder) or dataset.json with class names in it")
-        path = found[0]
-    if path.is_file():
-        if path.suffix == ".json":
-            import json
-
-            try:
-                raw = json.loads(path.read_text(encoding="utf-8")).get("labels")
-            except (ValueError, AttributeError) as err:
-                raise ValueError(f"{path}: not a dataset.json with a 'labels' map: {one_line(err)}") from None
-        else:
-            cfg = read_yaml(path)
-            raw = ((cfg or {}).get("data") or {}).get("labels") if isinstance(cfg, dict) else None
-        if not raw:
-            raise ValueError(f"{path}: no class names in it (a 'labels' map in dataset.json, data.labels in a config)")
-        return _names_from_map(raw, str(path))
-    text = str(spec).strip()
-    items = [item.strip() for item in text.split(",") if item.strip()]
-    if items and all("=" in item for item in items):
-        return _names_from_map(dict(item.split("=", 1) for item in items), f"--classes {text}")
-    if items and not any("=" in item for item in items):
-        return {i: name for i, name in enumerate(items, start=1)}
-    raise ValueError(f"--classes {text!r}: give a dataset.json, a config or run folder, '1=liver,2=kidneys' or 'liver,kidneys'")
-
-
-def load_lesion_classes(spec: str | Path) -> list[int]:
-    """``data.lesion_classes`` of a medeman config or run folder (``[]`` for anything else: names written out, dataset.json)."""
-    from medeman.classes import resolve_classes
-    from medeman.config import read_yaml
-
-    path = Path(spec)
-    path = path / "config.yaml" if path.is_dir() else path
-    if not path.is_file() or path.suffix not in (".yaml", ".yml"):
-        return []
-    data = (read_yaml(path) or {}).get("data") or {}
-    return resolve_classes(data.get("lesion_classes"), load_class_names(path) if data.get("labels") else {},
-                           where=f"{path}: data.lesion_classes")
-
-
-def _names_from_map(raw, where: str) -> dict[int, str]:
-    """``{value: name}`` (MSD, medeman) or ``{name: value}`` (nnU-Net v2) -> ``{int value: name}`` without background."""
-    if not isinstance(raw, dict):
-        raise ValueError(f"{where}: class names must be a map of label values and names, got {raw!r}")
-    out = {}
-    for key, value in raw.items():
-        number, name = (key, value) if str(key).strip().lstrip("-").isdigit() else (value, key)
-        if isinstance(number, bool) or not str(number).strip().isdigit():
-            raise ValueError(f"{where}: {key!r}: {value!r} is not a label value and a name "
-                             "(nnU-Net region labels with several values are not supported)")
-        out[int(str(number).strip())] = str(name).strip()
-    out.pop(0, None)
-    return out
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -37,6 +37,7 @@ from medeman.classes import class_names, lesion_classes
 from medeman.data.readers import image_suffix, read_geometry, voxel_spacing, write_volume
 from medeman.data.transforms import preprocessing
 from medeman.labels import argmax_labels, label_dtype
+from medeman.outputs import mask_path, probabilities_path
 from medeman.postprocess import apply_postprocessing
 from medeman.predict import invert_to_input, labels_on_input, predict_volume
 from medeman.threads import apply_threads, choose_threads
@@ -128,8 +129,8 @@ def infer_cases(
         tqdm.write(f"error: {message}", file=sys.stderr)
     plan: list[CaseResult | _Job] = []  # per case, in order: decided now (skip, refusal) or to segment
     for case in cases:
-        out_path = output_dir / f"{case.case_id}{output_suffix(case, output_format)}"
-        probs_path = output_dir / f"{case.case_id}_probs.nii.gz" if probabilities else None
+        out_path = mask_path(output_dir, case.case_id, output_suffix(case, output_format))
+        probs_path = probabilities_path(output_dir, case.case_id) if probabilities else None
         targets = [p for p in (out_path, probs_path) if p is not None]
         if out_path.suffix == ".dcm" and case.series is None:
             plan.append(CaseResult(case.case_id, "failed", message=f"{case.source}: a DICOM-SEG references a DICOM "

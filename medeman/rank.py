@@ -44,6 +44,7 @@ from medeman.data.transforms import preprocessing
 from medeman.cases import SUFFIXES, Case, CaseError, find_cases, one_line, prepare_output_dir, preprocess_case
 from medeman.labels import argmax_labels
 from medeman.methods import METHODS, TeacherMethod
+from medeman.outputs import uncertainty_path
 from medeman.postprocess import apply_postprocessing
 from medeman.nets import build_network
 from medeman.predict import TTA_FLIPS, invert_to_input, predict_volume
@@ -302,7 +303,7 @@ def rank_cases(
                 continue
             item = ScanScores(case.case_id, case.files[0], values, embedding, source=case.source)
             if maps:  # on the scan's grid, with its header when it is NIfTI
-                write_volume(entropy.numpy().astype(np.float32), case.files[0], out / "uncertainty" / f"{case.case_id}.nii.gz")
+                write_volume(entropy.numpy().astype(np.float32), case.files[0], uncertainty_path(out, case.case_id))
             if png:  # kept on disk, not in memory: a pool may hold hundreds of full-size scans
                 item.maps = Path(scratch) / f"{len(scored)}.npz"
                 np.savez(item.maps, entropy=entropy.numpy().astype(np.float16), mask=mask.numpy())

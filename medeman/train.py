@@ -28,7 +28,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -40,6 +40,9 @@ from medeman.checkpoint import save_teacher
 from medeman.config import ConfigError, load_config, save_config, validate
 from medeman.resume import CadenceCheckpoint, ContinuedCSVLogger, ContinuedStepCount, check_resume, pin_schedules, record_resume
 from medeman.threads import set_threads_for_config
+
+if TYPE_CHECKING:  # the data stack is imported late (heavy)
+    from medeman.data.datamodule import CohortCache
 
 PLAN_OUTPUTS = ("plan.yaml", "fingerprint.json")
 RUN_OUTPUTS = (*PLAN_OUTPUTS, "config.yaml", "split.json", "teacher.pt", "metrics.csv", "hparams.yaml", "tensorboard", "checkpoints", "cache")
@@ -62,7 +65,11 @@ def _hide_advert(record: logging.LogRecord) -> bool:
     return "litlogger" not in record.getMessage()
 
 
-logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_hide_advert)
+def hide_lightning_advert() -> None:
+    """Drop Lightning's ``litlogger`` advert from the log of a command that trains (once; a library import changes no logger)."""
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if _hide_advert not in logger.filters:
+        logger.addFilter(_hide_advert)
 
 
 @dataclass
@@ -196,6 +203,7 @@ def fit(
     progress_bar: bool = True,
     logger: bool = True,
     keep: Sequence[str] = (),
+    cohorts: CohortCache | None = None,
 ) -> TrainResult:
     """Train a model as ``cfg`` says and leave a run folder (see module docstring).
 
@@ -213,6 +221,8 @@ def fit(
         progress_bar: show Lightning's progress bar.
         logger: write ``metrics.csv`` and TensorBoard logs.
         keep: run outputs already in ``out_dir`` that belong to this run (``plan.yaml``, ``fingerprint.json``).
+        cohorts: a :class:`~medeman.data.datamodule.CohortCache` shared with other runs of this process
+            (tuning trials): a cohort already prepared there is taken instead of read and checked again.
 
     Raises:
         ConfigError: inconsistent config or run folder. ``DataError``: bad input data.
@@ -228,7 +238,8 @@ def fit(
     prepare_run_dir(out_dir, resume, overwrite, keep)
     resume_step, changes = _check_resume(out_dir, cfg) if resume else (None, {})  # before anything in the run folder is written
     pl.seed_everything(int(cfg["train"]["seed"]), workers=True, verbose=False)
-    datamodule = SSLDataModule(cfg, labeled=labeled, unlabeled=unlabeled if method.uses_unlabeled else None, val=val, run_dir=out_dir, test=test)
+    datamodule = SSLDataModule(cfg, labeled=labeled, unlabeled=unlabeled if method.uses_unlabeled else None, val=val, run_dir=out_dir, test=test,
+                               cohorts=cohorts)
     datamodule.setup("fit")  # every data check runs here, before any training
     cohort = datamodule.cohort
     if cohort is not None and (cohort.unlabeled or cohort.flagged) and rank_zero_only.rank == 0:
@@ -406,6 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from medeman.data import DataError
 
     args = build_parser().parse_args(argv)
+    hide_lightning_advert()
     new_folder = not Path(args.out).exists()
     try:
         planned = not args.config and not args.resume

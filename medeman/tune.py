@@ -58,7 +58,7 @@ import time
 import traceback
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import optuna
 import yaml
@@ -69,6 +69,9 @@ from optuna.trial import FrozenTrial, TrialState
 from medeman.config import ConfigError, load_config, render_yaml, validate
 from medeman.data.errors import DataError
 from medeman.threads import apply_threads, choose_threads, local_processes
+
+if TYPE_CHECKING:  # the data stack is imported late (heavy)
+    from medeman.data.datamodule import CohortCache
 
 MONITOR = "val/dice_teacher"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -255,12 +258,14 @@ def objective(
     out_dir: Path,
     train_fn: Callable | None = None,
     test: str | Path | None = None,
+    cohorts: CohortCache | None = None,
 ) -> float:
     """Train once with the trial's parameters in ``<out_dir>/trial_NNNN``; return the mean of its last k ``val/dice_teacher``.
 
     ``test``: a test cohort that is never used as unlabeled scans (passed on to ``train_fn`` as ``test=``).
     With ``data.cache: disk`` and no ``data.cache_dir``, every trial (and every worker with this
     ``out_dir``) uses ``<out_dir>/cache``, where the preprocessed scans are keyed by the data config.
+    ``cohorts``: the worker's :class:`~medeman.data.datamodule.CohortCache`, passed on to ``train_fn``.
     """
     if train_fn is None:
         from medeman.train import fit as train_fn
@@ -276,6 +281,7 @@ def objective(
             config, labeled, unlabeled, val, run_dir,
             callbacks=[reporter], overwrite=True, progress_bar=False, logger=True,
             **({"test": test} if test is not None else {}),  # stand-ins in tests need not know it
+            **({"cohorts": cohorts} if cohorts is not None else {}),
         )
     finally:
         trial.set_user_attr("validations", [[step, round(score, 6)] for step, score in reporter.history])
@@ -436,22 +442,43 @@ def _claim(study: optuna.Study, storage: optuna.storages.BaseStorage, max_trials
         return trial
     ahead = _counted([t for t in trials if t.number < trial.number]) - {trial.number}
     if full or len(ahead) >= max_trials:
-        storage.set_trial_state_values(trial._trial_id, TrialState.WAITING)
+        storage.set_trial_state_values(trial_id(storage, study, trial), TrialState.WAITING)
         return None
     return trial
 
 
-def _heartbeat(study: optuna.Study, trial: optuna.Trial) -> contextlib.AbstractContextManager:
+def trial_id(storage: optuna.storages.BaseStorage, study: optuna.Study, trial: optuna.Trial) -> int:
+    """The storage's id of ``trial``, asked through the public storage API (Optuna's ``Trial`` keeps it private)."""
+    return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name), trial.number)
+
+
+def heartbeat_thread_factory() -> Callable[[int, optuna.storages.BaseStorage], contextlib.AbstractContextManager]:
+    """Optuna's ``get_heartbeat_thread(trial_id, storage)``: the thread ``Study.optimize`` runs around each trial.
+
+    Ask-and-tell has to start it itself, and Optuna offers it only from a private module: this is the
+    one place medeman reaches it, and ``tests/test_tune.py`` fails with this message if it moves.
+
+    Raises:
+        RuntimeError: the installed Optuna no longer has it where medeman looks.
+    """
+    try:
+        from optuna.storages._heartbeat import get_heartbeat_thread
+    except ImportError as err:
+        raise RuntimeError(f"optuna {optuna.__version__} has no optuna.storages._heartbeat.get_heartbeat_thread "
+                           f"({err}): medeman.tune.heartbeat_thread_factory must follow it to its new place") from None
+    return get_heartbeat_thread
+
+
+def _heartbeat(storage: optuna.storages.BaseStorage, study: optuna.Study, trial: optuna.Trial) -> contextlib.AbstractContextManager:
     # The heartbeat thread Study.optimize runs around each trial; ask-and-tell has to start it itself.
-    from optuna.storages._heartbeat import get_heartbeat_thread
-
-    return get_heartbeat_thread(trial._trial_id, study._storage)
+    return heartbeat_thread_factory()(trial_id(storage, study, trial), storage)
 
 
-def _run_trial(study: optuna.Study, trial: optuna.Trial, func: Callable[[optuna.Trial], float]) -> None:
+def _run_trial(storage: optuna.storages.BaseStorage, study: optuna.Study, trial: optuna.Trial,
+               func: Callable[[optuna.Trial], float]) -> None:
     """Run one trial and record it: COMPLETE with its value, PRUNED, or FAIL with the error."""
     try:
-        with _heartbeat(study, trial):
+        with _heartbeat(storage, study, trial):
             value = func(trial)
     except optuna.TrialPruned as err:
         study.tell(trial, state=TrialState.PRUNED)
@@ -527,7 +554,7 @@ def run_study(
     Returns:
         The study, with the trials of every worker.
     """
-    from medeman.data.datamodule import shared_cohorts
+    from medeman.data.datamodule import CohortCache
 
     validate(cfg)
     out_dir = Path(out_dir)
@@ -537,33 +564,33 @@ def run_study(
     heartbeat = getattr(backend, "get_heartbeat_interval", lambda: None)() is not None
     deadline = None if timeout is None else time.monotonic() + timeout
     done, waiting = 0, False
-    with shared_cohorts():  # the trials of this worker preprocess the cohort once
-        while n_trials is None or done < n_trials:
-            if deadline is not None and time.monotonic() >= deadline:
-                break
-            fail_dead_trials(study)
-            trial = _claim(study, backend, max_trials)
-            if trial is None:
-                if heartbeat and _others_running(study):
-                    if not waiting:
-                        _log.info("study %s is at its cap of %d trials: waiting for the %d running one(s) "
-                                  "(a trial whose worker died is retried here)", study_name, max_trials, _others_running(study))
-                    waiting = True
-                    time.sleep(float(cfg["tune"]["heartbeat_interval"]))
-                    continue
-                _log.info("study %s holds %d trials, its cap: this worker stops", study_name, max_trials)
-                break
-            waiting = False
-            # Seed each trial by its number: a resumed study or a second worker draws new points, and a
-            # single worker's study is reproducible. TPE keeps no state beyond its RNG (history is in storage).
-            study.sampler = make_sampler(seed + trial.number)
-            retried = backend.get_trial(trial._trial_id).system_attrs.get("retry_history")
-            if retried:
-                _log.info("trial %d retries trial %d, whose worker stopped (same parameters)", trial.number, retried[-1])
-            with warnings.catch_warnings():  # ask-and-tell with a heartbeat: _run_trial runs the heartbeat thread
-                warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
-                _run_trial(study, trial, lambda t: objective(t, cfg, labeled, unlabeled, val, out_dir, train_fn, test))
-            done += 1
+    cohorts = CohortCache()  # the trials of this worker preprocess the cohort once
+    while n_trials is None or done < n_trials:
+        if deadline is not None and time.monotonic() >= deadline:
+            break
+        fail_dead_trials(study)
+        trial = _claim(study, backend, max_trials)
+        if trial is None:
+            if heartbeat and _others_running(study):
+                if not waiting:
+                    _log.info("study %s is at its cap of %d trials: waiting for the %d running one(s) "
+                              "(a trial whose worker died is retried here)", study_name, max_trials, _others_running(study))
+                waiting = True
+                time.sleep(float(cfg["tune"]["heartbeat_interval"]))
+                continue
+            _log.info("study %s holds %d trials, its cap: this worker stops", study_name, max_trials)
+            break
+        waiting = False
+        # Seed each trial by its number: a resumed study or a second worker draws new points, and a
+        # single worker's study is reproducible. TPE keeps no state beyond its RNG (history is in storage).
+        study.sampler = make_sampler(seed + trial.number)
+        retried = backend.get_trial(trial_id(backend, study, trial)).system_attrs.get("retry_history")
+        if retried:
+            _log.info("trial %d retries trial %d, whose worker stopped (same parameters)", trial.number, retried[-1])
+        with warnings.catch_warnings():  # ask-and-tell with a heartbeat: _run_trial runs the heartbeat thread
+            warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+            _run_trial(backend, study, trial, lambda t: objective(t, cfg, labeled, unlabeled, val, out_dir, train_fn, test, cohorts))
+        done += 1
     return study
 
 
@@ -732,6 +759,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.workers < 1:
         print(f"error: --workers {args.workers}: must be at least 1", file=sys.stderr)
         return 2
+    from medeman.train import hide_lightning_advert  # imported late: the training stack is heavy
+
+    hide_lightning_advert()
     out_dir = Path(args.out)
     workers = args.worker_of or args.workers
     started: list[subprocess.Popen] = []

@@ -1,15 +1,20 @@
-"""Evaluation: Dice, HD95 and ASD in mm on hand-made masks whose scores are known, and case matching."""
+"""Evaluation: Dice, HD95 and ASD in mm on hand-made masks whose scores are known (medeman.metrics), case matching,
+class names (medeman.classes) and segment-then-score (medeman.score_run)."""
 
 from __future__ import annotations
 
 import csv
 import math
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-from medeman.evaluate import evaluate_folder, label_case_id, lesion_counts, load_class_names, main, mask_scores
+from medeman.classes import load_class_names
+from medeman.evaluate import evaluate_folder, label_case_id, main
+from medeman.metrics import lesion_counts, mask_scores
 
 SHAPE = (12, 10, 14)
 
@@ -145,12 +150,30 @@ def test_unreadable_label_is_named(tmp_path, capsys):
     assert "x.nii.gz: cannot read" in err and "Traceback" not in err
 
 
+def test_evaluation_imports_no_inference():
+    """Evaluation scores any folder of masks: it sits below inference (segment_and_score is in medeman.score_run)."""
+    code = "import sys, medeman.evaluate; print(sorted(m for m in sys.modules if m in ('medeman.infer', 'medeman.predict')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_names_moved_out_of_evaluate_are_still_importable_from_it():
+    import medeman.classes
+    import medeman.evaluate
+    import medeman.metrics
+
+    for name in ("mask_scores", "lesion_counts", "case_scores", "LesionCounts", "ClassScore", "DEFAULT_LESION_OVERLAP"):
+        assert getattr(medeman.evaluate, name) is getattr(medeman.metrics, name)
+    for name in ("load_class_names", "load_lesion_classes"):
+        assert getattr(medeman.evaluate, name) is getattr(medeman.classes, name)
+
+
 def test_segment_and_score_runs_inference_then_evaluation(tmp_path):
     import torch
 
     from medeman.checkpoint import save_teacher
     from medeman.config import default_config
-    from medeman.evaluate import segment_and_score
+    from medeman.score_run import segment_and_score
     from medeman.nets import build_network
 
     cfg = default_config()
@@ -174,7 +197,7 @@ def test_segment_and_score_names_classes_from_the_model(tmp_path, lesion_classes
 
     from medeman.checkpoint import save_teacher
     from medeman.config import default_config
-    from medeman.evaluate import segment_and_score
+    from medeman.score_run import segment_and_score
     from medeman.nets import build_network
 
     cfg = default_config()
@@ -355,6 +378,8 @@ def test_class_names_written_out(spec, expected):
 @pytest.mark.parametrize("file, text, spec, message", [
     ("dataset.json", '{"name": "x"}', None, "no class names"),
     ("dataset.json", '{"labels": {"liver": [1, 2]}}', None, "region labels"),
+    ("dataset.json", '["liver"]', None, "dataset.json: a JSON object is expected"),
+    ("dataset.json", '{"labels": ', None, "unreadable dataset.json"),
     ("cfg.yaml", "data:\n  num_classes: 3\n", None, "no class names"),
     (None, None, "1=liver,kidneys", "give a dataset.json"),
 ])

@@ -271,7 +271,7 @@ def test_retried_trial_counts_once_against_the_cap(tmp_path):
     study = tune.open_study(cfg, "retry", storage)
     dead = tune._claim(study, storage, max_trials=2)
     tune.suggest(dead, cfg["tune"])
-    storage.record_heartbeat(dead._trial_id)
+    storage.record_heartbeat(tune.trial_id(storage, study, dead))
     done = tune._claim(study, storage, max_trials=2)
     tune.suggest(done, cfg["tune"])
     study.tell(done, 0.5)
@@ -283,6 +283,34 @@ def test_retried_trial_counts_once_against_the_cap(tmp_path):
     assert retry is not None and retry.params == study.trials[dead.number].params
     assert tune.original_number(study.trials[retry.number]) == dead.number
     assert tune._claim(study, storage, max_trials=2) is None
+
+
+def test_trial_id_from_the_public_storage_api_is_optunas_own(tmp_path):
+    cfg = _cfg({"tune.heartbeat_interval": 1})
+    storage = tune.open_storage(None, tmp_path, cfg["tune"])
+    study = tune.open_study(cfg, "ids", storage)
+    trials = [study.ask() for _ in range(3)]
+    assert [tune.trial_id(storage, study, t) for t in trials] == [t._trial_id for t in trials]
+
+
+def test_optunas_heartbeat_thread_is_where_medeman_reaches_it(tmp_path):
+    """Fails with a clear message when Optuna moves its private heartbeat helper (see tune.heartbeat_thread_factory)."""
+    cfg = _cfg({"tune.heartbeat_interval": 1, "tune.grace_period": 2})
+    storage = tune.open_storage(None, tmp_path, cfg["tune"])
+    study = tune.open_study(cfg, "beat", storage)
+    beating, silent = study.ask(), study.ask()
+    with tune.heartbeat_thread_factory()(tune.trial_id(storage, study, beating), storage):
+        pass  # the thread records one heartbeat as it starts
+    time.sleep(3.1)  # past the grace period
+    tune.fail_dead_trials(study)  # a trial is dead when its last heartbeat is old; one that never beat is not judged
+    states = {t.number: t.state for t in study.get_trials()}
+    assert states[beating.number] == TrialState.FAIL and states[silent.number] == TrialState.RUNNING
+
+
+def test_a_moved_heartbeat_helper_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "optuna.storages._heartbeat", types.ModuleType("optuna.storages._heartbeat"))
+    with pytest.raises(RuntimeError, match="no optuna.storages._heartbeat.get_heartbeat_thread .*must follow it"):
+        tune.heartbeat_thread_factory()
 
 
 class PinDice(Callback):
@@ -393,28 +421,45 @@ def test_killed_worker_trial_is_failed_and_retried_once_postgresql(tmp_path):
 
 
 def test_trials_of_a_worker_share_the_preprocessed_cohort(tmp_path):
-    from medeman.data.datamodule import SSLDataModule, preprocessing_digest, shared_cohorts
+    from medeman.data.datamodule import CohortCache, SSLDataModule, preprocessing_digest
 
     labeled, unlabeled, config = _write_tiny(tmp_path)
     cfg = load_config([config], ["data.cache=memory"])
     other = load_config([config], ["data.cache=memory", "data.intensity_window=[-100, 100]"])
 
-    def module(cfg, run):
-        dm = SSLDataModule(cfg, labeled, unlabeled, run_dir=tmp_path / run)
+    def module(cfg, run, cohorts=None):
+        dm = SSLDataModule(cfg, labeled, unlabeled, run_dir=tmp_path / run, cohorts=cohorts)
         (tmp_path / run).mkdir()
         dm.setup("fit")
         return dm
 
-    with shared_cohorts():
-        first, second, changed = module(cfg, "t0"), module(cfg, "t1"), module(other, "t2")
+    cohorts = CohortCache()
+    first, second, changed = module(cfg, "t0", cohorts), module(cfg, "t1", cohorts), module(other, "t2", cohorts)
     alone = module(cfg, "t3")
     assert second._datasets["labeled"] is first._datasets["labeled"]  # preprocessed once
     assert second._datasets["unlabeled"] is first._datasets["unlabeled"] and second.val_cases == first.val_cases
     assert changed._datasets["labeled"] is not first._datasets["labeled"]  # another preprocessing, another cohort
-    assert alone._datasets["labeled"] is not first._datasets["labeled"]  # outside the block nothing is shared
+    assert len(cohorts) == 2
+    assert alone._datasets["labeled"] is not first._datasets["labeled"]  # without the cache nothing is shared
     assert (tmp_path / "t1" / "split.json").read_text() == (tmp_path / "t0" / "split.json").read_text()
     assert preprocessing_digest(cfg["data"]) != preprocessing_digest(other["data"])
     assert preprocessing_digest(cfg["data"]) == preprocessing_digest({**cfg["data"], "cache_dir": "/elsewhere"})
+
+
+def test_the_trials_of_a_study_get_one_cohort_cache_and_the_next_study_another(tmp_path):
+    from medeman.data.datamodule import CohortCache
+
+    seen = []
+
+    def train_fn(cfg, *args, callbacks=(), cohorts=None, **kwargs):
+        seen.append(cohorts)
+        return _stand_in()(cfg, *args, callbacks=callbacks, **kwargs)
+
+    cfg = _cfg({"tune.max_steps": 10})
+    tune.run_study(cfg, "L", "U", study_name="c", out_dir=tmp_path, n_trials=2, train_fn=train_fn)
+    tune.run_study(cfg, "L", "U", study_name="c", out_dir=tmp_path, n_trials=1, train_fn=train_fn)
+    assert all(isinstance(c, CohortCache) for c in seen) and len(seen) == 3
+    assert seen[0] is seen[1] and seen[2] is not seen[0]
 
 
 def test_disk_cache_is_shared_by_the_trials(tmp_path):

@@ -10,7 +10,8 @@ are only read, never modified. :func:`gather_cohort` is the whole pass that both
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
+from collections import Counter, OrderedDict
+from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,45 @@ class CaseReport:
     """Image files of a case without label that look like label maps, with their values (see :func:`label_like_values`)."""
 
 
-_CACHE: dict[tuple, Any] = {}  # case reports, and the digests of single files (data.exclude)
+class ReportCache:
+    """The last ``maxsize`` case reports and file digests, keyed by the files' paths, sizes and modification times.
+
+    A report is read once per process for as long as its files are unchanged (tuning re-checks the
+    cohort for every trial; ``medeman check-data`` and training check it again). Only copies go in
+    and out, so a caller that edits the report it got (or the cache's next user) never sees another's edits.
+    """
+
+    def __init__(self, maxsize: int = 4096) -> None:
+        if maxsize < 1:
+            raise ValueError(f"a report cache holds at least one entry, got maxsize={maxsize}")
+        self.maxsize = maxsize
+        self._entries: OrderedDict[tuple, Any] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: tuple) -> bool:
+        return key in self._entries
+
+    def get(self, key: tuple) -> Any:
+        """A copy of the entry under ``key`` (now the most recently used); KeyError when there is none."""
+        value = self._entries[key]
+        self._entries.move_to_end(key)
+        return deepcopy(value)
+
+    def put(self, key: tuple, value: Any) -> None:
+        """Keep a copy of ``value``; the least recently used entry goes when the cache is full."""
+        self._entries[key] = deepcopy(value)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.maxsize:
+            self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+REPORTS = ReportCache()
+"""Case reports and the digests of single files (``data.exclude``) of this process (see :class:`ReportCache`)."""
 
 
 @dataclass
@@ -148,8 +187,8 @@ def inspect_case(case: dict, num_classes: int, in_channels: int = 1) -> CaseRepo
         in_channels: channels the image must have.
     """
     key = _key(case, num_classes, in_channels)
-    if key in _CACHE:
-        return _CACHE[key]
+    if key in REPORTS:
+        return REPORTS.get(key)
     files = [case["image"]] if isinstance(case["image"], str) else list(case["image"])
     report = CaseReport(id=case["id"], image=case["image"], label=case.get("label"))
     problems = report.problems
@@ -185,7 +224,7 @@ def inspect_case(case: dict, num_classes: int, in_channels: int = 1) -> CaseRepo
             problems.append(f"{files[0]}: {channels} image channel(s), but data.in_channels={in_channels}")
     if case.get("label"):
         _check_label(case["label"], ref, num_classes, report)
-    _CACHE[key] = report
+    REPORTS.put(key, report)
     return report
 
 
@@ -250,10 +289,10 @@ def _file_digest(path: str, problems: list[str]) -> str | None:
     except OSError:
         st = None
     key = ("digest", path, st and st.st_size, st and st.st_mtime_ns)
-    if key not in _CACHE:
+    if key not in REPORTS:
         vol = _read(path, problems)
-        _CACHE[key] = None if vol is None else voxel_digest(vol.array)
-    return _CACHE[key]
+        REPORTS.put(key, None if vol is None else voxel_digest(vol.array))
+    return REPORTS.get(key)
 
 
 def screen_content(

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset, list_data_collate
-from monai.transforms import Compose, Randomizable
+from monai.transforms import Compose, RandomizableTrait, Transform
 from torch.utils.data import RandomSampler
 
 from medeman.data import transforms as tfm
@@ -23,26 +22,35 @@ from medeman.data.discovery import has_unlabeled_list, split_cases, write_split
 from medeman.data.sampling import FocusCentres
 
 
-# Cohorts shared by the data modules made inside `shared_cohorts()` (the trials of one tuning worker).
-_SHARED: dict[str, dict[str, Any]] | None = None
+class CohortCache:
+    """Cohorts prepared by one data module, taken by the next one built on the same folders, ``data:`` config and method.
 
-
-@contextlib.contextmanager
-def shared_cohorts() -> Iterator[None]:
-    """Within the block, data modules on the same folders with the same ``data:`` config (and
-    ``ssl.method``) discover, check and preprocess the cohort once and share it in memory.
-
-    For tuning: every trial would otherwise re-read and re-check every scan and rebuild its
+    For tuning: :func:`medeman.tune.run_study` makes one per worker and hands it to every trial's
+    data module, which would otherwise re-read and re-check every scan and rebuild its
     ``CacheDataset``. What is shared holds no training state (crop centres of the teacher focus
-    are reset for each module), and the loaders are still made per module, seeded as in a fresh run.
+    are reset for each module), and the loaders are still made per module, seeded as in a fresh
+    run. It lives as long as its owner holds it: nothing is kept process-wide.
+
+    Examples:
+        >>> cohorts = CohortCache()
+        >>> first = SSLDataModule(cfg, "labeled", "unlabeled", run_dir="t0", cohorts=cohorts)
+        >>> first.setup("fit")   # discovers, checks and preprocesses
+        >>> second = SSLDataModule(cfg, "labeled", "unlabeled", run_dir="t1", cohorts=cohorts)
+        >>> second.setup("fit")  # takes first's datasets
     """
-    global _SHARED
-    outer = _SHARED
-    _SHARED = {} if outer is None else outer
-    try:
-        yield
-    finally:
-        _SHARED = outer
+
+    def __init__(self) -> None:
+        self._cohorts: dict[str, dict[str, Any]] = {}
+
+    def __len__(self) -> int:
+        return len(self._cohorts)
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        """The cohort prepared under ``key``, or None."""
+        return self._cohorts.get(key)
+
+    def put(self, key: str, cohort: dict[str, Any]) -> None:
+        self._cohorts[key] = cohort
 
 
 def preprocessing_digest(data: dict[str, Any]) -> str:
@@ -61,6 +69,21 @@ def _method_views(cfg: dict[str, Any]) -> tuple[str, ...]:
 def _method_uses_unlabeled(cfg: dict[str, Any]) -> bool:
     """Whether ``ssl.method`` trains on unlabeled views."""
     return bool(_method_views(cfg))
+
+
+def deterministic_view(dataset: Dataset) -> Dataset:
+    """``dataset`` with its chain cut before the first random transform: items as its cache holds them.
+
+    The cut is MONAI's own (a random transform, or a callable that is no ``Transform``), so a
+    ``CacheDataset`` hands out its cached item and a ``PersistentDataset`` reads (or writes) its
+    cached file, through their public ``__getitem__``: no scan is read again, no private cache is touched.
+    A plain ``Dataset`` runs the deterministic part.
+    """
+    chain = dataset.transform
+    first_random = chain.get_index_of_first(lambda t: isinstance(t, RandomizableTrait) or not isinstance(t, Transform))
+    view = copy.copy(dataset)  # the cache is shared, the chain is not
+    view.transform = Compose(chain.transforms[:first_random])
+    return view
 
 
 class SSLDataModule(pl.LightningDataModule):
@@ -91,6 +114,8 @@ class SSLDataModule(pl.LightningDataModule):
         test: test cohort (labeled layout or a folder of images), never used as unlabeled scans
             (nor are copies of it, of the labeled and validation cases, and label maps; see
             :func:`medeman.data.checks.gather_cohort`). ``self.cohort.flagged`` lists what was left out.
+        cohorts: a :class:`CohortCache` shared with other data modules (the trials of a tuning
+            worker): a cohort another one prepared is taken from it, and the one prepared here is put in it.
 
     Examples:
         >>> dm = SSLDataModule(cfg, "sample_data/labeled", "sample_data/unlabeled", run_dir="runs/demo")
@@ -107,9 +132,11 @@ class SSLDataModule(pl.LightningDataModule):
         val: str | Path | None = None,
         run_dir: str | Path | None = None,
         test: str | Path | None = None,
+        cohorts: CohortCache | None = None,
     ) -> None:
         super().__init__()
         self.cfg = cfg
+        self.cohorts = cohorts
         self.labeled = Path(labeled)
         self.unlabeled = Path(unlabeled) if unlabeled is not None else None
         self.val = Path(val) if val is not None else None
@@ -149,16 +176,17 @@ class SSLDataModule(pl.LightningDataModule):
         if self._datasets:
             return
         key = json.dumps([str(self.labeled), str(self.unlabeled), str(self.val), str(self.test), self.cfg["ssl"]["method"], self.cfg["data"]], sort_keys=True, default=str)
-        if _SHARED is not None and key in _SHARED:
-            self._share(_SHARED[key])
+        shared = self.cohorts.get(key) if self.cohorts is not None else None
+        if shared is not None:
+            self._share(shared)
             return
         self._setup()
-        if _SHARED is not None:
-            _SHARED[key] = {"train": self.train_cases, "val": self.val_cases, "unlabeled": self.unlabeled_cases,
-                            "datasets": dict(self._datasets), "focus": self.focus, "cohort": getattr(self, "cohort", None)}
+        if self.cohorts is not None:
+            self.cohorts.put(key, {"train": self.train_cases, "val": self.val_cases, "unlabeled": self.unlabeled_cases,
+                                   "datasets": dict(self._datasets), "focus": self.focus, "cohort": getattr(self, "cohort", None)})
 
     def _share(self, cohort: dict[str, Any]) -> None:
-        """Take a cohort prepared by another module in :func:`shared_cohorts` (and write this run's split.json)."""
+        """Take a cohort prepared by another module of :attr:`cohorts` (and write this run's split.json)."""
         self.train_cases, self.val_cases, self.unlabeled_cases = cohort["train"], cohort["val"], cohort["unlabeled"]
         self._datasets, self.focus = dict(cohort["datasets"]), cohort["focus"]
         if cohort["cohort"] is not None:
@@ -198,16 +226,7 @@ class SSLDataModule(pl.LightningDataModule):
         Read from the dataset's cache where there is one (no file is read again); the frame is the
         one :class:`~medeman.data.sampling.RandFocusCropd` crops in.
         """
-        dataset = self._datasets["unlabeled"]
-        if isinstance(dataset, CacheDataset):
-            item = dataset._cache[index]  # monai keeps the deterministic prefix's output here
-        elif isinstance(dataset, PersistentDataset):
-            item = dataset._cachecheck(dataset.data[index])  # loads (or writes) the cached file
-        else:
-            chain = dataset.transform
-            first_random = chain.get_index_of_first(lambda t: isinstance(t, Randomizable))
-            item = Compose(chain.transforms[:first_random])(dict(dataset.data[index]))
-        return torch.as_tensor(item["image"])
+        return torch.as_tensor(deterministic_view(self._datasets["unlabeled"])[index]["image"])
 
     def _seed(self) -> int:
         rank = self.trainer.global_rank if self.trainer is not None else 0

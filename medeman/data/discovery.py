@@ -201,15 +201,21 @@ def _require_folder(path: Path, what: str) -> list[str]:
     return []
 
 
-def read_dataset_json(path: str | Path) -> dict[str, Any]:
-    """Read a Decathlon or nnU-Net v2 ``dataset.json``, raising :class:`DataError` if it is unusable."""
+def read_dataset_json(path: str | Path, layout: bool = True) -> dict[str, Any]:
+    """Read a Decathlon or nnU-Net v2 ``dataset.json``, raising :class:`DataError` if it is unusable.
+
+    The one reader of ``dataset.json``: cohorts here, class names in :func:`medeman.classes.load_class_names`
+    (``layout=False``: only its ``labels`` map is wanted, so no ``training`` list or ``file_ending`` is asked for).
+    """
     path = Path(path)
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise DataError(f"{path}: unreadable dataset.json ({err})") from None
-    if not isinstance(meta, dict) or not ("training" in meta or "file_ending" in meta or "channel_names" in meta):
+    if layout and not (isinstance(meta, dict) and ("training" in meta or "file_ending" in meta or "channel_names" in meta)):
         raise DataError(f"{path}: neither a Decathlon dataset.json (no 'training' list) nor an nnU-Net v2 one (no 'file_ending'/'channel_names')")
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: not a dataset.json: a JSON object is expected, got {type(meta).__name__}")
     return meta
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from medeman.data import DataError, SSLDataModule, check_cases, inspect_case
+from medeman.data import checks
 from medeman.data.checks import gather_cohort, label_like_values, voxel_digest
 from medeman.data.readers import read_volume, write_volume
 
@@ -114,10 +115,27 @@ def test_data_error_is_value_error():
     assert issubclass(DataError, ValueError)
 
 
-def test_reports_are_cached(make_cohort, cfg):
+def test_reports_are_cached_and_handed_out_as_copies(make_cohort, cfg, monkeypatch):
     root = make_cohort(1, 0)
     case = {"id": "case0", "image": str(root / "labeled/images/case0.nii.gz"), "label": str(root / "labeled/labels/case0.nii.gz")}
-    assert check_cases([case], cfg)[0] is check_cases([case], cfg)[0]
+    first = check_cases([case], cfg)[0]
+    reads = []
+    monkeypatch.setattr(checks, "_read", lambda path, problems: reads.append(path))
+    first.problems.append("edited by a caller")
+    second = check_cases([case], cfg)[0]
+    assert reads == []  # read once: the second report came from the cache
+    assert second is not first and second.problems == [] and second.classes == first.classes
+
+
+def test_report_cache_keeps_the_most_recently_used_entries():
+    cache = checks.ReportCache(maxsize=2)
+    cache.put(("a",), [1])
+    cache.put(("b",), [2])
+    assert cache.get(("a",)) == [1]  # "a" is now the most recently used
+    cache.put(("c",), [3])
+    assert ("b",) not in cache and ("a",) in cache and ("c",) in cache and len(cache) == 2
+    with pytest.raises(ValueError, match="at least one entry"):
+        checks.ReportCache(maxsize=0)
 
 
 # ---------------------------------------------------------------- unlabeled scans that are not scans

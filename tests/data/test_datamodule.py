@@ -202,6 +202,30 @@ def test_batches_reproducible_from_train_seed(make_cohort, cfg, tmp_path, cache)
         assert any(labeled_cache.iterdir())
 
 
+def test_preprocessed_unlabeled_scan_is_the_same_from_every_cache_and_read_from_the_cache(make_cohort, cfg, tmp_path, monkeypatch):
+    """The teacher focus reads preprocessed scans through public dataset access (no private MONAI cache)."""
+    from monai.transforms import LoadImaged
+
+    root = make_cohort(2, 2)
+    scans = {}
+    for cache in ("none", "memory", "disk"):
+        cfg["data"]["cache"] = cache
+        dm = SSLDataModule(cfg, root / "labeled", root / "unlabeled", run_dir=tmp_path / cache)
+        dm.setup("fit")
+        scans[cache] = [dm.preprocessed_unlabeled(i) for i in range(len(dm.unlabeled_cases))]  # disk: writes the cache
+        if cache != "none":  # now the cache holds every scan: none is read again
+            monkeypatch.setattr(LoadImaged, "__call__", lambda *a, **k: pytest.fail(f"{cache}: read a scan again"))
+            again = [dm.preprocessed_unlabeled(i) for i in range(len(dm.unlabeled_cases))]
+            monkeypatch.undo()
+            for got, want in zip(again, scans[cache]):
+                torch.testing.assert_close(got, want)
+    assert len(scans["none"]) == 2
+    for cache in ("memory", "disk"):
+        for got, want in zip(scans[cache], scans["none"]):
+            torch.testing.assert_close(got.as_tensor() if hasattr(got, "as_tensor") else got,
+                                       want.as_tensor() if hasattr(want, "as_tensor") else want)
+
+
 @pytest.mark.skipif(not (SAMPLE_DATA / "labeled").is_dir(), reason="sample_data/ not present")
 def test_sample_data_batches(cfg, tmp_path):
     cfg["data"].update(spacing=[2.0, 2.0, 2.0], patch_size=[32, 32, 32], batch_size_labeled=2, batch_size_unlabeled=2)
