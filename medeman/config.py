@@ -147,7 +147,7 @@ SCHEMA: dict[str, dict[str, Option]] = {
     },
     "ssl": {
         # choices, help and the methods' own keys (fixmatch_*, ua_mt_*, bcp_*, ...) are added by the registry
-        # (medeman.methods.register_method) when medeman.methods is imported, at the end of this file
+        # (medeman.methods.register_method) when the package imports medeman.methods (medeman/__init__.py)
         "method": Option("mean_teacher", "training method (medeman.methods)", ()),
         "teacher_norm": Option("eman", "teacher normalization: eman (EMA'd running statistics, Cai et al. 2021), bn (batch statistics, classic mean teacher) or ema (weight EMA only, for networks without BatchNorm, e.g. model.norm=instance)", ("eman", "bn", "ema")),
         "teacher_bn_recalibration": Option("off", "the deployed teacher's BatchNorm statistics, a rule fixed before training: off (its own: EMAN's EMA'd ones, pure EMAN), always (re-estimated from its own forward passes, precise-BN, before each validation and export), export (re-estimated for teacher.pt only); best (opt-in, biased) validates both and keeps the better at each validation, a choice among twice the candidates that inflates validation Dice; pseudo-labels always keep the EMA'd statistics", ("off", "export", "always", "best")),
@@ -549,8 +549,3 @@ def render_yaml(cfg: dict | None = None) -> str:
 def save_config(cfg: dict, path: str | Path) -> None:
     """Write the resolved config as commented YAML."""
     Path(path).write_text(render_yaml(cfg), encoding="utf-8")
-
-
-# the methods register themselves, their ssl.method choice and their own keys into SCHEMA (medeman.methods.register_method);
-# imported last, so that they find this module complete
-import medeman.methods  # noqa: E402,F401
