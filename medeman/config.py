@@ -13,9 +13,10 @@ from __future__ import annotations
 import copy
 import math
 import re
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import yaml
 
@@ -145,7 +146,9 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "dropout": Option(0.0, "dropout probability in the student (and hence the teacher)"),
     },
     "ssl": {
-        "method": Option("mean_teacher", "training method (medeman.methods): supervised (labeled data only, the baseline), supervised_ema (labeled data only, deployed EMA teacher: the weight-averaging control), mean_teacher, fixmatch (hard pseudo-labels of the EMAN teacher's weak view on the strong view: FixMatch-EMAN, Cai et al. 2021), ua_mt (uncertainty-aware mean teacher, Yu et al. 2019) or bcp (bidirectional copy-paste, Bai et al. 2023)", ("supervised", "supervised_ema", "mean_teacher", "fixmatch", "ua_mt", "bcp")),
+        # choices, help and the methods' own keys (fixmatch_*, ua_mt_*, bcp_*, ...) are added by the registry
+        # (medeman.methods.register_method) when the package imports medeman.methods (medeman/__init__.py)
+        "method": Option("mean_teacher", "training method (medeman.methods)", ()),
         "teacher_norm": Option("eman", "teacher normalization: eman (EMA'd running statistics, Cai et al. 2021), bn (batch statistics, classic mean teacher) or ema (weight EMA only, for networks without BatchNorm, e.g. model.norm=instance)", ("eman", "bn", "ema")),
         "teacher_bn_recalibration": Option("off", "the deployed teacher's BatchNorm statistics, a rule fixed before training: off (its own: EMAN's EMA'd ones, pure EMAN), always (re-estimated from its own forward passes, precise-BN, before each validation and export), export (re-estimated for teacher.pt only); best (opt-in, biased) validates both and keeps the better at each validation, a choice among twice the candidates that inflates validation Dice; pseudo-labels always keep the EMA'd statistics", ("off", "export", "always", "best")),
         "teacher_bn_refresh_every": Option(0, "every this many teacher updates, re-estimate the training teacher's BatchNorm statistics in place (precise-BN on recalibration_batches), EMA'd again in between; 0: never (pure EMAN). Not EMAN: for short runs whose EMA'd statistics lag the averaged weights"),
@@ -166,16 +169,6 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "rampup_fraction": Option(0.3, "rampup_steps null: the ramp-up lasts this fraction of train.max_steps"),
         "warmup_steps": Option(None, "supervised-only steps before the unsupervised losses start ramping up; at its end a teacher method sets the teacher to the student and estimates its BatchNorm statistics once (then pure EMAN); null: warmup_fraction of train.max_steps", type=int),
         "warmup_fraction": Option(0.1, "warmup_steps null: the supervised warm-up lasts this fraction of train.max_steps"),
-        "fixmatch_threshold": Option(0.9, "fixmatch: teacher confidence (weak view) above which a voxel's argmax is a hard pseudo-label for the strong view (FixMatch's tau)"),
-        "fixmatch_consistency_weight": Option(0.0, "fixmatch: weight of an added soft consistency loss (ssl.consistency) beside the pseudo-label loss; 0: pseudo-labels only, as FixMatch-EMAN"),
-        "ua_mt_passes": Option(8, "ua_mt: stochastic teacher passes T per unlabeled batch for the predictive entropy"),
-        "ua_mt_noise_std": Option(0.1, "ua_mt: std of the Gaussian input noise of each teacher pass (normalized intensity units)"),
-        "ua_mt_noise_clip": Option(0.2, "ua_mt: the input noise is clipped to [-clip, clip]"),
-        "ua_mt_threshold_start": Option(0.75, "ua_mt: the entropy threshold ramps from this fraction of ln(num_classes) to ln(num_classes) over rampup_steps"),
-        "bcp_box_fraction": Option(2.0 / 3.0, "bcp: side of the copy-paste box as a fraction of each patch side (the paper's 2/3)"),
-        "bcp_unlabeled_weight": Option(0.5, "bcp: weight alpha of the pseudo-labeled voxels of the mixed patches (ground truth weighs 1)"),
-        "bcp_pretrain_steps": Option(None, "bcp: first steps of copy-paste pre-training on labeled patches only; the teacher then starts as a copy of the student (BatchNorm statistics estimated once); null: the warm-up (ssl.warmup_steps)", type=int),
-        "bcp_keep_components": Option(None, "bcp: per foreground class, keep only the k largest connected components of the teacher's pseudo-labels in each patch (the paper keeps the largest; e.g. [1, 2] for liver and two kidneys); 0 keeps a class as it is; null: no clean-up", type=list),
     },
     "train": {
         "max_steps": Option(20000, "optimizer steps of the whole run"),
@@ -294,12 +287,8 @@ def validate(cfg: dict) -> dict:
         raise ConfigError(f"ssl.recalibration_batches: {batches!r} must be a positive integer")
     if int(cfg["ssl"]["teacher_bn_refresh_every"]) < 0:
         raise ConfigError(f"ssl.teacher_bn_refresh_every: {cfg['ssl']['teacher_bn_refresh_every']!r} must be 0 (never) or a number of steps")
-    _validate_bcp(cfg)
-    if int(cfg["ssl"]["ua_mt_passes"]) < 1:
-        raise ConfigError(f"ssl.ua_mt_passes: {cfg['ssl']['ua_mt_passes']!r} must be at least 1 stochastic teacher pass")
-    for key in ("bcp_box_fraction", "ua_mt_threshold_start"):
-        if not 0.0 < float(cfg["ssl"][key]) <= 1.0:
-            raise ConfigError(f"ssl.{key}: {cfg['ssl'][key]!r} must be a fraction in (0, 1]")
+    for check in _OPTION_CHECKS:  # rules between a method's own keys and others (its keys are in every config)
+        check(cfg)
     thr = cfg["ssl"]["pseudo_label_threshold"]
     if thr is not None and not (isinstance(thr, (int, float)) and 0.0 <= thr <= 1.0):
         raise ConfigError(f"ssl.pseudo_label_threshold: {thr!r} must be null or a number in [0, 1]")
@@ -331,18 +320,11 @@ def validate(cfg: dict) -> dict:
         if value is not None and not holds(value):
             raise ConfigError(f"{name}: {value!r} must be {requirement}")
     _validate_small_structures(cfg)
-    _validate_teacher_norm(cfg)
+    method_check = _METHOD_CHECKS.get(cfg["ssl"]["method"])
+    if method_check is not None:  # e.g. a teacher method's teacher_norm=eman needs BatchNorm
+        method_check(cfg)
     _validate_tune(cfg)
     return cfg
-
-
-def _validate_bcp(cfg: dict) -> None:
-    """BCP's per-class component counts: one whole number per foreground class."""
-    ssl = cfg["ssl"]
-    keep = ssl["bcp_keep_components"]
-    classes = int(cfg["data"]["num_classes"]) - 1
-    if keep is not None and not (len(keep) == classes and all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in keep)):
-        raise ConfigError(f"ssl.bcp_keep_components: {keep!r} must be null or {classes} whole numbers >= 0 (one per foreground class)")
 
 
 def _positive(v: Any) -> bool:
@@ -362,8 +344,9 @@ def _range(low_min: float) -> Any:
 
 
 # Values that pass the type check but would crash or mislead later (issue 23): checked at load time, before
-# anything is written. A null value (where allowed) is not checked here.
-_VALUE_RULES: tuple[tuple[str, Any, str], ...] = (
+# anything is written. A null value (where allowed) is not checked here. The methods add the rules of their own
+# keys when they register (register_method_options).
+_VALUE_RULES: list[tuple[str, Any, str]] = [
     ("train.lr", _positive, "a positive learning rate"),
     ("train.weight_decay", _non_negative, "a non-negative number"),
     ("train.log_every_steps", _positive, "a positive number of steps"),
@@ -389,30 +372,54 @@ _VALUE_RULES: tuple[tuple[str, Any, str], ...] = (
     ("model.dropout", lambda v: 0.0 <= v < 1.0, "a probability in [0, 1)"),
     ("ssl.consistency_weight", _non_negative, "a non-negative weight"),
     ("ssl.pseudo_label_weight", _non_negative, "a non-negative weight"),
-    ("ssl.bcp_unlabeled_weight", _non_negative, "a non-negative weight"),
     ("ssl.rampup_steps", _non_negative, "a non-negative number of steps"),
     ("ssl.warmup_steps", _non_negative, "a non-negative number of steps"),
-    ("ssl.bcp_pretrain_steps", _non_negative, "a non-negative number of steps"),
     ("ssl.warmup_fraction", lambda v: 0.0 <= v < 1.0, "a fraction of train.max_steps in [0, 1)"),
     ("ssl.rampup_fraction", lambda v: 0.0 <= v < 1.0, "a fraction of train.max_steps in [0, 1)"),
-    ("ssl.fixmatch_threshold", lambda v: 0.0 < v <= 1.0, "a confidence in (0, 1]"),
-    ("ssl.fixmatch_consistency_weight", _non_negative, "a non-negative weight"),
-    ("ssl.ua_mt_noise_std", _non_negative, "a non-negative standard deviation"),
-    ("ssl.ua_mt_noise_clip", _non_negative, "a non-negative clip"),
     ("infer.sw_batch_size", _positive, "at least 1 window per forward pass"),
     ("infer.overlap", lambda v: 0.0 <= v < 1.0, "a fraction in [0, 1) (1 would never move the window)"),
-)
+]
+# filled by register_method_options: cross-key rules of methods' own keys (every config), and each method's
+# rules for a config that trains with it
+_OPTION_CHECKS: list[Callable[[dict], None]] = []
+_METHOD_CHECKS: dict[str, Callable[[dict], None]] = {}
+_METHOD_SUMMARIES: dict[str, str] = {}
 
 
-def _validate_teacher_norm(cfg: dict) -> None:
-    """EMAN averages BatchNorm running statistics: a teacher with ``teacher_norm: eman`` needs a BatchNorm student."""
-    ssl = cfg["ssl"]
-    if ssl["method"] != "supervised" and ssl["teacher_norm"] == "eman" and cfg["model"]["norm"] != "batch":
-        raise ConfigError(
-            f"ssl.teacher_norm=eman needs a BatchNorm network, but model.norm={cfg['model']['norm']} "
-            "(InstanceNorm has no running statistics for EMAN to average): set model.norm=batch, "
-            "or ssl.teacher_norm=ema (a plain weight-EMA teacher)"
-        )
+def register_method_options(method: str, summary: str, options: Mapping[str, Option] | None = None,
+                            rules: Iterable[tuple[str, Any, str]] = (), option_check: Callable[[dict], None] | None = None,
+                            method_check: Callable[[dict], None] | None = None) -> None:
+    """Make ``method`` a choice of ``ssl.method`` and add its own keys to the ``ssl`` section (called by the method registry).
+
+    Args:
+        method: the ``ssl.method`` value.
+        summary: one line for ``ssl.method``'s help (and so ``configs/default.yaml``).
+        options: the method's own ``ssl`` keys, flat (``bcp_box_fraction``), by name.
+        rules: ``(key, holds, requirement)`` value rules of those keys, as :data:`_VALUE_RULES`' (key without ``ssl.``).
+        option_check: rules between the method's keys and others, checked for every config (ConfigError).
+        method_check: rules for a config that trains with ``method`` (ConfigError).
+
+    Raises:
+        ValueError: a key another method or the schema already declares differently.
+    """
+    ssl = SCHEMA["ssl"]
+    options = dict(options or {})
+    for key, option in options.items():
+        if key in ssl and ssl[key] != option:
+            raise ValueError(f"ssl.{key} of method {method} is already declared (by the schema or another method)")
+    ssl.update(options)
+    for key, holds, requirement in rules:
+        rule = (f"ssl.{key}", holds, requirement)
+        if rule not in _VALUE_RULES:
+            _VALUE_RULES.append(rule)
+    if option_check is not None and option_check not in _OPTION_CHECKS:
+        _OPTION_CHECKS.append(option_check)
+    if method_check is not None:
+        _METHOD_CHECKS[method] = method_check
+    _METHOD_SUMMARIES[method] = summary
+    names = ", ".join(f"{name} ({text})" for name, text in _METHOD_SUMMARIES.items())
+    ssl["method"] = dataclasses.replace(ssl["method"], choices=tuple(_METHOD_SUMMARIES),
+                                        help=f"training method (medeman.methods, one file each): {names}")
 
 
 def _tune_range(tune: dict, key: str, low_min: float, high_max: float, positive: bool = False) -> None:

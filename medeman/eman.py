@@ -22,14 +22,20 @@ Two additions make the teacher right at any training length:
   statistics lag and over-estimate the variance while the student still moves within the
   averaging window.
 
-Typical use::
+Typical use, through the teacher object (:class:`EMANTeacher`, after timm's ``ModelEmaV3``)::
 
-    teacher = make_teacher(student, norm="eman")
+    teacher = EMANTeacher(student, norm="eman", max_steps=max_steps, schedule="window", window=0.1)
     ...
     optimizer.step()
+    teacher.update(student)                           # its own clock picks the momentum
+    ...
+    deployed = teacher.recalibrated_copy(weak_view_batches)
+
+or with the free functions it is built on::
+
+    teacher = make_teacher(student, norm="eman")
     m = momentum_at(step, scheduled_momentum(step, max_steps, schedule="window", window=0.1))
     update_teacher(teacher, student, m)
-    ...
     deployed = recalibrate_batchnorm(copy.deepcopy(teacher), weak_view_batches)
 """
 
@@ -38,11 +44,13 @@ from __future__ import annotations
 import copy
 import math
 import weakref
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from medeman.distributed_bn import average_bn_statistics
 
 NORMS = ("eman", "bn", "ema")
 SCHEDULES = ("constant", "cosine", "window")
@@ -426,3 +434,109 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> 
         bn.running_mean.copy_(mean.to(bn.running_mean))
         bn.running_var.copy_(var.clamp_min(0.0).to(bn.running_var))
     return n
+
+
+class EMANTeacher:
+    """The mean teacher as one object: its network, its update counter and its momentum schedule.
+
+    After timm's ``ModelEmaV3`` (``update``, ``set``, its own step): the teacher is a frozen copy of
+    the student (:func:`make_teacher`) that changes only through :meth:`update` (the EMA step of
+    :func:`update_teacher`, EMAN's statistics included, with the momentum of :meth:`momentum` at its
+    own update count), :meth:`set` (a copy of the student, e.g. at the end of a supervised warm-up)
+    and :meth:`recalibrate` (precise-BN). The counter counts updates, not optimizer steps: a step
+    that a gradient scaler skipped never calls :meth:`update`, so it does not advance the schedule.
+
+    Create it from the plain student, after moving the student to its device and before any
+    SyncBatchNorm conversion or DDP wrapping (so the teacher's BatchNorm never synchronizes).
+    Under multi-process DDP with plain BatchNorm the statistics it averages are pooled over the
+    processes first (:func:`medeman.distributed_bn.average_bn_statistics`), so every process keeps
+    the same teacher.
+
+    Args:
+        student: the network to average.
+        norm: ``eman``, ``bn`` or ``ema`` (:func:`make_teacher`).
+        max_steps: optimizer steps of the whole run (``train.max_steps``), for the schedule.
+        momentum: the base momentum (``ssl.ema_momentum``).
+        schedule: ``constant``, ``cosine`` or ``window`` (:func:`scheduled_momentum`).
+        window: the ``window`` schedule's fraction of the run.
+        warmup: :func:`momentum_at`'s warm-up (the teacher follows the young student).
+        pool: called with a network whose BatchNorm statistics must agree across processes;
+            ``None`` disables pooling.
+
+    Examples:
+        >>> student = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3), torch.nn.BatchNorm3d(4))
+        >>> teacher = EMANTeacher(student, max_steps=100, momentum=0.99, schedule="constant")
+        >>> teacher.update(student)  # after each optimizer step
+        >>> teacher.updates, teacher.momentum()
+        (1, 0.5)
+    """
+
+    def __init__(self, student: nn.Module, norm: str = "eman", max_steps: int = 1, momentum: float = 0.99,
+                 schedule: str = "constant", window: float = 0.1, warmup: bool = True,
+                 pool: Callable[[nn.Module], None] | None = average_bn_statistics):
+        self.network = make_teacher(student, norm=norm)
+        self.norm = norm
+        self.max_steps = int(max_steps)
+        self.base_momentum = float(momentum)
+        self.schedule = schedule
+        self.window = float(window)
+        self.warmup = bool(warmup)
+        self.pool = pool
+        self.updates = 0
+
+    @classmethod
+    def from_config(cls, student: nn.Module, cfg: dict[str, Any]) -> EMANTeacher:
+        """The teacher ``ssl.teacher_norm``, ``ssl.ema_momentum``, ``ssl.momentum_*`` and ``train.max_steps`` describe."""
+        ssl = cfg["ssl"]
+        return cls(student, norm=ssl["teacher_norm"], max_steps=int(cfg["train"]["max_steps"]), momentum=float(ssl["ema_momentum"]),
+                   schedule=ssl["momentum_schedule"], window=float(ssl["momentum_window"]), warmup=bool(ssl["momentum_warmup"]))
+
+    def momentum(self, step: int | None = None) -> float:
+        """The momentum of the update after ``step`` earlier updates (default: the next one's)."""
+        step = self.updates if step is None else step
+        return momentum_at(step, scheduled_momentum(step, self.max_steps, self.base_momentum, self.schedule, self.window), self.warmup)
+
+    def _pool(self, network: nn.Module) -> None:
+        if self.pool is not None:
+            self.pool(network)
+
+    @torch.no_grad()
+    def update(self, student: nn.Module) -> None:
+        """One EMA step towards ``student`` with the scheduled momentum; the counter advances by one."""
+        if self.norm == "eman":  # bn and ema teachers keep their own buffers
+            self._pool(student)
+        update_teacher(self.network, student, self.momentum())
+        self.updates += 1
+
+    def set(self, student: nn.Module, batches: Iterable[torch.Tensor] | None = None) -> int:
+        """Make the teacher a copy of ``student``, then (with ``batches``) estimate its BatchNorm statistics once.
+
+        Returns:
+            The number of batches the statistics were estimated from (0: the student's are kept).
+        """
+        set_teacher(self.network, student)
+        if batches is None or not tracked_batchnorms(self.network):
+            return 0
+        return self.recalibrate(batches)
+
+    def recalibrate(self, batches: Iterable[torch.Tensor]) -> int:
+        """Re-estimate the teacher's own BatchNorm statistics in place (:func:`recalibrate_batchnorm`), pooled over processes.
+
+        Returns:
+            The number of batches used (0 leaves the statistics unchanged).
+        """
+        n = recalibrate_batchnorm(self.network, batches)
+        if n:
+            self._pool(self.network)
+        return n
+
+    def recalibrated_copy(self, batches: Iterable[torch.Tensor]) -> nn.Module | None:
+        """A copy of the teacher with statistics re-estimated from ``batches``; ``None`` when none were drawn.
+
+        The teacher itself keeps its EMA'd statistics (that is EMAN).
+        """
+        net = copy.deepcopy(self.network)
+        return net if recalibrate_batchnorm(net, batches) else None
+
+    def __call__(self, x: torch.Tensor) -> Any:
+        return self.network(x)

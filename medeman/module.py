@@ -24,30 +24,11 @@ from monai.metrics import DiceMetric, HausdorffDistanceMetric
 from torch import nn
 
 from medeman.data.batches import stream_seed
-from medeman.eman import momentum_at, scheduled_momentum, tracked_batchnorms
 from medeman.predict import predict_volume
 from medeman.labels import argmax_labels
-from medeman.losses import (
-    CONSISTENCY_LOSSES,
-    masked_cross_entropy,
-    masked_dice,
-    voxel_pseudo_labels,
-)
-from medeman.methods import build_method
+from medeman.methods import Method, build_method
 from medeman.nets import build_network, deep_supervision_heads, deep_supervision_weights, main_output
-from medeman.pseudo_labels import AdaptiveThresholds, kept_fraction_per_class
 from medeman.teacher_focus import TeacherFocus
-
-
-def pool_statistics(means: torch.Tensor, variances: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pool per-rank BatchNorm statistics ``(ranks, channels)`` of equally many voxels per rank.
-
-    The pooled mean is the mean of the means; the pooled variance is the mean of the variances
-    plus the variance of the means (law of total variance): averaging the variances alone
-    under-estimates it whenever the ranks' batches differ.
-    """
-    mean = means.mean(0)
-    return mean, variances.mean(0) + (means - mean).square().mean(0)
 
 
 class SSLSegModule(pl.LightningModule):
@@ -57,6 +38,8 @@ class SSLSegModule(pl.LightningModule):
         cfg: resolved medeman config (:mod:`medeman.config`).
         sync_batchnorm: convert the student's BatchNorm to SyncBatchNorm (multi-GPU). The teacher
             is made before the conversion, so its EMAN layers never synchronize.
+        method: the method object ``medeman train`` built once for the run (its checks and the
+            DataModule's views came from it); ``None`` builds ``ssl.method``'s (tests, checkpoints).
 
     Examples:
         >>> from medeman.config import load_config
@@ -65,7 +48,7 @@ class SSLSegModule(pl.LightningModule):
         True
     """
 
-    def __init__(self, cfg: dict[str, Any], sync_batchnorm: bool = False):
+    def __init__(self, cfg: dict[str, Any], sync_batchnorm: bool = False, method: Method | None = None):
         super().__init__()
         self.save_hyperparameters({"cfg": cfg})
         self.cfg = cfg
@@ -74,10 +57,11 @@ class SSLSegModule(pl.LightningModule):
         self.student = build_network(cfg)
         if cfg["train"]["channels_last"]:  # NDHWC, oneDNN's and cuDNN's fast conv3d layout; the teacher copies it
             self.student = self.student.to(memory_format=torch.channels_last_3d)
-        self.method = build_method(cfg)
-        # a registered submodule, so checkpoints hold the teacher; None for methods without one
-        self.teacher: nn.Module | None = self.method.make_teacher(self.student)
-        self.teacher_updates = 0  # the momentum schedule's clock (optimizer steps less those the grad scaler skipped)
+        self.method = method if method is not None else build_method(cfg)
+        # the method keeps the teacher object (its clock, schedule and updates); its network is a registered
+        # submodule here, so checkpoints hold it under teacher.*; None for methods without a teacher
+        ema = self.method.make_teacher(self.student)
+        self.teacher: nn.Module | None = None if ema is None else ema.network
         self._validated: dict[str, nn.Module] = {}
         if sync_batchnorm:
             self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
@@ -92,14 +76,11 @@ class SSLSegModule(pl.LightningModule):
             self.supervised_loss.dice.class_weight = None
         if train["deep_supervision"]:  # a list of heads, full resolution first, weighted 1/2^i (nnU-Net)
             self.supervised_loss = DeepSupervisionLoss(self.supervised_loss, weights=deep_supervision_weights(1 + int(train["deep_supervision_heads"])))
-        # per-class pseudo-label thresholds; a submodule, so their EMA'd state is saved in checkpoints
-        self.adaptive_thresholds: AdaptiveThresholds | None = None
-        if self.ssl["pseudo_label_threshold_mode"] == "adaptive" and self.ssl["pseudo_label_threshold"] is not None:
-            self.adaptive_thresholds = AdaptiveThresholds(
-                self.num_classes, self.method.schedule.threshold_momentum, cap=float(self.ssl["pseudo_label_threshold"]))
-        self.consistency_loss = CONSISTENCY_LOSSES.get(self.ssl["consistency"])
-        self.dice_metrics = {name: DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=False) for name in ("teacher", "teacher_raw", "student")}
-        self.hd95_metrics = {name: HausdorffDistanceMetric(include_background=False, percentile=95, reduction="mean_batch") for name in ("teacher", "teacher_raw", "student")}
+        for name, state in self.method.checkpointed_modules().items():  # e.g. adaptive pseudo-label thresholds
+            self.add_module(name, state)
+        # per validated network, made when the method first names it (Method.validated_networks)
+        self.dice_metrics: dict[str, DiceMetric] = {}
+        self.hd95_metrics: dict[str, HausdorffDistanceMetric] = {}
 
     # ---- training ----------------------------------------------------------------------------
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -149,38 +130,6 @@ class SSLSegModule(pl.LightningModule):
         """The teacher's float32 softmax on ``image`` (its main output)."""
         return torch.softmax(main_output(self.teacher(image)).float(), dim=1)
 
-    def consistency_and_pseudo_label_loss(self, strong_logits: torch.Tensor, teacher_probs: torch.Tensor, logs: dict) -> torch.Tensor:
-        """``consistency(student, teacher) + w_pl * pseudo-label loss`` as ``ssl.consistency`` and ``ssl.pseudo_label_*`` say."""
-        total = strong_logits.new_zeros((), dtype=torch.float32)
-        if self.consistency_loss is not None:
-            consistency = self.consistency_loss(strong_logits, teacher_probs)
-            logs["loss/consistency"] = consistency.detach()
-            total = total + consistency
-        threshold = self.ssl["pseudo_label_threshold"]
-        if threshold is not None:
-            if self.adaptive_thresholds is not None:
-                labels, mask = self.adaptive_thresholds(teacher_probs)
-            else:
-                labels, mask = voxel_pseudo_labels(teacher_probs, float(threshold))
-            if self.writes_training_logs():  # one device sync, at logging steps only
-                self._log_pseudo_label_classes(labels, mask, logs)
-            pseudo = masked_cross_entropy(strong_logits, labels, mask, self.ssl["pseudo_label_reduction"])
-            if self.ssl["pseudo_label_dice"]:
-                pseudo = pseudo + masked_dice(strong_logits, labels, mask)
-            logs["loss/pseudo_label"] = pseudo.detach()
-            logs["ssl/pseudo_label_fraction"] = mask.float().mean()
-            total = total + float(self.ssl["pseudo_label_weight"]) * pseudo
-        return total
-
-    def _log_pseudo_label_classes(self, labels: torch.Tensor, mask: torch.Tensor, logs: dict) -> None:
-        """Kept fraction of each class's pseudo-label voxels (classes the teacher predicts in the batch), and the adaptive thresholds."""
-        for c, value in enumerate(kept_fraction_per_class(labels, mask, self.num_classes).tolist()):
-            if not math.isnan(value):
-                logs[f"ssl/pseudo_label_kept_class{c}"] = value
-        if self.adaptive_thresholds is not None:
-            for c, value in enumerate(self.adaptive_thresholds.thresholds().tolist()):
-                logs[f"ssl/threshold_class{c}"] = value
-
     def configure_callbacks(self) -> list:
         """The teacher-focused unlabeled sampling's refresh (``data.unlabeled_focus_fraction`` > 0), when there is a teacher."""
         if self.teacher is None or float(self.cfg["data"]["unlabeled_focus_fraction"]) <= 0:
@@ -197,12 +146,22 @@ class SSLSegModule(pl.LightningModule):
         scale = self._grad_scale()
         super().optimizer_step(*args, **kwargs)
         if not (scale is not None and self._grad_scale() < scale):  # the scaler backs off only on a skip
-            self.method.after_optimizer_step(self)  # a teacher method's EMA update (and teacher_updates += 1)
+            self.method.after_optimizer_step(self)  # a teacher method's EMA update (its clock advances)
 
     def _grad_scale(self) -> float | None:
         """The loss scale of 16-mixed's gradient scaler (``None`` without one)."""
         scaler = getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
         return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else None
+
+    @property
+    def teacher_updates(self) -> int:
+        """The teacher's update count, its momentum schedule's clock (optimizer steps less those the grad scaler skipped)."""
+        return 0 if self.method.teacher is None else self.method.teacher.updates
+
+    @teacher_updates.setter
+    def teacher_updates(self, value: int) -> None:
+        if self.method.teacher is not None:
+            self.method.teacher.updates = int(value)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["medeman_teacher_updates"] = self.teacher_updates
@@ -239,41 +198,6 @@ class SSLSegModule(pl.LightningModule):
             if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
                 for group, base, rate in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
                     group["lr"] = base * rate(scheduler.last_epoch)
-
-    def teacher_momentum(self, step: int) -> float:
-        """The EMA momentum of the update after optimizer step ``step``: the schedule, then the warm-up."""
-        ssl = self.ssl
-        base = scheduled_momentum(step, int(self.cfg["train"]["max_steps"]), float(ssl["ema_momentum"]), ssl["momentum_schedule"], float(ssl["momentum_window"]))
-        return momentum_at(step, base, ssl["momentum_warmup"])
-
-    def average_student_bn_statistics(self) -> None:
-        """Average the student's BN running statistics over ranks when BN is not synchronized.
-
-        With SyncBatchNorm (multi-GPU) the statistics are already global. Plain BatchNorm under
-        multi-process DDP (always the case on CPU, where PyTorch refuses SyncBatchNorm) keeps
-        per-rank statistics; averaging them keeps the EMAN teacher identical on every rank.
-        """
-        self._average_bn_statistics(self.student)
-
-    def average_teacher_bn_statistics(self) -> None:
-        """Average the teacher's BN running statistics over ranks (after each re-estimated its own)."""
-        self._average_bn_statistics(self.teacher)
-
-    def _average_bn_statistics(self, network: nn.Module) -> None:
-        if self._trainer is None or self.trainer.world_size <= 1 or not torch.distributed.is_initialized():
-            return
-        layers = [m for m in tracked_batchnorms(network) if not isinstance(m, nn.SyncBatchNorm)]
-        if not layers:
-            return
-        means = torch.cat([m.running_mean.flatten() for m in layers])
-        variances = torch.cat([m.running_var.flatten() for m in layers])
-        gathered = [torch.empty_like(means) for _ in range(self.trainer.world_size)], [torch.empty_like(variances) for _ in range(self.trainer.world_size)]
-        torch.distributed.all_gather(gathered[0], means)
-        torch.distributed.all_gather(gathered[1], variances)
-        mean, var = pool_statistics(torch.stack(gathered[0]), torch.stack(gathered[1]))
-        sizes = [m.running_mean.numel() for m in layers]
-        torch._foreach_copy_([m.running_mean for m in layers], list(torch.split(mean, sizes)))
-        torch._foreach_copy_([m.running_var for m in layers], list(torch.split(var, sizes)))
 
     def configure_optimizers(self):
         train = self.cfg["train"]
@@ -321,6 +245,10 @@ class SSLSegModule(pl.LightningModule):
     # ---- validation: whole volumes, teacher and student -----------------------------------------
     def on_validation_epoch_start(self) -> None:
         self._validated = self.method.validated_networks(self)
+        for name in self._validated:
+            if name not in self.dice_metrics:
+                self.dice_metrics[name] = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=False)
+                self.hd95_metrics[name] = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="mean_batch")
 
     def _networks(self) -> dict[str, nn.Module]:
         """The networks this validation scores, by name (set in :meth:`on_validation_epoch_start`)."""

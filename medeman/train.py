@@ -232,19 +232,19 @@ def fit(
     from medeman.module import SSLSegModule
 
     out_dir = Path(out_dir)
-    method = build_method(cfg)
+    method = build_method(cfg)  # built once: its checks, the DataModule's views and the module's training all come from it
     method.check(cfg, has_unlabeled=unlabeled is not None)
     validate(cfg)  # types, choices and the rules between keys (config.validate), also for a config built in code
     prepare_run_dir(out_dir, resume, overwrite, keep)
     resume_step, changes = _check_resume(out_dir, cfg) if resume else (None, {})  # before anything in the run folder is written
     pl.seed_everything(int(cfg["train"]["seed"]), workers=True, verbose=False)
     datamodule = SSLDataModule(cfg, labeled=labeled, unlabeled=unlabeled if method.uses_unlabeled else None, val=val, run_dir=out_dir, test=test,
-                               cohorts=cohorts)
+                               cohorts=cohorts, views=method.unlabeled_views)
     datamodule.setup("fit")  # every data check runs here, before any training
     cohort = datamodule.cohort
     if cohort is not None and (cohort.unlabeled or cohort.flagged) and rank_zero_only.rank == 0:
         print(cohort.summary())  # nothing is left out of the unlabeled scans silently
-    module = SSLSegModule(cfg, sync_batchnorm=_sync_batchnorm(cfg))
+    module = SSLSegModule(cfg, sync_batchnorm=_sync_batchnorm(cfg), method=method)  # the one method object of the run
     if resume:
         record_resume(out_dir / "config.yaml", cfg, changes, resume_step)
     else:

@@ -12,6 +12,7 @@ from torch import nn
 from medeman.eman import (
     EMANBatchNorm1d,
     EMANBatchNorm3d,
+    EMANTeacher,
     make_teacher,
     momentum_at,
     recalibrate_batchnorm,
@@ -607,3 +608,59 @@ def test_ema_teacher_on_instancenorm_averages_weights_only():
     update_teacher(teacher, student, 0.75)
     for p in teacher.parameters():
         torch.testing.assert_close(p, torch.full_like(p, 2.5))
+
+
+# ---- EMANTeacher: the teacher as one object (network, clock, schedule) ------------------------------
+def _fill(net: nn.Module, value: float) -> None:
+    with torch.no_grad():
+        for tensor in net.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.fill_(value)
+
+
+@pytest.mark.parametrize("norm, stats_follow", [("eman", True), ("bn", False)])
+def test_teacher_object_updates_with_its_own_clock_by_hand(norm, stats_follow):
+    """Constant momentum 0.5 with warm-up: updates 0, 1, 2 use m = 0, 0.5, 0.5; from 0, students 1, 2, 4 give 1, 1.5, 2.75."""
+    student = tiny_net()
+    teacher = EMANTeacher(student, norm=norm, max_steps=10, momentum=0.5, schedule="constant", pool=None)
+    _fill(teacher.network, 0.0)
+    for value, expected in [(1.0, 1.0), (2.0, 1.5), (4.0, 2.75)]:
+        _fill(student, value)
+        teacher.update(student)
+        assert float(teacher.network[0].weight.flatten()[0]) == pytest.approx(expected)
+        assert float(teacher.network[1].running_mean[0]) == pytest.approx(expected if stats_follow else 0.0)
+    assert teacher.updates == 3
+    assert teacher.momentum() == 0.5 and teacher.momentum(0) == 0.0
+
+
+def test_teacher_object_momentum_is_the_schedule_after_warmup():
+    teacher = EMANTeacher(tiny_net(), max_steps=20, momentum=0.8, schedule="cosine")
+    assert teacher.momentum(10) == pytest.approx(min(momentum_at(10, scheduled_momentum(10, 20, 0.8, "cosine")), 0.9))
+    assert EMANTeacher(tiny_net(), max_steps=20, momentum=0.8, warmup=False).momentum(0) == 0.8
+
+
+def test_teacher_object_set_copies_the_student_then_estimates_statistics_and_pools_them():
+    student = tiny_net()
+    pooled = []
+    teacher = EMANTeacher(student, pool=pooled.append)
+    _fill(student, 3.0)
+    assert teacher.set(student) == 0  # no batches: the student's statistics
+    assert float(teacher.network[1].running_mean[0]) == 3.0 and float(teacher.network[0].weight.flatten()[0]) == 3.0
+    batches = [torch.randn(2, 1, 4, 4, 4) for _ in range(3)]
+    assert teacher.set(student, batches) == 3
+    reference = make_teacher(student)
+    recalibrate_batchnorm(reference, batches)
+    torch.testing.assert_close(teacher.network[1].running_var, reference[1].running_var)
+    assert pooled == [teacher.network]  # pooled once, after the estimate, never after a plain copy
+    assert teacher.updates == 0  # setting is not an update: the schedule's clock stays
+
+
+def test_teacher_object_recalibrated_copy_leaves_the_teacher_alone():
+    student = tiny_net()
+    teacher = EMANTeacher(student, pool=None)
+    before = teacher.network[1].running_var.clone()
+    copy_ = teacher.recalibrated_copy([torch.randn(2, 1, 4, 4, 4) * 5])
+    assert copy_ is not None and copy_ is not teacher.network
+    torch.testing.assert_close(teacher.network[1].running_var, before)
+    assert not torch.allclose(copy_[1].running_var, before)
+    assert teacher.recalibrated_copy([]) is None

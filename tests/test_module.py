@@ -89,8 +89,8 @@ def test_module_momentum_follows_the_schedule_after_warmup(schedule, window, exp
     """max_steps=20: cosine from 0.8 is 0.9 at step 10; a window of 25 % of 20 steps gives 1 - 1/5 = 0.8."""
     module = SSLSegModule(load_config(sets=TINY + ["train.max_steps=20", "ssl.ema_momentum=0.8", f"ssl.momentum_schedule={schedule}",
                                                    f"ssl.momentum_window={window}"]))
-    assert module.teacher_momentum(10) == pytest.approx(min(expected, 1 - 1 / 11))
-    assert module.teacher_momentum(0) == 0.0  # the warm-up starts as a copy of the student
+    assert module.method.teacher.momentum(10) == pytest.approx(min(expected, 1 - 1 / 11))
+    assert module.method.teacher.momentum(0) == 0.0  # the warm-up starts as a copy of the student
 
 
 def _dice_ce_by_hand(logits, label, batch):

@@ -9,7 +9,8 @@ import torch
 from lightning.pytorch.plugins import MixedPrecision
 
 from medeman.config import load_config
-from medeman.module import SSLSegModule, pool_statistics
+from medeman.distributed_bn import pool_statistics
+from medeman.module import SSLSegModule
 from tiny_patches import TinyData
 
 TINY = ["model.channels=[4,8]", "model.num_res_units=1", "data.patch_size=[16,16,16]", "data.spacing=null", "train.lr=0.01",

@@ -98,7 +98,7 @@ def test_adaptive_thresholds_train_and_travel_in_the_checkpoint(tmp_path):
 
 
 def test_fixed_mode_has_no_adaptive_state():
-    assert SSLSegModule(load_config(sets=TINY + ["ssl.pseudo_label_threshold=0.9"])).adaptive_thresholds is None
+    assert "adaptive_thresholds" not in dict(SSLSegModule(load_config(sets=TINY + ["ssl.pseudo_label_threshold=0.9"])).named_children())
 
 
 # ---- teacher focus -------------------------------------------------------------------------------------

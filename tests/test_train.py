@@ -291,3 +291,28 @@ def test_the_number_of_loader_workers_does_not_change_the_run(make_cohort, tmp_p
     inline = _student_after(make_cohort, tmp_path, "inline", sets + ["data.num_workers=0"])
     workers = _student_after(make_cohort, tmp_path, "workers", sets + ["data.num_workers=2"])
     assert [name for name in inline if not torch.equal(inline[name], workers[name])] == []
+
+
+def test_fit_builds_the_method_once_and_hands_it_to_module_and_datamodule(make_cohort, tmp_path, monkeypatch):
+    """One method object per run: its checks, the DataModule's views and the module's training steps."""
+    import medeman.methods
+    import medeman.methods.registry
+    import medeman.module
+    from medeman.data.datamodule import SSLDataModule
+
+    built, views = [], []
+
+    def counting(cfg):
+        built.append(medeman.methods.registry.build_method(cfg))
+        return built[-1]
+
+    for owner in (medeman.methods, medeman.module):
+        monkeypatch.setattr(owner, "build_method", counting)
+    setup = SSLDataModule.setup
+    monkeypatch.setattr(SSLDataModule, "setup", lambda self, stage=None: (views.append(self.views), setup(self, stage))[1])
+    root = make_cohort(3, 2)
+    fit(load_config(sets=TINY + ["ssl.method=fixmatch", "train.max_steps=2"]), root / "labeled", root / "unlabeled",
+        out_dir=tmp_path / "run", progress_bar=False)
+    assert len(built) == 1  # the module built none of its own (it would have called build_method)
+    assert views and set(views) == {("weak", "strong")}
+    assert built[0].teacher.updates == 2  # the one method object trained the run: its teacher took both updates

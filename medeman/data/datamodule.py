@@ -66,11 +66,6 @@ def _method_views(cfg: dict[str, Any]) -> tuple[str, ...]:
     return tuple(build_method(cfg).unlabeled_views)
 
 
-def _method_uses_unlabeled(cfg: dict[str, Any]) -> bool:
-    """Whether ``ssl.method`` trains on unlabeled views."""
-    return bool(_method_views(cfg))
-
-
 def deterministic_view(dataset: Dataset) -> Dataset:
     """``dataset`` with its chain cut before the first random transform: items as its cache holds them.
 
@@ -116,6 +111,8 @@ class SSLDataModule(pl.LightningDataModule):
             :func:`medeman.data.checks.gather_cohort`). ``self.cohort.flagged`` lists what was left out.
         cohorts: a :class:`CohortCache` shared with other data modules (the trials of a tuning
             worker): a cohort another one prepared is taken from it, and the one prepared here is put in it.
+        views: the unlabeled views the method trains on (``Method.unlabeled_views``, from the method
+            object ``medeman train`` built); ``None`` asks ``ssl.method``'s.
 
     Examples:
         >>> dm = SSLDataModule(cfg, "sample_data/labeled", "sample_data/unlabeled", run_dir="runs/demo")
@@ -133,10 +130,12 @@ class SSLDataModule(pl.LightningDataModule):
         run_dir: str | Path | None = None,
         test: str | Path | None = None,
         cohorts: CohortCache | None = None,
+        views: tuple[str, ...] | None = None,
     ) -> None:
         super().__init__()
         self.cfg = cfg
         self.cohorts = cohorts
+        self.views: tuple[str, ...] = tuple(views) if views is not None else _method_views(cfg)
         self.labeled = Path(labeled)
         self.unlabeled = Path(unlabeled) if unlabeled is not None else None
         self.val = Path(val) if val is not None else None
@@ -153,14 +152,14 @@ class SSLDataModule(pl.LightningDataModule):
     @property
     def use_unlabeled(self) -> bool:
         """Whether training draws unlabeled batches: the method asks for unlabeled views and there are unlabeled scans."""
-        return _method_uses_unlabeled(self.cfg) and bool(self.unlabeled_cases)
+        return bool(self.views) and bool(self.unlabeled_cases)
 
     def discover(self) -> None:
         """Find and check every case; raise one DataError listing all problems."""
         cfg, data = self.cfg, self.cfg["data"]
         unlabeled = self.unlabeled if self.unlabeled is not None or not has_unlabeled_list(self.labeled, cfg) else self.labeled
         self.cohort = gather_cohort(cfg, self.labeled, unlabeled, self.val, self.test,
-                                    check_unlabeled=_method_uses_unlabeled(cfg))
+                                    check_unlabeled=bool(self.views))
         problems = self.cohort.problems
         raise_problems(problems, f"{len(problems)} problem(s) in the input data, found before training:")
         labeled, val, unlabeled = self.cohort.labeled, self.cohort.val, self.cohort.unlabeled
@@ -205,7 +204,7 @@ class SSLDataModule(pl.LightningDataModule):
             if float(self.cfg["data"]["unlabeled_focus_fraction"]) > 0:  # shared before any loader worker starts
                 self.focus = FocusCentres(len(cases))
                 cases = [{**case, "case_index": i} for i, case in enumerate(cases)]
-            self._datasets["unlabeled"] = self._dataset(cases, tfm.unlabeled_transforms(self.cfg, self.focus, _method_views(self.cfg)), "unlabeled")
+            self._datasets["unlabeled"] = self._dataset(cases, tfm.unlabeled_transforms(self.cfg, self.focus, self.views), "unlabeled")
         if self.val_cases:
             self._datasets["val"] = self._dataset(self.val_cases, tfm.validation_transforms(self.cfg), "val")
 

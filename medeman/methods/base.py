@@ -6,23 +6,24 @@ optimizer step, which networks are validated and which one is deployed as ``teac
 DataModule asks it which unlabeled views to produce, and ``medeman train`` asks it whether the
 config and data fit.
 
-A new method is one file with a subclass, one line in :data:`medeman.methods.METHODS` and its
-name in the ``ssl.method`` choices of :mod:`medeman.config` (see the README's development section).
+A new method is one file with a subclass registered by ``@register_method("name")``, which
+also declares the method's own config keys (:mod:`medeman.methods.registry`; docs/development.md).
+The teacher is an :class:`~medeman.eman.EMANTeacher` the method owns; a method changes only its
+own state and its teacher's, never the module's.
 """
 
 from __future__ import annotations
 
-import copy
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
 
-from medeman.config import ConfigError
-from medeman.eman import make_teacher, recalibrate_batchnorm, set_teacher, tracked_batchnorms, update_teacher
+from medeman.config import ConfigError, Option
+from medeman.eman import EMANTeacher, tracked_batchnorms
 from medeman.schedules import RunSchedule, run_schedule
 
-if TYPE_CHECKING:  # the module imports the methods, not the other way round
+if TYPE_CHECKING:  # the module imports the methods, not the other way round (no import circle)
     from medeman.module import SSLSegModule
 
 
@@ -32,13 +33,34 @@ class Method:
     Override what the method changes; the defaults are the supervised baseline.
 
     Attributes:
-        name: the ``ssl.method`` value.
+        name: the ``ssl.method`` value (set by :func:`~medeman.methods.registry.register_method`).
         unlabeled_views: the views of each unlabeled patch the DataModule must produce
             (``()``: the method uses no unlabeled scans; ``("weak", "strong")``: a voxel-aligned pair).
+        teacher: the teacher object (:meth:`make_teacher`), or ``None``.
+        summary: one line for ``ssl.method``'s help.
+        options: the method's own ``ssl`` keys (flat names, e.g. ``bcp_box_fraction``), added to
+            the config schema when the class is registered.
+        option_rules: ``(key, holds, requirement)`` value rules of those keys (``ssl.key: value
+            must be requirement`` when ``holds(value)`` is false).
     """
 
     name = "supervised"
     unlabeled_views: tuple[str, ...] = ()
+    teacher: EMANTeacher | None = None
+    summary = "labeled data only, the baseline"
+    options: dict[str, Option] = {}
+    option_rules: tuple[tuple[str, Callable[[Any], bool], str], ...] = ()
+
+    @classmethod
+    def check_options(cls, cfg: dict[str, Any]) -> None:
+        """Rules between this class's own :attr:`options` and other keys, checked for every config (they are in every one).
+
+        Value rules of one key alone go in :attr:`option_rules` (``(key, holds, requirement)``).
+        """
+
+    @classmethod
+    def check_config(cls, cfg: dict[str, Any]) -> None:
+        """Rules between config keys for a config that trains with this method (``ConfigError``), checked at load time."""
 
     def __init__(self, cfg: dict[str, Any]):
         self.cfg = cfg
@@ -59,8 +81,8 @@ class Method:
         if self.uses_unlabeled and not has_unlabeled:
             raise ConfigError(f"ssl.method={self.name} needs unlabeled scans: pass --unlabeled DIR, or use ssl.method=supervised")
 
-    def make_teacher(self, student: nn.Module) -> nn.Module | None:
-        """The teacher network the module registers (so checkpoints hold it), or ``None``."""
+    def make_teacher(self, student: nn.Module) -> EMANTeacher | None:
+        """The teacher object this method keeps as :attr:`teacher`, or ``None``; the module registers its network."""
         return None
 
     def training_loss(self, module: SSLSegModule, batch: dict) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -71,6 +93,10 @@ class Method:
 
     def after_optimizer_step(self, module: SSLSegModule) -> None:
         """Called after every optimizer step the student took (not after skipped or accumulation steps)."""
+
+    def checkpointed_modules(self) -> dict[str, nn.Module]:
+        """Modules with state of the method's own (e.g. adaptive thresholds) that the module registers by name, so checkpoints hold them."""
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         """What the method must carry across a resume besides the networks (plain values; saved in Lightning checkpoints)."""
@@ -110,8 +136,8 @@ class Method:
 class TeacherMethod(Method):
     """A method with an EMA teacher (``ssl.teacher_norm``: eman | bn | ema), validated and deployed.
 
-    After each optimizer step the teacher becomes ``m θ' + (1 - m) θ`` with the scheduled momentum
-    (:meth:`SSLSegModule.teacher_momentum`). At the end of the supervised warm-up
+    The teacher is an :class:`~medeman.eman.EMANTeacher` (:attr:`teacher`, made by :meth:`make_teacher`):
+    after each optimizer step it becomes ``m θ' + (1 - m) θ`` with its scheduled momentum. At the end of the supervised warm-up
     (:meth:`teacher_start_step`) the teacher is set to the student and its BatchNorm statistics are
     estimated once from its own forward passes, so self-training starts from a teacher as good as
     the student instead of one that still averages the random start; then pure EMAN. The validated and deployed teacher is, with
@@ -122,14 +148,25 @@ class TeacherMethod(Method):
     every validation scores both and the better one on validation is the teacher (:meth:`choose_teacher`).
     """
 
+    @classmethod
+    def check_config(cls, cfg: dict[str, Any]) -> None:
+        """EMAN averages BatchNorm running statistics: a teacher with ``teacher_norm: eman`` needs a BatchNorm student."""
+        if cfg["ssl"]["teacher_norm"] == "eman" and cfg["model"]["norm"] != "batch":
+            raise ConfigError(
+                f"ssl.teacher_norm=eman needs a BatchNorm network, but model.norm={cfg['model']['norm']} "
+                "(InstanceNorm has no running statistics for EMAN to average): set model.norm=batch, "
+                "or ssl.teacher_norm=ema (a plain weight-EMA teacher)"
+            )
+
     def __init__(self, cfg: dict[str, Any]):
         super().__init__(cfg)
         self._recalibrated: dict[str, Any] = {}  # {"step": int, "net": the re-estimated copy}, outside the module's state
         self._compare_raw_teacher = True
         self.chosen_statistics = "recalibrated"  # teacher_bn_recalibration=best: which scored higher at the last validation
 
-    def make_teacher(self, student: nn.Module) -> nn.Module:
-        return make_teacher(student, norm=self.ssl["teacher_norm"])
+    def make_teacher(self, student: nn.Module) -> EMANTeacher:
+        self.teacher = EMANTeacher.from_config(student, self.cfg)
+        return self.teacher
 
     def state_dict(self) -> dict[str, Any]:
         return {"chosen_statistics": self.chosen_statistics}
@@ -139,14 +176,12 @@ class TeacherMethod(Method):
             self.chosen_statistics = state["chosen_statistics"]
 
     def after_optimizer_step(self, module: SSLSegModule) -> None:
-        if self.ssl["teacher_norm"] == "eman":  # bn and ema teachers keep their own buffers
-            module.average_student_bn_statistics()
-        update_teacher(module.teacher, module.student, module.teacher_momentum(module.teacher_updates))
-        module.teacher_updates += 1
-        if module.teacher_updates == self.teacher_start_step() > 0:
+        teacher = self.teacher
+        teacher.update(module.student)
+        if teacher.updates == self.teacher_start_step() > 0:
             self.start_teacher_from_student(module)
         every = int(self.ssl["teacher_bn_refresh_every"])
-        if every > 0 and module.teacher_updates % every == 0 and tracked_batchnorms(module.teacher):
+        if every > 0 and teacher.updates % every == 0 and tracked_batchnorms(teacher.network):
             self.refresh_teacher_statistics(module)
 
     def teacher_start_step(self) -> int:
@@ -155,9 +190,9 @@ class TeacherMethod(Method):
 
     def start_teacher_from_student(self, module: SSLSegModule) -> None:
         """Set the teacher to the student (weights and buffers), then estimate its BatchNorm statistics once (precise-BN)."""
-        set_teacher(module.teacher, module.student)
-        if tracked_batchnorms(module.teacher):
-            self.refresh_teacher_statistics(module)
+        inputs = module.recalibration_inputs() if tracked_batchnorms(self.teacher.network) else None
+        if self.teacher.set(module.student, inputs):
+            self._recalibrated = {}  # a cached re-estimated copy belongs to the statistics it replaced
 
     def refresh_teacher_statistics(self, module: SSLSegModule) -> None:
         """Re-estimate the *training* teacher's BatchNorm statistics in place (``ssl.teacher_bn_refresh_every``).
@@ -165,20 +200,18 @@ class TeacherMethod(Method):
         Not EMAN: its statistics are EMA'd from the student's, and early in a short run, while the
         student moves fast, those lag the averaged weights (the re-estimated copy validates far
         better then). This lets the teacher that makes pseudo-targets use statistics of its own
-        averaged weights (precise-BN, :func:`medeman.eman.recalibrate_batchnorm`), EMA'd from the
+        averaged weights (precise-BN, :meth:`medeman.eman.EMANTeacher.recalibrate`), EMA'd from the
         student's again until the next refresh. Under DDP each process re-estimates on its own
         batches and the statistics are then pooled over the processes (mean of the variances plus
         variance of the means), so every teacher stays identical. Without batches nothing changes.
         """
         inputs = module.recalibration_inputs()
-        if inputs is None or recalibrate_batchnorm(module.teacher, inputs) == 0:
-            return
-        module.average_teacher_bn_statistics()
-        self._recalibrated = {}  # a cached re-estimated copy belongs to the statistics it replaced
+        if inputs is not None and self.teacher.recalibrate(inputs):
+            self._recalibrated = {}  # a cached re-estimated copy belongs to the statistics it replaced
 
     # ---- the validated and deployed teacher --------------------------------------------------------
     def _recalibrates(self, module: SSLSegModule, when: str) -> bool:
-        if not tracked_batchnorms(module.teacher):
+        if not tracked_batchnorms(self.teacher.network):
             return False
         mode = self.ssl["teacher_bn_recalibration"]
         if mode == "best":  # validate both; export what won the last validation
@@ -193,21 +226,19 @@ class TeacherMethod(Method):
         if self._recalibrated.get("step") == module.global_step:
             return self._recalibrated["net"]
         inputs = module.recalibration_inputs()
-        if inputs is None:
-            return None
-        net = copy.deepcopy(module.teacher)
-        if recalibrate_batchnorm(net, inputs) == 0:
+        net = None if inputs is None else self.teacher.recalibrated_copy(inputs)
+        if net is None:
             return None
         self._recalibrated = {"step": module.global_step, "net": net}
         return net
 
     def validated_networks(self, module: SSLSegModule) -> dict[str, nn.Module]:
-        nets = {"student": module.student, "teacher": module.teacher}
+        nets = {"student": module.student, "teacher": self.teacher.network}
         teacher = self.recalibrated_teacher(module) if self._recalibrates(module, "validation") else None
         if teacher is not None:
             nets["teacher"] = teacher
             if self._compare_raw_teacher or self.ssl["teacher_bn_recalibration"] == "best":
-                nets["teacher_raw"] = module.teacher  # with its EMA'd (or own) statistics: the first time, or every time to choose
+                nets["teacher_raw"] = self.teacher.network  # with its EMA'd (or own) statistics: the first time, or every time to choose
                 self._compare_raw_teacher = False
         return nets
 
@@ -244,10 +275,10 @@ class TeacherMethod(Method):
         return self.chosen_statistics
 
     def deployed_network(self, module: SSLSegModule) -> tuple[nn.Module, str]:
-        if not tracked_batchnorms(module.teacher):
-            return module.teacher, "none"
+        if not tracked_batchnorms(self.teacher.network):
+            return self.teacher.network, "none"
         if self._recalibrates(module, "export"):
             net = self.recalibrated_teacher(module)
             if net is not None:
                 return net, "recalibrated"
-        return module.teacher, "ema" if self.ssl["teacher_norm"] == "eman" else "batch"
+        return self.teacher.network, "ema" if self.ssl["teacher_norm"] == "eman" else "batch"

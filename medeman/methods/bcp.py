@@ -25,9 +25,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from medeman.config import ConfigError
+from medeman.config import ConfigError, Option
 from medeman.labels import argmax_labels, keep_largest_components
 from medeman.methods.base import TeacherMethod
+from medeman.methods.registry import register_method
 from medeman.methods.copy_paste import bidirectional_copy_paste, copy_paste_loss, random_boxes
 from medeman.nets import main_output
 
@@ -35,10 +36,30 @@ if TYPE_CHECKING:
     from medeman.module import SSLSegModule
 
 
+@register_method("bcp")
 class BCP(TeacherMethod):
     """Bidirectional copy-paste; the teacher's argmax labels the unlabeled parts of both mixed patches."""
 
-    name = "bcp"
+    summary = "bidirectional copy-paste, Bai et al. 2023"
+    options = {
+        "bcp_box_fraction": Option(2.0 / 3.0, "bcp: side of the copy-paste box as a fraction of each patch side (the paper's 2/3)"),
+        "bcp_unlabeled_weight": Option(0.5, "bcp: weight alpha of the pseudo-labeled voxels of the mixed patches (ground truth weighs 1)"),
+        "bcp_pretrain_steps": Option(None, "bcp: first steps of copy-paste pre-training on labeled patches only; the teacher then starts as a copy of the student (BatchNorm statistics estimated once); null: the warm-up (ssl.warmup_steps)", type=int),
+        "bcp_keep_components": Option(None, "bcp: per foreground class, keep only the k largest connected components of the teacher's pseudo-labels in each patch (the paper keeps the largest; e.g. [1, 2] for liver and two kidneys); 0 keeps a class as it is; null: no clean-up", type=list),
+    }
+    option_rules = (
+        ("bcp_box_fraction", lambda v: 0.0 < v <= 1.0, "a fraction in (0, 1]"),
+        ("bcp_unlabeled_weight", lambda v: v >= 0, "a non-negative weight"),
+        ("bcp_pretrain_steps", lambda v: v >= 0, "a non-negative number of steps"),
+    )
+
+    @classmethod
+    def check_options(cls, cfg: dict[str, Any]) -> None:
+        """The per-class component counts: one whole number per foreground class."""
+        keep = cfg["ssl"]["bcp_keep_components"]
+        classes = int(cfg["data"]["num_classes"]) - 1
+        if keep is not None and not (len(keep) == classes and all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in keep)):
+            raise ConfigError(f"ssl.bcp_keep_components: {keep!r} must be null or {classes} whole numbers >= 0 (one per foreground class)")
     unlabeled_views = ("weak",)
 
     def check(self, cfg: dict[str, Any], has_unlabeled: bool) -> None:

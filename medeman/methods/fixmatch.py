@@ -23,17 +23,29 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from medeman.config import Option
 from medeman.losses import CONSISTENCY_LOSSES, masked_cross_entropy, masked_dice, voxel_pseudo_labels
 from medeman.methods.mean_teacher import MeanTeacher
+from medeman.methods.pseudo_label_loss import log_pseudo_label_classes
+from medeman.methods.registry import register_method
 
 if TYPE_CHECKING:
     from medeman.module import SSLSegModule
 
 
+@register_method("fixmatch")
 class FixMatch(MeanTeacher):
     """Confidence-thresholded hard pseudo-labels from the EMAN teacher's weak view on the student's strong view."""
 
-    name = "fixmatch"
+    summary = "hard pseudo-labels of the EMAN teacher's weak view on the strong view: FixMatch-EMAN, Cai et al. 2021"
+    options = {
+        "fixmatch_threshold": Option(0.9, "fixmatch: teacher confidence (weak view) above which a voxel's argmax is a hard pseudo-label for the strong view (FixMatch's tau)"),
+        "fixmatch_consistency_weight": Option(0.0, "fixmatch: weight of an added soft consistency loss (ssl.consistency) beside the pseudo-label loss; 0: pseudo-labels only, as FixMatch-EMAN"),
+    }
+    option_rules = (
+        ("fixmatch_threshold", lambda v: 0.0 < v <= 1.0, "a confidence in (0, 1]"),
+        ("fixmatch_consistency_weight", lambda v: v >= 0, "a non-negative weight"),
+    )
 
     def unsupervised_loss(self, module: SSLSegModule, strong_logits: torch.Tensor, weak: torch.Tensor, logs: dict) -> torch.Tensor:
         teacher_probs = module.teacher_probs(weak)
@@ -42,7 +54,7 @@ class FixMatch(MeanTeacher):
         logs["loss/pseudo_label"] = pseudo.detach()
         logs["ssl/pseudo_label_fraction"] = mask.float().mean()
         if module.writes_training_logs():  # one device sync, at logging steps only
-            module._log_pseudo_label_classes(labels, mask, logs)
+            log_pseudo_label_classes(labels, mask, module.num_classes, logs, self.pseudo_label_loss.adaptive_thresholds)
         weight = float(self.ssl["fixmatch_consistency_weight"])
         consistency = CONSISTENCY_LOSSES.get(self.ssl["consistency"])
         if weight > 0 and consistency is not None:

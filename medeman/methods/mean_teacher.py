@@ -15,21 +15,34 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from torch import nn
+
 import torch
 
 from medeman.losses import unsupervised_weight
 from medeman.methods.base import TeacherMethod
+from medeman.methods.pseudo_label_loss import ConsistencyPseudoLabelLoss
+from medeman.methods.registry import register_method
 from medeman.nets import main_output
 
 if TYPE_CHECKING:
     from medeman.module import SSLSegModule
 
 
+@register_method("mean_teacher")
 class MeanTeacher(TeacherMethod):
     """Consistency and/or confidence-thresholded pseudo-labels from an EMA teacher on weak views."""
 
-    name = "mean_teacher"
+    summary = "consistency and/or pseudo-labels from an EMAN teacher, Tarvainen & Valpola 2017, Cai et al. 2021"
     unlabeled_views = ("weak", "strong")
+
+    def __init__(self, cfg: dict[str, Any]):
+        super().__init__(cfg)
+        self.pseudo_label_loss = ConsistencyPseudoLabelLoss(cfg, self.schedule.threshold_momentum)
+
+    def checkpointed_modules(self) -> dict[str, nn.Module]:
+        thresholds = self.pseudo_label_loss.adaptive_thresholds
+        return {} if thresholds is None else {"adaptive_thresholds": thresholds}  # their EMA'd state travels in checkpoints
 
     def training_loss(self, module: SSLSegModule, batch: dict) -> tuple[torch.Tensor, dict[str, Any]]:
         labeled = batch["labeled"]
@@ -59,4 +72,4 @@ class MeanTeacher(TeacherMethod):
         """Consistency + pseudo-label loss of the student's strong-view logits against the teacher on the weak view."""
         with torch.no_grad():
             teacher_probs = module.teacher_probs(weak)
-        return module.consistency_and_pseudo_label_loss(strong_logits, teacher_probs, logs)
+        return self.pseudo_label_loss(strong_logits, teacher_probs, logs, log_classes=module.writes_training_logs())

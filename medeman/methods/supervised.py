@@ -10,16 +10,19 @@ supervised run.
 from __future__ import annotations
 
 from medeman.methods.base import Method, TeacherMethod
+from medeman.methods.registry import register_method
 
 
+@register_method("supervised")
 class Supervised(Method):
     """Labeled scans only; the student is validated and deployed (logged as both teacher and student)."""
 
-    name = "supervised"
+    summary = "labeled data only, the baseline"
 
 
+@register_method("supervised_ema")
 class SupervisedEMA(TeacherMethod):
     """Labeled scans only, with an EMA teacher that is validated and deployed (the weight-averaging control)."""
 
-    name = "supervised_ema"
+    summary = "labeled data only, deployed EMA teacher: the weight-averaging control"
     training_loss = Method.training_loss

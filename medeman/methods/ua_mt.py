@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from medeman.config import Option
 from medeman.methods.mean_teacher import MeanTeacher
+from medeman.methods.registry import register_method
 from medeman.methods.uncertainty import predictive_entropy, stochastic_mean_probs, uncertainty_masked_mse, uncertainty_threshold
 from medeman.nets import main_output
 
@@ -27,14 +29,27 @@ if TYPE_CHECKING:
     from medeman.module import SSLSegModule
 
 
+@register_method("ua_mt")
 class UAMT(MeanTeacher):
     """Mean teacher + uncertainty-masked consistency (entropy of T noisy teacher passes)."""
 
-    name = "ua_mt"
+    summary = "uncertainty-aware mean teacher, Yu et al. 2019"
+    options = {
+        "ua_mt_passes": Option(8, "ua_mt: stochastic teacher passes T per unlabeled batch for the predictive entropy"),
+        "ua_mt_noise_std": Option(0.1, "ua_mt: std of the Gaussian input noise of each teacher pass (normalized intensity units)"),
+        "ua_mt_noise_clip": Option(0.2, "ua_mt: the input noise is clipped to [-clip, clip]"),
+        "ua_mt_threshold_start": Option(0.75, "ua_mt: the entropy threshold ramps from this fraction of ln(num_classes) to ln(num_classes) over rampup_steps"),
+    }
+    option_rules = (
+        ("ua_mt_passes", lambda v: v >= 1, "at least 1 stochastic teacher pass"),
+        ("ua_mt_noise_std", lambda v: v >= 0, "a non-negative standard deviation"),
+        ("ua_mt_noise_clip", lambda v: v >= 0, "a non-negative clip"),
+        ("ua_mt_threshold_start", lambda v: 0.0 < v <= 1.0, "a fraction in (0, 1]"),
+    )
 
     def unsupervised_loss(self, module: SSLSegModule, strong_logits: torch.Tensor, weak: torch.Tensor, logs: dict) -> torch.Tensor:
         ssl = self.ssl
-        teacher = module.teacher
+        teacher = self.teacher.network
         probs = stochastic_mean_probs(
             lambda x: main_output(teacher(x)), weak, passes=int(ssl["ua_mt_passes"]),
             noise_std=float(ssl["ua_mt_noise_std"]), noise_clip=float(ssl["ua_mt_noise_clip"]),

@@ -1,0 +1,59 @@
+"""The method registry: ``@register_method("name")`` makes a :class:`~medeman.methods.base.Method` subclass trainable.
+
+Registering adds the name to ``ssl.method``'s choices and the class's own ``ssl`` keys
+(:attr:`Method.options`, with their value rules and checks) to the config schema, so a new method
+is one file, inside the package or out of it::
+
+    @register_method("entropy_min")
+    class EntropyMinimization(Method):
+        summary = "supervised loss + the student's softmax entropy (Grandvalet & Bengio 2004)"
+        options = {"entropy_min_weight": Option(0.1, "entropy_min: weight of the entropy term")}
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
+
+from medeman.config import ConfigError, register_method_options
+
+if TYPE_CHECKING:
+    from medeman.methods.base import Method
+
+METHODS: dict[str, type[Method]] = {}
+_M = TypeVar("_M", bound="type[Method]")
+
+
+def register_method(name: str) -> Callable[[_M], _M]:
+    """Class decorator: register a method under the ``ssl.method`` value ``name``, with its own config keys.
+
+    The class's ``name`` becomes ``name``; its ``summary``, and the ``options``, ``option_rules`` and
+    ``check_options`` it defines itself (not inherited ones), go into :mod:`medeman.config`'s schema.
+    """
+
+    def decorator(cls: _M) -> _M:
+        own = vars(cls)
+        register_method_options(  # first: a clash leaves nothing registered
+            name, cls.summary, own.get("options", {}), own.get("option_rules", ()),
+            option_check=cls.check_options if "check_options" in own else None, method_check=cls.check_config)
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+
+    return decorator
+
+
+def build_method(cfg: dict[str, Any]) -> Method:
+    """The method object of ``cfg["ssl"]["method"]``."""
+    name = cfg["ssl"]["method"]
+    if name not in METHODS:
+        raise ConfigError(f"ssl.method: unknown method {name!r}; registered: {', '.join(METHODS)}")
+    return METHODS[name](cfg)
+
+
+def methods_markdown() -> str:
+    """The registered methods as a Markdown table: name, summary and own ``ssl`` keys (``docs/development.md`` holds it)."""
+    rows = ["| `ssl.method` | what it trains | its own `ssl` keys |", "|---|---|---|"]
+    for name, cls in METHODS.items():
+        keys = ", ".join(f"`{key}`" for key in vars(cls).get("options", {})) or "—"
+        rows.append(f"| `{name}` | {cls.summary} | {keys} |")
+    return "\n".join(rows) + "\n"
