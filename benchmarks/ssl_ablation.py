@@ -311,6 +311,7 @@ def write_results(records: list[dict], args: argparse.Namespace, cohort: Path, c
             diffs, mean, wins = result
             per_seed = ", ".join(f"{d:+.3f}" for _, d in diffs)
             lines.append(f"| {a} − {b} | {model} | {per_seed} | {mean:+.3f} | {wins}/{len(diffs)} |")
+    lines += _per_class_table(records, methods)
     lines += ["", "Validation Dice over training (mean over seeds; `teacher` is what is validated and exported, "
               "`teacher_raw` where present the EMAN teacher with its EMA'd statistics):", ""]
     lines += _curve_table(records, methods)
@@ -346,6 +347,28 @@ def write_results(records: list[dict], args: argparse.Namespace, cohort: Path, c
         notes = md_path.read_text(encoding="utf-8").split(NOTES_MARKER, 1)[1]
     md_path.write_text("\n".join(lines) + "\n\n" + NOTES_MARKER + notes, encoding="utf-8")
     return md_path
+
+
+def _per_class_table(records: list[dict], methods: list[str]) -> list[str]:
+    """Per class, the deployed model's test Dice, its paired difference to supervised and the share of the gap it closes."""
+    classes = sorted({int(k[len("dice_class"):]) for r in records for k in r["models"]["teacher"] if k.startswith("dice_class")})
+    lines = ["", "Per class (deployed model; class 2, the kidneys, is the small structure): test Dice, paired difference "
+             "to supervised with the seeds ahead, and the gap to the upper bound closed:", "",
+             "| class | method | test Dice | − supervised | ahead | gap closed |", "|---|---|---|---|---|---|"]
+    for c in classes:
+        key = f"dice_class{c}"
+        by = {(r["method"], r["seed"]): r["models"]["teacher"][key] for r in records}
+        base = {s: v for (m, s), v in by.items() if m == "supervised"}
+        upper = {s: v for (m, s), v in by.items() if m == "upper"}
+        for method in methods:
+            mine = {s: v for (m, s), v in by.items() if m == method}
+            diffs = [mine[s] - base[s] for s in sorted(mine) if s in base]
+            full = statistics.fmean(upper.values()) - statistics.fmean(base.values()) if upper and base else 0.0
+            gap = f"{100 * (statistics.fmean(mine.values()) - statistics.fmean(base.values())) / full:.0f} %" if base and abs(full) > 1e-9 else "–"
+            lines.append(f"| {c} | {method} | {mean_std(list(mine.values()))} | "
+                         f"{mean_std(diffs) if diffs and method != 'supervised' else '–'} | "
+                         f"{sum(d > 0 for d in diffs) if method != 'supervised' else '–'}/{len(diffs)} | {gap} |")
+    return lines
 
 
 def _codes(records: list[dict], methods: list[str]) -> dict[str, list[str]]:
