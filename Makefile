@@ -10,7 +10,7 @@ STAMP := $(VENV)/.medeman-installed
 RUN ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench clean-demo
+.PHONY: install test lint demo bench clean-demo
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 demo: $(STAMP)
 	$(PY) -m medeman.demo --out $(RUN)

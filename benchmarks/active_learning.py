@@ -37,11 +37,28 @@ from _report import mean_std
 
 REPO = Path(__file__).resolve().parents[1]
 # --smoke: a tiny network and cohort, a few steps, one seed and round; outputs in a temporary folder
-SMOKE_SETS = ["train.val_every_steps=2", "model.channels=[4,8]", "model.num_res_units=0", "data.cache=none",
-              "data.num_workers=0", "ssl.recalibration_batches=1"]
+SMOKE_SETS = [
+    "train.val_every_steps=2",
+    "model.channels=[4,8]",
+    "model.num_res_units=0",
+    "data.cache=none",
+    "data.num_workers=0",
+    "ssl.recalibration_batches=1",
+]
 STUDY_SCORES = ("entropy_fg", "entropy_mean", "argmax_differs", "volume_ml_c1")
-CSV_COLUMNS = ("seed", "strategy", "round", "n_labeled", "dice_fg", "dice_seen", "dice_unseen", "picked", "picked_unseen",
-               "val_best_teacher", "train_s")
+CSV_COLUMNS = (
+    "seed",
+    "strategy",
+    "round",
+    "n_labeled",
+    "dice_fg",
+    "dice_seen",
+    "dice_unseen",
+    "picked",
+    "picked_unseen",
+    "val_best_teacher",
+    "train_s",
+)
 
 
 # --------------------------------------------------------------------------- cohort and labeled sets
@@ -53,8 +70,17 @@ def make_data(seed: int, args: argparse.Namespace) -> Path:
 
     cohort = Path(args.out) / f"cohort_seed{seed}"
     if not (cohort / "scanners.csv").is_file():
-        make_cohort(cohort, n_labeled=args.initial, n_unlabeled=args.pool, n_test=args.test, seed=1000 + seed,
-                    other_formats=False, n_val=args.val, unlabeled_labels=True, unseen_every=args.unseen_every)
+        make_cohort(
+            cohort,
+            n_labeled=args.initial,
+            n_unlabeled=args.pool,
+            n_test=args.test,
+            seed=1000 + seed,
+            other_formats=False,
+            n_val=args.val,
+            unlabeled_labels=True,
+            unseen_every=args.unseen_every,
+        )
     return cohort
 
 
@@ -100,11 +126,26 @@ def train_and_score(cohort: Path, acquired: list[str], run_dir: Path, seed: int,
     labeled, unlabeled = build_sets(cohort, acquired, run_dir / "data")
     cfg = load_config([args.config], [*args.set, f"train.seed={seed}", f"train.max_steps={args.steps}"])
     start = time.perf_counter()
-    result = fit(cfg, labeled, unlabeled, val=cohort / "val", out_dir=run_dir / "run", overwrite=True,
-                 progress_bar=False, logger=False)
+    result = fit(
+        cfg,
+        labeled,
+        unlabeled,
+        val=cohort / "val",
+        out_dir=run_dir / "run",
+        overwrite=True,
+        progress_bar=False,
+        logger=False,
+    )
     train_s = time.perf_counter() - start
-    _, summary = segment_and_score(run_dir / "run", cohort / "test" / "images", cohort / "test" / "labels",
-                                   run_dir / "pred", overwrite=True, progress=False, device="cpu")
+    _, summary = segment_and_score(
+        run_dir / "run",
+        cohort / "test" / "images",
+        cohort / "test" / "labels",
+        run_dir / "pred",
+        overwrite=True,
+        progress=False,
+        device="cpu",
+    )
     if summary.problems:
         raise RuntimeError(f"{run_dir}: test cases not scored: {summary.problems[0]}")
     classes = range(1, int(cfg["data"]["num_classes"]))
@@ -113,10 +154,14 @@ def train_and_score(cohort: Path, acquired: list[str], run_dir: Path, seed: int,
     kind = scanners(cohort)
     seen = [v for case, v in per_case.items() if kind[case] != "D"]
     unseen = [v for case, v in per_case.items() if kind[case] == "D"]
-    record = {"n_labeled": args.initial + len(acquired), "dice_fg": statistics.fmean(per_case.values()),
-              "dice_seen": statistics.fmean(seen) if seen else float("nan"),
-              "dice_unseen": statistics.fmean(unseen) if unseen else float("nan"),
-              "val_best_teacher": result.best_dice_teacher, "train_s": round(train_s, 1)}
+    record = {
+        "n_labeled": args.initial + len(acquired),
+        "dice_fg": statistics.fmean(per_case.values()),
+        "dice_seen": statistics.fmean(seen) if seen else float("nan"),
+        "dice_unseen": statistics.fmean(unseen) if unseen else float("nan"),
+        "val_best_teacher": result.best_dice_teacher,
+        "train_s": round(train_s, 1),
+    }
     shutil.rmtree(run_dir / "data" / "labeled")  # copies; the record lists what was labeled
     done.write_text(json.dumps(record, indent=1))
     return record
@@ -126,8 +171,9 @@ def acquire(run_dir: Path, unlabeled: Path, strategy: str, k: int, seed: int) ->
     """The ``k`` scans ``strategy`` ranks first among ``unlabeled``, by the run in ``run_dir``."""
     from medeman.rank import rank_cases
 
-    rows, problems = rank_cases(run_dir / "run", unlabeled, None, strategy=strategy, top=k, seed=seed,
-                                device="cpu", progress=False)
+    rows, problems = rank_cases(
+        run_dir / "run", unlabeled, None, strategy=strategy, top=k, seed=seed, device="cpu", progress=False
+    )
     if problems:
         raise RuntimeError(f"{unlabeled}: scans not ranked: {problems[0]}")
     return [row["case"] for row in rows[:k]]
@@ -146,8 +192,15 @@ def score_study(cohort: Path, round_dir: Path, seed: int, k: int) -> list[dict]:
     from medeman.rank_scores import rank_fraction
 
     rows, _ = rank_cases(round_dir / "run", cohort / "unlabeled", None, device="cpu", progress=False)
-    _, summary = segment_and_score(round_dir / "run", cohort / "unlabeled", cohort / "unlabeled_labels",
-                                   round_dir / "pool_pred", overwrite=True, progress=False, device="cpu")
+    _, summary = segment_and_score(
+        round_dir / "run",
+        cohort / "unlabeled",
+        cohort / "unlabeled_labels",
+        round_dir / "pool_pred",
+        overwrite=True,
+        progress=False,
+        device="cpu",
+    )
     classes = sorted({s.label for s in summary.scores})
     dice = {(s.case_id, s.label): s.dice for s in summary.scores}
     error = np.array([1.0 - statistics.fmean(dice[(r["case"], c)] for c in classes) for r in rows])
@@ -155,14 +208,23 @@ def score_study(cohort: Path, round_dir: Path, seed: int, k: int) -> list[dict]:
     candidates = {name: np.array([r[name] for r in rows], dtype=float) for name in STUDY_SCORES}
     candidates["disagreement"] = np.array([statistics.fmean(r[f"disagree_c{c}"] for c in classes) for r in rows])
     for name in ("entropy_fg", "entropy_mean"):  # mean rank fractions; the second is the strategy "combined"
-        candidates[f"{name} + disagreement"] = (rank_fraction(candidates[name]) + rank_fraction(candidates["disagreement"])) / 2
+        candidates[f"{name} + disagreement"] = (
+            rank_fraction(candidates[name]) + rank_fraction(candidates["disagreement"])
+        ) / 2
     out = []
     for name, values in candidates.items():
         values = np.where(np.isnan(values), np.inf, values)
         top = np.argsort(-values, kind="stable")[:k]
-        out.append({"seed": seed, "score": name, "spearman": float(spearmanr(values, error).statistic),
-                    "top_k_error": float(error[top].mean()), "pool_error": float(error.mean()),
-                    "top_k_unseen": int(sum(kind[rows[i]["case"]] == "D" for i in top))})
+        out.append(
+            {
+                "seed": seed,
+                "score": name,
+                "spearman": float(spearmanr(values, error).statistic),
+                "top_k_error": float(error[top].mean()),
+                "pool_error": float(error.mean()),
+                "top_k_unseen": int(sum(kind[rows[i]["case"]] == "D" for i in top)),
+            }
+        )
     return out
 
 
@@ -172,8 +234,13 @@ def run_seed(seed: int, args: argparse.Namespace) -> list[dict]:
     kind = scanners(cohort)
     base = Path(args.out) / f"seed{seed}"
     first = train_and_score(cohort, [], base / "round0", seed, args)
-    records = [{"seed": seed, "strategy": s, "round": 0, "picked": "", "picked_unseen": 0, **first} for s in args.strategies]
-    print(f"seed {seed} round 0: test Dice {first['dice_fg']:.3f} (seen {first['dice_seen']:.3f}, unseen {first['dice_unseen']:.3f})", flush=True)
+    records = [
+        {"seed": seed, "strategy": s, "round": 0, "picked": "", "picked_unseen": 0, **first} for s in args.strategies
+    ]
+    print(
+        f"seed {seed} round 0: test Dice {first['dice_fg']:.3f} (seen {first['dice_seen']:.3f}, unseen {first['dice_unseen']:.3f})",
+        flush=True,
+    )
     for strategy in args.strategies:
         acquired: list[str] = []
         previous = base / "round0"
@@ -191,11 +258,22 @@ def run_seed(seed: int, args: argparse.Namespace) -> list[dict]:
             acquired = acquired + picked
             record = train_and_score(cohort, acquired, folder, seed, args)
             n_unseen = sum(kind[c] == "D" for c in picked)
-            records.append({"seed": seed, "strategy": strategy, "round": round_, "picked": " ".join(picked),
-                            "picked_unseen": n_unseen, **record})
-            print(f"seed {seed} {strategy} round {round_}: picked {len(picked)} ({n_unseen} from scanner D), "
-                  f"test Dice {record['dice_fg']:.3f} (seen {record['dice_seen']:.3f}, unseen {record['dice_unseen']:.3f}; "
-                  f"train {record['train_s']:.0f} s)", flush=True)
+            records.append(
+                {
+                    "seed": seed,
+                    "strategy": strategy,
+                    "round": round_,
+                    "picked": " ".join(picked),
+                    "picked_unseen": n_unseen,
+                    **record,
+                }
+            )
+            print(
+                f"seed {seed} {strategy} round {round_}: picked {len(picked)} ({n_unseen} from scanner D), "
+                f"test Dice {record['dice_fg']:.3f} (seen {record['dice_seen']:.3f}, unseen {record['dice_unseen']:.3f}; "
+                f"train {record['train_s']:.0f} s)",
+                flush=True,
+            )
             previous = folder
     return records
 
@@ -214,7 +292,11 @@ def write_results(records: list[dict], args: argparse.Namespace, command: str, w
             writer.writerow({k: f"{v:.4f}" if isinstance(v, float) else v for k, v in r.items()})
 
     def pick(strategy, round_, key):
-        return [r[key] for r in sorted(records, key=lambda r: r["seed"]) if r["strategy"] == strategy and r["round"] == round_]
+        return [
+            r[key]
+            for r in sorted(records, key=lambda r: r["seed"])
+            if r["strategy"] == strategy and r["round"] == round_
+        ]
 
     seeds = sorted({r["seed"] for r in records})
     strategies = [s for s in args.strategies if any(r["strategy"] == s for r in records)]
@@ -233,16 +315,30 @@ def write_results(records: list[dict], args: argparse.Namespace, command: str, w
             dice = pick(strategy, round_, "dice_fg")
             if not dice:
                 continue
-            picked = [sum(r["picked_unseen"] for r in records if r["seed"] == s and r["strategy"] == strategy and 0 < r["round"] <= round_)
-                      for s in seeds if pick(strategy, round_, "dice_fg")]
+            picked = [
+                sum(
+                    r["picked_unseen"]
+                    for r in records
+                    if r["seed"] == s and r["strategy"] == strategy and 0 < r["round"] <= round_
+                )
+                for s in seeds
+                if pick(strategy, round_, "dice_fg")
+            ]
             delta = ""
-            if round_ and strategy != "random" and "random" in strategies and len(pick("random", round_, "dice_fg")) == len(dice):
+            if (
+                round_
+                and strategy != "random"
+                and "random" in strategies
+                and len(pick("random", round_, "dice_fg")) == len(dice)
+            ):
                 diffs = [a - b for a, b in zip(dice, pick("random", round_, "dice_fg"))]
                 delta = f"{statistics.fmean(diffs):+.3f} ({', '.join(f'{d:+.3f}' for d in diffs)})"
             name = strategy if round_ else "(initial, shared)"
-            lines.append(f"| {round_} | {pick(strategy, round_, 'n_labeled')[0]} | {name} | {mean_std(dice)} | "
-                         f"{mean_std(pick(strategy, round_, 'dice_seen'))} | {mean_std(pick(strategy, round_, 'dice_unseen'))} | "
-                         f"{statistics.fmean(picked):.1f} / {args.k * round_} | {delta} |")
+            lines.append(
+                f"| {round_} | {pick(strategy, round_, 'n_labeled')[0]} | {name} | {mean_std(dice)} | "
+                f"{mean_std(pick(strategy, round_, 'dice_seen'))} | {mean_std(pick(strategy, round_, 'dice_unseen'))} | "
+                f"{statistics.fmean(picked):.1f} / {args.k * round_} | {delta} |"
+            )
     lines += [
         "",
         f"- Command: `{command}`",
@@ -281,13 +377,21 @@ def _plot(records: list[dict], strategies: list[str], seeds: list[int], args, pa
     colours = {"random": "#808080", "combined": "#e6194b", "entropy": "#4363d8", "disagreement": "#3cb44b"}
     for ax, key, title in zip(axes, ("dice_fg", "dice_unseen"), ("all test cases", "unseen scanner D")):
         for strategy in strategies:
-            rounds = [r for r in range(args.rounds + 1) if any(x["strategy"] == strategy and x["round"] == r for x in records)]
+            rounds = [
+                r for r in range(args.rounds + 1) if any(x["strategy"] == strategy and x["round"] == r for x in records)
+            ]
             labeled = [args.initial + args.k * r for r in rounds]
             for seed in seeds:
-                ys = [next(x[key] for x in records if x["seed"] == seed and x["strategy"] == strategy and x["round"] == r) for r in rounds
-                      if any(x["seed"] == seed and x["strategy"] == strategy and x["round"] == r for x in records)]
-                ax.plot(labeled[:len(ys)], ys, color=colours.get(strategy, "k"), alpha=0.25, linewidth=1)
-            means = [statistics.fmean(x[key] for x in records if x["strategy"] == strategy and x["round"] == r) for r in rounds]
+                ys = [
+                    next(x[key] for x in records if x["seed"] == seed and x["strategy"] == strategy and x["round"] == r)
+                    for r in rounds
+                    if any(x["seed"] == seed and x["strategy"] == strategy and x["round"] == r for x in records)
+                ]
+                ax.plot(labeled[: len(ys)], ys, color=colours.get(strategy, "k"), alpha=0.25, linewidth=1)
+            means = [
+                statistics.fmean(x[key] for x in records if x["strategy"] == strategy and x["round"] == r)
+                for r in rounds
+            ]
             ax.plot(labeled, means, color=colours.get(strategy, "k"), marker="o", linewidth=2, label=strategy)
         ax.set_title(f"test Dice, {title}")
         ax.set_xlabel("labeled scans")
@@ -322,9 +426,15 @@ def write_study(records: list[dict], args: argparse.Namespace, command: str) -> 
     ]
     for name in dict.fromkeys(r["score"] for r in records):
         rows = [r for r in records if r["score"] == name]
-        lines.append(f"| {name} | {mean_std([r['spearman'] for r in rows])} | {mean_std([r['top_k_error'] for r in rows])} | "
-                     f"{statistics.fmean(r['top_k_unseen'] for r in rows):.1f} |")
-    lines += ["", f"- Command: `{command}`", f"- Training: `{_relative(args.config)}`, {args.steps} steps, {' '.join(args.set) or 'no overrides'}."]
+        lines.append(
+            f"| {name} | {mean_std([r['spearman'] for r in rows])} | {mean_std([r['top_k_error'] for r in rows])} | "
+            f"{statistics.fmean(r['top_k_unseen'] for r in rows):.1f} |"
+        )
+    lines += [
+        "",
+        f"- Command: `{command}`",
+        f"- Training: `{_relative(args.config)}`, {args.steps} steps, {' '.join(args.set) or 'no overrides'}.",
+    ]
     md = results / "active_learning_scores.md"
     marker = "<!-- notes: text below this line is kept when the table is regenerated -->"
     notes = md.read_text().split(marker, 1)[1] if md.is_file() and marker in md.read_text() else "\n"
@@ -346,12 +456,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pool", type=int, default=24, help="unlabeled pool")
     parser.add_argument("--test", type=int, default=9, help="test cases")
     parser.add_argument("--unseen-every", type=int, default=3, help="every N-th pool and test scan from scanner D")
-    parser.add_argument("--out", default="runs/active_learning", help="work folder (cohorts, runs); finished rounds are reused")
-    parser.add_argument("--results", default=str(REPO / "benchmarks" / "results"), help="where the .md, .csv and .png go")
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny net and cohort, 4 steps, one seed and round, benchmark and study in a temporary folder")
-    parser.add_argument("--study", action="store_true",
-                        help="only round 0 and the score study (active_learning_scores.md): run on seeds other than the benchmark's")
+    parser.add_argument(
+        "--out", default="runs/active_learning", help="work folder (cohorts, runs); finished rounds are reused"
+    )
+    parser.add_argument(
+        "--results", default=str(REPO / "benchmarks" / "results"), help="where the .md, .csv and .png go"
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny net and cohort, 4 steps, one seed and round, benchmark and study in a temporary folder",
+    )
+    parser.add_argument(
+        "--study",
+        action="store_true",
+        help="only round 0 and the score study (active_learning_scores.md): run on seeds other than the benchmark's",
+    )
     return parser
 
 

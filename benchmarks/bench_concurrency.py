@@ -34,18 +34,40 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "bench_concurrency.md"
 
 
-def start_runs(count: int, labeled: Path, unlabeled: Path, config: Path, steps: int, out: Path,
-               threads: int | None) -> list[float]:
+def start_runs(
+    count: int, labeled: Path, unlabeled: Path, config: Path, steps: int, out: Path, threads: int | None
+) -> list[float]:
     """Start ``count`` trainings at once; return each one's wall time in seconds (raises if any fails)."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     processes = []
     for i in range(count):
-        command = [sys.executable, "-m", "medeman.cli", "train", "--labeled", str(labeled), "--unlabeled", str(unlabeled),
-                   "--config", str(config), "--set", f"train.max_steps={steps}", "--set", f"train.val_every_steps={steps}",
-                   "--set", f"ssl.rampup_steps={max(1, steps // 2)}", "--out", str(out / f"run{i}"), "--overwrite",
-                   "--no-progress", *(["--threads", str(threads)] if threads else [])]
+        command = [
+            sys.executable,
+            "-m",
+            "medeman.cli",
+            "train",
+            "--labeled",
+            str(labeled),
+            "--unlabeled",
+            str(unlabeled),
+            "--config",
+            str(config),
+            "--set",
+            f"train.max_steps={steps}",
+            "--set",
+            f"train.val_every_steps={steps}",
+            "--set",
+            f"ssl.rampup_steps={max(1, steps // 2)}",
+            "--out",
+            str(out / f"run{i}"),
+            "--overwrite",
+            "--no-progress",
+            *(["--threads", str(threads)] if threads else []),
+        ]
         log = open(out / f"run{i}.log", "w")
-        processes.append((time.perf_counter(), subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), log))
+        processes.append(
+            (time.perf_counter(), subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), log)
+        )
     walls = []
     for started, process, log in processes:
         code = process.wait()
@@ -60,18 +82,28 @@ def table(results: dict[tuple[str, int], list[float]], alone: dict[str, float]) 
     lines = ["| threads | runs together | wall per run, median s (min-max) | ratio to one alone |", "|---|---|---|---|"]
     for (label, count), walls in results.items():
         median = statistics.median(walls)
-        lines.append(f"| {label} | {count} | {median:.1f} ({min(walls):.1f}-{max(walls):.1f}) | {median / alone[label]:.2f}x |")
+        lines.append(
+            f"| {label} | {count} | {median:.1f} ({min(walls):.1f}-{max(walls):.1f}) | {median / alone[label]:.2f}x |"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=100, help="training steps per run (default: 100)")
-    parser.add_argument("--together", type=int, nargs="+", default=[1, 2, 4], help="runs started together (default: 1 2 4)")
+    parser.add_argument(
+        "--together", type=int, nargs="+", default=[1, 2, 4], help="runs started together (default: 1 2 4)"
+    )
     parser.add_argument("--rounds", type=int, default=1, help="rounds of the whole sequence (default: 1)")
-    parser.add_argument("--old-threads", action="store_true", help="also run with --threads <cores> (the behaviour before issue 23)")
-    parser.add_argument("--results", type=Path, default=RESULTS, help=f"result file (default: {RESULTS.relative_to(REPO)})")
-    parser.add_argument("--smoke", action="store_true", help="a tiny generated cohort, 2 steps, 1 and 2 together; writes no result file")
+    parser.add_argument(
+        "--old-threads", action="store_true", help="also run with --threads <cores> (the behaviour before issue 23)"
+    )
+    parser.add_argument(
+        "--results", type=Path, default=RESULTS, help=f"result file (default: {RESULTS.relative_to(REPO)})"
+    )
+    parser.add_argument(
+        "--smoke", action="store_true", help="a tiny generated cohort, 2 steps, 1 and 2 together; writes no result file"
+    )
     args = parser.parse_args(argv)
 
     from medeman.sample_data import make_cohort
@@ -84,8 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.smoke:
             data = make_cohort(scratch / "data", n_labeled=3, n_unlabeled=1, n_test=0, other_formats=False)
             config = scratch / "smoke.yaml"
-            config.write_text("data: {spacing: [6.0, 6.0, 6.0], patch_size: [16, 16, 16], num_classes: 3, num_workers: 0, val_fraction: 0.34}\n"
-                              "model: {channels: [4, 8], num_res_units: 0}\n")
+            config.write_text(
+                "data: {spacing: [6.0, 6.0, 6.0], patch_size: [16, 16, 16], num_classes: 3, num_workers: 0, val_fraction: 0.34}\n"
+                "model: {channels: [4, 8], num_res_units: 0}\n"
+            )
             steps, together, rounds = 2, [1, 2], 1
         cores = available_cores()
         load = os.getloadavg()[0]  # other processes on the machine share the cores too
@@ -101,18 +135,23 @@ def main(argv: list[str] | None = None) -> int:
                     print(raw[-1], flush=True)
         alone = {label: statistics.median(results.get((label, min(together)), [float("nan")])) for label, _ in settings}
         text = table(results, alone)
-    header = (f"`medeman train` on {'a tiny generated cohort' if args.smoke else 'sample_data/ with configs/sample.yaml'}, "
-              f"{steps} steps, {rounds} round(s); {cores} cores available (sched_getaffinity), no OMP_NUM_THREADS; "
-              f"1-minute load average {load:.1f} before the first run")
+    header = (
+        f"`medeman train` on {'a tiny generated cohort' if args.smoke else 'sample_data/ with configs/sample.yaml'}, "
+        f"{steps} steps, {rounds} round(s); {cores} cores available (sched_getaffinity), no OMP_NUM_THREADS; "
+        f"1-minute load average {load:.1f} before the first run"
+    )
     print(header)
     print(text)
     if not args.smoke:
         sys.path.insert(0, str(Path(__file__).parent))
         from _report import code_version, hardware
 
-        args.results.write_text(f"# bench_concurrency\n\n`python benchmarks/bench_concurrency.py {' '.join(argv or sys.argv[1:])}`"
-                           f" on {hardware()}; {code_version()}\n\n{header}\n\n{text}\n\nEach run's wall time, in order:\n\n"
-                                + "".join(f"- {line}\n" for line in raw), encoding="utf-8")
+        args.results.write_text(
+            f"# bench_concurrency\n\n`python benchmarks/bench_concurrency.py {' '.join(argv or sys.argv[1:])}`"
+            f" on {hardware()}; {code_version()}\n\n{header}\n\n{text}\n\nEach run's wall time, in order:\n\n"
+            + "".join(f"- {line}\n" for line in raw),
+            encoding="utf-8",
+        )
         print(f"written to {args.results}")
     return 0
 

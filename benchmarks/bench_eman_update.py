@@ -50,12 +50,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=200, help="timed updates per method (the median is reported)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed updates per method before timing")
-    parser.add_argument("--channels", type=str, default="32,64,128,256,320", help="UNet channels per level, comma-separated")
+    parser.add_argument(
+        "--channels", type=str, default="32,64,128,256,320", help="UNet channels per level, comma-separated"
+    )
     parser.add_argument("--num-res-units", type=int, default=2, help="residual units per UNet block")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--momentum", type=float, default=0.99)
-    parser.add_argument("--smoke", action="store_true", help="a two-level UNet, 3 updates: checks that the benchmark runs, in seconds")
+    parser.add_argument(
+        "--smoke", action="store_true", help="a two-level UNet, 3 updates: checks that the benchmark runs, in seconds"
+    )
     args = parser.parse_args(argv)
     if args.smoke:
         args.channels, args.num_res_units, args.repeats, args.warmup = "4,8", 1, 3, 1
@@ -66,8 +70,13 @@ def main(argv: list[str] | None = None) -> None:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     channels = tuple(int(c) for c in args.channels.split(","))
     student = UNet(
-        spatial_dims=3, in_channels=1, out_channels=2, channels=channels, strides=(2,) * (len(channels) - 1),
-        num_res_units=args.num_res_units, norm="batch",
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=2,
+        channels=channels,
+        strides=(2,) * (len(channels) - 1),
+        num_res_units=args.num_res_units,
+        norm="batch",
     ).to(device)
     eman = make_teacher(student, norm="eman")
     bn = make_teacher(student, norm="bn")
@@ -79,8 +88,16 @@ def main(argv: list[str] | None = None) -> None:
     n_int_buffers = sum(1 for b in student.buffers() if not b.is_floating_point())
     n_values = sum(p.numel() for p in student.parameters())
     rows = [
-        ("ssl4mis loop (params)", n_params, median_us(lambda: ssl4mis_update(loop_teacher, student, m), args.repeats, args.warmup, sync)),
-        ("update_teacher bn (params)", n_params, median_us(lambda: update_teacher(bn, student, m), args.repeats, args.warmup, sync)),
+        (
+            "ssl4mis loop (params)",
+            n_params,
+            median_us(lambda: ssl4mis_update(loop_teacher, student, m), args.repeats, args.warmup, sync),
+        ),
+        (
+            "update_teacher bn (params)",
+            n_params,
+            median_us(lambda: update_teacher(bn, student, m), args.repeats, args.warmup, sync),
+        ),
         (
             "update_teacher eman (params+BN stats)",
             n_params + n_float_buffers + n_int_buffers,

@@ -46,7 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def peak_rss_mib() -> float:
     """Peak resident set size of this process so far, MiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024.0 if sys.platform != "darwin" else 1024.0 ** 2)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024.0 if sys.platform != "darwin" else 1024.0**2)
 
 
 def make_scan(path: Path, size: int, spacing: tuple[float, float, float], seed: int = 0) -> None:
@@ -87,19 +87,48 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up (medians are reported)")
     parser.add_argument("--size", type=int, default=160, help="scan side in voxels")
     parser.add_argument("--scan-spacing", type=float, nargs=3, default=(1.0, 1.0, 2.0), help="scan voxel size in mm")
-    parser.add_argument("--model-spacing", type=float, nargs=3, default=(1.5, 1.5, 1.5), help="the model's data.spacing in mm")
-    parser.add_argument("--config", type=Path, default=REPO / "configs" / "sample.yaml", help="the model's config (network, window, infer.*)")
-    parser.add_argument("--tta", choices=("off", "on", "both"), default="both", help="test-time augmentation (8 mirrorings)")
+    parser.add_argument(
+        "--model-spacing", type=float, nargs=3, default=(1.5, 1.5, 1.5), help="the model's data.spacing in mm"
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=REPO / "configs" / "sample.yaml",
+        help="the model's config (network, window, infer.*)",
+    )
+    parser.add_argument(
+        "--tta", choices=("off", "on", "both"), default="both", help="test-time augmentation (8 mirrorings)"
+    )
     parser.add_argument("--precision", choices=("32", "bf16"), default="32", help="inference precision")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (1: see benchmarks/README.md)")
-    parser.add_argument("--cases", type=int, default=4, help="also time a folder of this many scans (per scan; 0 or 1: skip)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (e.g. infer.overlap=0.5)")
-    parser.add_argument("--smoke", action="store_true", help="a 24^3 scan and one round with TTA off and on: checks that the benchmark runs, in seconds")
+    parser.add_argument(
+        "--cases", type=int, default=4, help="also time a folder of this many scans (per scan; 0 or 1: skip)"
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="config override (e.g. infer.overlap=0.5)"
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a 24^3 scan and one round with TTA off and on: checks that the benchmark runs, in seconds",
+    )
     args = parser.parse_args(argv)
     if args.smoke:
-        args.size, args.repeats, args.scan_spacing, args.model_spacing, args.threads, args.cases = 24, 1, (4.0, 4.0, 6.0), (5.0, 5.0, 5.0), 1, 2
-        args.set = [*args.set, "model.channels=[4,8]", "model.num_res_units=0", "data.patch_size=[16,16,16]"]  # tiny wins
+        args.size, args.repeats, args.scan_spacing, args.model_spacing, args.threads, args.cases = (
+            24,
+            1,
+            (4.0, 4.0, 6.0),
+            (5.0, 5.0, 5.0),
+            1,
+            2,
+        )
+        args.set = [
+            *args.set,
+            "model.channels=[4,8]",
+            "model.num_res_units=0",
+            "data.patch_size=[16,16,16]",
+        ]  # tiny wins
 
     from medeman.config import load_config
 
@@ -135,10 +164,12 @@ def run(args: argparse.Namespace, cfg: dict, tmp: Path) -> None:
     x = image.as_tensor()[None].float().to(device)
     shape, _ = read_geometry(scan)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"scan {shape} voxels at {tuple(args.scan_spacing)} mm, tilted-gantry LPS; model spacing {tuple(args.model_spacing)} mm "
-          f"-> preprocessed {tuple(x.shape[2:])}; {cfg['model']['name']} channels={cfg['model']['channels']}, window {roi}, "
-          f"overlap {infer['overlap']}, sw_batch_size {infer['sw_batch_size']}, precision {args.precision}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}, {where}")
+    print(
+        f"scan {shape} voxels at {tuple(args.scan_spacing)} mm, tilted-gantry LPS; model spacing {tuple(args.model_spacing)} mm "
+        f"-> preprocessed {tuple(x.shape[2:])}; {cfg['model']['name']} channels={cfg['model']['channels']}, window {roi}, "
+        f"overlap {infer['overlap']}, sw_batch_size {infer['sw_batch_size']}, precision {args.precision}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, {where}"
+    )
     print(f"medians of {args.repeats} interleaved rounds after one warm-up\n")
 
     dtype = autocast_dtype(args.precision, device)
@@ -158,19 +189,28 @@ def run(args: argparse.Namespace, cfg: dict, tmp: Path) -> None:
 
         def bare() -> None:
             with torch.inference_mode():
-                sliding_window_inference(x, roi, int(infer["sw_batch_size"]), predictor, float(infer["overlap"]), mode="gaussian")
+                sliding_window_inference(
+                    x, roi, int(infer["sw_batch_size"]), predictor, float(infer["overlap"]), mode="gaussian"
+                )
             sync()
 
         def run_infer(inputs: Path, out: Path) -> None:
             with contextlib.redirect_stdout(io.StringIO()):  # infer_cases prints one line per case
-                results = infer_cases(tmp / "teacher.pt", inputs, out, tta=tta, overwrite=True, progress=False, device=device)
+                results = infer_cases(
+                    tmp / "teacher.pt", inputs, out, tta=tta, overwrite=True, progress=False, device=device
+                )
             if any(r.status != "written" for r in results):
                 sys.exit(f"infer_cases failed on {inputs}: {[r.message for r in results if r.message]}")
 
         def end_to_end() -> None:
             run_infer(scan, tmp / "out")
 
-        stages: dict[str, list[float]] = {"load + preprocess": [], "predict_volume": [], "invert + argmax": [], "write": []}
+        stages: dict[str, list[float]] = {
+            "load + preprocess": [],
+            "predict_volume": [],
+            "invert + argmax": [],
+            "write": [],
+        }
 
         def staged() -> None:  # the stages of medeman infer for one case, one by one
             marks = [time.perf_counter()]
@@ -188,7 +228,9 @@ def run(args: argparse.Namespace, cfg: dict, tmp: Path) -> None:
                 stages[name].append(b - a)
 
         folder = tmp / "folder"
-        for i in range(args.cases if args.cases > 1 else 0):  # copies of the scan: a folder medeman infer reads ahead in and writes behind
+        for i in range(
+            args.cases if args.cases > 1 else 0
+        ):  # copies of the scan: a folder medeman infer reads ahead in and writes behind
             folder.mkdir(exist_ok=True)
             shutil.copyfile(scan, folder / f"scan{i}.nii.gz")
 
@@ -202,29 +244,50 @@ def run(args: argparse.Namespace, cfg: dict, tmp: Path) -> None:
         # the same probabilities through MONAI Invertd: how many voxels of the written mask differ
         probs = predict_volume(net, image, cfg, tta, device=device).cpu()
         reference = Invertd(keys="pred", transform=transform, orig_keys="image", nearest_interp=False)(
-            {"image": image, "pred": MetaTensor(probs, affine=image.affine)})["pred"]
+            {"image": image, "pred": MetaTensor(probs, affine=image.affine)}
+        )["pred"]
         written = np.asarray(nib.load(str(tmp / "out" / "scan.nii.gz")).dataobj)
         differ = int((argmax_labels(torch.as_tensor(np.asarray(reference)), dim=0).numpy() != written).sum())
-        rows.append((tta, times["bare"], times["end to end"], {k: statistics.median(v[1:]) for k, v in stages.items()},
-                     differ, written.size, written.dtype, times.get("folder")))
+        rows.append(
+            (
+                tta,
+                times["bare"],
+                times["end to end"],
+                {k: statistics.median(v[1:]) for k, v in stages.items()},
+                differ,
+                written.size,
+                written.dtype,
+                times.get("folder"),
+            )
+        )
 
-    header = (f"{'tta':<4} {'bare sliding window s':>21} {'medeman infer s':>15} {'ratio':>6}  {'CPU s: bare':>11} "
-              f"{'infer':>6} {'ratio':>6}  {'mask vs Invertd':>16}   stages of medeman infer, wall s")
+    header = (
+        f"{'tta':<4} {'bare sliding window s':>21} {'medeman infer s':>15} {'ratio':>6}  {'CPU s: bare':>11} "
+        f"{'infer':>6} {'ratio':>6}  {'mask vs Invertd':>16}   stages of medeman infer, wall s"
+    )
     print(header)
     print("-" * len(header))
     for tta, (t_bare, c_bare), (t_full, c_full), stage, differ, total, mask_dtype, folder_times in rows:
         split = ", ".join(f"{k} {v:.2f}" for k, v in stage.items())
-        print(f"{'on' if tta else 'off':<4} {t_bare:>21.2f} {t_full:>15.2f} {t_full / t_bare:>5.2f}x  {c_bare:>11.2f} "
-              f"{c_full:>6.2f} {c_full / c_bare:>5.2f}x  {f'{differ} voxels differ':>16}   {split}")
+        print(
+            f"{'on' if tta else 'off':<4} {t_bare:>21.2f} {t_full:>15.2f} {t_full / t_bare:>5.2f}x  {c_bare:>11.2f} "
+            f"{c_full:>6.2f} {c_full / c_bare:>5.2f}x  {f'{differ} voxels differ':>16}   {split}"
+        )
     if any(row[7] for row in rows):
-        print(f"\na folder of {args.cases} copies of the scan through one infer_cases call (the next scan is read and the "
-              f"last mask written while the network runs), per scan:")
+        print(
+            f"\na folder of {args.cases} copies of the scan through one infer_cases call (the next scan is read and the "
+            f"last mask written while the network runs), per scan:"
+        )
         for tta, (t_bare, c_bare), _, _, _, _, _, folder_times in rows:
             if folder_times:
                 wall, cpu = (t / args.cases for t in folder_times)
-                print(f"{'on' if tta else 'off':<4} {t_bare:>21.2f} {wall:>15.2f} {wall / t_bare:>5.2f}x  {c_bare:>11.2f} "
-                      f"{cpu:>6.2f} {cpu / c_bare:>5.2f}x")
-    print(f"\nmask dtype {rows[0][6]}, {rows[0][5]} voxels; peak RSS {peak_rss_mib():.0f} MiB (whole benchmark process)")
+                print(
+                    f"{'on' if tta else 'off':<4} {t_bare:>21.2f} {wall:>15.2f} {wall / t_bare:>5.2f}x  {c_bare:>11.2f} "
+                    f"{cpu:>6.2f} {cpu / c_bare:>5.2f}x"
+                )
+    print(
+        f"\nmask dtype {rows[0][6]}, {rows[0][5]} voxels; peak RSS {peak_rss_mib():.0f} MiB (whole benchmark process)"
+    )
 
 
 if __name__ == "__main__":

@@ -64,10 +64,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--lesion", type=int, default=3, help="the lesion's label value")
     parser.add_argument("--set", action="append", default=[], help="config override, e.g. data.patch_size=[16,16,16]")
-    parser.add_argument("--teacher", type=Path, default=None,
-                        help="a trained teacher.pt (preprocessed as --config): its focus beside the oracle's")
-    parser.add_argument("--smoke", action="store_true",
-                        help="a tiny generated cohort, 16^3 patches, a two-level UNet as (untrained) teacher, few draws: checks that it runs")
+    parser.add_argument(
+        "--teacher",
+        type=Path,
+        default=None,
+        help="a trained teacher.pt (preprocessed as --config): its focus beside the oracle's",
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a tiny generated cohort, 16^3 patches, a two-level UNet as (untrained) teacher, few draws: checks that it runs",
+    )
     args = parser.parse_args()
     if args.smoke:
         with tempfile.TemporaryDirectory(prefix="bench-patch-sampling-") as tmp:
@@ -85,7 +92,9 @@ def smoke(args: argparse.Namespace, tmp: Path) -> None:
     from medeman.nets import build_network
     from medeman.sample_data import make_cohort
 
-    args.cohort = make_cohort(tmp / "cohort", n_labeled=2, n_unlabeled=2, n_test=0, n_val=1, unlabeled_labels=True, lesions=True)
+    args.cohort = make_cohort(
+        tmp / "cohort", n_labeled=2, n_unlabeled=2, n_test=0, n_val=1, unlabeled_labels=True, lesions=True
+    )
     args.set = ["data.patch_size=[16,16,16]", "model.channels=[4,8]", "model.num_res_units=1"]
     args.draws, args.threads = 8, 1
     cfg = load_config([args.config], sets=args.set)
@@ -111,16 +120,33 @@ def run(args: argparse.Namespace) -> None:
     data = cfg["data"]
     patch, C = [int(s) for s in data["patch_size"]], int(data["num_classes"])
     problems: list[str] = []
-    cases = discover_labeled(args.cohort / "labeled", cfg, problems) + discover_labeled(args.cohort / "val", cfg, problems)
+    cases = discover_labeled(args.cohort / "labeled", cfg, problems) + discover_labeled(
+        args.cohort / "val", cfg, problems
+    )
     chain = labeled_transforms(cfg)
     volumes = [cached(chain, case) for case in cases]
     share = np.mean([float((v["label"] == args.lesion).float().mean()) for v in volumes])
-    print(f"{len(volumes)} labeled scans, cached at {list(volumes[0]['label'].shape[1:])} voxels, patch {patch}; "
-          f"lesion = {100 * share:.3f} % of the voxels")
+    print(
+        f"{len(volumes)} labeled scans, cached at {list(volumes[0]['label'].shape[1:])} voxels, patch {patch}; "
+        f"lesion = {100 * share:.3f} % of the voxels"
+    )
 
     keys = ["image", "label"]
-    posneg = Compose([FgBgToIndicesd("label"), RandCropByPosNegLabeld(keys, "label", patch, pos=0.67, neg=0.33, num_samples=1,
-                                                                      fg_indices_key="label_fg_indices", bg_indices_key="label_bg_indices")])
+    posneg = Compose(
+        [
+            FgBgToIndicesd("label"),
+            RandCropByPosNegLabeld(
+                keys,
+                "label",
+                patch,
+                pos=0.67,
+                neg=0.33,
+                num_samples=1,
+                fg_indices_key="label_fg_indices",
+                bg_indices_key="label_bg_indices",
+            ),
+        ]
+    )
     samplers = {
         "RandCropByPosNegLabeld, pos 0.67 (before)": posneg,
         "class-aware, fg_class_fraction 0.33 (default)": RandClassCropd(keys, patch, C, fg_fraction=0.33),
@@ -135,18 +161,29 @@ def run(args: argparse.Namespace) -> None:
     # unlabeled: the scans with their ground truth in the cached (cropped, padded) frame
     unlabeled = sorted(p for p in (args.cohort / "unlabeled").iterdir())
     truth = {p.name.split(".")[0]: p for p in (args.cohort / "unlabeled_labels").iterdir()}
-    pairs = [{"image": str(p), "label": str(truth[p.name.split(".")[0]])} for p in unlabeled if p.name.split(".")[0] in truth]
+    pairs = [
+        {"image": str(p), "label": str(truth[p.name.split(".")[0]])} for p in unlabeled if p.name.split(".")[0] in truth
+    ]
     volumes = [cached(chain, case) for case in pairs]
     focus = FocusCentres(len(volumes))
     rand = np.random.RandomState(0)
     for i, volume in enumerate(volumes):
         volume.pop("label_cls_indices", None)
         volume["case_index"] = i
-        focus.set(i, focus_centres(volume["label"][0].long(), [args.lesion], focus.capacity, int(data["unlabeled_focus_stride"]), rand))
-    print(f"\n| unlabeled sampler ({len(volumes)} scans) | patches with lesion | lesion voxels / patch |\n|---|---:|---:|")
+        focus.set(
+            i,
+            focus_centres(
+                volume["label"][0].long(), [args.lesion], focus.capacity, int(data["unlabeled_focus_stride"]), rand
+            ),
+        )
+    print(
+        f"\n| unlabeled sampler ({len(volumes)} scans) | patches with lesion | lesion voxels / patch |\n|---|---:|---:|"
+    )
     for fraction in (0.0, 0.5):
         hit, vox = lesion_share(RandFocusCropd(keys, patch, focus, fraction), volumes, args.draws // 4, args.lesion)
-        print(f"| unlabeled_focus_fraction {fraction}{' (oracle teacher)' if fraction else ''} | {100 * hit:.1f} % | {vox:.1f} |")
+        print(
+            f"| unlabeled_focus_fraction {fraction}{' (oracle teacher)' if fraction else ''} | {100 * hit:.1f} % | {vox:.1f} |"
+        )
     if args.teacher is not None:
         from types import SimpleNamespace
 
@@ -157,16 +194,24 @@ def run(args: argparse.Namespace) -> None:
         stand_in = SimpleNamespace(focus=learned, preprocessed_unlabeled=lambda i: volumes[i]["image"])
         cfg_teacher = load_config([args.config], sets=[*args.set, f"data.unlabeled_focus_classes=[{args.lesion}]"])
         seconds, focused = TeacherFocus(cfg_teacher).refresh(stand_in, teacher, torch.device("cpu"))
-        on_lesion = [bool(volumes[i]["label"][0][tuple(c)] == args.lesion)
-                     for i in range(len(volumes)) for c in learned.centres[i, : int(learned.counts[i])].tolist()]
+        on_lesion = [
+            bool(volumes[i]["label"][0][tuple(c)] == args.lesion)
+            for i in range(len(volumes))
+            for c in learned.centres[i, : int(learned.counts[i])].tolist()
+        ]
         hit, vox = lesion_share(RandFocusCropd(keys, patch, learned, 0.5), volumes, args.draws // 4, args.lesion)
         print(f"| unlabeled_focus_fraction 0.5 (teacher {args.teacher}) | {100 * hit:.1f} % | {vox:.1f} |")
-        print(f"\nthat teacher predicts the lesion in {focused} of {len(volumes)} unlabeled scans; "
-              f"{100 * np.mean(on_lesion) if on_lesion else float('nan'):.1f} % of its centres lie on true lesion voxels ({seconds:.1f} s)")
+        print(
+            f"\nthat teacher predicts the lesion in {focused} of {len(volumes)} unlabeled scans; "
+            f"{100 * np.mean(on_lesion) if on_lesion else float('nan'):.1f} % of its centres lie on true lesion voxels ({seconds:.1f} s)"
+        )
 
     # cost: one refresh over the unlabeled scans against one training step's passes
     root = args.cohort
-    cfg_focus = load_config([args.config], sets=[*args.set, "ssl.method=mean_teacher", "data.unlabeled_focus_fraction=0.5", "data.num_workers=0"])
+    cfg_focus = load_config(
+        [args.config],
+        sets=[*args.set, "ssl.method=mean_teacher", "data.unlabeled_focus_fraction=0.5", "data.num_workers=0"],
+    )
     dm = SSLDataModule(cfg_focus, root / "labeled", root / "unlabeled", val=root / "val")
     dm.setup("fit")
     teacher = build_network(cfg_focus)
@@ -188,9 +233,11 @@ def run(args: argparse.Namespace) -> None:
         steps.append(time.perf_counter() - start)
     step = statistics.median(steps[1:])
     every = int(cfg_focus["data"]["unlabeled_focus_every_steps"])
-    print(f"\nrefresh of {len(dm.unlabeled_cases)} unlabeled scans: {min(seconds):.2f} s; one step's network passes: {step:.3f} s "
-          f"({args.threads} thread(s)); every {every} steps the refresh adds {min(seconds) / every:.4f} s per step "
-          f"= {100 * min(seconds) / every / step:.1f} % of a step")
+    print(
+        f"\nrefresh of {len(dm.unlabeled_cases)} unlabeled scans: {min(seconds):.2f} s; one step's network passes: {step:.3f} s "
+        f"({args.threads} thread(s)); every {every} steps the refresh adds {min(seconds) / every:.4f} s per step "
+        f"= {100 * min(seconds) / every / step:.1f} % of a step"
+    )
 
 
 if __name__ == "__main__":

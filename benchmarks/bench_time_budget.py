@@ -36,12 +36,29 @@ def main(argv: list[str] | None = None) -> int:
                 make_sample_data(["--out", str(work / "data"), "--labeled", "3", "--unlabeled", "2", "--test", "0"])
             labeled, unlabeled, budget = work / "data" / "labeled", work / "data" / "unlabeled", 15.0
         else:
-            labeled, unlabeled, budget = REPO / "sample_data" / "labeled", REPO / "sample_data" / "unlabeled", args.budget
+            labeled, unlabeled, budget = (
+                REPO / "sample_data" / "labeled",
+                REPO / "sample_data" / "unlabeled",
+                args.budget,
+            )
         run = work / "run"
         start = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()) as log:
-            code = train(["--labeled", str(labeled), "--unlabeled", str(unlabeled), "--out", str(run), "--device", "cpu",
-                          "--time-budget", f"{budget:g}s", "--no-progress"])
+            code = train(
+                [
+                    "--labeled",
+                    str(labeled),
+                    "--unlabeled",
+                    str(unlabeled),
+                    "--out",
+                    str(run),
+                    "--device",
+                    "cpu",
+                    "--time-budget",
+                    f"{budget:g}s",
+                    "--no-progress",
+                ]
+            )
         wall = time.perf_counter() - start
         if code != 0:
             print(log.getvalue()[-3000:])
@@ -49,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config([run / "config.yaml"])
     print("| budget (s) | wall (s) | wall / budget | planned steps | patch | channels |")
     print("|---|---|---|---|---|---|")
-    print(f"| {budget:.0f} | {wall:.1f} | {wall / budget:.2f} | {cfg['train']['max_steps']} | {cfg['data']['patch_size']} | {cfg['model']['channels']} |")
+    print(
+        f"| {budget:.0f} | {wall:.1f} | {wall / budget:.2f} | {cfg['train']['max_steps']} | {cfg['data']['patch_size']} | {cfg['model']['channels']} |"
+    )
     return 0
 
 

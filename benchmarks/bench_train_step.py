@@ -45,8 +45,13 @@ from contextlib import nullcontext
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = {"a": "floor (tensors, no Lightning)", "b": "medeman fit (Lightning + loaders)", "c": "ssl4mis loop (uncached, EMA loop)",
-            "d": "medeman fit, train.compile=true", "e": "floor, torch.compile"}
+VARIANTS = {
+    "a": "floor (tensors, no Lightning)",
+    "b": "medeman fit (Lightning + loaders)",
+    "c": "ssl4mis loop (uncached, EMA loop)",
+    "d": "medeman fit, train.compile=true",
+    "e": "floor, torch.compile",
+}
 COMPILED = {"d": "b", "e": "a"}  # variant -> the eager variant it compiles (student and teacher through torch.compile)
 LIGHTNING_PRECISION = {"32": "32", "bf16": "bf16-mixed"}
 
@@ -54,8 +59,10 @@ LIGHTNING_PRECISION = {"32": "32", "bf16": "bf16-mixed"}
 def peak_rss_mib() -> tuple[float, float]:
     """Peak resident set size of this process and of its largest finished child (loader workers), MiB."""
     scale = 1024.0 if sys.platform != "darwin" else 1024.0 * 1024.0  # ru_maxrss is KiB on Linux, bytes on macOS
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale,
-            resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / scale)
+    return (
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale,
+        resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / scale,
+    )
 
 
 def bench_config(args: argparse.Namespace, precision: str) -> dict:
@@ -64,9 +71,13 @@ def bench_config(args: argparse.Namespace, precision: str) -> dict:
     total = args.warmup + args.steps + 1
     sets = [
         f"data.patch_size=[{','.join(str(n) for n in patch_size(args))}]",
-        f"data.batch_size_labeled={args.batch}", f"data.batch_size_unlabeled={args.batch}",
-        f"train.max_steps={total}", f"train.val_every_steps={total + 100}",
-        f"train.precision={LIGHTNING_PRECISION[precision]}", f"train.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}", "train.devices=1",
+        f"data.batch_size_labeled={args.batch}",
+        f"data.batch_size_unlabeled={args.batch}",
+        f"train.max_steps={total}",
+        f"train.val_every_steps={total + 100}",
+        f"train.precision={LIGHTNING_PRECISION[precision]}",
+        f"train.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}",
+        "train.devices=1",
         *args.set,
     ]
     if args.num_workers is not None:
@@ -179,7 +190,9 @@ def run_floor(args: argparse.Namespace, cfg: dict, precision: str, data: Path) -
     if cfg["train"]["compile"]:
         student.compile()
         teacher.compile()
-    optimizer = torch.optim.AdamW(student.parameters(), lr=float(cfg["train"]["lr"]), weight_decay=float(cfg["train"]["weight_decay"]), fused=True)  # as medeman's
+    optimizer = torch.optim.AdamW(
+        student.parameters(), lr=float(cfg["train"]["lr"]), weight_decay=float(cfg["train"]["weight_decay"]), fused=True
+    )  # as medeman's
     dice_ce = DiceCELoss(to_onehot_y=True, softmax=True)
     starts = []
     for i in range(args.warmup + args.steps + 1):
@@ -209,7 +222,15 @@ def run_medeman(args: argparse.Namespace, cfg: dict, precision: str, data: Path)
     timer = StepTimer()
     with tempfile.TemporaryDirectory(prefix="medeman-bench-run-") as run:
         start = time.perf_counter()
-        fit(cfg, data / "labeled", data / "unlabeled", out_dir=run, callbacks=[timer], progress_bar=False, logger=not args.no_logger)
+        fit(
+            cfg,
+            data / "labeled",
+            data / "unlabeled",
+            out_dir=run,
+            callbacks=[timer],
+            progress_bar=False,
+            logger=not args.no_logger,
+        )
         total = time.perf_counter() - start
     return {"starts": timer.starts, "fit_s": total}
 
@@ -234,13 +255,29 @@ def run_ssl4mis(args: argparse.Namespace, cfg: dict, precision: str, data: Path)
     for param in teacher.parameters():
         param.detach_()
     loaders = [
-        DataLoader(Dataset(cases, chain), batch_size=args.batch, shuffle=True, num_workers=workers,
-                   collate_fn=list_data_collate, drop_last=True, persistent_workers=workers > 0)
-        for cases, chain in ((dm.train_cases, tfm.labeled_transforms(cfg)), (dm.unlabeled_cases, tfm.unlabeled_transforms(cfg)))
+        DataLoader(
+            Dataset(cases, chain),
+            batch_size=args.batch,
+            shuffle=True,
+            num_workers=workers,
+            collate_fn=list_data_collate,
+            drop_last=True,
+            persistent_workers=workers > 0,
+        )
+        for cases, chain in (
+            (dm.train_cases, tfm.labeled_transforms(cfg)),
+            (dm.unlabeled_cases, tfm.unlabeled_transforms(cfg)),
+        )
     ]
-    optimizer = torch.optim.AdamW(student.parameters(), lr=float(cfg["train"]["lr"]), weight_decay=float(cfg["train"]["weight_decay"]))  # SSL4MIS: defaults
+    optimizer = torch.optim.AdamW(
+        student.parameters(), lr=float(cfg["train"]["lr"]), weight_decay=float(cfg["train"]["weight_decay"])
+    )  # SSL4MIS: defaults
     dice_ce = DiceCELoss(to_onehot_y=True, softmax=True)
-    alpha, base_lr, max_steps = float(cfg["ssl"]["ema_momentum"]), float(cfg["train"]["lr"]), int(cfg["train"]["max_steps"])
+    alpha, base_lr, max_steps = (
+        float(cfg["ssl"]["ema_momentum"]),
+        float(cfg["train"]["lr"]),
+        int(cfg["train"]["max_steps"]),
+    )
 
     def forever(loader):
         while True:
@@ -284,9 +321,21 @@ def child(args: argparse.Namespace) -> None:
     # per step: wall seconds, CPU seconds, page faults (the differences of consecutive now() readings)
     steps, cpu_steps, faults = ([b[k] - a[k] for a, b in zip(starts, starts[1:])][timed] for k in range(3))
     rss, workers_rss = peak_rss_mib()
-    print("RESULT " + json.dumps({"steps": steps, "cpu_steps": cpu_steps, "faults": faults,
-                                  "window_s": starts[args.warmup + len(steps)][0] - starts[args.warmup][0],
-                                  "rss_mib": rss, "workers_rss_mib": workers_rss, "threads": torch.get_num_threads(), **out}))
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "steps": steps,
+                "cpu_steps": cpu_steps,
+                "faults": faults,
+                "window_s": starts[args.warmup + len(steps)][0] - starts[args.warmup][0],
+                "rss_mib": rss,
+                "workers_rss_mib": workers_rss,
+                "threads": torch.get_num_threads(),
+                **out,
+            }
+        )
+    )
 
 
 def make_data(args: argparse.Namespace) -> Path:
@@ -301,20 +350,42 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=60, help="timed steps per variant (the median is reported)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps before timing")
-    parser.add_argument("--rounds", type=int, default=1, help="run every variant this many times, interleaved; steps are pooled")
-    parser.add_argument("--patch", type=int, nargs="+", default=[32], help="patch side, or x y z (configs/sample.yaml: 32; MSD heart: 112 112 80)")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="run every variant this many times, interleaved; steps are pooled"
+    )
+    parser.add_argument(
+        "--patch",
+        type=int,
+        nargs="+",
+        default=[32],
+        help="patch side, or x y z (configs/sample.yaml: 32; MSD heart: 112 112 80)",
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where all three variants run")
-    parser.add_argument("--batch", type=int, default=2, help="labeled and unlabeled patches per step, each (sample.yaml: 2)")
+    parser.add_argument(
+        "--batch", type=int, default=2, help="labeled and unlabeled patches per step, each (sample.yaml: 2)"
+    )
     parser.add_argument("--precision", choices=("32", "bf16"), nargs="+", default=["32", "bf16"])
-    parser.add_argument("--variants", default="abc", help="which of a, b, c, d, e to run (d, e: compiled; minutes of compilation on a CPU)")
-    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads in every variant (1: see benchmarks/README.md)")
+    parser.add_argument(
+        "--variants",
+        default="abc",
+        help="which of a, b, c, d, e to run (d, e: compiled; minutes of compilation on a CPU)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch.set_num_threads in every variant (1: see benchmarks/README.md)"
+    )
     parser.add_argument("--num-workers", type=int, help="data.num_workers for (b) and (c) (default: sample.yaml's)")
     parser.add_argument("--labeled", type=int, default=6, help="labeled cases of the generated cohort")
     parser.add_argument("--unlabeled", type=int, default=12, help="unlabeled scans of the generated cohort")
     parser.add_argument("--data", help="use this cohort (labeled/, unlabeled/) instead of generating one")
     parser.add_argument("--no-logger", action="store_true", help="(b) without the CSV/TensorBoard loggers")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for every variant")
-    parser.add_argument("--smoke", action="store_true", help="a tiny UNet, 16^3 patches, 2 timed steps, fp32: checks that the benchmark runs, in seconds")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="config override for every variant"
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a tiny UNet, 16^3 patches, 2 timed steps, fp32: checks that the benchmark runs, in seconds",
+    )
     parser.add_argument("--variant", choices=tuple(VARIANTS), help=argparse.SUPPRESS)  # internal: run one variant
     args = parser.parse_args(argv)
     if args.smoke and not args.variant:
@@ -338,8 +409,17 @@ def main(argv: list[str] | None = None) -> None:
 
 def run_all(args: argparse.Namespace, data: Path) -> None:
     """Run every variant in its own process, ``--rounds`` times interleaved, and print the table."""
-    forwarded = [f"--steps={args.steps}", f"--warmup={args.warmup}", "--patch", *map(str, args.patch), f"--batch={args.batch}", f"--device={args.device}",
-                 f"--threads={args.threads}", f"--data={data}", *[f"--set={s}" for s in args.set]]
+    forwarded = [
+        f"--steps={args.steps}",
+        f"--warmup={args.warmup}",
+        "--patch",
+        *map(str, args.patch),
+        f"--batch={args.batch}",
+        f"--device={args.device}",
+        f"--threads={args.threads}",
+        f"--data={data}",
+        *[f"--set={s}" for s in args.set],
+    ]
     if args.num_workers is not None:
         forwarded.append(f"--num-workers={args.num_workers}")
     if args.no_logger:
@@ -349,11 +429,13 @@ def run_all(args: argparse.Namespace, data: Path) -> None:
         for precision in args.precision:
             for variant in args.variants:
                 cmd = [sys.executable, __file__, f"--variant={variant}", f"--precision={precision}", *forwarded]
-                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                proc = subprocess.run(
+                    cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONWARNINGS": "ignore"}
+                )
                 lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
                 if proc.returncode or not lines:
                     sys.exit(f"variant {variant} {precision} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-                result = json.loads(lines[-1][len("RESULT "):])
+                result = json.loads(lines[-1][len("RESULT ") :])
                 results.setdefault((variant, precision), []).append(result)
                 print(f"  {variant} {precision}: median {statistics.median(result['steps']):.4f} s/step", flush=True)
 
@@ -363,35 +445,56 @@ def run_all(args: argparse.Namespace, data: Path) -> None:
 
     cfg = bench_config(args, "32")
     n_params = sum(p.numel() for p in build_network(cfg).parameters())
-    print(f"\nUNet channels={cfg['model']['channels']} num_res_units={cfg['model']['num_res_units']} ({n_params / 1e6:.2f} M params), "
-          f"patch {'x'.join(map(str, patch_size(args)))}, batch {args.batch} labeled + {args.batch} unlabeled, data.num_workers={cfg['data']['num_workers']}, "
-          f"{args.threads} torch threads, torch {torch.__version__}, "
-          f"{torch.cuda.get_device_name(0) if args.device == 'cuda' else 'CPU'}")
-    print(f"{args.steps} timed steps after {args.warmup} warm-up, {args.rounds} round(s); cohort {args.labeled} labeled "
-          f"(split into train/val) + {args.unlabeled} unlabeled NIfTI scans\n")
-    header = (f"{'variant':<36} {'precision':>9} {'median s/step':>13} {'window s/step':>13} {'vs (a)':>7} "
-              f"{'CPU s/step':>10} {'vs (a)':>7} {'faults/step':>11} {'peak RSS MiB':>12} {'workers MiB':>11}")
+    print(
+        f"\nUNet channels={cfg['model']['channels']} num_res_units={cfg['model']['num_res_units']} ({n_params / 1e6:.2f} M params), "
+        f"patch {'x'.join(map(str, patch_size(args)))}, batch {args.batch} labeled + {args.batch} unlabeled, data.num_workers={cfg['data']['num_workers']}, "
+        f"{args.threads} torch threads, torch {torch.__version__}, "
+        f"{torch.cuda.get_device_name(0) if args.device == 'cuda' else 'CPU'}"
+    )
+    print(
+        f"{args.steps} timed steps after {args.warmup} warm-up, {args.rounds} round(s); cohort {args.labeled} labeled "
+        f"(split into train/val) + {args.unlabeled} unlabeled NIfTI scans\n"
+    )
+    header = (
+        f"{'variant':<36} {'precision':>9} {'median s/step':>13} {'window s/step':>13} {'vs (a)':>7} "
+        f"{'CPU s/step':>10} {'vs (a)':>7} {'faults/step':>11} {'peak RSS MiB':>12} {'workers MiB':>11}"
+    )
     print(header)
     print("-" * len(header))
     for precision in args.precision:
         floor = statistics.median([t for r in results.get(("a", precision), []) for t in r["steps"]] or [float("nan")])
-        floor_cpu = statistics.median([t for r in results.get(("a", precision), []) for t in r["cpu_steps"]] or [float("nan")])
+        floor_cpu = statistics.median(
+            [t for r in results.get(("a", precision), []) for t in r["cpu_steps"]] or [float("nan")]
+        )
         for variant in args.variants:
             runs = results[(variant, precision)]
             median = statistics.median([t for r in runs for t in r["steps"]])
             cpu = statistics.median([t for r in runs for t in r["cpu_steps"]])
             window = sum(r["window_s"] for r in runs) / sum(len(r["steps"]) for r in runs)
-            faults = statistics.median([f for r in runs for f in r["faults"]])  # minor page faults of the training process
+            faults = statistics.median(
+                [f for r in runs for f in r["faults"]]
+            )  # minor page faults of the training process
             rss = max(r["rss_mib"] for r in runs)
             workers = max(r["workers_rss_mib"] for r in runs)
-            rounds = " (rounds: " + ", ".join(f"{statistics.median(r['steps']):.4f}" for r in runs) + ")" if len(runs) > 1 else ""
-            print(f"{variant + ' ' + VARIANTS[variant]:<36} {precision:>9} {median:>13.4f} {window:>13.4f} {median / floor:>6.2f}x "
-                  f"{cpu:>10.4f} {cpu / floor_cpu:>6.2f}x {faults:>11.0f} {rss:>12.0f} {workers:>11.0f}{rounds}")
+            rounds = (
+                " (rounds: " + ", ".join(f"{statistics.median(r['steps']):.4f}" for r in runs) + ")"
+                if len(runs) > 1
+                else ""
+            )
+            print(
+                f"{variant + ' ' + VARIANTS[variant]:<36} {precision:>9} {median:>13.4f} {window:>13.4f} {median / floor:>6.2f}x "
+                f"{cpu:>10.4f} {cpu / floor_cpu:>6.2f}x {faults:>11.0f} {rss:>12.0f} {workers:>11.0f}{rounds}"
+            )
     for variant in "bd":
         if variant in args.variants:
-            fits = ", ".join(f"{p} {statistics.mean(r['fit_s'] for r in results[(variant, p)]):.1f} s" for p in args.precision)
-            print(f"\n({variant}) whole fit() call incl. discovery, caching, {'compilation, ' if variant == 'd' else ''}Trainer set-up and teardown: "
-                  f"{fits} for {args.warmup + args.steps + 1} steps", end="")
+            fits = ", ".join(
+                f"{p} {statistics.mean(r['fit_s'] for r in results[(variant, p)]):.1f} s" for p in args.precision
+            )
+            print(
+                f"\n({variant}) whole fit() call incl. discovery, caching, {'compilation, ' if variant == 'd' else ''}Trainer set-up and teardown: "
+                f"{fits} for {args.warmup + args.steps + 1} steps",
+                end="",
+            )
     ours_variants = [v for v in "bd" if v in args.variants]
     if ours_variants and "c" in args.variants:
         # the headline: medeman's fastest step (eager or compiled, any precision) against the SSL4MIS-style loop as SSL4MIS runs it (fp32)
@@ -403,9 +506,14 @@ def run_all(args: argparse.Namespace, data: Path) -> None:
             best = min(((v, p) for v in ours_variants for p in args.precision), key=step.__getitem__)
             ours, theirs = step[best], step[("c", reference)]
             # each round's own ratio too: the host's speed drifts over minutes, a round's variants run close together
-            paired = [statistics.median(c[key]) / statistics.median(b[key]) for c, b in zip(results[("c", reference)], results[best])]
+            paired = [
+                statistics.median(c[key]) / statistics.median(b[key])
+                for c, b in zip(results[("c", reference)], results[best])
+            ]
             per_round = f"  (rounds: {', '.join(f'{r:.2f}x' for r in paired)})" if len(paired) > 1 else ""
-            print(f"{label + ' s/step':<10} {f'{ours:.4f} ({best[0]}, {best[1]})':<36} {f'{theirs:.4f} ({reference})':<26} {theirs / ours:>7.2f}x{per_round}")
+            print(
+                f"{label + ' s/step':<10} {f'{ours:.4f} ({best[0]}, {best[1]})':<36} {f'{theirs:.4f} ({reference})':<26} {theirs / ours:>7.2f}x{per_round}"
+            )
     else:
         print()
 

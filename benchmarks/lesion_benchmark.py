@@ -48,11 +48,35 @@ METHODS = {
 LESION = 3
 COHORT = {"n_labeled": 3, "n_val": 3, "n_unlabeled": 24, "n_test": 8}
 SMOKE_COHORT = {"n_labeled": 1, "n_val": 1, "n_unlabeled": 2, "n_test": 1}
-SMOKE_SETS = ["train.max_steps=4", "train.val_every_steps=2", "model.channels=[4,8]", "model.num_res_units=0",
-              "data.cache=none", "data.num_workers=0", "ssl.recalibration_batches=1"]
-CSV_COLUMNS = ("method", "seed", "lesion_dice", "lesion_f1", "lesion_sensitivity", "lesion_precision", "lesionwise_dice",
-               "reference_lesions", "detected", "predicted", "false_positives", "dice_liver", "dice_kidneys",
-               "val_best_teacher", "steps", "train_s", "commit", "run_dir")
+SMOKE_SETS = [
+    "train.max_steps=4",
+    "train.val_every_steps=2",
+    "model.channels=[4,8]",
+    "model.num_res_units=0",
+    "data.cache=none",
+    "data.num_workers=0",
+    "ssl.recalibration_batches=1",
+]
+CSV_COLUMNS = (
+    "method",
+    "seed",
+    "lesion_dice",
+    "lesion_f1",
+    "lesion_sensitivity",
+    "lesion_precision",
+    "lesionwise_dice",
+    "reference_lesions",
+    "detected",
+    "predicted",
+    "false_positives",
+    "dice_liver",
+    "dice_kidneys",
+    "val_best_teacher",
+    "steps",
+    "train_s",
+    "commit",
+    "run_dir",
+)
 NOTES_MARKER = "<!-- notes: text below this line is kept when the table is regenerated -->"
 
 
@@ -83,9 +107,18 @@ def score_teacher(run_dir: Path, data: Path, lesion_overlap: float) -> dict[str,
     """Segment ``<data>/test/images`` with the run's ``teacher.pt``; lesion and organ figures of the test cases."""
     from medeman.score_run import segment_and_score
 
-    _, summary = segment_and_score(run_dir, data / "test" / "images", data / "test" / "labels", run_dir / "pred_test",
-                                   csv=run_dir / "test_scores.csv", lesion_overlap=lesion_overlap,
-                                   lesion_classes=[LESION], overwrite=True, progress=False, device="cpu")
+    _, summary = segment_and_score(
+        run_dir,
+        data / "test" / "images",
+        data / "test" / "labels",
+        run_dir / "pred_test",
+        csv=run_dir / "test_scores.csv",
+        lesion_overlap=lesion_overlap,
+        lesion_classes=[LESION],
+        overwrite=True,
+        progress=False,
+        device="cpu",
+    )
     if summary.problems:
         raise RuntimeError(f"{run_dir}: {len(summary.problems)} test case(s) not scored: {summary.problems[0]}")
     dice = summary.per_class()
@@ -96,10 +129,19 @@ def score_teacher(run_dir: Path, data: Path, lesion_overlap: float) -> dict[str,
     def class_dice(label: int) -> float:
         return dice[label]["dice_mean"] if label in dice else float("nan")
 
-    return {"lesion_dice": class_dice(LESION), "lesion_f1": lesions["f1"], "lesion_sensitivity": lesions["sensitivity"],
-            "lesion_precision": lesions["precision"], "lesionwise_dice": lesions["dice_mean"],
-            "reference_lesions": lesions["reference"], "detected": lesions["detected"], "predicted": lesions["predicted"],
-            "false_positives": lesions["false_positive"], "dice_liver": class_dice(1), "dice_kidneys": class_dice(2)}
+    return {
+        "lesion_dice": class_dice(LESION),
+        "lesion_f1": lesions["f1"],
+        "lesion_sensitivity": lesions["sensitivity"],
+        "lesion_precision": lesions["precision"],
+        "lesionwise_dice": lesions["dice_mean"],
+        "reference_lesions": lesions["reference"],
+        "detected": lesions["detected"],
+        "predicted": lesions["predicted"],
+        "false_positives": lesions["false_positive"],
+        "dice_liver": class_dice(1),
+        "dice_kidneys": class_dice(2),
+    }
 
 
 def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
@@ -120,10 +162,25 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
     else:
         start = time.perf_counter()
         unlabeled = args.data / "unlabeled" if build_method(cfg).uses_unlabeled else None
-        result = fit(cfg, args.data / labeled, unlabeled, val=args.data / "val", out_dir=run_dir,
-                     progress_bar=False, logger=not args.smoke, overwrite=True)
-        record = {"method": method, "seed": seed, "steps": result.steps, "train_s": round(time.perf_counter() - start, 1),
-                  "val_best_teacher": result.last_dice_teacher, "commit": args.commit, "run_dir": str(run_dir)}
+        result = fit(
+            cfg,
+            args.data / labeled,
+            unlabeled,
+            val=args.data / "val",
+            out_dir=run_dir,
+            progress_bar=False,
+            logger=not args.smoke,
+            overwrite=True,
+        )
+        record = {
+            "method": method,
+            "seed": seed,
+            "steps": result.steps,
+            "train_s": round(time.perf_counter() - start, 1),
+            "val_best_teacher": result.last_dice_teacher,
+            "commit": args.commit,
+            "run_dir": str(run_dir),
+        }
         trained.write_text(json.dumps(record, indent=1))
     record["scores"] = score_teacher(run_dir, args.data, args.lesion_overlap)
     done.write_text(json.dumps(record, indent=1))
@@ -133,7 +190,11 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
 def paired(records: list[dict], method: str, base: str, key: str) -> list[float]:
     """Per-seed differences ``method - base`` of one score, over the seeds both finished."""
     by = {(r["method"], r["seed"]): r["scores"][key] for r in records}
-    return [by[method, s] - by[base, s] for s in sorted({r["seed"] for r in records}) if (method, s) in by and (base, s) in by]
+    return [
+        by[method, s] - by[base, s]
+        for s in sorted({r["seed"] for r in records})
+        if (method, s) in by and (base, s) in by
+    ]
 
 
 def gap_closed(records: list[dict], key: str, method: str = "mt_eman") -> tuple[str, list[float]]:
@@ -162,38 +223,59 @@ def write_results(records: list[dict], args: argparse.Namespace, wall_s: float, 
             row["val_best_teacher"] = f"{r['val_best_teacher']:.4f}"
             writer.writerow(row)
 
-    cfg = load_config([Path(records[0]["run_dir"]) / "config.yaml"]) if records else load_config([args.config], args.set)
+    cfg = (
+        load_config([Path(records[0]["run_dir"]) / "config.yaml"]) if records else load_config([args.config], args.set)
+    )
     train, data, model, ssl = cfg["train"], cfg["data"], cfg["model"], cfg["ssl"]
-    keys = [("lesion_dice", "lesion Dice"), ("lesion_f1", "lesion F1"), ("lesion_sensitivity", "sensitivity"),
-            ("lesion_precision", "precision"), ("lesionwise_dice", "lesion-wise Dice"), ("dice_liver", "liver Dice"),
-            ("dice_kidneys", "kidney Dice")]
-    lines = ["# Lesion benchmark: supervised on few vs mean teacher (EMAN) vs supervised on all", "",
-             f"Test scores of each run's `teacher.pt` on `{args.data}/test` ({_count(args.data / 'test' / 'labels')} cases), "
-             "mean ± std over seeds. Lesion = class 3 (1-3 small liver lesions per scan, about 0.1 % of the volume). "
-             "*lesion Dice*: voxel Dice of class 3 per case, averaged over cases; *lesion F1, sensitivity, precision*: "
-             f"connected components, a lesion found at IoU >= {args.lesion_overlap:g}, counts pooled over the test cases; "
-             "*lesion-wise Dice*: BraTS 2023 (per reference lesion, 0 for each false-positive component).", "",
-             "| method | seeds | " + " | ".join(name for _, name in keys) + " | val Dice (final) | train s |",
-             "|---|---|" + "---|" * (len(keys) + 2)]
+    keys = [
+        ("lesion_dice", "lesion Dice"),
+        ("lesion_f1", "lesion F1"),
+        ("lesion_sensitivity", "sensitivity"),
+        ("lesion_precision", "precision"),
+        ("lesionwise_dice", "lesion-wise Dice"),
+        ("dice_liver", "liver Dice"),
+        ("dice_kidneys", "kidney Dice"),
+    ]
+    lines = [
+        "# Lesion benchmark: supervised on few vs mean teacher (EMAN) vs supervised on all",
+        "",
+        f"Test scores of each run's `teacher.pt` on `{args.data}/test` ({_count(args.data / 'test' / 'labels')} cases), "
+        "mean ± std over seeds. Lesion = class 3 (1-3 small liver lesions per scan, about 0.1 % of the volume). "
+        "*lesion Dice*: voxel Dice of class 3 per case, averaged over cases; *lesion F1, sensitivity, precision*: "
+        f"connected components, a lesion found at IoU >= {args.lesion_overlap:g}, counts pooled over the test cases; "
+        "*lesion-wise Dice*: BraTS 2023 (per reference lesion, 0 for each false-positive component).",
+        "",
+        "| method | seeds | " + " | ".join(name for _, name in keys) + " | val Dice (final) | train s |",
+        "|---|---|" + "---|" * (len(keys) + 2),
+    ]
     for method in METHODS:
         runs = [r for r in records if r["method"] == method]
         if not runs:
             continue
         cols = [mean_std([r["scores"][k] for r in runs]) for k, _ in keys]
-        lines.append(f"| {method} | {len(runs)} | {' | '.join(cols)} | {mean_std([r['val_best_teacher'] for r in runs])} | "
-                     f"{statistics.fmean(r['train_s'] for r in runs):.0f} |")
-    lines += ["", "Paired per-seed differences (same seed: same initial network and data order), mean ± std over seeds, "
-              "and the share of the few -> all gap that the unlabeled scans close (from the seed means; per seed in brackets):", "",
-              "| score | method | method - few | seeds ahead | all - few | gap closed |", "|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {method} | {len(runs)} | {' | '.join(cols)} | {mean_std([r['val_best_teacher'] for r in runs])} | "
+            f"{statistics.fmean(r['train_s'] for r in runs):.0f} |"
+        )
+    lines += [
+        "",
+        "Paired per-seed differences (same seed: same initial network and data order), mean ± std over seeds, "
+        "and the share of the few -> all gap that the unlabeled scans close (from the seed means; per seed in brackets):",
+        "",
+        "| score | method | method - few | seeds ahead | all - few | gap closed |",
+        "|---|---|---|---|---|---|",
+    ]
     for key, name in keys[:2] + keys[4:]:
         for method in ("mt_eman", "fixmatch"):
             diffs = paired(records, method, "supervised_few", key)
             if not diffs:
                 continue
             share, per_seed = gap_closed(records, key, method)
-            lines.append(f"| {name} | {method} | {mean_std(diffs)} | {sum(d > 0 for d in diffs)}/{len(diffs)} | "
-                         f"{mean_std(paired(records, 'supervised_all', 'supervised_few', key))} | {share} "
-                         f"({', '.join(f'{100 * v:.0f} %' for v in per_seed) or '–'}) |")
+            lines.append(
+                f"| {name} | {method} | {mean_std(diffs)} | {sum(d > 0 for d in diffs)}/{len(diffs)} | "
+                f"{mean_std(paired(records, 'supervised_all', 'supervised_few', key))} | {share} "
+                f"({', '.join(f'{100 * v:.0f} %' for v in per_seed) or '–'}) |"
+            )
     commits = sorted({r.get("commit", "?") for r in records})
     lines += [
         "",
@@ -208,14 +290,17 @@ def write_results(records: list[dict], args: argparse.Namespace, wall_s: float, 
         f"{data['patch_size']} at {data['spacing']} mm, {model['name']} {model['channels']}; batch Dice {train['batch_dice']}; "
         f"labeled patches: {_sampling(data)}; mean teacher: ema_momentum {ssl['ema_momentum']} ({ssl['momentum_schedule']}), "
         f"{ssl['consistency']} consistency weight {ssl['consistency_weight']}, pseudo-labels {_pseudo(ssl)}"
-        + (f"; overrides {' '.join(args.set)}" if args.set else "") + ".",
+        + (f"; overrides {' '.join(args.set)}" if args.set else "")
+        + ".",
         f"- Seeds: {' '.join(str(s) for s in sorted({r['seed'] for r in records}))} (`train.seed`).",
         f"- Hardware: {hardware()}; one run at a time. Training wall time {sum(r['train_s'] for r in records) / 60:.1f} min "
         f"over {len(records)} runs; this invocation {wall_s / 60:.1f} min (runs it did not reuse, with test inference).",
         f"- Every run: `{csv_path.name}`.",
     ]
     notes = ""
-    if md_path.is_file() and NOTES_MARKER in md_path.read_text(encoding="utf-8"):  # hand-written findings survive a rerun
+    if md_path.is_file() and NOTES_MARKER in md_path.read_text(
+        encoding="utf-8"
+    ):  # hand-written findings survive a rerun
         notes = md_path.read_text(encoding="utf-8").split(NOTES_MARKER, 1)[1]
     md_path.write_text("\n".join(lines) + "\n\n" + NOTES_MARKER + (notes or "\n"), encoding="utf-8")
     return md_path
@@ -236,30 +321,48 @@ def _pseudo(ssl: dict) -> str:
 
 
 def _count(folder: Path) -> int:
-    return sum(1 for p in Path(folder).glob("*") if p.name.endswith((".nii.gz", ".nii", ".mha", ".nrrd"))) if Path(folder).is_dir() else 0
+    return (
+        sum(1 for p in Path(folder).glob("*") if p.name.endswith((".nii.gz", ".nii", ".mha", ".nrrd")))
+        if Path(folder).is_dir()
+        else 0
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=Path("runs/lesion_data"), help="the lesion cohort (written here if absent)")
-    parser.add_argument("--config", type=Path, default=REPO / "configs" / "lesion.yaml", help="base config shared by every method")
+    parser.add_argument(
+        "--data", type=Path, default=Path("runs/lesion_data"), help="the lesion cohort (written here if absent)"
+    )
+    parser.add_argument(
+        "--config", type=Path, default=REPO / "configs" / "lesion.yaml", help="base config shared by every method"
+    )
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
-    parser.add_argument("--lesion-overlap", type=float, default=0.1, help="IoU a lesion needs to count as detected (0: any overlap)")
+    parser.add_argument(
+        "--lesion-overlap", type=float, default=0.1, help="IoU a lesion needs to count as detected (0: any overlap)"
+    )
     parser.add_argument("--out", default="runs/lesion_benchmark", help="run folders: <out>/<method>/seed<N>")
-    parser.add_argument("--results", default=str(REPO / "benchmarks" / "results"), help="where lesion_benchmark.md/.csv go")
-    parser.add_argument("--tag", default="", help="suffix of the result files (lesion_benchmark_<tag>.md) for side studies")
+    parser.add_argument(
+        "--results", default=str(REPO / "benchmarks" / "results"), help="where lesion_benchmark.md/.csv go"
+    )
+    parser.add_argument(
+        "--tag", default="", help="suffix of the result files (lesion_benchmark_<tag>.md) for side studies"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine)")
     parser.add_argument("--reuse", action="store_true", help="reuse scored runs (scores.json) instead of retraining")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the report from scored runs")
-    parser.add_argument("--smoke", action="store_true", help="tiny cohort, 4 steps, one seed, results in a temporary folder")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny cohort, 4 steps, one seed, results in a temporary folder"
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    command = "python benchmarks/lesion_benchmark.py " + " ".join(a for a in (sys.argv[1:] if argv is None else argv) if a != "--report-only")
+    command = "python benchmarks/lesion_benchmark.py " + " ".join(
+        a for a in (sys.argv[1:] if argv is None else argv) if a != "--report-only"
+    )
     torch.set_num_threads(args.threads)
     args.commit = commit()  # the code this process runs: modules are imported once, at its start
     scratch = None
@@ -286,9 +389,12 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             records.append(record)
             s = record["scores"]
-            print(f"{method} seed {seed}: lesion Dice {s['lesion_dice']:.3f}, lesion F1 {s['lesion_f1']:.3f} "
-                  f"({s['detected']}/{s['reference_lesions']} found, {s['false_positives']} FP), liver {s['dice_liver']:.3f}, "
-                  f"kidneys {s['dice_kidneys']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            print(
+                f"{method} seed {seed}: lesion Dice {s['lesion_dice']:.3f}, lesion F1 {s['lesion_f1']:.3f} "
+                f"({s['detected']}/{s['reference_lesions']} found, {s['false_positives']} FP), liver {s['dice_liver']:.3f}, "
+                f"kidneys {s['dice_kidneys']:.3f} ({time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
             md = write_results(records, args, time.perf_counter() - start, command)
     if records:
         print(md.read_text())

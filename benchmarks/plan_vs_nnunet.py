@@ -30,7 +30,9 @@ REPO = Path(__file__).resolve().parents[1]
 def make_lesion_cohort(out: Path, labeled: int) -> Path:
     from medeman.sample_data import main as make_sample_data
 
-    make_sample_data(["--out", str(out), "--lesions", "--labeled", str(labeled), "--unlabeled", "0", "--test", "0", "--seed", "11"])
+    make_sample_data(
+        ["--out", str(out), "--lesions", "--labeled", str(labeled), "--unlabeled", "0", "--test", "0", "--seed", "11"]
+    )
     return out / "labeled"
 
 
@@ -54,8 +56,12 @@ def nnunet_raw(labeled: Path, root: Path, dataset_id: int, name: str, num_classe
         image = case["image"][0] if isinstance(case["image"], list) else case["image"]
         shutil.copy(image, images / f"{case['id']}_0000.nii.gz")
         shutil.copy(case["label"], labels / f"{case['id']}.nii.gz")
-    meta = {"channel_names": {"0": "CT"}, "labels": {"background": 0, **{f"class{c}": c for c in range(1, num_classes)}},
-            "numTraining": len(cases), "file_ending": ".nii.gz"}
+    meta = {
+        "channel_names": {"0": "CT"},
+        "labels": {"background": 0, **{f"class{c}": c for c in range(1, num_classes)}},
+        "numTraining": len(cases),
+        "file_ending": ".nii.gz",
+    }
     (root / folder / "dataset.json").write_text(json.dumps(meta, indent=1))
     return folder
 
@@ -75,15 +81,17 @@ def nnunet_plan(labeled: Path, work: Path, dataset_id: int, name: str, num_class
     plans = json.loads((Path(os.environ["nnUNet_preprocessed"]) / folder / "nnUNetPlans.json").read_text())
     full = plans["configurations"]["3d_fullres"]
     arch = full["architecture"]["arch_kwargs"]
-    fingerprint = json.loads((Path(os.environ["nnUNet_preprocessed"]) / folder / "dataset_fingerprint.json").read_text())
+    fingerprint = json.loads(
+        (Path(os.environ["nnUNet_preprocessed"]) / folder / "dataset_fingerprint.json").read_text()
+    )
     intensity = fingerprint["foreground_intensity_properties_per_channel"]["0"]
     return {
         "spacing (mm)": [round(s, 2) for s in full["spacing"][::-1]],
         "patch (voxels)": full["patch_size"][::-1],
         "batch": full["batch_size"],
         "network": f"{full['architecture']['network_class_name'].rsplit('.', 1)[-1]}, {arch['n_stages']} stages, "
-                   f"features {arch['features_per_stage'][0]}-{arch['features_per_stage'][-1]}, "
-                   f"{arch['norm_op'].rsplit('.', 1)[-1]}",
+        f"features {arch['features_per_stage'][0]}-{arch['features_per_stage'][-1]}, "
+        f"{arch['norm_op'].rsplit('.', 1)[-1]}",
         "strides": " ".join("x".join(str(v) for v in s[::-1]) for s in arch["strides"]),
         "normalisation": f"{full['normalization_schemes'][0]} (clip {intensity['percentile_00_5']:.0f}..{intensity['percentile_99_5']:.0f})",
         "class sampling": "1/3 of each batch centred on a random foreground class (oversample_foreground_percent 0.33)",
@@ -106,9 +114,14 @@ def medeman_plan(labeled: Path, device: str) -> dict:
         "batch": plan.get("data", "batch_size_labeled"),
         "network": f"MONAI UNet, {len(channels)} levels, features {channels[0]}-{channels[-1]}, BatchNorm",
         "strides": " ".join(["2x2x2"] * (len(channels) - 1)),
-        "normalisation": f"{plan.get('data', 'modality')} window {window[0]:.0f}..{window[1]:.0f} to [0, 1]" if window else "MR z-score per scan",
-        "class sampling": f"class_ratios {ratios}" if ratios else "1/3 of patches centred on a random foreground class (fg_class_fraction 0.33)",
-        "loss": "Dice (batch Dice) + CE" + (f", CE weights {plan.get('train', 'ce_class_weights')}" if plan.get("train", "ce_class_weights") else ""),
+        "normalisation": f"{plan.get('data', 'modality')} window {window[0]:.0f}..{window[1]:.0f} to [0, 1]"
+        if window
+        else "MR z-score per scan",
+        "class sampling": f"class_ratios {ratios}"
+        if ratios
+        else "1/3 of patches centred on a random foreground class (fg_class_fraction 0.33)",
+        "loss": "Dice (batch Dice) + CE"
+        + (f", CE weights {plan.get('train', 'ce_class_weights')}" if plan.get("train", "ce_class_weights") else ""),
         "steps": str(plan.get("train", "max_steps")),
     }
 
@@ -123,7 +136,9 @@ def table(name: str, columns: dict[str, dict | None]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="2-case cohorts in a temporary folder; nothing written to results/")
+    parser.add_argument(
+        "--smoke", action="store_true", help="2-case cohorts in a temporary folder; nothing written to results/"
+    )
     parser.add_argument("--lesion-cases", type=int, default=12, help="labeled cases of the lesion sample cohort")
     args = parser.parse_args(argv)
     from medeman.fingerprint import fingerprint_cohort
@@ -132,21 +147,39 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="plan_vs_nnunet-") as tmp:
         work = Path(tmp)
         if args.smoke:
-            cohorts = {"organs (2 cases)": make_organ_cohort(work / "organs", 2), "lesions (2 cases)": make_lesion_cohort(work / "lesions", 2)}
+            cohorts = {
+                "organs (2 cases)": make_organ_cohort(work / "organs", 2),
+                "lesions (2 cases)": make_lesion_cohort(work / "lesions", 2),
+            }
         else:
-            cohorts = {"sample_data (organs, 6 cases)": REPO / "sample_data" / "labeled",
-                       f"lesion sample cohort ({args.lesion_cases} cases, seed 11)": make_lesion_cohort(work / "lesions", args.lesion_cases)}
+            cohorts = {
+                "sample_data (organs, 6 cases)": REPO / "sample_data" / "labeled",
+                f"lesion sample cohort ({args.lesion_cases} cases, seed 11)": make_lesion_cohort(
+                    work / "lesions", args.lesion_cases
+                ),
+            }
         nnunet_missing = False
         for i, (name, labeled) in enumerate(cohorts.items()):
             num_classes = fingerprint_cohort(labeled)["summary"]["num_classes"]
             nnunet = nnunet_plan(labeled, work, 900 + i, f"cohort{i}", num_classes)
             nnunet_missing |= nnunet is None
-            sections.append(table(name, {"nnU-Net v2 3d_fullres": nnunet, "medeman --device gpu (8 GB)": medeman_plan(labeled, "gpu"),
-                                         "medeman --device cpu": medeman_plan(labeled, "cpu")}))
+            sections.append(
+                table(
+                    name,
+                    {
+                        "nnU-Net v2 3d_fullres": nnunet,
+                        "medeman --device gpu (8 GB)": medeman_plan(labeled, "gpu"),
+                        "medeman --device cpu": medeman_plan(labeled, "cpu"),
+                    },
+                )
+            )
     report = "\n\n".join(sections)
     print(report)
     if nnunet_missing:
-        print("\nnnU-Net v2 is not installed here (pip install -e '.[bench]'): only medeman's plans are shown.", file=sys.stderr)
+        print(
+            "\nnnU-Net v2 is not installed here (pip install -e '.[bench]'): only medeman's plans are shown.",
+            file=sys.stderr,
+        )
     return 0
 
 

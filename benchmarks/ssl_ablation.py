@@ -65,24 +65,67 @@ REPO = Path(__file__).resolve().parents[1]
 # name: (overlay config, uses the unlabeled scans, labeled training part of the cohort, one-line description)
 METHODS = {
     "supervised": ("configs/ablation_supervised.yaml", False, "labeled", "supervised, labeled cases only"),
-    "supervised_ema": ("configs/ablation_supervised_ema.yaml", False, "labeled", "supervised + EMA-of-weights teacher (control, no unlabeled data)"),
+    "supervised_ema": (
+        "configs/ablation_supervised_ema.yaml",
+        False,
+        "labeled",
+        "supervised + EMA-of-weights teacher (control, no unlabeled data)",
+    ),
     "mt_bn": ("configs/ablation_mt_bn.yaml", True, "labeled", "mean teacher, BN teacher"),
     "mt_eman": ("configs/ablation_mt_eman.yaml", True, "labeled", "mean teacher, EMAN teacher"),
-    "fixmatch": ("configs/ablation_fixmatch.yaml", True, "labeled", "FixMatch-EMAN: hard thresholded pseudo-labels of the EMAN teacher"),
-    "mt_eman_refresh": ("configs/ablation_mt_eman_refresh.yaml", True, "labeled", "mean teacher, EMAN teacher whose statistics are re-estimated every 50 steps"),
+    "fixmatch": (
+        "configs/ablation_fixmatch.yaml",
+        True,
+        "labeled",
+        "FixMatch-EMAN: hard thresholded pseudo-labels of the EMAN teacher",
+    ),
+    "mt_eman_refresh": (
+        "configs/ablation_mt_eman_refresh.yaml",
+        True,
+        "labeled",
+        "mean teacher, EMAN teacher whose statistics are re-estimated every 50 steps",
+    ),
     "ua_mt": ("configs/ablation_ua_mt.yaml", True, "labeled", "UA-MT, EMAN teacher"),
     "bcp": ("configs/ablation_bcp.yaml", True, "labeled", "bidirectional copy-paste, EMAN teacher"),
-    "upper": ("configs/ablation_supervised.yaml", False, "all", "upper bound: supervised on all labels (unlabeled scans with their true labels)"),
+    "upper": (
+        "configs/ablation_supervised.yaml",
+        False,
+        "all",
+        "upper bound: supervised on all labels (unlabeled scans with their true labels)",
+    ),
 }
 DEFAULT_METHODS = ("supervised", "supervised_ema", "mt_bn", "mt_eman", "fixmatch", "bcp", "upper")
 MODELS = ("teacher", "student")
 # paired comparisons of the report: (a, b), a - b per seed
-PAIRS = (("fixmatch", "supervised"), ("fixmatch", "mt_eman"), ("fixmatch", "supervised_ema"), ("mt_eman", "mt_bn"), ("mt_eman", "supervised"), ("mt_bn", "supervised"), ("mt_eman", "supervised_ema"),
-         ("mt_bn", "supervised_ema"), ("supervised_ema", "supervised"), ("ua_mt", "supervised"), ("bcp", "supervised"),
-         ("ua_mt", "mt_eman"), ("bcp", "mt_eman"))
+PAIRS = (
+    ("fixmatch", "supervised"),
+    ("fixmatch", "mt_eman"),
+    ("fixmatch", "supervised_ema"),
+    ("mt_eman", "mt_bn"),
+    ("mt_eman", "supervised"),
+    ("mt_bn", "supervised"),
+    ("mt_eman", "supervised_ema"),
+    ("mt_bn", "supervised_ema"),
+    ("supervised_ema", "supervised"),
+    ("ua_mt", "supervised"),
+    ("bcp", "supervised"),
+    ("ua_mt", "mt_eman"),
+    ("bcp", "mt_eman"),
+)
 NOTES_MARKER = "<!-- notes: text below this line is kept when the table is regenerated -->"
-CSV_COLUMNS = ("method", "seed", "model", "dice_fg", "dice_class1", "dice_class2", "val_teacher", "steps",
-               "train_s", "score_s", "run_dir")
+CSV_COLUMNS = (
+    "method",
+    "seed",
+    "model",
+    "dice_fg",
+    "dice_class1",
+    "dice_class2",
+    "val_teacher",
+    "steps",
+    "train_s",
+    "score_s",
+    "run_dir",
+)
 
 
 # ---- cohort -------------------------------------------------------------------------------------
@@ -91,21 +134,42 @@ def ensure_cohort(args: argparse.Namespace) -> Path:
     from medeman.sample_data import make_cohort
 
     root = Path(args.cohort)
-    spec = {"labeled": args.labeled, "val": args.val, "unlabeled": args.unlabeled, "test": args.test, "seed": args.cohort_seed}
+    spec = {
+        "labeled": args.labeled,
+        "val": args.val,
+        "unlabeled": args.unlabeled,
+        "test": args.test,
+        "seed": args.cohort_seed,
+    }
     stamp = root / "cohort.json"
     if stamp.is_file():
         found = json.loads(stamp.read_text())
         if found != spec:
-            raise SystemExit(f"{root}: holds a cohort made with {found}, not {spec}; pass another --cohort or matching counts")
+            raise SystemExit(
+                f"{root}: holds a cohort made with {found}, not {spec}; pass another --cohort or matching counts"
+            )
         return root
     if root.exists() and any(root.iterdir()):
-        raise SystemExit(f"{root}: exists and is not an ablation cohort (no cohort.json); pass an empty or new --cohort")
+        raise SystemExit(
+            f"{root}: exists and is not an ablation cohort (no cohort.json); pass an empty or new --cohort"
+        )
     # written aside and renamed, so that two ablation processes started together never read a half-written cohort
     tmp = root.with_name(f"{root.name}.tmp{os.getpid()}")
-    make_cohort(tmp, n_labeled=args.labeled, n_unlabeled=args.unlabeled, n_test=args.test, seed=args.cohort_seed,
-                other_formats=False, n_val=args.val, unlabeled_labels=True)
+    make_cohort(
+        tmp,
+        n_labeled=args.labeled,
+        n_unlabeled=args.unlabeled,
+        n_test=args.test,
+        seed=args.cohort_seed,
+        other_formats=False,
+        n_val=args.val,
+        unlabeled_labels=True,
+    )
     # the upper bound's training set: the labeled cases plus the unlabeled scans with their true labels
-    for src_images, src_labels in ((tmp / "labeled" / "images", tmp / "labeled" / "labels"), (tmp / "unlabeled", tmp / "unlabeled_labels")):
+    for src_images, src_labels in (
+        (tmp / "labeled" / "images", tmp / "labeled" / "labels"),
+        (tmp / "unlabeled", tmp / "unlabeled_labels"),
+    ):
         for image in sorted(src_images.glob("*.nii.gz")):
             for src, part in ((image, "images"), (src_labels / image.name, "labels")):
                 (tmp / "all" / part).mkdir(parents=True, exist_ok=True)
@@ -152,8 +216,15 @@ def score_model(model, cfg: dict, cohort: Path, pred_dir: Path) -> dict[str, flo
     """Segment ``<cohort>/test/images`` and return the mean foreground Dice and per-class Dice over the test cases."""
     from medeman.score_run import segment_and_score
 
-    _, summary = segment_and_score((model, cfg), cohort / "test" / "images", cohort / "test" / "labels", pred_dir,
-                                   overwrite=True, progress=False, device="cpu")
+    _, summary = segment_and_score(
+        (model, cfg),
+        cohort / "test" / "images",
+        cohort / "test" / "labels",
+        pred_dir,
+        overwrite=True,
+        progress=False,
+        device="cpu",
+    )
     if summary.problems:
         raise RuntimeError(f"{pred_dir}: {len(summary.problems)} test case(s) not scored: {summary.problems[0]}")
     classes = range(1, int(cfg["data"]["num_classes"]))
@@ -195,18 +266,43 @@ def run_one(method: str, seed: int, run_dir: Path, sets: list[str], args: argpar
     done, trained = run_dir / "scores.json", run_dir / "train.json"
     if args.reuse and done.is_file() and json.loads(done.read_text()).get("key") == key:
         return load_record(done)
-    source = run_dir if (args.reuse and trained.is_file() and (run_dir / "final_state.pt").is_file()
-                         and json.loads(trained.read_text()).get("key") == key) else None
+    source = (
+        run_dir
+        if (
+            args.reuse
+            and trained.is_file()
+            and (run_dir / "final_state.pt").is_file()
+            and json.loads(trained.read_text()).get("key") == key
+        )
+        else None
+    )
     source = source or _equivalent_run(Path(args.out), key, run_dir)
     if source is not None:  # trained earlier (scoring failed or was cut short), or the same run in the grid
         record = json.loads((source / "train.json").read_text())
     else:
         start = time.perf_counter()
-        result = fit(cfg, labeled, unlabeled, cohort / "val", out_dir=run_dir, progress_bar=False, overwrite=True,
-                     callbacks=[_final_state_callback(run_dir / "final_state.pt")])
-        record = {"method": method, "seed": seed, "sets": sets, "key": key, "steps": result.steps,
-                  "train_s": round(time.perf_counter() - start, 1), "val_teacher": result.last_dice_teacher,
-                  "run_dir": str(run_dir), "code": code_version(), "models": {}}
+        result = fit(
+            cfg,
+            labeled,
+            unlabeled,
+            cohort / "val",
+            out_dir=run_dir,
+            progress_bar=False,
+            overwrite=True,
+            callbacks=[_final_state_callback(run_dir / "final_state.pt")],
+        )
+        record = {
+            "method": method,
+            "seed": seed,
+            "sets": sets,
+            "key": key,
+            "steps": result.steps,
+            "train_s": round(time.perf_counter() - start, 1),
+            "val_teacher": result.last_dice_teacher,
+            "run_dir": str(run_dir),
+            "code": code_version(),
+            "models": {},
+        }
         trained.write_text(json.dumps(record, indent=1))
         source = run_dir
     start = time.perf_counter()
@@ -215,7 +311,9 @@ def run_one(method: str, seed: int, run_dir: Path, sets: list[str], args: argpar
     record["curves"] = val_curves(source / "metrics.csv")
     models = {"teacher": teacher, "student": final_student(source, cfg)}
     with contextlib.redirect_stdout(io.StringIO()):  # one line per test case and model otherwise
-        record["models"] = {name: score_model(net, cfg, cohort, run_dir / f"pred_{name}") for name, net in models.items()}
+        record["models"] = {
+            name: score_model(net, cfg, cohort, run_dir / f"pred_{name}") for name, net in models.items()
+        }
     record["score_s"] = round(time.perf_counter() - start, 1)
     record["run_dir"], record["trained_in"] = str(run_dir), str(source)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -226,7 +324,9 @@ def run_one(method: str, seed: int, run_dir: Path, sets: list[str], args: argpar
 def load_record(path: Path) -> dict:
     """A run's ``scores.json`` (JSON turns the curves' integer steps into strings: turned back)."""
     record = json.loads(Path(path).read_text())
-    record["curves"] = {net: {int(step): value for step, value in curve.items()} for net, curve in record.get("curves", {}).items()}
+    record["curves"] = {
+        net: {int(step): value for step, value in curve.items()} for net, curve in record.get("curves", {}).items()
+    }
     return record
 
 
@@ -239,7 +339,7 @@ def val_curves(metrics: Path) -> dict[str, dict[int, float]]:
         for row in csv.DictReader(handle):
             for column, value in row.items():
                 if column and column.startswith("val/dice_") and "_class" not in column and value not in ("", None):
-                    curves.setdefault(column[len("val/dice_"):], {})[int(row["step"])] = float(value)
+                    curves.setdefault(column[len("val/dice_") :], {})[int(row["step"])] = float(value)
     return curves
 
 
@@ -263,7 +363,9 @@ def gap_closed(records: list[dict], method: str, model: str) -> float | None:
     m, s, u = _dice(records, method, model), _dice(records, "supervised", "teacher"), _dice(records, "upper", "teacher")
     if not (m and s and u) or statistics.fmean(u.values()) == statistics.fmean(s.values()):
         return None
-    return (statistics.fmean(m.values()) - statistics.fmean(s.values())) / (statistics.fmean(u.values()) - statistics.fmean(s.values()))
+    return (statistics.fmean(m.values()) - statistics.fmean(s.values())) / (
+        statistics.fmean(u.values()) - statistics.fmean(s.values())
+    )
 
 
 def write_results(records: list[dict], args: argparse.Namespace, cohort: Path, command: str) -> Path:
@@ -300,9 +402,15 @@ def write_results(records: list[dict], args: argparse.Namespace, cohort: Path, c
             f"| {method} | {len(runs)} | {mean_std([r['models']['teacher']['dice_fg'] for r in runs])} | "
             f"{mean_std([r['models']['student']['dice_fg'] for r in runs])} | "
             + " | ".join("–" if g is None else f"{100 * g:.0f} %" for g in gaps)
-            + f" | {mean_std([r['val_teacher'] for r in runs])} | {statistics.fmean(r['train_s'] for r in runs):.0f} |")
-    lines += ["", "Paired per-seed differences (test Dice, a − b; wins = seeds where a > b):", "",
-              "| a − b | model | per seed | mean | wins |", "|---|---|---|---|---|"]
+            + f" | {mean_std([r['val_teacher'] for r in runs])} | {statistics.fmean(r['train_s'] for r in runs):.0f} |"
+        )
+    lines += [
+        "",
+        "Paired per-seed differences (test Dice, a − b; wins = seeds where a > b):",
+        "",
+        "| a − b | model | per seed | mean | wins |",
+        "|---|---|---|---|---|",
+    ]
     for a, b in PAIRS:
         for model in MODELS:
             result = paired(records, a, b, model)
@@ -312,12 +420,19 @@ def write_results(records: list[dict], args: argparse.Namespace, cohort: Path, c
             per_seed = ", ".join(f"{d:+.3f}" for _, d in diffs)
             lines.append(f"| {a} − {b} | {model} | {per_seed} | {mean:+.3f} | {wins}/{len(diffs)} |")
     lines += _per_class_table(records, methods)
-    lines += ["", "Validation Dice over training (mean over seeds; `teacher` is what is validated and exported, "
-              "`teacher_raw` where present the EMAN teacher with its EMA'd statistics):", ""]
+    lines += [
+        "",
+        "Validation Dice over training (mean over seeds; `teacher` is what is validated and exported, "
+        "`teacher_raw` where present the EMAN teacher with its EMA'd statistics):",
+        "",
+    ]
     lines += _curve_table(records, methods)
-    per_class = [f"{m}: class 1 {mean_std([r['models']['teacher']['dice_class1'] for r in records if r['method'] == m])}, "
-                 f"class 2 {mean_std([r['models']['teacher']['dice_class2'] for r in records if r['method'] == m])}" for m in methods]
-    train, ssl, data = cfg["train"], cfg["ssl"], cfg["data"]
+    per_class = [
+        f"{m}: class 1 {mean_std([r['models']['teacher']['dice_class1'] for r in records if r['method'] == m])}, "
+        f"class 2 {mean_std([r['models']['teacher']['dice_class2'] for r in records if r['method'] == m])}"
+        for m in methods
+    ]
+    train, data = cfg["train"], cfg["data"]
     wall = sum(r["train_s"] + r.get("score_s", 0.0) for r in records)
     lines += [
         "",
@@ -330,9 +445,14 @@ def write_results(records: list[dict], args: argparse.Namespace, cohort: Path, c
         f"- Budget (base `{args.config}`, every run): {train['max_steps']} steps, lr {train['lr']} ({train['lr_schedule']}), "
         f"batch {data['batch_size_labeled']} labeled + {data['batch_size_unlabeled']} unlabeled patches of {data['patch_size']}, "
         f"{cfg['model']['name']} channels {cfg['model']['channels']}, validation every {train['val_every_steps']} steps"
-        + (f"; overrides {' '.join(args.set)}" if args.set else "") + ".",
+        + (f"; overrides {' '.join(args.set)}" if args.set else "")
+        + ".",
         "- Method settings: " + "; ".join(f"`{m}` {_overlay_summary(m)}" for m in methods) + ".",
-        f"- Teacher statistics in `teacher.pt`: " + ", ".join(f"{m} {sorted({r.get('teacher_stats') or '?' for r in records if r['method'] == m})}" for m in methods) + ".",
+        "- Teacher statistics in `teacher.pt`: "
+        + ", ".join(
+            f"{m} {sorted({r.get('teacher_stats') or '?' for r in records if r['method'] == m})}" for m in methods
+        )
+        + ".",
         "- Per class (teacher): " + "; ".join(per_class) + ".",
         f"- Hardware: {hardware()}; runs one at a time per process.",
         f"- Wall time: {wall / 60:.1f} min of training + test scoring over {len(records)} runs; per method and run: "
@@ -343,7 +463,9 @@ def write_results(records: list[dict], args: argparse.Namespace, cohort: Path, c
     if missing:
         lines.append(f"- Not run: {', '.join(missing)} (no finished runs in `{args.out}`).")
     notes = "\n"
-    if md_path.is_file() and NOTES_MARKER in md_path.read_text(encoding="utf-8"):  # hand-written findings survive a rerun
+    if md_path.is_file() and NOTES_MARKER in md_path.read_text(
+        encoding="utf-8"
+    ):  # hand-written findings survive a rerun
         notes = md_path.read_text(encoding="utf-8").split(NOTES_MARKER, 1)[1]
     md_path.write_text("\n".join(lines) + "\n\n" + NOTES_MARKER + notes, encoding="utf-8")
     return md_path
@@ -351,10 +473,17 @@ def write_results(records: list[dict], args: argparse.Namespace, cohort: Path, c
 
 def _per_class_table(records: list[dict], methods: list[str]) -> list[str]:
     """Per class, the deployed model's test Dice, its paired difference to supervised and the share of the gap it closes."""
-    classes = sorted({int(k[len("dice_class"):]) for r in records for k in r["models"]["teacher"] if k.startswith("dice_class")})
-    lines = ["", "Per class (deployed model; class 2, the kidneys, is the small structure): test Dice, paired difference "
-             "to supervised with the seeds ahead, and the gap to the upper bound closed:", "",
-             "| class | method | test Dice | − supervised | ahead | gap closed |", "|---|---|---|---|---|---|"]
+    classes = sorted(
+        {int(k[len("dice_class") :]) for r in records for k in r["models"]["teacher"] if k.startswith("dice_class")}
+    )
+    lines = [
+        "",
+        "Per class (deployed model; class 2, the kidneys, is the small structure): test Dice, paired difference "
+        "to supervised with the seeds ahead, and the gap to the upper bound closed:",
+        "",
+        "| class | method | test Dice | − supervised | ahead | gap closed |",
+        "|---|---|---|---|---|---|",
+    ]
     for c in classes:
         key = f"dice_class{c}"
         by = {(r["method"], r["seed"]): r["models"]["teacher"][key] for r in records}
@@ -364,10 +493,16 @@ def _per_class_table(records: list[dict], methods: list[str]) -> list[str]:
             mine = {s: v for (m, s), v in by.items() if m == method}
             diffs = [mine[s] - base[s] for s in sorted(mine) if s in base]
             full = statistics.fmean(upper.values()) - statistics.fmean(base.values()) if upper and base else 0.0
-            gap = f"{100 * (statistics.fmean(mine.values()) - statistics.fmean(base.values())) / full:.0f} %" if base and abs(full) > 1e-9 else "–"
-            lines.append(f"| {c} | {method} | {mean_std(list(mine.values()))} | "
-                         f"{mean_std(diffs) if diffs and method != 'supervised' else '–'} | "
-                         f"{sum(d > 0 for d in diffs) if method != 'supervised' else '–'}/{len(diffs)} | {gap} |")
+            gap = (
+                f"{100 * (statistics.fmean(mine.values()) - statistics.fmean(base.values())) / full:.0f} %"
+                if base and abs(full) > 1e-9
+                else "–"
+            )
+            lines.append(
+                f"| {c} | {method} | {mean_std(list(mine.values()))} | "
+                f"{mean_std(diffs) if diffs and method != 'supervised' else '–'} | "
+                f"{sum(d > 0 for d in diffs) if method != 'supervised' else '–'}/{len(diffs)} | {gap} |"
+            )
     return lines
 
 
@@ -399,16 +534,30 @@ def _curve_table(records: list[dict], methods: list[str]) -> list[str]:
 def _overlay_summary(method: str) -> str:
     overlay = yaml.safe_load((REPO / METHODS[method][0]).read_text()) or {}
     flat = [f"{section}.{k}={v}" for section, values in overlay.items() for k, v in (values or {}).items()]
-    return f"({METHODS[method][0]}: {', '.join(flat)}" + (", trained on all labels" if METHODS[method][2] == "all" else "") + ")"
+    return (
+        f"({METHODS[method][0]}: {', '.join(flat)}"
+        + (", trained on all labels" if METHODS[method][2] == "all" else "")
+        + ")"
+    )
 
 
 def _write_csv(path: Path, records: list[dict]) -> None:
     rows = []
     for r in records:
         for model, scores in r["models"].items():
-            rows.append({"method": r["method"], "seed": r["seed"], "model": model, **{k: f"{v:.4f}" for k, v in scores.items()},
-                         "val_teacher": f"{r['val_teacher']:.4f}", "steps": r["steps"], "train_s": r["train_s"],
-                         "score_s": r.get("score_s", ""), "run_dir": r["run_dir"]})
+            rows.append(
+                {
+                    "method": r["method"],
+                    "seed": r["seed"],
+                    "model": model,
+                    **{k: f"{v:.4f}" for k, v in scores.items()},
+                    "val_teacher": f"{r['val_teacher']:.4f}",
+                    "steps": r["steps"],
+                    "train_s": r["train_s"],
+                    "score_s": r.get("score_s", ""),
+                    "run_dir": r["run_dir"],
+                }
+            )
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         writer.writeheader()
@@ -416,7 +565,9 @@ def _write_csv(path: Path, records: list[dict]) -> None:
 
 
 def _count(folder: Path) -> int:
-    return sum(1 for p in Path(folder).rglob("*") if p.is_file() and p.name.endswith((".nii.gz", ".nii", ".mha", ".nrrd")))
+    return sum(
+        1 for p in Path(folder).rglob("*") if p.is_file() and p.name.endswith((".nii.gz", ".nii", ".mha", ".nrrd"))
+    )
 
 
 # ---- grid on validation -------------------------------------------------------------------------
@@ -438,34 +589,60 @@ def run_grid(args: argparse.Namespace, cohort: Path, command: str) -> int:
         for sets in combos:
             tag = "_".join(s.split(".")[-1].replace("=", "-") for s in sets)
             for seed in args.seeds:
-                record = run_one(method, seed, Path(args.out) / "grid" / method / tag / f"seed{seed}", sets, args, cohort)
-                print(f"grid {method} {' '.join(sets)} seed {seed}: val {record['val_teacher']:.3f} "
-                      f"(test teacher {record['models']['teacher']['dice_fg']:.3f}; {record['train_s']:.0f} s)", flush=True)
-                rows.append({"method": method, "sets": " ".join(sets), "seed": seed, "val": record["val_teacher"],
-                             "test_teacher": record["models"]["teacher"]["dice_fg"], "train_s": record["train_s"]})
+                record = run_one(
+                    method, seed, Path(args.out) / "grid" / method / tag / f"seed{seed}", sets, args, cohort
+                )
+                print(
+                    f"grid {method} {' '.join(sets)} seed {seed}: val {record['val_teacher']:.3f} "
+                    f"(test teacher {record['models']['teacher']['dice_fg']:.3f}; {record['train_s']:.0f} s)",
+                    flush=True,
+                )
+                rows.append(
+                    {
+                        "method": method,
+                        "sets": " ".join(sets),
+                        "seed": seed,
+                        "val": record["val_teacher"],
+                        "test_teacher": record["models"]["teacher"]["dice_fg"],
+                        "train_s": record["train_s"],
+                    }
+                )
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     with open(results / "ssl_ablation_grid.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    lines = ["# Hyper-parameters of the ablation, chosen on validation", "",
-             f"Each method trained with every combination at seed(s) {' '.join(map(str, args.seeds))}; the choice is the best "
-             "**validation** Dice of the deployed teacher (the validation cases, never the test cases). The test column is shown "
-             "only for the record, it played no part in the choice.", "",
-             "| method | setting | val Dice (deployed teacher) | test Dice (not used) | train s | chosen |", "|---|---|---|---|---|---|"]
+    lines = [
+        "# Hyper-parameters of the ablation, chosen on validation",
+        "",
+        f"Each method trained with every combination at seed(s) {' '.join(map(str, args.seeds))}; the choice is the best "
+        "**validation** Dice of the deployed teacher (the validation cases, never the test cases). The test column is shown "
+        "only for the record, it played no part in the choice.",
+        "",
+        "| method | setting | val Dice (deployed teacher) | test Dice (not used) | train s | chosen |",
+        "|---|---|---|---|---|---|",
+    ]
     for method in args.methods:
         mine = [r for r in rows if r["method"] == method]
         by_set = {s: [r for r in mine if r["sets"] == s] for s in dict.fromkeys(r["sets"] for r in mine)}
         best = max(by_set, key=lambda s: statistics.fmean(r["val"] for r in by_set[s]))
         for s, runs in by_set.items():
-            lines.append(f"| {method} | `{s}` | {statistics.fmean(r['val'] for r in runs):.3f} | "
-                         f"{statistics.fmean(r['test_teacher'] for r in runs):.3f} | {statistics.fmean(r['train_s'] for r in runs):.0f} | "
-                         f"{'**yes**' if s == best else ''} |")
+            lines.append(
+                f"| {method} | `{s}` | {statistics.fmean(r['val'] for r in runs):.3f} | "
+                f"{statistics.fmean(r['test_teacher'] for r in runs):.3f} | {statistics.fmean(r['train_s'] for r in runs):.0f} | "
+                f"{'**yes**' if s == best else ''} |"
+            )
         if args.write_chosen:
             write_chosen(method, best.split(), command)
-    lines += ["", f"- Command: `{command}`", f"- Code: {code_version()}.", f"- Base config `{args.config}`"
-              + (f", overrides {' '.join(args.set)}" if args.set else "") + f"; hardware: {hardware()}."]
+    lines += [
+        "",
+        f"- Command: `{command}`",
+        f"- Code: {code_version()}.",
+        f"- Base config `{args.config}`"
+        + (f", overrides {' '.join(args.set)}" if args.set else "")
+        + f"; hardware: {hardware()}.",
+    ]
     (results / "ssl_ablation_grid.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
     return 0
@@ -475,47 +652,80 @@ def write_chosen(method: str, sets: list[str], command: str) -> None:
     """Put the validation-chosen values into the method's overlay ``configs/ablation_<method>.yaml`` (keeps its header comment)."""
     path = REPO / METHODS[method][0]
     text = path.read_text(encoding="utf-8")
-    header = "".join(line + "\n" for line in text.splitlines() if line.startswith("#") and "chosen on validation" not in line)
+    header = "".join(
+        line + "\n" for line in text.splitlines() if line.startswith("#") and "chosen on validation" not in line
+    )
     overlay = yaml.safe_load(text) or {}
     for item in sets:
         key, value = item.split("=", 1)
         section, name = key.split(".", 1)
         overlay.setdefault(section, {})[name] = yaml.safe_load(value)
     chosen = ", ".join(sets)
-    path.write_text(header + f"# {chosen}: chosen on validation (benchmarks/results/ssl_ablation_grid.md)\n"
-                    + yaml.safe_dump(overlay, sort_keys=False), encoding="utf-8")
+    path.write_text(
+        header
+        + f"# {chosen}: chosen on validation (benchmarks/results/ssl_ablation_grid.md)\n"
+        + yaml.safe_dump(overlay, sort_keys=False),
+        encoding="utf-8",
+    )
 
 
 # ---- main ---------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+    )
     parser.add_argument("--cohort", default="runs/ablation_cohort_val6", help="cohort folder, generated on first use")
     parser.add_argument("--labeled", type=int, default=2, help="labeled training cases of a generated cohort")
     parser.add_argument("--val", type=int, default=6, help="validation cases of a generated cohort")
     parser.add_argument("--unlabeled", type=int, default=24, help="unlabeled scans of a generated cohort")
     parser.add_argument("--test", type=int, default=12, help="test cases of a generated cohort")
     parser.add_argument("--cohort-seed", type=int, default=0, help="seed of a generated cohort")
-    parser.add_argument("--config", type=Path, default=REPO / "configs" / "ablation.yaml", help="base config: the budget shared by all methods")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=REPO / "configs" / "ablation.yaml",
+        help="base config: the budget shared by all methods",
+    )
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=list(range(10)))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
-    parser.add_argument("--grid", nargs="+", default=None, metavar="KEY=V1,V2", help="validation grid instead of the table")
-    parser.add_argument("--write-chosen", action="store_true", help="with --grid: write each method's best setting into its overlay")
+    parser.add_argument(
+        "--grid", nargs="+", default=None, metavar="KEY=V1,V2", help="validation grid instead of the table"
+    )
+    parser.add_argument(
+        "--write-chosen", action="store_true", help="with --grid: write each method's best setting into its overlay"
+    )
     parser.add_argument("--out", default="runs/ablation", help="folder of the run folders (<out>/<method>/seed<N>)")
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "results"), help="where the .md and .csv go")
     parser.add_argument("--tag", default="", help="suffix of the result files (ssl_ablation_<tag>.md) for side studies")
-    parser.add_argument("--reuse", action="store_true", help="reuse finished runs (their scores.json) instead of retraining")
-    parser.add_argument("--report-only", action="store_true", help="only rewrite the table from finished runs; train nothing")
+    parser.add_argument(
+        "--reuse", action="store_true", help="reuse finished runs (their scores.json) instead of retraining"
+    )
+    parser.add_argument(
+        "--report-only", action="store_true", help="only rewrite the table from finished runs; train nothing"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (the CPUs are shared)")
-    parser.add_argument("--smoke", action="store_true",
-                        help="seconds-long end-to-end check (benchmarks/README.md): a tiny cohort, network and budget, one seed, "
-                             "a two-point grid; everything under $OUT or a temporary folder")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="seconds-long end-to-end check (benchmarks/README.md): a tiny cohort, network and budget, one seed, "
+        "a two-point grid; everything under $OUT or a temporary folder",
+    )
     return parser
 
 
-SMOKE_SETS = ["model.channels=[4,8]", "model.num_res_units=0", "data.patch_size=[16,16,16]", "train.max_steps=4",
-              "train.val_every_steps=2", "ssl.rampup_steps=2", "ssl.recalibration_batches=1", "infer.sw_batch_size=1"]
+SMOKE_SETS = [
+    "model.channels=[4,8]",
+    "model.num_res_units=0",
+    "data.patch_size=[16,16,16]",
+    "train.max_steps=4",
+    "train.val_every_steps=2",
+    "ssl.rampup_steps=2",
+    "ssl.recalibration_batches=1",
+    "infer.sw_batch_size=1",
+]
 
 
 def smoke_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -531,7 +741,9 @@ def smoke_args(args: argparse.Namespace) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
-    command = "python benchmarks/ssl_ablation.py " + " ".join(a for a in (sys.argv[1:] if argv is None else argv) if a != "--report-only")
+    command = "python benchmarks/ssl_ablation.py " + " ".join(
+        a for a in (sys.argv[1:] if argv is None else argv) if a != "--report-only"
+    )
     if args.smoke:
         args = smoke_args(args)
         cohort = ensure_cohort(args)
@@ -557,8 +769,11 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             records.append(record)
             scores = record["models"]
-            print(f"{method} seed {seed}: test Dice teacher {scores['teacher']['dice_fg']:.3f}, student {scores['student']['dice_fg']:.3f} "
-                  f"(val {record['val_teacher']:.3f}; train {record['train_s']:.0f} s)", flush=True)
+            print(
+                f"{method} seed {seed}: test Dice teacher {scores['teacher']['dice_fg']:.3f}, student {scores['student']['dice_fg']:.3f} "
+                f"(val {record['val_teacher']:.3f}; train {record['train_s']:.0f} s)",
+                flush=True,
+            )
             md = write_results(records, args, cohort, command)
     if args.report_only and records:
         md = write_results(records, args, cohort, command)

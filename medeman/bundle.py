@@ -31,14 +31,18 @@ from medeman.classes import class_names, lesion_classes
 from medeman.nets import network_definition
 
 # verify_metadata downloads this schema; the bundle names it as every MONAI model-zoo bundle does
-METADATA_SCHEMA = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
+METADATA_SCHEMA = (
+    "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
+)
 INPUT_PATTERNS = ("*.nii.gz", "*.nii")  # what MONAI's LoadImaged reads without ITK
 
 
 def channel_names(cfg: dict) -> dict[str, str]:
     """Output channel -> class name (``class 2`` where unnamed), background first, as bundle metadata keys."""
     names = class_names(cfg)
-    return {str(c): "background" if c == 0 else names.get(c, f"class {c}") for c in range(int(cfg["data"]["num_classes"]))}
+    return {
+        str(c): "background" if c == 0 else names.get(c, f"class {c}") for c in range(int(cfg["data"]["num_classes"]))
+    }
 
 
 def preprocessing_config(cfg: dict) -> dict[str, Any]:
@@ -50,12 +54,22 @@ def preprocessing_config(cfg: dict) -> dict[str, Any]:
         {"_target_": "Orientationd", "keys": "image", "axcodes": "RAS", "labels": [["L", "R"], ["P", "A"], ["I", "S"]]},
     ]
     if data["spacing"] is not None:
-        chain.append({"_target_": "Spacingd", "keys": "image", "pixdim": [float(s) for s in data["spacing"]],
-                      "mode": "bilinear"})
+        chain.append(
+            {"_target_": "Spacingd", "keys": "image", "pixdim": [float(s) for s in data["spacing"]], "mode": "bilinear"}
+        )
     if data["modality"] == "CT":
         low, high = (float(v) for v in data["intensity_window"])
-        chain.append({"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": low, "a_max": high,
-                      "b_min": 0.0, "b_max": 1.0, "clip": True})
+        chain.append(
+            {
+                "_target_": "ScaleIntensityRanged",
+                "keys": "image",
+                "a_min": low,
+                "a_max": high,
+                "b_min": 0.0,
+                "b_max": 1.0,
+                "clip": True,
+            }
+        )
     else:
         chain.append({"_target_": "NormalizeIntensityd", "keys": "image", "nonzero": True, "channel_wise": True})
     chain.append({"_target_": "EnsureTyped", "keys": "image", "dtype": "$torch.float32"})
@@ -70,31 +84,62 @@ def inference_config(cfg: dict) -> dict[str, Any]:
     config = copy.deepcopy(DEFAULT_INFERENCE)
     config.pop("dataset_dir", None)
     config.pop("evaluating", None)
-    config.update({
-        "imports": ["$import glob", "$import os"],
-        "bundle_root": ".",
-        "input_dir": "$@bundle_root + '/input'",
-        "output_dir": "$@bundle_root + '/eval'",
-        "datalist": "$[{'image': f} for p in " + repr(list(INPUT_PATTERNS))
-                    + " for f in sorted(glob.glob(os.path.join(@input_dir, p)))]",
-        "network_def": network_definition(cfg),
-        # medeman blends the windows' softmax (Gaussian weights), so the network ends in one
-        "network": "$torch.nn.Sequential(@network_def, torch.nn.Softmax(dim=1)).to(@device).eval()",
-        "preprocessing": preprocessing_config(cfg),
-        "inferer": {"_target_": "SlidingWindowInferer", "roi_size": patch, "sw_batch_size": int(infer["sw_batch_size"]),
-                    "overlap": float(infer["overlap"]), "mode": "gaussian"},
-        "postprocessing": {"_target_": "Compose", "transforms": [
-            {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
-             "nearest_interp": False, "to_tensor": True},
-            {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
-            {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@output_dir", "output_postfix": "",
-             "output_ext": ".nii.gz", "output_dtype": "$numpy.uint8", "resample": False, "separate_folder": False,
-             "print_log": False},
-        ]},
-        "handlers": [{"_target_": "CheckpointLoader", "load_path": "@ckpt_path", "load_dict": {"model": "@network_def"},
-                      "map_location": "@device"}],
-        "run": ["$@evaluator.run()"],
-    })
+    config.update(
+        {
+            "imports": ["$import glob", "$import os"],
+            "bundle_root": ".",
+            "input_dir": "$@bundle_root + '/input'",
+            "output_dir": "$@bundle_root + '/eval'",
+            "datalist": "$[{'image': f} for p in "
+            + repr(list(INPUT_PATTERNS))
+            + " for f in sorted(glob.glob(os.path.join(@input_dir, p)))]",
+            "network_def": network_definition(cfg),
+            # medeman blends the windows' softmax (Gaussian weights), so the network ends in one
+            "network": "$torch.nn.Sequential(@network_def, torch.nn.Softmax(dim=1)).to(@device).eval()",
+            "preprocessing": preprocessing_config(cfg),
+            "inferer": {
+                "_target_": "SlidingWindowInferer",
+                "roi_size": patch,
+                "sw_batch_size": int(infer["sw_batch_size"]),
+                "overlap": float(infer["overlap"]),
+                "mode": "gaussian",
+            },
+            "postprocessing": {
+                "_target_": "Compose",
+                "transforms": [
+                    {
+                        "_target_": "Invertd",
+                        "keys": "pred",
+                        "transform": "@preprocessing",
+                        "orig_keys": "image",
+                        "nearest_interp": False,
+                        "to_tensor": True,
+                    },
+                    {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
+                    {
+                        "_target_": "SaveImaged",
+                        "keys": "pred",
+                        "output_dir": "@output_dir",
+                        "output_postfix": "",
+                        "output_ext": ".nii.gz",
+                        "output_dtype": "$numpy.uint8",
+                        "resample": False,
+                        "separate_folder": False,
+                        "print_log": False,
+                    },
+                ],
+            },
+            "handlers": [
+                {
+                    "_target_": "CheckpointLoader",
+                    "load_path": "@ckpt_path",
+                    "load_dict": {"model": "@network_def"},
+                    "map_location": "@device",
+                }
+            ],
+            "run": ["$@evaluator.run()"],
+        }
+    )
     config["dataset"]["data"] = "@datalist"
     config["evaluator"]["amp"] = False
     return config
@@ -110,40 +155,63 @@ def metadata_config(cfg: dict) -> dict[str, Any]:
     lesions = lesion_classes(cfg)
     ct = data["modality"] == "CT"
     meta = copy.deepcopy(DEFAULT_METADATA)
-    meta.update({
-        "schema": METADATA_SCHEMA,
-        "required_packages_version": {"pytorch-ignite": _version("ignite")},
-        "task": f"{data['modality']} segmentation of " + ", ".join(v for k, v in channels.items() if k != "0"),
-        "description": "Mean-teacher (EMAN) teacher network trained with medeman; inference.json reproduces "
-                       "medeman infer (RAS, resampling, intensity normalization, Gaussian sliding window over "
-                       "the softmax, inversion to each scan's grid).",
-        "authors": "exported by medeman",
-        "copyright": "the owner of the training data and of this model",
-        "data_type": "nibabel",
-        "image_classes": f"one {data['modality']} channel" if int(data["in_channels"]) == 1 else f"{data['in_channels']} channels",
-        "pred_classes": ", ".join(f"{k}: {v}" for k, v in channels.items()),
-        "intended_use": "research only",
-        "references": ["Cai et al., Exponential Moving Average Normalization for Self-supervised and Semi-supervised "
-                       "Learning, CVPR 2021", "Tarvainen and Valpola, Mean teachers are better role models, NeurIPS 2017"],
-        "network_data_format": {
-            "inputs": {"image": {
-                "type": "image", "format": "hounsfield" if ct else "magnitude", "modality": data["modality"],
-                "num_channels": int(data["in_channels"]), "spatial_shape": patch, "dtype": "float32",
-                "value_range": [0, 1] if ct else [], "is_patch_data": True,
-                "channel_def": {str(i): "image" for i in range(int(data["in_channels"]))},
-            }},
-            "outputs": {"pred": {
-                "type": "image", "format": "segmentation", "num_channels": int(data["num_classes"]),
-                "spatial_shape": patch, "dtype": "float32", "value_range": [], "is_patch_data": True,
-                "channel_def": channels,
-            }},
-        },
-        "medeman": {
-            "spacing": data["spacing"], "orientation": "RAS", "modality": data["modality"],
-            "intensity_window": data["intensity_window"] if ct else None,
-            "lesion_classes": {str(c): channels[str(c)] for c in lesions},
-        },
-    })
+    meta.update(
+        {
+            "schema": METADATA_SCHEMA,
+            "required_packages_version": {"pytorch-ignite": _version("ignite")},
+            "task": f"{data['modality']} segmentation of " + ", ".join(v for k, v in channels.items() if k != "0"),
+            "description": "Mean-teacher (EMAN) teacher network trained with medeman; inference.json reproduces "
+            "medeman infer (RAS, resampling, intensity normalization, Gaussian sliding window over "
+            "the softmax, inversion to each scan's grid).",
+            "authors": "exported by medeman",
+            "copyright": "the owner of the training data and of this model",
+            "data_type": "nibabel",
+            "image_classes": f"one {data['modality']} channel"
+            if int(data["in_channels"]) == 1
+            else f"{data['in_channels']} channels",
+            "pred_classes": ", ".join(f"{k}: {v}" for k, v in channels.items()),
+            "intended_use": "research only",
+            "references": [
+                "Cai et al., Exponential Moving Average Normalization for Self-supervised and Semi-supervised "
+                "Learning, CVPR 2021",
+                "Tarvainen and Valpola, Mean teachers are better role models, NeurIPS 2017",
+            ],
+            "network_data_format": {
+                "inputs": {
+                    "image": {
+                        "type": "image",
+                        "format": "hounsfield" if ct else "magnitude",
+                        "modality": data["modality"],
+                        "num_channels": int(data["in_channels"]),
+                        "spatial_shape": patch,
+                        "dtype": "float32",
+                        "value_range": [0, 1] if ct else [],
+                        "is_patch_data": True,
+                        "channel_def": {str(i): "image" for i in range(int(data["in_channels"]))},
+                    }
+                },
+                "outputs": {
+                    "pred": {
+                        "type": "image",
+                        "format": "segmentation",
+                        "num_channels": int(data["num_classes"]),
+                        "spatial_shape": patch,
+                        "dtype": "float32",
+                        "value_range": [],
+                        "is_patch_data": True,
+                        "channel_def": channels,
+                    }
+                },
+            },
+            "medeman": {
+                "spacing": data["spacing"],
+                "orientation": "RAS",
+                "modality": data["modality"],
+                "intensity_window": data["intensity_window"] if ct else None,
+                "lesion_classes": {str(c): channels[str(c)] for c in lesions},
+            },
+        }
+    )
     return meta
 
 
@@ -171,19 +239,28 @@ def write_bundle(net: nn.Module, cfg: dict, out_dir: str | Path) -> Path:
     from monai.bundle import init_bundle, verify_net_in_out
 
     if int(cfg["data"]["in_channels"]) != 1:
-        raise ValueError(f"data.in_channels {cfg['data']['in_channels']}: the bundle reads one image file per case; "
-                         "export multi-channel models as onnx or torchscript")
+        raise ValueError(
+            f"data.in_channels {cfg['data']['in_channels']}: the bundle reads one image file per case; "
+            "export multi-channel models as onnx or torchscript"
+        )
     out_dir = Path(out_dir)
-    init_bundle(out_dir, network=net.cpu().eval(), metadata_str=metadata_config(cfg), inference_str=inference_config(cfg))
+    init_bundle(
+        out_dir, network=net.cpu().eval(), metadata_str=metadata_config(cfg), inference_str=inference_config(cfg)
+    )
     (out_dir / "docs" / "README.md").write_text(bundle_readme(cfg), encoding="utf-8")
-    (out_dir / "LICENSE").write_text("The weights are the owner's of the training data: state their terms here.\n",
-                                     encoding="utf-8")
+    (out_dir / "LICENSE").write_text(
+        "The weights are the owner's of the training data: state their terms here.\n", encoding="utf-8"
+    )
     monai_logger = logging.getLogger("monai.bundle.scripts")
     level = monai_logger.level
     monai_logger.setLevel(logging.WARNING)  # verify_net_in_out logs its whole argument list
     try:
-        verify_net_in_out(net_id="network_def", meta_file=str(out_dir / "configs" / "metadata.json"),
-                          config_file=str(out_dir / "configs" / "inference.json"), device="cpu")
+        verify_net_in_out(
+            net_id="network_def",
+            meta_file=str(out_dir / "configs" / "metadata.json"),
+            config_file=str(out_dir / "configs" / "inference.json"),
+            device="cpu",
+        )
     finally:
         monai_logger.setLevel(level)
     return out_dir
@@ -194,12 +271,12 @@ def bundle_readme(cfg: dict) -> str:
     channels = channel_names(cfg)
     data = cfg["data"]
     classes = "\n".join(f"| {k} | {v} |" for k, v in channels.items())
-    return f"""# medeman teacher ({data['modality']})
+    return f"""# medeman teacher ({data["modality"]})
 
 A mean-teacher (EMAN) segmentation network exported by `medeman export --format bundle`.
 `configs/inference.json` reproduces `medeman infer` without test-time mirroring: RAS orientation,
-resampling to {data['spacing']} mm, {'CT window ' + str(data['intensity_window']) + ' HU to [0, 1]' if data['modality'] == 'CT' else 'z-score on the foreground'},
-Gaussian-blended {data['patch_size']} sliding windows over the softmax, inversion to each scan's grid, argmax.
+resampling to {data["spacing"]} mm, {"CT window " + str(data["intensity_window"]) + " HU to [0, 1]" if data["modality"] == "CT" else "z-score on the foreground"},
+Gaussian-blended {data["patch_size"]} sliding windows over the softmax, inversion to each scan's grid, argmax.
 
     python -m monai.bundle run --bundle_root BUNDLE --config_file BUNDLE/configs/inference.json \\
         --input_dir SCANS --output_dir MASKS

@@ -51,8 +51,9 @@ class Case:
         return self.series.where if self.series is not None else str(self.files[0])
 
 
-def find_cases(inputs: str | Path | Sequence[str | Path], in_channels: int = 1,
-               skipped: list[str] | None = None) -> tuple[list[Case], list[str]]:
+def find_cases(
+    inputs: str | Path | Sequence[str | Path], in_channels: int = 1, skipped: list[str] | None = None
+) -> tuple[list[Case], list[str]]:
     """Group image files into cases by medeman's one case-id rule (:func:`medeman.data.discovery.case_key`).
 
     With one channel each file is a case named after it, a trailing ``_0000`` dropped (so
@@ -74,7 +75,9 @@ def find_cases(inputs: str | Path | Sequence[str | Path], in_channels: int = 1,
             files = list_images(path)
             if dicom_files(path):
                 if in_channels != 1:
-                    raise ValueError(f"{path}: DICOM series are single-channel scans; the model takes {in_channels} channels")
+                    raise ValueError(
+                        f"{path}: DICOM series are single-channel scans; the model takes {in_channels} channels"
+                    )
                 series_cases, series_problems = _series_cases(path, skipped)
         elif path.is_file():
             files = [path]
@@ -84,7 +87,9 @@ def find_cases(inputs: str | Path | Sequence[str | Path], in_channels: int = 1,
         files = [Path(p) for p in inputs]
     unsupported = [f for f in files if image_suffix(f.name) is None]
     if unsupported and is_dicom_file(unsupported[0]):
-        raise ValueError(f"{unsupported[0]}: one DICOM slice; give the folder of its series (each series there is a scan)")
+        raise ValueError(
+            f"{unsupported[0]}: one DICOM slice; give the folder of its series (each series there is a scan)"
+        )
     if unsupported:
         raise ValueError(f"{unsupported[0]}: not an image file medeman reads ({', '.join(SUFFIXES)})")
 
@@ -92,7 +97,9 @@ def find_cases(inputs: str | Path | Sequence[str | Path], in_channels: int = 1,
     cases = [Case(case_id, channel_files) for case_id, channel_files in groups.items()]
     for case in series_cases:
         if case.case_id in groups:
-            problems.append(f"{case.source}: case id {case.case_id} is also the image file {groups[case.case_id][0]}; left out")
+            problems.append(
+                f"{case.source}: case id {case.case_id} is also the image file {groups[case.case_id][0]}; left out"
+            )
         else:
             cases.append(case)
     return cases, problems + series_problems

@@ -54,8 +54,11 @@ def _check_scans(folder: str, cfg: dict) -> int:
         except Exception as err:  # an unreadable series is named, the others still checked
             problems.append(f"{case.source}: cannot read: {one_line(err)}")
             continue
-        report = inspect_case({"id": case.case_id, "image": image_entry(files)}, int(cfg["data"]["num_classes"]),
-                              int(cfg["data"]["in_channels"]))
+        report = inspect_case(
+            {"id": case.case_id, "image": image_entry(files)},
+            int(cfg["data"]["num_classes"]),
+            int(cfg["data"]["in_channels"]),
+        )
         rows.append(_row("scans", report))
         # a DICOM series' volume is a temporary file: messages name the series
         problems += [p.replace(str(files[0]), case.source) for p in report.problems]
@@ -86,13 +89,29 @@ def main(argv: list[str] | None = None) -> int:
     """Check the cohort; return 0 when clean, 1 when any problem was found, 2 on a bad config."""
     parser = argparse.ArgumentParser(prog="medeman check-data", description=__doc__.splitlines()[0])
     parser.add_argument("--labeled", help="labeled folder (images/ + labels/) or Decathlon/nnU-Net dataset root")
-    parser.add_argument("--scans", help="folder of scans to segment (as medeman infer reads it: image files, or DICOM "
-                                        "files, each series one scan); checked, every broken or skipped series named")
-    parser.add_argument("--unlabeled", help="folder of unlabeled scans, searched recursively (label folders, labeled/validation/test cases and copies of them are left out)")
+    parser.add_argument(
+        "--scans",
+        help="folder of scans to segment (as medeman infer reads it: image files, or DICOM "
+        "files, each series one scan); checked, every broken or skipped series named",
+    )
+    parser.add_argument(
+        "--unlabeled",
+        help="folder of unlabeled scans, searched recursively (label folders, labeled/validation/test cases and copies of them are left out)",
+    )
     parser.add_argument("--val", help="labeled validation folder")
-    parser.add_argument("--test", help="test cohort (images/ + labels/, or a folder of images): checked, and never used as unlabeled scans")
-    parser.add_argument("--config", action="append", default=[], help="YAML config (repeatable); uses data.num_classes (if not set, the classes found are reported) and data.in_channels")
-    parser.add_argument("--set", action="append", default=[], dest="sets", metavar="SECTION.KEY=VALUE", help="config override")
+    parser.add_argument(
+        "--test",
+        help="test cohort (images/ + labels/, or a folder of images): checked, and never used as unlabeled scans",
+    )
+    parser.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        help="YAML config (repeatable); uses data.num_classes (if not set, the classes found are reported) and data.in_channels",
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], dest="sets", metavar="SECTION.KEY=VALUE", help="config override"
+    )
     args = parser.parse_args(argv)
     if args.labeled is None and args.scans is None:
         parser.error("give --labeled (a training cohort) or --scans (scans to segment)")
@@ -109,10 +128,14 @@ def main(argv: list[str] | None = None) -> int:
             return code
         print()
     if not declared:  # check label values for integers >= 0 only, then report the classes found
-        cfg["data"]["num_classes"] = 2 ** 31
+        cfg["data"]["num_classes"] = 2**31
     cohort = gather_cohort(cfg, args.labeled, args.unlabeled, args.val, args.test)
-    parts = [("labeled", cohort.labeled), ("val", cohort.val), ("test", cohort.test if args.test else None),
-             ("unlabeled", cohort.unlabeled if args.unlabeled else None)]
+    parts = [
+        ("labeled", cohort.labeled),
+        ("val", cohort.val),
+        ("test", cohort.test if args.test else None),
+        ("unlabeled", cohort.unlabeled if args.unlabeled else None),
+    ]
     parts = [(part, cases) for part, cases in parts if cases is not None]
     rows, classes = [], set()
     for part, _ in parts:
@@ -127,8 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     elif classes:
         n = max(classes) + 1
         missing = sorted(set(range(n)) - classes)
-        print(f"label classes found: {', '.join(map(str, sorted(classes)))}; set data.num_classes: {n} in your config"
-              + (f" (classes {', '.join(map(str, missing))} never appear)" if missing else ""))
+        print(
+            f"label classes found: {', '.join(map(str, sorted(classes)))}; set data.num_classes: {n} in your config"
+            + (f" (classes {', '.join(map(str, missing))} never appear)" if missing else "")
+        )
     left_out = [f for f in cohort.flagged if f.excluded]
     warned = [f for f in cohort.flagged if not f.excluded]
     if left_out:

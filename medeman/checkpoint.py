@@ -26,7 +26,9 @@ class ModelFileError(ValueError):
 def save_teacher(path: str | Path, teacher: nn.Module, cfg: dict, step: int, **extra: Any) -> None:
     """Write ``teacher.pt``: state_dict on CPU, the resolved config, the training step and plain extras."""
     state = {k: v.detach().cpu().clone() for k, v in teacher.state_dict().items()}
-    torch.save({"format": FORMAT, "config": cfg, "step": int(step), "state_dict": state, "extra": dict(extra)}, str(path))
+    torch.save(
+        {"format": FORMAT, "config": cfg, "step": int(step), "state_dict": state, "extra": dict(extra)}, str(path)
+    )
 
 
 def update_teacher_extra(path: str | Path, **extra: Any) -> None:
@@ -46,9 +48,13 @@ def read_teacher_file(path: str | Path) -> dict:
     try:
         payload = torch.load(str(path), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError) as err:
-        raise ModelFileError(f"{path}: refused: not a medeman model that loads safely with weights_only=True ({load_error_reason(err)})") from None
+        raise ModelFileError(
+            f"{path}: refused: not a medeman model that loads safely with weights_only=True ({load_error_reason(err)})"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ModelFileError(f"{path}: not a medeman model (no '{FORMAT}' marker); pass the teacher.pt of a medeman run")
+        raise ModelFileError(
+            f"{path}: not a medeman model (no '{FORMAT}' marker); pass the teacher.pt of a medeman run"
+        )
     return payload
 
 

@@ -30,8 +30,12 @@ def class_title(label: int, names: Mapping[int, str] | None = None) -> str:
     return (names or {}).get(int(label)) or f"class {int(label)}"
 
 
-def resolve_classes(items: Iterable[int | str] | str | None, names: Mapping[int, str] | None = None,
-                    num_classes: int | None = None, where: str = "lesion classes") -> list[int]:
+def resolve_classes(
+    items: Iterable[int | str] | str | None,
+    names: Mapping[int, str] | None = None,
+    num_classes: int | None = None,
+    where: str = "lesion classes",
+) -> list[int]:
     """Label values of ``items``, each a value (``3``) or a name from ``names`` (``lesion``); sorted, unique.
 
     Args:
@@ -70,7 +74,9 @@ def resolve_classes(items: Iterable[int | str] | str | None, names: Mapping[int,
 def lesion_classes(cfg: dict) -> list[int]:
     """``data.lesion_classes`` as label values (names resolved through ``data.labels``)."""
     data = cfg["data"]
-    return resolve_classes(data.get("lesion_classes"), class_names(cfg), int(data["num_classes"]), "data.lesion_classes")
+    return resolve_classes(
+        data.get("lesion_classes"), class_names(cfg), int(data["num_classes"]), "data.lesion_classes"
+    )
 
 
 def load_class_names(spec: str | Path) -> dict[int, str]:
@@ -114,7 +120,9 @@ def load_class_names(spec: str | Path) -> dict[int, str]:
         return _names_from_map(dict(item.split("=", 1) for item in items), f"--classes {text}")
     if items and not any("=" in item for item in items):
         return {i: name for i, name in enumerate(items, start=1)}
-    raise ValueError(f"--classes {text!r}: give a dataset.json, a config or run folder, '1=liver,2=kidneys' or 'liver,kidneys'")
+    raise ValueError(
+        f"--classes {text!r}: give a dataset.json, a config or run folder, '1=liver,2=kidneys' or 'liver,kidneys'"
+    )
 
 
 def load_lesion_classes(spec: str | Path) -> list[int]:
@@ -126,8 +134,11 @@ def load_lesion_classes(spec: str | Path) -> list[int]:
     if not path.is_file() or path.suffix not in (".yaml", ".yml"):
         return []
     data = (read_yaml(path) or {}).get("data") or {}
-    return resolve_classes(data.get("lesion_classes"), load_class_names(path) if data.get("labels") else {},
-                           where=f"{path}: data.lesion_classes")
+    return resolve_classes(
+        data.get("lesion_classes"),
+        load_class_names(path) if data.get("labels") else {},
+        where=f"{path}: data.lesion_classes",
+    )
 
 
 def _names_from_map(raw, where: str) -> dict[int, str]:
@@ -138,8 +149,10 @@ def _names_from_map(raw, where: str) -> dict[int, str]:
     for key, value in raw.items():
         number, name = (key, value) if str(key).strip().lstrip("-").isdigit() else (value, key)
         if isinstance(number, bool) or not str(number).strip().isdigit():
-            raise ValueError(f"{where}: {key!r}: {value!r} is not a label value and a name "
-                             "(nnU-Net region labels with several values are not supported)")
+            raise ValueError(
+                f"{where}: {key!r}: {value!r} is not a label value and a name "
+                "(nnU-Net region labels with several values are not supported)"
+            )
         out[int(str(number).strip())] = str(name).strip()
     out.pop(0, None)
     return out

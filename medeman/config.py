@@ -96,35 +96,92 @@ class Option:
 
 
 def _type_name(kind: type | tuple[type, ...]) -> str:
-    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a mapping"}
+    names = {
+        bool: "true or false",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "a mapping",
+    }
     kinds = kind if isinstance(kind, tuple) else (kind,)
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
 SCHEMA: dict[str, dict[str, Option]] = {
     "data": {
-        "spacing": Option([1.5, 1.5, 1.5], "target voxel spacing in mm (x, y, z) after resampling; null keeps each scan's own", nullable=True),
-        "patch_size": Option([96, 96, 96], "training patch size in voxels (x, y, z); validation and inference use it as the sliding window"),
-        "modality": Option("CT", "intensity normalization: CT clips to intensity_window and scales to [0, 1]; MR z-scores each scan on its foreground", ("CT", "MR")),
-        "intensity_window": Option([-175.0, 250.0], "CT window in HU [low, high] clipped and scaled to [0, 1] (ignored for MR)"),
+        "spacing": Option(
+            [1.5, 1.5, 1.5],
+            "target voxel spacing in mm (x, y, z) after resampling; null keeps each scan's own",
+            nullable=True,
+        ),
+        "patch_size": Option(
+            [96, 96, 96],
+            "training patch size in voxels (x, y, z); validation and inference use it as the sliding window",
+        ),
+        "modality": Option(
+            "CT",
+            "intensity normalization: CT clips to intensity_window and scales to [0, 1]; MR z-scores each scan on its foreground",
+            ("CT", "MR"),
+        ),
+        "intensity_window": Option(
+            [-175.0, 250.0], "CT window in HU [low, high] clipped and scaled to [0, 1] (ignored for MR)"
+        ),
         "num_classes": Option(2, "number of classes including background; label values must lie in 0..num_classes-1"),
-        "labels": Option(None, "class names by label value, e.g. {1: liver, 2: lesion}: tables, CSVs, pictures, exported models and DICOM-SEG segments use them; null: numbers only", type=dict),
-        "lesion_classes": Option(None, "classes scored lesion-wise by medeman evaluate (connected components: detected, missed, false positives), by value or name, e.g. [3] or [lesion]; null: none, organs get Dice and distances only", type=list),
+        "labels": Option(
+            None,
+            "class names by label value, e.g. {1: liver, 2: lesion}: tables, CSVs, pictures, exported models and DICOM-SEG segments use them; null: numbers only",
+            type=dict,
+        ),
+        "lesion_classes": Option(
+            None,
+            "classes scored lesion-wise by medeman evaluate (connected components: detected, missed, false positives), by value or name, e.g. [3] or [lesion]; null: none, organs get Dice and distances only",
+            type=list,
+        ),
         "in_channels": Option(1, "image channels per case (nnU-Net _0000, _0001, ... files grouped into one case)"),
         "val_fraction": Option(0.2, "fraction of labeled cases held out for validation when no --val folder is given"),
         "split_seed": Option(0, "seed of the deterministic train/validation split"),
-        "cache": Option("memory", "cache of preprocessed volumes: memory (CacheDataset), disk (PersistentDataset) or none", ("memory", "disk", "none")),
+        "cache": Option(
+            "memory",
+            "cache of preprocessed volumes: memory (CacheDataset), disk (PersistentDataset) or none",
+            ("memory", "disk", "none"),
+        ),
         "cache_dir": Option(None, "folder for the disk cache; null means <run dir>/cache", type=str),
         "batch_size_labeled": Option(2, "labeled patches per training step"),
         "batch_size_unlabeled": Option(2, "unlabeled patches (weak+strong view pairs) per training step"),
-        "num_workers": Option(4, "DataLoader worker processes for training batches, each making whole steps (labeled and unlabeled batch)"),
-        "fg_class_fraction": Option(0.33, "class_ratios null (nnU-Net rule): share of labeled patches centred on a voxel of a foreground class drawn uniformly among those present in the scan; the rest are random windows"),
-        "class_ratios": Option(None, "null: the fg_class_fraction rule; or one ratio per class, background first (e.g. [1, 1, 4] for a rare class 2), as MONAI RandCropByLabelClassesd: classes absent from a scan get 0, the rest are renormalized", type=list),
-        "unlabeled_focus_fraction": Option(0.0, "share of unlabeled patches centred on a voxel the teacher assigns to a rare class (unlabeled_focus_classes); 0 turns it off"),
-        "unlabeled_focus_classes": Option(None, "classes the unlabeled focus centres on, e.g. [3]; null: every foreground class, drawn uniformly among those the teacher predicts in the scan", type=list),
-        "unlabeled_focus_every_steps": Option(500, "the teacher re-segments the cached unlabeled volumes (sliding window, no overlap) every this many steps to refresh the focus centres; the first time at this step (random crops before), so the teacher has learned the class by then"),
-        "unlabeled_focus_stride": Option(4, "focus centres are taken on a grid of this stride in voxels (the low-resolution class map kept per scan)"),
-        "labeled_augmentation": Option("nnunet", "augmentation of labeled patches, shared by every method: nnunet (nnU-Net's: rotation and scaling, mirroring, gamma, contrast, brightness, noise, blur, simulated low resolution) or basic (the flips, 90-degree rotations and affine_prob below, as the unlabeled views)", ("nnunet", "basic")),
+        "num_workers": Option(
+            4, "DataLoader worker processes for training batches, each making whole steps (labeled and unlabeled batch)"
+        ),
+        "fg_class_fraction": Option(
+            0.33,
+            "class_ratios null (nnU-Net rule): share of labeled patches centred on a voxel of a foreground class drawn uniformly among those present in the scan; the rest are random windows",
+        ),
+        "class_ratios": Option(
+            None,
+            "null: the fg_class_fraction rule; or one ratio per class, background first (e.g. [1, 1, 4] for a rare class 2), as MONAI RandCropByLabelClassesd: classes absent from a scan get 0, the rest are renormalized",
+            type=list,
+        ),
+        "unlabeled_focus_fraction": Option(
+            0.0,
+            "share of unlabeled patches centred on a voxel the teacher assigns to a rare class (unlabeled_focus_classes); 0 turns it off",
+        ),
+        "unlabeled_focus_classes": Option(
+            None,
+            "classes the unlabeled focus centres on, e.g. [3]; null: every foreground class, drawn uniformly among those the teacher predicts in the scan",
+            type=list,
+        ),
+        "unlabeled_focus_every_steps": Option(
+            500,
+            "the teacher re-segments the cached unlabeled volumes (sliding window, no overlap) every this many steps to refresh the focus centres; the first time at this step (random crops before), so the teacher has learned the class by then",
+        ),
+        "unlabeled_focus_stride": Option(
+            4, "focus centres are taken on a grid of this stride in voxels (the low-resolution class map kept per scan)"
+        ),
+        "labeled_augmentation": Option(
+            "nnunet",
+            "augmentation of labeled patches, shared by every method: nnunet (nnU-Net's: rotation and scaling, mirroring, gamma, contrast, brightness, noise, blur, simulated low resolution) or basic (the flips, 90-degree rotations and affine_prob below, as the unlabeled views)",
+            ("nnunet", "basic"),
+        ),
         "flip_prob": Option(0.5, "probability of a flip per axis, applied identically to both unlabeled views"),
         "rotate90_prob": Option(0.25, "probability of an axial 90-degree rotation, identical for both views"),
         "affine_prob": Option(0.0, "probability of a small random affine (rotation/scale), identical for both views"),
@@ -132,16 +189,34 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "strong_contrast": Option([0.7, 1.5], "gamma range of the strong view's contrast adjustment"),
         "strong_blur_sigma": Option([0.5, 1.0], "sigma range in voxels of the strong view's Gaussian blur"),
         "strong_brightness": Option(0.1, "max absolute intensity shift of the strong view"),
-        "strong_prob": Option(0.8, "probability of each strong-view intensity augmentation (contrast, brightness, blur, noise, cut-out)"),
+        "strong_prob": Option(
+            0.8, "probability of each strong-view intensity augmentation (contrast, brightness, blur, noise, cut-out)"
+        ),
         "strong_cutout": Option(False, "cut out random boxes of the strong view"),
         "unlabeled_from_imagesTs": Option(False, "nnU-Net/MSD layout: use imagesTs as unlabeled scans"),
-        "exclude": Option([], "files, folders or glob patterns never used as unlabeled scans, by path or by content (e.g. a test set: [/data/test/**])", type=list),
-        "keep_label_like_unlabeled": Option(False, "keep unlabeled volumes that look like label maps (few non-negative integer values in 0..num_classes-1); false excludes and reports them"),
+        "exclude": Option(
+            [],
+            "files, folders or glob patterns never used as unlabeled scans, by path or by content (e.g. a test set: [/data/test/**])",
+            type=list,
+        ),
+        "keep_label_like_unlabeled": Option(
+            False,
+            "keep unlabeled volumes that look like label maps (few non-negative integer values in 0..num_classes-1); false excludes and reports them",
+        ),
     },
     "model": {
-        "name": Option("unet", "student architecture from MONAI, always built with BatchNorm", ("unet", "basicunet", "vnet", "segresnet", "dynunet")),
-        "channels": Option([16, 32, 64, 128, 256], "feature channels per resolution level (UNet, DynUNet; BasicUNet takes 6, SegResNet uses the first as init_filters)"),
-        "norm": Option("batch", "normalization layers of the student; EMAN and the bn teacher need batch", ("batch", "instance")),
+        "name": Option(
+            "unet",
+            "student architecture from MONAI, always built with BatchNorm",
+            ("unet", "basicunet", "vnet", "segresnet", "dynunet"),
+        ),
+        "channels": Option(
+            [16, 32, 64, 128, 256],
+            "feature channels per resolution level (UNet, DynUNet; BasicUNet takes 6, SegResNet uses the first as init_filters)",
+        ),
+        "norm": Option(
+            "batch", "normalization layers of the student; EMAN and the bn teacher need batch", ("batch", "instance")
+        ),
         "num_res_units": Option(2, "residual units per UNet block"),
         "dropout": Option(0.0, "dropout probability in the student (and hence the teacher)"),
     },
@@ -149,52 +224,137 @@ SCHEMA: dict[str, dict[str, Option]] = {
         # choices, help and the methods' own keys (fixmatch_*, ua_mt_*, bcp_*, ...) are added by the registry
         # (medeman.methods.register_method) when the package imports medeman.methods (medeman/__init__.py)
         "method": Option("mean_teacher", "training method (medeman.methods)", ()),
-        "teacher_norm": Option("eman", "teacher normalization: eman (EMA'd running statistics, Cai et al. 2021), bn (batch statistics, classic mean teacher) or ema (weight EMA only, for networks without BatchNorm, e.g. model.norm=instance)", ("eman", "bn", "ema")),
-        "teacher_bn_recalibration": Option("off", "the deployed teacher's BatchNorm statistics, a rule fixed before training: off (its own: EMAN's EMA'd ones, pure EMAN), always (re-estimated from its own forward passes, precise-BN, before each validation and export), export (re-estimated for teacher.pt only); best (opt-in, biased) validates both and keeps the better at each validation, a choice among twice the candidates that inflates validation Dice; pseudo-labels always keep the EMA'd statistics", ("off", "export", "always", "best")),
-        "teacher_bn_refresh_every": Option(0, "every this many teacher updates, re-estimate the training teacher's BatchNorm statistics in place (precise-BN on recalibration_batches), EMA'd again in between; 0: never (pure EMAN). Not EMAN: for short runs whose EMA'd statistics lag the averaged weights"),
-        "recalibration_batches": Option(16, "unlabeled weak-view batches (labeled images without unlabeled scans) used to re-estimate the teacher's BatchNorm statistics"),
-        "ema_momentum": Option(0.99, "EMA momentum m of teacher weights (and EMAN statistics): theta' <- m theta' + (1-m) theta; the base of the constant and cosine schedules"),
-        "momentum_schedule": Option("window", "EMA momentum over the run: constant (ema_momentum), cosine (BYOL: from ema_momentum to 1 over train.max_steps) or window (m = 1 - 1/(momentum_window * train.max_steps))", ("constant", "cosine", "window")),
-        "momentum_window": Option(0.1, "window schedule: the teacher averages over about this fraction of train.max_steps"),
-        "momentum_warmup": Option(True, "use min(1 - 1/(step+1), scheduled momentum) so the teacher follows the student early on"),
-        "consistency": Option("mse", "consistency loss between student and teacher softmax: mse, kl or none", ("mse", "kl", "none")),
+        "teacher_norm": Option(
+            "eman",
+            "teacher normalization: eman (EMA'd running statistics, Cai et al. 2021), bn (batch statistics, classic mean teacher) or ema (weight EMA only, for networks without BatchNorm, e.g. model.norm=instance)",
+            ("eman", "bn", "ema"),
+        ),
+        "teacher_bn_recalibration": Option(
+            "off",
+            "the deployed teacher's BatchNorm statistics, a rule fixed before training: off (its own: EMAN's EMA'd ones, pure EMAN), always (re-estimated from its own forward passes, precise-BN, before each validation and export), export (re-estimated for teacher.pt only); best (opt-in, biased) validates both and keeps the better at each validation, a choice among twice the candidates that inflates validation Dice; pseudo-labels always keep the EMA'd statistics",
+            ("off", "export", "always", "best"),
+        ),
+        "teacher_bn_refresh_every": Option(
+            0,
+            "every this many teacher updates, re-estimate the training teacher's BatchNorm statistics in place (precise-BN on recalibration_batches), EMA'd again in between; 0: never (pure EMAN). Not EMAN: for short runs whose EMA'd statistics lag the averaged weights",
+        ),
+        "recalibration_batches": Option(
+            16,
+            "unlabeled weak-view batches (labeled images without unlabeled scans) used to re-estimate the teacher's BatchNorm statistics",
+        ),
+        "ema_momentum": Option(
+            0.99,
+            "EMA momentum m of teacher weights (and EMAN statistics): theta' <- m theta' + (1-m) theta; the base of the constant and cosine schedules",
+        ),
+        "momentum_schedule": Option(
+            "window",
+            "EMA momentum over the run: constant (ema_momentum), cosine (BYOL: from ema_momentum to 1 over train.max_steps) or window (m = 1 - 1/(momentum_window * train.max_steps))",
+            ("constant", "cosine", "window"),
+        ),
+        "momentum_window": Option(
+            0.1, "window schedule: the teacher averages over about this fraction of train.max_steps"
+        ),
+        "momentum_warmup": Option(
+            True, "use min(1 - 1/(step+1), scheduled momentum) so the teacher follows the student early on"
+        ),
+        "consistency": Option(
+            "mse", "consistency loss between student and teacher softmax: mse, kl or none", ("mse", "kl", "none")
+        ),
         "consistency_weight": Option(1.0, "weight lambda of the unsupervised losses at the end of the ramp-up"),
-        "pseudo_label_threshold": Option(None, "teacher confidence above which a voxel's argmax is a pseudo-label; null turns pseudo-labels off", type=float),
+        "pseudo_label_threshold": Option(
+            None,
+            "teacher confidence above which a voxel's argmax is a pseudo-label; null turns pseudo-labels off",
+            type=float,
+        ),
         "pseudo_label_weight": Option(1.0, "weight of the pseudo-label loss relative to the consistency loss"),
         "pseudo_label_dice": Option(False, "add a masked Dice term to the pseudo-label cross-entropy"),
-        "pseudo_label_threshold_mode": Option("fixed", "fixed: one threshold (pseudo_label_threshold) for every class; adaptive: per-class thresholds from the teacher's EMA'd confidence (FreeMatch-style, medeman.pseudo_labels), capped by pseudo_label_threshold", ("fixed", "adaptive")),
-        "adaptive_threshold_momentum": Option(None, "EMA momentum m of the adaptive thresholds' confidence statistics (FreeMatch's lambda); they start at 1/num_classes and follow the teacher over ~1/(1-m) steps; null scales it to the run like the teacher: m = 1 - 1/(momentum_window * train.max_steps)", type=float),
-        "pseudo_label_reduction": Option("all", "pseudo-label cross-entropy averaged over all voxels, (ce * mask).mean() as FixMatch/EMAN, or over the kept voxels only", ("all", "kept")),
-        "rampup_steps": Option(None, "steps of the sigmoid ramp-up exp(-5(1-t)^2) of the unsupervised weight, after the warm-up; null: rampup_fraction of train.max_steps", type=int),
+        "pseudo_label_threshold_mode": Option(
+            "fixed",
+            "fixed: one threshold (pseudo_label_threshold) for every class; adaptive: per-class thresholds from the teacher's EMA'd confidence (FreeMatch-style, medeman.pseudo_labels), capped by pseudo_label_threshold",
+            ("fixed", "adaptive"),
+        ),
+        "adaptive_threshold_momentum": Option(
+            None,
+            "EMA momentum m of the adaptive thresholds' confidence statistics (FreeMatch's lambda); they start at 1/num_classes and follow the teacher over ~1/(1-m) steps; null scales it to the run like the teacher: m = 1 - 1/(momentum_window * train.max_steps)",
+            type=float,
+        ),
+        "pseudo_label_reduction": Option(
+            "all",
+            "pseudo-label cross-entropy averaged over all voxels, (ce * mask).mean() as FixMatch/EMAN, or over the kept voxels only",
+            ("all", "kept"),
+        ),
+        "rampup_steps": Option(
+            None,
+            "steps of the sigmoid ramp-up exp(-5(1-t)^2) of the unsupervised weight, after the warm-up; null: rampup_fraction of train.max_steps",
+            type=int,
+        ),
         "rampup_fraction": Option(0.3, "rampup_steps null: the ramp-up lasts this fraction of train.max_steps"),
-        "warmup_steps": Option(None, "supervised-only steps before the unsupervised losses start ramping up; at its end a teacher method sets the teacher to the student and estimates its BatchNorm statistics once (then pure EMAN); null: warmup_fraction of train.max_steps", type=int),
-        "warmup_fraction": Option(0.1, "warmup_steps null: the supervised warm-up lasts this fraction of train.max_steps"),
+        "warmup_steps": Option(
+            None,
+            "supervised-only steps before the unsupervised losses start ramping up; at its end a teacher method sets the teacher to the student and estimates its BatchNorm statistics once (then pure EMAN); null: warmup_fraction of train.max_steps",
+            type=int,
+        ),
+        "warmup_fraction": Option(
+            0.1, "warmup_steps null: the supervised warm-up lasts this fraction of train.max_steps"
+        ),
     },
     "train": {
         "max_steps": Option(20000, "optimizer steps of the whole run"),
         "lr": Option(1e-3, "learning rate"),
         "optimizer": Option("adamw", "optimizer", ("adamw", "adam", "sgd")),
         "weight_decay": Option(1e-5, "weight decay"),
-        "batch_dice": Option(True, "supervised Dice over the whole batch (DiceCELoss(batch=True), nnU-Net) rather than per patch, so a class absent from one patch does not dilute it"),
-        "lr_schedule": Option("poly", "learning-rate schedule over max_steps: poly (power 0.9), cosine or constant", ("poly", "cosine", "constant")),
+        "batch_dice": Option(
+            True,
+            "supervised Dice over the whole batch (DiceCELoss(batch=True), nnU-Net) rather than per patch, so a class absent from one patch does not dilute it",
+        ),
+        "lr_schedule": Option(
+            "poly",
+            "learning-rate schedule over max_steps: poly (power 0.9), cosine or constant",
+            ("poly", "cosine", "constant"),
+        ),
         "val_every_steps": Option(500, "validate teacher and student on whole volumes every this many steps"),
-        "deploy": Option("last", "which teacher teacher.pt holds: last (the final-step teacher, no selection) or best (the best val/dice_teacher over the run's validations, opt-in: chosen among that many candidates, which teacher.pt records, so its validation Dice is optimistic)", ("last", "best")),
+        "deploy": Option(
+            "last",
+            "which teacher teacher.pt holds: last (the final-step teacher, no selection) or best (the best val/dice_teacher over the run's validations, opt-in: chosen among that many candidates, which teacher.pt records, so its validation Dice is optimistic)",
+            ("last", "best"),
+        ),
         "precision": Option("32", "Lightning precision: 32, bf16-mixed or 16-mixed", ("32", "bf16-mixed", "16-mixed")),
         "accumulate_grad_batches": Option(1, "batches per optimizer step"),
         "seed": Option(0, "global seed (python, numpy, torch, dataloader workers)"),
-        "num_threads": Option(None, "torch intra-op threads per process (medeman train --threads); null: OMP_NUM_THREADS if set, else the available cores less one per loader worker, divided among the node's processes (medeman.threads)", type=int),
+        "num_threads": Option(
+            None,
+            "torch intra-op threads per process (medeman train --threads); null: OMP_NUM_THREADS if set, else the available cores less one per loader worker, divided among the node's processes (medeman.threads)",
+            type=int,
+        ),
         "accelerator": Option("auto", "Lightning accelerator: auto uses a GPU when present", ("auto", "cpu", "gpu")),
         "devices": Option(1, "devices per node", type=(int, list, str)),
         "num_nodes": Option(1, "nodes"),
         "strategy": Option("auto", "Lightning strategy (auto, ddp, ...)"),
         "sync_batchnorm": Option(True, "convert the student's BatchNorm to SyncBatchNorm on more than one GPU"),
         "log_every_steps": Option(10, "log training losses every this many steps"),
-        "checkpoint_every_steps": Option(100, "also write checkpoints/last.ckpt every this many steps (it is always written at each validation), so a stopped run resumes from there (--resume); 0: at validations only"),
-        "channels_last": Option(True, "train student and teacher in the channels_last_3d memory layout (NDHWC), the fast layout of oneDNN and cuDNN 3D convolutions; same results to float rounding"),
-        "compile": Option(False, "torch.compile student and teacher (inductor): 6 % faster steps of the sample UNet on a CPU after about 30 s of compilation, so for long runs and GPUs (README performance)"),
-        "ce_class_weights": Option(None, "per-class weights of the supervised cross-entropy, background first (e.g. [1, 1, 10]); null: unweighted", type=list),
-        "deep_supervision": Option(False, "dynunet only: add the loss of the decoder's lower-resolution outputs with weights 1/2^i (nnU-Net)"),
-        "deep_supervision_heads": Option(2, "lower-resolution outputs used by deep_supervision (DynUNet deep_supr_num)"),
+        "checkpoint_every_steps": Option(
+            100,
+            "also write checkpoints/last.ckpt every this many steps (it is always written at each validation), so a stopped run resumes from there (--resume); 0: at validations only",
+        ),
+        "channels_last": Option(
+            True,
+            "train student and teacher in the channels_last_3d memory layout (NDHWC), the fast layout of oneDNN and cuDNN 3D convolutions; same results to float rounding",
+        ),
+        "compile": Option(
+            False,
+            "torch.compile student and teacher (inductor): 6 % faster steps of the sample UNet on a CPU after about 30 s of compilation, so for long runs and GPUs (README performance)",
+        ),
+        "ce_class_weights": Option(
+            None,
+            "per-class weights of the supervised cross-entropy, background first (e.g. [1, 1, 10]); null: unweighted",
+            type=list,
+        ),
+        "deep_supervision": Option(
+            False, "dynunet only: add the loss of the decoder's lower-resolution outputs with weights 1/2^i (nnU-Net)"
+        ),
+        "deep_supervision_heads": Option(
+            2, "lower-resolution outputs used by deep_supervision (DynUNet deep_supr_num)"
+        ),
     },
     "infer": {
         "sw_batch_size": Option(4, "sliding-window patches per forward pass"),
@@ -203,26 +363,68 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "precision": Option("32", "inference precision: 32 or bf16 (autocast where supported)", ("32", "bf16")),
     },
     "tune": {
-        "momentum_window": Option([0.01, 0.5], "range of the teacher's averaging window as a fraction of the run, log-uniform; a run of T steps gets m = 1 - 1/(window * T) (ssl.momentum_window itself with the window schedule); null leaves the momentum out of the search", type=list, nullable=True),
-        "consistency_weight": Option([0.01, 100.0], "consistency weight range, log-uniform; null leaves it out of the search", type=list, nullable=True),
-        "pseudo_label_threshold": Option(None, "pseudo-label threshold range [low, high]; null leaves it out of the search", type=list),
-        "rampup_steps": Option(None, "ramp-up length range [low, high] in steps of the full run (scaled in shorter trials), log-uniform; null leaves it out of the search", type=list),
-        "max_steps": Option(None, "steps per trial; null uses train.max_steps. Shorter trials scale every step-based key (ramp-up, warm-up, momentum window) by max_steps / train.max_steps", type=int),
-        "validations": Option(4, "validations per trial, evenly spaced after tune.prune_after of it and ending at its last step (none earlier: they could neither prune nor score it)"),
-        "objective_last_k": Option(2, "a trial's value is the mean val/dice_teacher of its last k validations (all of them if fewer), robust to one noisy validation"),
-        "prune_after": Option(0.5, "fraction of a trial's steps before it may be pruned (early teacher Dice favours fast teachers)"),
+        "momentum_window": Option(
+            [0.01, 0.5],
+            "range of the teacher's averaging window as a fraction of the run, log-uniform; a run of T steps gets m = 1 - 1/(window * T) (ssl.momentum_window itself with the window schedule); null leaves the momentum out of the search",
+            type=list,
+            nullable=True,
+        ),
+        "consistency_weight": Option(
+            [0.01, 100.0],
+            "consistency weight range, log-uniform; null leaves it out of the search",
+            type=list,
+            nullable=True,
+        ),
+        "pseudo_label_threshold": Option(
+            None, "pseudo-label threshold range [low, high]; null leaves it out of the search", type=list
+        ),
+        "rampup_steps": Option(
+            None,
+            "ramp-up length range [low, high] in steps of the full run (scaled in shorter trials), log-uniform; null leaves it out of the search",
+            type=list,
+        ),
+        "max_steps": Option(
+            None,
+            "steps per trial; null uses train.max_steps. Shorter trials scale every step-based key (ramp-up, warm-up, momentum window) by max_steps / train.max_steps",
+            type=int,
+        ),
+        "validations": Option(
+            4,
+            "validations per trial, evenly spaced after tune.prune_after of it and ending at its last step (none earlier: they could neither prune nor score it)",
+        ),
+        "objective_last_k": Option(
+            2,
+            "a trial's value is the mean val/dice_teacher of its last k validations (all of them if fewer), robust to one noisy validation",
+        ),
+        "prune_after": Option(
+            0.5, "fraction of a trial's steps before it may be pruned (early teacher Dice favours fast teachers)"
+        ),
         "n_startup_trials": Option(5, "complete trials before the pruner starts pruning"),
         "sampler_seed": Option(0, "seed of the TPE sampler (multivariate, constant liar)"),
-        "heartbeat_interval": Option(60, "seconds between a running trial's heartbeats in a database storage; a trial silent for grace_period is failed and retried with the same parameters; null turns it off", type=int, nullable=True),
-        "grace_period": Option(None, "seconds without a heartbeat before a running trial counts as dead; null: 2 x heartbeat_interval", type=int),
-        "max_retries": Option(2, "times a dead worker's trial is retried (with the same parameters); it counts once against --max-trials"),
+        "heartbeat_interval": Option(
+            60,
+            "seconds between a running trial's heartbeats in a database storage; a trial silent for grace_period is failed and retried with the same parameters; null turns it off",
+            type=int,
+            nullable=True,
+        ),
+        "grace_period": Option(
+            None,
+            "seconds without a heartbeat before a running trial counts as dead; null: 2 x heartbeat_interval",
+            type=int,
+        ),
+        "max_retries": Option(
+            2, "times a dead worker's trial is retried (with the same parameters); it counts once against --max-trials"
+        ),
     },
 }
 
 
 def default_config() -> dict[str, dict[str, Any]]:
     """Return a fresh nested dict of every key's default."""
-    return {section: {key: copy.deepcopy(opt.default) for key, opt in options.items()} for section, options in SCHEMA.items()}
+    return {
+        section: {key: copy.deepcopy(opt.default) for key, opt in options.items()}
+        for section, options in SCHEMA.items()
+    }
 
 
 def _valid_keys() -> list[str]:
@@ -238,7 +440,9 @@ def merge(cfg: dict, overlay: Mapping, where: str = "config") -> dict:
     if overlay is None:
         return cfg
     if not isinstance(overlay, Mapping):
-        raise ConfigError(f"{where}: expected a mapping of sections ({', '.join(SCHEMA)}), got {type(overlay).__name__}")
+        raise ConfigError(
+            f"{where}: expected a mapping of sections ({', '.join(SCHEMA)}), got {type(overlay).__name__}"
+        )
     for section, values in overlay.items():
         if section not in SCHEMA:
             raise _unknown(str(section), where)
@@ -286,7 +490,9 @@ def validate(cfg: dict) -> dict:
     if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
         raise ConfigError(f"ssl.recalibration_batches: {batches!r} must be a positive integer")
     if int(cfg["ssl"]["teacher_bn_refresh_every"]) < 0:
-        raise ConfigError(f"ssl.teacher_bn_refresh_every: {cfg['ssl']['teacher_bn_refresh_every']!r} must be 0 (never) or a number of steps")
+        raise ConfigError(
+            f"ssl.teacher_bn_refresh_every: {cfg['ssl']['teacher_bn_refresh_every']!r} must be 0 (never) or a number of steps"
+        )
     for check in _OPTION_CHECKS:  # rules between a method's own keys and others (its keys are in every config)
         check(cfg)
     thr = cfg["ssl"]["pseudo_label_threshold"]
@@ -295,8 +501,12 @@ def validate(cfg: dict) -> dict:
     if int(cfg["data"]["num_classes"]) < 2:
         raise ConfigError("data.num_classes must be at least 2 (background and one structure)")
     names = cfg["data"]["labels"]
-    if names is not None and not (isinstance(names, dict) and all(
-            isinstance(k, int) and not isinstance(k, bool) and 0 <= k < int(cfg["data"]["num_classes"]) for k in names)):
+    if names is not None and not (
+        isinstance(names, dict)
+        and all(
+            isinstance(k, int) and not isinstance(k, bool) and 0 <= k < int(cfg["data"]["num_classes"]) for k in names
+        )
+    ):
         raise ConfigError(f"data.labels: {names!r} must be null or a map from label values 0..num_classes-1 to names")
     try:
         lesion_classes(cfg)
@@ -307,13 +517,17 @@ def validate(cfg: dict) -> dict:
         if not (isinstance(value, (list, tuple)) and len(value) == 3 and all(int(v) > 0 for v in value)):
             raise ConfigError(f"data.{key}: {value!r} must be three positive integers")
     spacing = cfg["data"]["spacing"]
-    if spacing is not None and not (isinstance(spacing, (list, tuple)) and len(spacing) == 3 and all(float(v) > 0 for v in spacing)):
+    if spacing is not None and not (
+        isinstance(spacing, (list, tuple)) and len(spacing) == 3 and all(float(v) > 0 for v in spacing)
+    ):
         raise ConfigError(f"data.spacing: {spacing!r} must be null or three positive numbers (mm)")
     for key in ("max_steps", "val_every_steps", "accumulate_grad_batches"):
         if int(cfg["train"][key]) < 1:
             raise ConfigError(f"train.{key} must be a positive integer, got {cfg['train'][key]!r}")
     if int(cfg["train"]["checkpoint_every_steps"]) < 0:
-        raise ConfigError(f"train.checkpoint_every_steps must be 0 (at validations only) or a number of steps, got {cfg['train']['checkpoint_every_steps']!r}")
+        raise ConfigError(
+            f"train.checkpoint_every_steps must be 0 (at validations only) or a number of steps, got {cfg['train']['checkpoint_every_steps']!r}"
+        )
     for name, holds, requirement in _VALUE_RULES:
         section, key = name.split(".")
         value = cfg[section][key]
@@ -340,7 +554,11 @@ def _fraction(v: Any) -> bool:
 
 
 def _range(low_min: float) -> Any:
-    return lambda v: len(v) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v) and low_min <= v[0] <= v[1]
+    return lambda v: (
+        len(v) == 2
+        and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+        and low_min <= v[0] <= v[1]
+    )
 
 
 # Values that pass the type check but would crash or mislead later (issue 23): checked at load time, before
@@ -366,8 +584,11 @@ _VALUE_RULES: list[tuple[str, Any, str]] = [
     ("data.strong_contrast", lambda v: _range(0.0)(v) and v[0] > 0, "a gamma range [low, high] with 0 < low <= high"),
     ("data.strong_blur_sigma", _range(0.0), "a sigma range [low, high] with 0 <= low <= high"),
     ("data.intensity_window", lambda v: _range(-math.inf)(v) and v[0] < v[1], "a window [low, high] with low < high"),
-    ("model.channels", lambda v: len(v) >= 1 and all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in v),
-     "a list of positive integers (channels per level)"),
+    (
+        "model.channels",
+        lambda v: len(v) >= 1 and all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in v),
+        "a list of positive integers (channels per level)",
+    ),
     ("model.num_res_units", _non_negative, "a non-negative number of units"),
     ("model.dropout", lambda v: 0.0 <= v < 1.0, "a probability in [0, 1)"),
     ("ssl.consistency_weight", _non_negative, "a non-negative weight"),
@@ -386,9 +607,14 @@ _METHOD_CHECKS: dict[str, Callable[[dict], None]] = {}
 _METHOD_SUMMARIES: dict[str, str] = {}
 
 
-def register_method_options(method: str, summary: str, options: Mapping[str, Option] | None = None,
-                            rules: Iterable[tuple[str, Any, str]] = (), option_check: Callable[[dict], None] | None = None,
-                            method_check: Callable[[dict], None] | None = None) -> None:
+def register_method_options(
+    method: str,
+    summary: str,
+    options: Mapping[str, Option] | None = None,
+    rules: Iterable[tuple[str, Any, str]] = (),
+    option_check: Callable[[dict], None] | None = None,
+    method_check: Callable[[dict], None] | None = None,
+) -> None:
     """Make ``method`` a choice of ``ssl.method`` and add its own keys to the ``ssl`` section (called by the method registry).
 
     Args:
@@ -418,8 +644,11 @@ def register_method_options(method: str, summary: str, options: Mapping[str, Opt
         _METHOD_CHECKS[method] = method_check
     _METHOD_SUMMARIES[method] = summary
     names = ", ".join(f"{name} ({text})" for name, text in _METHOD_SUMMARIES.items())
-    ssl["method"] = dataclasses.replace(ssl["method"], choices=tuple(_METHOD_SUMMARIES),
-                                        help=f"training method (medeman.methods, one file each): {names}")
+    ssl["method"] = dataclasses.replace(
+        ssl["method"],
+        choices=tuple(_METHOD_SUMMARIES),
+        help=f"training method (medeman.methods, one file each): {names}",
+    )
 
 
 def _tune_range(tune: dict, key: str, low_min: float, high_max: float, positive: bool = False) -> None:
@@ -437,7 +666,9 @@ def _tune_range(tune: dict, key: str, low_min: float, high_max: float, positive:
 def _validate_tune(cfg: dict) -> None:
     """The ``tune:`` search space and trial budget (read by :mod:`medeman.tune`)."""
     tune = cfg["tune"]
-    _tune_range(tune, "momentum_window", 0.0, 1.0, positive=True)  # a window over the whole run is the warm-up's plain average
+    _tune_range(
+        tune, "momentum_window", 0.0, 1.0, positive=True
+    )  # a window over the whole run is the warm-up's plain average
     _tune_range(tune, "consistency_weight", 0.0, math.inf, positive=True)  # log-uniform
     _tune_range(tune, "pseudo_label_threshold", 0.0, 1.0)
     _tune_range(tune, "rampup_steps", 1.0, math.inf)
@@ -455,8 +686,14 @@ def _validate_tune(cfg: dict) -> None:
     for key in ("heartbeat_interval", "grace_period"):
         if tune[key] is not None and tune[key] < 1:
             raise ConfigError(f"tune.{key}: {tune[key]!r} must be a positive number of seconds or null")
-    if tune["grace_period"] is not None and tune["heartbeat_interval"] is not None and tune["grace_period"] <= tune["heartbeat_interval"]:
-        raise ConfigError(f"tune.grace_period={tune['grace_period']} must exceed tune.heartbeat_interval={tune['heartbeat_interval']}")
+    if (
+        tune["grace_period"] is not None
+        and tune["heartbeat_interval"] is not None
+        and tune["grace_period"] <= tune["heartbeat_interval"]
+    ):
+        raise ConfigError(
+            f"tune.grace_period={tune['grace_period']} must exceed tune.heartbeat_interval={tune['heartbeat_interval']}"
+        )
     if tune["max_retries"] < 0 or tune["n_startup_trials"] < 0:
         raise ConfigError("tune.max_retries and tune.n_startup_trials must be >= 0")
 
@@ -469,9 +706,15 @@ def _validate_small_structures(cfg: dict) -> None:
     def per_class(name: str, value: Any) -> None:
         if value is None:
             return
-        if not (isinstance(value, (list, tuple)) and len(value) == num_classes
-                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in value) and sum(value) > 0):
-            raise ConfigError(f"{name}: {value!r} must be null or {num_classes} non-negative numbers (one per class, background first), not all 0")
+        if not (
+            isinstance(value, (list, tuple))
+            and len(value) == num_classes
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in value)
+            and sum(value) > 0
+        ):
+            raise ConfigError(
+                f"{name}: {value!r} must be null or {num_classes} non-negative numbers (one per class, background first), not all 0"
+            )
 
     per_class("data.class_ratios", data["class_ratios"])
     per_class("train.ce_class_weights", train["ce_class_weights"])
@@ -480,9 +723,14 @@ def _validate_small_structures(cfg: dict) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
             raise ConfigError(f"data.{key}: {value!r} must be a number in [0, 1]")
     focus = data["unlabeled_focus_classes"]
-    if focus is not None and not (isinstance(focus, (list, tuple)) and focus and all(
-            isinstance(c, int) and not isinstance(c, bool) and 1 <= c < num_classes for c in focus)):
-        raise ConfigError(f"data.unlabeled_focus_classes: {focus!r} must be null or a list of foreground classes in 1..{num_classes - 1}")
+    if focus is not None and not (
+        isinstance(focus, (list, tuple))
+        and focus
+        and all(isinstance(c, int) and not isinstance(c, bool) and 1 <= c < num_classes for c in focus)
+    ):
+        raise ConfigError(
+            f"data.unlabeled_focus_classes: {focus!r} must be null or a list of foreground classes in 1..{num_classes - 1}"
+        )
     for key in ("unlabeled_focus_every_steps", "unlabeled_focus_stride"):
         if int(data[key]) < 1:
             raise ConfigError(f"data.{key} must be a positive integer, got {data[key]!r}")
@@ -490,10 +738,14 @@ def _validate_small_structures(cfg: dict) -> None:
     if momentum is not None and not 0.0 <= momentum < 1.0:
         raise ConfigError(f"ssl.adaptive_threshold_momentum: {momentum!r} must be a number in [0, 1)")
     if train["deep_supervision"] and cfg["model"]["name"] != "dynunet":
-        raise ConfigError(f"train.deep_supervision needs model.name=dynunet (the MONAI network with deep-supervision heads), not {cfg['model']['name']}")
+        raise ConfigError(
+            f"train.deep_supervision needs model.name=dynunet (the MONAI network with deep-supervision heads), not {cfg['model']['name']}"
+        )
     if train["deep_supervision"] and not 1 <= int(train["deep_supervision_heads"]) <= len(cfg["model"]["channels"]) - 2:
-        raise ConfigError(f"train.deep_supervision_heads: {train['deep_supervision_heads']!r} must lie in 1..{len(cfg['model']['channels']) - 2} "
-                          f"(DynUNet with {len(cfg['model']['channels'])} levels)")
+        raise ConfigError(
+            f"train.deep_supervision_heads: {train['deep_supervision_heads']!r} must lie in 1..{len(cfg['model']['channels']) - 2} "
+            f"(DynUNet with {len(cfg['model']['channels'])} levels)"
+        )
 
 
 def read_yaml(path: str | Path) -> Any:

@@ -41,18 +41,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     set_threads_for_config(cfg)  # make demo beside another training: threads that fit the machine
 
     start = time.perf_counter()
-    print(f"[1/3] training {cfg['ssl']['method']} (teacher_norm={cfg['ssl']['teacher_norm']}) on {data / 'labeled'} + {data / 'unlabeled'} -> {out}")
+    print(
+        f"[1/3] training {cfg['ssl']['method']} (teacher_norm={cfg['ssl']['teacher_norm']}) on {data / 'labeled'} + {data / 'unlabeled'} -> {out}"
+    )
     result = fit(cfg, data / "labeled", data / "unlabeled", out_dir=out, overwrite=True)
     trained = time.perf_counter()
-    print(f"      validation Dice after {result.steps} steps: teacher {result.last_dice_teacher:.3f}, student {result.last_dice_student:.3f} "
-          f"({out / 'teacher.pt'} holds the {'final-step' if cfg['train']['deploy'] == 'last' else 'best-validation'} teacher)")
+    print(
+        f"      validation Dice after {result.steps} steps: teacher {result.last_dice_teacher:.3f}, student {result.last_dice_student:.3f} "
+        f"({out / 'teacher.pt'} holds the {'final-step' if cfg['train']['deploy'] == 'last' else 'best-validation'} teacher)"
+    )
     stats = read_teacher_file(out / "teacher.pt")["extra"].get("teacher_bn_stats", "unknown")
-    print(f"      teacher.pt holds {stats} BatchNorm statistics (ssl.teacher_bn_recalibration={cfg['ssl']['teacher_bn_recalibration']})")
+    print(
+        f"      teacher.pt holds {stats} BatchNorm statistics (ssl.teacher_bn_recalibration={cfg['ssl']['teacher_bn_recalibration']})"
+    )
 
     print(f"[2/3] segmenting {data / 'test/images'} with the EMA teacher -> {out / 'pred'}")
     results, summary = segment_and_score(
-        out, data / "test" / "images", data / "test" / "labels", out / "pred",
-        png_dir=out / "png", csv=out / "test_scores.csv", overwrite=True, progress=False,
+        out,
+        data / "test" / "images",
+        data / "test" / "labels",
+        out / "pred",
+        png_dir=out / "png",
+        csv=out / "test_scores.csv",
+        overwrite=True,
+        progress=False,
     )
     failed = [r for r in results if r.status == "failed"]
     print(f"[3/3] test set: Dice of the teacher's masks against {data / 'test/labels'}")
@@ -60,7 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for line in summary.problems:
         print(f"problem: {line}")
     print(f"\npictures: {out / 'png'}   per-case scores: {out / 'test_scores.csv'}   masks: {out / 'pred'}")
-    print(f"time: training {trained - start:.0f} s, inference+evaluation {time.perf_counter() - trained:.0f} s; peak RSS {_peak_rss_mib():.0f} MiB")
+    print(
+        f"time: training {trained - start:.0f} s, inference+evaluation {time.perf_counter() - trained:.0f} s; peak RSS {_peak_rss_mib():.0f} MiB"
+    )
     return 1 if failed or summary.problems else 0
 
 

@@ -31,9 +31,15 @@ def source_datasets(series: DicomSeries) -> list:
     return [pydicom.dcmread(str(path)) for path in series.files]
 
 
-def write_dicom_seg(labels: np.ndarray, volume_file: str | Path, series: DicomSeries, path: str | Path,
-                    names: Mapping[int, str] | None = None, lesion_classes: set[int] | frozenset[int] = frozenset(),
-                    num_classes: int | None = None) -> Path:
+def write_dicom_seg(
+    labels: np.ndarray,
+    volume_file: str | Path,
+    series: DicomSeries,
+    path: str | Path,
+    names: Mapping[int, str] | None = None,
+    lesion_classes: set[int] | frozenset[int] = frozenset(),
+    num_classes: int | None = None,
+) -> Path:
     """Write ``labels`` (``[x, y, z]`` on the grid of the series' volume file) as a DICOM-SEG of ``series``.
 
     The volume file (:func:`medeman.data.dicom.write_series_volume`) holds slice ``k`` of the series
@@ -58,30 +64,48 @@ def write_dicom_seg(labels: np.ndarray, volume_file: str | Path, series: DicomSe
     labels = np.asarray(labels)
     shape, _ = read_geometry(volume_file)
     if tuple(labels.shape) != tuple(shape) or labels.shape[2] != len(series.files):
-        raise ValueError(f"{series.where}: mask shape {labels.shape} does not match the series ({shape}, "
-                         f"{len(series.files)} slices)")
+        raise ValueError(
+            f"{series.where}: mask shape {labels.shape} does not match the series ({shape}, {len(series.files)} slices)"
+        )
     frames = np.ascontiguousarray(np.transpose(labels, (2, 1, 0))).astype(np.uint16)  # (slice, row, column)
     top = int(num_classes) - 1 if num_classes is not None else max(int(labels.max()), 1)
-    algorithm = hd.AlgorithmIdentificationSequence(name=SOFTWARE, version=_version(),
-                                                   family=codes.cid7162.ArtificialIntelligence)
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=SOFTWARE, version=_version(), family=codes.cid7162.ArtificialIntelligence
+    )
     descriptions = []
     for value in range(1, top + 1):
         lesion = value in lesion_classes
-        descriptions.append(hd.seg.SegmentDescription(
-            segment_number=value, segment_label=class_title(value, names),
-            segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure if lesion else codes.SCT.AnatomicalStructure,
-            segmented_property_type=codes.SCT.Lesion if lesion else codes.SCT.Organ,
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm,
-        ))
+        descriptions.append(
+            hd.seg.SegmentDescription(
+                segment_number=value,
+                segment_label=class_title(value, names),
+                segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure
+                if lesion
+                else codes.SCT.AnatomicalStructure,
+                segmented_property_type=codes.SCT.Lesion if lesion else codes.SCT.Organ,
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=algorithm,
+            )
+        )
     sources = source_datasets(series)
     first = sources[0]
     number = int(getattr(first, "SeriesNumber", 0) or 0)
     seg = hd.seg.Segmentation(
-        source_images=sources, pixel_array=frames, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=number + 1000 if number < 1000 else 1,
-        sop_instance_uid=hd.UID(), instance_number=1, manufacturer=SOFTWARE, manufacturer_model_name="medeman teacher",
-        software_versions=_version(), device_serial_number="0", series_description="medeman segmentation",
-        content_label="MEDEMAN", content_description="mean-teacher (EMAN) segmentation",
+        source_images=sources,
+        pixel_array=frames,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(),
+        series_number=number + 1000 if number < 1000 else 1,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer=SOFTWARE,
+        manufacturer_model_name="medeman teacher",
+        software_versions=_version(),
+        device_serial_number="0",
+        series_description="medeman segmentation",
+        content_label="MEDEMAN",
+        content_description="mean-teacher (EMAN) segmentation",
     )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,11 @@ def average_bn_statistics(network: nn.Module) -> None:
     world_size = torch.distributed.get_world_size()
     if world_size <= 1:
         return
-    layers = [m for m in network.modules() if isinstance(m, _BatchNorm) and m.track_running_stats and not isinstance(m, nn.SyncBatchNorm)]
+    layers = [
+        m
+        for m in network.modules()
+        if isinstance(m, _BatchNorm) and m.track_running_stats and not isinstance(m, nn.SyncBatchNorm)
+    ]
     if not layers:
         return
     means = torch.cat([m.running_mean.flatten() for m in layers])

@@ -307,7 +307,9 @@ def momentum_at(step: int, base: float, warmup: bool = True) -> float:
     return float(min(1.0 - 1.0 / (step + 1), base))
 
 
-def scheduled_momentum(step: int, max_steps: int, base: float = 0.99, schedule: str = "constant", window: float = 0.1) -> float:
+def scheduled_momentum(
+    step: int, max_steps: int, base: float = 0.99, schedule: str = "constant", window: float = 0.1
+) -> float:
     """EMA momentum before warm-up at optimizer step ``step`` of a ``max_steps`` run (pure).
 
     * ``constant``: ``base``.
@@ -471,9 +473,17 @@ class EMANTeacher:
         (1, 0.5)
     """
 
-    def __init__(self, student: nn.Module, norm: str = "eman", max_steps: int = 1, momentum: float = 0.99,
-                 schedule: str = "constant", window: float = 0.1, warmup: bool = True,
-                 pool: Callable[[nn.Module], None] | None = average_bn_statistics):
+    def __init__(
+        self,
+        student: nn.Module,
+        norm: str = "eman",
+        max_steps: int = 1,
+        momentum: float = 0.99,
+        schedule: str = "constant",
+        window: float = 0.1,
+        warmup: bool = True,
+        pool: Callable[[nn.Module], None] | None = average_bn_statistics,
+    ):
         self.network = make_teacher(student, norm=norm)
         self.norm = norm
         self.max_steps = int(max_steps)
@@ -488,13 +498,22 @@ class EMANTeacher:
     def from_config(cls, student: nn.Module, cfg: dict[str, Any]) -> EMANTeacher:
         """The teacher ``ssl.teacher_norm``, ``ssl.ema_momentum``, ``ssl.momentum_*`` and ``train.max_steps`` describe."""
         ssl = cfg["ssl"]
-        return cls(student, norm=ssl["teacher_norm"], max_steps=int(cfg["train"]["max_steps"]), momentum=float(ssl["ema_momentum"]),
-                   schedule=ssl["momentum_schedule"], window=float(ssl["momentum_window"]), warmup=bool(ssl["momentum_warmup"]))
+        return cls(
+            student,
+            norm=ssl["teacher_norm"],
+            max_steps=int(cfg["train"]["max_steps"]),
+            momentum=float(ssl["ema_momentum"]),
+            schedule=ssl["momentum_schedule"],
+            window=float(ssl["momentum_window"]),
+            warmup=bool(ssl["momentum_warmup"]),
+        )
 
     def momentum(self, step: int | None = None) -> float:
         """The momentum of the update after ``step`` earlier updates (default: the next one's)."""
         step = self.updates if step is None else step
-        return momentum_at(step, scheduled_momentum(step, self.max_steps, self.base_momentum, self.schedule, self.window), self.warmup)
+        return momentum_at(
+            step, scheduled_momentum(step, self.max_steps, self.base_momentum, self.schedule, self.window), self.warmup
+        )
 
     def _pool(self, network: nn.Module) -> None:
         if self.pool is not None:

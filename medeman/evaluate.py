@@ -57,14 +57,38 @@ from medeman.cases import CaseError, one_line
 from medeman.classes import load_class_names, load_lesion_classes, resolve_classes
 from medeman.checkpoint import ModelFileError, read_teacher_file
 from medeman.metrics import (  # noqa: F401  (re-exported: the scores were defined here before medeman.metrics)
-    DEFAULT_LESION_OVERLAP, ClassScore, LesionCounts, case_scores, f1_score, lesion_counts, mask_scores)
+    DEFAULT_LESION_OVERLAP,
+    ClassScore,
+    LesionCounts,
+    case_scores,
+    f1_score,
+    lesion_counts,
+    mask_scores,
+)
 from medeman.outputs import picture_path, prediction_id
 from medeman.postprocess import apply_postprocessing, describe
 
 label_case_id = label_id  # a label file's case id: name without image suffix and without _seg/_label/_mask
-CSV_COLUMNS = ("case", "class", "name", "dice", "hd95_mm", "asd_mm", "reference_voxels", "predicted_voxels",
-               "reference_lesions", "detected_lesions", "missed_lesions", "predicted_lesions", "false_positive_lesions",
-               "lesion_sensitivity", "lesion_precision", "lesion_f1", "lesion_dice", "note")
+CSV_COLUMNS = (
+    "case",
+    "class",
+    "name",
+    "dice",
+    "hd95_mm",
+    "asd_mm",
+    "reference_voxels",
+    "predicted_voxels",
+    "reference_lesions",
+    "detected_lesions",
+    "missed_lesions",
+    "predicted_lesions",
+    "false_positive_lesions",
+    "lesion_sensitivity",
+    "lesion_precision",
+    "lesion_f1",
+    "lesion_dice",
+    "note",
+)
 ABSENT_NOTE = "absent from prediction and reference"
 
 
@@ -74,9 +98,9 @@ class EvaluationSummary:
 
     scores: list[ClassScore] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # unreadable, mismatched, missing prediction
-    notes: list[str] = field(default_factory=list)     # predictions without a label, affine warnings
+    notes: list[str] = field(default_factory=list)  # predictions without a label, affine warnings
     warnings: list[str] = field(default_factory=list)  # label values no prediction contains
-    cases: list[str] = field(default_factory=list)     # the case ids that were scored
+    cases: list[str] = field(default_factory=list)  # the case ids that were scored
     class_names: dict[int, str] = field(default_factory=dict)  # shown beside the label values
     lesion_overlap: float = DEFAULT_LESION_OVERLAP
     lesion_classes: list[int] = field(default_factory=list)  # scored lesion-wise; the others are organs
@@ -98,8 +122,10 @@ class EvaluationSummary:
             counts = [s.lesions for s in self.scores if s.label == label and s.lesions is not None]
             if not counts:
                 continue
-            total = {key: sum(getattr(c, key) for c in counts)
-                     for key in ("reference", "detected", "missed", "predicted", "true_positive", "false_positive")}
+            total = {
+                key: sum(getattr(c, key) for c in counts)
+                for key in ("reference", "detected", "missed", "predicted", "true_positive", "false_positive")
+            }
             total["sensitivity"] = total["detected"] / total["reference"] if total["reference"] else math.nan
             total["precision"] = total["true_positive"] / total["predicted"] if total["predicted"] else math.nan
             total["f1"] = f1_score(total["sensitivity"], total["precision"])
@@ -115,14 +141,20 @@ class EvaluationSummary:
         rule = "any overlap" if self.lesion_overlap <= 0 else f"IoU >= {self.lesion_overlap:g}"
         lines = [f"Lesion-wise (connected components; a lesion is detected at {rule}; counts summed over cases)"]
         width = max([7] + [len(self.class_name(c)) + 2 for c in self.classes])
-        lines.append(f"{'class':<{width}}{'lesions':>8}{'detected':>9}{'missed':>7}{'predicted':>10}{'FP':>5}"
-                     f"{'sensitivity':>12}{'precision':>10}{'F1':>7}  lesion Dice")
+        lines.append(
+            f"{'class':<{width}}{'lesions':>8}{'detected':>9}{'missed':>7}{'predicted':>10}{'FP':>5}"
+            f"{'sensitivity':>12}{'precision':>10}{'F1':>7}  lesion Dice"
+        )
         for label, t in self.lesion_totals().items():
+
             def rate(value: float) -> str:
                 return "n/a" if not math.isfinite(value) else f"{value:.3f}"
-            lines.append(f"{self.class_name(label):<{width}}{t['reference']:>8}{t['detected']:>9}{t['missed']:>7}"
-                         f"{t['predicted']:>10}{t['false_positive']:>5}{rate(t['sensitivity']):>12}"
-                         f"{rate(t['precision']):>10}{rate(t['f1']):>7}  {t['dice_mean']:.3f} ± {t['dice_std']:.3f}")
+
+            lines.append(
+                f"{self.class_name(label):<{width}}{t['reference']:>8}{t['detected']:>9}{t['missed']:>7}"
+                f"{t['predicted']:>10}{t['false_positive']:>5}{rate(t['sensitivity']):>12}"
+                f"{rate(t['precision']):>10}{rate(t['f1']):>7}  {t['dice_mean']:.3f} ± {t['dice_std']:.3f}"
+            )
         return "\n".join(lines)
 
     def per_class(self) -> dict[int, dict[str, float]]:
@@ -146,16 +178,22 @@ class EvaluationSummary:
         width = max([7] + [len(self.class_name(c)) + 2 for c in self.classes])
         lines.append(f"{'class':<{width}}{'cases':>6}  {'Dice':<22}{'HD95 mm':<22}{'ASD mm':<22}")
         for label, st in self.per_class().items():
+
             def cell(name: str, digits: int) -> str:
                 if not st[f"{name}_n"]:
                     return "n/a"
                 text = f"{st[f'{name}_mean']:.{digits}f} ± {st[f'{name}_std']:.{digits}f}"
                 return text if st[f"{name}_n"] == st["n"] else f"{text} (n={st[f'{name}_n']})"
-            lines.append(f"{self.class_name(label):<{width}}{st['n']:>6}  {cell('dice', 3):<22}{cell('hd95', 2):<22}{cell('asd', 2):<22}")
+
+            lines.append(
+                f"{self.class_name(label):<{width}}{st['n']:>6}  {cell('dice', 3):<22}{cell('hd95', 2):<22}{cell('asd', 2):<22}"
+            )
         for label, st in self.per_class().items():
             if st["absent_n"]:
-                lines.append(f"class {self.class_name(label)}: {ABSENT_NOTE} in {st['absent_n']} of {st['n']} case(s), "
-                             f"not scored there (its Dice is over the other {st['n'] - st['absent_n']})")
+                lines.append(
+                    f"class {self.class_name(label)}: {ABSENT_NOTE} in {st['absent_n']} of {st['n']} case(s), "
+                    f"not scored there (its Dice is over the other {st['n'] - st['absent_n']})"
+                )
         if not self.classes:
             lines.append("(no foreground class in any prediction or reference)")
         elif self.lesion_totals():
@@ -204,14 +242,21 @@ def evaluate_folder(
         The :class:`EvaluationSummary`; nothing is printed.
     """
     pred_dir = Path(pred_dir)
-    summary = EvaluationSummary(class_names=dict(class_names or {}), lesion_overlap=float(lesion_overlap),
-                                lesion_classes=sorted(int(c) for c in lesion_classes))
+    summary = EvaluationSummary(
+        class_names=dict(class_names or {}),
+        lesion_overlap=float(lesion_overlap),
+        lesion_classes=sorted(int(c) for c in lesion_classes),
+    )
     if not 0.0 <= summary.lesion_overlap <= 1.0:
         raise ValueError(f"lesion overlap {lesion_overlap!r} must be an IoU in [0, 1] (0: any overlap)")
     if not pred_dir.is_dir():
         raise FileNotFoundError(f"{pred_dir}: no such prediction folder")
-    preds = _index([p for p in list_images(pred_dir) if prediction_id(p) is not None],
-                   prediction_id, "prediction", summary.problems)
+    preds = _index(
+        [p for p in list_images(pred_dir) if prediction_id(p) is not None],
+        prediction_id,
+        "prediction",
+        summary.problems,
+    )
     labels: dict[str, Path] = {}
     if label_dir is not None:
         if not Path(label_dir).is_dir():
@@ -237,14 +282,19 @@ def evaluate_folder(
                 ref, ref_affine = _read(labels[case_id])
                 ref = _labels_3d(ref, labels[case_id])
                 if pred.shape != ref.shape:
-                    raise CaseError(f"{case_id}: prediction {preds[case_id]} has shape {pred.shape}, "
-                                    f"label {labels[case_id]} has {ref.shape}; not scored")
+                    raise CaseError(
+                        f"{case_id}: prediction {preds[case_id]} has shape {pred.shape}, "
+                        f"label {labels[case_id]} has {ref.shape}; not scored"
+                    )
                 gap = float(np.abs(affine - ref_affine).max())
                 if gap > 1e-3:
-                    summary.notes.append(f"{case_id}: affines of prediction and label differ by up to {gap:.3g}; "
-                                         "scored voxel by voxel with the label's spacing")
-                scores = case_scores(case_id, pred, ref, voxel_spacing(ref_affine), lesion_overlap, connectivity,
-                                     summary.lesion_classes)
+                    summary.notes.append(
+                        f"{case_id}: affines of prediction and label differ by up to {gap:.3g}; "
+                        "scored voxel by voxel with the label's spacing"
+                    )
+                scores = case_scores(
+                    case_id, pred, ref, voxel_spacing(ref_affine), lesion_overlap, connectivity, summary.lesion_classes
+                )
                 summary.scores.extend(scores)
                 summary.cases.append(case_id)
                 affine = ref_affine
@@ -298,14 +348,24 @@ def _draw(case_id, pred, ref, affine, image_path, png_dir: Path, summary: Evalua
                 summary.problems.append(f"{problem}; refused, {case_id} drawn without the scan")
                 image = None
             elif image.shape != pred.shape:
-                summary.notes.append(f"{case_id}: scan {image_path} has shape {image.shape}, not the mask's "
-                                     f"{pred.shape}; drawn without it")
+                summary.notes.append(
+                    f"{case_id}: scan {image_path} has shape {image.shape}, not the mask's "
+                    f"{pred.shape}; drawn without it"
+                )
                 image = None
         except CaseError as err:
             summary.notes.append(f"{err}; drawn without the scan")
     scores = {s.label: s.dice for s in summary.scores if s.case_id == case_id}
-    save_case_figure(picture_path(png_dir, case_id), pred, affine, reference=ref, image=image, title=case_id, scores=scores,
-                     names=summary.class_names)
+    save_case_figure(
+        picture_path(png_dir, case_id),
+        pred,
+        affine,
+        reference=ref,
+        image=image,
+        title=case_id,
+        scores=scores,
+        names=summary.class_names,
+    )
 
 
 def _fill_absent_classes(summary: EvaluationSummary) -> None:
@@ -315,7 +375,9 @@ def _fill_absent_classes(summary: EvaluationSummary) -> None:
         for label in summary.classes:
             if (case_id, label) not in seen:
                 lesions = LesionCounts(dice=math.nan) if label in summary.lesion_classes else None
-                summary.scores.append(ClassScore(case_id, label, math.nan, math.nan, math.nan, 0, 0, lesions, note=ABSENT_NOTE))
+                summary.scores.append(
+                    ClassScore(case_id, label, math.nan, math.nan, math.nan, 0, 0, lesions, note=ABSENT_NOTE)
+                )
     summary.scores.sort(key=lambda s: (s.case_id, s.label))
 
 
@@ -326,8 +388,10 @@ def never_predicted(summary: EvaluationSummary) -> list[str]:
         rows = [s for s in summary.scores if s.label == label]
         in_reference = sum(s.reference_voxels > 0 for s in rows)
         if in_reference and not any(s.predicted_voxels > 0 for s in rows):
-            out.append(f"class {summary.class_name(label)}: in the labels of {in_reference} case(s) but in no prediction "
-                       "(does the model predict this class? check data.num_classes and the label values)")
+            out.append(
+                f"class {summary.class_name(label)}: in the labels of {in_reference} case(s) but in no prediction "
+                "(does the model predict this class? check data.num_classes and the label values)"
+            )
     return out
 
 
@@ -340,11 +404,35 @@ def write_csv(summary: EvaluationSummary, path: str | Path) -> Path:
         writer.writerow(CSV_COLUMNS)
         for s in summary.scores:
             les = s.lesions
-            lesion_cells = [""] * 9 if les is None else [  # an organ's cells stay empty
-                les.reference, les.detected, les.missed, les.predicted, les.false_positive, _num(les.sensitivity),
-                _num(les.precision), _num(les.f1), _num(les.dice)]
-            writer.writerow([s.case_id, s.label, summary.class_names.get(s.label, ""), _num(s.dice), _num(s.hd95),
-                             _num(s.asd), s.reference_voxels, s.predicted_voxels, *lesion_cells, s.note])
+            lesion_cells = (
+                [""] * 9
+                if les is None
+                else [  # an organ's cells stay empty
+                    les.reference,
+                    les.detected,
+                    les.missed,
+                    les.predicted,
+                    les.false_positive,
+                    _num(les.sensitivity),
+                    _num(les.precision),
+                    _num(les.f1),
+                    _num(les.dice),
+                ]
+            )
+            writer.writerow(
+                [
+                    s.case_id,
+                    s.label,
+                    summary.class_names.get(s.label, ""),
+                    _num(s.dice),
+                    _num(s.hd95),
+                    _num(s.asd),
+                    s.reference_voxels,
+                    s.predicted_voxels,
+                    *lesion_cells,
+                    s.note,
+                ]
+            )
         for message in summary.problems + summary.warnings + summary.notes:
             writer.writerow([message.split(":", 1)[0]] + [""] * (len(CSV_COLUMNS) - 2) + [message])
     return path
@@ -360,24 +448,44 @@ def build_parser() -> argparse.ArgumentParser:
         description="Per case and class Dice, HD95 and average surface distance (mm) of predictions against labels.",
     )
     parser.add_argument("--pred", required=True, help="folder of predicted <case>.nii.gz masks")
-    parser.add_argument("--labels", help="folder of reference masks (<case>[_seg|_label|_mask].nii.gz); "
-                                         "leave out to only draw --png pictures")
+    parser.add_argument(
+        "--labels",
+        help="folder of reference masks (<case>[_seg|_label|_mask].nii.gz); leave out to only draw --png pictures",
+    )
     parser.add_argument("--csv", help="write per-case, per-class scores to this CSV file")
     parser.add_argument("--png", help="write one picture per case into this folder")
     parser.add_argument("--images", help="folder of the scans, drawn under the contours in --png pictures")
-    parser.add_argument("--classes", help="class names for the table and pictures: a dataset.json, a config or run folder "
-                                          "(data.labels), or '1=liver,2=kidneys' / 'liver,kidneys'")
-    parser.add_argument("--lesion-classes", help="classes scored lesion-wise (connected components), by value or name: "
-                                                 "'3' or 'lesion,cyst' (default: data.lesion_classes of a --classes "
-                                                 "config or run folder, else none: organs get no lesion-wise table)")
-    parser.add_argument("--lesion-overlap", type=float, default=DEFAULT_LESION_OVERLAP,
-                        help="IoU with the prediction a reference lesion (connected component) needs to count as "
-                             f"detected; 0 means any overlap (default {DEFAULT_LESION_OVERLAP})")
-    parser.add_argument("--connectivity", type=int, default=3, choices=(1, 2, 3),
-                        help="connected components over 6 (1), 18 (2) or 26 (3, default) neighbours")
-    parser.add_argument("--postprocessing", metavar="MODEL",
-                        help="also score the predictions after MODEL's component rules learned on validation (run folder or "
-                             "teacher.pt; predictions from medeman infer --no-postprocessing): tables before and after")
+    parser.add_argument(
+        "--classes",
+        help="class names for the table and pictures: a dataset.json, a config or run folder "
+        "(data.labels), or '1=liver,2=kidneys' / 'liver,kidneys'",
+    )
+    parser.add_argument(
+        "--lesion-classes",
+        help="classes scored lesion-wise (connected components), by value or name: "
+        "'3' or 'lesion,cyst' (default: data.lesion_classes of a --classes "
+        "config or run folder, else none: organs get no lesion-wise table)",
+    )
+    parser.add_argument(
+        "--lesion-overlap",
+        type=float,
+        default=DEFAULT_LESION_OVERLAP,
+        help="IoU with the prediction a reference lesion (connected component) needs to count as "
+        f"detected; 0 means any overlap (default {DEFAULT_LESION_OVERLAP})",
+    )
+    parser.add_argument(
+        "--connectivity",
+        type=int,
+        default=3,
+        choices=(1, 2, 3),
+        help="connected components over 6 (1), 18 (2) or 26 (3, default) neighbours",
+    )
+    parser.add_argument(
+        "--postprocessing",
+        metavar="MODEL",
+        help="also score the predictions after MODEL's component rules learned on validation (run folder or "
+        "teacher.pt; predictions from medeman infer --no-postprocessing): tables before and after",
+    )
     return parser
 
 
@@ -393,9 +501,17 @@ def main(argv: list[str] | None = None) -> int:
             lesions = resolve_classes(args.lesion_classes, names, where="--lesion-classes")
         else:
             lesions = load_lesion_classes(args.classes) if args.classes else []
-        summary = evaluate_folder(args.pred, args.labels, csv=args.csv, png_dir=args.png, images_dir=args.images,
-                                  class_names=names, lesion_overlap=args.lesion_overlap, connectivity=args.connectivity,
-                                  lesion_classes=lesions)
+        summary = evaluate_folder(
+            args.pred,
+            args.labels,
+            csv=args.csv,
+            png_dir=args.png,
+            images_dir=args.images,
+            class_names=names,
+            lesion_overlap=args.lesion_overlap,
+            connectivity=args.connectivity,
+            lesion_classes=lesions,
+        )
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -405,8 +521,14 @@ def main(argv: list[str] | None = None) -> int:
         except ModelFileError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-        after = evaluate_folder(args.pred, args.labels, class_names=names, lesion_overlap=args.lesion_overlap,
-                                connectivity=args.connectivity, postprocessing=rules)
+        after = evaluate_folder(
+            args.pred,
+            args.labels,
+            class_names=names,
+            lesion_overlap=args.lesion_overlap,
+            connectivity=args.connectivity,
+            postprocessing=rules,
+        )
         print(f"as predicted ({args.pred}):\n{summary.table()}\n")
         print(f"after the post-processing of {args.postprocessing} ({describe(rules)}):")
         summary = after

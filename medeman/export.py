@@ -50,20 +50,35 @@ def deployment_metadata(cfg: dict, model_file: str) -> dict:
     return {
         "format": METADATA_FORMAT,
         "model_file": model_file,
-        "input": {"name": "image", "shape": ["batch", int(data["in_channels"]), *[int(s) for s in data["patch_size"]]],
-                  "dtype": "float32"},
-        "output": {"name": "logits", "shape": ["batch", int(data["num_classes"]), *[int(s) for s in data["patch_size"]]],
-                   "dtype": "float32", "activation": "softmax over the class axis (1)"},
+        "input": {
+            "name": "image",
+            "shape": ["batch", int(data["in_channels"]), *[int(s) for s in data["patch_size"]]],
+            "dtype": "float32",
+        },
+        "output": {
+            "name": "logits",
+            "shape": ["batch", int(data["num_classes"]), *[int(s) for s in data["patch_size"]]],
+            "dtype": "float32",
+            "activation": "softmax over the class axis (1)",
+        },
         "preprocessing": {
             "orientation": "RAS",
             "spacing": data["spacing"],
             "resampling": "trilinear, border values beyond the edge",
             "modality": data["modality"],
-            "intensity": ({"window": [float(v) for v in data["intensity_window"]], "to": [0.0, 1.0], "clip": True}
-                          if ct else {"zscore": "per channel over the nonzero voxels"}),
+            "intensity": (
+                {"window": [float(v) for v in data["intensity_window"]], "to": [0.0, 1.0], "clip": True}
+                if ct
+                else {"zscore": "per channel over the nonzero voxels"}
+            ),
         },
-        "sliding_window": {"roi_size": [int(s) for s in data["patch_size"]], "overlap": float(infer["overlap"]),
-                           "blend": "gaussian", "of": "softmax probabilities", "tta": bool(infer["tta"])},
+        "sliding_window": {
+            "roi_size": [int(s) for s in data["patch_size"]],
+            "overlap": float(infer["overlap"]),
+            "blend": "gaussian",
+            "of": "softmax probabilities",
+            "tta": bool(infer["tta"]),
+        },
         "postprocessing": "probabilities back to the scan's grid (trilinear), then argmax",
         "num_classes": int(data["num_classes"]),
         "classes": names,
@@ -92,14 +107,22 @@ def export_onnx(net: nn.Module, cfg: dict, path: str | Path) -> Path:
     """Export the network to ONNX (``image`` -> ``logits``, the batch dimension dynamic)."""
     net = net.cpu().eval()
     batch = torch.export.Dim("batch", min=1, max=1024)
-    program = torch.onnx.export(net, (example_input(cfg, batch=2),), dynamo=True, input_names=["image"],
-                                output_names=["logits"], dynamic_shapes=({0: batch},), verbose=False)
+    program = torch.onnx.export(
+        net,
+        (example_input(cfg, batch=2),),
+        dynamo=True,
+        input_names=["image"],
+        output_names=["logits"],
+        dynamic_shapes=({0: batch},),
+        verbose=False,
+    )
     program.save(str(path))
     return Path(path)
 
 
-def export_model(model: str | Path | tuple[nn.Module, dict], fmt: str, out_dir: str | Path,
-                 overwrite: bool = False) -> list[Path]:
+def export_model(
+    model: str | Path | tuple[nn.Module, dict], fmt: str, out_dir: str | Path, overwrite: bool = False
+) -> list[Path]:
     """Write the teacher of ``model`` in format ``fmt`` into ``out_dir``.
 
     Args:
@@ -157,12 +180,21 @@ def _clear_bundle(out_dir: Path, overwrite: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="medeman export", description="Export a trained teacher as a MONAI bundle, an ONNX model or a TorchScript module.")
+    parser = argparse.ArgumentParser(
+        prog="medeman export",
+        description="Export a trained teacher as a MONAI bundle, an ONNX model or a TorchScript module.",
+    )
     parser.add_argument("--model", required=True, help="run folder with teacher.pt, or the teacher.pt file")
-    parser.add_argument("--format", required=True, choices=FORMATS,
-                        help="bundle: a MONAI bundle that runs medeman infer's whole pipeline; onnx / torchscript: "
-                             "the network alone, with model.json (preprocessing, sliding window, classes) beside it")
-    parser.add_argument("--out", required=True, help="the bundle folder, or the folder for model.onnx / model.ts and model.json")
+    parser.add_argument(
+        "--format",
+        required=True,
+        choices=FORMATS,
+        help="bundle: a MONAI bundle that runs medeman infer's whole pipeline; onnx / torchscript: "
+        "the network alone, with model.json (preprocessing, sliding window, classes) beside it",
+    )
+    parser.add_argument(
+        "--out", required=True, help="the bundle folder, or the folder for model.onnx / model.ts and model.json"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
     return parser
 

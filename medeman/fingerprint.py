@@ -44,8 +44,9 @@ def _first_file(image: str | list[str]) -> str:
     return image[0] if isinstance(image, (list, tuple)) else image
 
 
-def case_fingerprint(image_path: str | Path, label_path: str | Path, num_classes: int | None = None,
-                     seed: int = 0) -> dict[str, Any]:
+def case_fingerprint(
+    image_path: str | Path, label_path: str | Path, num_classes: int | None = None, seed: int = 0
+) -> dict[str, Any]:
     """Fingerprint of one labeled case (first image channel).
 
     Returns:
@@ -59,7 +60,9 @@ def case_fingerprint(image_path: str | Path, label_path: str | Path, num_classes
     if image.ndim == 4:
         image = image[..., 0]
     if label.shape[:3] != image.shape[:3] or label.size != int(np.prod(image.shape[:3])):
-        raise DataError(f"{label_path}: label shape {label.shape} differs from its image's {image.shape[:3]} ({image_path})")
+        raise DataError(
+            f"{label_path}: label shape {label.shape} differs from its image's {image.shape[:3]} ({image_path})"
+        )
     if label.min() < 0 or not np.all(np.mod(label, 1) == 0):
         raise DataError(f"{label_path}: a label map must hold non-negative integer labels")
     label = label.reshape(label.shape[:3]).astype(np.int64)
@@ -133,7 +136,11 @@ def summarize(cases: list[dict[str, Any]], unlabeled: list[dict[str, Any]]) -> d
                 "max": float(max(volumes)) if volumes else 0.0,
             },
         }
-    p = {name: float(np.percentile(intensities, q)) for name, q in (("p00_5", 0.5), ("p99_5", 99.5))} if intensities.size else {"p00_5": 0.0, "p99_5": 0.0}
+    p = (
+        {name: float(np.percentile(intensities, q)) for name, q in (("p00_5", 0.5), ("p99_5", 99.5))}
+        if intensities.size
+        else {"p00_5": 0.0, "p99_5": 0.0}
+    )
     image_min = min(c["image_min"] for c in cases)
     return {
         "num_labeled": len(cases),
@@ -157,12 +164,17 @@ def summarize(cases: list[dict[str, Any]], unlabeled: list[dict[str, Any]]) -> d
 
 def _unlabeled_geometry(path: str | Path) -> dict[str, Any]:
     shape, affine = read_geometry(path)
-    return {"image": str(path), "spacing": [float(s) for s in voxel_spacing(affine)], "shape": list(shape),
-            "orientation": "".join(nib.aff2axcodes(affine))}
+    return {
+        "image": str(path),
+        "spacing": [float(s) for s in voxel_spacing(affine)],
+        "shape": list(shape),
+        "orientation": "".join(nib.aff2axcodes(affine)),
+    }
 
 
-def fingerprint_cohort(labeled: str | Path, unlabeled: str | Path | None = None,
-                       cache: str | Path | None = None, cfg: dict | None = None) -> dict[str, Any]:
+def fingerprint_cohort(
+    labeled: str | Path, unlabeled: str | Path | None = None, cache: str | Path | None = None, cfg: dict | None = None
+) -> dict[str, Any]:
     """Fingerprint a labeled cohort (and the headers of an unlabeled one), reusing ``cache`` if current.
 
     Args:
@@ -190,8 +202,13 @@ def fingerprint_cohort(labeled: str | Path, unlabeled: str | Path | None = None,
             return cached
     per_case = [case_fingerprint(_first_file(c["image"]), c["label"], seed=i) for i, c in enumerate(cases)]
     per_scan = [_unlabeled_geometry(_first_file(s["image"])) for s in scans]
-    result = {"version": VERSION, "files": key, "cases": per_case, "unlabeled": per_scan,
-              "summary": summarize(per_case, per_scan)}
+    result = {
+        "version": VERSION,
+        "files": key,
+        "cases": per_case,
+        "unlabeled": per_scan,
+        "summary": summarize(per_case, per_scan),
+    }
     if cache is not None:
         Path(cache).parent.mkdir(parents=True, exist_ok=True)
         Path(cache).write_text(json.dumps(result), encoding="utf-8")

@@ -133,18 +133,47 @@ def infer_cases(
         probs_path = probabilities_path(output_dir, case.case_id) if probabilities else None
         targets = [p for p in (out_path, probs_path) if p is not None]
         if out_path.suffix == ".dcm" and case.series is None:
-            plan.append(CaseResult(case.case_id, "failed", message=f"{case.source}: a DICOM-SEG references a DICOM "
-                                   "series, and this scan is not one; choose --format nifti or nrrd"))
+            plan.append(
+                CaseResult(
+                    case.case_id,
+                    "failed",
+                    message=f"{case.source}: a DICOM-SEG references a DICOM "
+                    "series, and this scan is not one; choose --format nifti or nrrd",
+                )
+            )
         elif any(p.resolve() in {f.resolve() for f in case.files} for p in targets):
-            plan.append(CaseResult(case.case_id, "failed", message=f"{out_path}: would overwrite the input scan; choose another --output"))
+            plan.append(
+                CaseResult(
+                    case.case_id,
+                    "failed",
+                    message=f"{out_path}: would overwrite the input scan; choose another --output",
+                )
+            )
         elif not overwrite and any(p.exists() for p in targets):
             existing = next(p for p in targets if p.exists())
-            plan.append(CaseResult(case.case_id, "skipped", output=out_path, message=f"{existing} exists; kept (pass --overwrite to replace)"))
+            plan.append(
+                CaseResult(
+                    case.case_id,
+                    "skipped",
+                    output=out_path,
+                    message=f"{existing} exists; kept (pass --overwrite to replace)",
+                )
+            )
         else:
             plan.append(_Job(case, out_path, probs_path))
     jobs = [item for item in plan if isinstance(item, _Job)]
-    segmented = _segment_cases(jobs, net, cfg, transform, tta=tta, device=device, sw_batch_size=sw_batch_size, postprocessing=rules,
-                               overlap=overlap, precision=precision)
+    segmented = _segment_cases(
+        jobs,
+        net,
+        cfg,
+        transform,
+        tta=tta,
+        device=device,
+        sw_batch_size=sw_batch_size,
+        postprocessing=rules,
+        overlap=overlap,
+        precision=precision,
+    )
     bar = tqdm(plan, desc="infer", unit="case", disable=not progress, file=sys.stderr)
     with closing(segmented):  # its I/O thread ends here, also when a case raises past the per-case handling
         for item in bar:
@@ -222,11 +251,24 @@ def _finished(job: _Job, start: float, write: Future | None, failure: tuple[Exce
     return CaseResult(job.case.case_id, "failed", ended - start, message=message)
 
 
-def _predict_case(job: _Job, image, net, cfg, transform, *, tta: bool, device: torch.device, sw_batch_size, overlap,
-                  precision, postprocessing: dict | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+def _predict_case(
+    job: _Job,
+    image,
+    net,
+    cfg,
+    transform,
+    *,
+    tta: bool,
+    device: torch.device,
+    sw_batch_size,
+    overlap,
+    precision,
+    postprocessing: dict | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Predict and invert one preprocessed case: the class map (and, if asked, the probabilities) on the scan's grid."""
-    probs = predict_volume(net, image, cfg, tta, sw_batch_size=sw_batch_size, overlap=overlap,
-                           precision=precision, device=device)
+    probs = predict_volume(
+        net, image, cfg, tta, sw_batch_size=sw_batch_size, overlap=overlap, precision=precision, device=device
+    )
     dtype = label_dtype(probs.shape[0])
     if job.probs_path is None:  # the class map alone: resampled without a scan-sized probability volume
         labels, probs = labels_on_input(probs, image, transform, dtype), None
@@ -246,8 +288,15 @@ def _write_case(job: _Job, labels: np.ndarray, probs: np.ndarray | None, cfg: di
     if job.out_path.suffix == ".dcm":
         from medeman.dicom_seg import write_dicom_seg  # highdicom only when a DICOM-SEG is asked for
 
-        write_dicom_seg(labels, job.case.files[0], job.case.series, job.out_path, class_names(cfg),
-                        set(lesion_classes(cfg)), int(cfg["data"]["num_classes"]))
+        write_dicom_seg(
+            labels,
+            job.case.files[0],
+            job.case.series,
+            job.out_path,
+            class_names(cfg),
+            set(lesion_classes(cfg)),
+            int(cfg["data"]["num_classes"]),
+        )
     else:
         write_volume(labels, job.case.files[0], job.out_path, intent="label")
     if probs is not None:
@@ -264,25 +313,48 @@ def build_parser() -> argparse.ArgumentParser:
         description="Segment scans with a trained medeman teacher; each mask has its scan's shape and affine.",
     )
     parser.add_argument("--model", required=True, help="run folder with teacher.pt, or the teacher.pt file")
-    parser.add_argument("--input", required=True, help=f"folder of scans ({', '.join(SUFFIXES)}, or DICOM files: each series "
-                                                       "is a scan) or one scan")
+    parser.add_argument(
+        "--input",
+        required=True,
+        help=f"folder of scans ({', '.join(SUFFIXES)}, or DICOM files: each series is a scan) or one scan",
+    )
     parser.add_argument("--output", required=True, help="folder for <case>.nii.gz masks")
-    parser.add_argument("--tta", action="store_true", default=None, help="average the softmax over 8 mirrorings (default: config infer.tta)")
-    parser.add_argument("--probabilities", action="store_true", help="also write <case>_probs.nii.gz, one channel per class")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: keep them and skip the case)")
+    parser.add_argument(
+        "--tta",
+        action="store_true",
+        default=None,
+        help="average the softmax over 8 mirrorings (default: config infer.tta)",
+    )
+    parser.add_argument(
+        "--probabilities", action="store_true", help="also write <case>_probs.nii.gz, one channel per class"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace existing outputs (default: keep them and skip the case)"
+    )
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--sw-batch-size", type=int, help="sliding-window patches per forward pass (default: config)")
     parser.add_argument("--overlap", type=float, help="sliding-window overlap in [0, 1) (default: config)")
     parser.add_argument("--precision", choices=("32", "bf16"), help="bf16 autocast where supported (default: config)")
-    parser.add_argument("--format", choices=("nifti", "nrrd", "dicom-seg"),
-                        help="mask format (default: the input's own kind: NIfTI, NRRD or MetaImage as the scan, "
-                             "a DICOM-SEG referencing a DICOM series)")
-    parser.add_argument("--output-format", choices=("nii.gz", "input"),
-                        help="older spelling: nii.gz (= --format nifti), or input (the default)")
-    parser.add_argument("--threads", type=int, help="torch threads (default: OMP_NUM_THREADS, else the available cores)")
+    parser.add_argument(
+        "--format",
+        choices=("nifti", "nrrd", "dicom-seg"),
+        help="mask format (default: the input's own kind: NIfTI, NRRD or MetaImage as the scan, "
+        "a DICOM-SEG referencing a DICOM series)",
+    )
+    parser.add_argument(
+        "--output-format",
+        choices=("nii.gz", "input"),
+        help="older spelling: nii.gz (= --format nifti), or input (the default)",
+    )
+    parser.add_argument(
+        "--threads", type=int, help="torch threads (default: OMP_NUM_THREADS, else the available cores)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    parser.add_argument("--no-postprocessing", action="store_true",
-                        help="write the raw argmax, without the model's component rules learned on validation (to compare with medeman evaluate)")
+    parser.add_argument(
+        "--no-postprocessing",
+        action="store_true",
+        help="write the raw argmax, without the model's component rules learned on validation (to compare with medeman evaluate)",
+    )
     return parser
 
 
@@ -310,17 +382,28 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         results = infer_cases(
-            args.model, args.input, args.output, tta=args.tta, probabilities=args.probabilities,
-            overwrite=args.overwrite, device=device, sw_batch_size=args.sw_batch_size, overlap=args.overlap,
-            precision=args.precision, output_format=args.format or args.output_format or "input", progress=not args.no_progress,
+            args.model,
+            args.input,
+            args.output,
+            tta=args.tta,
+            probabilities=args.probabilities,
+            overwrite=args.overwrite,
+            device=device,
+            sw_batch_size=args.sw_batch_size,
+            overlap=args.overlap,
+            precision=args.precision,
+            output_format=args.format or args.output_format or "input",
+            progress=not args.no_progress,
             postprocess=not args.no_postprocessing,
         )
     except (ModelFileError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     counts = {s: sum(r.status == s for r in results) for s in ("written", "skipped", "failed")}
-    print(f"infer: {counts['written']} written, {counts['skipped']} kept (already there), {counts['failed']} failed"
-          f" -> {args.output}")
+    print(
+        f"infer: {counts['written']} written, {counts['skipped']} kept (already there), {counts['failed']} failed"
+        f" -> {args.output}"
+    )
     for r in results:
         if r.status == "failed":
             print(f"  failed: {r.message}", file=sys.stderr)

@@ -37,7 +37,7 @@ def label_dtype(num_classes: int) -> torch.dtype:
     """
     if num_classes <= 256:
         return torch.uint8
-    return torch.int16 if num_classes <= 2 ** 15 else torch.int32
+    return torch.int16 if num_classes <= 2**15 else torch.int32
 
 
 def keep_largest_components(labels: torch.Tensor, keep: dict[int, int]) -> torch.Tensor:

@@ -73,7 +73,9 @@ def voxel_pseudo_labels(teacher_probs: torch.Tensor, threshold: float) -> tuple[
 PSEUDO_LABEL_REDUCTIONS = ("all", "kept")
 
 
-def masked_cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, reduction: str = "all") -> torch.Tensor:
+def masked_cross_entropy(
+    student_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, reduction: str = "all"
+) -> torch.Tensor:
     """Cross-entropy of the kept (masked) voxels.
 
     Args:
@@ -91,7 +93,9 @@ def masked_cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor, mas
     return (per_voxel * kept).sum() / kept.sum().clamp_min(1.0)
 
 
-def masked_dice(student_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+def masked_dice(
+    student_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, eps: float = 1e-5
+) -> torch.Tensor:
     """Soft Dice loss over the masked voxels, averaged over the classes present in the batch."""
     num_classes = student_logits.shape[1]
     probs = torch.softmax(student_logits.float(), dim=1)

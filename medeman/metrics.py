@@ -37,15 +37,16 @@ from scipy import ndimage
 
 DEFAULT_LESION_OVERLAP = 0.1  # IoU a lesion needs to count as detected; 0 means any overlap
 
+
 @dataclass(frozen=True)
 class LesionCounts:
     """Connected-component detection figures of one class in one case (see the module docstring)."""
 
-    reference: int = 0         # reference lesions (components)
-    detected: int = 0          # reference lesions found at the overlap rule
-    predicted: int = 0         # predicted components
-    true_positive: int = 0     # predicted components that match reference lesions at the overlap rule
-    dice: float = 1.0          # lesion-wise Dice (BraTS 2023)
+    reference: int = 0  # reference lesions (components)
+    detected: int = 0  # reference lesions found at the overlap rule
+    predicted: int = 0  # predicted components
+    true_positive: int = 0  # predicted components that match reference lesions at the overlap rule
+    dice: float = 1.0  # lesion-wise Dice (BraTS 2023)
 
     @property
     def missed(self) -> int:
@@ -120,8 +121,9 @@ def mask_scores(prediction: np.ndarray, reference: np.ndarray, spacing) -> tuple
     return float(dice[0, 0]), float(hd95[0, 0]), float(asd[0, 0])
 
 
-def lesion_counts(prediction: np.ndarray, reference: np.ndarray, overlap: float = DEFAULT_LESION_OVERLAP,
-                  connectivity: int = 3) -> LesionCounts:
+def lesion_counts(
+    prediction: np.ndarray, reference: np.ndarray, overlap: float = DEFAULT_LESION_OVERLAP, connectivity: int = 3
+) -> LesionCounts:
     """Lesion-wise detection and lesion-wise Dice of two binary masks (rules in the module docstring).
 
     Args:
@@ -174,9 +176,15 @@ def lesion_counts(prediction: np.ndarray, reference: np.ndarray, overlap: float 
     return LesionCounts(int(n_ref), int(detected.sum()), int(n_pred), int(true_positive.sum()), dice)
 
 
-def case_scores(case_id: str, prediction: np.ndarray, reference: np.ndarray, spacing,
-                lesion_overlap: float = DEFAULT_LESION_OVERLAP, connectivity: int = 3,
-                lesion_classes: Iterable[int] = ()) -> list[ClassScore]:
+def case_scores(
+    case_id: str,
+    prediction: np.ndarray,
+    reference: np.ndarray,
+    spacing,
+    lesion_overlap: float = DEFAULT_LESION_OVERLAP,
+    connectivity: int = 3,
+    lesion_classes: Iterable[int] = (),
+) -> list[ClassScore]:
     """Scores of every foreground class present in either label array; lesion-wise ones for ``lesion_classes``."""
     lesion_classes = {int(c) for c in lesion_classes}
     labels = sorted((set(np.unique(prediction).tolist()) | set(np.unique(reference).tolist())) - {0})

@@ -70,12 +70,18 @@ class SSLSegModule(pl.LightningModule):
                 if net is not None:
                     net.compile()
         train = cfg["train"]
-        ce_weights = None if train["ce_class_weights"] is None else torch.tensor([float(w) for w in train["ce_class_weights"]])
-        self.supervised_loss = DiceCELoss(to_onehot_y=True, softmax=True, batch=bool(cfg["train"]["batch_dice"]), weight=ce_weights)
+        ce_weights = (
+            None if train["ce_class_weights"] is None else torch.tensor([float(w) for w in train["ce_class_weights"]])
+        )
+        self.supervised_loss = DiceCELoss(
+            to_onehot_y=True, softmax=True, batch=bool(cfg["train"]["batch_dice"]), weight=ce_weights
+        )
         if ce_weights is not None:  # MONAI weights its Dice too; train.ce_class_weights is for the cross-entropy only
             self.supervised_loss.dice.class_weight = None
         if train["deep_supervision"]:  # a list of heads, full resolution first, weighted 1/2^i (nnU-Net)
-            self.supervised_loss = DeepSupervisionLoss(self.supervised_loss, weights=deep_supervision_weights(1 + int(train["deep_supervision_heads"])))
+            self.supervised_loss = DeepSupervisionLoss(
+                self.supervised_loss, weights=deep_supervision_weights(1 + int(train["deep_supervision_heads"]))
+            )
         for name, state in self.method.checkpointed_modules().items():  # e.g. adaptive pseudo-label thresholds
             self.add_module(name, state)
         # per validated network, made when the method first names it (Method.validated_networks)
@@ -98,13 +104,31 @@ class SSLSegModule(pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, logs = self.method.training_loss(self, batch)
-        if not self.writes_training_logs():  # each self.log costs ~0.2 ms of Python: only on the steps the loggers write
+        if (
+            not self.writes_training_logs()
+        ):  # each self.log costs ~0.2 ms of Python: only on the steps the loggers write
             return loss
         batch_size = batch["labeled"]["image"].shape[0]
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=batch_size)
-        self.log("sup", logs.get("loss/sup", logs["loss/total"]), prog_bar=True, on_step=True, on_epoch=False, logger=False, batch_size=batch_size)
+        self.log(
+            "sup",
+            logs.get("loss/sup", logs["loss/total"]),
+            prog_bar=True,
+            on_step=True,
+            on_epoch=False,
+            logger=False,
+            batch_size=batch_size,
+        )
         if "loss/unsup" in logs:
-            self.log("unsup", logs["loss/unsup"], prog_bar=True, on_step=True, on_epoch=False, logger=False, batch_size=batch_size)
+            self.log(
+                "unsup",
+                logs["loss/unsup"],
+                prog_bar=True,
+                on_step=True,
+                on_epoch=False,
+                logger=False,
+                batch_size=batch_size,
+            )
         return loss
 
     def writes_training_logs(self) -> bool:
@@ -165,7 +189,9 @@ class SSLSegModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["medeman_teacher_updates"] = self.teacher_updates
-        checkpoint["medeman_method_state"] = self.method.state_dict()  # e.g. which teacher statistics won the last validation
+        checkpoint["medeman_method_state"] = (
+            self.method.state_dict()
+        )  # e.g. which teacher statistics won the last validation
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._apply_optimisation_settings(checkpoint)
@@ -196,7 +222,9 @@ class SSLSegModule(pl.LightningModule):
         for config in self.trainer.lr_scheduler_configs:
             scheduler = config.scheduler
             if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
-                for group, base, rate in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+                for group, base, rate in zip(
+                    scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas
+                ):
                     group["lr"] = base * rate(scheduler.last_epoch)
 
     def configure_optimizers(self):
@@ -247,8 +275,12 @@ class SSLSegModule(pl.LightningModule):
         self._validated = self.method.validated_networks(self)
         for name in self._validated:
             if name not in self.dice_metrics:
-                self.dice_metrics[name] = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=False)
-                self.hd95_metrics[name] = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="mean_batch")
+                self.dice_metrics[name] = DiceMetric(
+                    include_background=False, reduction="mean_batch", ignore_empty=False
+                )
+                self.hd95_metrics[name] = HausdorffDistanceMetric(
+                    include_background=False, percentile=95, reduction="mean_batch"
+                )
 
     def _networks(self) -> dict[str, nn.Module]:
         """The networks this validation scores, by name (set in :meth:`on_validation_epoch_start`)."""
@@ -272,9 +304,14 @@ class SSLSegModule(pl.LightningModule):
         return float(mean)
 
     def on_validation_epoch_end(self) -> None:
-        results = {name: (self.dice_metrics[name].aggregate(), self.hd95_metrics[name].aggregate()) for name in self._networks()}
+        results = {
+            name: (self.dice_metrics[name].aggregate(), self.hd95_metrics[name].aggregate())
+            for name in self._networks()
+        }
         # the method names the deployed network's scores "teacher" (and, under teacher_bn_recalibration=best, chooses it)
-        results, note = self.method.name_validation_results(results, lambda scores: self._mean_over_processes(scores[0]))
+        results, note = self.method.name_validation_results(
+            results, lambda scores: self._mean_over_processes(scores[0])
+        )
         if note:
             rank_zero_info(f"teacher validation Dice at step {self.global_step}: {note}")
         for name, (dice, hd95) in results.items():

@@ -64,29 +64,64 @@ def network_definition(cfg: dict[str, Any]) -> dict[str, Any]:
         if len(channels) < 2:
             raise ValueError("model.channels needs at least two levels for unet")
         return _definition(
-            UNet, spatial_dims=3, in_channels=in_ch, out_channels=out_ch, channels=channels,
-            strides=[2] * (len(channels) - 1), num_res_units=int(model["num_res_units"]),
-            norm=norm, dropout=dropout,
+            UNet,
+            spatial_dims=3,
+            in_channels=in_ch,
+            out_channels=out_ch,
+            channels=channels,
+            strides=[2] * (len(channels) - 1),
+            num_res_units=int(model["num_res_units"]),
+            norm=norm,
+            dropout=dropout,
         )
     if name == "basicunet":
         features = channels if len(channels) == 6 else _basicunet_features(channels)
-        return _definition(BasicUNet, spatial_dims=3, in_channels=in_ch, out_channels=out_ch, features=features,
-                           norm=norm, dropout=dropout)
+        return _definition(
+            BasicUNet,
+            spatial_dims=3,
+            in_channels=in_ch,
+            out_channels=out_ch,
+            features=features,
+            norm=norm,
+            dropout=dropout,
+        )
     if name == "vnet":  # MONAI's VNet is BatchNorm-only with fixed widths (16, 32, 64, 128, 256)
-        return _definition(VNet, spatial_dims=3, in_channels=in_ch, out_channels=out_ch,
-                           dropout_prob_down=dropout or None, dropout_prob_up=[dropout or None, dropout])
+        return _definition(
+            VNet,
+            spatial_dims=3,
+            in_channels=in_ch,
+            out_channels=out_ch,
+            dropout_prob_down=dropout or None,
+            dropout_prob_up=[dropout or None, dropout],
+        )
     if name == "segresnet":
-        return _definition(SegResNet, spatial_dims=3, init_filters=channels[0], in_channels=in_ch, out_channels=out_ch,
-                           norm=norm, dropout_prob=dropout or None)
+        return _definition(
+            SegResNet,
+            spatial_dims=3,
+            init_filters=channels[0],
+            in_channels=in_ch,
+            out_channels=out_ch,
+            norm=norm,
+            dropout_prob=dropout or None,
+        )
     if name == "dynunet":
         n = len(channels)
         train = cfg.get("train", {})  # configs saved in older teacher.pt files have no deep-supervision keys
         deep = bool(train.get("deep_supervision", False))
         return _definition(
-            DynUNet, spatial_dims=3, in_channels=in_ch, out_channels=out_ch, kernel_size=[3] * n,
-            strides=[1] + [2] * (n - 1), upsample_kernel_size=[2] * (n - 1), filters=channels,
-            norm_name=norm, dropout=dropout or None, res_block=True,
-            deep_supervision=deep, deep_supr_num=int(train.get("deep_supervision_heads", 1)) if deep else 1,
+            DynUNet,
+            spatial_dims=3,
+            in_channels=in_ch,
+            out_channels=out_ch,
+            kernel_size=[3] * n,
+            strides=[1] + [2] * (n - 1),
+            upsample_kernel_size=[2] * (n - 1),
+            filters=channels,
+            norm_name=norm,
+            dropout=dropout or None,
+            res_block=True,
+            deep_supervision=deep,
+            deep_supr_num=int(train.get("deep_supervision_heads", 1)) if deep else 1,
         )
     raise ValueError(f"unknown model.name {name!r}: choose one of {', '.join(NETWORKS)}")
 

@@ -22,8 +22,15 @@ def default_device() -> str:
     return "gpu" if torch.cuda.is_available() else "cpu"
 
 
-def plan_cohort(labeled: str | Path, unlabeled: str | Path | None, plan_path: str | Path, *, device: str | None = None,
-                memory_gb: float | None = None, time_budget: str | float | None = None):
+def plan_cohort(
+    labeled: str | Path,
+    unlabeled: str | Path | None,
+    plan_path: str | Path,
+    *,
+    device: str | None = None,
+    memory_gb: float | None = None,
+    time_budget: str | float | None = None,
+):
     """Fingerprint ``labeled`` (+ ``unlabeled``), plan, and write ``plan_path`` and ``fingerprint.json`` beside it.
 
     Returns:
@@ -38,8 +45,13 @@ def plan_cohort(labeled: str | Path, unlabeled: str | Path | None, plan_path: st
         raise ConfigError(f"--time-budget: {err}") from None
     plan_path = Path(plan_path)
     fingerprint = fingerprint_cohort(labeled, unlabeled, cache=plan_path.parent / "fingerprint.json")
-    plan = make_plan(fingerprint["summary"], device=device or default_device(), memory_gb=memory_gb,
-                     time_budget_s=budget, has_unlabeled=unlabeled is not None)
+    plan = make_plan(
+        fingerprint["summary"],
+        device=device or default_device(),
+        memory_gb=memory_gb,
+        time_budget_s=budget,
+        has_unlabeled=unlabeled is not None,
+    )
     plan_path.write_text(plan.to_yaml(), encoding="utf-8")
     return plan
 
@@ -49,12 +61,28 @@ def build_parser() -> argparse.ArgumentParser:
         prog="medeman plan",
         description="Fingerprint a cohort (spacing, shapes, intensities, classes, components) and write the training recipe it calls for.",
     )
-    parser.add_argument("--labeled", required=True, help="labeled cohort: images/ + labels/, an MSD dataset.json, or an nnU-Net raw folder")
-    parser.add_argument("--unlabeled", help="folder of unlabeled scans (their spacing and shape count; the plan then trains a mean teacher)")
-    parser.add_argument("--device", choices=("cpu", "gpu"), help="plan for this device (default: gpu if one is present)")
-    parser.add_argument("--memory-gb", type=float, help="memory for one training step's activations (default: 8 on a GPU, 4 on a CPU)")
-    parser.add_argument("--time-budget", help="fit the run in this time, e.g. 900, 15m, 1h30m: candidate recipes are timed for a few steps")
-    parser.add_argument("--out", default="plan.yaml", help="plan file to write (default: plan.yaml); fingerprint.json goes beside it")
+    parser.add_argument(
+        "--labeled",
+        required=True,
+        help="labeled cohort: images/ + labels/, an MSD dataset.json, or an nnU-Net raw folder",
+    )
+    parser.add_argument(
+        "--unlabeled",
+        help="folder of unlabeled scans (their spacing and shape count; the plan then trains a mean teacher)",
+    )
+    parser.add_argument(
+        "--device", choices=("cpu", "gpu"), help="plan for this device (default: gpu if one is present)"
+    )
+    parser.add_argument(
+        "--memory-gb", type=float, help="memory for one training step's activations (default: 8 on a GPU, 4 on a CPU)"
+    )
+    parser.add_argument(
+        "--time-budget",
+        help="fit the run in this time, e.g. 900, 15m, 1h30m: candidate recipes are timed for a few steps",
+    )
+    parser.add_argument(
+        "--out", default="plan.yaml", help="plan file to write (default: plan.yaml); fingerprint.json goes beside it"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing plan file")
     return parser
 
@@ -71,13 +99,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.memory_gb is not None and args.memory_gb <= 0:
             raise ConfigError(f"--memory-gb: {args.memory_gb} must be positive")
         out.parent.mkdir(parents=True, exist_ok=True)
-        plan = plan_cohort(args.labeled, args.unlabeled, out, device=args.device,
-                           memory_gb=args.memory_gb, time_budget=args.time_budget)
+        plan = plan_cohort(
+            args.labeled,
+            args.unlabeled,
+            out,
+            device=args.device,
+            memory_gb=args.memory_gb,
+            time_budget=args.time_budget,
+        )
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(plan.summary())
-    print(f"plan: {out} (fingerprint: {out.parent / 'fingerprint.json'}); train with: medeman train --labeled {args.labeled} --config {out}")
+    print(
+        f"plan: {out} (fingerprint: {out.parent / 'fingerprint.json'}); train with: medeman train --labeled {args.labeled} --config {out}"
+    )
     return 0
 
 

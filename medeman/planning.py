@@ -94,7 +94,9 @@ class Plan:
 
     def to_yaml(self) -> str:
         """``plan.yaml``: a config overlay (loads with ``--config``) with each key's reason as a comment."""
-        lines = ["# medeman plan: a config overlay derived from the dataset fingerprint (medeman plan / plan-less medeman train)."]
+        lines = [
+            "# medeman plan: a config overlay derived from the dataset fingerprint (medeman plan / plan-less medeman train)."
+        ]
         lines += [f"# {note}" for note in self.notes]
         for section in SCHEMA:
             decided = [d for d in self.decisions if d.section == section]
@@ -146,8 +148,10 @@ def target_spacing(summary: dict[str, Any]) -> tuple[list[float], str]:
     aniso_voxels = size_vox[worst] * ANISOTROPY_RATIO < size_vox[others].min()
     if aniso_spacing and aniso_voxels:
         spacing[worst] = max(float(p10[worst]), float(median[others].max()) + 1e-5)
-        reason = (f"median spacing, but axis {'xyz'[worst]} is anisotropic ({median[worst]:.2f} mm > {ANISOTROPY_RATIO:g} x "
-                  f"{median[others].min():.2f} mm and {size_vox[worst]:.0f} voxels < a third of the others): its 10th percentile (nnU-Net)")
+        reason = (
+            f"median spacing, but axis {'xyz'[worst]} is anisotropic ({median[worst]:.2f} mm > {ANISOTROPY_RATIO:g} x "
+            f"{median[others].min():.2f} mm and {size_vox[worst]:.0f} voxels < a third of the others): its 10th percentile (nnU-Net)"
+        )
     else:
         reason = "median spacing of the cohort (nnU-Net)"
     return [round(float(s), 3) for s in spacing], reason
@@ -162,13 +166,17 @@ def rare_classes(summary: dict[str, Any]) -> dict[int, str]:
         if stats["foreground_fraction"] < RARE_FOREGROUND_FRACTION:
             rare[int(name)] = f"{100 * stats['foreground_fraction']:.2f} % of the foreground voxels"
         elif 0 < component < SMALL_COMPONENT_FRACTION * scan_mm3:
-            rare[int(name)] = f"median component {component:.0f} mm^3, under 1/{1 / SMALL_COMPONENT_FRACTION:.0f} of a scan"
+            rare[int(name)] = (
+                f"median component {component:.0f} mm^3, under 1/{1 / SMALL_COMPONENT_FRACTION:.0f} of a scan"
+            )
     return rare
 
 
 def smallest_structure_mm(summary: dict[str, Any]) -> float:
     """Diameter (mm) of a sphere as large as the 5th-percentile component of the smallest class."""
-    volumes = [s["component_volume_mm3"]["p05"] for s in summary["classes"].values() if s["component_volume_mm3"]["p05"] > 0]
+    volumes = [
+        s["component_volume_mm3"]["p05"] for s in summary["classes"].values() if s["component_volume_mm3"]["p05"] > 0
+    ]
     if not volumes:
         return math.inf
     return float((6.0 * min(volumes) / math.pi) ** (1.0 / 3.0))
@@ -237,7 +245,11 @@ def time_training_steps(cfg: dict, steps: int = 5, device: str = "cpu", warmup: 
     optimizer = module.configure_optimizers()["optimizer"]
     data = cfg["data"]
     patch = [int(s) for s in data["patch_size"]]
-    n_lab, n_unl, channels = int(data["batch_size_labeled"]), int(data["batch_size_unlabeled"]), int(data["in_channels"])
+    n_lab, n_unl, channels = (
+        int(data["batch_size_labeled"]),
+        int(data["batch_size_unlabeled"]),
+        int(data["in_channels"]),
+    )
     label = torch.randint(0, int(data["num_classes"]), (n_lab, 1, *patch), device=device).float()
     batch: dict[str, Any] = {"labeled": {"image": torch.randn(n_lab, channels, *patch, device=device), "label": label}}
     if module.method.uses_unlabeled:
@@ -258,9 +270,15 @@ def time_training_steps(cfg: dict, steps: int = 5, device: str = "cpu", warmup: 
     return float(np.median(times))
 
 
-def make_plan(summary: dict[str, Any], *, device: str = "cpu", memory_gb: float | None = None,
-              time_budget_s: float | None = None, has_unlabeled: bool | None = None,
-              step_timer: StepTimer | None = None) -> Plan:
+def make_plan(
+    summary: dict[str, Any],
+    *,
+    device: str = "cpu",
+    memory_gb: float | None = None,
+    time_budget_s: float | None = None,
+    has_unlabeled: bool | None = None,
+    step_timer: StepTimer | None = None,
+) -> Plan:
     """Plan a training recipe from a fingerprint summary (:func:`medeman.fingerprint.summarize`).
 
     Args:
@@ -285,10 +303,12 @@ def make_plan(summary: dict[str, Any], *, device: str = "cpu", memory_gb: float 
     memory = float(memory_gb if memory_gb is not None else (8.0 if gpu else 4.0))
     unlabeled = summary["num_unlabeled"] > 0 if has_unlabeled is None else has_unlabeled
     num_classes = int(summary["num_classes"])
-    plan.notes.append(f"fingerprint: {summary['num_labeled']} labeled, {summary['num_unlabeled']} unlabeled scans; "
-                      f"median spacing {_mm(summary['median_spacing'])} mm, median shape {summary['median_shape']}, "
-                      f"modality guess {summary['modality_guess']}; planned for {device}, {memory:g} GB"
-                      + (f", time budget {time_budget_s:.0f} s" if time_budget_s else ""))
+    plan.notes.append(
+        f"fingerprint: {summary['num_labeled']} labeled, {summary['num_unlabeled']} unlabeled scans; "
+        f"median spacing {_mm(summary['median_spacing'])} mm, median shape {summary['median_shape']}, "
+        f"modality guess {summary['modality_guess']}; planned for {device}, {memory:g} GB"
+        + (f", time budget {time_budget_s:.0f} s" if time_budget_s else "")
+    )
 
     # ---- spacing
     spacing, reason = target_spacing(summary)
@@ -301,13 +321,20 @@ def make_plan(summary: dict[str, Any], *, device: str = "cpu", memory_gb: float 
         finest_allowed = smallest_structure_mm(summary) / MIN_VOXELS_ACROSS
         factor = max(1.0, min(coarse, finest_allowed / min(spacing)))
         if factor > 1.0:
-            if max(spacing) > ANISOTROPY_RATIO * min(spacing):  # thick slices stay: only the fine axes are coarsened, up to them
+            if max(spacing) > ANISOTROPY_RATIO * min(
+                spacing
+            ):  # thick slices stay: only the fine axes are coarsened, up to them
                 spacing = [round(min(s * factor, max(s, max(spacing))), 2) for s in spacing]
             else:
                 spacing = [round(s * factor, 2) for s in spacing]
-            reason += (f", coarsened x{factor:.2f} for a CPU: the median scan becomes ~{np.prod(size_mm / spacing) ** (1 / 3):.0f}^3 voxels"
-                       + (f"; no coarser, so a {smallest_structure_mm(summary):.1f} mm structure stays {MIN_VOXELS_ACROSS:g} voxels across"
-                          if factor < coarse else ""))
+            reason += (
+                f", coarsened x{factor:.2f} for a CPU: the median scan becomes ~{np.prod(size_mm / spacing) ** (1 / 3):.0f}^3 voxels"
+                + (
+                    f"; no coarser, so a {smallest_structure_mm(summary):.1f} mm structure stays {MIN_VOXELS_ACROSS:g} voxels across"
+                    if factor < coarse
+                    else ""
+                )
+            )
     plan.set("data", "spacing", spacing, reason)
     shape_vox = np.asarray(summary["median_size_mm"], dtype=float) / np.asarray(spacing)
 
@@ -357,26 +384,51 @@ def make_plan(summary: dict[str, Any], *, device: str = "cpu", memory_gb: float 
         recipe, steps, seconds = chosen
         plan.notes.append("timed candidates (largest first): " + "; ".join(timed))
         steps = max(steps, 1)
-        steps_reason = (f"{seconds:.3f} s per timed step fills {1 - TIME_OVERHEAD:.0%} of the {time_budget_s:.0f} s budget "
-                        f"(the rest: caching, validations, export)")
+        steps_reason = (
+            f"{seconds:.3f} s per timed step fills {1 - TIME_OVERHEAD:.0%} of the {time_budget_s:.0f} s budget "
+            f"(the rest: caching, validations, export)"
+        )
         size_reason = f"the largest candidate that gets {MIN_STEPS} steps in the time budget"
     else:
         recipe = candidates[0]
         steps = DEFAULT_GPU_STEPS if gpu else DEFAULT_CPU_STEPS
-        steps_reason = "no --time-budget: " + ("the schema's GPU default" if gpu else "a CPU run of tens of minutes at this size")
+        steps_reason = "no --time-budget: " + (
+            "the schema's GPU default" if gpu else "a CPU run of tens of minutes at this size"
+        )
         size_reason = memory_reason if gpu else "the 48^3-voxel CPU recipe (no --time-budget to time against)"
-    plan.set("data", "patch_size", recipe.patch, f"median shape {np.round(shape_vox).astype(int).tolist()} voxels at this spacing, shrunk to fit: {size_reason}")
-    plan.set("model", "name", "unet", "MONAI UNet with BatchNorm: EMAN averages BatchNorm statistics (nnU-Net uses InstanceNorm)")
-    plan.set("model", "channels", recipe.channels,
-             f"{len(recipe.channels)} levels: the patch halved down to >= 4 voxels at the bottleneck (nnU-Net); {recipe.channels[0]} features doubling per level, capped at {cap}")
-    plan.set("model", "num_res_units", recipe.num_res_units, "two residual units per block on a GPU, one on a CPU (half the step time)")
+    plan.set(
+        "data",
+        "patch_size",
+        recipe.patch,
+        f"median shape {np.round(shape_vox).astype(int).tolist()} voxels at this spacing, shrunk to fit: {size_reason}",
+    )
+    plan.set(
+        "model",
+        "name",
+        "unet",
+        "MONAI UNet with BatchNorm: EMAN averages BatchNorm statistics (nnU-Net uses InstanceNorm)",
+    )
+    plan.set(
+        "model",
+        "channels",
+        recipe.channels,
+        f"{len(recipe.channels)} levels: the patch halved down to >= 4 voxels at the bottleneck (nnU-Net); {recipe.channels[0]} features doubling per level, capped at {cap}",
+    )
+    plan.set(
+        "model",
+        "num_res_units",
+        recipe.num_res_units,
+        "two residual units per block on a GPU, one on a CPU (half the step time)",
+    )
     _common(plan, summary, unlabeled, batch, num_classes, rare, gpu)
     plan.set("train", "max_steps", steps, steps_reason)
     _schedules(plan, steps, unlabeled, rare)
     return plan
 
 
-def _candidate_config(plan: Plan, recipe: Recipe, num_classes: int, summary: dict, unlabeled: bool, batch: int, gpu: bool) -> dict:
+def _candidate_config(
+    plan: Plan, recipe: Recipe, num_classes: int, summary: dict, unlabeled: bool, batch: int, gpu: bool
+) -> dict:
     trial = Plan(list(plan.decisions))
     trial.set("data", "patch_size", recipe.patch, "")
     trial.set("model", "channels", recipe.channels, "")
@@ -385,19 +437,35 @@ def _candidate_config(plan: Plan, recipe: Recipe, num_classes: int, summary: dic
     return trial.config()
 
 
-def _common(plan: Plan, summary: dict, unlabeled: bool, batch: int, num_classes: int, rare: dict[int, str], gpu: bool) -> None:
+def _common(
+    plan: Plan, summary: dict, unlabeled: bool, batch: int, num_classes: int, rare: dict[int, str], gpu: bool
+) -> None:
     """The decisions that do not depend on the recipe's size: classes, intensities, batches, sampling, method."""
     plan.set("data", "num_classes", num_classes, f"label values 0..{num_classes - 1} found in the labeled cases")
     intensity = summary["intensity"]
     if summary["modality_guess"] == "CT":
         window = [round(intensity["p00_5"], 1), round(intensity["p99_5"], 1)]
         plan.set("data", "modality", "CT", f"intensities in Hounsfield units (minimum {intensity['min']:.0f})")
-        plan.set("data", "intensity_window", window,
-                 "foreground 0.5-99.5 percentiles (nnU-Net's CT clip), scaled to [0, 1]: an affine map of nnU-Net's z-score "
-                 "that the first convolution and BatchNorm absorb, in the units of medeman's strong-view noise")
+        plan.set(
+            "data",
+            "intensity_window",
+            window,
+            "foreground 0.5-99.5 percentiles (nnU-Net's CT clip), scaled to [0, 1]: an affine map of nnU-Net's z-score "
+            "that the first convolution and BatchNorm absorb, in the units of medeman's strong-view noise",
+        )
     else:
-        plan.set("data", "modality", "MR", "no Hounsfield units: each scan z-scored on its own foreground (nnU-Net's MR rule)")
-    plan.set("data", "batch_size_labeled", batch, "2 labeled patches per step: nnU-Net's minimum, and BatchNorm needs more than one")
+        plan.set(
+            "data",
+            "modality",
+            "MR",
+            "no Hounsfield units: each scan z-scored on its own foreground (nnU-Net's MR rule)",
+        )
+    plan.set(
+        "data",
+        "batch_size_labeled",
+        batch,
+        "2 labeled patches per step: nnU-Net's minimum, and BatchNorm needs more than one",
+    )
     if unlabeled:
         plan.set("data", "batch_size_unlabeled", batch, "as many unlabeled as labeled patches")
     if not gpu:
@@ -407,31 +475,76 @@ def _common(plan: Plan, summary: dict, unlabeled: bool, batch: int, num_classes:
         for c in rare:
             ratios[c] = 3
         listed = "; ".join(f"class {c}: {why}" for c, why in sorted(rare.items()))
-        plan.set("data", "class_ratios", ratios, f"rare classes ({listed}) centre 3 times as many patches (configs/lesion.yaml)")
+        plan.set(
+            "data",
+            "class_ratios",
+            ratios,
+            f"rare classes ({listed}) centre 3 times as many patches (configs/lesion.yaml)",
+        )
         weights = [1] * num_classes
         for c in rare:
             weights[c] = 10
-        plan.set("train", "ce_class_weights", weights, "rare classes weigh 10 in the cross-entropy (configs/lesion.yaml: a lesion unlearned after 600 steps without it)")
+        plan.set(
+            "train",
+            "ce_class_weights",
+            weights,
+            "rare classes weigh 10 in the cross-entropy (configs/lesion.yaml: a lesion unlearned after 600 steps without it)",
+        )
     else:
-        plan.set("data", "class_ratios", None, "no rare class: the nnU-Net rule (data.fg_class_fraction of the patches on a foreground class)")
-    plan.set("train", "batch_dice", True, "Dice over the whole batch (nnU-Net): a patch without a class does not dilute it"
-             + (" - needed for the rare classes" if rare else ""))
+        plan.set(
+            "data",
+            "class_ratios",
+            None,
+            "no rare class: the nnU-Net rule (data.fg_class_fraction of the patches on a foreground class)",
+        )
+    plan.set(
+        "train",
+        "batch_dice",
+        True,
+        "Dice over the whole batch (nnU-Net): a patch without a class does not dilute it"
+        + (" - needed for the rare classes" if rare else ""),
+    )
     method = "mean_teacher" if unlabeled else "supervised"
-    plan.set("ssl", "method", method, "unlabeled scans given: mean teacher with an EMAN teacher" if unlabeled else "no unlabeled scans: supervised")
+    plan.set(
+        "ssl",
+        "method",
+        method,
+        "unlabeled scans given: mean teacher with an EMAN teacher" if unlabeled else "no unlabeled scans: supervised",
+    )
     if not gpu:
         plan.set("train", "lr", 0.003, "short CPU runs: the sample and lesion recipes' measured learning rate")
-        plan.set("infer", "overlap", 0.25, "sliding-window overlap 0.25 on a CPU: validation and inference in half the time of 0.5")
+        plan.set(
+            "infer",
+            "overlap",
+            0.25,
+            "sliding-window overlap 0.25 on a CPU: validation and inference in half the time of 0.5",
+        )
 
 
 def _schedules(plan: Plan, steps: int, unlabeled: bool, rare: dict[int, str]) -> None:
     """Step-based keys scaled to the run (the lesion recipe's proportions)."""
     # warm-up, ramp-up and the EMA windows are the schema's fractions of train.max_steps (medeman.schedules): not set here
-    plan.set("train", "val_every_steps", max(1, steps // 5), "5 validations a run (the deployed teacher is the final-step one)")
+    plan.set(
+        "train",
+        "val_every_steps",
+        max(1, steps // 5),
+        "5 validations a run (the deployed teacher is the final-step one)",
+    )
     if unlabeled:
         if rare:
-            plan.set("data", "unlabeled_focus_fraction", 0.5, "half the unlabeled patches centred where the teacher sees a rare class")
+            plan.set(
+                "data",
+                "unlabeled_focus_fraction",
+                0.5,
+                "half the unlabeled patches centred where the teacher sees a rare class",
+            )
             plan.set("data", "unlabeled_focus_classes", sorted(rare), "the rare classes")
-            plan.set("data", "unlabeled_focus_every_steps", max(1, steps // 4), "the teacher's rare-class map refreshed 4 times a run")
+            plan.set(
+                "data",
+                "unlabeled_focus_every_steps",
+                max(1, steps // 4),
+                "the teacher's rare-class map refreshed 4 times a run",
+            )
 
 
 def _mm(values: Sequence[float]) -> str:

@@ -62,8 +62,9 @@ def _mean_dice(cases: list[_Components], volumes: Sequence[float], min_mm3: floa
     return float(np.mean([_dice(comp, _kept(comp, min_mm3 / v, keep_largest)) for comp, v in zip(cases, volumes)]))
 
 
-def learn_postprocessing(predictions: Sequence[np.ndarray], references: Sequence[np.ndarray], voxel_mm3: Sequence[float],
-                         num_classes: int) -> dict[str, Any]:
+def learn_postprocessing(
+    predictions: Sequence[np.ndarray], references: Sequence[np.ndarray], voxel_mm3: Sequence[float], num_classes: int
+) -> dict[str, Any]:
     """Per class, the component rules that maximise mean validation Dice (ties: the mildest rule).
 
     Args:
@@ -93,8 +94,12 @@ def learn_postprocessing(predictions: Sequence[np.ndarray], references: Sequence
             score = _mean_dice(cases, voxel_mm3, best_mm3, k)
             if score > best + 1e-12:
                 keep, best = k, score
-        rules[str(c)] = {"min_volume_mm3": round(best_mm3, 3), "keep_largest": keep,
-                         "dice_before": round(before, 6), "dice_after": round(best, 6)}
+        rules[str(c)] = {
+            "min_volume_mm3": round(best_mm3, 3),
+            "keep_largest": keep,
+            "dice_before": round(before, 6),
+            "dice_after": round(best, 6),
+        }
     return {"classes": rules}
 
 
@@ -163,8 +168,12 @@ def describe(rules: dict[str, Any] | None) -> str:
         rule = []
         if r["min_volume_mm3"] > 0:
             volume = r["min_volume_mm3"]
-            rule.append(f"drop components < {volume:.0f} mm^3" if volume >= 100 else f"drop components < {volume:.3g} mm^3")
+            rule.append(
+                f"drop components < {volume:.0f} mm^3" if volume >= 100 else f"drop components < {volume:.3g} mm^3"
+            )
         if r["keep_largest"] > 0:
             rule.append(f"keep the {r['keep_largest']} largest")
-        lines.append(f"class {c}: {', '.join(rule) or 'none'} (validation Dice {r['dice_before']:.3f} -> {r['dice_after']:.3f})")
+        lines.append(
+            f"class {c}: {', '.join(rule) or 'none'} (validation Dice {r['dice_before']:.3f} -> {r['dice_after']:.3f})"
+        )
     return "; ".join(lines)

@@ -91,8 +91,14 @@ def predict_volume(
     x = x.to(device=device, dtype=torch.float32)[None]
     with torch.inference_mode():
         probs = sliding_window_inference(
-            x, roi_size=[int(s) for s in cfg["data"]["patch_size"]], sw_batch_size=sw_batch_size,
-            predictor=predictor, overlap=overlap, mode="gaussian", sw_device=device, device=device,
+            x,
+            roi_size=[int(s) for s in cfg["data"]["patch_size"]],
+            sw_batch_size=sw_batch_size,
+            predictor=predictor,
+            overlap=overlap,
+            mode="gaussian",
+            sw_device=device,
+            device=device,
         )
     probs = probs.as_tensor() if isinstance(probs, MetaTensor) else probs
     return probs[0].float()
@@ -116,10 +122,12 @@ def invert_to_input(probs: torch.Tensor, image: MetaTensor, transform) -> torch.
     if axes is None:
         return _invertd(probs, image, transform)
     # one channel at a time bounds the memory to about two scan-sized float volumes
-    return torch.cat([resample_separable(probs[c:c + 1], order_axes(axes), axes) for c in range(probs.shape[0])])
+    return torch.cat([resample_separable(probs[c : c + 1], order_axes(axes), axes) for c in range(probs.shape[0])])
 
 
-def labels_on_input(probs: torch.Tensor, image: MetaTensor, transform, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+def labels_on_input(
+    probs: torch.Tensor, image: MetaTensor, transform, dtype: torch.dtype = torch.uint8
+) -> torch.Tensor:
     """The class map on the scan's grid: the argmax of :func:`invert_to_input`'s probabilities, faster.
 
     Interpolation is linear, so the argmax of the resampled probabilities is the argmax of
@@ -140,7 +148,7 @@ def labels_on_input(probs: torch.Tensor, image: MetaTensor, transform, dtype: to
     *first, last = order_axes(axes) or [None]
     best = labels = None
     for c in range(1, probs.shape[0]):
-        score = resample_separable(probs[c:c + 1] - probs[:1], first, permute=None)
+        score = resample_separable(probs[c : c + 1] - probs[:1], first, permute=None)
         if last is not None:
             score = lerp_axis(score, last)
         score = score[0].permute(*(a.source for a in axes))

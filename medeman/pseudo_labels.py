@@ -48,7 +48,9 @@ def class_confidence(teacher_probs: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return stats, counts, labels
 
 
-def class_thresholds(global_confidence: torch.Tensor, class_confidences: torch.Tensor, cap: float = 1.0) -> torch.Tensor:
+def class_thresholds(
+    global_confidence: torch.Tensor, class_confidences: torch.Tensor, cap: float = 1.0
+) -> torch.Tensor:
     """FreeMatch's per-class thresholds ``min(cap, tau * p~(c) / max p~)`` (``MaxNorm`` of the class statistic)."""
     return (global_confidence * class_confidences / class_confidences.max().clamp_min(1e-12)).clamp(max=cap)
 

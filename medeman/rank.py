@@ -62,7 +62,10 @@ from medeman.rank_scores import (
 from medeman.threads import apply_threads, choose_threads
 
 OUTPUTS = ("ranking.csv", "uncertainty", "png")
-DISAGREEMENT_COLUMNS = ("disagree_c*", "argmax_differs")  # need a teacher-student pair (rank_scores.disagreement_scores)
+DISAGREEMENT_COLUMNS = (
+    "disagree_c*",
+    "argmax_differs",
+)  # need a teacher-student pair (rank_scores.disagreement_scores)
 
 
 @dataclass
@@ -94,16 +97,20 @@ def load_student(model: str | Path, cfg: dict, device: str | torch.device = "cpu
     try:
         payload = torch.load(str(path), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError) as err:
-        raise ModelFileError(f"{path}: refused: not a checkpoint that loads safely with weights_only=True ({load_error_reason(err)})") from None
+        raise ModelFileError(
+            f"{path}: refused: not a checkpoint that loads safely with weights_only=True ({load_error_reason(err)})"
+        ) from None
     state = payload.get("state_dict", {}) if isinstance(payload, dict) else {}
-    weights = {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
+    weights = {k[len("student.") :]: v for k, v in state.items() if k.startswith("student.")}
     if not weights:
         raise ModelFileError(f"{path}: no student weights (student.*) in this checkpoint")
     net = build_network(cfg)
     try:
         net.load_state_dict(weights)
     except RuntimeError as err:
-        raise ModelFileError(f"{path}: the student does not fit the teacher's config: {str(err).splitlines()[0]}") from None
+        raise ModelFileError(
+            f"{path}: the student does not fit the teacher's config: {str(err).splitlines()[0]}"
+        ) from None
     return net.to(device).eval()
 
 
@@ -127,9 +134,11 @@ def bottleneck_module(net: nn.Module, cfg: dict) -> nn.Module:
     found: list[tuple[int, int, int, nn.Module]] = []
     hooks = []
     for order, (_, module) in enumerate(net.named_modules()):
+
         def record(mod, inputs, output, order=order):
             if isinstance(output, torch.Tensor) and output.ndim == 5:
                 found.append((int(np.prod(output.shape[2:])), -int(output.shape[1]), order, mod))
+
         hooks.append(module.register_forward_hook(record))
     try:
         device = next(net.parameters()).device
@@ -144,9 +153,18 @@ def bottleneck_module(net: nn.Module, cfg: dict) -> nn.Module:
 # --------------------------------------------------------------------------- one scan
 
 
-def score_case(case: Case, teacher: nn.Module, student: nn.Module | None, cfg: dict, transform, *,
-               tta: bool = False, device: torch.device | str = "cpu", bottleneck: nn.Module | None = None,
-               postprocessing: dict | None = None) -> tuple[dict[str, float], torch.Tensor, torch.Tensor, np.ndarray]:
+def score_case(
+    case: Case,
+    teacher: nn.Module,
+    student: nn.Module | None,
+    cfg: dict,
+    transform,
+    *,
+    tta: bool = False,
+    device: torch.device | str = "cpu",
+    bottleneck: nn.Module | None = None,
+    postprocessing: dict | None = None,
+) -> tuple[dict[str, float], torch.Tensor, torch.Tensor, np.ndarray]:
     """Scores of one scan on its own grid.
 
     Returns:
@@ -159,10 +177,16 @@ def score_case(case: Case, teacher: nn.Module, student: nn.Module | None, cfg: d
     image = preprocess_case(case, cfg, transform)
 
     pooled: list[torch.Tensor] = []
-    hook = bottleneck.register_forward_hook(lambda m, i, out: pooled.append(out.float().mean(dim=(2, 3, 4)).cpu())) if bottleneck else None
+    hook = (
+        bottleneck.register_forward_hook(lambda m, i, out: pooled.append(out.float().mean(dim=(2, 3, 4)).cpu()))
+        if bottleneck
+        else None
+    )
     try:
         if tta:  # each mirroring separately, for the variance across them; their mean is infer --tta
-            flips = torch.stack([predict_volume(_Mirrored(teacher, dims), image, cfg, device=device) for dims in TTA_FLIPS])
+            flips = torch.stack(
+                [predict_volume(_Mirrored(teacher, dims), image, cfg, device=device) for dims in TTA_FLIPS]
+            )
             channels = [flips.mean(dim=0), flip_variance(flips)[None]]
         else:
             channels = [predict_volume(teacher, image, cfg, device=device)]
@@ -259,20 +283,28 @@ def rank_cases(
         method = cfg["ssl"]["method"]
         if not issubclass(METHODS.get(method, TeacherMethod), TeacherMethod):  # its teacher.pt is the student itself
             student = None
-            tqdm.write(f"note: {model}: a {method} model has no teacher-student pair, so the disagreement scores "
-                       f"({', '.join(DISAGREEMENT_COLUMNS)}) need one and are left out", file=sys.stderr)
+            tqdm.write(
+                f"note: {model}: a {method} model has no teacher-student pair, so the disagreement scores "
+                f"({', '.join(DISAGREEMENT_COLUMNS)}) need one and are left out",
+                file=sys.stderr,
+            )
         else:
             student = load_student(model, cfg, device)
             if student is None:
-                tqdm.write(f"warning: {model}: no checkpoints/last.ckpt, so no student: the disagreement scores "
-                           f"({', '.join(DISAGREEMENT_COLUMNS)}) are left out", file=sys.stderr)
+                tqdm.write(
+                    f"warning: {model}: no checkpoints/last.ckpt, so no student: the disagreement scores "
+                    f"({', '.join(DISAGREEMENT_COLUMNS)}) are left out",
+                    file=sys.stderr,
+                )
     else:
         teacher, cfg = model
         rules = None
         teacher = teacher.to(device).eval()
         student = student.to(device).eval() if student is not None else None
     if strategy == "disagreement" and student is None:
-        raise ValueError("strategy 'disagreement' needs the run's student (checkpoints/last.ckpt of a run with a teacher-student pair)")
+        raise ValueError(
+            "strategy 'disagreement' needs the run's student (checkpoints/last.ckpt of a run with a teacher-student pair)"
+        )
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         _prepare(out, overwrite)
@@ -291,8 +323,17 @@ def rank_cases(
         for case in bar:
             bar.set_postfix_str(case.case_id)
             try:
-                values, entropy, mask, embedding = score_case(case, teacher, student, cfg, transform, tta=tta,
-                                                               device=device, bottleneck=bottleneck, postprocessing=rules)
+                values, entropy, mask, embedding = score_case(
+                    case,
+                    teacher,
+                    student,
+                    cfg,
+                    transform,
+                    tta=tta,
+                    device=device,
+                    bottleneck=bottleneck,
+                    postprocessing=rules,
+                )
             except CaseError as err:
                 problems.append(str(err))
                 tqdm.write(f"error: {err}", file=sys.stderr)
@@ -374,12 +415,26 @@ def _draw(row: dict, item: ScanScores, png_dir: Path, names: dict[int, str]) -> 
     title = f"#{row['rank']} {row['case']}   score {row['score']:.3f}   entropy {row['entropy_mean']:.3f} (foreground {row['entropy_fg']:.3f})"
     if not math.isnan(row["argmax_differs"]):
         title += f"   teacher and student differ on {row['argmax_differs']:.2%} of voxels"
-    return save_uncertainty_figure(png_dir / f"{row['rank']:03d}_{row['case']}.png", image, saved["mask"],
-                                   saved["entropy"].astype(np.float32), affine, title, names)
+    return save_uncertainty_figure(
+        png_dir / f"{row['rank']:03d}_{row['case']}.png",
+        image,
+        saved["mask"],
+        saved["entropy"].astype(np.float32),
+        affine,
+        title,
+        names,
+    )
 
 
-def save_uncertainty_figure(path: str | Path, image: np.ndarray, mask: np.ndarray, uncertainty: np.ndarray,
-                            affine: np.ndarray, title: str = "", names: dict[int, str] | None = None) -> Path:
+def save_uncertainty_figure(
+    path: str | Path,
+    image: np.ndarray,
+    mask: np.ndarray,
+    uncertainty: np.ndarray,
+    affine: np.ndarray,
+    title: str = "",
+    names: dict[int, str] | None = None,
+) -> Path:
     """A PNG of the most uncertain axial, coronal and sagittal slice: scan, uncertainty heat map, teacher contours.
 
     Each plane is cut where the summed uncertainty over that slice is highest, so the picture shows
@@ -404,17 +459,31 @@ def save_uncertainty_figure(path: str | Path, image: np.ndarray, mask: np.ndarra
     aspects = (sy / sx, sz / sx, sz / sy)
     view_titles = (f"axial z={centre[2]}", f"coronal y={centre[1]}", f"sagittal x={centre[0]}")
     heat = None
-    for ax, name, aspect, under, u, s in zip(axes, view_titles, aspects, _views(img, centre), _views(unc, centre), _views(seg, centre)):
-        ax.imshow(under, cmap="gray", vmin=low, vmax=high if high > low else low + 1, aspect=aspect, interpolation="nearest")
+    for ax, name, aspect, under, u, s in zip(
+        axes, view_titles, aspects, _views(img, centre), _views(unc, centre), _views(seg, centre)
+    ):
+        ax.imshow(
+            under, cmap="gray", vmin=low, vmax=high if high > low else low + 1, aspect=aspect, interpolation="nearest"
+        )
         # near-zero doubt is left transparent so the anatomy stays readable
-        heat = ax.imshow(np.ma.masked_less(u, 0.05), cmap="inferno", vmin=0.0, vmax=1.0, alpha=0.65, aspect=aspect,
-                         interpolation="nearest")
+        heat = ax.imshow(
+            np.ma.masked_less(u, 0.05),
+            cmap="inferno",
+            vmin=0.0,
+            vmax=1.0,
+            alpha=0.65,
+            aspect=aspect,
+            interpolation="nearest",
+        )
         for i, c in enumerate(classes):
             if (s == c).any():
                 ax.contour(s == c, levels=[0.5], colors=[COLOURS[i % len(COLOURS)]], linewidths=1.4)
         ax.set_title(name)
         ax.set_axis_off()
-    handles = [Line2D([], [], color=COLOURS[i % len(COLOURS)], label=f"{class_title(c, names)} teacher") for i, c in enumerate(classes)]
+    handles = [
+        Line2D([], [], color=COLOURS[i % len(COLOURS)], label=f"{class_title(c, names)} teacher")
+        for i, c in enumerate(classes)
+    ]
     if handles:
         fig.legend(handles=handles, loc="lower left", ncol=len(handles), frameon=False)
     bar_axes = fig.add_axes((0.55, 0.11, 0.35, 0.025))
@@ -436,20 +505,35 @@ def build_parser() -> argparse.ArgumentParser:
         description="Rank unlabeled scans for annotation by the teacher's doubt and teacher-student disagreement.",
         epilog="strategies: " + "; ".join(f"{name}: {text}" for name, (_, text) in STRATEGIES.items()),
     )
-    parser.add_argument("--model", required=True, help="run folder with teacher.pt (and checkpoints/last.ckpt for the student)")
+    parser.add_argument(
+        "--model", required=True, help="run folder with teacher.pt (and checkpoints/last.ckpt for the student)"
+    )
     parser.add_argument("--unlabeled", required=True, help=f"folder of scans ({', '.join(SUFFIXES)}) or one scan")
     parser.add_argument("--out", required=True, help="folder for ranking.csv, uncertainty/ and png/")
     parser.add_argument("--top", type=int, default=10, help="scans to draw (and to pick with --diverse) (default: 10)")
-    parser.add_argument("--strategy", choices=tuple(STRATEGIES), default=DEFAULT_STRATEGY, help=f"ranking rule (default: {DEFAULT_STRATEGY})")
-    parser.add_argument("--tta", action="store_true", help="teacher over the 8 mirrorings; adds the flip variance (8x slower)")
+    parser.add_argument(
+        "--strategy",
+        choices=tuple(STRATEGIES),
+        default=DEFAULT_STRATEGY,
+        help=f"ranking rule (default: {DEFAULT_STRATEGY})",
+    )
+    parser.add_argument(
+        "--tta", action="store_true", help="teacher over the 8 mirrorings; adds the flip variance (8x slower)"
+    )
     parser.add_argument("--maps", action="store_true", help="write uncertainty/<case>.nii.gz in each scan's geometry")
     parser.add_argument("--png", action="store_true", help="one picture per top-K scan in png/")
-    parser.add_argument("--diverse", action="store_true", help="top K without near-copies: penalise feature similarity to scans already picked")
+    parser.add_argument(
+        "--diverse",
+        action="store_true",
+        help="top K without near-copies: penalise feature similarity to scans already picked",
+    )
     parser.add_argument("--diversity-penalty", type=float, default=1.0, help="weight of that penalty (default: 1.0)")
     parser.add_argument("--seed", type=int, default=0, help="seed of --strategy random (default: 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier ranking in --out")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--threads", type=int, help="torch threads (default: OMP_NUM_THREADS, else the available cores)")
+    parser.add_argument(
+        "--threads", type=int, help="torch threads (default: OMP_NUM_THREADS, else the available cores)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
@@ -460,9 +544,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         apply_threads(choose_threads(args.threads))
         rows, problems = rank_cases(
-            args.model, args.unlabeled, args.out, strategy=args.strategy, top=args.top, tta=args.tta, maps=args.maps,
-            png=args.png, diverse=args.diverse, diversity_penalty=args.diversity_penalty, seed=args.seed,
-            overwrite=args.overwrite, device=None if args.device == "auto" else args.device, progress=not args.no_progress,
+            args.model,
+            args.unlabeled,
+            args.out,
+            strategy=args.strategy,
+            top=args.top,
+            tta=args.tta,
+            maps=args.maps,
+            png=args.png,
+            diverse=args.diverse,
+            diversity_penalty=args.diversity_penalty,
+            seed=args.seed,
+            overwrite=args.overwrite,
+            device=None if args.device == "auto" else args.device,
+            progress=not args.no_progress,
         )
     except (ModelFileError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -470,12 +565,20 @@ def main(argv: list[str] | None = None) -> int:
     if not rows and not problems:
         print(f"error: {args.unlabeled}: no scans found ({', '.join(SUFFIXES)})", file=sys.stderr)
         return 1
-    print(f"rank: {len(rows)} scans ranked by {args.strategy}{' (diverse)' if args.diverse else ''}, {len(problems)} failed"
-          f" -> {Path(args.out) / 'ranking.csv'}")
-    for row in rows[:args.top]:
-        differs = f"  argmax_differs {row['argmax_differs']:.4f}" if math.isfinite(row.get("argmax_differs", math.nan)) else ""
-        print(f"  {row['rank']:>3}  {row['case']:<24} score {row['score']:.3f}  entropy_mean {row['entropy_mean']:.4f}"
-              f"  entropy_fg {row['entropy_fg']:.3f}{differs}")
+    print(
+        f"rank: {len(rows)} scans ranked by {args.strategy}{' (diverse)' if args.diverse else ''}, {len(problems)} failed"
+        f" -> {Path(args.out) / 'ranking.csv'}"
+    )
+    for row in rows[: args.top]:
+        differs = (
+            f"  argmax_differs {row['argmax_differs']:.4f}"
+            if math.isfinite(row.get("argmax_differs", math.nan))
+            else ""
+        )
+        print(
+            f"  {row['rank']:>3}  {row['case']:<24} score {row['score']:.3f}  entropy_mean {row['entropy_mean']:.4f}"
+            f"  entropy_fg {row['entropy_fg']:.3f}{differs}"
+        )
     for message in problems:
         print(f"  failed: {message}", file=sys.stderr)
     return 1 if problems else 0

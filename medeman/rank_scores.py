@@ -142,7 +142,10 @@ def _random(rows: Sequence[Mapping[str, float]], rng: np.random.Generator) -> np
 
 # name -> (function(rows, rng) -> score per row, higher = label first; one-line meaning for --help and the README)
 STRATEGIES: dict[str, tuple[Callable[[Sequence[Mapping[str, float]], np.random.Generator], np.ndarray], str]] = {
-    "combined": (_combined, "mean of the rank fractions of entropy_mean (whole scan) and of the mean teacher-student 1-Dice"),
+    "combined": (
+        _combined,
+        "mean of the rank fractions of entropy_mean (whole scan) and of the mean teacher-student 1-Dice",
+    ),
     "entropy": (_entropy, "teacher's mean entropy over its predicted foreground (no foreground first)"),
     "disagreement": (_disagreement_strategy, "mean over classes of teacher-student 1-Dice"),
     "random": (_random, "a random order (seeded): the baseline every strategy must beat"),
@@ -157,7 +160,9 @@ def strategy_scores(rows: Sequence[Mapping[str, float]], strategy: str = DEFAULT
     return np.asarray(STRATEGIES[strategy][0](rows, np.random.default_rng(seed)), dtype=float)
 
 
-def diverse_order(scores: Sequence[float], embeddings: np.ndarray, k: int, penalty: float = 1.0) -> tuple[list[int], list[float]]:
+def diverse_order(
+    scores: Sequence[float], embeddings: np.ndarray, k: int, penalty: float = 1.0
+) -> tuple[list[int], list[float]]:
     """Greedy pick of ``k`` scans by score, penalising similarity to scans already picked.
 
     Each step takes the scan maximising ``rank_fraction(score) - penalty * max(0, max_j cos(e, e_j))``

@@ -35,8 +35,14 @@ class Axis:
     ratio: float  # target length / source length: axes that shrink the volume go first
 
 
-def axis_maps(source_affine, source_shape: Sequence[int], target_affine, target_shape: Sequence[int],
-              device: torch.device | str = "cpu", atol: float = 1e-3) -> list[Axis] | None:
+def axis_maps(
+    source_affine,
+    source_shape: Sequence[int],
+    target_affine,
+    target_shape: Sequence[int],
+    device: torch.device | str = "cpu",
+    atol: float = 1e-3,
+) -> list[Axis] | None:
     """Per target axis, where it samples the source grid; None when the grids are not axis-aligned.
 
     The map from target voxel to source voxel is ``inv(A_source) @ A_target`` (voxel-centre
@@ -70,8 +76,17 @@ def axis_maps(source_affine, source_shape: Sequence[int], target_affine, target_
         weight = (x - lo).astype(np.float32)
         weight[weight < 1e-6] = 0.0  # rounding of an on-grid sample must not make it a two-voxel blend
         identity = n == size[p] and bool(np.array_equal(lo, np.arange(n))) and not weight.any()
-        axes.append(Axis(p, torch.from_numpy(lo).to(device), torch.from_numpy(hi).to(device),
-                          torch.from_numpy(weight).to(device), not weight.any(), identity, n / size[p]))
+        axes.append(
+            Axis(
+                p,
+                torch.from_numpy(lo).to(device),
+                torch.from_numpy(hi).to(device),
+                torch.from_numpy(weight).to(device),
+                not weight.any(),
+                identity,
+                n / size[p],
+            )
+        )
     return axes
 
 

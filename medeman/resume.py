@@ -23,15 +23,27 @@ from medeman.config import ConfigError, SCHEMA, render_yaml
 # Settings that shape the data or the networks (and their saved state): a resume must keep them.
 # Every data.* key is one, less those that only say how the data are loaded.
 LOADING_ONLY = ("data.num_workers", "data.cache", "data.cache_dir")
-FIXED = ("ssl.method", "ssl.teacher_norm", "ssl.pseudo_label_threshold_mode", "train.optimizer",
-         "train.accumulate_grad_batches", "train.seed", "train.deep_supervision", "train.deep_supervision_heads")
+FIXED = (
+    "ssl.method",
+    "ssl.teacher_norm",
+    "ssl.pseudo_label_threshold_mode",
+    "train.optimizer",
+    "train.accumulate_grad_batches",
+    "train.seed",
+    "train.deep_supervision",
+    "train.deep_supervision_heads",
+)
 HISTORY = "# resumed at step"
 
 
 def changed_settings(saved: dict, cfg: dict) -> dict[str, tuple[Any, Any]]:
     """``{"section.key": (saved value, new value)}`` for every key whose value differs."""
-    return {f"{section}.{key}": (saved[section][key], cfg[section][key])
-            for section, options in SCHEMA.items() for key in options if saved[section][key] != cfg[section][key]}
+    return {
+        f"{section}.{key}": (saved[section][key], cfg[section][key])
+        for section, options in SCHEMA.items()
+        for key in options
+        if saved[section][key] != cfg[section][key]
+    }
 
 
 def is_fixed(key: str) -> bool:
@@ -50,8 +62,10 @@ def check_resume(run_dir: Path, saved: dict, cfg: dict) -> dict[str, tuple[Any, 
     refused = {key: values for key, values in changes.items() if is_fixed(key)}
     if refused:
         listed = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in refused.items())
-        raise ConfigError(f"cannot resume {run_dir}: data or model settings differ from its config.yaml ({listed}); "
-                          "resume with them unchanged, or start a new run (another --out, or --overwrite)")
+        raise ConfigError(
+            f"cannot resume {run_dir}: data or model settings differ from its config.yaml ({listed}); "
+            "resume with them unchanged, or start a new run (another --out, or --overwrite)"
+        )
     return changes
 
 
@@ -60,7 +74,9 @@ def record_resume(path: Path, cfg: dict, changes: dict[str, tuple[Any, Any]], st
     text = path.read_text(encoding="utf-8") if path.is_file() else ""
     history = [line for line in text.splitlines() if line.startswith(HISTORY)]
     if changes:
-        history.append(f"{HISTORY} {step}: " + ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items()))
+        history.append(
+            f"{HISTORY} {step}: " + ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items())
+        )
     path.write_text("\n".join(history) + ("\n" if history else "") + render_yaml(cfg), encoding="utf-8")
 
 
@@ -132,10 +148,18 @@ class CadenceCheckpoint(ModelCheckpoint):
     """
 
     def __init__(self, dirpath: Path, every: int):
-        super().__init__(dirpath=dirpath, filename="last", monitor=None, save_top_k=1, enable_version_counter=False,
-                         every_n_train_steps=every)
+        super().__init__(
+            dirpath=dirpath,
+            filename="last",
+            monitor=None,
+            save_top_k=1,
+            enable_version_counter=False,
+            every_n_train_steps=every,
+        )
 
-    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if batch_idx + 1 < trainer.num_training_batches:
             super().on_train_batch_end(trainer, module, outputs, batch, batch_idx)
 

@@ -51,10 +51,14 @@ SCANNERS = (
 )
 # A scanner no labeled case comes from (``make_cohort(unseen_every=N)``): miscalibrated by +150 HU,
 # twice the noise and more blur, so a model trained on A-C is genuinely unsure on its scans.
-UNSEEN_SCANNER = Scanner("D", ((2.4, 2.4, 2.4), (2.0, 2.0, 3.2)), "RAS", (25.0, 35.0), 1.0, (20.0, 40.0), hu_offset=150.0)
+UNSEEN_SCANNER = Scanner(
+    "D", ((2.4, 2.4, 2.4), (2.0, 2.0, 3.2)), "RAS", (25.0, 35.0), 1.0, (20.0, 40.0), hu_offset=150.0
+)
 
 
-def _affine(shape: tuple[int, ...], spacing: tuple[float, ...], orientation: str, shift: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def _affine(
+    shape: tuple[int, ...], spacing: tuple[float, ...], orientation: str, shift: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
     """Voxel-to-RAS affine centring the field of view on the table position ``shift``."""
     signs = {"RAS": (1.0, 1.0, 1.0)}.get(orientation, (-1.0, -1.0, 1.0))
     linear = np.diag(np.asarray(signs) * np.asarray(spacing))
@@ -74,13 +78,15 @@ def _world_grid(shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
     return ijk @ affine[:3, :3].T.astype(np.float32) + affine[:3, 3].astype(np.float32)
 
 
-def _blob(p: np.ndarray, centre, radii, rng: np.random.Generator, wobble: float = 0.15, angle: float = 0.0) -> np.ndarray:
+def _blob(
+    p: np.ndarray, centre, radii, rng: np.random.Generator, wobble: float = 0.15, angle: float = 0.0
+) -> np.ndarray:
     """Inside of a randomly deformed, rotated (about z) ellipsoid: low-frequency ripples change its shape."""
     c, s = np.cos(angle), np.sin(angle)
     d = p - np.asarray(centre, dtype=np.float32)
     local = np.stack([c * d[..., 0] + s * d[..., 1], -s * d[..., 0] + c * d[..., 1], d[..., 2]], axis=-1)
     q = local / np.asarray(radii, dtype=np.float32)
-    f = (q ** 2).sum(-1)
+    f = (q**2).sum(-1)
     for _ in range(3):
         w = rng.normal(size=3).astype(np.float32) * 1.5
         f = f + wobble * rng.uniform(0.3, 1.0) * np.sin(q @ w + rng.uniform(0, 2 * np.pi))
@@ -114,7 +120,9 @@ def _add_lesions(rng: np.random.Generator, p: np.ndarray, hu: np.ndarray, label:
         label[lesion] = LESION_LABEL
 
 
-def make_case(rng: np.random.Generator, scanner: Scanner, lesions: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def make_case(
+    rng: np.random.Generator, scanner: Scanner, lesions: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Render one phantom: ``(image int16 HU, label uint8, affine)``; with ``lesions``, liver lesions labeled 3."""
     spacing = np.asarray(scanner.spacings[rng.integers(len(scanner.spacings))]) * rng.uniform(0.95, 1.05, 3)
     spacing = np.round(spacing, 3)
@@ -144,30 +152,55 @@ def make_case(rng: np.random.Generator, scanner: Scanner, lesions: bool = False)
     vertebra = ((x - cx) ** 2 + (y - spine_y) ** 2) <= rng.uniform(6, 8) ** 2
     disc = np.cos(2 * np.pi * z / rng.uniform(22, 28)) > 0.8
     hu[vertebra] = np.where(disc[vertebra], 80.0, rng.uniform(250, 400))
-    hu[((x - cx) ** 2 + (y - spine_y) ** 2 <= 9.5 ** 2) & ~vertebra] = 700.0  # cortical shell
+    hu[((x - cx) ** 2 + (y - spine_y) ** 2 <= 9.5**2) & ~vertebra] = 700.0  # cortical shell
     for side in (-1, 1):  # paraspinal muscles
         hu[((x - cx - side * 14) / 9) ** 2 + ((y - spine_y + 1) / 6) ** 2 <= 1] = 50.0
     aorta = (x - cx - 3) ** 2 + (y - spine_y - 13) ** 2 <= rng.uniform(4, 6) ** 2
     hu[aorta] = 40 + 3 * enhancement
     for _ in range(rng.integers(2, 6)):  # bowel gas
-        gas = _blob(p, (cx + rng.uniform(-25, 15), cy + rng.uniform(0, b0 * 0.6), rng.uniform(-40, 40)), rng.uniform(3, 7, 3), rng, 0.3)
+        gas = _blob(
+            p,
+            (cx + rng.uniform(-25, 15), cy + rng.uniform(0, b0 * 0.6), rng.uniform(-40, 40)),
+            rng.uniform(3, 7, 3),
+            rng,
+            0.3,
+        )
         hu[gas & visceral] = -900.0
-    spleen = _blob(p, (cx - a0 * rng.uniform(0.45, 0.55), cy - rng.uniform(0, 8), rng.uniform(0, 20)), (10, 14, 18), rng, 0.2, rng.uniform(-0.5, 0.5))
+    spleen = _blob(
+        p,
+        (cx - a0 * rng.uniform(0.45, 0.55), cy - rng.uniform(0, 8), rng.uniform(0, 20)),
+        (10, 14, 18),
+        rng,
+        0.2,
+        rng.uniform(-0.5, 0.5),
+    )
     hu[spleen & visceral] = 50 + 0.9 * enhancement
 
     label = np.zeros(shape, dtype=np.uint8)
     liver = _blob(
-        p, (cx + a0 * rng.uniform(0.28, 0.42), cy + rng.uniform(-6, 8), rng.uniform(0, 18)),
-        (rng.uniform(20, 28), rng.uniform(17, 24), rng.uniform(22, 32)), rng, 0.25, rng.uniform(-0.4, 0.4),
+        p,
+        (cx + a0 * rng.uniform(0.28, 0.42), cy + rng.uniform(-6, 8), rng.uniform(0, 18)),
+        (rng.uniform(20, 28), rng.uniform(17, 24), rng.uniform(22, 32)),
+        rng,
+        0.25,
+        rng.uniform(-0.4, 0.4),
     ) & (r_inner <= 1)
     label[liver] = 1
     hu[liver] = rng.uniform(50, 65) + enhancement + 4 * np.sin(x[liver] / 5) * np.cos(y[liver] / 6)
     z_kidney = rng.uniform(-22, -5)
     for side in (-1, 1):
-        kidney = _blob(
-            p, (cx + side * rng.uniform(18, 24), spine_y + rng.uniform(2, 7), z_kidney + rng.uniform(-5, 5)),
-            (rng.uniform(8, 11), rng.uniform(10, 13), rng.uniform(15, 20)), rng, 0.15, side * rng.uniform(0.2, 0.6),
-        ) & visceral & ~liver
+        kidney = (
+            _blob(
+                p,
+                (cx + side * rng.uniform(18, 24), spine_y + rng.uniform(2, 7), z_kidney + rng.uniform(-5, 5)),
+                (rng.uniform(8, 11), rng.uniform(10, 13), rng.uniform(15, 20)),
+                rng,
+                0.15,
+                side * rng.uniform(0.2, 0.6),
+            )
+            & visceral
+            & ~liver
+        )
         label[kidney] = 2
         hu[kidney] = 35 + 1.8 * enhancement + rng.uniform(-5, 5)
     if lesions:  # a generator of its own: however many lesions, the draws after this stay the same
@@ -178,7 +211,7 @@ def make_case(rng: np.random.Generator, scanner: Scanner, lesions: bool = False)
     body = r_body <= 1
     cupping = rng.uniform(*scanner.cupping_hu) * (1 - np.clip(r_body, 0, 1))
     g = rng.normal(size=3) * rng.uniform(3, 10) / 50.0
-    bias = (x * g[0] + y * g[1] + z * g[2])
+    bias = x * g[0] + y * g[1] + z * g[2]
     hu = hu - cupping + bias * body
     hu = hu + rng.normal(0, rng.uniform(*scanner.noise_hu), shape) + scanner.hu_offset
     # outside the circular reconstruction field of view scanners write the padding value -1024
@@ -190,8 +223,18 @@ def make_case(rng: np.random.Generator, scanner: Scanner, lesions: bool = False)
     return image, label, affine
 
 
-def make_cohort(out: str | Path, n_labeled: int = 6, n_unlabeled: int = 24, n_test: int = 6, seed: int = 0, other_formats: bool = True,
-                n_val: int = 0, unlabeled_labels: bool = False, lesions: bool = False, unseen_every: int = 0) -> Path:
+def make_cohort(
+    out: str | Path,
+    n_labeled: int = 6,
+    n_unlabeled: int = 24,
+    n_test: int = 6,
+    seed: int = 0,
+    other_formats: bool = True,
+    n_val: int = 0,
+    unlabeled_labels: bool = False,
+    lesions: bool = False,
+    unseen_every: int = 0,
+) -> Path:
     """Write a cohort: ``labeled/{images,labels}``, ``unlabeled/`` and ``test/{images,labels}``.
 
     Args:
@@ -246,10 +289,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test", type=int, default=6, help="held-out labeled test cases")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the whole cohort")
     parser.add_argument("--val", type=int, default=0, help="labeled validation cases in <out>/val")
-    parser.add_argument("--unlabeled-labels", action="store_true", help="write the unlabeled scans' ground truth to <out>/unlabeled_labels")
-    parser.add_argument("--lesions", action="store_true", help="add 1-3 small liver lesions per scan as label 3 (a rare class)")
+    parser.add_argument(
+        "--unlabeled-labels",
+        action="store_true",
+        help="write the unlabeled scans' ground truth to <out>/unlabeled_labels",
+    )
+    parser.add_argument(
+        "--lesions", action="store_true", help="add 1-3 small liver lesions per scan as label 3 (a rare class)"
+    )
     args = parser.parse_args(argv)
-    out = make_cohort(args.out, args.labeled, args.unlabeled, args.test, args.seed, n_val=args.val, unlabeled_labels=args.unlabeled_labels,
-                      lesions=args.lesions)
-    print(f"wrote {args.labeled} labeled, {args.val} validation, {args.unlabeled} unlabeled and {args.test} test cases to {out}")
+    out = make_cohort(
+        args.out,
+        args.labeled,
+        args.unlabeled,
+        args.test,
+        args.seed,
+        n_val=args.val,
+        unlabeled_labels=args.unlabeled_labels,
+        lesions=args.lesions,
+    )
+    print(
+        f"wrote {args.labeled} labeled, {args.val} validation, {args.unlabeled} unlabeled and {args.test} test cases to {out}"
+    )
     return 0

@@ -56,5 +56,7 @@ def run_schedule(cfg: dict[str, Any]) -> RunSchedule:
         warmup_steps=warmup,
         rampup_steps=resolved("rampup_steps", float(ssl["rampup_fraction"])),
         bcp_pretrain_steps=int(ssl["bcp_pretrain_steps"]) if ssl["bcp_pretrain_steps"] is not None else warmup,
-        threshold_momentum=float(momentum) if momentum is not None else scheduled_momentum(0, steps, schedule="window", window=float(ssl["momentum_window"])),
+        threshold_momentum=float(momentum)
+        if momentum is not None
+        else scheduled_momentum(0, steps, schedule="window", window=float(ssl["momentum_window"])),
     )

@@ -52,6 +52,14 @@ def segment_and_score(
     class_names = config_names(cfg) if class_names is None else class_names
     lesion_classes = config_lesions(cfg) if lesion_classes is None else lesion_classes
     results = infer_cases(model, images_dir, output_dir, **infer_options)
-    summary = evaluate_folder(output_dir, labels_dir, csv=csv, png_dir=png_dir, images_dir=images_dir,
-                              class_names=class_names, lesion_overlap=lesion_overlap, lesion_classes=lesion_classes)
+    summary = evaluate_folder(
+        output_dir,
+        labels_dir,
+        csv=csv,
+        png_dir=png_dir,
+        images_dir=images_dir,
+        class_names=class_names,
+        lesion_overlap=lesion_overlap,
+        lesion_classes=lesion_classes,
+    )
     return results, summary

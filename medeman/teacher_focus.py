@@ -79,7 +79,11 @@ class TeacherFocus(pl.Callback):
         self.every = int(data["unlabeled_focus_every_steps"])
         self.stride = int(data["unlabeled_focus_stride"])
         num_classes = int(data["num_classes"])
-        self.classes = [int(c) for c in data["unlabeled_focus_classes"]] if data["unlabeled_focus_classes"] else list(range(1, num_classes))
+        self.classes = (
+            [int(c) for c in data["unlabeled_focus_classes"]]
+            if data["unlabeled_focus_classes"]
+            else list(range(1, num_classes))
+        )
         self.rand = np.random.RandomState(int(cfg["train"]["seed"]) if seed is None else seed)
         self.last_refresh: int | None = None
         self.focus: Any = None  # the DataModule's shared centres, found at setup
@@ -91,8 +95,12 @@ class TeacherFocus(pl.Callback):
     def state_dict(self) -> dict[str, Any]:
         """The centres of the last refresh, its step and the draw state: a resumed run focuses from its first step."""
         _, keys, pos, has_gauss, gauss = self.rand.get_state()
-        state: dict[str, Any] = {"last_refresh": self.last_refresh, "rand": torch.from_numpy(keys.astype(np.int64)),
-                                 "rand_pos": int(pos), "rand_gauss": (int(has_gauss), float(gauss))}
+        state: dict[str, Any] = {
+            "last_refresh": self.last_refresh,
+            "rand": torch.from_numpy(keys.astype(np.int64)),
+            "rand_pos": int(pos),
+            "rand_gauss": (int(has_gauss), float(gauss)),
+        }
         if self.focus is not None:
             state.update(centres=self.focus.centres.clone(), counts=self.focus.counts.clone())
         return state
@@ -106,18 +114,26 @@ class TeacherFocus(pl.Callback):
             return
         self.last_refresh = state.get("last_refresh")
         if "rand" in state:
-            self.rand.set_state(("MT19937", state["rand"].numpy().astype(np.uint32), state["rand_pos"], *state["rand_gauss"]))
+            self.rand.set_state(
+                ("MT19937", state["rand"].numpy().astype(np.uint32), state["rand_pos"], *state["rand_gauss"])
+            )
         if self.focus is not None and "centres" in state and state["centres"].shape == self.focus.centres.shape:
             self.focus.centres.copy_(state["centres"])  # in place: loader workers share these tensors
             self.focus.counts.copy_(state["counts"])
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         if step > 0 and step % self.every == 0 and step != self.last_refresh:
             self.last_refresh = step  # with gradient accumulation several batches end on one step
             seconds, focused = self.refresh(trainer.datamodule, pl_module.teacher, pl_module.device)
-            pl_module.log_dict({"focus/refresh_seconds": seconds, "focus/scans_with_centres": float(focused)},
-                               on_step=True, on_epoch=False, batch_size=1)
+            pl_module.log_dict(
+                {"focus/refresh_seconds": seconds, "focus/scans_with_centres": float(focused)},
+                on_step=True,
+                on_epoch=False,
+                batch_size=1,
+            )
 
     @torch.no_grad()
     def refresh(self, datamodule: Any, teacher: torch.nn.Module, device: torch.device) -> tuple[float, int]:
@@ -133,7 +149,8 @@ class TeacherFocus(pl.Callback):
             for index in range(len(focus)):
                 image = datamodule.preprocessed_unlabeled(index).to(device)[None].float()
                 logits = sliding_window_inference(
-                    image, roi, int(self.cfg["infer"]["sw_batch_size"]), lambda x: main_output(teacher(x)), overlap=0.0)
+                    image, roi, int(self.cfg["infer"]["sw_batch_size"]), lambda x: main_output(teacher(x)), overlap=0.0
+                )
                 labels = argmax_labels(logits, dim=1, dtype=torch.long)[0]
                 centres = focus_centres(labels, self.classes, focus.capacity, self.stride, self.rand)
                 focus.set(index, centres)

@@ -100,8 +100,11 @@ def apply_threads(choice: ThreadChoice, *, announce: bool = True) -> int:
 
     torch.set_num_threads(choice.threads)
     if announce and os.environ.get("LOCAL_RANK", "0") == "0":
-        print(f"threads: {choice.threads} torch thread{'s' if choice.threads > 1 else ''} per process ({choice.reason}; "
-              "change with --threads)", file=sys.stderr)
+        print(
+            f"threads: {choice.threads} torch thread{'s' if choice.threads > 1 else ''} per process ({choice.reason}; "
+            "change with --threads)",
+            file=sys.stderr,
+        )
     return choice.threads
 
 

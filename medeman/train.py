@@ -38,14 +38,31 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from medeman.checkpoint import save_teacher
 from medeman.config import ConfigError, load_config, save_config, validate
-from medeman.resume import CadenceCheckpoint, ContinuedCSVLogger, ContinuedStepCount, check_resume, pin_schedules, record_resume
+from medeman.resume import (
+    CadenceCheckpoint,
+    ContinuedCSVLogger,
+    ContinuedStepCount,
+    check_resume,
+    pin_schedules,
+    record_resume,
+)
 from medeman.threads import set_threads_for_config
 
 if TYPE_CHECKING:  # the data stack is imported late (heavy)
     from medeman.data.datamodule import CohortCache
 
 PLAN_OUTPUTS = ("plan.yaml", "fingerprint.json")
-RUN_OUTPUTS = (*PLAN_OUTPUTS, "config.yaml", "split.json", "teacher.pt", "metrics.csv", "hparams.yaml", "tensorboard", "checkpoints", "cache")
+RUN_OUTPUTS = (
+    *PLAN_OUTPUTS,
+    "config.yaml",
+    "split.json",
+    "teacher.pt",
+    "metrics.csv",
+    "hparams.yaml",
+    "tensorboard",
+    "checkpoints",
+    "cache",
+)
 
 
 # Warnings that say nothing wrong about a medeman run: the EMAN teacher's BN layers are in eval mode
@@ -103,8 +120,16 @@ class TeacherExport(Callback):
     def _export(self, trainer: pl.Trainer, module: pl.LightningModule, score: float) -> None:
         if trainer.is_global_zero:
             net, stats = module.deployed_network()  # the teacher as validated (re-estimated statistics, if on)
-            save_teacher(self.path, net, self.cfg, step=trainer.global_step, val_dice_teacher=score, teacher_bn_stats=stats,
-                         deploy=self.rule, candidates=self.validations if self.rule == "best" else 1)
+            save_teacher(
+                self.path,
+                net,
+                self.cfg,
+                step=trainer.global_step,
+                val_dice_teacher=score,
+                teacher_bn_stats=stats,
+                deploy=self.rule,
+                candidates=self.validations if self.rule == "best" else 1,
+            )
         self.exported_step = trainer.global_step
 
     def on_validation_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
@@ -140,8 +165,12 @@ def _sync_batchnorm(cfg: dict) -> bool:
     """Whether to convert the student to SyncBatchNorm: on, several processes, and GPUs."""
     train = cfg["train"]
     devices = train["devices"]
-    several = (devices == -1 or (isinstance(devices, int) and devices > 1)
-               or (isinstance(devices, (list, tuple)) and len(devices) > 1) or int(train["num_nodes"]) > 1)
+    several = (
+        devices == -1
+        or (isinstance(devices, int) and devices > 1)
+        or (isinstance(devices, (list, tuple)) and len(devices) > 1)
+        or int(train["num_nodes"]) > 1
+    )
     if not (train["sync_batchnorm"] and several):
         return False
     if train["accelerator"] in ("gpu", "auto") and torch.cuda.is_available():
@@ -158,8 +187,10 @@ def _sync_batchnorm(cfg: dict) -> bool:
 def nothing_to_resume(out_dir: Path, missing: str) -> ConfigError:
     """The error of a --resume without ``missing``: what to run instead depends on whether a run is there."""
     if any((Path(out_dir) / name).exists() for name in RUN_OUTPUTS):
-        return ConfigError(f"{out_dir}: nothing to resume (no {missing}: the run stopped before its first checkpoint); "
-                           "start it again with --overwrite instead of --resume")
+        return ConfigError(
+            f"{out_dir}: nothing to resume (no {missing}: the run stopped before its first checkpoint); "
+            "start it again with --overwrite instead of --resume"
+        )
     return ConfigError(f"{out_dir}: nothing to resume (no {missing}); start a new run without --resume")
 
 
@@ -174,7 +205,9 @@ def prepare_run_dir(out_dir: Path, resume: bool, overwrite: bool, keep: Sequence
             raise nothing_to_resume(out_dir, "checkpoints/last.ckpt")
         return
     if existing and not overwrite:
-        if not (out_dir / "checkpoints" / "last.ckpt").is_file():  # stopped before its first checkpoint: --resume cannot help
+        if not (
+            out_dir / "checkpoints" / "last.ckpt"
+        ).is_file():  # stopped before its first checkpoint: --resume cannot help
             raise ConfigError(
                 f"{out_dir} already holds a run that stopped before its first checkpoint ({', '.join(existing)}); "
                 "pass --overwrite to replace it, or choose another --out"
@@ -232,14 +265,26 @@ def fit(
     from medeman.module import SSLSegModule
 
     out_dir = Path(out_dir)
-    method = build_method(cfg)  # built once: its checks, the DataModule's views and the module's training all come from it
+    method = build_method(
+        cfg
+    )  # built once: its checks, the DataModule's views and the module's training all come from it
     method.check(cfg, has_unlabeled=unlabeled is not None)
     validate(cfg)  # types, choices and the rules between keys (config.validate), also for a config built in code
     prepare_run_dir(out_dir, resume, overwrite, keep)
-    resume_step, changes = _check_resume(out_dir, cfg) if resume else (None, {})  # before anything in the run folder is written
+    resume_step, changes = (
+        _check_resume(out_dir, cfg) if resume else (None, {})
+    )  # before anything in the run folder is written
     pl.seed_everything(int(cfg["train"]["seed"]), workers=True, verbose=False)
-    datamodule = SSLDataModule(cfg, labeled=labeled, unlabeled=unlabeled if method.uses_unlabeled else None, val=val, run_dir=out_dir, test=test,
-                               cohorts=cohorts, views=method.unlabeled_views)
+    datamodule = SSLDataModule(
+        cfg,
+        labeled=labeled,
+        unlabeled=unlabeled if method.uses_unlabeled else None,
+        val=val,
+        run_dir=out_dir,
+        test=test,
+        cohorts=cohorts,
+        views=method.unlabeled_views,
+    )
     datamodule.setup("fit")  # every data check runs here, before any training
     cohort = datamodule.cohort
     if cohort is not None and (cohort.unlabeled or cohort.flagged) and rank_zero_only.rank == 0:
@@ -251,27 +296,47 @@ def fit(
         save_config(cfg, out_dir / "config.yaml")
     export = TeacherExport(out_dir / "teacher.pt", cfg)
     best = ModelCheckpoint(
-        dirpath=out_dir / "checkpoints", filename="best-step{step}", monitor="val/dice_teacher", mode="max",
-        save_top_k=1, auto_insert_metric_name=False,
+        dirpath=out_dir / "checkpoints",
+        filename="best-step{step}",
+        monitor="val/dice_teacher",
+        mode="max",
+        save_top_k=1,
+        auto_insert_metric_name=False,
     )
     # Lightning writes save_last only together with a new best; a plain per-epoch checkpoint keeps
     # last.ckpt at the final state, which is what --resume continues from (an epoch is a validation interval).
-    last = ModelCheckpoint(dirpath=out_dir / "checkpoints", filename="last", monitor=None, save_top_k=1,
-                           enable_version_counter=False)
+    last = ModelCheckpoint(
+        dirpath=out_dir / "checkpoints", filename="last", monitor=None, save_top_k=1, enable_version_counter=False
+    )
     every = int(cfg["train"]["checkpoint_every_steps"])
     if every > 0:  # the same last.ckpt between validations too: a resume from mid-interval is exact (docs/resume.md)
         callbacks = [*callbacks, CadenceCheckpoint(out_dir / "checkpoints", every)]
-    loggers = [ContinuedCSVLogger(out_dir, resume_step), TensorBoardLogger(out_dir, name="tensorboard", version="")] if logger else False
+    loggers = (
+        [ContinuedCSVLogger(out_dir, resume_step), TensorBoardLogger(out_dir, name="tensorboard", version="")]
+        if logger
+        else False
+    )
     if resume:
         callbacks = [*callbacks, ContinuedStepCount()]
     train = cfg["train"]
     trainer = pl.Trainer(
-        accelerator=train["accelerator"], devices=train["devices"], num_nodes=int(train["num_nodes"]),
-        strategy=train["strategy"], precision=train["precision"], max_steps=int(train["max_steps"]), max_epochs=-1,
-        accumulate_grad_batches=int(train["accumulate_grad_batches"]), check_val_every_n_epoch=1,
-        num_sanity_val_steps=0, log_every_n_steps=int(train["log_every_steps"]),
-        callbacks=[best, last, export, *callbacks], logger=loggers, default_root_dir=out_dir,
-        enable_progress_bar=progress_bar, enable_model_summary=False, use_distributed_sampler=False,
+        accelerator=train["accelerator"],
+        devices=train["devices"],
+        num_nodes=int(train["num_nodes"]),
+        strategy=train["strategy"],
+        precision=train["precision"],
+        max_steps=int(train["max_steps"]),
+        max_epochs=-1,
+        accumulate_grad_batches=int(train["accumulate_grad_batches"]),
+        check_val_every_n_epoch=1,
+        num_sanity_val_steps=0,
+        log_every_n_steps=int(train["log_every_steps"]),
+        callbacks=[best, last, export, *callbacks],
+        logger=loggers,
+        default_root_dir=out_dir,
+        enable_progress_bar=progress_bar,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
     )
     ckpt_path = out_dir / "checkpoints" / "last.ckpt" if resume else None
     with warnings.catch_warnings():
@@ -322,8 +387,10 @@ def _check_resume(out_dir: Path, cfg: dict) -> tuple[int, dict[str, tuple[Any, A
     saved = {k: tuple(v.shape) for k, v in checkpoint.get("state_dict", {}).items()}
     differ = sorted(k for k in expected.keys() | saved.keys() if expected.get(k) != saved.get(k))
     if differ:
-        raise ConfigError(f"{path}: cannot resume: the checkpoint's network differs from this config's in {len(differ)} "
-                          f"tensor(s) ({', '.join(differ[:3])}{', ...' if len(differ) > 3 else ''})")
+        raise ConfigError(
+            f"{path}: cannot resume: the checkpoint's network differs from this config's in {len(differ)} "
+            f"tensor(s) ({', '.join(differ[:3])}{', ...' if len(differ) > 3 else ''})"
+        )
     return int(checkpoint["global_step"]), changes
 
 
@@ -332,14 +399,26 @@ def build_parser() -> argparse.ArgumentParser:
         prog="medeman train",
         description="Train a 3D segmentation model from labeled and unlabeled scans: mean teacher with EMAN (or a baseline).",
     )
-    parser.add_argument("--labeled", required=True, help="labeled cohort: images/ + labels/, an MSD dataset.json, or an nnU-Net raw folder")
+    parser.add_argument(
+        "--labeled",
+        required=True,
+        help="labeled cohort: images/ + labels/, an MSD dataset.json, or an nnU-Net raw folder",
+    )
     parser.add_argument("--unlabeled", help="folder of unlabeled scans (searched recursively)")
     parser.add_argument("--val", help="labeled validation cohort (default: a split of --labeled)")
-    parser.add_argument("--test", help="test cohort: never used as unlabeled scans, by path or by content (see medeman check-data)")
-    parser.add_argument("--config", action="append", default=[],
-                        help="YAML config; repeat to overlay (e.g. sample.yaml then mt_bn.yaml). Without it, medeman plans the recipe "
-                             "from the data (medeman plan) and keeps plan.yaml and fingerprint.json in --out")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one key, e.g. ssl.ema_momentum=0.999")
+    parser.add_argument(
+        "--test", help="test cohort: never used as unlabeled scans, by path or by content (see medeman check-data)"
+    )
+    parser.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        help="YAML config; repeat to overlay (e.g. sample.yaml then mt_bn.yaml). Without it, medeman plans the recipe "
+        "from the data (medeman plan) and keeps plan.yaml and fingerprint.json in --out",
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override one key, e.g. ssl.ema_momentum=0.999"
+    )
     parser.add_argument("--out", default="runs/medeman", help="run folder (default: runs/medeman)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
@@ -347,11 +426,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--devices", help="shorthand for --set train.devices=N")
     parser.add_argument("--strategy", help="shorthand for --set train.strategy=NAME (e.g. ddp)")
     parser.add_argument("--num-nodes", type=int, help="shorthand for --set train.num_nodes=M")
-    parser.add_argument("--time-budget", help="fit the run in this time (e.g. 900, 15m, 1h30m): a few training steps are timed and "
-                                              "train.max_steps (and, when planning, the network and patch) chosen to fit")
-    parser.add_argument("--device", choices=("cpu", "gpu"), help="without --config: plan for this device (default: gpu if one is present)")
+    parser.add_argument(
+        "--time-budget",
+        help="fit the run in this time (e.g. 900, 15m, 1h30m): a few training steps are timed and "
+        "train.max_steps (and, when planning, the network and patch) chosen to fit",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "gpu"),
+        help="without --config: plan for this device (default: gpu if one is present)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    parser.add_argument("--threads", type=int, help="shorthand for --set train.num_threads=N (torch threads per process)")
+    parser.add_argument(
+        "--threads", type=int, help="shorthand for --set train.num_threads=N (torch threads per process)"
+    )
     return parser
 
 
@@ -363,8 +451,12 @@ def _plan_run(args: argparse.Namespace) -> None:
     if rank_zero_only.rank != 0:  # a DDP process Lightning launched after rank 0 planned: train with rank 0's plan
         args.config = [str(out / "plan.yaml")]
         return
-    prepare_run_dir(out, resume=False, overwrite=args.overwrite)  # refuse (or clear) an earlier run before writing the plan
-    plan = plan_cohort(args.labeled, args.unlabeled, out / "plan.yaml", device=args.device, time_budget=args.time_budget)
+    prepare_run_dir(
+        out, resume=False, overwrite=args.overwrite
+    )  # refuse (or clear) an earlier run before writing the plan
+    plan = plan_cohort(
+        args.labeled, args.unlabeled, out / "plan.yaml", device=args.device, time_budget=args.time_budget
+    )
     if rank_zero_only.rank == 0:
         print(f"no --config: planned from the data ({out / 'plan.yaml'}; --set overrides a key):\n{plan.summary()}")
     args.config = [str(out / "plan.yaml")]
@@ -393,15 +485,22 @@ def fit_time_budget(cfg: dict, budget: str, sets: Sequence[str] = ()) -> dict:
     out["train"]["val_every_steps"] = max(1, min(steps, round(int(cfg["train"]["val_every_steps"]) * scale)))
     out["data"]["unlabeled_focus_every_steps"] = max(1, round(int(cfg["data"]["unlabeled_focus_every_steps"]) * scale))
     if rank_zero_only.rank == 0:
-        print(f"--time-budget {budget}: {per_step:.3f} s per timed step -> train.max_steps={steps} (step-based keys scaled x{scale:.3g})")
+        print(
+            f"--time-budget {budget}: {per_step:.3f} s per timed step -> train.max_steps={steps} (step-based keys scaled x{scale:.3g})"
+        )
     return validate(out)
 
 
 def config_from_args(args: argparse.Namespace) -> dict:
     """Resolve the config of a CLI call (a resumed run starts from its saved config.yaml)."""
     sets = list(args.set)
-    for flag, key in (("seed", "train.seed"), ("devices", "train.devices"), ("strategy", "train.strategy"), ("num_nodes", "train.num_nodes"),
-                      ("threads", "train.num_threads")):
+    for flag, key in (
+        ("seed", "train.seed"),
+        ("devices", "train.devices"),
+        ("strategy", "train.strategy"),
+        ("num_nodes", "train.num_nodes"),
+        ("threads", "train.num_threads"),
+    ):
         if getattr(args, flag, None) is not None:
             sets.append(f"{key}={getattr(args, flag)}")
     paths: list[str | Path] = list(args.config)
@@ -427,8 +526,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         set_threads_for_config(cfg)
         if args.time_budget is not None and not planned and not args.resume:
             cfg = fit_time_budget(cfg, args.time_budget, args.set)
-        result = fit(cfg, args.labeled, args.unlabeled, args.val, args.out, test=args.test, resume=args.resume,
-                     overwrite=args.overwrite, progress_bar=not args.no_progress, keep=PLAN_OUTPUTS if planned else ())
+        result = fit(
+            cfg,
+            args.labeled,
+            args.unlabeled,
+            args.val,
+            args.out,
+            test=args.test,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            progress_bar=not args.no_progress,
+            keep=PLAN_OUTPUTS if planned else (),
+        )
     except (ConfigError, DataError) as err:
         out = Path(args.out)
         if new_folder and out.is_dir() and all(p.name in PLAN_OUTPUTS and p.is_file() for p in out.iterdir()):

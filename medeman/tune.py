@@ -218,7 +218,7 @@ class TrialReporter(Callback):
 
     def value(self) -> float:
         """Mean of the last ``k`` validations (NaN when the run never validated)."""
-        scores = [score for _, score in self.history[-self.last_k:]]
+        scores = [score for _, score in self.history[-self.last_k :]]
         return sum(scores) / len(scores) if scores else math.nan
 
     def record(self, step: int, score: float) -> bool:
@@ -242,7 +242,9 @@ class TrialReporter(Callback):
             if trainer.world_size > 1:
                 trainer.should_stop = True  # an exception on one rank would hang the others
             else:
-                raise optuna.TrialPruned(f"pruned at step {self.pruned_at} with the mean of the last {self.last_k} {MONITOR}={self.value():.4f}")
+                raise optuna.TrialPruned(
+                    f"pruned at step {self.pruned_at} with the mean of the last {self.last_k} {MONITOR}={self.value():.4f}"
+                )
 
     def check_pruned(self) -> None:
         if self.pruned_at is not None:
@@ -278,8 +280,15 @@ def objective(
         config["data"]["cache_dir"] = str((Path(out_dir) / "cache").resolve())
     try:
         train_fn(
-            config, labeled, unlabeled, val, run_dir,
-            callbacks=[reporter], overwrite=True, progress_bar=False, logger=True,
+            config,
+            labeled,
+            unlabeled,
+            val,
+            run_dir,
+            callbacks=[reporter],
+            overwrite=True,
+            progress_bar=False,
+            logger=True,
             **({"test": test} if test is not None else {}),  # stand-ins in tests need not know it
             **({"cohorts": cohorts} if cohorts is not None else {}),
         )
@@ -294,8 +303,12 @@ def database_url(url: str) -> str:
     as psycopg 3, while medeman's ``postgres`` extra installs psycopg2."""
     import importlib.util
 
-    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
-        return "postgresql+psycopg2://" + url[len("postgresql://"):]
+    if (
+        url.startswith("postgresql://")
+        and importlib.util.find_spec("psycopg") is None
+        and importlib.util.find_spec("psycopg2") is not None
+    ):
+        return "postgresql+psycopg2://" + url[len("postgresql://") :]
     return url
 
 
@@ -314,7 +327,9 @@ def open_storage(storage: str | None, out_dir: Path, tune: dict | None = None) -
 
         Path(storage).parent.mkdir(parents=True, exist_ok=True)
         if tune is not None and tune["heartbeat_interval"] is not None:
-            _log.info("a journal storage has no heartbeat: a trial whose worker dies stays RUNNING (use a database to retry it)")
+            _log.info(
+                "a journal storage has no heartbeat: a trial whose worker dies stays RUNNING (use a database to retry it)"
+            )
         return JournalStorage(JournalFileBackend(str(storage)))
     check_storage_url(storage)
     given, storage = storage, database_url(storage)
@@ -336,12 +351,16 @@ def open_storage(storage: str | None, out_dir: Path, tune: dict | None = None) -
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return optuna.storages.RDBStorage(storage, engine_kwargs=engine_kwargs, **heartbeat)
         except ModuleNotFoundError as err:  # the database's driver
-            raise ConfigError(f"--storage {_where(given)}: the database driver {err.name} is not installed "
-                              "(pip install 'medeman[postgres]' for PostgreSQL)") from None
+            raise ConfigError(
+                f"--storage {_where(given)}: the database driver {err.name} is not installed "
+                "(pip install 'medeman[postgres]' for PostgreSQL)"
+            ) from None
         except Exception as err:  # sqlalchemy's OperationalError/IntegrityError/ProgrammingError
             unreachable = type(err).__name__ == "OperationalError" and not storage.startswith("sqlite")
             if attempt == 4 or unreachable or "sqlalchemy" not in type(err).__module__:
-                raise ConfigError(f"--storage {_where(given)}: cannot open the study database: {_reason(err)}") from None
+                raise ConfigError(
+                    f"--storage {_where(given)}: cannot open the study database: {_reason(err)}"
+                ) from None
             time.sleep(0.2 + random.random())
     raise AssertionError("unreachable")
 
@@ -354,11 +373,15 @@ def check_storage_url(url: str) -> None:
     """Refuse a ``--storage`` URL whose scheme medeman does not support, naming it and what is supported."""
     scheme = url.split("://", 1)[0]
     if scheme.split("+", 1)[0].lower() not in STORAGE_SCHEMES:
-        raise ConfigError(f"--storage {_where(url)}: unknown database scheme '{scheme}'; medeman supports sqlite:///path/study.db, "
-                          "postgresql://user@host/db, or a journal file path (no ://)")
+        raise ConfigError(
+            f"--storage {_where(url)}: unknown database scheme '{scheme}'; medeman supports sqlite:///path/study.db, "
+            "postgresql://user@host/db, or a journal file path (no ://)"
+        )
     path = url.split(":///", 1)[1] if scheme.startswith("sqlite") and ":///" in url else ""
     if path and path != ":memory:" and not Path(path).parent.is_dir():
-        raise ConfigError(f"--storage {url}: the folder {Path(path).parent} does not exist (SQLite creates the file, not its folder)")
+        raise ConfigError(
+            f"--storage {url}: the folder {Path(path).parent} does not exist (SQLite creates the file, not its folder)"
+        )
 
 
 def _where(url: str) -> str:
@@ -389,11 +412,16 @@ def open_study(cfg: dict, study_name: str, storage: optuna.storages.BaseStorage)
     tune = cfg["tune"]
     # Reports are keyed by optimizer step; nothing is pruned before prune_after of the trial.
     pruner = optuna.pruners.MedianPruner(
-        n_startup_trials=int(tune["n_startup_trials"]), n_warmup_steps=math.ceil(float(tune["prune_after"]) * trial_steps(cfg)),
+        n_startup_trials=int(tune["n_startup_trials"]),
+        n_warmup_steps=math.ceil(float(tune["prune_after"]) * trial_steps(cfg)),
     )
     return optuna.create_study(
-        study_name=study_name, storage=storage, sampler=make_sampler(int(tune["sampler_seed"])), pruner=pruner,
-        direction="maximize", load_if_exists=True,
+        study_name=study_name,
+        storage=storage,
+        sampler=make_sampler(int(tune["sampler_seed"])),
+        pruner=pruner,
+        direction="maximize",
+        load_if_exists=True,
     )
 
 
@@ -405,7 +433,11 @@ def original_number(trial: FrozenTrial) -> int:
 
 def _counted(trials: Sequence[FrozenTrial]) -> set[int]:
     """Trials that count against ``--max-trials``: started ones and queued retries, a trial and its retries once."""
-    return {original_number(t) for t in trials if t.state in STARTED or (t.state == TrialState.WAITING and t.system_attrs.get("retry_history"))}
+    return {
+        original_number(t)
+        for t in trials
+        if t.state in STARTED or (t.state == TrialState.WAITING and t.system_attrs.get("retry_history"))
+    }
 
 
 def n_counted(study: optuna.Study) -> int:
@@ -449,7 +481,9 @@ def _claim(study: optuna.Study, storage: optuna.storages.BaseStorage, max_trials
 
 def trial_id(storage: optuna.storages.BaseStorage, study: optuna.Study, trial: optuna.Trial) -> int:
     """The storage's id of ``trial``, asked through the public storage API (Optuna's ``Trial`` keeps it private)."""
-    return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name), trial.number)
+    return storage.get_trial_id_from_study_id_trial_number(
+        storage.get_study_id_from_name(study.study_name), trial.number
+    )
 
 
 def heartbeat_thread_factory() -> Callable[[int, optuna.storages.BaseStorage], contextlib.AbstractContextManager]:
@@ -464,18 +498,26 @@ def heartbeat_thread_factory() -> Callable[[int, optuna.storages.BaseStorage], c
     try:
         from optuna.storages._heartbeat import get_heartbeat_thread
     except ImportError as err:
-        raise RuntimeError(f"optuna {optuna.__version__} has no optuna.storages._heartbeat.get_heartbeat_thread "
-                           f"({err}): medeman.tune.heartbeat_thread_factory must follow it to its new place") from None
+        raise RuntimeError(
+            f"optuna {optuna.__version__} has no optuna.storages._heartbeat.get_heartbeat_thread "
+            f"({err}): medeman.tune.heartbeat_thread_factory must follow it to its new place"
+        ) from None
     return get_heartbeat_thread
 
 
-def _heartbeat(storage: optuna.storages.BaseStorage, study: optuna.Study, trial: optuna.Trial) -> contextlib.AbstractContextManager:
+def _heartbeat(
+    storage: optuna.storages.BaseStorage, study: optuna.Study, trial: optuna.Trial
+) -> contextlib.AbstractContextManager:
     # The heartbeat thread Study.optimize runs around each trial; ask-and-tell has to start it itself.
     return heartbeat_thread_factory()(trial_id(storage, study, trial), storage)
 
 
-def _run_trial(storage: optuna.storages.BaseStorage, study: optuna.Study, trial: optuna.Trial,
-               func: Callable[[optuna.Trial], float]) -> None:
+def _run_trial(
+    storage: optuna.storages.BaseStorage,
+    study: optuna.Study,
+    trial: optuna.Trial,
+    func: Callable[[optuna.Trial], float],
+) -> None:
     """Run one trial and record it: COMPLETE with its value, PRUNED, or FAIL with the error."""
     try:
         with _heartbeat(storage, study, trial):
@@ -573,8 +615,13 @@ def run_study(
         if trial is None:
             if heartbeat and _others_running(study):
                 if not waiting:
-                    _log.info("study %s is at its cap of %d trials: waiting for the %d running one(s) "
-                              "(a trial whose worker died is retried here)", study_name, max_trials, _others_running(study))
+                    _log.info(
+                        "study %s is at its cap of %d trials: waiting for the %d running one(s) "
+                        "(a trial whose worker died is retried here)",
+                        study_name,
+                        max_trials,
+                        _others_running(study),
+                    )
                 waiting = True
                 time.sleep(float(cfg["tune"]["heartbeat_interval"]))
                 continue
@@ -589,7 +636,12 @@ def run_study(
             _log.info("trial %d retries trial %d, whose worker stopped (same parameters)", trial.number, retried[-1])
         with warnings.catch_warnings():  # ask-and-tell with a heartbeat: _run_trial runs the heartbeat thread
             warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
-            _run_trial(backend, study, trial, lambda t: objective(t, cfg, labeled, unlabeled, val, out_dir, train_fn, test, cohorts))
+            _run_trial(
+                backend,
+                study,
+                trial,
+                lambda t: objective(t, cfg, labeled, unlabeled, val, out_dir, train_fn, test, cohorts),
+            )
         done += 1
     return study
 
@@ -633,11 +685,23 @@ def summary_table(study: optuna.Study, cfg: dict) -> str:
     window = any("momentum_window" in t.params for t in trials) and ("ssl", "momentum_window") not in keys
     k = cfg["tune"]["objective_last_k"]
     full_m = any("momentum_window" in t.params for t in trials) and ("ssl", "ema_momentum") not in keys
-    header = ["trial", "state", f"dice_teacher(last {k})", *(["window"] if window else []), *(key for _, key in keys),
-              *(["m(full run)"] if full_m else []), "seconds", "note"]
+    header = [
+        "trial",
+        "state",
+        f"dice_teacher(last {k})",
+        *(["window"] if window else []),
+        *(key for _, key in keys),
+        *(["m(full run)"] if full_m else []),
+        "seconds",
+        "note",
+    ]
     rows = []
     for t, tuned in zip(trials, values):
-        cells = [f"{t.number}{'*' if t.number == best else ''}", t.state.name, "-" if t.value is None else f"{t.value:.4f}"]
+        cells = [
+            f"{t.number}{'*' if t.number == best else ''}",
+            t.state.name,
+            "-" if t.value is None else f"{t.value:.4f}",
+        ]
         if window:
             cells.append(f"{t.params['momentum_window']:.4g}" if "momentum_window" in t.params else "-")
         for key in keys:
@@ -659,7 +723,11 @@ def summary_table(study: optuna.Study, cfg: dict) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    footer = f"\n* best trial; tuned values are for the full run of {cfg['train']['max_steps']} steps" if best is not None else ""
+    footer = (
+        f"\n* best trial; tuned values are for the full run of {cfg['train']['max_steps']} steps"
+        if best is not None
+        else ""
+    )
     return "\n".join(lines) + footer
 
 
@@ -680,7 +748,9 @@ def save_plots(study: optuna.Study, out_dir: Path) -> list[Path]:
     }
     if all(any(name in t.params for t in study.trials) for name in ("momentum_window", "consistency_weight")):
         plots["contour_momentum_weight.png"] = lambda: ovm.plot_contour(
-            study, params=["momentum_window", "consistency_weight"], target_name=MONITOR,
+            study,
+            params=["momentum_window", "consistency_weight"],
+            target_name=MONITOR,
         )
     written = []
     for name, plot in plots.items():
@@ -709,10 +779,17 @@ def report(study: optuna.Study, cfg: dict, out_dir: Path, config_paths: Sequence
         return False
     params_path, config_path = write_best(study, cfg, out_dir, config_paths)
     best = study.best_trial
-    tuned = ", ".join(f"{s}.{k}={v:.6g}" if isinstance(v, float) else f"{s}.{k}={v}" for (s, k), v in tuned_keys(cfg, best.params).items())
+    tuned = ", ".join(
+        f"{s}.{k}={v:.6g}" if isinstance(v, float) else f"{s}.{k}={v}"
+        for (s, k), v in tuned_keys(cfg, best.params).items()
+    )
     if "momentum_window" in best.params:
-        tuned += f" (EMA momentum m = {momentum_for(best.params['momentum_window'], int(cfg['train']['max_steps'])):.6g})"
-    print(f"best: trial {best.number}, mean of the last {cfg['tune']['objective_last_k']} {MONITOR}={best.value:.4f}; for the full run: {tuned}")
+        tuned += (
+            f" (EMA momentum m = {momentum_for(best.params['momentum_window'], int(cfg['train']['max_steps'])):.6g})"
+        )
+    print(
+        f"best: trial {best.number}, mean of the last {cfg['tune']['objective_last_k']} {MONITOR}={best.value:.4f}; for the full run: {tuned}"
+    )
     print(f"wrote {params_path} (overlay) and {config_path} (full config)")
     if plots:
         for path in save_plots(study, out_dir):
@@ -726,22 +803,48 @@ def build_parser() -> argparse.ArgumentParser:
         description="Tune EMA momentum and consistency weight (and optionally pseudo-label threshold, ramp-up) with Optuna. "
         "Run the same command in several processes or machines against one --storage to share the study.",
     )
-    parser.add_argument("--config", action="append", default=[], help="YAML config (its tune: section is the search space); repeat to overlay")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one key, e.g. tune.max_steps=2000")
+    parser.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        help="YAML config (its tune: section is the search space); repeat to overlay",
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override one key, e.g. tune.max_steps=2000"
+    )
     parser.add_argument("--labeled", required=True, help="labeled cohort, as for medeman train")
     parser.add_argument("--unlabeled", help="folder of unlabeled scans")
     parser.add_argument("--val", help="labeled validation cohort (default: a split of --labeled)")
-    parser.add_argument("--test", help="test cohort: never used as unlabeled scans, nor tuned on (as for medeman train)")
-    parser.add_argument("--study", required=True, help="study name; the same name in the same storage continues the study")
-    parser.add_argument("--storage", help="SQLAlchemy URL (postgresql://user@host/db) or a journal file path; default sqlite:///<out>/study.db")
-    parser.add_argument("--n-trials", type=int, help="trials this worker runs (default: until --timeout or --max-trials)")
+    parser.add_argument(
+        "--test", help="test cohort: never used as unlabeled scans, nor tuned on (as for medeman train)"
+    )
+    parser.add_argument(
+        "--study", required=True, help="study name; the same name in the same storage continues the study"
+    )
+    parser.add_argument(
+        "--storage",
+        help="SQLAlchemy URL (postgresql://user@host/db) or a journal file path; default sqlite:///<out>/study.db",
+    )
+    parser.add_argument(
+        "--n-trials", type=int, help="trials this worker runs (default: until --timeout or --max-trials)"
+    )
     parser.add_argument("--max-trials", type=int, help="cap on the study's trials over all workers and runs")
     parser.add_argument("--timeout", type=float, help="seconds after which this worker starts no new trial")
-    parser.add_argument("--out", default="runs/tune", help="trial run folders, results and the default storage (default: runs/tune)")
+    parser.add_argument(
+        "--out", default="runs/tune", help="trial run folders, results and the default storage (default: runs/tune)"
+    )
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    parser.add_argument("--workers", type=int, default=1,
-                        help="worker processes to start on this machine, all on the same study; torch threads are divided among them (default: 1)")
-    parser.add_argument("--threads", type=int, help="torch threads per worker (default: OMP_NUM_THREADS, else the available cores shared by the workers)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes to start on this machine, all on the same study; torch threads are divided among them (default: 1)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads per worker (default: OMP_NUM_THREADS, else the available cores shared by the workers)",
+    )
     parser.add_argument("--worker-of", type=int, help=argparse.SUPPRESS)  # a worker started by --workers N
     return parser
 
@@ -769,18 +872,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(args.config, args.set)
         threads = args.threads if args.threads is not None else cfg["train"]["num_threads"]
         try:
-            choice = choose_threads(threads, processes=workers * local_processes(cfg["train"]),
-                                    loader_workers=int(cfg["data"]["num_workers"]))
+            choice = choose_threads(
+                threads,
+                processes=workers * local_processes(cfg["train"]),
+                loader_workers=int(cfg["data"]["num_workers"]),
+            )
         except ValueError as err:
             raise ConfigError(str(err)) from None
         apply_threads(choice, announce=args.worker_of is None)
         if args.worker_of is None and workers > 1:
             own = list(sys.argv[1:] if argv is None else argv)
-            started = [subprocess.Popen([sys.executable, "-m", "medeman.tune", *own, "--worker-of", str(workers)])
-                       for _ in range(workers - 1)]
+            started = [
+                subprocess.Popen([sys.executable, "-m", "medeman.tune", *own, "--worker-of", str(workers)])
+                for _ in range(workers - 1)
+            ]
         study = run_study(
-            cfg, args.labeled, args.unlabeled, args.val, study_name=args.study, out_dir=out_dir,
-            storage=args.storage, n_trials=args.n_trials, max_trials=args.max_trials, timeout=args.timeout, test=args.test,
+            cfg,
+            args.labeled,
+            args.unlabeled,
+            args.val,
+            study_name=args.study,
+            out_dir=out_dir,
+            storage=args.storage,
+            n_trials=args.n_trials,
+            max_trials=args.max_trials,
+            timeout=args.timeout,
+            test=args.test,
         )
         failed_workers = sum(process.wait() != 0 for process in started)
     except (ConfigError, DataError) as err:
@@ -789,12 +906,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except (KeyboardInterrupt, SystemExit):
         _stop(started)
-        print("interrupted: the running trial is recorded as failed; rerun the command to continue the study", file=sys.stderr)
+        print(
+            "interrupted: the running trial is recorded as failed; rerun the command to continue the study",
+            file=sys.stderr,
+        )
         return 130
     if args.worker_of is not None:  # the first worker reports on the whole study once the others are done
         return 0
     if failed_workers:
-        print(f"warning: {failed_workers} of the {workers - 1} other worker(s) stopped with an error (see above)", file=sys.stderr)
+        print(
+            f"warning: {failed_workers} of the {workers - 1} other worker(s) stopped with an error (see above)",
+            file=sys.stderr,
+        )
     return 0 if report(study, cfg, out_dir, args.config, plots=not args.no_plots) else 1
 
 

@@ -45,14 +45,15 @@ def centre_voxel(*masks: np.ndarray | None) -> tuple[int, int, int]:
 def _views(volume: np.ndarray, centre: tuple[int, int, int]) -> list[np.ndarray]:
     """Axial, coronal and sagittal slices of a RAS volume as display images (row 0 at the top)."""
     x, y, z = centre
-    axial = volume[::-1, ::-1, z].T       # rows: anterior at top; columns: patient's right on the left
-    coronal = volume[::-1, y, ::-1].T     # rows: superior at top
-    sagittal = volume[x, ::-1, ::-1].T    # columns: anterior on the left
+    axial = volume[::-1, ::-1, z].T  # rows: anterior at top; columns: patient's right on the left
+    coronal = volume[::-1, y, ::-1].T  # rows: superior at top
+    sagittal = volume[x, ::-1, ::-1].T  # columns: anterior on the left
     return [axial, coronal, sagittal]
 
 
-def legend_labels(label: int, with_reference: bool, scores: Mapping[int, float] | None = None,
-                  names: Mapping[int, str] | None = None) -> list[str]:
+def legend_labels(
+    label: int, with_reference: bool, scores: Mapping[int, float] | None = None, names: Mapping[int, str] | None = None
+) -> list[str]:
     """Legend entries of one class: ``["liver reference", "liver prediction (Dice 0.912)"]``."""
     name = class_title(label, names)
     score = scores.get(label) if scores else None
@@ -89,7 +90,9 @@ def save_case_figure(
     pred, (sx, sy, sz) = to_ras(prediction, affine)
     ref = to_ras(np.asarray(reference), affine)[0] if reference is not None else None
     img = to_ras(np.asarray(image, dtype=np.float32), affine)[0] if image is not None else None
-    classes = sorted(int(c) for c in set(np.unique(pred)) | (set(np.unique(ref)) if ref is not None else set()) if c != 0)
+    classes = sorted(
+        int(c) for c in set(np.unique(pred)) | (set(np.unique(ref)) if ref is not None else set()) if c != 0
+    )
     centre = centre_voxel(ref > 0 if ref is not None else None, pred > 0)
 
     fig = Figure(figsize=(13, 5.2), dpi=100)
@@ -106,8 +109,12 @@ def save_case_figure(
         underlays = [np.full(v.shape, 0.15, dtype=np.float32) for v in _views(pred, centre)]
     pred_views = _views(pred, centre)
     ref_views = _views(ref, centre) if ref is not None else [None] * 3
-    for ax, name, side, aspect, under, pv, rv in zip(axes, view_names, sides, aspects, underlays, pred_views, ref_views):
-        ax.imshow(under, cmap="gray", vmin=low, vmax=high if high > low else low + 1, aspect=aspect, interpolation="nearest")
+    for ax, name, side, aspect, under, pv, rv in zip(
+        axes, view_names, sides, aspects, underlays, pred_views, ref_views
+    ):
+        ax.imshow(
+            under, cmap="gray", vmin=low, vmax=high if high > low else low + 1, aspect=aspect, interpolation="nearest"
+        )
         for i, c in enumerate(classes):
             colour = COLOURS[i % len(COLOURS)]
             if rv is not None and (rv == c).any():
@@ -121,7 +128,7 @@ def save_case_figure(
     handles = []
     for i, c in enumerate(classes):
         colour = COLOURS[i % len(COLOURS)]
-        for style, label in zip(("solid", "dashed")[ref is None:], legend_labels(c, ref is not None, scores, names)):
+        for style, label in zip(("solid", "dashed")[ref is None :], legend_labels(c, ref is not None, scores, names)):
             handles.append(Line2D([], [], color=colour, linestyle=style, label=label))
     if handles:
         fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), frameon=False)

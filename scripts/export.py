@@ -1,4 +1,5 @@
 """Export a trained medeman teacher as a MONAI bundle, ONNX or TorchScript model (same as `medeman export`)."""
+
 from medeman.export import main
 
 raise SystemExit(main())

@@ -1,4 +1,5 @@
 """Segment scans with a trained medeman teacher (same as `medeman infer`)."""
+
 from medeman.infer import main
 
 raise SystemExit(main())

@@ -43,8 +43,15 @@ def _keep_torch_threads():
 def cfg() -> dict:
     """Default config sized for tiny volumes: 3 classes, 16^3 patches, no workers."""
     cfg = default_config()
-    cfg["data"].update(spacing=[1.0, 1.0, 1.0], patch_size=[16, 16, 16], num_classes=3, num_workers=0,
-                       batch_size_labeled=2, batch_size_unlabeled=2, val_fraction=0.34)
+    cfg["data"].update(
+        spacing=[1.0, 1.0, 1.0],
+        patch_size=[16, 16, 16],
+        num_classes=3,
+        num_workers=0,
+        batch_size_labeled=2,
+        batch_size_unlabeled=2,
+        val_fraction=0.34,
+    )
     cfg["train"].update(val_every_steps=3, accumulate_grad_batches=1)
     return cfg
 

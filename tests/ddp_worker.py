@@ -25,11 +25,28 @@ class SaveTeacher(pl.Callback):
 
 if __name__ == "__main__":
     out = Path(sys.argv[1])
-    cfg = load_config(sets=["model.channels=[4,8]", "model.num_res_units=1", "data.patch_size=[16,16,16]", "ssl.ema_momentum=0.5", "ssl.rampup_steps=0", "ssl.warmup_steps=0"])
+    cfg = load_config(
+        sets=[
+            "model.channels=[4,8]",
+            "model.num_res_units=1",
+            "data.patch_size=[16,16,16]",
+            "ssl.ema_momentum=0.5",
+            "ssl.rampup_steps=0",
+            "ssl.warmup_steps=0",
+        ]
+    )
     pl.seed_everything(0, verbose=False)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_steps=3, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, use_distributed_sampler=False,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        use_distributed_sampler=False,
         callbacks=[SaveTeacher(out)],
     )
     trainer.fit(SSLSegModule(cfg), datamodule=TinyData(n=6, per_rank=True))

@@ -16,10 +16,21 @@ CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
-def write_series(folder: str | Path, volume: np.ndarray, affine: np.ndarray, *, series_uid: str | None = None,
-                 number: int = 1, description: str = "abdomen", modality: str = "CT", study_uid: str | None = None,
-                 frame_uid: str | None = None, skip_slices: tuple[int, ...] = (), shift_slice: dict | None = None,
-                 name_prefix: str = "slice") -> list[Path]:
+def write_series(
+    folder: str | Path,
+    volume: np.ndarray,
+    affine: np.ndarray,
+    *,
+    series_uid: str | None = None,
+    number: int = 1,
+    description: str = "abdomen",
+    modality: str = "CT",
+    study_uid: str | None = None,
+    frame_uid: str | None = None,
+    skip_slices: tuple[int, ...] = (),
+    shift_slice: dict | None = None,
+    name_prefix: str = "slice",
+) -> list[Path]:
     """Write ``volume`` as a DICOM series into ``folder``; return the files (z order).
 
     Args:
@@ -57,7 +68,10 @@ def write_series(folder: str | Path, volume: np.ndarray, affine: np.ndarray, *, 
         ds.Modality, ds.SeriesNumber, ds.InstanceNumber = modality, number, z + 1
         ds.SeriesDescription = description
         ds.Rows, ds.Columns = int(volume.shape[1]), int(volume.shape[0])
-        ds.PixelSpacing = [f"{spacing[1]:.6g}", f"{spacing[0]:.6g}"]  # row spacing (between rows, y), column spacing (x)
+        ds.PixelSpacing = [
+            f"{spacing[1]:.6g}",
+            f"{spacing[0]:.6g}",
+        ]  # row spacing (between rows, y), column spacing (x)
         ds.SliceThickness = f"{spacing[2]:.6g}"
         ds.ImageOrientationPatient = [f"{v:.8f}" for v in (*row_dir, *col_dir)]
         ds.ImagePositionPatient = [f"{v:.6f}" for v in position]

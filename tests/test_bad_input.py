@@ -21,7 +21,11 @@ SUFFIXES = ".nii.gz, .nii, .nrrd, .nhdr, .mha, .mhd"
 
 def snapshot(root: Path) -> dict[str, str]:
     """SHA-256 of every file under ``root``, by relative path."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def tiny_model_config() -> dict:
@@ -62,11 +66,43 @@ def world(tmp_path, volume_writer, phantom_maker, make_cohort):
     return tmp_path
 
 
-TRAIN = ["train", "--labeled", "{t}/cohort/labeled", "--unlabeled", "{t}/cohort/unlabeled", "--out", "{t}/new_run",
-         "--set", "data.patch_size=[16,16,16]", "--set", "data.spacing=null", "--set", "data.num_classes=3",
-         "--set", "data.num_workers=0", "--set", "model.channels=[4,8]", "--set", "train.max_steps=2", "--no-progress"]
-TUNE = ["tune", "--labeled", "{t}/cohort/labeled", "--unlabeled", "{t}/cohort/unlabeled", "--study", "s", "--n-trials", "1",
-        "--out", "{t}/tune", "--no-plots", *TRAIN[7:-1]]
+TRAIN = [
+    "train",
+    "--labeled",
+    "{t}/cohort/labeled",
+    "--unlabeled",
+    "{t}/cohort/unlabeled",
+    "--out",
+    "{t}/new_run",
+    "--set",
+    "data.patch_size=[16,16,16]",
+    "--set",
+    "data.spacing=null",
+    "--set",
+    "data.num_classes=3",
+    "--set",
+    "data.num_workers=0",
+    "--set",
+    "model.channels=[4,8]",
+    "--set",
+    "train.max_steps=2",
+    "--no-progress",
+]
+TUNE = [
+    "tune",
+    "--labeled",
+    "{t}/cohort/labeled",
+    "--unlabeled",
+    "{t}/cohort/unlabeled",
+    "--study",
+    "s",
+    "--n-trials",
+    "1",
+    "--out",
+    "{t}/tune",
+    "--no-plots",
+    *TRAIN[7:-1],
+]
 
 
 def replace(argv: list[str], old: str, new: str) -> list[str]:
@@ -75,44 +111,145 @@ def replace(argv: list[str], old: str, new: str) -> list[str]:
 
 # name, argv ({t} is the probe's folder), exit code, the message line (exact), paths that must not exist afterwards
 PROBES = [
-    ("negative learning rate", TRAIN + ["--set", "train.lr=-1"], 2,
-     "error: train.lr: -1.0 must be a positive learning rate", ["new_run"]),
-    ("negative weight decay", TRAIN + ["--set", "train.weight_decay=-1"], 2,
-     "error: train.weight_decay: -1.0 must be a non-negative number", ["new_run"]),
-    ("no labeled patch per step", TRAIN + ["--set", "data.batch_size_labeled=0"], 2,
-     "error: data.batch_size_labeled: 0 must be at least 1 patch per step", ["new_run"]),
-    ("overlap of 1 (crashed at the first validation)", TRAIN + ["--set", "infer.overlap=1.0"], 2,
-     "error: infer.overlap: 1.0 must be a fraction in [0, 1) (1 would never move the window)", ["new_run"]),
-    ("zero threads", TRAIN + ["--threads", "0"], 2,
-     "error: train.num_threads: 0 must be null or a positive number of threads", ["new_run"]),
-    ("fresh run into a run stopped before its first checkpoint", replace(TRAIN, "{t}/new_run", "{t}/stopped_run"), 2,
-     "error: {t}/stopped_run already holds a run that stopped before its first checkpoint (config.yaml, metrics.csv); "
-     "pass --overwrite to replace it, or choose another --out", []),
-    ("train on a scan with NaN voxels", replace(replace(TRAIN, "{t}/cohort/labeled", "{t}/nan_cohort/labeled"),
-                                                "{t}/cohort/unlabeled", "{t}/nan_cohort/unlabeled"), 2,
-     "{t}/nan_cohort/labeled/images/case1.nii.gz: 3 NaN/Inf intensities", ["new_run"]),
-    ("tune storage of an unknown scheme", TUNE + ["--storage", "notaurl://x"], 2,
-     "error: --storage notaurl://x: unknown database scheme 'notaurl'; medeman supports sqlite:///path/study.db, "
-     "postgresql://user@host/db, or a journal file path (no ://)", ["tune"]),
-    ("tune on a scan with NaN voxels", replace(replace(TUNE, "{t}/cohort/labeled", "{t}/nan_cohort/labeled"),
-                                               "{t}/cohort/unlabeled", "{t}/nan_cohort/unlabeled"), 2,
-     "{t}/nan_cohort/labeled/images/case1.nii.gz: 3 NaN/Inf intensities", ["tune/trial_0001"]),
-    ("infer --output at an existing file", ["infer", "--model", "{t}/run", "--input", "{t}/scans", "--output", "{t}/a_file"], 2,
-     "error: {t}/a_file: is a file, not a folder; choose another output folder", []),
-    ("infer --output below a file", ["infer", "--model", "{t}/run", "--input", "{t}/scans", "--output", "{t}/a_file/masks"], 2,
-     "error: {t}/a_file/masks: {t}/a_file is a file, not a folder; choose another output folder", []),
-    ("infer finds no scan", ["infer", "--model", "{t}/run", "--input", "{t}/empty", "--output", "{t}/masks"], 1,
-     f"error: {{t}}/empty: no scans found ({SUFFIXES})", ["masks"]),
-    ("infer on a scan with NaN voxels", ["infer", "--model", "{t}/run", "--input", "{t}/nan_scans", "--output", "{t}/pred",
-                                        "--no-progress", "--device", "cpu"], 1,
-     "  failed: {t}/nan_scans/bad.nii.gz: 125 NaN/Inf intensities; refused (replace them, e.g. with the scan's minimum, "
-     "and run again)", ["pred/bad.nii.gz"]),
-    ("rank on a scan with NaN voxels", ["rank", "--model", "{t}/run", "--unlabeled", "{t}/nan_scans", "--out", "{t}/rank",
-                                       "--no-progress", "--device", "cpu"], 1,
-     "  failed: {t}/nan_scans/bad.nii.gz: 125 NaN/Inf intensities; refused (replace them, e.g. with the scan's minimum, "
-     "and run again)", []),
-    ("rank --out at an existing file", ["rank", "--model", "{t}/run", "--unlabeled", "{t}/scans", "--out", "{t}/a_file"], 2,
-     "error: {t}/a_file: is a file, not a folder; choose another --out", []),
+    (
+        "negative learning rate",
+        TRAIN + ["--set", "train.lr=-1"],
+        2,
+        "error: train.lr: -1.0 must be a positive learning rate",
+        ["new_run"],
+    ),
+    (
+        "negative weight decay",
+        TRAIN + ["--set", "train.weight_decay=-1"],
+        2,
+        "error: train.weight_decay: -1.0 must be a non-negative number",
+        ["new_run"],
+    ),
+    (
+        "no labeled patch per step",
+        TRAIN + ["--set", "data.batch_size_labeled=0"],
+        2,
+        "error: data.batch_size_labeled: 0 must be at least 1 patch per step",
+        ["new_run"],
+    ),
+    (
+        "overlap of 1 (crashed at the first validation)",
+        TRAIN + ["--set", "infer.overlap=1.0"],
+        2,
+        "error: infer.overlap: 1.0 must be a fraction in [0, 1) (1 would never move the window)",
+        ["new_run"],
+    ),
+    (
+        "zero threads",
+        TRAIN + ["--threads", "0"],
+        2,
+        "error: train.num_threads: 0 must be null or a positive number of threads",
+        ["new_run"],
+    ),
+    (
+        "fresh run into a run stopped before its first checkpoint",
+        replace(TRAIN, "{t}/new_run", "{t}/stopped_run"),
+        2,
+        "error: {t}/stopped_run already holds a run that stopped before its first checkpoint (config.yaml, metrics.csv); "
+        "pass --overwrite to replace it, or choose another --out",
+        [],
+    ),
+    (
+        "train on a scan with NaN voxels",
+        replace(
+            replace(TRAIN, "{t}/cohort/labeled", "{t}/nan_cohort/labeled"),
+            "{t}/cohort/unlabeled",
+            "{t}/nan_cohort/unlabeled",
+        ),
+        2,
+        "{t}/nan_cohort/labeled/images/case1.nii.gz: 3 NaN/Inf intensities",
+        ["new_run"],
+    ),
+    (
+        "tune storage of an unknown scheme",
+        TUNE + ["--storage", "notaurl://x"],
+        2,
+        "error: --storage notaurl://x: unknown database scheme 'notaurl'; medeman supports sqlite:///path/study.db, "
+        "postgresql://user@host/db, or a journal file path (no ://)",
+        ["tune"],
+    ),
+    (
+        "tune on a scan with NaN voxels",
+        replace(
+            replace(TUNE, "{t}/cohort/labeled", "{t}/nan_cohort/labeled"),
+            "{t}/cohort/unlabeled",
+            "{t}/nan_cohort/unlabeled",
+        ),
+        2,
+        "{t}/nan_cohort/labeled/images/case1.nii.gz: 3 NaN/Inf intensities",
+        ["tune/trial_0001"],
+    ),
+    (
+        "infer --output at an existing file",
+        ["infer", "--model", "{t}/run", "--input", "{t}/scans", "--output", "{t}/a_file"],
+        2,
+        "error: {t}/a_file: is a file, not a folder; choose another output folder",
+        [],
+    ),
+    (
+        "infer --output below a file",
+        ["infer", "--model", "{t}/run", "--input", "{t}/scans", "--output", "{t}/a_file/masks"],
+        2,
+        "error: {t}/a_file/masks: {t}/a_file is a file, not a folder; choose another output folder",
+        [],
+    ),
+    (
+        "infer finds no scan",
+        ["infer", "--model", "{t}/run", "--input", "{t}/empty", "--output", "{t}/masks"],
+        1,
+        f"error: {{t}}/empty: no scans found ({SUFFIXES})",
+        ["masks"],
+    ),
+    (
+        "infer on a scan with NaN voxels",
+        [
+            "infer",
+            "--model",
+            "{t}/run",
+            "--input",
+            "{t}/nan_scans",
+            "--output",
+            "{t}/pred",
+            "--no-progress",
+            "--device",
+            "cpu",
+        ],
+        1,
+        "  failed: {t}/nan_scans/bad.nii.gz: 125 NaN/Inf intensities; refused (replace them, e.g. with the scan's minimum, "
+        "and run again)",
+        ["pred/bad.nii.gz"],
+    ),
+    (
+        "rank on a scan with NaN voxels",
+        [
+            "rank",
+            "--model",
+            "{t}/run",
+            "--unlabeled",
+            "{t}/nan_scans",
+            "--out",
+            "{t}/rank",
+            "--no-progress",
+            "--device",
+            "cpu",
+        ],
+        1,
+        "  failed: {t}/nan_scans/bad.nii.gz: 125 NaN/Inf intensities; refused (replace them, e.g. with the scan's minimum, "
+        "and run again)",
+        [],
+    ),
+    (
+        "rank --out at an existing file",
+        ["rank", "--model", "{t}/run", "--unlabeled", "{t}/scans", "--out", "{t}/a_file"],
+        2,
+        "error: {t}/a_file: is a file, not a folder; choose another --out",
+        [],
+    ),
 ]
 
 
@@ -131,8 +268,20 @@ def test_probe(world, capsys, name, argv, code, message, absent):
 
 def test_infer_accepts_no_progress_and_writes_only_the_new_masks(world, capsys):
     before = snapshot(world)
-    argv = ["infer", "--model", f"{world}/run", "--input", f"{world}/scans", "--output", f"{world}/pred", "--no-progress",
-            "--device", "cpu", "--threads", "1"]
+    argv = [
+        "infer",
+        "--model",
+        f"{world}/run",
+        "--input",
+        f"{world}/scans",
+        "--output",
+        f"{world}/pred",
+        "--no-progress",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+    ]
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert err.splitlines()[0] == "threads: 1 torch thread per process (set explicitly; change with --threads)"
@@ -151,4 +300,7 @@ def test_infer_into_a_read_only_folder_is_one_line(world, capsys):
     finally:
         locked.chmod(0o700)
     assert code == 2
-    assert f"error: {locked}/masks: cannot create the output folder (Permission denied)" in capsys.readouterr().err.splitlines()
+    assert (
+        f"error: {locked}/masks: cannot create the output folder (Permission denied)"
+        in capsys.readouterr().err.splitlines()
+    )

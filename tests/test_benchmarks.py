@@ -63,7 +63,9 @@ def private_uses(source: str) -> list[str]:
             for alias in node.names:
                 if alias.name.startswith("_"):
                     problems.append(f"line {node.lineno}: imports {node.module}.{alias.name}")
-                aliases.add(alias.asname or alias.name)  # a submodule or a function: either way its attributes are the package's
+                aliases.add(
+                    alias.asname or alias.name
+                )  # a submodule or a function: either way its attributes are the package's
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
             if node.attr.startswith("_") and not node.attr.startswith("__"):
@@ -96,18 +98,30 @@ def test_benchmark_uses_only_public_package_functions(script):
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_benchmark_runs_end_to_end_in_smoke_mode(script, tmp_path):
     if not has_smoke_flag(script):
-        pytest.fail(f"{script.relative_to(REPO)} has no --smoke mode: add one (tiny sizes, one repeat, temporary "
-                    "outputs, seconds; see benchmarks/README.md) so that the test suite runs it")
+        pytest.fail(
+            f"{script.relative_to(REPO)} has no --smoke mode: add one (tiny sizes, one repeat, temporary "
+            "outputs, seconds; see benchmarks/README.md) so that the test suite runs it"
+        )
     benchmarks = mirror_repository(tmp_path / "repo")
     work = tmp_path / "work"
     work.mkdir()
     copy = benchmarks / script.name
     command = ["bash", str(copy)] if script.suffix == ".sh" else [sys.executable, str(copy)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg", "PYTHONWARNINGS": "ignore",
-           "OUT": str(work / "out"), "PYTHON": sys.executable}
-    proc = subprocess.run([*command, "--smoke"], cwd=work, env=env, capture_output=True, text=True,
-                          timeout=SMOKE_TIMEOUT_S)
-    assert proc.returncode == 0, f"{script.name} --smoke exited {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "MPLBACKEND": "Agg",
+        "PYTHONWARNINGS": "ignore",
+        "OUT": str(work / "out"),
+        "PYTHON": sys.executable,
+    }
+    proc = subprocess.run(
+        [*command, "--smoke"], cwd=work, env=env, capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S
+    )
+    assert proc.returncode == 0, (
+        f"{script.name} --smoke exited {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    )
     assert proc.stdout.strip(), f"{script.name} --smoke printed nothing"
     written = sorted(p.name for p in (benchmarks / "results").iterdir())
     assert written == [], f"{script.name} --smoke wrote {written} into benchmarks/results/"

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -41,9 +40,24 @@ def exported(tmp_path_factory):
     bundle = root / "bundle"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", "--bundle_root", str(bundle), "--config_file",
-         str(bundle / "configs" / "inference.json"), "--input_dir", str(root / "scans"), "--output_dir", str(root / "monai")],
-        capture_output=True, text=True, env=env, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "run",
+            "--bundle_root",
+            str(bundle),
+            "--config_file",
+            str(bundle / "configs" / "inference.json"),
+            "--input_dir",
+            str(root / "scans"),
+            "--output_dir",
+            str(root / "monai"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     return root
@@ -57,8 +71,18 @@ def test_bundle_has_the_monai_layout_and_names_the_classes(exported):
     outputs = meta["network_data_format"]["outputs"]["pred"]
     assert outputs["num_channels"] == 2 and outputs["channel_def"] == {"0": "background", "1": "bright"}
     assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == [16, 16, 16]
-    assert {"schema", "version", "monai_version", "pytorch_version", "numpy_version", "required_packages_version", "task",
-            "description", "authors", "copyright"} <= set(meta)
+    assert {
+        "schema",
+        "version",
+        "monai_version",
+        "pytorch_version",
+        "numpy_version",
+        "required_packages_version",
+        "task",
+        "description",
+        "authors",
+        "copyright",
+    } <= set(meta)
 
 
 def test_bundle_network_loads_with_monai_alone(exported):
@@ -92,7 +116,9 @@ def test_bundle_masks_agree_with_medeman_infer(exported, name, shape, affine):
 def test_bundle_export_keeps_an_earlier_bundle_and_other_folders(exported, tmp_path, capsys):
     run, bundle = str(exported / "run"), exported / "bundle"
     assert main(["--model", run, "--format", "bundle", "--out", str(bundle)]) == 2
-    assert capsys.readouterr().err.strip() == f"error: {bundle}: a bundle is there; kept (pass --overwrite to replace it)"
+    assert (
+        capsys.readouterr().err.strip() == f"error: {bundle}: a bundle is there; kept (pass --overwrite to replace it)"
+    )
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     assert main(["--model", run, "--format", "bundle", "--out", str(tmp_path / "mine"), "--overwrite"]) == 2

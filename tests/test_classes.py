@@ -14,8 +14,8 @@ RESOLVE_CASES = [
     (None, []),
     ([3], [3]),
     (["lesion"], [3]),
-    ("Lesion, 1", [1, 3]),          # names case-insensitive, comma-separated string
-    ([3, "lesion", 2], [2, 3]),      # unique, sorted
+    ("Lesion, 1", [1, 3]),  # names case-insensitive, comma-separated string
+    ([3, "lesion", 2], [2, 3]),  # unique, sorted
 ]
 
 
@@ -54,10 +54,13 @@ def test_config_refuses_an_unknown_lesion_class_at_load_time():
         validate(cfg)
 
 
-@pytest.mark.parametrize("path,names,lesions", [
-    ("configs/sample.yaml", {1: "liver", 2: "kidneys"}, []),
-    ("configs/lesion.yaml", {1: "liver", 2: "kidneys", 3: "lesion"}, [3]),
-])
+@pytest.mark.parametrize(
+    "path,names,lesions",
+    [
+        ("configs/sample.yaml", {1: "liver", 2: "kidneys"}, []),
+        ("configs/lesion.yaml", {1: "liver", 2: "kidneys", 3: "lesion"}, [3]),
+    ],
+)
 def test_shipped_configs_name_their_classes(path, names, lesions):
     from pathlib import Path
 

@@ -70,7 +70,9 @@ def test_empty_yaml_changes_nothing(tmp_path, text):
 
 
 def test_save_config_round_trips(tmp_path):
-    cfg = load_config(sets=["model.name=basicunet", "data.patch_size=[64, 64, 32]", "ssl.pseudo_label_threshold=0.9", "train.lr=3e-4"])
+    cfg = load_config(
+        sets=["model.name=basicunet", "data.patch_size=[64, 64, 32]", "ssl.pseudo_label_threshold=0.9", "train.lr=3e-4"]
+    )
     path = tmp_path / "run.yaml"
     save_config(cfg, path)
     assert load_config([path]) == cfg
@@ -244,15 +246,24 @@ RANGE_CASES = [
     ["train.weight_decay=-1", "train.weight_decay: -1.0 must be a non-negative number"],
     ["data.batch_size_labeled=0", "data.batch_size_labeled: 0 must be at least 1 patch per step"],
     ["data.batch_size_unlabeled=-2", "data.batch_size_unlabeled: -2 must be at least 1 patch per step"],
-    ["data.num_workers=-1", "data.num_workers: -1 must be 0 (load in the main process) or a number of worker processes"],
+    [
+        "data.num_workers=-1",
+        "data.num_workers: -1 must be 0 (load in the main process) or a number of worker processes",
+    ],
     ["infer.overlap=1.0", "infer.overlap: 1.0 must be a fraction in [0, 1) (1 would never move the window)"],
     ["infer.overlap=-0.1", "infer.overlap: -0.1 must be a fraction in [0, 1) (1 would never move the window)"],
     ["infer.sw_batch_size=0", "infer.sw_batch_size: 0 must be at least 1 window per forward pass"],
     ["train.num_threads=0", "train.num_threads: 0 must be null or a positive number of threads"],
     ["data.val_fraction=1", "data.val_fraction: 1.0 must be a fraction in [0, 1)"],
     ["data.flip_prob=1.5", "data.flip_prob: 1.5 must be a probability in [0, 1]"],
-    ["data.intensity_window=[250, -175]", "data.intensity_window: [250, -175] must be a window [low, high] with low < high"],
-    ["data.strong_contrast=[0, 1.5]", "data.strong_contrast: [0, 1.5] must be a gamma range [low, high] with 0 < low <= high"],
+    [
+        "data.intensity_window=[250, -175]",
+        "data.intensity_window: [250, -175] must be a window [low, high] with low < high",
+    ],
+    [
+        "data.strong_contrast=[0, 1.5]",
+        "data.strong_contrast: [0, 1.5] must be a gamma range [low, high] with 0 < low <= high",
+    ],
     ["model.channels=[16, 0]", "model.channels: [16, 0] must be a list of positive integers (channels per level)"],
     ["model.channels=[]", "model.channels: [] must be a list of positive integers (channels per level)"],
     ["model.dropout=1", "model.dropout: 1.0 must be a probability in [0, 1)"],
@@ -268,8 +279,19 @@ def test_out_of_range_values_are_one_line_errors_at_load_time(item, message):
     assert str(info.value) == message
 
 
-@pytest.mark.parametrize("item", ["train.lr=1e-6", "train.weight_decay=0", "infer.overlap=0", "infer.overlap=0.99",
-                                  "data.num_workers=0", "train.num_threads=null", "train.num_threads=3", "model.dropout=0.5"])
+@pytest.mark.parametrize(
+    "item",
+    [
+        "train.lr=1e-6",
+        "train.weight_decay=0",
+        "infer.overlap=0",
+        "infer.overlap=0.99",
+        "data.num_workers=0",
+        "train.num_threads=null",
+        "train.num_threads=3",
+        "model.dropout=0.5",
+    ],
+)
 def test_values_at_the_edge_of_their_range_load(item):
     load_config(sets=[item])
 
@@ -293,7 +315,15 @@ def test_render_yaml_round_trips_to_defaults():
 
 
 def test_render_yaml_round_trips_a_changed_config():
-    cfg = load_config(sets=["model.name=dynunet", "data.spacing=null", "train.lr=0.0003", "data.strong_cutout=true", "train.precision=16-mixed"])
+    cfg = load_config(
+        sets=[
+            "model.name=dynunet",
+            "data.spacing=null",
+            "train.lr=0.0003",
+            "data.strong_cutout=true",
+            "train.precision=16-mixed",
+        ]
+    )
     assert yaml.safe_load(render_yaml(cfg)) == cfg
 
 
@@ -368,7 +398,10 @@ def test_every_key_has_a_type_its_default_satisfies():
 CROSS_KEY_CASES = [
     # sets, fragment of the error (None: valid)
     [["model.norm=instance"], "ssl.teacher_norm=eman needs a BatchNorm network"],
-    [["model.norm=instance", "ssl.teacher_norm=eman", "ssl.method=supervised_ema"], "ssl.teacher_norm=eman needs a BatchNorm network"],
+    [
+        ["model.norm=instance", "ssl.teacher_norm=eman", "ssl.method=supervised_ema"],
+        "ssl.teacher_norm=eman needs a BatchNorm network",
+    ],
     [["model.norm=instance", "ssl.teacher_norm=ema"], None],  # a weight-EMA teacher needs no BatchNorm
     [["model.norm=instance", "ssl.method=supervised"], None],
     [["tune.momentum_window=[0.01, 2.0]"], "tune.momentum_window"],

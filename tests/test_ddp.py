@@ -13,8 +13,13 @@ def test_teacher_identical_across_ranks(tmp_path):
     worker = Path(__file__).with_name("ddp_worker.py")
     # its own session: on a timeout the whole group goes, rank 1 (which Lightning starts) included, so no orphan
     # keeps the output pipes open
-    proc = subprocess.Popen([sys.executable, str(worker), str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(worker), str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         _, stderr = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:

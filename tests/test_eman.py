@@ -37,7 +37,15 @@ def tiny_net() -> nn.Module:
 
 
 def small_unet() -> nn.Module:
-    return UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(4, 8, 16), strides=(2, 2), num_res_units=1, norm="batch")
+    return UNet(
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=2,
+        channels=(4, 8, 16),
+        strides=(2, 2),
+        num_res_units=1,
+        norm="batch",
+    )
 
 
 def fill(model: nn.Module, param: float, mean: float, var: float, count: int) -> None:
@@ -278,7 +286,10 @@ def test_teacher_stays_eman_after_direct_training_assignment():
     assert _batch_dependence(teacher, scans) < 1e-5
 
 
-@pytest.mark.parametrize("bn_cls, eman_cls, shape", [[nn.BatchNorm1d, EMANBatchNorm1d, (4, 3, 5)], [nn.BatchNorm3d, EMANBatchNorm3d, (4, 3, 2, 2, 2)]])
+@pytest.mark.parametrize(
+    "bn_cls, eman_cls, shape",
+    [[nn.BatchNorm1d, EMANBatchNorm1d, (4, 3, 5)], [nn.BatchNorm3d, EMANBatchNorm3d, (4, 3, 2, 2, 2)]],
+)
 def test_eman_converts_each_batchnorm_kind(bn_cls, eman_cls, shape):
     student = nn.Sequential(bn_cls(3))
     teacher = make_teacher(student)
@@ -343,6 +354,7 @@ def test_teacher_gets_no_gradients():
 
 # ---------------------------------------------------------------- MONAI networks
 
+
 def _without_dropout(net: nn.Module) -> nn.Module:
     for module in net.modules():
         if isinstance(module, nn.modules.dropout._DropoutNd):
@@ -352,7 +364,10 @@ def _without_dropout(net: nn.Module) -> nn.Module:
 
 MONAI_CASES = [
     ["UNet", lambda: UNet(3, 1, 2, channels=(4, 8, 16), strides=(2, 2), num_res_units=2, norm="batch")],
-    ["BasicUNet", lambda: BasicUNet(spatial_dims=3, in_channels=1, out_channels=2, features=(4, 4, 8, 8, 16, 4), norm="batch")],
+    [
+        "BasicUNet",
+        lambda: BasicUNet(spatial_dims=3, in_channels=1, out_channels=2, features=(4, 4, 8, 8, 16, 4), norm="batch"),
+    ],
     # BatchNorm-only; dropout off, as the teacher's dropout follows train mode and would randomize outputs
     ["VNet", lambda: _without_dropout(VNet(spatial_dims=3, in_channels=1, out_channels=2))],
     ["SegResNet", lambda: SegResNet(spatial_dims=3, init_filters=4, in_channels=1, out_channels=2, norm="batch")],
@@ -446,7 +461,11 @@ ERROR_CASES = [
     # id, callable, message fragment
     ["unet-instancenorm", lambda: make_teacher(UNet(3, 1, 2, (4, 8), (2,)), norm="eman"), "norm='batch'"],
     ["segresnet-groupnorm", lambda: make_teacher(SegResNet(3, init_filters=8), norm="eman"), "norm='batch'"],
-    ["no-running-stats", lambda: make_teacher(nn.Sequential(nn.Conv3d(1, 2, 1), nn.BatchNorm3d(2, track_running_stats=False))), "running statistics"],
+    [
+        "no-running-stats",
+        lambda: make_teacher(nn.Sequential(nn.Conv3d(1, 2, 1), nn.BatchNorm3d(2, track_running_stats=False))),
+        "running statistics",
+    ],
     ["unknown-norm", lambda: make_teacher(tiny_net(), norm="group"), "'eman'"],
     ["unknown-norm-none", lambda: make_teacher(tiny_net(), norm=None), "'bn'"],
     ["momentum-negative", lambda: update_teacher(make_teacher(tiny_net()), tiny_net(), -0.1), "[0, 1]"],
@@ -457,9 +476,25 @@ ERROR_CASES = [
     ["schedule-unknown", lambda: scheduled_momentum(0, 10, schedule="linear"), "cosine"],
     ["schedule-window", lambda: scheduled_momentum(0, 10, schedule="window", window=0.0), "positive"],
     ["schedule-steps", lambda: scheduled_momentum(0, 0), "max_steps >= 1"],
-    ["arch-widths", lambda: update_teacher(make_teacher(small_unet()), UNet(3, 1, 2, (4, 8, 32), (2, 2), num_res_units=1, norm="batch"), 0.9), "different architectures"],
-    ["arch-depth", lambda: update_teacher(make_teacher(small_unet()), UNet(3, 1, 2, (4, 8), (2,), num_res_units=1, norm="batch"), 0.9), "different architectures"],
-    ["arch-family", lambda: update_teacher(make_teacher(tiny_net()), nn.Sequential(nn.Linear(2, 2)), 0.9), "make_teacher(student)"],
+    [
+        "arch-widths",
+        lambda: update_teacher(
+            make_teacher(small_unet()), UNet(3, 1, 2, (4, 8, 32), (2, 2), num_res_units=1, norm="batch"), 0.9
+        ),
+        "different architectures",
+    ],
+    [
+        "arch-depth",
+        lambda: update_teacher(
+            make_teacher(small_unet()), UNet(3, 1, 2, (4, 8), (2,), num_res_units=1, norm="batch"), 0.9
+        ),
+        "different architectures",
+    ],
+    [
+        "arch-family",
+        lambda: update_teacher(make_teacher(tiny_net()), nn.Sequential(nn.Linear(2, 2)), 0.9),
+        "make_teacher(student)",
+    ],
     ["not-a-teacher", lambda: update_teacher(tiny_net(), tiny_net(), 0.9), "make_teacher"],
 ]
 
@@ -514,6 +549,7 @@ def test_warmup_stays_exact_under_a_schedule():
 
 
 # ---------------------------------------------------------------- precise-BN re-estimation
+
 
 def _batches(x: torch.Tensor, size: int) -> list[torch.Tensor]:
     return list(torch.split(x, size))
@@ -585,11 +621,15 @@ def test_recalibrated_unet_still_normalizes_each_scan_alone():
 
 # ---------------------------------------------------------------- deterministic teacher, plain EMA
 
+
 def dropout_unet(norm: str = "batch") -> nn.Module:
     return UNet(3, 1, 2, (4, 8), (2,), num_res_units=1, norm=norm, dropout=0.5)
 
 
-@pytest.mark.parametrize("norm, net_norm, deterministic", [("eman", "batch", True), ("ema", "instance", True), ("ema", "batch", True), ("bn", "batch", False)])
+@pytest.mark.parametrize(
+    "norm, net_norm, deterministic",
+    [("eman", "batch", True), ("ema", "instance", True), ("ema", "batch", True), ("bn", "batch", False)],
+)
 def test_teacher_output_after_train_is_deterministic_except_bn(norm, net_norm, deterministic):
     teacher = make_teacher(dropout_unet(net_norm), norm=norm)
     teacher.train()

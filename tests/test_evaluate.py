@@ -39,8 +39,20 @@ SCORE_CASES = [
     ("planes 3 apart in z, 2 mm slices", plane(2, 4), plane(2, 7), (0.7, 0.9, 2.0), (0.0, 6.0, 6.0)),
     ("planes 3 apart in x, 0.5 mm voxels", plane(0, 2), plane(0, 5), (0.5, 1.0, 3.0), (0.0, 1.5, 1.5)),
     ("planes 1 apart in y", plane(1, 6), plane(1, 5), (1.0, 1.25, 1.0), (0.0, 1.25, 1.25)),
-    ("box shifted by 2 of 10 in z", cube((1, 0, 2), (11, 10, 12)), cube((1, 0, 4), (11, 10, 14)), (1.0, 1.0, 1.0), (0.8, None, None)),
-    ("half the reference", cube((0, 0, 0), (6, 10, 14)), cube((0, 0, 0), (12, 10, 14)), (1.0, 1.0, 1.0), (2 * 0.5 / 1.5, None, None)),
+    (
+        "box shifted by 2 of 10 in z",
+        cube((1, 0, 2), (11, 10, 12)),
+        cube((1, 0, 4), (11, 10, 14)),
+        (1.0, 1.0, 1.0),
+        (0.8, None, None),
+    ),
+    (
+        "half the reference",
+        cube((0, 0, 0), (6, 10, 14)),
+        cube((0, 0, 0), (12, 10, 14)),
+        (1.0, 1.0, 1.0),
+        (2 * 0.5 / 1.5, None, None),
+    ),
     ("both empty", np.zeros(SHAPE, bool), np.zeros(SHAPE, bool), (1.0, 1.0, 1.0), (1.0, NAN, NAN)),
     ("prediction empty", np.zeros(SHAPE, bool), cube((2, 2, 2), (5, 5, 5)), (1.0, 1.0, 1.0), (0.0, NAN, NAN)),
     ("reference empty", cube((2, 2, 2), (5, 5, 5)), np.zeros(SHAPE, bool), (1.0, 1.0, 1.0), (0.0, NAN, NAN)),
@@ -64,10 +76,17 @@ def test_mask_scores_refuses_different_shapes():
         mask_scores(np.zeros((3, 3, 3)), np.zeros((3, 3, 4)), (1, 1, 1))
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("case1.nii.gz", "case1"), ("case1_seg.nii.gz", "case1"), ("case1_label.nrrd", "case1"),
-    ("case1_mask.mha", "case1"), ("case_seg_2.nii", "case_seg_2"), ("segment.nii.gz", "segment"),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("case1.nii.gz", "case1"),
+        ("case1_seg.nii.gz", "case1"),
+        ("case1_label.nrrd", "case1"),
+        ("case1_mask.mha", "case1"),
+        ("case_seg_2.nii", "case_seg_2"),
+        ("segment.nii.gz", "segment"),
+    ],
+)
 def test_label_case_id(name, expected):
     assert label_case_id(name) == expected
 
@@ -85,18 +104,18 @@ def save(path, array, affine=AFFINE):
 def cohort(tmp_path):
     """Three scored cases with known scores, plus a missing, an extra and a mismatched case."""
     pred, lab = tmp_path / "pred", tmp_path / "labels"
-    two = plane(2, 4).astype(np.uint8) + 2 * plane(2, 10)          # class 1 and class 2
+    two = plane(2, 4).astype(np.uint8) + 2 * plane(2, 10)  # class 1 and class 2
     save(pred / "a.nii.gz", two)
-    save(lab / "a_seg.nii.gz", two)                                 # perfect
+    save(lab / "a_seg.nii.gz", two)  # perfect
     save(pred / "b.nii.gz", plane(2, 4))
-    save(lab / "b_label.nii.gz", plane(2, 7))                       # class 1: 3 slices = 6 mm off; no class 2
-    save(pred / "b_probs.nii.gz", np.zeros(SHAPE + (2,)))          # probability maps are not predictions
+    save(lab / "b_label.nii.gz", plane(2, 7))  # class 1: 3 slices = 6 mm off; no class 2
+    save(pred / "b_probs.nii.gz", np.zeros(SHAPE + (2,)))  # probability maps are not predictions
     save(pred / "c.nii.gz", np.zeros(SHAPE))
-    save(lab / "c_mask.nii.gz", plane(2, 4))                        # class 1 missed entirely
-    save(lab / "missing.nii.gz", plane(2, 4))                       # no prediction
-    save(pred / "extra.nii.gz", plane(2, 4))                        # no label
+    save(lab / "c_mask.nii.gz", plane(2, 4))  # class 1 missed entirely
+    save(lab / "missing.nii.gz", plane(2, 4))  # no prediction
+    save(pred / "extra.nii.gz", plane(2, 4))  # no label
     save(pred / "bad.nii.gz", np.zeros((12, 10, 13)))
-    save(lab / "bad.nii.gz", np.zeros(SHAPE))                       # shapes differ
+    save(lab / "bad.nii.gz", np.zeros(SHAPE))  # shapes differ
     return pred, lab
 
 
@@ -183,11 +202,17 @@ def test_segment_and_score_runs_inference_then_evaluation(tmp_path):
     save_teacher(tmp_path / "teacher.pt", build_network(cfg), cfg, step=0)
     save(tmp_path / "images" / "x_0000.nii.gz", cube((2, 2, 2), (6, 6, 6)) * 200)
     save(tmp_path / "labels" / "x.nii.gz", cube((2, 2, 2), (6, 6, 6)))
-    results, summary = segment_and_score(tmp_path / "teacher.pt", tmp_path / "images", tmp_path / "labels",
-                                         tmp_path / "pred", png_dir=tmp_path / "png", device="cpu", progress=False)
+    results, summary = segment_and_score(
+        tmp_path / "teacher.pt",
+        tmp_path / "images",
+        tmp_path / "labels",
+        tmp_path / "pred",
+        png_dir=tmp_path / "png",
+        device="cpu",
+        progress=False,
+    )
     assert [r.status for r in results] == ["written"]
     assert summary.cases == ["x"] and (tmp_path / "png" / "x.png").is_file()
-
 
 
 @pytest.mark.parametrize("lesion_classes,table_has_lesions", [(None, False), ([1], True)])
@@ -208,8 +233,15 @@ def test_segment_and_score_names_classes_from_the_model(tmp_path, lesion_classes
     save_teacher(tmp_path / "teacher.pt", build_network(cfg), cfg, step=0)
     save(tmp_path / "images" / "x_0000.nii.gz", cube((2, 2, 2), (6, 6, 6)) * 200)
     save(tmp_path / "labels" / "x.nii.gz", cube((2, 2, 2), (6, 6, 6)))
-    _, summary = segment_and_score(tmp_path / "teacher.pt", tmp_path / "images", tmp_path / "labels",
-                                   tmp_path / "pred", csv=tmp_path / "s.csv", device="cpu", progress=False)
+    _, summary = segment_and_score(
+        tmp_path / "teacher.pt",
+        tmp_path / "images",
+        tmp_path / "labels",
+        tmp_path / "pred",
+        csv=tmp_path / "s.csv",
+        device="cpu",
+        progress=False,
+    )
     table = summary.table()
     assert "1 liver" in table and ("Lesion-wise" in table) == table_has_lesions
     rows = list(csv.DictReader(open(tmp_path / "s.csv")))
@@ -220,10 +252,10 @@ def test_segment_and_score_names_classes_from_the_model(tmp_path, lesion_classes
 
 L = (16, 16, 16)
 A, B, C = cube((2, 2, 2), (4, 4, 4), L), cube((2, 2, 5), (4, 4, 7), L), cube((10, 10, 10), (12, 12, 12), L)
-A_NEXT = cube((2, 2, 4), (4, 4, 6), L)                        # shares a face with A
-CORNER = cube((4, 4, 4), (6, 6, 6), L)                        # touches A only at a corner
-BIG = cube((2, 2, 2), (6, 6, 6), L)                           # 64 voxels
-SPECK = cube((3, 3, 3), (4, 4, 4), L)                         # one voxel inside BIG
+A_NEXT = cube((2, 2, 4), (4, 4, 6), L)  # shares a face with A
+CORNER = cube((4, 4, 4), (6, 6, 6), L)  # touches A only at a corner
+BIG = cube((2, 2, 2), (6, 6, 6), L)  # 64 voxels
+SPECK = cube((3, 3, 3), (4, 4, 4), L)  # one voxel inside BIG
 EMPTY = np.zeros(L, bool)
 LESION_CASES = [
     # (name, prediction, reference, overlap, connectivity,
@@ -245,7 +277,9 @@ LESION_CASES = [
 ]
 
 
-@pytest.mark.parametrize("name, pred, ref, overlap, connectivity, expected", LESION_CASES, ids=[c[0] for c in LESION_CASES])
+@pytest.mark.parametrize(
+    "name, pred, ref, overlap, connectivity, expected", LESION_CASES, ids=[c[0] for c in LESION_CASES]
+)
 def test_lesion_counts_on_hand_made_components(name, pred, ref, overlap, connectivity, expected):
     got = lesion_counts(pred, ref, overlap=overlap, connectivity=connectivity)
     assert (got.reference, got.detected, got.predicted, got.true_positive) == expected[:4], name
@@ -253,22 +287,28 @@ def test_lesion_counts_on_hand_made_components(name, pred, ref, overlap, connect
     assert got.missed == expected[0] - expected[1] and got.false_positive == expected[2] - expected[3]
 
 
-@pytest.mark.parametrize("pred, ref, sensitivity, precision, f1", [
-    (A | C, A | B, 0.5, 0.5, 0.5),
-    (A, A | B, 0.5, 1.0, 2 * 0.5 / 1.5),
-    (EMPTY, A, 0.0, NAN, NAN),            # no predicted lesion: precision and F1 undefined
-    (C, A, 0.0, 0.0, 0.0),
-])
+@pytest.mark.parametrize(
+    "pred, ref, sensitivity, precision, f1",
+    [
+        (A | C, A | B, 0.5, 0.5, 0.5),
+        (A, A | B, 0.5, 1.0, 2 * 0.5 / 1.5),
+        (EMPTY, A, 0.0, NAN, NAN),  # no predicted lesion: precision and F1 undefined
+        (C, A, 0.0, 0.0, 0.0),
+    ],
+)
 def test_lesion_rates(pred, ref, sensitivity, precision, f1):
     got = lesion_counts(pred, ref)
     for value, want in ((got.sensitivity, sensitivity), (got.precision, precision), (got.f1, f1)):
         assert (math.isnan(value) and math.isnan(want)) or value == pytest.approx(want)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"prediction": np.zeros((3, 3, 3)), "reference": np.zeros((3, 3, 4))}, "shape"),
-    ({"prediction": A, "reference": A, "connectivity": 4}, "connectivity"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"prediction": np.zeros((3, 3, 3)), "reference": np.zeros((3, 3, 4))}, "shape"),
+        ({"prediction": A, "reference": A, "connectivity": 4}, "connectivity"),
+    ],
+)
 def test_lesion_counts_refuses_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         lesion_counts(**kwargs)
@@ -281,8 +321,25 @@ def test_lesion_figures_are_pooled_over_cases_in_csv_and_table(tmp_path, capsys)
     save(tmp_path / "labels" / "p.nii.gz", organ + 2 * (A | B))
     save(tmp_path / "pred" / "q.nii.gz", organ + 2 * A)
     save(tmp_path / "labels" / "q.nii.gz", organ + 2 * A)
-    assert main(["--pred", str(tmp_path / "pred"), "--labels", str(tmp_path / "labels"), "--csv", str(tmp_path / "s.csv"),
-                 "--classes", "1=liver,2=lesion", "--lesion-classes", "lesion", "--lesion-overlap", "0.2"]) == 0
+    assert (
+        main(
+            [
+                "--pred",
+                str(tmp_path / "pred"),
+                "--labels",
+                str(tmp_path / "labels"),
+                "--csv",
+                str(tmp_path / "s.csv"),
+                "--classes",
+                "1=liver,2=lesion",
+                "--lesion-classes",
+                "lesion",
+                "--lesion-overlap",
+                "0.2",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "IoU >= 0.2" in out and "2 lesion" in out and "1 liver" in out
     lesion_table = out.split("Lesion-wise", 1)[1].splitlines()
@@ -293,7 +350,11 @@ def test_lesion_figures_are_pooled_over_cases_in_csv_and_table(tmp_path, capsys)
     assert "0.667 ± 0.333" in lesion_row
     rows = list(csv.DictReader(open(tmp_path / "s.csv")))
     row = next(r for r in rows if r["case"] == "p" and r["class"] == "2")
-    assert row["name"] == "lesion" and (row["reference_lesions"], row["detected_lesions"], row["missed_lesions"]) == ("2", "1", "1")
+    assert row["name"] == "lesion" and (row["reference_lesions"], row["detected_lesions"], row["missed_lesions"]) == (
+        "2",
+        "1",
+        "1",
+    )
     assert (row["predicted_lesions"], row["false_positive_lesions"]) == ("2", "1")
     assert float(row["lesion_f1"]) == pytest.approx(0.5) and float(row["lesion_dice"]) == pytest.approx(1 / 3)
     # the organ is scored voxel-wise only: no lesion row, empty lesion cells
@@ -308,8 +369,12 @@ LESION_CLASS_CASES = [
     ("by value", ["--lesion-classes", "2"], None, ["2 lesion"]),
     ("by name", ["--lesion-classes", "liver,lesion"], None, ["1 liver", "2 lesion"]),
     ("from the run's config", [], "data:\n  labels: {1: liver, 2: lesion}\n  lesion_classes: [lesion]\n", ["2 lesion"]),
-    ("option over the config", ["--lesion-classes", "1"], "data:\n  labels: {1: liver, 2: lesion}\n  lesion_classes: [2]\n",
-     ["1 liver"]),
+    (
+        "option over the config",
+        ["--lesion-classes", "1"],
+        "data:\n  labels: {1: liver, 2: lesion}\n  lesion_classes: [2]\n",
+        ["1 liver"],
+    ),
 ]
 
 
@@ -322,7 +387,10 @@ def test_lesion_table_only_for_classes_marked_as_lesions(tmp_path, capsys, name,
     if config is not None:
         _write(tmp_path / "run" / "config.yaml", config)
         classes = str(tmp_path / "run")
-    assert main(["--pred", str(tmp_path / "pred"), "--labels", str(tmp_path / "labels"), "--classes", classes, *options]) == 0
+    assert (
+        main(["--pred", str(tmp_path / "pred"), "--labels", str(tmp_path / "labels"), "--classes", classes, *options])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "1 liver" in out and "2 lesion" in out  # the Dice table names both
     if not expected:
@@ -332,19 +400,36 @@ def test_lesion_table_only_for_classes_marked_as_lesions(tmp_path, capsys, name,
     assert rows == expected
 
 
-@pytest.mark.parametrize("value,message", [
-    ("tumour", "--lesion-classes: 'tumour' is neither a label value nor a class name (1=liver, 2=lesion)"),
-    ("0", "--lesion-classes: 0 is not a foreground class (1 or more)"),
-])
+@pytest.mark.parametrize(
+    "value,message",
+    [
+        ("tumour", "--lesion-classes: 'tumour' is neither a label value nor a class name (1=liver, 2=lesion)"),
+        ("0", "--lesion-classes: 0 is not a foreground class (1 or more)"),
+    ],
+)
 def test_unknown_lesion_class_is_one_line_error(tmp_path, capsys, value, message):
     save(tmp_path / "pred" / "p.nii.gz", cube((2, 2, 2), (6, 6, 6), L))
     save(tmp_path / "labels" / "p.nii.gz", cube((2, 2, 2), (6, 6, 6), L))
-    assert main(["--pred", str(tmp_path / "pred"), "--labels", str(tmp_path / "labels"), "--classes", "liver,lesion",
-                 "--lesion-classes", value]) == 2
+    assert (
+        main(
+            [
+                "--pred",
+                str(tmp_path / "pred"),
+                "--labels",
+                str(tmp_path / "labels"),
+                "--classes",
+                "liver,lesion",
+                "--lesion-classes",
+                value,
+            ]
+        )
+        == 2
+    )
     assert capsys.readouterr().err.strip() == f"error: {message}"
 
 
 # ---- class names -------------------------------------------------------------------------------
+
 
 def _write(path, text):
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -353,8 +438,18 @@ def _write(path, text):
 
 
 NAME_CASES = [
-    ("msd dataset.json", "dataset.json", '{"labels": {"0": "background", "1": "liver", "2": "tumour"}}', {1: "liver", 2: "tumour"}),
-    ("nnU-Net v2 dataset.json", "dataset.json", '{"labels": {"background": 0, "liver": 1, "tumour": 2}}', {1: "liver", 2: "tumour"}),
+    (
+        "msd dataset.json",
+        "dataset.json",
+        '{"labels": {"0": "background", "1": "liver", "2": "tumour"}}',
+        {1: "liver", 2: "tumour"},
+    ),
+    (
+        "nnU-Net v2 dataset.json",
+        "dataset.json",
+        '{"labels": {"background": 0, "liver": 1, "tumour": 2}}',
+        {1: "liver", 2: "tumour"},
+    ),
     ("medeman config", "cfg.yaml", "data:\n  labels: {1: liver, 3: lesion}\n", {1: "liver", 3: "lesion"}),
     ("run folder", "run/config.yaml", "data:\n  labels: {2: kidneys}\n", {2: "kidneys"}),
 ]
@@ -367,22 +462,28 @@ def test_class_names_from_files(tmp_path, name, file, text, expected):
     assert load_class_names(spec) == expected
 
 
-@pytest.mark.parametrize("spec, expected", [
-    ("1=liver,3=lesion", {1: "liver", 3: "lesion"}),
-    ("liver, kidneys ,lesion", {1: "liver", 2: "kidneys", 3: "lesion"}),
-])
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("1=liver,3=lesion", {1: "liver", 3: "lesion"}),
+        ("liver, kidneys ,lesion", {1: "liver", 2: "kidneys", 3: "lesion"}),
+    ],
+)
 def test_class_names_written_out(spec, expected):
     assert load_class_names(spec) == expected
 
 
-@pytest.mark.parametrize("file, text, spec, message", [
-    ("dataset.json", '{"name": "x"}', None, "no class names"),
-    ("dataset.json", '{"labels": {"liver": [1, 2]}}', None, "region labels"),
-    ("dataset.json", '["liver"]', None, "dataset.json: a JSON object is expected"),
-    ("dataset.json", '{"labels": ', None, "unreadable dataset.json"),
-    ("cfg.yaml", "data:\n  num_classes: 3\n", None, "no class names"),
-    (None, None, "1=liver,kidneys", "give a dataset.json"),
-])
+@pytest.mark.parametrize(
+    "file, text, spec, message",
+    [
+        ("dataset.json", '{"name": "x"}', None, "no class names"),
+        ("dataset.json", '{"labels": {"liver": [1, 2]}}', None, "region labels"),
+        ("dataset.json", '["liver"]', None, "dataset.json: a JSON object is expected"),
+        ("dataset.json", '{"labels": ', None, "unreadable dataset.json"),
+        ("cfg.yaml", "data:\n  num_classes: 3\n", None, "no class names"),
+        (None, None, "1=liver,kidneys", "give a dataset.json"),
+    ],
+)
 def test_class_names_refused_with_the_reason(tmp_path, file, text, spec, message):
     if file:
         spec = str(_write(tmp_path / file, text))
@@ -399,8 +500,10 @@ def test_a_class_the_model_never_predicts_is_warned_about_and_not_scored_where_a
     summary = evaluate_folder(pred, lab, csv=tmp_path / "s.csv")
     stats = summary.per_class()[5]
     assert (stats["n"], stats["dice_n"], stats["dice_mean"], stats["absent_n"]) == (6, 1, 0.0, 5)
-    assert summary.warnings == ["class 5: in the labels of 1 case(s) but in no prediction "
-                                "(does the model predict this class? check data.num_classes and the label values)"]
+    assert summary.warnings == [
+        "class 5: in the labels of 1 case(s) but in no prediction "
+        "(does the model predict this class? check data.num_classes and the label values)"
+    ]
     assert summary.per_class()[1]["dice_mean"] == 1.0 and summary.per_class()[1]["absent_n"] == 0
     rows = [r for r in csv.DictReader(open(tmp_path / "s.csv")) if r["class"] == "5"]
     assert [(r["dice"], r["note"]) for r in rows] == [("0", "")] + [("nan", "absent from prediction and reference")] * 5
@@ -408,7 +511,10 @@ def test_a_class_the_model_never_predicts_is_warned_about_and_not_scored_where_a
     assert main(["--pred", str(pred), "--labels", str(lab)]) == 0
     out, err = capsys.readouterr()
     assert "warning: class 5: in the labels of 1 case(s) but in no prediction" in err
-    assert "class 5: absent from prediction and reference in 5 of 6 case(s), not scored there (its Dice is over the other 1)" in out
+    assert (
+        "class 5: absent from prediction and reference in 5 of 6 case(s), not scored there (its Dice is over the other 1)"
+        in out
+    )
     assert "0.000 ± 0.000 (n=1)" in out
 
 
@@ -420,10 +526,23 @@ def test_nan_voxels_are_refused_in_drawn_scans_and_in_labels(tmp_path, capsys):
     images = tmp_path / "images"
     images.mkdir()
     nib.save(nib.Nifti1Image(scan, AFFINE), str(images / "x.nii.gz"))
-    code = main(["--pred", str(tmp_path / "pred"), "--labels", str(tmp_path / "labels"), "--png", str(tmp_path / "png"),
-                 "--images", str(images)])
+    code = main(
+        [
+            "--pred",
+            str(tmp_path / "pred"),
+            "--labels",
+            str(tmp_path / "labels"),
+            "--png",
+            str(tmp_path / "png"),
+            "--images",
+            str(images),
+        ]
+    )
     assert code == 1
-    assert f"error: {images / 'x.nii.gz'}: 3 NaN/Inf intensities; refused, x drawn without the scan" in capsys.readouterr().err
+    assert (
+        f"error: {images / 'x.nii.gz'}: 3 NaN/Inf intensities; refused, x drawn without the scan"
+        in capsys.readouterr().err
+    )
     assert (tmp_path / "png" / "x.png").is_file()
 
     label = cube((2, 2, 2), (6, 6, 6)).astype(np.float32)

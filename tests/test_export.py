@@ -77,7 +77,9 @@ def test_export_refuses_a_file_that_is_not_a_model(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("name,channels", [("basicunet", [4, 4, 8, 8]), ("segresnet", [4, 8, 16, 32]), ("dynunet", [4, 8, 16])])
+@pytest.mark.parametrize(
+    "name,channels", [("basicunet", [4, 4, 8, 8]), ("segresnet", [4, 8, 16, 32]), ("dynunet", [4, 8, 16])]
+)
 def test_every_architecture_exports_to_onnx_and_torchscript(tmp_path, name, channels):
     import onnxruntime
 

@@ -67,7 +67,9 @@ def test_summary_takes_medians_fractions_and_intensity_percentiles(cohort):
     assert summary["modality_guess"] == "CT"
 
 
-@pytest.mark.parametrize("image_min, p005, expected", [(-1024.0, 20.0, "CT"), (-1000.0, -900.0, "CT"), (0.0, 15.0, "MR"), (-50.0, 3.0, "MR")])
+@pytest.mark.parametrize(
+    "image_min, p005, expected", [(-1024.0, 20.0, "CT"), (-1000.0, -900.0, "CT"), (0.0, 15.0, "MR"), (-50.0, 3.0, "MR")]
+)
 def test_modality_guess_by_hounsfield_air(image_min, p005, expected):
     assert guess_modality(image_min, p005) == expected
 
@@ -109,7 +111,9 @@ def test_bad_cases_are_one_line_errors_naming_the_file(tmp_path, volume_writer):
     root = tmp_path / "labeled"
     _case(root, "a", volume_writer)
     volume_writer(root / "labels" / "a.nii.gz", np.zeros((5, 5, 5), np.uint8), np.diag([*SPACING, 1.0]))
-    with pytest.raises(DataError, match=r"labels/a.nii.gz: label shape \(5, 5, 5\) differs from its image's \(20, 16, 10\)"):
+    with pytest.raises(
+        DataError, match=r"labels/a.nii.gz: label shape \(5, 5, 5\) differs from its image's \(20, 16, 10\)"
+    ):
         fingerprint_cohort(root)
     volume_writer(root / "labels" / "a.nii.gz", np.full((20, 16, 10), 0.5, np.float32), np.diag([*SPACING, 1.0]))
     with pytest.raises(DataError, match="labels/a.nii.gz: a label map must hold non-negative integer labels"):

@@ -22,10 +22,23 @@ from medeman.train import fit
 
 pytestmark = pytest.mark.gpu
 
-TINY = ["model.channels=[4,8]", "model.num_res_units=1", "data.patch_size=[16,16,16]", "data.spacing=[1,1,1]",
-        "data.num_classes=3", "data.num_workers=0", "data.cache=none", "data.val_fraction=0.34",
-        "train.val_every_steps=2", "train.log_every_steps=1", "ssl.rampup_steps=2", "ssl.warmup_steps=0", "train.max_steps=4",
-        "train.accelerator=gpu", "train.devices=1"]
+TINY = [
+    "model.channels=[4,8]",
+    "model.num_res_units=1",
+    "data.patch_size=[16,16,16]",
+    "data.spacing=[1,1,1]",
+    "data.num_classes=3",
+    "data.num_workers=0",
+    "data.cache=none",
+    "data.val_fraction=0.34",
+    "train.val_every_steps=2",
+    "train.log_every_steps=1",
+    "ssl.rampup_steps=2",
+    "ssl.warmup_steps=0",
+    "train.max_steps=4",
+    "train.accelerator=gpu",
+    "train.devices=1",
+]
 
 
 class BatchNormProbe(pl.Callback):
@@ -48,12 +61,16 @@ def test_a_mean_teacher_trains_on_one_gpu_in_each_precision(make_cohort, tmp_pat
     root = make_cohort(3, 2)
     cfg = load_config(sets=TINY + [f"train.precision={precision}", "train.sync_batchnorm=true"])
     probe = BatchNormProbe()
-    result = fit(cfg, root / "labeled", root / "unlabeled", out_dir=tmp_path / "run", callbacks=[probe], progress_bar=False)
+    result = fit(
+        cfg, root / "labeled", root / "unlabeled", out_dir=tmp_path / "run", callbacks=[probe], progress_bar=False
+    )
     assert result.steps == 4 and math.isfinite(result.best_dice_teacher)
     # one GPU, one process: nothing to synchronize, so the student keeps plain BatchNorm
     assert probe.kinds and nn.SyncBatchNorm not in probe.kinds
     _, _, payload = load_teacher(tmp_path / "run")
-    assert all(t.dtype == torch.float32 for t in payload["state_dict"].values() if t.is_floating_point())  # EMA stays fp32
+    assert all(
+        t.dtype == torch.float32 for t in payload["state_dict"].values() if t.is_floating_point()
+    )  # EMA stays fp32
 
 
 def test_channels_last_and_plain_layouts_train_the_same_first_step_on_gpu(make_cohort, tmp_path):
@@ -74,7 +91,12 @@ def test_infer_on_cuda_writes_the_cpu_mask(make_cohort, tmp_path):
     masks = {}
     for device in ("cpu", "cuda"):
         out = tmp_path / f"pred_{device}"
-        assert infer_main(["--model", str(tmp_path / "run"), "--input", str(images), "--output", str(out), "--device", device]) == 0
+        assert (
+            infer_main(
+                ["--model", str(tmp_path / "run"), "--input", str(images), "--output", str(out), "--device", device]
+            )
+            == 0
+        )
         masks[device] = {p.name: np.asarray(nib.load(str(p)).dataobj) for p in sorted(out.glob("*.nii.gz"))}
     assert masks["cpu"].keys() == masks["cuda"].keys() and masks["cpu"]
     for name, cpu in masks["cpu"].items():

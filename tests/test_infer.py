@@ -20,20 +20,24 @@ from medeman.predict import TTA_FLIPS, predict_volume
 from medeman.nets import build_network
 
 # Odd shape, anisotropic spacing, axes permuted and flipped (an "LIP"-like scan, far from RAS).
-OBLIQUE_AFFINE = np.array([
-    [0.0, 0.0, -2.5, 40.0],
-    [-0.8, 0.0, 0.0, 12.0],
-    [0.0, 1.3, 0.0, -30.0],
-    [0.0, 0.0, 0.0, 1.0],
-])
+OBLIQUE_AFFINE = np.array(
+    [
+        [0.0, 0.0, -2.5, 40.0],
+        [-0.8, 0.0, 0.0, 12.0],
+        [0.0, 1.3, 0.0, -30.0],
+        [0.0, 0.0, 0.0, 1.0],
+    ]
+)
 SHAPE = (19, 13, 9)
 _t = np.deg2rad(15.0)  # a tilted gantry: RAS-like axes rotated about x, anisotropic
-TILTED_AFFINE = np.array([
-    [0.9, 0.0, 0.0, -8.0],
-    [0.0, 0.7 * np.cos(_t), -2.0 * np.sin(_t), 5.0],
-    [0.0, 0.7 * np.sin(_t), 2.0 * np.cos(_t), 60.0],
-    [0.0, 0.0, 0.0, 1.0],
-])
+TILTED_AFFINE = np.array(
+    [
+        [0.9, 0.0, 0.0, -8.0],
+        [0.0, 0.7 * np.cos(_t), -2.0 * np.sin(_t), 5.0],
+        [0.0, 0.7 * np.sin(_t), 2.0 * np.cos(_t), 60.0],
+        [0.0, 0.0, 0.0, 1.0],
+    ]
+)
 
 
 def tiny_config(spacing=(1.5, 1.5, 1.5), in_channels=1):
@@ -110,8 +114,15 @@ GEOMETRY_CASES = [
 def test_mask_has_the_scans_shape_affine_and_content(tmp_path, name, affine, spacing, output_format, expected):
     scan = write_scan(tmp_path / "in" / name, blob(), affine)
     cfg = tiny_config(spacing)
-    results = infer_cases((ThresholdNet(), cfg), scan, tmp_path / "out", output_format=output_format,
-                          probabilities=True, device="cpu", progress=False)
+    results = infer_cases(
+        (ThresholdNet(), cfg),
+        scan,
+        tmp_path / "out",
+        output_format=output_format,
+        probabilities=True,
+        device="cpu",
+        progress=False,
+    )
     assert [r.status for r in results] == ["written"], results
     out = tmp_path / "out" / expected
     assert results[0].output == out
@@ -165,7 +176,8 @@ def test_inversion_matches_monai_invertd(tmp_path, name, affine, spacing):
     image = transform({"image": str(scan)})["image"]
     probs = smooth_probabilities(image.shape[1:])
     reference = Invertd(keys="pred", transform=transform, orig_keys="image", nearest_interp=False)(
-        {"image": image, "pred": MetaTensor(probs.clone(), affine=image.affine)})["pred"].as_tensor()
+        {"image": image, "pred": MetaTensor(probs.clone(), affine=image.affine)}
+    )["pred"].as_tensor()
     assert scan_axes(image) is not None  # medeman's preprocessing is always axis-aligned with the scan
     inverted = invert_to_input(probs, image, transform)
     assert inverted.shape == reference.shape == (3, *SHAPE)
@@ -194,12 +206,19 @@ def test_class_map_matches_the_argmax_of_the_inverted_probabilities_for_any_clas
     assert labels.unique().numel() == classes
 
 
-@pytest.mark.parametrize("affine, identity, gather_only", [
-    (np.diag([1.5, 1.5, 1.5, 1.0]), [True, True, True], [True, True, True]),  # RAS at the model's spacing
-    (np.diag([1.5, -1.5, 1.5, 1.0]), [True, False, True], [True, True, True]),  # a flip: a gather, no blend
-    (np.diag([1.5, 1.5, 3.0, 1.0]), [True, True, False], [True, True, True]),  # z upsampled 2x: scan voxels are on the grid
-    (np.diag([1.5, 1.5, 2.0, 1.0]), [True, True, False], [True, True, False]),  # resampled along z only
-])
+@pytest.mark.parametrize(
+    "affine, identity, gather_only",
+    [
+        (np.diag([1.5, 1.5, 1.5, 1.0]), [True, True, True], [True, True, True]),  # RAS at the model's spacing
+        (np.diag([1.5, -1.5, 1.5, 1.0]), [True, False, True], [True, True, True]),  # a flip: a gather, no blend
+        (
+            np.diag([1.5, 1.5, 3.0, 1.0]),
+            [True, True, False],
+            [True, True, True],
+        ),  # z upsampled 2x: scan voxels are on the grid
+        (np.diag([1.5, 1.5, 2.0, 1.0]), [True, True, False], [True, True, False]),  # resampled along z only
+    ],
+)
 def test_identity_axes_are_skipped_and_flips_are_gathers(tmp_path, affine, identity, gather_only):
     from medeman.data.transforms import preprocessing
     from medeman.predict import scan_axes
@@ -216,8 +235,11 @@ def test_a_grid_rotated_against_the_scan_is_not_separable():
 
     t = np.deg2rad(20.0)
     rotated = np.array([[np.cos(t), -np.sin(t), 0, 0], [np.sin(t), np.cos(t), 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]])
-    image = MetaTensor(torch.zeros(1, 8, 8, 8), affine=torch.as_tensor(rotated),
-                       meta={"original_affine": np.eye(4), "spatial_shape": np.array([8, 8, 8])})
+    image = MetaTensor(
+        torch.zeros(1, 8, 8, 8),
+        affine=torch.as_tensor(rotated),
+        meta={"original_affine": np.eye(4), "spatial_shape": np.array([8, 8, 8])},
+    )
     assert scan_axes(image) is None
 
 
@@ -229,8 +251,10 @@ def test_tta_averages_the_eight_mirrorings(model_file, tmp_path):
     image = torch.rand(1, 16, 16, 16)  # one window, so mirroring the patch is mirroring the volume
     plain = predict_volume(net, image, cfg, tta=False, device="cpu")
     tta = predict_volume(net, image, cfg, tta=True, device="cpu")
-    manual = sum(predict_volume(net, image.flip([d - 1 for d in dims]), cfg, device="cpu").flip([d - 1 for d in dims])
-                 for dims in TTA_FLIPS) / len(TTA_FLIPS)
+    manual = sum(
+        predict_volume(net, image.flip([d - 1 for d in dims]), cfg, device="cpu").flip([d - 1 for d in dims])
+        for dims in TTA_FLIPS
+    ) / len(TTA_FLIPS)
     assert len(TTA_FLIPS) == 8 and tta.shape == plain.shape == (2, 16, 16, 16) and tta.dtype == torch.float32
     torch.testing.assert_close(tta, manual, atol=1e-5, rtol=0)
     assert not torch.allclose(tta, plain, atol=1e-4)
@@ -240,8 +264,20 @@ def test_tta_averages_the_eight_mirrorings(model_file, tmp_path):
 @pytest.mark.parametrize("tta", [False, True])
 def test_infer_end_to_end_with_and_without_tta(model_file, tmp_path, tta, capsys):
     scan = write_scan(tmp_path / "in" / "a_0000.nii.gz", blob())
-    args = ["--model", str(model_file.parent), "--input", str(scan.parent), "--output", str(tmp_path / "out"),
-            "--device", "cpu", "--sw-batch-size", "2", "--overlap", "0.25"] + (["--tta"] if tta else [])
+    args = [
+        "--model",
+        str(model_file.parent),
+        "--input",
+        str(scan.parent),
+        "--output",
+        str(tmp_path / "out"),
+        "--device",
+        "cpu",
+        "--sw-batch-size",
+        "2",
+        "--overlap",
+        "0.25",
+    ] + (["--tta"] if tta else [])
     assert main(args) == 0
     out = nib.load(str(tmp_path / "out" / "a.nii.gz"))
     assert out.shape == SHAPE and np.allclose(out.affine, OBLIQUE_AFFINE)
@@ -292,8 +328,18 @@ def test_a_corrupt_case_is_reported_and_skipped(model_file, tmp_path, capsys):
     write_scan(tmp_path / "in" / "good.nii.gz", blob())
     (tmp_path / "in" / "broken.nii.gz").write_bytes(b"\x1f\x8b this is not a scan" * 10)
     (tmp_path / "in" / "empty.nrrd").write_bytes(b"")
-    code = main(["--model", str(model_file), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
-                 "--device", "cpu"])
+    code = main(
+        [
+            "--model",
+            str(model_file),
+            "--input",
+            str(tmp_path / "in"),
+            "--output",
+            str(tmp_path / "out"),
+            "--device",
+            "cpu",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 1
     assert (tmp_path / "out" / "good.nii.gz").is_file()
@@ -318,8 +364,22 @@ def test_existing_outputs_are_kept_without_overwrite(model_file, tmp_path, capsy
 def test_the_output_never_replaces_the_scan(model_file, tmp_path):
     scan = write_scan(tmp_path / "a.nii.gz", blob())
     before = scan.read_bytes()
-    assert main(["--model", str(model_file), "--input", str(tmp_path), "--output", str(tmp_path),
-                 "--overwrite", "--device", "cpu"]) == 1
+    assert (
+        main(
+            [
+                "--model",
+                str(model_file),
+                "--input",
+                str(tmp_path),
+                "--output",
+                str(tmp_path),
+                "--overwrite",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 1
+    )
     assert scan.read_bytes() == before
 
 
@@ -336,13 +396,27 @@ def test_channels_of_a_case_are_grouped(tmp_path):
 FIND_CASES = [
     # (file names, in_channels, expected cases {id: [files]}, expected problem substrings)
     (["a_0000.nii.gz", "b_0000.nii.gz"], 1, {"a": ["a_0000.nii.gz"], "b": ["b_0000.nii.gz"]}, []),
-    (["liver_0007.nii.gz", "liver_0008.nii.gz"], 1, {"liver_0007": ["liver_0007.nii.gz"], "liver_0008": ["liver_0008.nii.gz"]}, []),
-    (["a_0000.nii.gz", "a_0001.nii.gz", "b_0000.nii.gz"], 2, {"a": ["a_0000.nii.gz", "a_0001.nii.gz"]},
-     ["b_0000.nii.gz: case 'b' has channel files _0000, expected _0000.._0001"]),
+    (
+        ["liver_0007.nii.gz", "liver_0008.nii.gz"],
+        1,
+        {"liver_0007": ["liver_0007.nii.gz"], "liver_0008": ["liver_0008.nii.gz"]},
+        [],
+    ),
+    (
+        ["a_0000.nii.gz", "a_0001.nii.gz", "b_0000.nii.gz"],
+        2,
+        {"a": ["a_0000.nii.gz", "a_0001.nii.gz"]},
+        ["b_0000.nii.gz: case 'b' has channel files _0000, expected _0000.._0001"],
+    ),
     # one case-id rule with training: a lone _0000 is dropped even next to a file without a suffix
     (["a_0000.nii.gz", "b.nii.gz"], 1, {"a": ["a_0000.nii.gz"], "b": ["b.nii.gz"]}, []),
     (["a.nii.gz", "a_0000.nii.gz"], 1, {"a": ["a.nii.gz"]}, ["a_0000.nii.gz: same case and channel as"]),
-    (["a_0000.nii.gz", "b.nii.gz"], 2, {}, ["b.nii.gz: no _0000.._0001 channel suffix", "case 'a' has channel files _0000,"]),
+    (
+        ["a_0000.nii.gz", "b.nii.gz"],
+        2,
+        {},
+        ["b.nii.gz: no _0000.._0001 channel suffix", "case 'a' has channel files _0000,"],
+    ),
     (["x.nii.gz", "x.nrrd", "y.mha"], 1, {"x": ["x.nii.gz"], "y": ["y.mha"]}, ["same case"]),
 ]
 
@@ -376,12 +450,21 @@ def test_a_folder_gives_each_case_the_mask_it_gets_alone_in_order(model_file, tm
     monkeypatch.setattr(infer_module, "write_volume", failing_write)
     results = infer_cases(model_file, tmp_path / "in", tmp_path / "out", progress=False, device="cpu")
     assert [(r.case_id, r.status) for r in results] == [
-        ("c0", "written"), ("c1", "failed"), ("c2", "skipped"), ("c3", "failed"), ("c4", "written")]
+        ("c0", "written"),
+        ("c1", "failed"),
+        ("c2", "skipped"),
+        ("c3", "failed"),
+        ("c4", "written"),
+    ]
     assert "c1.nii.gz" in results[1].message and "disk full" in results[3].message and "c3.nii.gz" in results[3].message
     assert (tmp_path / "out" / "c2.nii.gz").read_bytes() == b"kept" and not (tmp_path / "out" / "c3.nii.gz").exists()
     monkeypatch.setattr(infer_module, "write_volume", write_volume)
     for case in ("c0", "c4"):  # the same mask as inferring the scan alone
-        alone = infer_cases(model_file, tmp_path / "in" / f"{case}.nii.gz", tmp_path / "alone", progress=False, device="cpu")
+        alone = infer_cases(
+            model_file, tmp_path / "in" / f"{case}.nii.gz", tmp_path / "alone", progress=False, device="cpu"
+        )
         assert alone[0].status == "written"
-        assert np.array_equal(np.asarray(nib.load(str(tmp_path / "alone" / f"{case}.nii.gz")).dataobj),
-                              np.asarray(nib.load(str(tmp_path / "out" / f"{case}.nii.gz")).dataobj))
+        assert np.array_equal(
+            np.asarray(nib.load(str(tmp_path / "alone" / f"{case}.nii.gz")).dataobj),
+            np.asarray(nib.load(str(tmp_path / "out" / f"{case}.nii.gz")).dataobj),
+        )

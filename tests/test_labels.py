@@ -18,8 +18,10 @@ def test_ties_go_to_the_lower_class():
     assert argmax_labels(scores).dtype == torch.uint8
 
 
-@pytest.mark.parametrize("num_classes, dtype", [(2, torch.uint8), (256, torch.uint8), (257, torch.int16),
-                                                (2 ** 15, torch.int16), (2 ** 15 + 1, torch.int32)])
+@pytest.mark.parametrize(
+    "num_classes, dtype",
+    [(2, torch.uint8), (256, torch.uint8), (257, torch.int16), (2**15, torch.int16), (2**15 + 1, torch.int32)],
+)
 def test_label_dtype_is_the_smallest_that_holds_every_class(num_classes, dtype):
     assert label_dtype(num_classes) == dtype
     assert torch.iinfo(dtype).max >= num_classes - 1

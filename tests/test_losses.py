@@ -105,12 +105,19 @@ def test_pseudo_label_reduction_all_divides_by_every_voxel_kept_by_kept_ones(kep
     mask = torch.tensor(kept).reshape(1, 4, 1, 1)
     assert masked_cross_entropy(logits, labels, mask, "all").item() == pytest.approx(expected_all, rel=1e-6)
     assert masked_cross_entropy(logits, labels, mask, "kept").item() == pytest.approx(expected_kept, rel=1e-6)
-    assert masked_cross_entropy(logits, labels, mask).item() == pytest.approx(expected_all, rel=1e-6)  # FixMatch's is the default
+    assert masked_cross_entropy(logits, labels, mask).item() == pytest.approx(
+        expected_all, rel=1e-6
+    )  # FixMatch's is the default
 
 
 def test_unknown_pseudo_label_reduction_is_refused():
     with pytest.raises(ValueError, match="'all' or 'kept'"):
-        masked_cross_entropy(torch.zeros(1, 2, 1, 1, 1), torch.zeros(1, 1, 1, 1, dtype=torch.long), torch.ones(1, 1, 1, 1, dtype=torch.bool), "sum")
+        masked_cross_entropy(
+            torch.zeros(1, 2, 1, 1, 1),
+            torch.zeros(1, 1, 1, 1, dtype=torch.long),
+            torch.ones(1, 1, 1, 1, dtype=torch.bool),
+            "sum",
+        )
 
 
 def test_masked_dice_is_zero_for_perfect_prediction_and_ignores_masked_voxels():

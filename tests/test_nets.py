@@ -14,7 +14,9 @@ from medeman.nets import NETWORKS, build_network, size_divisor
 SMALL = [4, 8, 16, 32]
 
 
-def config(name: str, channels=SMALL, in_channels: int = 2, num_classes: int = 3, dropout: float = 0.0, **model) -> dict:
+def config(
+    name: str, channels=SMALL, in_channels: int = 2, num_classes: int = 3, dropout: float = 0.0, **model
+) -> dict:
     cfg = default_config()
     cfg["model"].update(name=name, channels=list(channels), num_res_units=1, dropout=dropout, **model)
     cfg["data"].update(in_channels=in_channels, num_classes=num_classes)

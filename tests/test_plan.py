@@ -11,7 +11,22 @@ from medeman.config import load_config
 def test_plan_writes_a_loadable_plan_and_the_fingerprint_beside_it(make_cohort, tmp_path, capsys):
     root = make_cohort(n_labeled=3, n_unlabeled=2)
     out = tmp_path / "plans" / "mine.yaml"
-    assert cli_main(["plan", "--labeled", str(root / "labeled"), "--unlabeled", str(root / "unlabeled"), "--device", "cpu", "--out", str(out)]) == 0
+    assert (
+        cli_main(
+            [
+                "plan",
+                "--labeled",
+                str(root / "labeled"),
+                "--unlabeled",
+                str(root / "unlabeled"),
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     cfg = load_config([out])
     assert cfg["data"]["num_classes"] == 3 and cfg["ssl"]["method"] == "mean_teacher"
     assert cfg["data"]["spacing"] == [1.0, 1.0, 1.0]  # the phantoms' spacing; 20 mm scans are not coarsened
@@ -25,10 +40,21 @@ def test_plan_refuses_to_overwrite_and_bad_budgets(make_cohort, tmp_path, capsys
     out = tmp_path / "plan.yaml"
     out.write_text("mine\n")
     assert cli_main(["plan", "--labeled", str(root / "labeled"), "--out", str(out)]) == 2
-    assert capsys.readouterr().err.strip() == f"error: {out} already exists; pass --overwrite to replace it, or choose another --out"
+    assert (
+        capsys.readouterr().err.strip()
+        == f"error: {out} already exists; pass --overwrite to replace it, or choose another --out"
+    )
     assert out.read_text() == "mine\n"
-    assert cli_main(["plan", "--labeled", str(root / "labeled"), "--out", str(tmp_path / "p.yaml"), "--time-budget", "soon"]) == 2
-    assert capsys.readouterr().err.strip() == "error: --time-budget: time budget 'soon': expected a duration such as 900, 900s, 15m or 1h30m"
+    assert (
+        cli_main(
+            ["plan", "--labeled", str(root / "labeled"), "--out", str(tmp_path / "p.yaml"), "--time-budget", "soon"]
+        )
+        == 2
+    )
+    assert (
+        capsys.readouterr().err.strip()
+        == "error: --time-budget: time budget 'soon': expected a duration such as 900, 900s, 15m or 1h30m"
+    )
     assert cli_main(["plan", "--labeled", str(tmp_path / "missing"), "--out", str(tmp_path / "p.yaml")]) == 2
     assert "missing" in capsys.readouterr().err
 
@@ -38,14 +64,32 @@ def test_train_without_config_plans_and_keeps_the_plan_in_the_run(make_cohort, t
 
     root = make_cohort(n_labeled=3, n_unlabeled=2)
     run = tmp_path / "run"
-    args = ["--labeled", str(root / "labeled"), "--unlabeled", str(root / "unlabeled"), "--out", str(run), "--no-progress",
-            "--device", "cpu", "--set", "train.max_steps=2", "--set", "train.val_every_steps=2", "--set", "data.num_workers=0"]
+    args = [
+        "--labeled",
+        str(root / "labeled"),
+        "--unlabeled",
+        str(root / "unlabeled"),
+        "--out",
+        str(run),
+        "--no-progress",
+        "--device",
+        "cpu",
+        "--set",
+        "train.max_steps=2",
+        "--set",
+        "train.val_every_steps=2",
+        "--set",
+        "data.num_workers=0",
+    ]
     assert train_main(args) == 0
     assert "no --config: planned from the data" in capsys.readouterr().out
     planned = load_config([run / "plan.yaml"])
     used = load_config([run / "config.yaml"])
     assert used["train"]["max_steps"] == 2 and planned["train"]["max_steps"] == 2000  # --set overrides the plan
-    assert used["data"]["spacing"] == planned["data"]["spacing"] and used["data"]["patch_size"] == planned["data"]["patch_size"]
+    assert (
+        used["data"]["spacing"] == planned["data"]["spacing"]
+        and used["data"]["patch_size"] == planned["data"]["patch_size"]
+    )
     assert (run / "fingerprint.json").is_file() and (run / "teacher.pt").is_file()
     plan_text = (run / "plan.yaml").read_text()
     assert train_main(args) == 2  # the earlier run (and its plan) is kept without --overwrite
@@ -78,13 +122,31 @@ def test_train_without_config_on_an_anisotropic_mr_cohort(tmp_path, volume_write
     for i in range(4):
         image = rng.normal(300, 20, size=(64, 64, 8)).astype(np.float32)
         label = np.zeros(image.shape, np.uint8)
-        label[20 + i:40 + i, 20:44, 2:6] = 1
+        label[20 + i : 40 + i, 20:44, 2:6] = 1
         image[label == 1] += 200
         volume_writer(tmp_path / "mr" / "images" / f"case{i}.nii.gz", image, affine)
         volume_writer(tmp_path / "mr" / "labels" / f"case{i}.nii.gz", label, affine)
     run = tmp_path / "run"
-    assert train_main(["--labeled", str(tmp_path / "mr"), "--out", str(run), "--no-progress", "--device", "cpu",
-                       "--set", "train.max_steps=2", "--set", "train.val_every_steps=2", "--set", "data.num_workers=0"]) == 0
+    assert (
+        train_main(
+            [
+                "--labeled",
+                str(tmp_path / "mr"),
+                "--out",
+                str(run),
+                "--no-progress",
+                "--device",
+                "cpu",
+                "--set",
+                "train.max_steps=2",
+                "--set",
+                "train.val_every_steps=2",
+                "--set",
+                "data.num_workers=0",
+            ]
+        )
+        == 0
+    )
     cfg = load_config([run / "config.yaml"])
     assert cfg["data"]["modality"] == "MR" and cfg["ssl"]["method"] == "supervised"
     assert cfg["data"]["spacing"] == [0.7, 0.7, 5.0]  # every scan alike: the 10th percentile of z is 5 mm too

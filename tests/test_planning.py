@@ -24,32 +24,54 @@ def summary(spacing, shape, *, p10=None, modality="CT", classes=None, unlabeled=
     """A fingerprint summary as medeman.fingerprint.summarize makes it."""
     classes = classes or {"1": (0.8, 50_000.0, 40_000.0), "2": (0.2, 8_000.0, 6_000.0)}
     return {
-        "num_labeled": 10, "num_unlabeled": unlabeled, "num_classes": len(classes) + 1,
-        "median_spacing": list(spacing), "spacing_p10": list(p10 or spacing), "median_shape": list(shape),
-        "median_size_mm": [s * n for s, n in zip(spacing, shape)], "orientations": ["RAS"],
-        "intensity": {"p00_5": -80.0, "p99_5": 240.0, "mean": 90.0, "std": 40.0, "min": -1024.0 if modality == "CT" else 0.0},
+        "num_labeled": 10,
+        "num_unlabeled": unlabeled,
+        "num_classes": len(classes) + 1,
+        "median_spacing": list(spacing),
+        "spacing_p10": list(p10 or spacing),
+        "median_shape": list(shape),
+        "median_size_mm": [s * n for s, n in zip(spacing, shape)],
+        "orientations": ["RAS"],
+        "intensity": {
+            "p00_5": -80.0,
+            "p99_5": 240.0,
+            "mean": 90.0,
+            "std": 40.0,
+            "min": -1024.0 if modality == "CT" else 0.0,
+        },
         "modality_guess": modality,
-        "classes": {name: {"foreground_fraction": frac, "volume_fraction": frac / 10, "cases_with_class": 10,
-                           "components_per_case": [1] * 10,
-                           "component_volume_mm3": {"min": p05, "p05": p05, "median": median, "max": median}}
-                    for name, (frac, median, p05) in classes.items()},
+        "classes": {
+            name: {
+                "foreground_fraction": frac,
+                "volume_fraction": frac / 10,
+                "cases_with_class": 10,
+                "components_per_case": [1] * 10,
+                "component_volume_mm3": {"min": p05, "p05": p05, "median": median, "max": median},
+            }
+            for name, (frac, median, p05) in classes.items()
+        },
     }
 
 
 ISOTROPIC_CT = summary([1.0, 1.0, 1.0], [160, 160, 160])
 ANISOTROPIC_MR = summary([0.7, 0.7, 5.0], [320, 320, 24], p10=[0.6, 0.6, 4.0], modality="MR")
-TINY_LESIONS = summary([1.0, 1.0, 1.0], [200, 200, 200], classes={"1": (0.99, 900_000.0, 800_000.0), "2": (0.004, 300.0, 100.0)})
+TINY_LESIONS = summary(
+    [1.0, 1.0, 1.0], [200, 200, 200], classes={"1": (0.99, 900_000.0, 800_000.0), "2": (0.004, 300.0, 100.0)}
+)
 
 
-@pytest.mark.parametrize("fp, expected", [
-    (ISOTROPIC_CT, [1.0, 1.0, 1.0]),
-    # z: 5.0 > 3 x 0.7 and 24 slices x 3 < 320: its 10th percentile, 4.0 mm, not the median (nnU-Net)
-    (ANISOTROPIC_MR, [0.7, 0.7, 4.0]),
-    # 3.0 > 3 x 0.9 but 100 slices x 3 > 80 voxels: not low resolution, the median stays
-    (summary([0.9, 0.9, 3.0], [80, 80, 100]), [0.9, 0.9, 3.0]),
-    # the 10th percentile finer than the other axes: just above them
-    (summary([1.0, 1.0, 4.0], [300, 300, 30], p10=[1.0, 1.0, 0.8]), [1.0, 1.0, 1.0]),
-])
+@pytest.mark.parametrize(
+    "fp, expected",
+    [
+        (ISOTROPIC_CT, [1.0, 1.0, 1.0]),
+        # z: 5.0 > 3 x 0.7 and 24 slices x 3 < 320: its 10th percentile, 4.0 mm, not the median (nnU-Net)
+        (ANISOTROPIC_MR, [0.7, 0.7, 4.0]),
+        # 3.0 > 3 x 0.9 but 100 slices x 3 > 80 voxels: not low resolution, the median stays
+        (summary([0.9, 0.9, 3.0], [80, 80, 100]), [0.9, 0.9, 3.0]),
+        # the 10th percentile finer than the other axes: just above them
+        (summary([1.0, 1.0, 4.0], [300, 300, 30], p10=[1.0, 1.0, 0.8]), [1.0, 1.0, 1.0]),
+    ],
+)
 def test_target_spacing_is_the_median_except_on_an_anisotropic_axis(fp, expected):
     assert target_spacing(fp)[0] == pytest.approx(expected, abs=1e-3)
 
@@ -71,7 +93,9 @@ def test_anisotropic_mr_plan_keeps_thick_slices_and_a_flat_patch():
     assert plan.get("data", "modality") == "MR" and plan.get("data", "intensity_window") is None
     assert plan.get("data", "spacing") == pytest.approx([0.7, 0.7, 4.0], abs=1e-3)
     x, y, z = plan.get("data", "patch_size")
-    assert abs(x - y) <= 8 and x > 2 * z  # the patch follows the median shape (320 x 320 x 30 voxels), shrunk 8 at a time
+    assert (
+        abs(x - y) <= 8 and x > 2 * z
+    )  # the patch follows the median shape (320 x 320 x 30 voxels), shrunk 8 at a time
     assert z >= 2 ** (len(plan.get("model", "channels")) - 1)  # the isotropic UNet can still halve z to the bottleneck
     cpu = make_plan(ANISOTROPIC_MR, device="cpu").get("data", "spacing")
     assert cpu[2] == pytest.approx(4.0, abs=1e-3) and 0.7 < cpu[0] == cpu[1] < 4.0  # a CPU coarsens the fine axes only
@@ -92,7 +116,7 @@ def test_tiny_lesions_are_oversampled_and_keep_their_resolution_on_a_cpu():
 def test_cpu_plan_coarsens_large_organs_to_about_64_voxels():
     plan = make_plan(ISOTROPIC_CT, device="cpu")
     assert plan.get("data", "spacing") == pytest.approx([2.5] * 3)  # 160 mm / 64 voxels
-    assert np.prod(plan.get("data", "patch_size")) <= 64 ** 3
+    assert np.prod(plan.get("data", "patch_size")) <= 64**3
 
 
 def test_unlabeled_scans_make_a_mean_teacher_with_schedules_scaled_to_the_steps():
@@ -140,19 +164,24 @@ def test_plan_yaml_loads_as_a_config_and_gives_each_key_a_reason(fp, device, tmp
     assert all("  # " in line and len(line.split("  # ", 1)[1]) > 10 for line in keys)
 
 
-@pytest.mark.parametrize("patch_shape, max_voxels, expected", [
-    ([100, 100, 100], 1e9, [96, 96, 96]),  # to the nearest multiple of 16
-    ([160, 160, 160], 128**3, [128, 128, 128]),
-    # all sides equally long relative to the median shape: x, y, then z shrink by 16 in turn (z stops at 16),
-    # then x and y down to 224 x 224 x 16 = 802 816 voxels
-    ([320, 320, 30], 160 * 160 * 32, [224, 224, 16]),
-    ([320, 320, 64], 1e9, [320, 320, 64]),
-])
+@pytest.mark.parametrize(
+    "patch_shape, max_voxels, expected",
+    [
+        ([100, 100, 100], 1e9, [96, 96, 96]),  # to the nearest multiple of 16
+        ([160, 160, 160], 128**3, [128, 128, 128]),
+        # all sides equally long relative to the median shape: x, y, then z shrink by 16 in turn (z stops at 16),
+        # then x and y down to 224 x 224 x 16 = 802 816 voxels
+        ([320, 320, 30], 160 * 160 * 32, [224, 224, 16]),
+        ([320, 320, 64], 1e9, [320, 320, 64]),
+    ],
+)
 def test_fit_patch_shrinks_the_side_longest_relative_to_the_median_shape(patch_shape, max_voxels, expected):
     assert fit_patch(patch_shape, max_voxels, divisor=16) == expected
 
 
-@pytest.mark.parametrize("text, seconds", [("900", 900.0), ("90s", 90.0), ("15m", 900.0), ("1.5h", 5400.0), ("1h30m", 5400.0), (120, 120.0)])
+@pytest.mark.parametrize(
+    "text, seconds", [("900", 900.0), ("90s", 90.0), ("15m", 900.0), ("1.5h", 5400.0), ("1h30m", 5400.0), (120, 120.0)]
+)
 def test_parse_duration(text, seconds):
     assert parse_duration(text) == seconds
 
@@ -167,7 +196,14 @@ def test_parse_duration_refuses_what_is_not_a_duration(text):
 def test_time_training_steps_runs_real_steps_of_the_method(method):
     from medeman.planning import time_training_steps
 
-    cfg = load_config(sets=["model.channels=[4,8]", "model.num_res_units=1", "data.patch_size=[16,16,16]",
-                            "data.num_classes=3", f"ssl.method={method}"])
+    cfg = load_config(
+        sets=[
+            "model.channels=[4,8]",
+            "model.num_res_units=1",
+            "data.patch_size=[16,16,16]",
+            "data.num_classes=3",
+            f"ssl.method={method}",
+        ]
+    )
     seconds = time_training_steps(cfg, steps=2, warmup=1)
     assert math.isfinite(seconds) and seconds > 0.0  # a duration, whatever the machine

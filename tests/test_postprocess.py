@@ -27,7 +27,9 @@ def test_speckles_are_dropped_at_the_volume_between_them_and_the_true_structure(
     rule = rules["classes"]["1"]
     # component volumes 8, 16 and 216 mm^3: the threshold midway between 16 and 216
     assert rule["min_volume_mm3"] == pytest.approx(116.0)
-    assert rule["keep_largest"] == 0  # one component in every reference, but keeping 1 adds nothing once the speckles are gone
+    assert (
+        rule["keep_largest"] == 0
+    )  # one component in every reference, but keeping 1 adds nothing once the speckles are gone
     assert rule["dice_before"] == pytest.approx(2 * 27 / (30 + 27)) and rule["dice_after"] == pytest.approx(1.0)
     cleaned = apply_postprocessing(prediction, rules, voxel_mm3=8.0)
     np.testing.assert_array_equal(cleaned, reference)
@@ -38,16 +40,24 @@ def test_speckles_are_dropped_at_the_volume_between_them_and_the_true_structure(
 
 def test_keep_the_k_largest_where_a_size_threshold_would_cut_true_components():
     shape = (24, 24, 12)
-    kidney_l, kidney_r = (slice(2, 6), slice(2, 6), slice(2, 6)), (slice(14, 18), slice(2, 6), slice(2, 6))  # 64 voxels each
+    kidney_l, kidney_r = (
+        (slice(2, 6), slice(2, 6), slice(2, 6)),
+        (slice(14, 18), slice(2, 6), slice(2, 6)),
+    )  # 64 voxels each
     false = (slice(2, 5), slice(14, 17), slice(2, 5))  # 27 voxels
-    small_l, small_r = (slice(2, 5), slice(2, 5), slice(2, 5)), (slice(14, 17), slice(2, 5), slice(2, 5))  # 27 voxels each
+    small_l, small_r = (
+        (slice(2, 5), slice(2, 5), slice(2, 5)),
+        (slice(14, 17), slice(2, 5), slice(2, 5)),
+    )  # 27 voxels each
     references = [_box(shape, (kidney_l, 1), (kidney_r, 1)), _box(shape, (small_l, 1), (small_r, 1))]
     predictions = [_box(shape, (kidney_l, 1), (kidney_r, 1), (false, 1)), references[1].copy()]
     rules = learn_postprocessing(predictions, references, voxel_mm3=[1.0, 1.0], num_classes=2)
     rule = rules["classes"]["1"]
     assert rule["min_volume_mm3"] == 0.0  # dropping 27-voxel components would remove the small kidneys too
     assert rule["keep_largest"] == 2
-    assert rule["dice_before"] == pytest.approx((2 * 128 / (155 + 128) + 1.0) / 2) and rule["dice_after"] == pytest.approx(1.0)
+    assert rule["dice_before"] == pytest.approx((2 * 128 / (155 + 128) + 1.0) / 2) and rule[
+        "dice_after"
+    ] == pytest.approx(1.0)
     np.testing.assert_array_equal(apply_postprocessing(predictions[0], rules, 1.0), references[0])
     assert "keep the 2 largest" in describe(rules)
 
@@ -71,9 +81,20 @@ def test_a_class_that_is_only_ever_false_is_dropped_entirely():
     np.testing.assert_array_equal(apply_postprocessing(prediction, rules, 1.0), reference)
 
 
-TINY = ["model.channels=[4,8]", "model.num_res_units=1", "data.patch_size=[16,16,16]", "data.spacing=[1,1,1]",
-        "data.num_classes=3", "data.num_workers=0", "data.cache=none", "data.val_fraction=0.34",
-        "train.val_every_steps=2", "train.log_every_steps=1", "ssl.method=supervised", "train.max_steps=2"]
+TINY = [
+    "model.channels=[4,8]",
+    "model.num_res_units=1",
+    "data.patch_size=[16,16,16]",
+    "data.spacing=[1,1,1]",
+    "data.num_classes=3",
+    "data.num_workers=0",
+    "data.cache=none",
+    "data.val_fraction=0.34",
+    "train.val_every_steps=2",
+    "train.log_every_steps=1",
+    "ssl.method=supervised",
+    "train.max_steps=2",
+]
 
 
 def test_training_stores_the_rules_and_infer_and_rank_apply_them(make_cohort, tmp_path):
@@ -93,7 +114,11 @@ def test_training_stores_the_rules_and_infer_and_rank_apply_them(make_cohort, tm
     assert set(learned["classes"]) == {"1", "2"}
     assert all(r["dice_after"] >= r["dice_before"] for r in learned["classes"].values())
     # a rule that drops every component of every class (no scan holds 10^9 mm^3) shows that infer applies it
-    drop_all = {"classes": {c: {"min_volume_mm3": 1e9, "keep_largest": 0, "dice_before": 0.0, "dice_after": 0.0} for c in ("1", "2")}}
+    drop_all = {
+        "classes": {
+            c: {"min_volume_mm3": 1e9, "keep_largest": 0, "dice_before": 0.0, "dice_after": 0.0} for c in ("1", "2")
+        }
+    }
     update_teacher_extra(run / "teacher.pt", postprocessing=drop_all)
     assert torch.load(run / "teacher.pt", weights_only=True)["extra"]["postprocessing"] == drop_all
     # a network that says class 1 everywhere: the raw mask is all 1, the post-processed one all background
@@ -122,11 +147,26 @@ def test_evaluate_reports_before_and_after_a_models_post_processing(tmp_path, vo
     volume_writer(tmp_path / "labels" / "a.nii.gz", reference)
     volume_writer(tmp_path / "pred" / "a.nii.gz", prediction)
     rules = learn_postprocessing([prediction], [reference], voxel_mm3=[1.0], num_classes=2)
-    torch.save({"format": "medeman-teacher-v1", "config": {}, "step": 0, "state_dict": {}, "extra": {"postprocessing": rules}},
-               tmp_path / "teacher.pt")
-    assert evaluate_main(["--pred", str(tmp_path / "pred"), "--labels", str(tmp_path / "labels"),
-                          "--postprocessing", str(tmp_path / "teacher.pt")]) == 0
+    torch.save(
+        {"format": "medeman-teacher-v1", "config": {}, "step": 0, "state_dict": {}, "extra": {"postprocessing": rules}},
+        tmp_path / "teacher.pt",
+    )
+    assert (
+        evaluate_main(
+            [
+                "--pred",
+                str(tmp_path / "pred"),
+                "--labels",
+                str(tmp_path / "labels"),
+                "--postprocessing",
+                str(tmp_path / "teacher.pt"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     before, after = out.split("after the post-processing of")
     assert f"{2 * 27 / 57:.3f}" in before and "1.000" in after
-    assert "drop components < 14.5 mm^3" in after  # midway between the 2-voxel speckle and the 27-voxel cube of 1 mm^3 voxels
+    assert (
+        "drop components < 14.5 mm^3" in after
+    )  # midway between the 2-voxel speckle and the 27-voxel cube of 1 mm^3 voxels

@@ -86,7 +86,9 @@ def test_state_is_in_the_state_dict_and_restores():
 
 def test_initial_thresholds_are_one_over_c():
     torch.testing.assert_close(AdaptiveThresholds(4).thresholds(), torch.full((4,), 0.25))
-    torch.testing.assert_close(class_thresholds(torch.tensor(0.8), torch.tensor([0.9, 0.45]), cap=0.7), torch.tensor([0.7, 0.4]))
+    torch.testing.assert_close(
+        class_thresholds(torch.tensor(0.8), torch.tensor([0.9, 0.45]), cap=0.7), torch.tensor([0.7, 0.4])
+    )
 
 
 def test_kept_fraction_per_class_by_hand():

@@ -29,12 +29,14 @@ from medeman.rank_scores import (
 )
 
 # a scan far from RAS: axes permuted and flipped, anisotropic voxels of 0.8 x 1.3 x 2.5 mm
-OBLIQUE_AFFINE = np.array([
-    [0.0, 0.0, -2.5, 40.0],
-    [-0.8, 0.0, 0.0, 12.0],
-    [0.0, 1.3, 0.0, -30.0],
-    [0.0, 0.0, 0.0, 1.0],
-])
+OBLIQUE_AFFINE = np.array(
+    [
+        [0.0, 0.0, -2.5, 40.0],
+        [-0.8, 0.0, 0.0, 12.0],
+        [0.0, 1.3, 0.0, -30.0],
+        [0.0, 0.0, 0.0, 1.0],
+    ]
+)
 SHAPE = (19, 13, 9)
 BOX = (slice(2, 9), slice(3, 11), slice(1, 5))  # 7 x 8 x 4 = 224 voxels
 
@@ -42,8 +44,12 @@ BOX = (slice(2, 9), slice(3, 11), slice(1, 5))  # 7 x 8 x 4 = 224 voxels
 def tiny_config(spacing=(1.5, 1.5, 1.5), num_classes: int = 2) -> dict:
     cfg = default_config()
     cfg["model"].update(channels=[4, 8], num_res_units=0)
-    cfg["data"].update(patch_size=[16, 16, 16], spacing=None if spacing is None else list(spacing),
-                       intensity_window=[0.0, 100.0], num_classes=num_classes)
+    cfg["data"].update(
+        patch_size=[16, 16, 16],
+        spacing=None if spacing is None else list(spacing),
+        intensity_window=[0.0, 100.0],
+        num_classes=num_classes,
+    )
     return cfg
 
 
@@ -103,7 +109,12 @@ DISAGREEMENT_CASES = [
     ([1, 1, 2, 2, 0, 0], [1, 1, 2, 2, 0, 0], 3, {"disagree_c1": 0.0, "disagree_c2": 0.0, "argmax_differs": 0.0}),
     ([1, 1, 0, 0, 0, 0], [0, 0, 0, 0, 2, 2], 3, {"disagree_c1": 1.0, "disagree_c2": 1.0, "argmax_differs": 4 / 6}),
     ([0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0], 3, {"disagree_c1": 0.0, "disagree_c2": 0.0, "argmax_differs": 0.0}),
-    ([2, 2, 2, 1, 0, 0], [2, 1, 1, 1, 0, 0], 3, {"disagree_c1": 1 - 2 * 1 / 4, "disagree_c2": 1 - 2 * 1 / 4, "argmax_differs": 2 / 6}),
+    (
+        [2, 2, 2, 1, 0, 0],
+        [2, 1, 1, 1, 0, 0],
+        3,
+        {"disagree_c1": 1 - 2 * 1 / 4, "disagree_c2": 1 - 2 * 1 / 4, "argmax_differs": 2 / 6},
+    ),
 ]
 
 
@@ -130,12 +141,15 @@ def test_flip_variance_is_the_class_mean_of_the_variance_across_flips():
     assert flip_variance(flips).item() == pytest.approx(0.04)
 
 
-@pytest.mark.parametrize("values, expected", [
-    ([3.0, 1.0, 2.0], [1.0, 0.0, 0.5]),
-    ([1.0, 1.0, 4.0], [0.25, 0.25, 1.0]),
-    ([0.2, float("nan"), 0.1], [0.5, 1.0, 0.0]),  # NaN (no foreground predicted) counts as most uncertain
-    ([5.0], [1.0]),
-])
+@pytest.mark.parametrize(
+    "values, expected",
+    [
+        ([3.0, 1.0, 2.0], [1.0, 0.0, 0.5]),
+        ([1.0, 1.0, 4.0], [0.25, 0.25, 1.0]),
+        ([0.2, float("nan"), 0.1], [0.5, 1.0, 0.0]),  # NaN (no foreground predicted) counts as most uncertain
+        ([5.0], [1.0]),
+    ],
+)
 def test_rank_fraction(values, expected):
     assert rank_fraction(values) == pytest.approx(expected)
 
@@ -147,11 +161,14 @@ ROWS = [  # entropy_fg ranks: a < b < c; entropy_mean: b < c < a; disagreement: 
 ]
 
 
-@pytest.mark.parametrize("strategy, expected", [
-    ("entropy", [0.1, 0.2, 0.3]),
-    ("disagreement", [0.4, 0.9, 0.0]),
-    ("combined", [(1.0 + 0.5) / 2, (0.0 + 1.0) / 2, (0.5 + 0.0) / 2]),
-])
+@pytest.mark.parametrize(
+    "strategy, expected",
+    [
+        ("entropy", [0.1, 0.2, 0.3]),
+        ("disagreement", [0.4, 0.9, 0.0]),
+        ("combined", [(1.0 + 0.5) / 2, (0.0 + 1.0) / 2, (0.5 + 0.0) / 2]),
+    ],
+)
 def test_strategy_scores(strategy, expected):
     assert strategy_scores(ROWS, strategy) == pytest.approx(expected)
 
@@ -182,7 +199,9 @@ def test_scores_of_a_known_network_on_a_scan_far_from_ras(tmp_path):
     write_volume(box_scan(), OBLIQUE_AFFINE, tmp_path / "pool" / "a.nii.gz")
     cfg = tiny_config(spacing=None)
     teacher, student = BoxNet(offset=-20.0 + math.log(3.0)), BoxNet(offset=-60.0)
-    rows, problems = rank_cases((teacher, cfg), tmp_path / "pool", tmp_path / "out", student=student, device="cpu", progress=False)
+    rows, problems = rank_cases(
+        (teacher, cfg), tmp_path / "pool", tmp_path / "out", student=student, device="cpu", progress=False
+    )
     assert problems == []
     (row,) = rows
     box = 7 * 8 * 4
@@ -202,8 +221,10 @@ def run_dir(tmp_path):
     torch.manual_seed(0)
     save_teacher(run / "teacher.pt", build_network(cfg), cfg, step=1)
     student = build_network(cfg)
-    torch.save({"global_step": 1, "state_dict": {f"student.{k}": v for k, v in student.state_dict().items()}},
-               str(run / "checkpoints" / "last.ckpt"))
+    torch.save(
+        {"global_step": 1, "state_dict": {f"student.{k}": v for k, v in student.state_dict().items()}},
+        str(run / "checkpoints" / "last.ckpt"),
+    )
     return run
 
 
@@ -227,15 +248,39 @@ def read_csv(path: Path) -> list[dict]:
 
 def test_ranking_csv_maps_and_pictures_keep_each_scans_geometry(run_dir, pool, tmp_path, capsys):
     out = tmp_path / "rank"
-    code = main(["--model", str(run_dir), "--unlabeled", str(pool), "--out", str(out), "--top", "2", "--png",
-                 "--maps", "--tta", "--device", "cpu"])
+    code = main(
+        [
+            "--model",
+            str(run_dir),
+            "--unlabeled",
+            str(pool),
+            "--out",
+            str(out),
+            "--top",
+            "2",
+            "--png",
+            "--maps",
+            "--tta",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     rows = read_csv(out / "ranking.csv")
     assert [r["rank"] for r in rows] == ["1", "2", "3"]
     assert sorted(r["case"] for r in rows) == ["lps", "oblique", "ras"]
     assert list(rows[0])[:3] == ["rank", "case", "score"] and list(rows[0])[-1] == "file"
-    for column in ("entropy_fg", "entropy_mean", "tta_variance_fg", "tta_variance_mean", "disagree_c1", "disagree_c2",
-                   "argmax_differs", "volume_ml_c1", "volume_ml_c2"):
+    for column in (
+        "entropy_fg",
+        "entropy_mean",
+        "tta_variance_fg",
+        "tta_variance_mean",
+        "disagree_c1",
+        "disagree_c2",
+        "argmax_differs",
+        "volume_ml_c1",
+        "volume_ml_c2",
+    ):
         assert column in rows[0]
     scores = [float(r["score"]) for r in rows]
     assert scores == sorted(scores, reverse=True)
@@ -287,8 +332,23 @@ def test_without_a_student_disagreement_is_empty_and_its_strategy_refused(run_di
     (run_dir / "checkpoints" / "last.ckpt").unlink()
     rows, _ = rank_cases(run_dir, pool, None, device="cpu", progress=False)
     assert all(math.isnan(r["argmax_differs"]) for r in rows)
-    assert main(["--model", str(run_dir), "--unlabeled", str(pool), "--out", str(tmp_path / "rank"),
-                 "--strategy", "disagreement", "--device", "cpu"]) == 2
+    assert (
+        main(
+            [
+                "--model",
+                str(run_dir),
+                "--unlabeled",
+                str(pool),
+                "--out",
+                str(tmp_path / "rank"),
+                "--strategy",
+                "disagreement",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 2
+    )
     assert "needs the run's student" in capsys.readouterr().err
 
 
@@ -315,7 +375,9 @@ def test_a_dicom_series_is_ranked_as_the_same_scan_in_nifti(tmp_path):
     teacher, student = BoxNet(offset=-20.0 + math.log(3.0)), BoxNet(offset=-60.0)
     rows = {}
     for pool in ("dicom", "nifti"):
-        found, problems = rank_cases((teacher, cfg), tmp_path / pool, None, student=student, device="cpu", progress=False)
+        found, problems = rank_cases(
+            (teacher, cfg), tmp_path / pool, None, student=student, device="cpu", progress=False
+        )
         assert problems == [] and [r["case"] for r in found] == ["a"]
         rows[pool] = found[0]
     assert rows["dicom"]["file"] == f"{tmp_path / 'dicom' / 'a'} (series 1, abdomen)"
@@ -329,10 +391,28 @@ def test_a_supervised_model_has_no_disagreement_scores_and_says_which(run_dir, p
     cfg["ssl"]["method"] = "supervised"
     torch.manual_seed(0)
     save_teacher(run_dir / "teacher.pt", build_network(cfg), cfg, step=1)  # last.ckpt (a student) is still there
-    assert main(["--model", str(run_dir), "--unlabeled", str(pool), "--out", str(tmp_path / "rank"), "--device", "cpu",
-                 "--no-progress", "--threads", "1"]) == 0
+    assert (
+        main(
+            [
+                "--model",
+                str(run_dir),
+                "--unlabeled",
+                str(pool),
+                "--out",
+                str(tmp_path / "rank"),
+                "--device",
+                "cpu",
+                "--no-progress",
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
-    assert (f"note: {run_dir}: a supervised model has no teacher-student pair, so the disagreement scores "
-            "(disagree_c*, argmax_differs) need one and are left out") in err
+    assert (
+        f"note: {run_dir}: a supervised model has no teacher-student pair, so the disagreement scores "
+        "(disagree_c*, argmax_differs) need one and are left out"
+    ) in err
     rows = read_csv(tmp_path / "rank" / "ranking.csv")
     assert len(rows) == 3 and all(r["argmax_differs"] == "nan" and r["disagree_c1"] == "nan" for r in rows)

@@ -13,8 +13,18 @@ from medeman.distributed_bn import pool_statistics
 from medeman.module import SSLSegModule
 from tiny_patches import TinyData
 
-TINY = ["model.channels=[4,8]", "model.num_res_units=1", "data.patch_size=[16,16,16]", "data.spacing=null", "train.lr=0.01",
-        "ssl.rampup_steps=0", "ssl.warmup_steps=0", "ssl.momentum_schedule=constant", "ssl.ema_momentum=0.5", "ssl.teacher_bn_recalibration=off"]
+TINY = [
+    "model.channels=[4,8]",
+    "model.num_res_units=1",
+    "data.patch_size=[16,16,16]",
+    "data.spacing=null",
+    "train.lr=0.01",
+    "ssl.rampup_steps=0",
+    "ssl.warmup_steps=0",
+    "ssl.momentum_schedule=constant",
+    "ssl.ema_momentum=0.5",
+    "ssl.teacher_bn_recalibration=off",
+]
 
 # (per-rank shifts, per-rank scales): ranks whose batches differ in mean, in spread, or in both
 POOL_CASES = [
@@ -28,7 +38,9 @@ POOL_CASES = [
 @pytest.mark.parametrize("shifts, scales", POOL_CASES)
 def test_pooled_statistics_are_those_of_all_ranks_data(shifts, scales):
     g = torch.Generator().manual_seed(0)
-    data = torch.stack([torch.randn(3, 500, generator=g, dtype=torch.float64) * s + m for m, s in zip(shifts, scales)])  # (ranks, C, n)
+    data = torch.stack(
+        [torch.randn(3, 500, generator=g, dtype=torch.float64) * s + m for m, s in zip(shifts, scales)]
+    )  # (ranks, C, n)
     mean, var = pool_statistics(data.mean(2), data.var(2, unbiased=False))
     everything = data.transpose(0, 1).reshape(3, -1)
     torch.testing.assert_close(mean, everything.mean(1))
@@ -59,14 +71,25 @@ def test_step_skipped_by_the_grad_scaler_leaves_the_teacher_unchanged():
     probe = _PoisonGradients({2})
     # Lightning turns 16-mixed into bf16 on CPU; its fp16 plugin with a CPU grad scaler is the GPU code path
     plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
-    trainer = pl.Trainer(accelerator="cpu", plugins=[plugin], max_steps=4, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[probe])
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        plugins=[plugin],
+        max_steps=4,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[probe],
+    )
     trainer.fit(module, datamodule=TinyData())
     final = module.teacher.state_dict()
     before, after = probe.teachers[2], probe.teachers[3]
     assert probe.scales[3] < probe.scales[2]  # the scaler skipped step 2 (and backed off)...
     for name in before:
-        torch.testing.assert_close(after[name], before[name], rtol=0, atol=0, msg=name)  # ...and the teacher did not move
+        torch.testing.assert_close(
+            after[name], before[name], rtol=0, atol=0, msg=name
+        )  # ...and the teacher did not move
     assert any(not torch.equal(final[k], after[k]) for k in final)  # the steps that were taken did move it
     assert module.teacher_updates == 3  # the momentum clock counts the 3 real updates, not the 4 optimizer steps
 
@@ -96,5 +119,7 @@ def _sampled_indices(tmp_path, step: int) -> list[int]:
 def test_resumed_run_draws_the_batches_the_uninterrupted_run_draws(tmp_path):
     fresh = _sampled_indices(tmp_path, 0)
     assert _sampled_indices(tmp_path, 0) == fresh  # a run is reproducible
-    resumed = _sampled_indices(tmp_path, 10)  # a run resumed at step 10 draws the steps from 10 on, not the stream's start
+    resumed = _sampled_indices(
+        tmp_path, 10
+    )  # a run resumed at step 10 draws the steps from 10 on, not the stream's start
     assert resumed != fresh and resumed[:10] == fresh[10:]

@@ -31,9 +31,23 @@ def _array(path: Path) -> np.ndarray:
     ],
 )
 def test_layout_of_the_optional_parts(tmp_path, n_val, unlabeled_labels, extra):
-    root = make_cohort(tmp_path / "c", n_labeled=1, n_unlabeled=2, n_test=1, other_formats=False, n_val=n_val, unlabeled_labels=unlabeled_labels)
-    base = ["labeled/images/case_001.nii.gz", "labeled/labels/case_001.nii.gz", "test/images/case_002.nii.gz",
-            "test/labels/case_002.nii.gz", "unlabeled/case_003.nii.gz", "unlabeled/case_004.nii.gz"]
+    root = make_cohort(
+        tmp_path / "c",
+        n_labeled=1,
+        n_unlabeled=2,
+        n_test=1,
+        other_formats=False,
+        n_val=n_val,
+        unlabeled_labels=unlabeled_labels,
+    )
+    base = [
+        "labeled/images/case_001.nii.gz",
+        "labeled/labels/case_001.nii.gz",
+        "test/images/case_002.nii.gz",
+        "test/labels/case_002.nii.gz",
+        "unlabeled/case_003.nii.gz",
+        "unlabeled/case_004.nii.gz",
+    ]
     assert _files(root) == sorted(base + extra)
 
 
@@ -76,8 +90,8 @@ def test_lesions_are_small_varied_components_inside_the_liver():
         contrasts.append(float(np.median(image[lesion])) - float(np.median(image[label == 1])))
     assert set(np.unique(label)) == {0, 1, 2, 3}
     assert all(1 <= n <= 3 for n in counts)
-    assert 0.0003 < np.mean(fractions) < 0.003               # about 0.1 % of the scan
-    assert min(contrasts) < -10 and max(contrasts) > 10      # darker and brighter lesions both occur
+    assert 0.0003 < np.mean(fractions) < 0.003  # about 0.1 % of the scan
+    assert min(contrasts) < -10 and max(contrasts) > 10  # darker and brighter lesions both occur
 
 
 def test_lesion_option_of_the_cohort_writer(tmp_path):

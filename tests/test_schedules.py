@@ -10,7 +10,10 @@ CASES = [  # sets, (warmup, rampup, bcp pre-training, threshold momentum)
     (["train.max_steps=500"], (50, 150, 50, 0.98)),
     (["train.max_steps=20000", "ssl.momentum_window=0.05"], (2000, 6000, 2000, 0.999)),
     (["train.max_steps=1000", "ssl.warmup_steps=0", "ssl.rampup_steps=40"], (0, 40, 0, 0.99)),
-    (["train.max_steps=1000", "ssl.bcp_pretrain_steps=250", "ssl.adaptive_threshold_momentum=0.9"], (100, 300, 250, 0.9)),
+    (
+        ["train.max_steps=1000", "ssl.bcp_pretrain_steps=250", "ssl.adaptive_threshold_momentum=0.9"],
+        (100, 300, 250, 0.9),
+    ),
     (["train.max_steps=1000", "ssl.warmup_fraction=0.2", "ssl.rampup_fraction=0.5"], (200, 500, 200, 0.99)),
 ]
 

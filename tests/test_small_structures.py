@@ -14,14 +14,28 @@ from medeman.nets import build_network, deep_supervision_weights
 from medeman.teacher_focus import TeacherFocus, focus_centres
 from tiny_patches import TinyData
 
-TINY = ["model.channels=[4,8]", "model.num_res_units=1", "data.patch_size=[16,16,16]", "data.spacing=null", "train.lr=0.01"]
+TINY = [
+    "model.channels=[4,8]",
+    "model.num_res_units=1",
+    "data.patch_size=[16,16,16]",
+    "data.spacing=null",
+    "train.lr=0.01",
+]
 DYNUNET = ["model.name=dynunet", "model.channels=[4,8,16]", "data.patch_size=[16,16,16]", "data.spacing=null"]
 
 
 def _fit(cfg, steps=2):
     module = SSLSegModule(cfg)
-    trainer = pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, limit_val_batches=0, log_every_n_steps=1)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        log_every_n_steps=1,
+    )
     trainer.fit(module, datamodule=TinyData())
     return module, trainer
 
@@ -36,7 +50,9 @@ def _logits_and_label():
 def test_ce_class_weights_weight_the_cross_entropy_only():
     logits, label = _logits_and_label()
     plain = SSLSegModule(load_config(sets=TINY + ["data.num_classes=3"])).supervised_loss
-    weighted = SSLSegModule(load_config(sets=TINY + ["data.num_classes=3", "train.ce_class_weights=[1, 2, 10]"])).supervised_loss
+    weighted = SSLSegModule(
+        load_config(sets=TINY + ["data.num_classes=3", "train.ce_class_weights=[1, 2, 10]"])
+    ).supervised_loss
     ce = nn.functional.cross_entropy(logits, label[:, 0])
     weighted_ce = nn.functional.cross_entropy(logits, label[:, 0], weight=torch.tensor([1.0, 2.0, 10.0]))
     # same Dice in both: the difference is exactly the difference of the cross-entropies
@@ -44,7 +60,9 @@ def test_ce_class_weights_weight_the_cross_entropy_only():
 
 
 def test_deep_supervision_loss_is_the_weighted_sum_over_heads():
-    cfg = load_config(sets=DYNUNET + ["data.num_classes=3", "train.deep_supervision=true", "train.deep_supervision_heads=1"])
+    cfg = load_config(
+        sets=DYNUNET + ["data.num_classes=3", "train.deep_supervision=true", "train.deep_supervision_heads=1"]
+    )
     module = SSLSegModule(cfg)
     plain = SSLSegModule(load_config(sets=DYNUNET + ["data.num_classes=3"])).supervised_loss
     logits, label = _logits_and_label()
@@ -56,7 +74,16 @@ def test_deep_supervision_loss_is_the_weighted_sum_over_heads():
 
 
 def test_deep_supervision_trains_and_evaluates_with_one_output():
-    cfg = load_config(sets=DYNUNET + ["train.deep_supervision=true", "train.deep_supervision_heads=1", "ssl.pseudo_label_threshold=0.5", "ssl.rampup_steps=0", "ssl.warmup_steps=0"])
+    cfg = load_config(
+        sets=DYNUNET
+        + [
+            "train.deep_supervision=true",
+            "train.deep_supervision_heads=1",
+            "ssl.pseudo_label_threshold=0.5",
+            "ssl.rampup_steps=0",
+            "ssl.warmup_steps=0",
+        ]
+    )
     module, trainer = _fit(cfg)
     assert trainer.global_step == 2
     x = torch.randn(1, 1, 16, 16, 16)
@@ -68,23 +95,34 @@ def test_deep_supervision_trains_and_evaluates_with_one_output():
     deployed.load_state_dict(module.teacher.state_dict())
 
 
-@pytest.mark.parametrize("sets, message", [
-    (["train.deep_supervision=true"], "needs model.name=dynunet"),
-    (DYNUNET + ["train.deep_supervision=true", "train.deep_supervision_heads=2"], "must lie in 1..1"),
-    (["train.ce_class_weights=[1, 2, 3]"], "must be null or 2 non-negative numbers"),
-    (["data.class_ratios=[0, 0]"], "not all 0"),
-    (["data.fg_class_fraction=1.5"], "must be a number in"),
-    (["data.unlabeled_focus_classes=[0]"], "foreground classes in 1..1"),
-    (["ssl.adaptive_threshold_momentum=1.0"], "must be a number in"),
-])
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (["train.deep_supervision=true"], "needs model.name=dynunet"),
+        (DYNUNET + ["train.deep_supervision=true", "train.deep_supervision_heads=2"], "must lie in 1..1"),
+        (["train.ce_class_weights=[1, 2, 3]"], "must be null or 2 non-negative numbers"),
+        (["data.class_ratios=[0, 0]"], "not all 0"),
+        (["data.fg_class_fraction=1.5"], "must be a number in"),
+        (["data.unlabeled_focus_classes=[0]"], "foreground classes in 1..1"),
+        (["ssl.adaptive_threshold_momentum=1.0"], "must be a number in"),
+    ],
+)
 def test_bad_small_structure_settings_are_refused(sets, message):
     with pytest.raises(ConfigError, match=message):
         load_config(sets=sets)
 
 
 def test_adaptive_thresholds_train_and_travel_in_the_checkpoint(tmp_path):
-    cfg = load_config(sets=TINY + ["ssl.pseudo_label_threshold=0.9", "ssl.pseudo_label_threshold_mode=adaptive",
-                                   "ssl.adaptive_threshold_momentum=0.5", "ssl.rampup_steps=0", "ssl.warmup_steps=0"])
+    cfg = load_config(
+        sets=TINY
+        + [
+            "ssl.pseudo_label_threshold=0.9",
+            "ssl.pseudo_label_threshold_mode=adaptive",
+            "ssl.adaptive_threshold_momentum=0.5",
+            "ssl.rampup_steps=0",
+            "ssl.warmup_steps=0",
+        ]
+    )
     module, trainer = _fit(cfg)
     state = module.adaptive_thresholds.state_dict()
     assert not torch.allclose(state["class_confidence"], torch.full((2,), 0.5))  # moved off 1/C
@@ -98,7 +136,9 @@ def test_adaptive_thresholds_train_and_travel_in_the_checkpoint(tmp_path):
 
 
 def test_fixed_mode_has_no_adaptive_state():
-    assert "adaptive_thresholds" not in dict(SSLSegModule(load_config(sets=TINY + ["ssl.pseudo_label_threshold=0.9"])).named_children())
+    assert "adaptive_thresholds" not in dict(
+        SSLSegModule(load_config(sets=TINY + ["ssl.pseudo_label_threshold=0.9"])).named_children()
+    )
 
 
 # ---- teacher focus -------------------------------------------------------------------------------------
@@ -113,7 +153,9 @@ def test_focus_centres_choose_the_class_uniformly_then_the_voxel():
     assert 0.4 < on_two < 0.6  # half the centres on the one-voxel class
     assert (labels[tuple(torch.as_tensor(centres).T)] > 0).all()
     on_grid = focus_centres(labels, [1, 2], 50, 4, __import__("numpy").random.RandomState(0))
-    assert (on_grid % 4 == 0).all() and not (on_grid == [10, 10, 10]).all(axis=1).any()  # (10,10,10) is off the stride-4 grid
+    assert (on_grid % 4 == 0).all() and not (on_grid == [10, 10, 10]).all(
+        axis=1
+    ).any()  # (10,10,10) is off the stride-4 grid
     assert len(focus_centres(labels, [3], 10, 1, __import__("numpy").random.RandomState(0))) == 0
 
 
@@ -127,8 +169,15 @@ class _BrightIsClassTwo(nn.Module):
 @pytest.mark.parametrize("cache", ["memory", "disk", "none"])
 def test_refreshed_focus_centres_unlabeled_patches_on_the_teacher_class(make_cohort, cfg, tmp_path, cache):
     root = make_cohort(2, 3)
-    cfg["data"].update(cache=cache, unlabeled_focus_fraction=1.0, unlabeled_focus_stride=1, flip_prob=0.0, rotate90_prob=0.0,
-                       strong_prob=0.0, patch_size=[8, 8, 8])
+    cfg["data"].update(
+        cache=cache,
+        unlabeled_focus_fraction=1.0,
+        unlabeled_focus_stride=1,
+        flip_prob=0.0,
+        rotate90_prob=0.0,
+        strong_prob=0.0,
+        patch_size=[8, 8, 8],
+    )
     dm = SSLDataModule(cfg, root / "labeled", root / "unlabeled", run_dir=tmp_path)
     dm.setup("fit")
     assert dm.focus is not None and dm.focus.centres.is_shared()  # loader workers see refreshes in place
@@ -143,7 +192,12 @@ def test_module_adds_the_focus_callback_only_when_asked():
     assert SSLSegModule(load_config(sets=TINY)).configure_callbacks() == []
     callbacks = SSLSegModule(load_config(sets=TINY + ["data.unlabeled_focus_fraction=0.5"])).configure_callbacks()
     assert [type(c) for c in callbacks] == [TeacherFocus]
-    assert SSLSegModule(load_config(sets=TINY + ["data.unlabeled_focus_fraction=0.5", "ssl.method=supervised"])).configure_callbacks() == []
+    assert (
+        SSLSegModule(
+            load_config(sets=TINY + ["data.unlabeled_focus_fraction=0.5", "ssl.method=supervised"])
+        ).configure_callbacks()
+        == []
+    )
 
 
 def test_focus_centres_and_draw_state_travel_in_the_checkpoint(make_cohort, tmp_path):
@@ -160,16 +214,35 @@ def test_focus_centres_and_draw_state_travel_in_the_checkpoint(make_cohort, tmp_
 
     root = make_cohort(3, 3)
     run = tmp_path / "run"
-    sets = ["model.channels=[4,8]", "model.num_res_units=1", "data.patch_size=[16,16,16]", "data.spacing=[1,1,1]", "data.num_classes=3",
-            "data.num_workers=0", "data.cache=memory", "data.val_fraction=0.34", "data.unlabeled_focus_fraction=0.5", "data.unlabeled_focus_every_steps=2", "data.unlabeled_focus_stride=1",
-                   "train.max_steps=4", "train.val_every_steps=4"]
+    sets = [
+        "model.channels=[4,8]",
+        "model.num_res_units=1",
+        "data.patch_size=[16,16,16]",
+        "data.spacing=[1,1,1]",
+        "data.num_classes=3",
+        "data.num_workers=0",
+        "data.cache=memory",
+        "data.val_fraction=0.34",
+        "data.unlabeled_focus_fraction=0.5",
+        "data.unlabeled_focus_every_steps=2",
+        "data.unlabeled_focus_stride=1",
+        "train.max_steps=4",
+        "train.val_every_steps=4",
+    ]
     fit(load_config(sets=sets), root / "labeled", root / "unlabeled", out_dir=run, progress_bar=False)
     saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     (state,) = [v for k, v in saved["callbacks"].items() if "TeacherFocus" in k]
     assert state["last_refresh"] == 4 and state["counts"].shape == (3,)
     probe = CentresAtStart()
-    fit(load_config([run / "config.yaml"], ["train.max_steps=5"]), root / "labeled", root / "unlabeled", out_dir=run,
-        resume=True, callbacks=[probe], progress_bar=False)
+    fit(
+        load_config([run / "config.yaml"], ["train.max_steps=5"]),
+        root / "labeled",
+        root / "unlabeled",
+        out_dir=run,
+        resume=True,
+        callbacks=[probe],
+        progress_bar=False,
+    )
     assert torch.equal(probe.counts, state["counts"]) and torch.equal(probe.centres, state["centres"])
     assert probe.last_refresh == 4
     expected = __import__("numpy").random.RandomState()

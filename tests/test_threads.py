@@ -26,34 +26,41 @@ CHOICES = [
 ]
 
 
-@pytest.mark.parametrize("name, explicit, environ, cores, processes, workers, expected, reason", CHOICES,
-                         ids=[c[0] for c in CHOICES])
+@pytest.mark.parametrize(
+    "name, explicit, environ, cores, processes, workers, expected, reason", CHOICES, ids=[c[0] for c in CHOICES]
+)
 def test_thread_choice(name, explicit, environ, cores, processes, workers, expected, reason):
     choice = choose_threads(explicit, processes=processes, loader_workers=workers, cores=cores, environ=environ)
     assert choice.threads == expected
     assert reason in choice.reason
 
 
-@pytest.mark.parametrize("explicit, environ, message", [
-    (0, {}, "--threads 0: must be a positive integer"),
-    (-2, {}, "--threads -2: must be a positive integer"),
-    (None, {"OMP_NUM_THREADS": "zero"}, "OMP_NUM_THREADS='zero': must be a positive integer"),
-    (None, {"OMP_NUM_THREADS": "0"}, "OMP_NUM_THREADS='0': must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "explicit, environ, message",
+    [
+        (0, {}, "--threads 0: must be a positive integer"),
+        (-2, {}, "--threads -2: must be a positive integer"),
+        (None, {"OMP_NUM_THREADS": "zero"}, "OMP_NUM_THREADS='zero': must be a positive integer"),
+        (None, {"OMP_NUM_THREADS": "0"}, "OMP_NUM_THREADS='0': must be a positive integer"),
+    ],
+)
 def test_bad_thread_settings_are_refused(explicit, environ, message):
     with pytest.raises(ValueError) as err:
         choose_threads(explicit, cores=4, environ=environ)
     assert str(err.value) == message
 
 
-@pytest.mark.parametrize("train, expected", [
-    ({"devices": 1}, 1),
-    ({"devices": 4}, 4),
-    ({"devices": "2"}, 2),
-    ({"devices": [0, 2, 3]}, 3),
-    ({"devices": -1, "accelerator": "cpu"}, 1),
-    ({"devices": "auto", "accelerator": "cpu"}, 1),
-])
+@pytest.mark.parametrize(
+    "train, expected",
+    [
+        ({"devices": 1}, 1),
+        ({"devices": 4}, 4),
+        ({"devices": "2"}, 2),
+        ({"devices": [0, 2, 3]}, 3),
+        ({"devices": -1, "accelerator": "cpu"}, 1),
+        ({"devices": "auto", "accelerator": "cpu"}, 1),
+    ],
+)
 def test_local_processes_are_the_devices_per_node(train, expected):
     assert local_processes(train) == expected
 

@@ -10,8 +10,10 @@ ADVERT_LOGGER = "lightning.pytorch.utilities.rank_zero"
 
 
 def test_importing_medeman_train_changes_no_logger():
-    code = ("import logging, medeman.train, medeman.tune, medeman.demo; "
-            f"print(len(logging.getLogger({ADVERT_LOGGER!r}).filters))")
+    code = (
+        "import logging, medeman.train, medeman.tune, medeman.demo; "
+        f"print(len(logging.getLogger({ADVERT_LOGGER!r}).filters))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "0"
 

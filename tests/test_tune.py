@@ -24,8 +24,15 @@ from medeman.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
-    "data": {"spacing": None, "patch_size": [16, 16, 16], "num_workers": 0, "cache": "none",
-             "batch_size_labeled": 1, "batch_size_unlabeled": 1, "val_fraction": 0.25},
+    "data": {
+        "spacing": None,
+        "patch_size": [16, 16, 16],
+        "num_workers": 0,
+        "cache": "none",
+        "batch_size_labeled": 1,
+        "batch_size_unlabeled": 1,
+        "val_fraction": 0.25,
+    },
     "model": {"channels": [4, 8], "num_res_units": 0},
     "train": {"max_steps": 4, "val_every_steps": 2, "accelerator": "cpu", "log_every_steps": 1},
     "ssl": {"teacher_bn_recalibration": "off"},
@@ -36,22 +43,66 @@ TINY = {
 # per trial; the point w = 0.05 (window), weight 2. By hand: the trial averages over 0.05 * 200 = 10 steps,
 # m = 1 - 1/10 = 0.9; the full run over 25 steps, m = 0.96; ramp-up 80 / 200, warm-up 20 / 50;
 # the trial validates 4 times after half of it (tune.prune_after), every 100 / 4 = 25 steps; the full run keeps its 100.
-BASE = {"train.max_steps": 500, "train.val_every_steps": 100, "tune.max_steps": 200, "ssl.rampup_steps": 200, "ssl.warmup_steps": 50}
+BASE = {
+    "train.max_steps": 500,
+    "train.val_every_steps": 100,
+    "tune.max_steps": 200,
+    "ssl.rampup_steps": 200,
+    "ssl.warmup_steps": 50,
+}
 POINT = {"momentum_window": 0.05, "consistency_weight": 2.0}
 SCALE_CASES = [
     # id, extra sets, extra params, expected trial values, expected full-run values
-    ["constant", {"ssl.momentum_schedule": "constant"}, {},
-     {"ema_momentum": 0.9, "rampup_steps": 80, "warmup_steps": 20, "consistency_weight": 2.0, "max_steps": 200, "val_every_steps": 25},
-     {"ema_momentum": 0.96, "rampup_steps": 200, "warmup_steps": 50, "consistency_weight": 2.0, "max_steps": 500, "val_every_steps": 100}],
-    ["cosine-starts-at-the-window", {"ssl.momentum_schedule": "cosine"}, {},
-     {"ema_momentum": 0.9, "rampup_steps": 80}, {"ema_momentum": 0.96, "rampup_steps": 200}],
-    ["window-schedule-keeps-the-fraction", {"ssl.momentum_schedule": "window"}, {},
-     {"momentum_window": 0.05, "ema_momentum": 0.99, "rampup_steps": 80}, {"momentum_window": 0.05, "ema_momentum": 0.99}],
-    ["tuned-rampup-in-full-run-steps", {"ssl.momentum_schedule": "constant", "tune.rampup_steps": "[10, 1000]"}, {"rampup_steps": 300},
-     {"rampup_steps": 120, "ema_momentum": 0.9}, {"rampup_steps": 300, "ema_momentum": 0.96}],
+    [
+        "constant",
+        {"ssl.momentum_schedule": "constant"},
+        {},
+        {
+            "ema_momentum": 0.9,
+            "rampup_steps": 80,
+            "warmup_steps": 20,
+            "consistency_weight": 2.0,
+            "max_steps": 200,
+            "val_every_steps": 25,
+        },
+        {
+            "ema_momentum": 0.96,
+            "rampup_steps": 200,
+            "warmup_steps": 50,
+            "consistency_weight": 2.0,
+            "max_steps": 500,
+            "val_every_steps": 100,
+        },
+    ],
+    [
+        "cosine-starts-at-the-window",
+        {"ssl.momentum_schedule": "cosine"},
+        {},
+        {"ema_momentum": 0.9, "rampup_steps": 80},
+        {"ema_momentum": 0.96, "rampup_steps": 200},
+    ],
+    [
+        "window-schedule-keeps-the-fraction",
+        {"ssl.momentum_schedule": "window"},
+        {},
+        {"momentum_window": 0.05, "ema_momentum": 0.99, "rampup_steps": 80},
+        {"momentum_window": 0.05, "ema_momentum": 0.99},
+    ],
+    [
+        "tuned-rampup-in-full-run-steps",
+        {"ssl.momentum_schedule": "constant", "tune.rampup_steps": "[10, 1000]"},
+        {"rampup_steps": 300},
+        {"rampup_steps": 120, "ema_momentum": 0.9},
+        {"rampup_steps": 300, "ema_momentum": 0.96},
+    ],
     # momentum not searched: the config's m = 0.99 (a 100-step window, 0.2 of the run) keeps its window: 1 - 1/40
-    ["untuned-momentum-keeps-its-window", {"ssl.momentum_schedule": "constant", "tune.momentum_window": None}, {"momentum_window": None},
-     {"ema_momentum": 0.975, "rampup_steps": 80}, {"ema_momentum": 0.99, "rampup_steps": 200}],
+    [
+        "untuned-momentum-keeps-its-window",
+        {"ssl.momentum_schedule": "constant", "tune.momentum_window": None},
+        {"momentum_window": None},
+        {"ema_momentum": 0.975, "rampup_steps": 80},
+        {"ema_momentum": 0.99, "rampup_steps": 200},
+    ],
 ]
 BAD_SPACES = [
     {"tune.momentum_window": [0.0, 0.5]},  # a window of 0 steps has no logarithm
@@ -125,7 +176,9 @@ def _counts(study: optuna.Study) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("name, sets, params, in_trial, in_full_run", SCALE_CASES, ids=[c[0] for c in SCALE_CASES])
-def test_shortened_trial_scales_every_step_key_and_best_config_is_for_the_full_run(name, sets, params, in_trial, in_full_run):
+def test_shortened_trial_scales_every_step_key_and_best_config_is_for_the_full_run(
+    name, sets, params, in_trial, in_full_run
+):
     cfg = _cfg({**BASE, **sets})
     point = {k: v for k, v in {**POINT, **params}.items() if v is not None}
     trial, full = tune.trial_config(cfg, point), tune.full_config(cfg, point)
@@ -141,15 +194,21 @@ def test_shortened_trial_scales_every_step_key_and_best_config_is_for_the_full_r
 def test_search_space_draws_the_window_fraction_log_uniformly():
     cfg = _cfg({"tune.pseudo_label_threshold": "[0.5, 0.95]"})
     trial = optuna.trial.FixedTrial({"momentum_window": 0.05, "consistency_weight": 2.0, "pseudo_label_threshold": 0.8})
-    assert tune.suggest(trial, cfg["tune"]) == pytest.approx({"momentum_window": 0.05, "consistency_weight": 2.0, "pseudo_label_threshold": 0.8})
+    assert tune.suggest(trial, cfg["tune"]) == pytest.approx(
+        {"momentum_window": 0.05, "consistency_weight": 2.0, "pseudo_label_threshold": 0.8}
+    )
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     draws = [tune.suggest(study.ask(), cfg["tune"])["momentum_window"] for _ in range(400)]
     assert all(0.01 <= w <= 0.5 for w in draws)
-    below = sum(w < math.sqrt(0.01 * 0.5) for w in draws) / len(draws)  # the geometric midpoint halves a log-uniform prior
+    below = sum(w < math.sqrt(0.01 * 0.5) for w in draws) / len(
+        draws
+    )  # the geometric midpoint halves a log-uniform prior
     assert 0.4 < below < 0.6
 
 
-@pytest.mark.parametrize("sets", BAD_SPACES, ids=[next(iter(s)) + "=" + str(next(iter(s.values()))) for s in BAD_SPACES])
+@pytest.mark.parametrize(
+    "sets", BAD_SPACES, ids=[next(iter(s)) + "=" + str(next(iter(s.values()))) for s in BAD_SPACES]
+)
 def test_bad_search_space_is_rejected_at_load_time(sets):
     with pytest.raises(ConfigError, match=next(iter(sets))):
         _cfg(sets)
@@ -157,12 +216,24 @@ def test_bad_search_space_is_rejected_at_load_time(sets):
 
 def test_objective_is_the_mean_of_the_last_k_validations(tmp_path):
     # 200-step trials validating at 125, 150, 175, 200 (4 validations after half the trial); trial 1 is far behind
-    cfg = _cfg({"tune.max_steps": 200, "tune.validations": 4, "tune.objective_last_k": 2, "tune.prune_after": 0.5, "tune.n_startup_trials": 1})
+    cfg = _cfg(
+        {
+            "tune.max_steps": 200,
+            "tune.validations": 4,
+            "tune.objective_last_k": 2,
+            "tune.prune_after": 0.5,
+            "tune.n_startup_trials": 1,
+        }
+    )
     scores = {0: [0.9, 0.2, 0.5, 0.7], 1: [0.1, 0.1, 0.1, 0.1], 2: [0.95, 0.95, 0.95, 0.95]}
-    study = tune.run_study(cfg, "L", "U", study_name="s", out_dir=tmp_path, n_trials=3, train_fn=_stand_in(scores=scores))
+    study = tune.run_study(
+        cfg, "L", "U", study_name="s", out_dir=tmp_path, n_trials=3, train_fn=_stand_in(scores=scores)
+    )
     first, behind, good = study.trials
     assert first.value == pytest.approx(0.6)  # mean of 0.5 and 0.7, not the best single 0.9
-    assert first.intermediate_values == pytest.approx({125: 0.9, 150: 0.55, 175: 0.35, 200: 0.6})  # the running objective
+    assert first.intermediate_values == pytest.approx(
+        {125: 0.9, 150: 0.55, 175: 0.35, 200: 0.6}
+    )  # the running objective
     assert behind.state == TrialState.PRUNED and behind.intermediate_values == pytest.approx({125: 0.1})
     assert good.state == TrialState.COMPLETE and study.best_trial.number == 2
     assert first.user_attrs["validations"] == [[125, 0.9], [150, 0.2], [175, 0.5], [200, 0.7]]
@@ -225,14 +296,23 @@ def test_bad_input_data_stops_the_study_after_one_failed_trial(tmp_path):
 
 
 STORAGE_ERRORS = [
-    ("unknown scheme", "notaurl://x",
-     "--storage notaurl://x: unknown database scheme 'notaurl'; medeman supports sqlite:///path/study.db, "
-     "postgresql://user@host/db, or a journal file path (no ://)"),
+    (
+        "unknown scheme",
+        "notaurl://x",
+        "--storage notaurl://x: unknown database scheme 'notaurl'; medeman supports sqlite:///path/study.db, "
+        "postgresql://user@host/db, or a journal file path (no ://)",
+    ),
     ("password hidden", "mysql://me:secret@db/x", "--storage mysql://me:***@db/x: unknown database scheme 'mysql'"),
-    ("SQLite folder missing", "sqlite:////nonexistent_medeman/dir/x.db",
-     "--storage sqlite:////nonexistent_medeman/dir/x.db: the folder /nonexistent_medeman/dir does not exist"),
-    ("PostgreSQL server not listening", "postgresql://me:secret@127.0.0.1:1/x",
-     "--storage postgresql://me:***@127.0.0.1:1/x: cannot open the study database: connection to server at \"127.0.0.1\", port 1 failed"),
+    (
+        "SQLite folder missing",
+        "sqlite:////nonexistent_medeman/dir/x.db",
+        "--storage sqlite:////nonexistent_medeman/dir/x.db: the folder /nonexistent_medeman/dir does not exist",
+    ),
+    (
+        "PostgreSQL server not listening",
+        "postgresql://me:secret@127.0.0.1:1/x",
+        '--storage postgresql://me:***@127.0.0.1:1/x: cannot open the study database: connection to server at "127.0.0.1", port 1 failed',
+    ),
 ]
 
 
@@ -248,7 +328,9 @@ def test_journal_storage_resumes_with_new_points(tmp_path):
     cfg = _cfg({"tune.max_steps": 10})
     journal = str(tmp_path / "shared" / "study.log")
     tune.run_study(cfg, "L", "U", study_name="j", out_dir=tmp_path, storage=journal, n_trials=2, train_fn=_stand_in())
-    study = tune.run_study(cfg, "L", "U", study_name="j", out_dir=tmp_path, storage=journal, n_trials=2, train_fn=_stand_in())
+    study = tune.run_study(
+        cfg, "L", "U", study_name="j", out_dir=tmp_path, storage=journal, n_trials=2, train_fn=_stand_in()
+    )
     assert [t.number for t in study.trials] == [0, 1, 2, 3]
     assert len({t.params["momentum_window"] for t in study.trials}) == 4  # a resumed study samples afresh
 
@@ -341,7 +423,9 @@ def test_study_prunes_resumes_and_writes_best_params(tmp_path):
     out = tmp_path / "tune"
     study = tune.run_study(cfg, labeled, unlabeled, study_name="tiny", out_dir=out, n_trials=3, train_fn=pinned_fit)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.PRUNED]
-    assert study.trials[0].intermediate_values == pytest.approx({3: 0.9, 4: 0.9})  # reported at optimizer steps, after half the trial
+    assert study.trials[0].intermediate_values == pytest.approx(
+        {3: 0.9, 4: 0.9}
+    )  # reported at optimizer steps, after half the trial
     assert study.trials[1].intermediate_values == pytest.approx({3: 0.1})  # pruned at its first validation
     assert all((out / f"trial_{n:04d}" / "config.yaml").is_file() for n in range(3))
 
@@ -350,11 +434,26 @@ def test_study_prunes_resumes_and_writes_best_params(tmp_path):
 
     assert tune.report(study, cfg, out, [str(config)], plots=False)
     best = load_config([config, out / "best_params.yaml"])
-    assert best["ssl"]["momentum_window"] == pytest.approx(study.trials[0].params["momentum_window"])  # the window schedule holds w
+    assert best["ssl"]["momentum_window"] == pytest.approx(
+        study.trials[0].params["momentum_window"]
+    )  # the window schedule holds w
     assert best["ssl"]["consistency_weight"] == pytest.approx(study.trials[0].params["consistency_weight"])
     assert load_config([out / "best_config.yaml"]) == best
-    args = ["--config", str(config), "--config", str(out / "best_params.yaml"), "--labeled", str(labeled),
-            "--unlabeled", str(unlabeled), "--out", str(tmp_path / "final"), "--set", "train.max_steps=2", "--no-progress"]
+    args = [
+        "--config",
+        str(config),
+        "--config",
+        str(out / "best_params.yaml"),
+        "--labeled",
+        str(labeled),
+        "--unlabeled",
+        str(unlabeled),
+        "--out",
+        str(tmp_path / "final"),
+        "--set",
+        "train.max_steps=2",
+        "--no-progress",
+    ]
     assert train_main(args) == 0 and (tmp_path / "final" / "teacher.pt").is_file()
 
 
@@ -367,13 +466,43 @@ def _two_workers_one_killed(tmp_path: Path, storage: str, study: str, cap: int =
     labeled, unlabeled, config = _write_tiny(tmp_path)
 
     def worker(name: str) -> subprocess.Popen:
-        command = [sys.executable, "-m", "medeman.cli", "tune", "--config", str(config), "--labeled", str(labeled),
-                   "--unlabeled", str(unlabeled), "--study", study, "--storage", storage, "--n-trials", "10",
-                   "--max-trials", str(cap), "--out", str(tmp_path / name), "--no-plots",
-                   "--set", "train.max_steps=8", "--set", "tune.validations=1", "--set", "tune.n_startup_trials=10",
-                   "--set", "tune.heartbeat_interval=1", "--set", "tune.grace_period=2"]
+        command = [
+            sys.executable,
+            "-m",
+            "medeman.cli",
+            "tune",
+            "--config",
+            str(config),
+            "--labeled",
+            str(labeled),
+            "--unlabeled",
+            str(unlabeled),
+            "--study",
+            study,
+            "--storage",
+            storage,
+            "--n-trials",
+            "10",
+            "--max-trials",
+            str(cap),
+            "--out",
+            str(tmp_path / name),
+            "--no-plots",
+            "--set",
+            "train.max_steps=8",
+            "--set",
+            "tune.validations=1",
+            "--set",
+            "tune.n_startup_trials=10",
+            "--set",
+            "tune.heartbeat_interval=1",
+            "--set",
+            "tune.grace_period=2",
+        ]
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-        return subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return subprocess.Popen(
+            command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
 
     # B starts only once A is inside its first trial: started together, B could take every place in
     # the study before A's first trial began (a race, not the behaviour under test).
@@ -401,7 +530,9 @@ def _two_workers_one_killed(tmp_path: Path, storage: str, study: str, cap: int =
     assert f"trial {retry.number} retries trial {killed}" in output
     assert len(trials) == cap + 1 and tune.n_counted(shared) == cap  # the cap counts the retried trial once
     assert _counts(shared)["COMPLETE"] + _counts(shared)["PRUNED"] == cap and _counts(shared)["FAIL"] == 1
-    assert sorted(p.name for p in (tmp_path / "b").glob("trial_*")) == [f"trial_{t.number:04d}" for t in trials if t.number != killed]
+    assert sorted(p.name for p in (tmp_path / "b").glob("trial_*")) == [
+        f"trial_{t.number:04d}" for t in trials if t.number != killed
+    ]
     return shared
 
 
@@ -412,7 +543,9 @@ def test_killed_worker_trial_is_failed_and_retried_once_sqlite(tmp_path):
 def test_killed_worker_trial_is_failed_and_retried_once_postgresql(tmp_path):
     url = os.environ.get("MEDEMAN_TEST_POSTGRES_URL")
     if not url:
-        pytest.skip("MEDEMAN_TEST_POSTGRES_URL is not set: no PostgreSQL server to share a study on (CI starts one in .ci/postgres.sh)")
+        pytest.skip(
+            "MEDEMAN_TEST_POSTGRES_URL is not set: no PostgreSQL server to share a study on (CI starts one in .ci/postgres.sh)"
+        )
     study = f"test-{uuid.uuid4().hex[:8]}"
     try:
         _two_workers_one_killed(tmp_path, url, study)
@@ -478,16 +611,40 @@ def test_workers_flag_starts_workers_on_one_study_and_divides_the_threads(make_c
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     root = make_cohort(3, 1)
     out = tmp_path / "tune"
-    sets = ["data.patch_size=[16,16,16]", "data.spacing=null", "data.num_classes=3", "data.num_workers=0",
-            "model.channels=[4,8]", "train.max_steps=2", "tune.max_steps=2", "tune.validations=1", "data.val_fraction=0.34"]
-    argv = ["--labeled", str(root / "labeled"), "--unlabeled", str(root / "unlabeled"), "--study", "w", "--n-trials", "1",
-            "--workers", "2", "--out", str(out), "--no-plots", *[a for s in sets for a in ("--set", s)]]
+    sets = [
+        "data.patch_size=[16,16,16]",
+        "data.spacing=null",
+        "data.num_classes=3",
+        "data.num_workers=0",
+        "model.channels=[4,8]",
+        "train.max_steps=2",
+        "tune.max_steps=2",
+        "tune.validations=1",
+        "data.val_fraction=0.34",
+    ]
+    argv = [
+        "--labeled",
+        str(root / "labeled"),
+        "--unlabeled",
+        str(root / "unlabeled"),
+        "--study",
+        "w",
+        "--n-trials",
+        "1",
+        "--workers",
+        "2",
+        "--out",
+        str(out),
+        "--no-plots",
+        *[a for s in sets for a in ("--set", s)],
+    ]
     assert tune.main(argv) == 0
     err = capsys.readouterr().err
     cores = len(os.sched_getaffinity(0))
     threads = max(1, cores // 2)  # no loader workers: the cores divided by the 2 workers
     assert [line for line in err.splitlines() if line.startswith("threads:")] == [  # said once, by the first worker
         f"threads: {threads} torch thread{'s' if threads > 1 else ''} per process "
-        f"({cores} core{'s' if cores > 1 else ''} shared by 2 processes; change with --threads)"]
+        f"({cores} core{'s' if cores > 1 else ''} shared by 2 processes; change with --threads)"
+    ]
     study = optuna.load_study(study_name="w", storage=tune.open_storage(None, out))
     assert sorted(t.state for t in study.trials) == [TrialState.COMPLETE] * 2  # one trial from each worker

@@ -31,9 +31,9 @@ def test_views_are_radiological():
     volume = np.zeros((5, 6, 7))
     volume[4, 5, 6] = 1  # the most right, anterior, superior voxel
     axial, coronal, sagittal = _views(volume, (4, 5, 6))
-    assert np.argwhere(axial)[0].tolist() == [0, 0]      # top (anterior), left (patient's right)
-    assert np.argwhere(coronal)[0].tolist() == [0, 0]    # top (superior), left (patient's right)
-    assert np.argwhere(sagittal)[0].tolist() == [0, 0]   # top (superior), left (anterior)
+    assert np.argwhere(axial)[0].tolist() == [0, 0]  # top (anterior), left (patient's right)
+    assert np.argwhere(coronal)[0].tolist() == [0, 0]  # top (superior), left (patient's right)
+    assert np.argwhere(sagittal)[0].tolist() == [0, 0]  # top (superior), left (anterior)
 
 
 def test_centre_voxel_prefers_the_reference():
@@ -53,9 +53,15 @@ def test_save_case_figure_writes_a_png(tmp_path, with_reference, with_image):
     ref[13:16, 4:8, 3:6] = 2
     pred = np.roll(ref, 1, axis=0)
     image = np.random.default_rng(0).normal(size=ref.shape) + 3 * (ref > 0)
-    path = save_case_figure(tmp_path / "fig" / "case.png", pred, np.diag([0.8, 0.8, 2.5, 1.0]),
-                            reference=ref if with_reference else None, image=image if with_image else None,
-                            title="case", scores={1: 0.9, 2: 0.5})
+    path = save_case_figure(
+        tmp_path / "fig" / "case.png",
+        pred,
+        np.diag([0.8, 0.8, 2.5, 1.0]),
+        reference=ref if with_reference else None,
+        image=image if with_image else None,
+        title="case",
+        scores={1: 0.9, 2: 0.5},
+    )
     pixels = imread(str(path))
     assert pixels.shape[0] > 300 and pixels.shape[1] > 900 and pixels[..., :3].std() > 0.05
 
@@ -64,21 +70,30 @@ def test_evaluate_writes_one_picture_per_case(tmp_path):
     affine = np.diag([1.0, 1.0, 2.0, 1.0])
     mask = np.zeros((16, 16, 8), np.uint8)
     mask[4:12, 5:11, 2:6] = 1
-    for folder, name, array in [("pred", "a.nii.gz", mask), ("labels", "a_seg.nii.gz", mask),
-                                ("pred", "b.nii.gz", mask), ("images", "a_0000.nii.gz", mask * 100.0),
-                                ("images", "b_0000.nii.gz", mask * 100.0)]:
+    for folder, name, array in [
+        ("pred", "a.nii.gz", mask),
+        ("labels", "a_seg.nii.gz", mask),
+        ("pred", "b.nii.gz", mask),
+        ("images", "a_0000.nii.gz", mask * 100.0),
+        ("images", "b_0000.nii.gz", mask * 100.0),
+    ]:
         (tmp_path / folder).mkdir(exist_ok=True)
         nib.save(nib.Nifti1Image(array, affine), str(tmp_path / folder / name))
-    summary = evaluate_folder(tmp_path / "pred", tmp_path / "labels", png_dir=tmp_path / "png", images_dir=tmp_path / "images")
+    summary = evaluate_folder(
+        tmp_path / "pred", tmp_path / "labels", png_dir=tmp_path / "png", images_dir=tmp_path / "images"
+    )
     assert summary.cases == ["a"]
     assert sorted(p.name for p in (tmp_path / "png").iterdir()) == ["a.png", "b.png"]  # b: over the scan, no label
 
 
-@pytest.mark.parametrize("label, with_reference, scores, names, expected", [
-    (2, True, {2: 0.5}, {2: "kidneys"}, ["kidneys reference", "kidneys prediction (Dice 0.500)"]),
-    (3, True, None, {2: "kidneys"}, ["class 3 reference", "class 3 prediction"]),
-    (1, False, {1: float("nan")}, None, ["class 1 prediction"]),
-])
+@pytest.mark.parametrize(
+    "label, with_reference, scores, names, expected",
+    [
+        (2, True, {2: 0.5}, {2: "kidneys"}, ["kidneys reference", "kidneys prediction (Dice 0.500)"]),
+        (3, True, None, {2: "kidneys"}, ["class 3 reference", "class 3 prediction"]),
+        (1, False, {1: float("nan")}, None, ["class 1 prediction"]),
+    ],
+)
 def test_legend_names_classes_and_their_dice(label, with_reference, scores, names, expected):
     assert legend_labels(label, with_reference, scores, names) == expected
 
@@ -89,5 +104,7 @@ def test_evaluate_draws_with_class_names(tmp_path):
     for folder in ("pred", "labels"):
         (tmp_path / folder).mkdir()
         nib.save(nib.Nifti1Image(mask, np.eye(4)), str(tmp_path / folder / "a.nii.gz"))
-    summary = evaluate_folder(tmp_path / "pred", tmp_path / "labels", png_dir=tmp_path / "png", class_names={1: "liver"})
+    summary = evaluate_folder(
+        tmp_path / "pred", tmp_path / "labels", png_dir=tmp_path / "png", class_names={1: "liver"}
+    )
     assert not summary.problems and (tmp_path / "png" / "a.png").is_file()

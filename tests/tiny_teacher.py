@@ -22,8 +22,13 @@ from medeman.nets import build_network
 def teacher_config(spacing=(1.5, 1.5, 1.5)) -> dict:
     cfg = default_config()
     cfg["model"].update(channels=[4, 8], num_res_units=0)
-    cfg["data"].update(patch_size=[16, 16, 16], spacing=list(spacing), intensity_window=[0.0, 100.0],
-                       labels={1: "bright"}, num_classes=2)
+    cfg["data"].update(
+        patch_size=[16, 16, 16],
+        spacing=list(spacing),
+        intensity_window=[0.0, 100.0],
+        labels={1: "bright"},
+        num_classes=2,
+    )
     cfg["infer"].update(overlap=0.5, sw_batch_size=2)
     return validate(cfg)
 

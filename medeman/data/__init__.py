@@ -11,14 +11,24 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "CaseReport": "checks", "check_cases": "checks", "inspect_case": "checks",
-    "raise_problems": "checks", "report_problems": "checks",
+    "CaseReport": "checks",
+    "check_cases": "checks",
+    "inspect_case": "checks",
+    "raise_problems": "checks",
+    "report_problems": "checks",
     "SSLDataModule": "datamodule",
-    "discover_labeled": "discovery", "discover_unlabeled": "discovery", "group_channels": "discovery",
-    "label_id": "discovery", "match_labels": "discovery", "read_dataset_json": "discovery",
-    "split_cases": "discovery", "write_split": "discovery",
+    "discover_labeled": "discovery",
+    "discover_unlabeled": "discovery",
+    "group_channels": "discovery",
+    "label_id": "discovery",
+    "match_labels": "discovery",
+    "read_dataset_json": "discovery",
+    "split_cases": "discovery",
+    "write_split": "discovery",
     "DataError": "errors",
-    "IMAGE_SUFFIXES": "readers", "SimpleITKReader": "readers", "VolumeReader": "readers",
+    "IMAGE_SUFFIXES": "readers",
+    "SimpleITKReader": "readers",
+    "VolumeReader": "readers",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -52,6 +52,7 @@ def share_random_state(obj: Any, state: np.random.RandomState) -> int:
     transform = getattr(obj, "transform", None)
     return share_random_state(transform, state) if transform is not None else 0
 
+
 class StepDataset(Dataset):
     """The patches of every part (``{"labeled": dataset, "unlabeled": dataset}``), indexed by ``(part, index, seed)``.
 
@@ -100,8 +101,14 @@ class StepSampler(Sampler):
         start: the first step of the next pass: an int or a callable asked at each pass.
     """
 
-    def __init__(self, lengths: Mapping[str, int], sizes: Mapping[str, int], seed: int, steps: int,
-                 start: int | Callable[[], int] = 0):
+    def __init__(
+        self,
+        lengths: Mapping[str, int],
+        sizes: Mapping[str, int],
+        seed: int,
+        steps: int,
+        start: int | Callable[[], int] = 0,
+    ):
         self.lengths, self.sizes = dict(lengths), dict(sizes)
         if set(self.lengths) != set(self.sizes):
             raise ValueError(f"parts {sorted(self.lengths)} and batch sizes {sorted(self.sizes)} name different parts")
@@ -155,10 +162,19 @@ def _collect(items: Sequence[tuple[str, Any]]) -> tuple[dict[str, list[dict]], t
     for part, dicts in samples.items():
         for key, value in dicts[0].items():
             tensors = [d[key] for d in dicts]
-            bad = next((t for t in tensors if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.shape != value.shape), None)
+            bad = next(
+                (
+                    t
+                    for t in tensors
+                    if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.shape != value.shape
+                ),
+                None,
+            )
             if bad is not None:
                 what = f"{type(bad).__name__} {getattr(bad, 'dtype', '')} {tuple(getattr(bad, 'shape', ()))}"
-                raise TypeError(f"training batch {part}/{key}: every patch must be a float32 tensor of shape {tuple(value.shape)}, got {what}")
+                raise TypeError(
+                    f"training batch {part}/{key}: every patch must be a float32 tensor of shape {tuple(value.shape)}, got {what}"
+                )
             layout.append((part, key, (len(tensors), *value.shape)))
     return samples, tuple(layout)
 
@@ -173,7 +189,7 @@ def _fill(samples: dict[str, list[dict]], layout: Sequence, out: torch.Tensor | 
     offset = 0
     for part, key, shape in layout:
         size = math.prod(shape)
-        torch.stack([d[key] for d in samples[part]], out=packed[offset:offset + size].view(shape))
+        torch.stack([d[key] for d in samples[part]], out=packed[offset : offset + size].view(shape))
         offset += size
     return packed
 
@@ -215,8 +231,12 @@ class StepPacker:
             flags[1, slot] = 0
         _fill(samples, layout, buffer)
         flags[0, slot] = 1
-        return {"ring": (ring["token"], slot), "layout": layout,
-                "buffer": None if int(flags[1, slot]) else buffer, "flags": None if int(flags[2, 0]) else flags}
+        return {
+            "ring": (ring["token"], slot),
+            "layout": layout,
+            "buffer": None if int(flags[1, slot]) else buffer,
+            "flags": None if int(flags[2, 0]) else flags,
+        }
 
     def _next_free_slot(self, numel: int) -> int | None:
         """The ring slot for a step of ``numel`` floats; ``None`` outside a worker, over ``ring_bytes``, or
@@ -290,8 +310,12 @@ class StepLoader(DataLoader):
     def __init__(self, parts: Mapping[str, Dataset], sampler: StepSampler, ring_bytes: int = 4 << 20, **kwargs: Any):
         ring = 0 if kwargs.get("pin_memory") else ring_bytes
         prefetch = kwargs.get("prefetch_factor") or 2
-        super().__init__(StepDataset(parts), batch_sampler=sampler,
-                         collate_fn=StepPacker(slots=prefetch + 2, ring_bytes=ring), **kwargs)
+        super().__init__(
+            StepDataset(parts),
+            batch_sampler=sampler,
+            collate_fn=StepPacker(slots=prefetch + 2, ring_bytes=ring),
+            **kwargs,
+        )
         self._rings = _RingReader()
 
     def __iter__(self) -> Iterator[dict[str, dict[str, torch.Tensor]]]:  # type: ignore[override]

@@ -102,7 +102,9 @@ def _read(path: str, problems: list[str]) -> _Volume | None:
     try:
         array, affine = read_volume(path)
     except Exception as err:  # nibabel, SimpleITK and zlib raise many types for a bad file
-        problems.append(f"{path}: unreadable or truncated file ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})")
+        problems.append(
+            f"{path}: unreadable or truncated file ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+        )
         return None
     while array.ndim > 3 and array.shape[-1] == 1:
         array = array[..., 0]
@@ -134,7 +136,12 @@ def label_like_values(array: np.ndarray) -> tuple[int, ...] | None:
         if part.size == 0 or part.min() < 0:  # a CT's air: no unique() needed
             return None
         values = np.unique(part)
-        if len(values) > LABEL_LIKE_MAX_VALUES or not np.isfinite(values).all() or values.min() < 0 or not np.array_equal(values, np.round(values)):
+        if (
+            len(values) > LABEL_LIKE_MAX_VALUES
+            or not np.isfinite(values).all()
+            or values.min() < 0
+            or not np.array_equal(values, np.round(values))
+        ):
             return None
     return tuple(int(v) for v in values)
 
@@ -246,7 +253,9 @@ def _check_label(path: str, ref: tuple[str, _Volume] | None, num_classes: int, r
     if ref is not None:
         image_path, image = ref
         if arr.shape != image.array.shape[:3]:
-            problems.append(f"{path}: label shape {tuple(arr.shape)} differs from image shape {tuple(image.array.shape[:3])} of {image_path}")
+            problems.append(
+                f"{path}: label shape {tuple(arr.shape)} differs from image shape {tuple(image.array.shape[:3])} of {image_path}"
+            )
         elif not _affines_close(vol.affine, image.affine):
             diff = float(np.abs(vol.affine - image.affine).max())
             problems.append(f"{path}: label affine differs from the affine of {image_path} by up to {diff:.4g} mm")
@@ -339,11 +348,23 @@ def screen_content(
             file, values = next(iter(label_like.items()))
             shown = ", ".join(map(str, values))
             if keep_label_like:
-                flagged.append(Flagged(file, f"looks like a label map (only the values {shown}); kept, as data.keep_label_like_unlabeled is true",
-                                       "label-like", excluded=False))
+                flagged.append(
+                    Flagged(
+                        file,
+                        f"looks like a label map (only the values {shown}); kept, as data.keep_label_like_unlabeled is true",
+                        "label-like",
+                        excluded=False,
+                    )
+                )
             else:
-                flagged.append(Flagged(file, f"looks like a label map (only the values {shown}); "
-                                             "set data.keep_label_like_unlabeled: true if it is a scan", "label-like"))
+                flagged.append(
+                    Flagged(
+                        file,
+                        f"looks like a label map (only the values {shown}); "
+                        "set data.keep_label_like_unlabeled: true if it is a scan",
+                        "label-like",
+                    )
+                )
                 continue
         kept.append(case)
         kept_reports.append(report)
@@ -365,6 +386,7 @@ class Cohort:
 
     def summary(self) -> str:
         """One line: the unlabeled scans kept, the files left out and warned about, by kind."""
+
         def by_kind(items: list[Flagged]) -> str:
             return ", ".join(f"{n} {kind}" for kind, n in Counter(f.kind for f in items).most_common())
 
@@ -431,8 +453,13 @@ def gather_cohort(
                 digests.setdefault(digest, f"{case['image']} (data.exclude)")
         protected = {part: cohort.reports.get(part, []) for part in ("labeled", "val", "test")}
         cohort.unlabeled, cohort.reports["unlabeled"], flagged = screen_content(
-            cohort.unlabeled, cohort.reports["unlabeled"], protected, int(data["num_classes"]),
-            bool(data["keep_label_like_unlabeled"]), digests)
+            cohort.unlabeled,
+            cohort.reports["unlabeled"],
+            protected,
+            int(data["num_classes"]),
+            bool(data["keep_label_like_unlabeled"]),
+            digests,
+        )
         cohort.flagged += flagged
     cohort.problems = problems + [p for reports in cohort.reports.values() for p in report_problems(reports)]
     return cohort

@@ -157,16 +157,25 @@ class SSLDataModule(pl.LightningDataModule):
     def discover(self) -> None:
         """Find and check every case; raise one DataError listing all problems."""
         cfg, data = self.cfg, self.cfg["data"]
-        unlabeled = self.unlabeled if self.unlabeled is not None or not has_unlabeled_list(self.labeled, cfg) else self.labeled
-        self.cohort = gather_cohort(cfg, self.labeled, unlabeled, self.val, self.test,
-                                    check_unlabeled=bool(self.views))
+        unlabeled = (
+            self.unlabeled if self.unlabeled is not None or not has_unlabeled_list(self.labeled, cfg) else self.labeled
+        )
+        self.cohort = gather_cohort(cfg, self.labeled, unlabeled, self.val, self.test, check_unlabeled=bool(self.views))
         problems = self.cohort.problems
         raise_problems(problems, f"{len(problems)} problem(s) in the input data, found before training:")
         labeled, val, unlabeled = self.cohort.labeled, self.cohort.val, self.cohort.unlabeled
         if val is None:
-            self.train_cases, self.val_cases = split_cases(labeled, float(data["val_fraction"]), int(data["split_seed"]))
+            self.train_cases, self.val_cases = split_cases(
+                labeled, float(data["val_fraction"]), int(data["split_seed"])
+            )
             if self.run_dir is not None:
-                write_split(self.run_dir / "split.json", self.train_cases, self.val_cases, float(data["val_fraction"]), int(data["split_seed"]))
+                write_split(
+                    self.run_dir / "split.json",
+                    self.train_cases,
+                    self.val_cases,
+                    float(data["val_fraction"]),
+                    int(data["split_seed"]),
+                )
         else:
             self.train_cases, self.val_cases = labeled, val
         self.unlabeled_cases = unlabeled
@@ -174,15 +183,35 @@ class SSLDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self._datasets:
             return
-        key = json.dumps([str(self.labeled), str(self.unlabeled), str(self.val), str(self.test), self.cfg["ssl"]["method"], self.cfg["data"]], sort_keys=True, default=str)
+        key = json.dumps(
+            [
+                str(self.labeled),
+                str(self.unlabeled),
+                str(self.val),
+                str(self.test),
+                self.cfg["ssl"]["method"],
+                self.cfg["data"],
+            ],
+            sort_keys=True,
+            default=str,
+        )
         shared = self.cohorts.get(key) if self.cohorts is not None else None
         if shared is not None:
             self._share(shared)
             return
         self._setup()
         if self.cohorts is not None:
-            self.cohorts.put(key, {"train": self.train_cases, "val": self.val_cases, "unlabeled": self.unlabeled_cases,
-                                   "datasets": dict(self._datasets), "focus": self.focus, "cohort": getattr(self, "cohort", None)})
+            self.cohorts.put(
+                key,
+                {
+                    "train": self.train_cases,
+                    "val": self.val_cases,
+                    "unlabeled": self.unlabeled_cases,
+                    "datasets": dict(self._datasets),
+                    "focus": self.focus,
+                    "cohort": getattr(self, "cohort", None),
+                },
+            )
 
     def _share(self, cohort: dict[str, Any]) -> None:
         """Take a cohort prepared by another module of :attr:`cohorts` (and write this run's split.json)."""
@@ -194,7 +223,13 @@ class SSLDataModule(pl.LightningDataModule):
             self.focus.counts.zero_()  # the previous run's teacher chose those centres
         data = self.cfg["data"]
         if self.val is None and self.run_dir is not None:
-            write_split(self.run_dir / "split.json", self.train_cases, self.val_cases, float(data["val_fraction"]), int(data["split_seed"]))
+            write_split(
+                self.run_dir / "split.json",
+                self.train_cases,
+                self.val_cases,
+                float(data["val_fraction"]),
+                int(data["split_seed"]),
+            )
 
     def _setup(self) -> None:
         self.discover()
@@ -204,7 +239,9 @@ class SSLDataModule(pl.LightningDataModule):
             if float(self.cfg["data"]["unlabeled_focus_fraction"]) > 0:  # shared before any loader worker starts
                 self.focus = FocusCentres(len(cases))
                 cases = [{**case, "case_index": i} for i, case in enumerate(cases)]
-            self._datasets["unlabeled"] = self._dataset(cases, tfm.unlabeled_transforms(self.cfg, self.focus, self.views), "unlabeled")
+            self._datasets["unlabeled"] = self._dataset(
+                cases, tfm.unlabeled_transforms(self.cfg, self.focus, self.views), "unlabeled"
+            )
         if self.val_cases:
             self._datasets["val"] = self._dataset(self.val_cases, tfm.validation_transforms(self.cfg), "val")
 
@@ -214,7 +251,9 @@ class SSLDataModule(pl.LightningDataModule):
             workers = max(1, int(data["num_workers"]))
             return CacheDataset(cases, transform, cache_rate=1.0, num_workers=workers, progress=False)
         if data["cache"] == "disk":
-            root = data["cache_dir"] or (self.run_dir / "cache" if self.run_dir is not None else tempfile.mkdtemp(prefix="medeman-cache-"))
+            root = data["cache_dir"] or (
+                self.run_dir / "cache" if self.run_dir is not None else tempfile.mkdtemp(prefix="medeman-cache-")
+            )
             # keyed by the data config: runs (and tuning workers) with one preprocessing share a cache, others never read it
             return PersistentDataset(cases, transform, cache_dir=Path(root) / f"{name}-{preprocessing_digest(data)}")
         return Dataset(cases, transform)
@@ -244,14 +283,22 @@ class SSLDataModule(pl.LightningDataModule):
         sizes = {"labeled": int(data["batch_size_labeled"])}
         if self.use_unlabeled:
             sizes["unlabeled"] = int(data["batch_size_unlabeled"])
-        sampler = StepSampler({name: len(self._datasets[name]) for name in sizes}, sizes,
-                              seed=stream_seed(self._seed(), 0), steps=n_batches, start=self._first_batch)
+        sampler = StepSampler(
+            {name: len(self._datasets[name]) for name in sizes},
+            sizes,
+            seed=stream_seed(self._seed(), 0),
+            steps=n_batches,
+            start=self._first_batch,
+        )
         workers = int(data["num_workers"])
         return StepLoader(
-            {name: self._datasets[name] for name in sizes}, sampler,
-            num_workers=workers, persistent_workers=workers > 0,
+            {name: self._datasets[name] for name in sizes},
+            sampler,
+            num_workers=workers,
+            persistent_workers=workers > 0,
             # MONAI's loader seeds from this generator (its own, so the global RNG is never read); the steps re-seed every patch
-            generator=torch.Generator().manual_seed(self._seed()), pin_memory=torch.cuda.is_available(),
+            generator=torch.Generator().manual_seed(self._seed()),
+            pin_memory=torch.cuda.is_available(),
         )
 
     def train_dataloader(self) -> StepLoader:
@@ -273,10 +320,21 @@ class SSLDataModule(pl.LightningDataModule):
         name = "unlabeled" if "unlabeled" in self._datasets else "labeled"
         size = int(self.cfg["data"][f"batch_size_{name}"])
         seed = stream_seed(self._seed(), 4)
-        sampler = RandomSampler(self._datasets[name], replacement=True, num_samples=n_batches * size,
-                                generator=torch.Generator().manual_seed(seed))
-        return DataLoader(self._own_view(self._datasets[name]), batch_size=size, sampler=sampler, num_workers=0,
-                          collate_fn=list_data_collate, drop_last=True, generator=torch.Generator().manual_seed(seed + 1))
+        sampler = RandomSampler(
+            self._datasets[name],
+            replacement=True,
+            num_samples=n_batches * size,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        return DataLoader(
+            self._own_view(self._datasets[name]),
+            batch_size=size,
+            sampler=sampler,
+            num_workers=0,
+            collate_fn=list_data_collate,
+            drop_last=True,
+            generator=torch.Generator().manual_seed(seed + 1),
+        )
 
     def _own_view(self, dataset):
         """The dataset with its own copy of the transform chain (the cache, and the teacher focus's centres, shared)."""
@@ -290,5 +348,10 @@ class SSLDataModule(pl.LightningDataModule):
         if "val" not in self._datasets:
             return []
         # its own generator: without one, MONAI's loader reads and then resets the global torch RNG
-        return DataLoader(self._datasets["val"], batch_size=1, shuffle=False, num_workers=0,
-                          generator=torch.Generator().manual_seed(stream_seed(self._seed(), 5)))
+        return DataLoader(
+            self._datasets["val"],
+            batch_size=1,
+            shuffle=False,
+            num_workers=0,
+            generator=torch.Generator().manual_seed(stream_seed(self._seed(), 5)),
+        )

@@ -26,7 +26,7 @@ import numpy as np
 # Modalities that are never an image volume (segmentations, structure sets, reports, plans, ...)
 NON_IMAGE_MODALITIES = {"SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "SR", "PR", "KO", "REG", "DOC", "PLAN"}
 POSITION_TOLERANCE = 0.01  # a slice step may differ from the series' median step by this fraction
-GAP_FACTOR = 1.5           # a step this many median steps long means slices are missing
+GAP_FACTOR = 1.5  # a step this many median steps long means slices are missing
 
 
 @dataclass
@@ -91,7 +91,9 @@ def find_series(folder: str | Path) -> FoundSeries:
         try:
             ds = pydicom.dcmread(str(path), stop_before_pixels=True)
         except Exception as err:  # a damaged header names its file; the other files still count
-            found.errors.append(f"{path}: not a readable DICOM file: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+            found.errors.append(
+                f"{path}: not a readable DICOM file: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+            )
             continue
         uid = str(getattr(ds, "SeriesInstanceUID", "") or "")
         if not uid:
@@ -115,17 +117,31 @@ def _check_series(uid: str, items: list[tuple[Path, object]]) -> tuple[DicomSeri
     paths = [p for p, _ in items]
     first = items[0][1]
     folders = sorted({p.parent for p in paths})
-    series = DicomSeries(uid, paths, folders[0] if len(folders) == 1 else Path(*_common_parts(folders)),
-                         str(getattr(first, "SeriesNumber", "") or ""), str(getattr(first, "SeriesDescription", "") or ""),
-                         str(getattr(first, "Modality", "") or ""))
+    series = DicomSeries(
+        uid,
+        paths,
+        folders[0] if len(folders) == 1 else Path(*_common_parts(folders)),
+        str(getattr(first, "SeriesNumber", "") or ""),
+        str(getattr(first, "SeriesDescription", "") or ""),
+        str(getattr(first, "Modality", "") or ""),
+    )
     where = series.where
     if series.modality in NON_IMAGE_MODALITIES:
         return None, "", f"{where}: a {series.modality} object, not an image series"
     if any(int(getattr(ds, "NumberOfFrames", 1) or 1) > 1 for _, ds in items):
         return None, "", f"{where}: multi-frame (enhanced) DICOM; export it as single-frame slices"
-    if not all(hasattr(ds, "Rows") and hasattr(ds, "ImagePositionPatient") and hasattr(ds, "ImageOrientationPatient")
-               and hasattr(ds, "PixelSpacing") for _, ds in items):
-        return None, "", f"{where}: no image geometry (Rows, ImagePositionPatient, ImageOrientationPatient, PixelSpacing)"
+    if not all(
+        hasattr(ds, "Rows")
+        and hasattr(ds, "ImagePositionPatient")
+        and hasattr(ds, "ImageOrientationPatient")
+        and hasattr(ds, "PixelSpacing")
+        for _, ds in items
+    ):
+        return (
+            None,
+            "",
+            f"{where}: no image geometry (Rows, ImagePositionPatient, ImageOrientationPatient, PixelSpacing)",
+        )
     if len(items) == 1:
         return None, "", f"{where}: one slice, not a volume"
     orientations = np.array([[float(v) for v in ds.ImageOrientationPatient] for _, ds in items])
@@ -142,13 +158,23 @@ def _check_series(uid: str, items: list[tuple[Path, object]]) -> tuple[DicomSeri
     steps = np.diff(depth)
     if steps.min() < 1e-3:
         i = int(steps.argmin())
-        return None, f"{where}: two slices at one position ({depth[i]:.2f} mm): {series.files[i].name}, {series.files[i + 1].name}", ""
+        return (
+            None,
+            f"{where}: two slices at one position ({depth[i]:.2f} mm): {series.files[i].name}, {series.files[i + 1].name}",
+            "",
+        )
     step = float(np.median(steps))
     if steps.max() > GAP_FACTOR * step:
         i = int(steps.argmax())
         missing = int(round(steps[i] / step)) - 1
-        return None, (f"{where}: slices missing: a {steps[i]:.2f} mm gap between {depth[i]:.2f} and {depth[i + 1]:.2f} mm "
-                      f"where slices are {step:.2f} mm apart (about {missing} slice(s))"), ""
+        return (
+            None,
+            (
+                f"{where}: slices missing: a {steps[i]:.2f} mm gap between {depth[i]:.2f} and {depth[i + 1]:.2f} mm "
+                f"where slices are {step:.2f} mm apart (about {missing} slice(s))"
+            ),
+            "",
+        )
     if np.abs(steps - step).max() > POSITION_TOLERANCE * step + 1e-3:
         return None, f"{where}: uneven slice spacing: {steps.min():.3f} to {steps.max():.3f} mm", ""
     return series, "", ""

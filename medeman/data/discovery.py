@@ -68,7 +68,9 @@ def image_entry(files: list[str | Path]) -> str | list[str]:
     return str(files[0]) if len(files) == 1 else [str(f) for f in files]
 
 
-def index_by_case(files: Iterable[Path], case_id: Callable[[Path], str], problems: list[str], duplicate: str) -> dict[str, Path]:
+def index_by_case(
+    files: Iterable[Path], case_id: Callable[[Path], str], problems: list[str], duplicate: str
+) -> dict[str, Path]:
     """Files by ``case_id(file)``, the first of each id kept.
 
     A later file with a taken id is left out and reported in ``problems`` as
@@ -120,7 +122,9 @@ def case_key(path: str | Path, in_channels: int = 1) -> tuple[str, int] | None:
     return (match["id"], int(match["channel"])) if match else None
 
 
-def group_channels(files: list[Path], in_channels: int, root: Path | None = None) -> tuple[dict[str, list[Path]], list[str]]:
+def group_channels(
+    files: list[Path], in_channels: int, root: Path | None = None
+) -> tuple[dict[str, list[Path]], list[str]]:
     """Group image files into cases by :func:`case_key`: ``{case id: [file per channel]}``, and the problems found.
 
     A case must have exactly the channels ``0000`` to ``in_channels - 1``; an incomplete case, a
@@ -137,7 +141,9 @@ def group_channels(files: list[Path], in_channels: int, root: Path | None = None
     for path in files:
         key = case_key(path, in_channels)
         if key is None:
-            problems.append(f"{path}: no _0000.._{in_channels - 1:04d} channel suffix, but data.in_channels={in_channels}")
+            problems.append(
+                f"{path}: no _0000.._{in_channels - 1:04d} channel suffix, but data.in_channels={in_channels}"
+            )
             continue
         prefix = "" if root is None else str(Path(path).parent.relative_to(root)).replace("\\", "/")
         prefix = "" if prefix in ("", ".") else prefix + "/"
@@ -150,7 +156,9 @@ def group_channels(files: list[Path], in_channels: int, root: Path | None = None
     for case_id, channels in cases.items():
         if sorted(channels) != list(range(in_channels)):
             found = ", ".join(f"_{c:04d}" for c in sorted(channels))
-            problems.append(f"{channels[min(channels)]}: case '{case_id}' has channel files {found}, expected _0000.._{in_channels - 1:04d} (data.in_channels={in_channels})")
+            problems.append(
+                f"{channels[min(channels)]}: case '{case_id}' has channel files {found}, expected _0000.._{in_channels - 1:04d} (data.in_channels={in_channels})"
+            )
             continue
         grouped[case_id] = [channels[c] for c in sorted(channels)]
     return grouped, problems
@@ -165,7 +173,9 @@ def label_id(path: str | Path) -> str:
     return stem
 
 
-def match_labels(image_files: list[Path], label_files: list[Path], in_channels: int = 1) -> tuple[list[dict], list[str]]:
+def match_labels(
+    image_files: list[Path], label_files: list[Path], in_channels: int = 1
+) -> tuple[list[dict], list[str]]:
     """Pair image files with label files by case id; return the cases and every unmatched file.
 
     Args:
@@ -183,7 +193,9 @@ def match_labels(image_files: list[Path], label_files: list[Path], in_channels: 
         full = image_stem(files[0])
         key = case_id if case_id in labels else full if full in labels else None
         if key is None:
-            problems.append(f"{files[0]}: image without label (expected {case_id}{image_suffix(files[0])} or {case_id}_seg/_label/_mask in the labels folder)")
+            problems.append(
+                f"{files[0]}: image without label (expected {case_id}{image_suffix(files[0])} or {case_id}_seg/_label/_mask in the labels folder)"
+            )
             continue
         used.add(key)
         cases.append({"id": case_id, "image": image_entry(files), "label": str(labels[key])})
@@ -212,8 +224,12 @@ def read_dataset_json(path: str | Path, layout: bool = True) -> dict[str, Any]:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise DataError(f"{path}: unreadable dataset.json ({err})") from None
-    if layout and not (isinstance(meta, dict) and ("training" in meta or "file_ending" in meta or "channel_names" in meta)):
-        raise DataError(f"{path}: neither a Decathlon dataset.json (no 'training' list) nor an nnU-Net v2 one (no 'file_ending'/'channel_names')")
+    if layout and not (
+        isinstance(meta, dict) and ("training" in meta or "file_ending" in meta or "channel_names" in meta)
+    ):
+        raise DataError(
+            f"{path}: neither a Decathlon dataset.json (no 'training' list) nor an nnU-Net v2 one (no 'file_ending'/'channel_names')"
+        )
     if not isinstance(meta, dict):
         raise DataError(f"{path}: not a dataset.json: a JSON object is expected, got {type(meta).__name__}")
     return meta
@@ -274,11 +290,15 @@ def discover_labeled(path: str | Path, cfg: dict | None = None, problems: list[s
         elif (root / "images").is_dir() or (root / "labels").is_dir():
             found = _require_folder(root / "images", "images") + _require_folder(root / "labels", "labels")
             if not found:
-                cases, found = match_labels(list_images(root / "images"), list_images(root / "labels"), _in_channels(cfg))
+                cases, found = match_labels(
+                    list_images(root / "images"), list_images(root / "labels"), _in_channels(cfg)
+                )
         else:
             found = [f"{root}: expected images/ and labels/ sub-folders or a dataset.json (Decathlon / nnU-Net v2)"]
         if not cases:
-            found.append(f"{root}: no labeled case found (images with matching labels, formats {', '.join(IMAGE_SUFFIXES)})")
+            found.append(
+                f"{root}: no labeled case found (images with matching labels, formats {', '.join(IMAGE_SUFFIXES)})"
+            )
     _raise_or_collect(problems, found)
     return cases
 
@@ -339,8 +359,10 @@ def discover_unlabeled(
             cases = [{"id": k, "image": image_entry(v)} for k, v in groups.items()]
         if not cases:
             left_out = sum(f.excluded for f in flagged)
-            found.append(f"{root}: empty unlabeled folder: no image found (formats {', '.join(IMAGE_SUFFIXES)}, searched recursively)"
-                         + (f"; {left_out} file(s) left out as labels or protected cases" if left_out else ""))
+            found.append(
+                f"{root}: empty unlabeled folder: no image found (formats {', '.join(IMAGE_SUFFIXES)}, searched recursively)"
+                + (f"; {left_out} file(s) left out as labels or protected cases" if left_out else "")
+            )
     _raise_or_collect(problems, found)
     return sorted(cases, key=lambda c: c["id"])
 
@@ -356,8 +378,9 @@ def _case_files(case: dict) -> list[tuple[str, str]]:
     return [("image", f) for f in images] + ([("label", case["label"])] if case.get("label") else [])
 
 
-def screen_paths(files: list[Path], root: Path, protect: dict[str, list[dict]] | None, flagged: list[Flagged],
-                 in_channels: int = 1) -> list[Path]:
+def screen_paths(
+    files: list[Path], root: Path, protect: dict[str, list[dict]] | None, flagged: list[Flagged], in_channels: int = 1
+) -> list[Path]:
     """The candidate unlabeled files that are scans by path; each other file is appended to ``flagged``.
 
     Left out, in this order of reasons: a file of a ``protect`` cohort (same resolved path); a file
@@ -374,7 +397,9 @@ def screen_paths(files: list[Path], root: Path, protect: dict[str, list[dict]] |
                 if cohort == "data.exclude":
                     known.setdefault(Path(file).resolve(), ("listed in data.exclude", "data.exclude"))
                 else:
-                    known.setdefault(Path(file).resolve(), (f"the {role} of {cohort} case '{case['id']}'", f"{cohort} case"))
+                    known.setdefault(
+                        Path(file).resolve(), (f"the {role} of {cohort} case '{case['id']}'", f"{cohort} case")
+                    )
                 if role == "label":
                     label_dirs.setdefault(Path(file).resolve().parent, cohort)
     kept, beside = [], _LabelsBeside(in_channels)
@@ -388,18 +413,28 @@ def screen_paths(files: list[Path], root: Path, protect: dict[str, list[dict]] |
         if resolved in known:
             flagged.append(Flagged(str(file), *known[resolved]))
         elif resolved.parent in label_dirs:
-            flagged.append(Flagged(str(file), f"in the label folder of the {label_dirs[resolved.parent]} cohort", "label folder"))
+            flagged.append(
+                Flagged(str(file), f"in the label folder of the {label_dirs[resolved.parent]} cohort", "label folder")
+            )
         elif label_folder is not None:
             flagged.append(Flagged(str(file), f"in a label folder ({label_folder}/)", "label folder"))
         elif is_label_name(file):
-            flagged.append(Flagged(str(file), f"named like a label ({image_stem(file)[len(label_id(file)):]})", "label name"))
+            flagged.append(
+                Flagged(str(file), f"named like a label ({image_stem(file)[len(label_id(file)) :]})", "label name")
+            )
         else:
             kept.append(file)
             label = beside(Path(file))
             if label is not None:
-                flagged.append(Flagged(
-                    str(file), f"taken as unlabeled, but it has a label ({label}): if {Path(file).parent.parent} is a test "
-                    "cohort, pass it as --test (or list it in data.exclude)", "has a label", excluded=False))
+                flagged.append(
+                    Flagged(
+                        str(file),
+                        f"taken as unlabeled, but it has a label ({label}): if {Path(file).parent.parent} is a test "
+                        "cohort, pass it as --test (or list it in data.exclude)",
+                        "has a label",
+                        excluded=False,
+                    )
+                )
     return kept
 
 
@@ -429,7 +464,9 @@ def expand_exclude(patterns: list[str], problems: list[str]) -> list[dict]:
         matches = [path] if path.exists() else [Path(m) for m in sorted(glob.glob(str(path), recursive=True))]
         files = [f for m in matches for f in (list_images(m, recursive=True) if m.is_dir() else [m]) if image_suffix(f)]
         if not files:
-            problems.append(f"{pattern}: data.exclude entry matches no image file (formats {', '.join(IMAGE_SUFFIXES)})")
+            problems.append(
+                f"{pattern}: data.exclude entry matches no image file (formats {', '.join(IMAGE_SUFFIXES)})"
+            )
         for file in files:
             cases.setdefault(str(file.resolve()), {"id": str(file), "image": str(file)})
     return list(cases.values())
@@ -453,7 +490,9 @@ def has_unlabeled_list(path: str | Path, cfg: dict | None = None) -> bool:
     if not (root / "dataset.json").is_file():
         return False
     meta = read_dataset_json(root / "dataset.json")
-    return bool(meta.get("unlabeled")) or bool(cfg and cfg["data"]["unlabeled_from_imagesTs"] and (root / "imagesTs").is_dir())
+    return bool(meta.get("unlabeled")) or bool(
+        cfg and cfg["data"]["unlabeled_from_imagesTs"] and (root / "imagesTs").is_dir()
+    )
 
 
 def split_cases(cases: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -480,8 +519,10 @@ def write_split(path: str | Path, train: list[dict], val: list[dict], val_fracti
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {
-        "val_fraction": val_fraction, "seed": seed,
-        "train": [c["id"] for c in train], "val": [c["id"] for c in val],
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "train": [c["id"] for c in train],
+        "val": [c["id"] for c in val],
         "cases": {c["id"]: {k: v for k, v in c.items() if k != "id"} for c in train + val},
     }
     path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")

@@ -81,7 +81,9 @@ class SimpleITKReader(ImageReader):
             }
             if not meta:
                 meta = header
-            elif not np.allclose(meta[MetaKeys.AFFINE], affine) or not np.array_equal(meta[MetaKeys.SPATIAL_SHAPE], header[MetaKeys.SPATIAL_SHAPE]):
+            elif not np.allclose(meta[MetaKeys.AFFINE], affine) or not np.array_equal(
+                meta[MetaKeys.SPATIAL_SHAPE], header[MetaKeys.SPATIAL_SHAPE]
+            ):
                 raise RuntimeError("channel files of one case differ in shape or affine")
             arrays.append(array)
         if len(arrays) == 1:
@@ -161,7 +163,9 @@ def set_sitk_geometry(image: sitk.Image, affine: np.ndarray) -> None:
     image.SetOrigin([float(v) for v in lps[:3, 3]])
 
 
-def write_volume(array: np.ndarray, geometry: np.ndarray | str | Path, path: str | Path, intent: str | None = None) -> Path:
+def write_volume(
+    array: np.ndarray, geometry: np.ndarray | str | Path, path: str | Path, intent: str | None = None
+) -> Path:
     """Write an ``(x, y, z[, c])`` array as NIfTI (``.nii``/``.nii.gz``) or NRRD/MetaImage through SimpleITK.
 
     The one volume writer of medeman: sample data, inference masks and probability maps, uncertainty maps.
@@ -220,8 +224,9 @@ def _write_nifti(array: np.ndarray, geometry: np.ndarray | str | Path, path: Pat
 
 
 def _write_sitk(array: np.ndarray, geometry: np.ndarray | str | Path, path: Path) -> None:
-    out = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(array, (2, 1, 0) + tuple(range(3, array.ndim)))),
-                                 isVector=array.ndim == 4)
+    out = sitk.GetImageFromArray(
+        np.ascontiguousarray(np.transpose(array, (2, 1, 0) + tuple(range(3, array.ndim)))), isVector=array.ndim == 4
+    )
     reference = Path(geometry) if isinstance(geometry, (str, Path)) else None
     if reference is not None and reference.name.lower().endswith(SITK_SUFFIXES):
         header = sitk.ImageFileReader()

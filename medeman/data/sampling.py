@@ -88,7 +88,9 @@ class RandClassCropd(Randomizable, MapTransform):
         MapTransform.__init__(self, keys)
         if ratios is not None:
             if len(ratios) != num_classes or any(float(r) < 0 for r in ratios):
-                raise ValueError(f"class ratios {list(ratios)!r} must be {num_classes} non-negative numbers (background first)")
+                raise ValueError(
+                    f"class ratios {list(ratios)!r} must be {num_classes} non-negative numbers (background first)"
+                )
         if not 0.0 <= fg_fraction <= 1.0:
             raise ValueError(f"fg_fraction {fg_fraction!r} must lie in [0, 1]")
         self.spatial_size = [int(s) for s in spatial_size]
@@ -174,8 +176,14 @@ class RandFocusCropd(Randomizable, MapTransform):
         index_key: the key holding the scan's row in ``focus``.
     """
 
-    def __init__(self, keys: KeysCollection, spatial_size: Sequence[int], focus: FocusCentres, fraction: float,
-                 index_key: str = "case_index") -> None:
+    def __init__(
+        self,
+        keys: KeysCollection,
+        spatial_size: Sequence[int],
+        focus: FocusCentres,
+        fraction: float,
+        index_key: str = "case_index",
+    ) -> None:
         MapTransform.__init__(self, keys)
         self.spatial_size = [int(s) for s in spatial_size]
         self.focus, self.fraction, self.index_key = focus, float(fraction), index_key

@@ -1,4 +1,4 @@
-"""MONAI transform chains built from the ``data:`` section of the config.
+r"""MONAI transform chains built from the ``data:`` section of the config.
 
 :func:`preprocessing` is the deterministic part shared by training, validation and inference
 (load, channel-first, RAS orientation, resampling (:class:`~medeman.data.spacing.SeparableSpacingd`,
@@ -171,10 +171,16 @@ def spatial_augmentation(cfg: dict[str, Any], keys: Sequence[str]) -> list:
     if float(data["rotate90_prob"]) > 0 and patch[0] == patch[1]:
         chain.append(RandRotate90d(keys=keys, prob=float(data["rotate90_prob"]), spatial_axes=(0, 1)))
     if float(data["affine_prob"]) > 0:
-        chain.append(RandAffined(
-            keys=keys, prob=float(data["affine_prob"]), rotate_range=(0.15, 0.15, 0.15), scale_range=(0.1, 0.1, 0.1),
-            mode=_modes(keys), padding_mode="zeros",
-        ))
+        chain.append(
+            RandAffined(
+                keys=keys,
+                prob=float(data["affine_prob"]),
+                rotate_range=(0.15, 0.15, 0.15),
+                scale_range=(0.1, 0.1, 0.1),
+                mode=_modes(keys),
+                padding_mode="zeros",
+            )
+        )
     return chain
 
 
@@ -192,8 +198,14 @@ def nnunet_augmentation(cfg: dict[str, Any], keys: Sequence[str] = ("image", "la
     image = keys[0]
     rotation = 30.0 * math.pi / 180.0
     return [
-        RandAffined(keys=keys, prob=0.36, rotate_range=(rotation,) * 3, scale_range=((-0.3, 0.4),) * 3,
-                    mode=_modes(keys), padding_mode="zeros"),  # 1 - 0.8^2: rotation or scaling, each p=0.2
+        RandAffined(
+            keys=keys,
+            prob=0.36,
+            rotate_range=(rotation,) * 3,
+            scale_range=((-0.3, 0.4),) * 3,
+            mode=_modes(keys),
+            padding_mode="zeros",
+        ),  # 1 - 0.8^2: rotation or scaling, each p=0.2
         *[RandFlipd(keys=keys, prob=float(cfg["data"]["flip_prob"]), spatial_axis=axis) for axis in range(3)],
         RandGaussianNoised(keys=image, prob=0.1, mean=0.0, std=0.1),
         RandGaussianSmoothd(keys=image, prob=0.2, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)),
@@ -236,22 +248,39 @@ def labeled_transforms(cfg: dict[str, Any]) -> PatchChain:
     data = cfg["data"]
     keys = ["image", "label"]
     num_classes = int(data["num_classes"])
-    return PatchChain([
-        *_cropped_and_padded(cfg, keys),
-        # deterministic, so CacheDataset/PersistentDataset keep the class locations with the volume
-        ClassesToIndicesd(keys="label", indices_postfix="_cls_indices", num_classes=num_classes,
-                          max_samples_per_class=MAX_LOCATIONS_PER_CLASS),
-        RandClassCropd(keys=keys, spatial_size=_patch(cfg), num_classes=num_classes,
-                       fg_fraction=float(data["fg_class_fraction"]), ratios=data["class_ratios"],
-                       label_key="label", indices_key="label_cls_indices"),
-        *(nnunet_augmentation(cfg, keys) if data["labeled_augmentation"] == "nnunet" else spatial_augmentation(cfg, keys)),
-        SelectItemsd(keys=keys),
-        EnsureTyped(keys=keys, dtype=torch.float32, track_meta=False),
-    ])
+    return PatchChain(
+        [
+            *_cropped_and_padded(cfg, keys),
+            # deterministic, so CacheDataset/PersistentDataset keep the class locations with the volume
+            ClassesToIndicesd(
+                keys="label",
+                indices_postfix="_cls_indices",
+                num_classes=num_classes,
+                max_samples_per_class=MAX_LOCATIONS_PER_CLASS,
+            ),
+            RandClassCropd(
+                keys=keys,
+                spatial_size=_patch(cfg),
+                num_classes=num_classes,
+                fg_fraction=float(data["fg_class_fraction"]),
+                ratios=data["class_ratios"],
+                label_key="label",
+                indices_key="label_cls_indices",
+            ),
+            *(
+                nnunet_augmentation(cfg, keys)
+                if data["labeled_augmentation"] == "nnunet"
+                else spatial_augmentation(cfg, keys)
+            ),
+            SelectItemsd(keys=keys),
+            EnsureTyped(keys=keys, dtype=torch.float32, track_meta=False),
+        ]
+    )
 
 
-def unlabeled_transforms(cfg: dict[str, Any], focus: FocusCentres | None = None,
-                         views: Sequence[str] = ("weak", "strong")) -> PatchChain:
+def unlabeled_transforms(
+    cfg: dict[str, Any], focus: FocusCentres | None = None, views: Sequence[str] = ("weak", "strong")
+) -> PatchChain:
     """Unlabeled training chain: preprocessing, foreground crop, padding, a random patch, spatial
     augmentation, then two views of the same voxels.
 
@@ -271,18 +300,22 @@ def unlabeled_transforms(cfg: dict[str, Any], focus: FocusCentres | None = None,
         raise ValueError(f"unlabeled views {views}: medeman makes ('weak', 'strong') or ('weak',)")
     fraction = float(cfg["data"]["unlabeled_focus_fraction"])
     if focus is not None and fraction > 0:
-        crop = RandFocusCropd(keys="image", spatial_size=_patch(cfg), focus=focus, fraction=fraction, index_key="case_index")
+        crop = RandFocusCropd(
+            keys="image", spatial_size=_patch(cfg), focus=focus, fraction=fraction, index_key="case_index"
+        )
     else:
         crop = RandSpatialCropd(keys="image", roi_size=_patch(cfg), random_size=False)
-    return PatchChain([
-        *_cropped_and_padded(cfg, ["image"]),
-        crop,
-        *spatial_augmentation(cfg, ["image"]),
-        CopyItemsd(keys="image", times=len(views), names=views),
-        *(strong_augmentation(cfg, "strong") if "strong" in views else []),
-        SelectItemsd(keys=views),
-        EnsureTyped(keys=views, dtype=torch.float32, track_meta=False),
-    ])
+    return PatchChain(
+        [
+            *_cropped_and_padded(cfg, ["image"]),
+            crop,
+            *spatial_augmentation(cfg, ["image"]),
+            CopyItemsd(keys="image", times=len(views), names=views),
+            *(strong_augmentation(cfg, "strong") if "strong" in views else []),
+            SelectItemsd(keys=views),
+            EnsureTyped(keys=views, dtype=torch.float32, track_meta=False),
+        ]
+    )
 
 
 def validation_transforms(cfg: dict[str, Any], keys: Sequence[str] = ("image", "label")) -> Compose:

@@ -18,5 +18,16 @@ from medeman.methods.fixmatch import FixMatch  # noqa: E402  # isort: skip
 from medeman.methods.ua_mt import UAMT  # noqa: E402  # isort: skip
 from medeman.methods.bcp import BCP  # noqa: E402  # isort: skip
 
-__all__ = ["BCP", "FixMatch", "METHODS", "MeanTeacher", "Method", "Supervised", "SupervisedEMA", "TeacherMethod", "UAMT",
-           "build_method", "register_method"]
+__all__ = [
+    "BCP",
+    "FixMatch",
+    "METHODS",
+    "MeanTeacher",
+    "Method",
+    "Supervised",
+    "SupervisedEMA",
+    "TeacherMethod",
+    "UAMT",
+    "build_method",
+    "register_method",
+]

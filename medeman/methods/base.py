@@ -79,7 +79,9 @@ class Method:
         :func:`medeman.config.validate`; this is for what depends on the method and the inputs.
         """
         if self.uses_unlabeled and not has_unlabeled:
-            raise ConfigError(f"ssl.method={self.name} needs unlabeled scans: pass --unlabeled DIR, or use ssl.method=supervised")
+            raise ConfigError(
+                f"ssl.method={self.name} needs unlabeled scans: pass --unlabeled DIR, or use ssl.method=supervised"
+            )
 
     def make_teacher(self, student: nn.Module) -> EMANTeacher | None:
         """The teacher object this method keeps as :attr:`teacher`, or ``None``; the module registers its network."""
@@ -109,7 +111,9 @@ class Method:
         """The networks to score at a validation, by name; ``"teacher"`` is the deployed one."""
         return {"student": module.student}
 
-    def name_validation_results(self, results: dict[str, Any], mean_dice: Callable[[Any], float]) -> tuple[dict[str, Any], str | None]:
+    def name_validation_results(
+        self, results: dict[str, Any], mean_dice: Callable[[Any], float]
+    ) -> tuple[dict[str, Any], str | None]:
         """The validation's results by the name they are logged under, and a line for the log (or ``None``).
 
         Args:
@@ -160,9 +164,13 @@ class TeacherMethod(Method):
 
     def __init__(self, cfg: dict[str, Any]):
         super().__init__(cfg)
-        self._recalibrated: dict[str, Any] = {}  # {"step": int, "net": the re-estimated copy}, outside the module's state
+        self._recalibrated: dict[
+            str, Any
+        ] = {}  # {"step": int, "net": the re-estimated copy}, outside the module's state
         self._compare_raw_teacher = True
-        self.chosen_statistics = "recalibrated"  # teacher_bn_recalibration=best: which scored higher at the last validation
+        self.chosen_statistics = (
+            "recalibrated"  # teacher_bn_recalibration=best: which scored higher at the last validation
+        )
 
     def make_teacher(self, student: nn.Module) -> EMANTeacher:
         self.teacher = EMANTeacher.from_config(student, self.cfg)
@@ -238,11 +246,15 @@ class TeacherMethod(Method):
         if teacher is not None:
             nets["teacher"] = teacher
             if self._compare_raw_teacher or self.ssl["teacher_bn_recalibration"] == "best":
-                nets["teacher_raw"] = self.teacher.network  # with its EMA'd (or own) statistics: the first time, or every time to choose
+                nets["teacher_raw"] = (
+                    self.teacher.network
+                )  # with its EMA'd (or own) statistics: the first time, or every time to choose
                 self._compare_raw_teacher = False
         return nets
 
-    def name_validation_results(self, results: dict[str, Any], mean_dice: Callable[[Any], float]) -> tuple[dict[str, Any], str | None]:
+    def name_validation_results(
+        self, results: dict[str, Any], mean_dice: Callable[[Any], float]
+    ) -> tuple[dict[str, Any], str | None]:
         """Name the validated teachers' scores; with ``teacher_bn_recalibration: best`` choose the teacher.
 
         When both teachers were scored (``"teacher"``: re-estimated statistics, ``"teacher_raw"``:
@@ -260,9 +272,13 @@ class TeacherMethod(Method):
             results = {**results, "teacher_recalibrated": results["teacher"]}
             if self.choose_teacher(raw, recalibrated) == "raw":
                 results["teacher"] = results["teacher_raw"]
-            note = f": the teacher keeps the {'re-estimated' if self.chosen_statistics == 'recalibrated' else held} ones"
-        return results, (f"{raw:.3f} with its {held} BatchNorm statistics, {recalibrated:.3f} re-estimated "
-                         f"(ssl.teacher_bn_recalibration={mode}){note}")
+            note = (
+                f": the teacher keeps the {'re-estimated' if self.chosen_statistics == 'recalibrated' else held} ones"
+            )
+        return results, (
+            f"{raw:.3f} with its {held} BatchNorm statistics, {recalibrated:.3f} re-estimated "
+            f"(ssl.teacher_bn_recalibration={mode}){note}"
+        )
 
     def choose_teacher(self, raw_dice: float, recalibrated_dice: float) -> str:
         """``teacher_bn_recalibration=best``: keep the statistics that scored higher on validation.

@@ -42,10 +42,22 @@ class BCP(TeacherMethod):
 
     summary = "bidirectional copy-paste, Bai et al. 2023"
     options = {
-        "bcp_box_fraction": Option(2.0 / 3.0, "bcp: side of the copy-paste box as a fraction of each patch side (the paper's 2/3)"),
-        "bcp_unlabeled_weight": Option(0.5, "bcp: weight alpha of the pseudo-labeled voxels of the mixed patches (ground truth weighs 1)"),
-        "bcp_pretrain_steps": Option(None, "bcp: first steps of copy-paste pre-training on labeled patches only; the teacher then starts as a copy of the student (BatchNorm statistics estimated once); null: the warm-up (ssl.warmup_steps)", type=int),
-        "bcp_keep_components": Option(None, "bcp: per foreground class, keep only the k largest connected components of the teacher's pseudo-labels in each patch (the paper keeps the largest; e.g. [1, 2] for liver and two kidneys); 0 keeps a class as it is; null: no clean-up", type=list),
+        "bcp_box_fraction": Option(
+            2.0 / 3.0, "bcp: side of the copy-paste box as a fraction of each patch side (the paper's 2/3)"
+        ),
+        "bcp_unlabeled_weight": Option(
+            0.5, "bcp: weight alpha of the pseudo-labeled voxels of the mixed patches (ground truth weighs 1)"
+        ),
+        "bcp_pretrain_steps": Option(
+            None,
+            "bcp: first steps of copy-paste pre-training on labeled patches only; the teacher then starts as a copy of the student (BatchNorm statistics estimated once); null: the warm-up (ssl.warmup_steps)",
+            type=int,
+        ),
+        "bcp_keep_components": Option(
+            None,
+            "bcp: per foreground class, keep only the k largest connected components of the teacher's pseudo-labels in each patch (the paper keeps the largest; e.g. [1, 2] for liver and two kidneys); 0 keeps a class as it is; null: no clean-up",
+            type=list,
+        ),
     }
     option_rules = (
         ("bcp_box_fraction", lambda v: 0.0 < v <= 1.0, "a fraction in (0, 1]"),
@@ -58,8 +70,13 @@ class BCP(TeacherMethod):
         """The per-class component counts: one whole number per foreground class."""
         keep = cfg["ssl"]["bcp_keep_components"]
         classes = int(cfg["data"]["num_classes"]) - 1
-        if keep is not None and not (len(keep) == classes and all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in keep)):
-            raise ConfigError(f"ssl.bcp_keep_components: {keep!r} must be null or {classes} whole numbers >= 0 (one per foreground class)")
+        if keep is not None and not (
+            len(keep) == classes and all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in keep)
+        ):
+            raise ConfigError(
+                f"ssl.bcp_keep_components: {keep!r} must be null or {classes} whole numbers >= 0 (one per foreground class)"
+            )
+
     unlabeled_views = ("weak",)
 
     def check(self, cfg: dict[str, Any], has_unlabeled: bool) -> None:

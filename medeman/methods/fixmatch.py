@@ -39,15 +39,23 @@ class FixMatch(MeanTeacher):
 
     summary = "hard pseudo-labels of the EMAN teacher's weak view on the strong view: FixMatch-EMAN, Cai et al. 2021"
     options = {
-        "fixmatch_threshold": Option(0.9, "fixmatch: teacher confidence (weak view) above which a voxel's argmax is a hard pseudo-label for the strong view (FixMatch's tau)"),
-        "fixmatch_consistency_weight": Option(0.0, "fixmatch: weight of an added soft consistency loss (ssl.consistency) beside the pseudo-label loss; 0: pseudo-labels only, as FixMatch-EMAN"),
+        "fixmatch_threshold": Option(
+            0.9,
+            "fixmatch: teacher confidence (weak view) above which a voxel's argmax is a hard pseudo-label for the strong view (FixMatch's tau)",
+        ),
+        "fixmatch_consistency_weight": Option(
+            0.0,
+            "fixmatch: weight of an added soft consistency loss (ssl.consistency) beside the pseudo-label loss; 0: pseudo-labels only, as FixMatch-EMAN",
+        ),
     }
     option_rules = (
         ("fixmatch_threshold", lambda v: 0.0 < v <= 1.0, "a confidence in (0, 1]"),
         ("fixmatch_consistency_weight", lambda v: v >= 0, "a non-negative weight"),
     )
 
-    def unsupervised_loss(self, module: SSLSegModule, strong_logits: torch.Tensor, weak: torch.Tensor, logs: dict) -> torch.Tensor:
+    def unsupervised_loss(
+        self, module: SSLSegModule, strong_logits: torch.Tensor, weak: torch.Tensor, logs: dict
+    ) -> torch.Tensor:
         teacher_probs = module.teacher_probs(weak)
         labels, mask = voxel_pseudo_labels(teacher_probs, float(self.ssl["fixmatch_threshold"]))
         pseudo = masked_cross_entropy(strong_logits, labels, mask, "all") + masked_dice(strong_logits, labels, mask)

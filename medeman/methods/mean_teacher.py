@@ -42,7 +42,9 @@ class MeanTeacher(TeacherMethod):
 
     def checkpointed_modules(self) -> dict[str, nn.Module]:
         thresholds = self.pseudo_label_loss.adaptive_thresholds
-        return {} if thresholds is None else {"adaptive_thresholds": thresholds}  # their EMA'd state travels in checkpoints
+        return (
+            {} if thresholds is None else {"adaptive_thresholds": thresholds}
+        )  # their EMA'd state travels in checkpoints
 
     def training_loss(self, module: SSLSegModule, batch: dict) -> tuple[torch.Tensor, dict[str, Any]]:
         labeled = batch["labeled"]
@@ -50,7 +52,12 @@ class MeanTeacher(TeacherMethod):
         unlabeled = batch.get("unlabeled")
         weight = 0.0
         if unlabeled is not None:
-            weight = unsupervised_weight(module.global_step, self.ssl["consistency_weight"], self.schedule.rampup_steps, self.schedule.warmup_steps)
+            weight = unsupervised_weight(
+                module.global_step,
+                self.ssl["consistency_weight"],
+                self.schedule.rampup_steps,
+                self.schedule.warmup_steps,
+            )
         n_labeled = image.shape[0]
         if weight > 0.0:
             logits = module.student(torch.cat([image, unlabeled["strong"]]))
@@ -68,7 +75,9 @@ class MeanTeacher(TeacherMethod):
         logs["ssl/weight"] = float(weight)
         return loss, logs
 
-    def unsupervised_loss(self, module: SSLSegModule, strong_logits: torch.Tensor, weak: torch.Tensor, logs: dict) -> torch.Tensor:
+    def unsupervised_loss(
+        self, module: SSLSegModule, strong_logits: torch.Tensor, weak: torch.Tensor, logs: dict
+    ) -> torch.Tensor:
         """Consistency + pseudo-label loss of the student's strong-view logits against the teacher on the weak view."""
         with torch.no_grad():
             teacher_probs = module.teacher_probs(weak)

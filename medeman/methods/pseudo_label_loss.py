@@ -19,8 +19,9 @@ from medeman.losses import CONSISTENCY_LOSSES, masked_cross_entropy, masked_dice
 from medeman.pseudo_labels import AdaptiveThresholds, kept_fraction_per_class
 
 
-def log_pseudo_label_classes(labels: torch.Tensor, mask: torch.Tensor, num_classes: int, logs: dict,
-                             thresholds: AdaptiveThresholds | None = None) -> None:
+def log_pseudo_label_classes(
+    labels: torch.Tensor, mask: torch.Tensor, num_classes: int, logs: dict, thresholds: AdaptiveThresholds | None = None
+) -> None:
     """Kept fraction of each class's pseudo-label voxels (classes the teacher predicts in the batch), and the adaptive thresholds.
 
     One device sync: call it on logging steps only.
@@ -56,9 +57,13 @@ class ConsistencyPseudoLabelLoss:
         self.dice = bool(ssl["pseudo_label_dice"])
         self.adaptive_thresholds: AdaptiveThresholds | None = None
         if ssl["pseudo_label_threshold_mode"] == "adaptive" and self.threshold is not None:
-            self.adaptive_thresholds = AdaptiveThresholds(self.num_classes, threshold_momentum, cap=float(self.threshold))
+            self.adaptive_thresholds = AdaptiveThresholds(
+                self.num_classes, threshold_momentum, cap=float(self.threshold)
+            )
 
-    def __call__(self, strong_logits: torch.Tensor, teacher_probs: torch.Tensor, logs: dict, log_classes: bool = False) -> torch.Tensor:
+    def __call__(
+        self, strong_logits: torch.Tensor, teacher_probs: torch.Tensor, logs: dict, log_classes: bool = False
+    ) -> torch.Tensor:
         """The loss of the student's strong-view logits against the teacher's probabilities; adds to ``logs``.
 
         Args:

@@ -33,8 +33,13 @@ def register_method(name: str) -> Callable[[_M], _M]:
     def decorator(cls: _M) -> _M:
         own = vars(cls)
         register_method_options(  # first: a clash leaves nothing registered
-            name, cls.summary, own.get("options", {}), own.get("option_rules", ()),
-            option_check=cls.check_options if "check_options" in own else None, method_check=cls.check_config)
+            name,
+            cls.summary,
+            own.get("options", {}),
+            own.get("option_rules", ()),
+            option_check=cls.check_options if "check_options" in own else None,
+            method_check=cls.check_config,
+        )
         cls.name = name
         METHODS[name] = cls
         return cls

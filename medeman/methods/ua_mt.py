@@ -22,7 +22,12 @@ import torch
 from medeman.config import Option
 from medeman.methods.mean_teacher import MeanTeacher
 from medeman.methods.registry import register_method
-from medeman.methods.uncertainty import predictive_entropy, stochastic_mean_probs, uncertainty_masked_mse, uncertainty_threshold
+from medeman.methods.uncertainty import (
+    predictive_entropy,
+    stochastic_mean_probs,
+    uncertainty_masked_mse,
+    uncertainty_threshold,
+)
 from medeman.nets import main_output
 
 if TYPE_CHECKING:
@@ -36,9 +41,14 @@ class UAMT(MeanTeacher):
     summary = "uncertainty-aware mean teacher, Yu et al. 2019"
     options = {
         "ua_mt_passes": Option(8, "ua_mt: stochastic teacher passes T per unlabeled batch for the predictive entropy"),
-        "ua_mt_noise_std": Option(0.1, "ua_mt: std of the Gaussian input noise of each teacher pass (normalized intensity units)"),
+        "ua_mt_noise_std": Option(
+            0.1, "ua_mt: std of the Gaussian input noise of each teacher pass (normalized intensity units)"
+        ),
         "ua_mt_noise_clip": Option(0.2, "ua_mt: the input noise is clipped to [-clip, clip]"),
-        "ua_mt_threshold_start": Option(0.75, "ua_mt: the entropy threshold ramps from this fraction of ln(num_classes) to ln(num_classes) over rampup_steps"),
+        "ua_mt_threshold_start": Option(
+            0.75,
+            "ua_mt: the entropy threshold ramps from this fraction of ln(num_classes) to ln(num_classes) over rampup_steps",
+        ),
     }
     option_rules = (
         ("ua_mt_passes", lambda v: v >= 1, "at least 1 stochastic teacher pass"),
@@ -47,15 +57,22 @@ class UAMT(MeanTeacher):
         ("ua_mt_threshold_start", lambda v: 0.0 < v <= 1.0, "a fraction in (0, 1]"),
     )
 
-    def unsupervised_loss(self, module: SSLSegModule, strong_logits: torch.Tensor, weak: torch.Tensor, logs: dict) -> torch.Tensor:
+    def unsupervised_loss(
+        self, module: SSLSegModule, strong_logits: torch.Tensor, weak: torch.Tensor, logs: dict
+    ) -> torch.Tensor:
         ssl = self.ssl
         teacher = self.teacher.network
         probs = stochastic_mean_probs(
-            lambda x: main_output(teacher(x)), weak, passes=int(ssl["ua_mt_passes"]),
-            noise_std=float(ssl["ua_mt_noise_std"]), noise_clip=float(ssl["ua_mt_noise_clip"]),
+            lambda x: main_output(teacher(x)),
+            weak,
+            passes=int(ssl["ua_mt_passes"]),
+            noise_std=float(ssl["ua_mt_noise_std"]),
+            noise_clip=float(ssl["ua_mt_noise_clip"]),
         )
         step = max(module.global_step - self.schedule.warmup_steps, 0)
-        threshold = uncertainty_threshold(step, self.schedule.rampup_steps, module.num_classes, float(ssl["ua_mt_threshold_start"]))
+        threshold = uncertainty_threshold(
+            step, self.schedule.rampup_steps, module.num_classes, float(ssl["ua_mt_threshold_start"])
+        )
         certain = predictive_entropy(probs) < threshold
         loss = uncertainty_masked_mse(strong_logits, probs, certain)
         logs["loss/consistency"] = loss.detach()

@@ -66,17 +66,25 @@ def test_a_packed_step_is_one_tensor_and_its_parts_are_views():
 def test_unpack_reads_a_layout_rebuilt_as_lists():
     """Collate and pinning code that rebuilds a batch may turn tuples into lists (older PyTorch pinning did): same views."""
     packed = pack_step([("labeled", _labeled(1)), ("unlabeled", _unlabeled(2))])
-    as_lists = {"packed": packed["packed"], "layout": [[part, key, list(shape)] for part, key, shape in packed["layout"]]}
+    as_lists = {
+        "packed": packed["packed"],
+        "layout": [[part, key, list(shape)] for part, key, shape in packed["layout"]],
+    }
     expected, got = unpack_step(packed), unpack_step(as_lists)
     for part in expected:
         for key in expected[part]:
-            assert torch.equal(got[part][key], expected[part][key]) and got[part][key].shape == expected[part][key].shape
+            assert (
+                torch.equal(got[part][key], expected[part][key]) and got[part][key].shape == expected[part][key].shape
+            )
 
 
-@pytest.mark.parametrize("bad, fragment", [
-    (torch.zeros((1, 2, 2, 2), dtype=torch.int64), "torch.int64"),
-    (torch.zeros((1, 2, 2, 3)), "(1, 2, 2, 3)"),
-])
+@pytest.mark.parametrize(
+    "bad, fragment",
+    [
+        (torch.zeros((1, 2, 2, 2), dtype=torch.int64), "torch.int64"),
+        (torch.zeros((1, 2, 2, 3)), "(1, 2, 2, 3)"),
+    ],
+)
 def test_a_patch_of_another_dtype_or_shape_is_named(bad, fragment):
     items = [("unlabeled", _unlabeled(0)), ("unlabeled", {**_unlabeled(1), "strong": bad})]
     with pytest.raises(TypeError, match="unlabeled/strong") as error:
@@ -129,7 +137,10 @@ def test_step_loader_yields_each_part_in_sampler_order(workers):
         assert torch.equal(batch["labeled"]["image"][:, 0, 0, 0, 0], torch.tensor(labeled, dtype=torch.float32))
         assert torch.equal(batch["unlabeled"]["weak"][:, 0, 0, 0, 0], torch.tensor(unlabeled, dtype=torch.float32))
         # both halves arrived in one shared tensor
-        assert batch["labeled"]["label"].untyped_storage().data_ptr() == batch["unlabeled"]["strong"].untyped_storage().data_ptr()
+        assert (
+            batch["labeled"]["label"].untyped_storage().data_ptr()
+            == batch["unlabeled"]["strong"].untyped_storage().data_ptr()
+        )
 
 
 def _draws(seed: int, workers: int, loader_seed: int = 0) -> tuple[list, list]:
@@ -137,7 +148,10 @@ def _draws(seed: int, workers: int, loader_seed: int = 0) -> tuple[list, list]:
     sampler = StepSampler({name: 6 for name in parts}, {"labeled": 3, "unlabeled": 3}, seed=seed, steps=4)
     loader = StepLoader(parts, sampler, num_workers=workers, generator=torch.Generator().manual_seed(loader_seed))
     batches = list(loader)
-    return ([b["labeled"]["draw"].flatten().tolist() for b in batches], [b["unlabeled"]["draw"].flatten().tolist() for b in batches])
+    return (
+        [b["labeled"]["draw"].flatten().tolist() for b in batches],
+        [b["unlabeled"]["draw"].flatten().tolist() for b in batches],
+    )
 
 
 def test_each_patch_is_seeded_by_its_step_whatever_the_workers_or_the_loader_seed():

@@ -37,11 +37,14 @@ def test_broken_cohort_exits_1_naming_files(make_cohort, volume_writer, capsys):
     assert "scan1.nii.gz: not a 3D volume" in out
 
 
-@pytest.mark.parametrize("sets, code, text", [
-    (["data.num_classes=3"], 0, "data.num_classes=3"),
-    (["data.num_classes=2"], 1, "label values 2 outside 0..1"),
-    (["data.in_channels=2"], 1, "no _0000.._0001 channel suffix"),
-])
+@pytest.mark.parametrize(
+    "sets, code, text",
+    [
+        (["data.num_classes=3"], 0, "data.num_classes=3"),
+        (["data.num_classes=2"], 1, "label values 2 outside 0..1"),
+        (["data.in_channels=2"], 1, "no _0000.._0001 channel suffix"),
+    ],
+)
 def test_config_drives_checks(make_cohort, capsys, sets, code, text):
     root = make_cohort(1, 0)
     args = ["--labeled", str(root / "labeled")]
@@ -63,12 +66,20 @@ def test_config_file_and_bad_key(make_cohort, tmp_path, capsys):
 
 def test_script_wrapper(make_cohort):
     root = make_cohort(1, 0)
-    run = subprocess.run([sys.executable, str(REPO / "scripts" / "check_data.py"), "--labeled", str(root / "labeled")],
-                         capture_output=True, text=True, cwd=REPO)
+    run = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "check_data.py"), "--labeled", str(root / "labeled")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert run.returncode == 0, run.stderr
     (root / "labeled" / "labels" / "case0.nii.gz").unlink()
-    run = subprocess.run([sys.executable, str(REPO / "scripts" / "check_data.py"), "--labeled", str(root / "labeled")],
-                         capture_output=True, text=True, cwd=REPO)
+    run = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "check_data.py"), "--labeled", str(root / "labeled")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert run.returncode == 1 and "no labeled case found" in run.stdout
 
 
@@ -87,19 +98,36 @@ def _dataset_root(make_cohort, phantom_maker, volume_writer) -> Path:
 
 # (--test given, expected unlabeled ids, expected "file: reason" fragments, expected warning fragments)
 ROOT_CASES = [
-    (True, ["unlabeled/scan0", "unlabeled/scan1", "unlabeled/scan2"],
-     ["labeled/images/case0.nii.gz: the image of labeled case 'case0'", "labeled/labels/case1.nii.gz: the label of labeled case 'case1'",
-      "test/images/t1.nii.gz: the image of test case 't1'", "test/labels/t0.nii.gz: the label of test case 't0'",
-      "unlabeled/scan0_seg.nii.gz: named like a label (_seg)", "nnunet/labelsTr/x_001.nii.gz: in a label folder (labelsTr/)",
-      "unlabeled/scan2_copy.nii.gz: same voxels as the image of labeled case 'case1'"], []),
-    (False, ["test/images/t0", "test/images/t1", "unlabeled/scan0", "unlabeled/scan1", "unlabeled/scan2"],
-     ["test/labels/t1.nii.gz: in a label folder (labels/)", "unlabeled/scan2_copy.nii.gz: same voxels as"],
-     ["test/images/t0.nii.gz: taken as unlabeled, but it has a label", "test/images/t1.nii.gz: taken as unlabeled, but it has a label"]),
+    (
+        True,
+        ["unlabeled/scan0", "unlabeled/scan1", "unlabeled/scan2"],
+        [
+            "labeled/images/case0.nii.gz: the image of labeled case 'case0'",
+            "labeled/labels/case1.nii.gz: the label of labeled case 'case1'",
+            "test/images/t1.nii.gz: the image of test case 't1'",
+            "test/labels/t0.nii.gz: the label of test case 't0'",
+            "unlabeled/scan0_seg.nii.gz: named like a label (_seg)",
+            "nnunet/labelsTr/x_001.nii.gz: in a label folder (labelsTr/)",
+            "unlabeled/scan2_copy.nii.gz: same voxels as the image of labeled case 'case1'",
+        ],
+        [],
+    ),
+    (
+        False,
+        ["test/images/t0", "test/images/t1", "unlabeled/scan0", "unlabeled/scan1", "unlabeled/scan2"],
+        ["test/labels/t1.nii.gz: in a label folder (labels/)", "unlabeled/scan2_copy.nii.gz: same voxels as"],
+        [
+            "test/images/t0.nii.gz: taken as unlabeled, but it has a label",
+            "test/images/t1.nii.gz: taken as unlabeled, but it has a label",
+        ],
+    ),
 ]
 
 
 @pytest.mark.parametrize("with_test, expected, left_out, warned", ROOT_CASES)
-def test_dataset_root_as_unlabeled(make_cohort, phantom_maker, volume_writer, capsys, with_test, expected, left_out, warned):
+def test_dataset_root_as_unlabeled(
+    make_cohort, phantom_maker, volume_writer, capsys, with_test, expected, left_out, warned
+):
     root = _dataset_root(make_cohort, phantom_maker, volume_writer)
     args = ["--labeled", str(root / "labeled"), "--unlabeled", str(root), "--set", "data.num_classes=3"]
     assert main(args + (["--test", str(root / "test")] if with_test else [])) == 0
@@ -123,7 +151,10 @@ def test_label_map_among_unlabeled_is_flagged(make_cohort, phantom_maker, volume
     args = ["--labeled", str(root / "labeled"), "--unlabeled", str(root / "unlabeled"), "--set", "data.num_classes=3"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert f"  {root / 'unlabeled' / 'scan9.nii.gz'}: looks like a label map (only the values 0, 1, 2); set data.keep_label_like_unlabeled: true" in out
+    assert (
+        f"  {root / 'unlabeled' / 'scan9.nii.gz'}: looks like a label map (only the values 0, 1, 2); set data.keep_label_like_unlabeled: true"
+        in out
+    )
     assert "2 unlabeled case(s)" in out
     assert main(args + ["--set", "data.keep_label_like_unlabeled=true"]) == 0
     out = capsys.readouterr().out
@@ -134,7 +165,10 @@ def test_test_cohort_problems_are_reported(make_cohort, volume_writer, capsys):
     root = make_cohort(1, 1)
     volume_writer(root / "test" / "images" / "t0.nii.gz", np.zeros((20, 20), np.int16))
     (root / "test" / "labels").mkdir()
-    assert main(["--labeled", str(root / "labeled"), "--unlabeled", str(root / "unlabeled"), "--test", str(root / "test")]) == 1
+    assert (
+        main(["--labeled", str(root / "labeled"), "--unlabeled", str(root / "unlabeled"), "--test", str(root / "test")])
+        == 1
+    )
     out = capsys.readouterr().out
     assert "t0.nii.gz: image without label" in out
 
@@ -152,5 +186,7 @@ def test_scans_folder_of_dicom_series_is_checked_series_by_series(tmp_path, caps
     row = next(line for line in out.splitlines() if line.startswith("scans"))
     assert row.split()[:4] == ["scans", "ct", "8x6x5", "1.00x1.00x2.00"] and row.split()[-1] == "ok"
     assert f"{tmp_path / 'study' / 'seg'} (series 1, abdomen): a SEG object, not an image series" in out
-    assert (f"{tmp_path / 'study' / 'broken'} (series 1, abdomen): slices missing: a 4.00 mm gap between 2.00 and 6.00 mm "
-            "where slices are 2.00 mm apart (about 1 slice(s))") in out
+    assert (
+        f"{tmp_path / 'study' / 'broken'} (series 1, abdomen): slices missing: a 4.00 mm gap between 2.00 and 6.00 mm "
+        "where slices are 2.00 mm apart (about 1 slice(s))"
+    ) in out

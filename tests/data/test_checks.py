@@ -34,17 +34,41 @@ def _truncate(path):
 
 # name: (change of image array, change of label array, label affine, action on the written files, expected message)
 BAD_CASES = {
-    "shape mismatch": (None, lambda lab: lab[:, :, :-1], None, None, "label shape (20, 20, 15) differs from image shape (20, 20, 16)"),
+    "shape mismatch": (
+        None,
+        lambda lab: lab[:, :, :-1],
+        None,
+        None,
+        "label shape (20, 20, 15) differs from image shape (20, 20, 16)",
+    ),
     "affine mismatch": (None, None, _shift(2.0), None, "label affine differs from the affine of"),
-    "label out of range": (None, lambda lab: np.where(lab == 2, 5, lab).astype(np.uint8), None, None, "label values 5 outside 0..2 (data.num_classes=3)"),
-    "negative label": (None, lambda lab: np.where(lab == 2, -1, lab.astype(np.int16)), None, None, "label values -1 outside 0..2"),
+    "label out of range": (
+        None,
+        lambda lab: np.where(lab == 2, 5, lab).astype(np.uint8),
+        None,
+        None,
+        "label values 5 outside 0..2 (data.num_classes=3)",
+    ),
+    "negative label": (
+        None,
+        lambda lab: np.where(lab == 2, -1, lab.astype(np.int16)),
+        None,
+        None,
+        "label values -1 outside 0..2",
+    ),
     "non-integer label": (None, lambda lab: lab.astype(np.float32) * 0.5, None, None, "non-integer label values"),
     "2D image": (lambda img: img[:, :, 0], None, None, None, "not a 3D volume"),
     "5D image": (lambda img: img[..., None, None].repeat(2, 3).repeat(2, 4), None, None, None, "not a 3D volume"),
     "channels": (lambda img: np.stack([img, img], -1), None, None, None, "2 image channel(s), but data.in_channels=1"),
     "NaN/Inf": (_nan_image, None, None, None, "2 NaN/Inf intensities"),
     "truncated image": (None, None, None, lambda img, lab: _truncate(img), "unreadable or truncated file"),
-    "garbage label": (None, None, None, lambda img, lab: lab.write_bytes(b"not a nifti at all"), "unreadable or truncated file"),
+    "garbage label": (
+        None,
+        None,
+        None,
+        lambda img, lab: lab.write_bytes(b"not a nifti at all"),
+        "unreadable or truncated file",
+    ),
 }
 
 
@@ -96,14 +120,22 @@ def test_datamodule_lists_every_problem_before_training(make_cohort, cfg, volume
         dm.setup("fit")
     lines = str(err.value).splitlines()
     assert lines[0].startswith("4 problem(s)")
-    for fragment in ("case1.nii.gz: image without label", "case2.nii.gz: label values 7 outside", "scan0.nii.gz: 2 NaN/Inf", "orphan_seg.nii.gz: label without image"):
+    for fragment in (
+        "case1.nii.gz: image without label",
+        "case2.nii.gz: label values 7 outside",
+        "scan0.nii.gz: 2 NaN/Inf",
+        "orphan_seg.nii.gz: label without image",
+    ):
         assert sum(fragment in line for line in lines) == 1, (fragment, lines)
 
 
-@pytest.mark.parametrize("make_unlabeled, message", [
-    (lambda root: (root / "empty").mkdir(), "empty: empty unlabeled folder"),
-    (lambda root: None, "empty: unlabeled folder does not exist"),
-])
+@pytest.mark.parametrize(
+    "make_unlabeled, message",
+    [
+        (lambda root: (root / "empty").mkdir(), "empty: empty unlabeled folder"),
+        (lambda root: None, "empty: unlabeled folder does not exist"),
+    ],
+)
 def test_datamodule_rejects_missing_or_empty_unlabeled(make_cohort, cfg, make_unlabeled, message):
     root = make_cohort(2, 0)
     make_unlabeled(root)
@@ -117,7 +149,11 @@ def test_data_error_is_value_error():
 
 def test_reports_are_cached_and_handed_out_as_copies(make_cohort, cfg, monkeypatch):
     root = make_cohort(1, 0)
-    case = {"id": "case0", "image": str(root / "labeled/images/case0.nii.gz"), "label": str(root / "labeled/labels/case0.nii.gz")}
+    case = {
+        "id": "case0",
+        "image": str(root / "labeled/images/case0.nii.gz"),
+        "label": str(root / "labeled/labels/case0.nii.gz"),
+    }
     first = check_cases([case], cfg)[0]
     reads = []
     monkeypatch.setattr(checks, "_read", lambda path, problems: reads.append(path))
@@ -153,6 +189,7 @@ def _resave(src: str):
     def make(root, dst):
         array, affine = read_volume(root / src)
         write_volume(array.astype(np.int16), affine, dst)
+
     return make
 
 
@@ -160,22 +197,44 @@ def _label_map(dtype, values=(0, 1, 2)):
     def make(root, dst):
         label = np.zeros((18, 20, 16), dtype)
         for i, v in enumerate(values):
-            label[2 * i: 2 * i + 2, 3:9, 2:5] = v
+            label[2 * i : 2 * i + 2, 3:9, 2:5] = v
         write_volume(label, np.eye(4), dst)
+
     return make
 
 
 # name: (how the unlabeled file is made from the cohort, its name, expected kind or None when kept, fragment of the reason)
 CONTENT_CASES = {
-    "renamed copy of a labeled image": (_copy("labeled/images/case0.nii.gz"), "scan_x.nii.gz", "copy",
-                                        "same voxels as the image of labeled case 'case0'"),
-    "labeled image re-saved as NRRD": (_resave("labeled/images/case1.nii.gz"), "other.nrrd", "copy",
-                                       "same voxels as the image of labeled case 'case1'"),
-    "renamed copy of a label": (_copy("labeled/labels/case1.nii.gz"), "ct9.nii.gz", "copy",
-                                "same voxels as the label of labeled case 'case0'"),  # the phantoms share one label map
-    "renamed copy of a test image": (_copy("test/images/t0.nii.gz"), "t_copy.nii.gz", "copy",
-                                     "same voxels as the image of test case 't0'"),
-    "unseen uint8 label map": (_label_map(np.uint8), "scan_new.nii.gz", "label-like", "looks like a label map (only the values 0, 1, 2)"),
+    "renamed copy of a labeled image": (
+        _copy("labeled/images/case0.nii.gz"),
+        "scan_x.nii.gz",
+        "copy",
+        "same voxels as the image of labeled case 'case0'",
+    ),
+    "labeled image re-saved as NRRD": (
+        _resave("labeled/images/case1.nii.gz"),
+        "other.nrrd",
+        "copy",
+        "same voxels as the image of labeled case 'case1'",
+    ),
+    "renamed copy of a label": (
+        _copy("labeled/labels/case1.nii.gz"),
+        "ct9.nii.gz",
+        "copy",
+        "same voxels as the label of labeled case 'case0'",
+    ),  # the phantoms share one label map
+    "renamed copy of a test image": (
+        _copy("test/images/t0.nii.gz"),
+        "t_copy.nii.gz",
+        "copy",
+        "same voxels as the image of test case 't0'",
+    ),
+    "unseen uint8 label map": (
+        _label_map(np.uint8),
+        "scan_new.nii.gz",
+        "label-like",
+        "looks like a label map (only the values 0, 1, 2)",
+    ),
     "float binary mask": (_label_map(np.float32, (0, 1)), "mask.mha", "label-like", "only the values 0, 1)"),
     "integers beyond num_classes": (_label_map(np.uint8, (0, 1, 7)), "ints.nii.gz", None, ""),
     "another scan": (lambda root, dst: write_volume(_scan(7), np.eye(4), dst), "fresh.nii.gz", None, ""),
@@ -210,15 +269,18 @@ def test_label_like_kept_on_request_with_a_warning(make_cohort, cfg):
     assert "1 used with a warning (1 label-like)" in cohort.summary()
 
 
-@pytest.mark.parametrize("array, expected", [
-    (np.zeros((8, 8, 8), np.uint8), (0,)),
-    (np.arange(512).reshape(8, 8, 8) % 3, (0, 1, 2)),
-    ((np.arange(512).reshape(8, 8, 8) % 3).astype(np.float32), (0, 1, 2)),
-    ((np.arange(512).reshape(8, 8, 8) % 3).astype(np.float32) + 0.5, None),  # not integers
-    (np.arange(512).reshape(8, 8, 8) % 3 - 1, None),  # negative
-    (np.arange(512).reshape(8, 8, 8) % 40, None),  # more than a handful of values
-    (np.where(np.arange(512).reshape(8, 8, 8) == 100, np.nan, 1.0), None),  # NaN
-])
+@pytest.mark.parametrize(
+    "array, expected",
+    [
+        (np.zeros((8, 8, 8), np.uint8), (0,)),
+        (np.arange(512).reshape(8, 8, 8) % 3, (0, 1, 2)),
+        ((np.arange(512).reshape(8, 8, 8) % 3).astype(np.float32), (0, 1, 2)),
+        ((np.arange(512).reshape(8, 8, 8) % 3).astype(np.float32) + 0.5, None),  # not integers
+        (np.arange(512).reshape(8, 8, 8) % 3 - 1, None),  # negative
+        (np.arange(512).reshape(8, 8, 8) % 40, None),  # more than a handful of values
+        (np.where(np.arange(512).reshape(8, 8, 8) == 100, np.nan, 1.0), None),  # NaN
+    ],
+)
 def test_label_like_values(array, expected):
     assert label_like_values(array) == expected
 
@@ -252,7 +314,9 @@ def test_data_exclude_entry_that_matches_nothing_is_a_problem(make_cohort, cfg, 
     root = make_cohort(1, 1)
     cfg["data"]["exclude"] = [str(tmp_path / "tset" / "**")]
     cohort = gather_cohort(cfg, root / "labeled", root / "unlabeled")
-    assert cohort.problems == [f"{tmp_path / 'tset' / '**'}: data.exclude entry matches no image file (formats .nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd)"]
+    assert cohort.problems == [
+        f"{tmp_path / 'tset' / '**'}: data.exclude entry matches no image file (formats .nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd)"
+    ]
 
 
 def test_datamodule_leaves_out_test_cases_and_says_so(make_cohort, cfg, phantom_maker):
@@ -264,5 +328,7 @@ def test_datamodule_leaves_out_test_cases_and_says_so(make_cohort, cfg, phantom_
     dm = SSLDataModule(cfg, root / "labeled", root, test=root / "test")  # the dataset root as the unlabeled folder
     dm.setup("fit")
     assert sorted(c["id"] for c in dm.unlabeled_cases) == ["unlabeled/scan0", "unlabeled/scan1"]
-    assert dm.cohort.summary() == ("unlabeled scans: 2 used; 10 file(s) left out (6 labeled case, 4 test case); "
-                                   "medeman check-data lists each file and why")
+    assert dm.cohort.summary() == (
+        "unlabeled scans: 2 used; 10 file(s) left out (6 labeled case, 4 test case); "
+        "medeman check-data lists each file and why"
+    )

@@ -59,7 +59,9 @@ def test_views_identical_without_intensity_augmentation(tmp_path, cfg, volume_wr
 
 @pytest.mark.parametrize("spatial", SPATIAL_CASES)
 def test_views_voxel_aligned_with_strong_augmentation(tmp_path, cfg, volume_writer, spatial):
-    cfg["data"].update(spatial, strong_prob=1.0, strong_cutout=True, strong_noise_std=0.02)  # noise would swamp the correlation
+    cfg["data"].update(
+        spatial, strong_prob=1.0, strong_cutout=True, strong_noise_std=0.02
+    )  # noise would swamp the correlation
     chain = unlabeled_transforms(cfg)
     chain.set_random_state(seed=2)
     for _ in range(4):
@@ -118,8 +120,18 @@ def test_nnunet_spatial_augmentation_moves_image_and_label_together(cfg):
 def test_nnunet_intensity_augmentation_never_touches_the_label(cfg):
     label = torch.randint(0, 3, (1, 16, 16, 16)).float()
     image = torch.rand(1, 16, 16, 16)
-    intensity = _only(nnunet_augmentation(cfg), (RandGaussianNoised, RandGaussianSmoothd, RandScaleIntensityd,
-                                                  RandScaleIntensityFixedMeand, RandSimulateLowResolutiond, RandAdjustContrastd), 1.0)
+    intensity = _only(
+        nnunet_augmentation(cfg),
+        (
+            RandGaussianNoised,
+            RandGaussianSmoothd,
+            RandScaleIntensityd,
+            RandScaleIntensityFixedMeand,
+            RandSimulateLowResolutiond,
+            RandAdjustContrastd,
+        ),
+        1.0,
+    )
     assert len(intensity.transforms) == 6
     intensity.set_random_state(seed=1)
     set_track_meta(False)
@@ -134,7 +146,10 @@ def test_nnunet_intensity_augmentation_never_touches_the_label(cfg):
 def test_labeled_patch_keeps_label_on_its_voxels(tmp_path, cfg, volume_writer, phantom_maker, spatial):
     cfg["data"].update(spatial, fg_class_fraction=1.0)
     image, label = phantom_maker((24, 22, 20))
-    case = {"image": str(volume_writer(tmp_path / "i.nii.gz", image)), "label": str(volume_writer(tmp_path / "l.nii.gz", label))}
+    case = {
+        "image": str(volume_writer(tmp_path / "i.nii.gz", image)),
+        "label": str(volume_writer(tmp_path / "l.nii.gz", label)),
+    }
     chain = labeled_transforms(cfg)
     chain.set_random_state(seed=3)
     for _ in range(4):
@@ -202,7 +217,9 @@ def test_batches_reproducible_from_train_seed(make_cohort, cfg, tmp_path, cache)
         assert any(labeled_cache.iterdir())
 
 
-def test_preprocessed_unlabeled_scan_is_the_same_from_every_cache_and_read_from_the_cache(make_cohort, cfg, tmp_path, monkeypatch):
+def test_preprocessed_unlabeled_scan_is_the_same_from_every_cache_and_read_from_the_cache(
+    make_cohort, cfg, tmp_path, monkeypatch
+):
     """The teacher focus reads preprocessed scans through public dataset access (no private MONAI cache)."""
     from monai.transforms import LoadImaged
 
@@ -222,8 +239,10 @@ def test_preprocessed_unlabeled_scan_is_the_same_from_every_cache_and_read_from_
     assert len(scans["none"]) == 2
     for cache in ("memory", "disk"):
         for got, want in zip(scans[cache], scans["none"]):
-            torch.testing.assert_close(got.as_tensor() if hasattr(got, "as_tensor") else got,
-                                       want.as_tensor() if hasattr(want, "as_tensor") else want)
+            torch.testing.assert_close(
+                got.as_tensor() if hasattr(got, "as_tensor") else got,
+                want.as_tensor() if hasattr(want, "as_tensor") else want,
+            )
 
 
 @pytest.mark.skipif(not (SAMPLE_DATA / "labeled").is_dir(), reason="sample_data/ not present")

@@ -66,15 +66,19 @@ def test_refusals_and_skips_name_the_series_in_one_line(tmp_path):
     write_series(tmp_path / "scout", _volume((7, 5, 1)), RAS)
     found = find_series(tmp_path)
     assert found.series == []
-    assert sorted(found.errors) == sorted([
-        f"{_where(tmp_path / 'gap')}: slices missing: a 5.00 mm gap between 5.00 and 10.00 mm where slices are 2.50 mm apart"
-        " (about 1 slice(s))",
-        f"{_where(tmp_path / 'uneven')}: uneven slice spacing: 2.000 to 3.000 mm",
-        f"{_where(tmp_path / 'twice')}: two slices at one position (0.00 mm): a000.dcm, b000.dcm",
-        f"{_where(tmp_path / 'sizes')}: mixes slices of different sizes or pixel spacings: "
-        "[(5, 6, 0.9, 1.1), (5, 7, 0.9, 1.1)]",
-    ])
-    assert sorted(found.skipped) == sorted([
-        f"{_where(tmp_path / 'seg')}: a SEG object, not an image series",
-        f"{_where(tmp_path / 'scout')}: one slice, not a volume",
-    ])
+    assert sorted(found.errors) == sorted(
+        [
+            f"{_where(tmp_path / 'gap')}: slices missing: a 5.00 mm gap between 5.00 and 10.00 mm where slices are 2.50 mm apart"
+            " (about 1 slice(s))",
+            f"{_where(tmp_path / 'uneven')}: uneven slice spacing: 2.000 to 3.000 mm",
+            f"{_where(tmp_path / 'twice')}: two slices at one position (0.00 mm): a000.dcm, b000.dcm",
+            f"{_where(tmp_path / 'sizes')}: mixes slices of different sizes or pixel spacings: "
+            "[(5, 6, 0.9, 1.1), (5, 7, 0.9, 1.1)]",
+        ]
+    )
+    assert sorted(found.skipped) == sorted(
+        [
+            f"{_where(tmp_path / 'seg')}: a SEG object, not an image series",
+            f"{_where(tmp_path / 'scout')}: one slice, not a volume",
+        ]
+    )

@@ -8,19 +8,40 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medeman.data import DataError, discover_labeled, discover_unlabeled, group_channels, label_id, match_labels, split_cases, write_split
+from medeman.data import (
+    DataError,
+    discover_labeled,
+    discover_unlabeled,
+    group_channels,
+    label_id,
+    match_labels,
+    split_cases,
+    write_split,
+)
 from medeman.data.discovery import case_key, discover_test, expand_exclude, screen_paths
 
 # (image names, label names, in_channels, expected {case id: [image names]})
 MATCH_CASES = [
     (["a.nii.gz", "b.nii.gz"], ["a.nii.gz", "b.nii.gz"], 1, {"a": ["a.nii.gz"], "b": ["b.nii.gz"]}),
-    (["a.nii.gz", "b.mha", "c.nrrd"], ["a_seg.nii.gz", "b_label.mha", "c_mask.nii"], 1,
-     {"a": ["a.nii.gz"], "b": ["b.mha"], "c": ["c.nrrd"]}),
+    (
+        ["a.nii.gz", "b.mha", "c.nrrd"],
+        ["a_seg.nii.gz", "b_label.mha", "c_mask.nii"],
+        1,
+        {"a": ["a.nii.gz"], "b": ["b.mha"], "c": ["c.nrrd"]},
+    ),
     (["a_0000.nii.gz", "b_0000.nii.gz"], ["a.nii.gz", "b.nii.gz"], 1, {"a": ["a_0000.nii.gz"], "b": ["b_0000.nii.gz"]}),
-    (["case_0001.nii.gz", "case_0002.nii.gz"], ["case_0001.nii.gz", "case_0002.nii.gz"], 1,
-     {"case_0001": ["case_0001.nii.gz"], "case_0002": ["case_0002.nii.gz"]}),
-    (["a_0001.nii.gz", "a_0000.nii.gz", "b_0000.nii.gz", "b_0001.nii.gz"], ["a.nii.gz", "b_seg.nii.gz"], 2,
-     {"a": ["a_0000.nii.gz", "a_0001.nii.gz"], "b": ["b_0000.nii.gz", "b_0001.nii.gz"]}),
+    (
+        ["case_0001.nii.gz", "case_0002.nii.gz"],
+        ["case_0001.nii.gz", "case_0002.nii.gz"],
+        1,
+        {"case_0001": ["case_0001.nii.gz"], "case_0002": ["case_0002.nii.gz"]},
+    ),
+    (
+        ["a_0001.nii.gz", "a_0000.nii.gz", "b_0000.nii.gz", "b_0001.nii.gz"],
+        ["a.nii.gz", "b_seg.nii.gz"],
+        2,
+        {"a": ["a_0000.nii.gz", "a_0001.nii.gz"], "b": ["b_0000.nii.gz", "b_0001.nii.gz"]},
+    ),
 ]
 
 # (image names, label names, in_channels, substrings of the problems)
@@ -35,27 +56,41 @@ MISMATCH_CASES = [
 
 @pytest.mark.parametrize("images, labels, in_channels, expected", MATCH_CASES)
 def test_match_labels(tmp_path, images, labels, in_channels, expected):
-    cases, problems = match_labels([tmp_path / "images" / n for n in images], [tmp_path / "labels" / n for n in labels], in_channels)
+    cases, problems = match_labels(
+        [tmp_path / "images" / n for n in images], [tmp_path / "labels" / n for n in labels], in_channels
+    )
     assert problems == []
-    got = {c["id"]: [Path(p).name for p in ([c["image"]] if isinstance(c["image"], str) else c["image"])] for c in cases}
+    got = {
+        c["id"]: [Path(p).name for p in ([c["image"]] if isinstance(c["image"], str) else c["image"])] for c in cases
+    }
     assert got == expected
     assert all(Path(c["label"]).parent.name == "labels" for c in cases)
 
 
 @pytest.mark.parametrize("images, labels, in_channels, messages", MISMATCH_CASES)
 def test_match_labels_problems(tmp_path, images, labels, in_channels, messages):
-    _, problems = match_labels([tmp_path / "images" / n for n in images], [tmp_path / "labels" / n for n in labels], in_channels)
+    _, problems = match_labels(
+        [tmp_path / "images" / n for n in images], [tmp_path / "labels" / n for n in labels], in_channels
+    )
     for message in messages:
         assert any(message in p for p in problems), (message, problems)
 
 
-@pytest.mark.parametrize("name, expected", [("a_seg.nii.gz", "a"), ("a_label.mha", "a"), ("a_mask.nrrd", "a"), ("a.nii", "a"), ("_seg.nii.gz", "_seg")])
+@pytest.mark.parametrize(
+    "name, expected",
+    [("a_seg.nii.gz", "a"), ("a_label.mha", "a"), ("a_mask.nrrd", "a"), ("a.nii", "a"), ("_seg.nii.gz", "_seg")],
+)
 def test_label_id(name, expected):
     assert label_id(Path(name)) == expected
 
 
 def test_group_channels_in_subfolders(tmp_path):
-    files = [tmp_path / "x" / "a_0000.nii.gz", tmp_path / "x" / "a_0001.nii.gz", tmp_path / "y" / "a_0000.nii.gz", tmp_path / "y" / "a_0001.nii.gz"]
+    files = [
+        tmp_path / "x" / "a_0000.nii.gz",
+        tmp_path / "x" / "a_0001.nii.gz",
+        tmp_path / "y" / "a_0000.nii.gz",
+        tmp_path / "y" / "a_0001.nii.gz",
+    ]
     groups, problems = group_channels(files, 2, root=tmp_path)
     assert problems == [] and sorted(groups) == ["x/a", "y/a"]
 
@@ -85,7 +120,9 @@ def _write_msd(root: Path, writer, with_unlabeled: bool) -> None:
         writer(root / "labelsTr" / f"la_{i}.nii.gz", label)
     writer(root / "imagesTs" / "la_9.nii.gz", image)
     meta = {
-        "name": "Toy", "modality": {"0": "CT"}, "labels": {"0": "background", "1": "organ"},
+        "name": "Toy",
+        "modality": {"0": "CT"},
+        "labels": {"0": "background", "1": "organ"},
         "training": [{"image": f"./imagesTr/la_{i}.nii.gz", "label": f"./labelsTr/la_{i}.nii.gz"} for i in range(2)],
         "test": ["./imagesTs/la_9.nii.gz"],
     }
@@ -119,7 +156,12 @@ def test_nnunet_v2_layout(tmp_path, volume_writer):
         volume_writer(tmp_path / "labelsTr" / f"{case}.nii.gz", label)
     for ch in range(2):
         volume_writer(tmp_path / "imagesTs" / f"BRATS_100_{ch:04d}.nii.gz", image)
-    meta = {"channel_names": {"0": "T1", "1": "T2"}, "labels": {"background": 0, "tumor": 1}, "numTraining": 2, "file_ending": ".nii.gz"}
+    meta = {
+        "channel_names": {"0": "T1", "1": "T2"},
+        "labels": {"background": 0, "tumor": 1},
+        "numTraining": 2,
+        "file_ending": ".nii.gz",
+    }
     (tmp_path / "dataset.json").write_text(json.dumps(meta))
     labeled = discover_labeled(tmp_path)
     assert [c["id"] for c in labeled] == ["BRATS_001", "BRATS_002"]
@@ -128,12 +170,15 @@ def test_nnunet_v2_layout(tmp_path, volume_writer):
     assert [c["id"] for c in unlabeled] == ["BRATS_100"] and len(unlabeled[0]["image"]) == 2
 
 
-@pytest.mark.parametrize("setup, message", [
-    (lambda root: None, "labeled folder does not exist"),
-    (lambda root: root.mkdir(), "expected images/ and labels/ sub-folders"),
-    (lambda root: ((root / "images").mkdir(parents=True), (root / "labels").mkdir()), "no labeled case found"),
-    (lambda root: (root / "images").mkdir(parents=True), "labels folder does not exist"),
-])
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda root: None, "labeled folder does not exist"),
+        (lambda root: root.mkdir(), "expected images/ and labels/ sub-folders"),
+        (lambda root: ((root / "images").mkdir(parents=True), (root / "labels").mkdir()), "no labeled case found"),
+        (lambda root: (root / "images").mkdir(parents=True), "labels folder does not exist"),
+    ],
+)
 def test_labeled_folder_problems(tmp_path, setup, message):
     root = tmp_path / "lab"
     setup(root)
@@ -153,7 +198,9 @@ def test_problems_collected_not_raised(tmp_path):
     assert len(problems) == 1 and "does not exist" in problems[0]
 
 
-@pytest.mark.parametrize("n, fraction, n_val", [(6, 0.2, 1), (6, 0.34, 2), (10, 0.2, 2), (1, 0.5, 0), (5, 0.0, 0), (2, 0.9, 1)])
+@pytest.mark.parametrize(
+    "n, fraction, n_val", [(6, 0.2, 1), (6, 0.34, 2), (10, 0.2, 2), (1, 0.5, 0), (5, 0.0, 0), (2, 0.9, 1)]
+)
 def test_split_sizes_and_determinism(n, fraction, n_val):
     cases = [{"id": f"c{i}"} for i in range(n)]
     train, val = split_cases(cases, fraction, seed=3)
@@ -201,7 +248,15 @@ def test_one_case_id_rule_in_every_command(tmp_path):
 
 
 def _cases(root: Path, labels: str = "labels") -> dict[str, list[dict]]:
-    return {"labeled": [{"id": "c1", "image": str(root / "lab" / "images" / "c1.nii.gz"), "label": str(root / "lab" / labels / "c1.nii.gz")}]}
+    return {
+        "labeled": [
+            {
+                "id": "c1",
+                "image": str(root / "lab" / "images" / "c1.nii.gz"),
+                "label": str(root / "lab" / labels / "c1.nii.gz"),
+            }
+        ]
+    }
 
 
 # (file below the unlabeled root, cohorts to protect, expected reason (None: kept), expected kind)
@@ -224,7 +279,9 @@ def test_screen_paths(tmp_path, rel, protect, reason, kind):
     if reason is None:
         assert kept == [tmp_path / rel] and flagged == []
     else:
-        assert kept == [] and [(f.file, f.reason, f.kind, f.excluded) for f in flagged] == [(str(tmp_path / rel), reason, kind, True)]
+        assert kept == [] and [(f.file, f.reason, f.kind, f.excluded) for f in flagged] == [
+            (str(tmp_path / rel), reason, kind, True)
+        ]
 
 
 def test_screen_paths_warns_on_an_image_with_a_label_beside_it(tmp_path, volume_writer):
@@ -242,9 +299,13 @@ def test_expand_exclude_files_folders_globs(tmp_path, volume_writer):
     for name in ("t/a.nii.gz", "t/sub/b.mha", "c.nrrd", "d.nii.gz"):
         volume_writer(tmp_path / name, volume)
     problems = []
-    cases = expand_exclude([str(tmp_path / "t"), str(tmp_path / "c.nrrd"), str(tmp_path / "d*"), str(tmp_path / "nope" / "*")], problems)
+    cases = expand_exclude(
+        [str(tmp_path / "t"), str(tmp_path / "c.nrrd"), str(tmp_path / "d*"), str(tmp_path / "nope" / "*")], problems
+    )
     assert sorted(Path(c["image"]).name for c in cases) == ["a.nii.gz", "b.mha", "c.nrrd", "d.nii.gz"]
-    assert problems == [f"{tmp_path / 'nope' / '*'}: data.exclude entry matches no image file (formats .nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd)"]
+    assert problems == [
+        f"{tmp_path / 'nope' / '*'}: data.exclude entry matches no image file (formats .nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd)"
+    ]
 
 
 def test_test_cohort_labeled_or_plain_folder(make_cohort):
@@ -258,5 +319,7 @@ def test_test_cohort_labeled_or_plain_folder(make_cohort):
 
 def test_unlabeled_folder_of_labels_only_is_an_error_that_counts_them(make_cohort):
     root = make_cohort(2, 0)
-    with pytest.raises(DataError, match=r"labels: empty unlabeled folder: .*; 2 file\(s\) left out as labels or protected cases"):
+    with pytest.raises(
+        DataError, match=r"labels: empty unlabeled folder: .*; 2 file\(s\) left out as labels or protected cases"
+    ):
         discover_unlabeled(root / "labeled" / "labels", protect={"labeled": discover_labeled(root / "labeled")})

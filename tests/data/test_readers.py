@@ -12,7 +12,14 @@ from medeman.data.readers import image_suffix, read_volume, write_volume
 from medeman.data.transforms import preprocessing
 
 LPS_ANISOTROPIC = np.array([[-1.5, 0, 0, 10.0], [0, -2.0, 0, -20.0], [0, 0, 3.0, 5.0], [0, 0, 0, 1]])
-TILTED = np.array([[0.8, 0, 0, 0], [0, 0.8 * np.cos(0.2), -2.5 * np.sin(0.2), 0], [0, 0.8 * np.sin(0.2), 2.5 * np.cos(0.2), 0], [0, 0, 0, 1]])
+TILTED = np.array(
+    [
+        [0.8, 0, 0, 0],
+        [0, 0.8 * np.cos(0.2), -2.5 * np.sin(0.2), 0],
+        [0, 0.8 * np.sin(0.2), 2.5 * np.cos(0.2), 0],
+        [0, 0, 0, 1],
+    ]
+)
 
 
 @pytest.mark.parametrize("suffix", [".nrrd", ".mha", ".mhd", ".nii.gz", ".nii"])
@@ -44,7 +51,17 @@ def test_multichannel_files_stack(tmp_path, volume_writer):
     assert data[1].min() == 1
 
 
-@pytest.mark.parametrize("name, suffix", [("a.nii.gz", ".nii.gz"), ("a.NII", ".nii"), ("b.mha", ".mha"), ("c.nrrd", ".nrrd"), ("d.txt", None), ("e.gz", None)])
+@pytest.mark.parametrize(
+    "name, suffix",
+    [
+        ("a.nii.gz", ".nii.gz"),
+        ("a.NII", ".nii"),
+        ("b.mha", ".mha"),
+        ("c.nrrd", ".nrrd"),
+        ("d.txt", None),
+        ("e.gz", None),
+    ],
+)
 def test_image_suffix(name, suffix):
     assert image_suffix(name) == suffix
 
@@ -52,7 +69,9 @@ def test_image_suffix(name, suffix):
 # ---------------------------------------------------------------- the one volume writer
 
 # (output suffix, geometry given as: "affine" or the suffix of a reference image file)
-WRITE_CASES = [(out, ref) for out in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd") for ref in ("affine", ".nii.gz", ".nrrd")]
+WRITE_CASES = [
+    (out, ref) for out in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd") for ref in ("affine", ".nii.gz", ".nrrd")
+]
 
 
 @pytest.mark.parametrize("out_suffix, geometry", WRITE_CASES)

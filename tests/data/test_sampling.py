@@ -54,7 +54,14 @@ CLASS_CASES = [
     ("nnU-Net rule, two present classes: half of fg_fraction each", (1, 2), 0.33, None, 0.33 / 2, None),
     ("nnU-Net rule, every patch class-centred", (1, 2), 1.0, None, 0.5, 0.5),
     ("nnU-Net rule, the tiny class alone", (2,), 0.5, None, 0.5, 0.0),
-    ("nnU-Net rule, tiny class absent: all class-centred patches go to class 1", (1,), 0.33, None, 0.0, 0.33 + 0.67 * RANDOM_ON_BLOCK),
+    (
+        "nnU-Net rule, tiny class absent: all class-centred patches go to class 1",
+        (1,),
+        0.33,
+        None,
+        0.0,
+        0.33 + 0.67 * RANDOM_ON_BLOCK,
+    ),
     ("nnU-Net rule, no foreground: random windows, no error", (), 0.33, None, 0.0, 0.0),
     ("ratios as RandCropByLabelClassesd", (1, 2), 0.0, [0.0, 1.0, 3.0], 0.75, 0.25),
     ("ratios, absent class renormalized away", (1,), 0.0, [0.0, 1.0, 3.0], 0.0, 1.0),
@@ -62,8 +69,12 @@ CLASS_CASES = [
 ]
 
 
-@pytest.mark.parametrize("name, classes, fg_fraction, ratios, on_tiny, on_block", CLASS_CASES, ids=[c[0] for c in CLASS_CASES])
-def test_class_aware_sampling_hits_a_ten_voxel_class_in_the_configured_share(name, classes, fg_fraction, ratios, on_tiny, on_block):
+@pytest.mark.parametrize(
+    "name, classes, fg_fraction, ratios, on_tiny, on_block", CLASS_CASES, ids=[c[0] for c in CLASS_CASES]
+)
+def test_class_aware_sampling_hits_a_ten_voxel_class_in_the_configured_share(
+    name, classes, fg_fraction, ratios, on_tiny, on_block
+):
     transform = RandClassCropd(["image", "label"], PATCH, num_classes=3, fg_fraction=fg_fraction, ratios=ratios)
     centres = _centre_classes(transform, _volume(classes))
     assert _within((centres == 2).mean(), on_tiny + (RANDOM_ON_TINY if on_tiny else 0.0)), (centres == 2).mean()
@@ -77,15 +88,20 @@ def test_class_centred_patches_contain_the_tiny_class_whole():
     for _ in range(50):
         (out,) = transform(copy.copy(_volume()))
         assert out["label"][0, 4, 4, 4] == 2
-        assert int((out["label"] == 2).sum()) >= 8  # the window c-4..c+3 keeps at least 4 of the 5 rows of the 2 x 5 x 1 class
+        assert (
+            int((out["label"] == 2).sum()) >= 8
+        )  # the window c-4..c+3 keeps at least 4 of the 5 rows of the 2 x 5 x 1 class
         torch.testing.assert_close(out["image"], out["label"])  # image and label cropped identically
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"ratios": [1.0, 1.0]}, "must be 3 non-negative numbers"),
-    ({"ratios": [1.0, -1.0, 1.0]}, "must be 3 non-negative numbers"),
-    ({"fg_fraction": 1.5}, "must lie in"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"ratios": [1.0, 1.0]}, "must be 3 non-negative numbers"),
+        ({"ratios": [1.0, -1.0, 1.0]}, "must be 3 non-negative numbers"),
+        ({"fg_fraction": 1.5}, "must lie in"),
+    ],
+)
 def test_bad_sampling_arguments_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         RandClassCropd(["image", "label"], PATCH, num_classes=3, **kwargs)
@@ -94,7 +110,9 @@ def test_bad_sampling_arguments_are_refused(kwargs, message):
 def test_labeled_chain_caches_class_locations_before_the_first_random_transform(cfg):
     chain = labeled_transforms(cfg)
     names = [type(t).__name__ for t in chain.transforms]
-    first_random = chain.get_index_of_first(lambda t: isinstance(t, RandomizableTrait))  # where CacheDataset stops caching
+    first_random = chain.get_index_of_first(
+        lambda t: isinstance(t, RandomizableTrait)
+    )  # where CacheDataset stops caching
     assert names.index("ClassesToIndicesd") < first_random == names.index("RandClassCropd")
 
 
@@ -103,7 +121,10 @@ def test_labeled_chain_centres_on_the_tiny_class_of_a_scan_file(tmp_path, cfg, v
     label[5:35, 5:35, 5:35] = 1
     label[20:22, 20:25, 20:21] = 2  # 10 voxels
     image = np.where(label > 0, 120, 40).astype(np.int16)
-    case = {"image": str(volume_writer(tmp_path / "i.nii.gz", image)), "label": str(volume_writer(tmp_path / "l.nii.gz", label))}
+    case = {
+        "image": str(volume_writer(tmp_path / "i.nii.gz", image)),
+        "label": str(volume_writer(tmp_path / "l.nii.gz", label)),
+    }
     cfg["data"].update(patch_size=[8, 8, 8], fg_class_fraction=1.0, flip_prob=0.0, rotate90_prob=0.0, affine_prob=0.0)
     chain = labeled_transforms(cfg)
     chain.set_random_state(seed=0)
@@ -112,7 +133,7 @@ def test_labeled_chain_centres_on_the_tiny_class_of_a_scan_file(tmp_path, cfg, v
     for t in deterministic:  # what CacheDataset keeps: the volume and its class locations
         cached = t(cached)
     assert [len(i) for i in cached["label_cls_indices"]][2] == 10
-    sampler = Compose(chain.transforms[len(deterministic):])
+    sampler = Compose(chain.transforms[len(deterministic) :])
     hits = 0
     for _ in range(400):
         (out,) = sampler(copy.copy(cached))

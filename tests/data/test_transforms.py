@@ -63,7 +63,9 @@ def test_tracking_is_restored_after_a_failing_random_transform():
     def fail(x):
         raise ValueError("broken patch")
 
-    chain = PatchChain([EnsureChannelFirstd("image", channel_dim="no_channel"), RandFlipd("image", prob=1.0), Lambdad("image", fail)])
+    chain = PatchChain(
+        [EnsureChannelFirstd("image", channel_dim="no_channel"), RandFlipd("image", prob=1.0), Lambdad("image", fail)]
+    )
     with pytest.raises(RuntimeError) as error:
         chain(_case())
     assert "broken patch" in str(error.value.__cause__)

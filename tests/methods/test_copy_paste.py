@@ -66,8 +66,13 @@ def test_bidirectional_mix_by_hand():
 
 def test_mix_refuses_unpaired_batches():
     with pytest.raises(ValueError, match="batch_size_unlabeled"):
-        bidirectional_copy_paste(torch.zeros(2, 1, 4, 4, 4), torch.zeros(2, 4, 4, 4), torch.zeros(1, 1, 4, 4, 4),
-                                 torch.zeros(1, 4, 4, 4), _box(2, 0, 2))
+        bidirectional_copy_paste(
+            torch.zeros(2, 1, 4, 4, 4),
+            torch.zeros(2, 4, 4, 4),
+            torch.zeros(1, 1, 4, 4, 4),
+            torch.zeros(1, 4, 4, 4),
+            _box(2, 0, 2),
+        )
 
 
 def test_paste_box_label_maps_and_images():
@@ -88,5 +93,7 @@ def test_copy_paste_loss_weights_regions(alpha):
     mixed.target, mixed.from_labeled = target, from_labeled
     ce = F.cross_entropy(logits, target, reduction="none")
     gt, pl = from_labeled, ~from_labeled
-    expected = (ce[gt].mean() + masked_dice(logits, target, gt)) + alpha * (ce[pl].mean() + masked_dice(logits, target, pl))
+    expected = (ce[gt].mean() + masked_dice(logits, target, gt)) + alpha * (
+        ce[pl].mean() + masked_dice(logits, target, pl)
+    )
     assert copy_paste_loss(logits, mixed, alpha).item() == pytest.approx(expected.item(), rel=1e-5)

@@ -1,7 +1,6 @@
 """FixMatch-EMAN's unsupervised loss against a hand computation, and BCP's connected-component clean-up."""
 
 import math
-import types
 
 import pytest
 import torch
@@ -32,8 +31,14 @@ def _two_voxels():
 
 @pytest.mark.parametrize("consistency_weight", [0.0, 2.0])
 def test_fixmatch_loss_is_hard_pseudo_label_ce_over_all_voxels_plus_masked_dice(consistency_weight):
-    cfg = load_config(sets=["ssl.method=fixmatch", "ssl.fixmatch_threshold=0.9", "ssl.consistency=mse",
-                            f"ssl.fixmatch_consistency_weight={consistency_weight}"])
+    cfg = load_config(
+        sets=[
+            "ssl.method=fixmatch",
+            "ssl.fixmatch_threshold=0.9",
+            "ssl.consistency=mse",
+            f"ssl.fixmatch_consistency_weight={consistency_weight}",
+        ]
+    )
     probs, logits = _two_voxels()
     logs = {}
     loss = build_method(cfg).unsupervised_loss(_Teacher(probs), logits, None, logs)
@@ -59,11 +64,14 @@ def _label_map():
     return labels
 
 
-@pytest.mark.parametrize("keep, expected_counts", [
-    ([1, 2], {1: 64, 2: 40}),  # liver-like: the largest; kidney-like: the two largest
-    ([0, 1], {1: 65, 2: 32}),  # 0 leaves class 1 alone
-    (None, {1: 65, 2: 41}),  # no clean-up
-])
+@pytest.mark.parametrize(
+    "keep, expected_counts",
+    [
+        ([1, 2], {1: 64, 2: 40}),  # liver-like: the largest; kidney-like: the two largest
+        ([0, 1], {1: 65, 2: 32}),  # 0 leaves class 1 alone
+        (None, {1: 65, 2: 41}),  # no clean-up
+    ],
+)
 def test_bcp_keeps_the_k_largest_components_per_class(keep, expected_counts):
     sets = ["ssl.method=bcp", "data.num_classes=3"] + ([f"ssl.bcp_keep_components={keep}"] if keep else [])
     method = build_method(load_config(sets=sets))
@@ -72,13 +80,19 @@ def test_bcp_keeps_the_k_largest_components_per_class(keep, expected_counts):
     assert {c: int((cleaned == c).sum()) for c in (1, 2)} == expected_counts
 
 
-@pytest.mark.parametrize("sets, message", [
-    (["data.num_classes=3", "ssl.bcp_keep_components=[1]"], "one per foreground class"),
-    (["ssl.fixmatch_threshold=0"], "ssl.fixmatch_threshold: 0.0 must be a confidence in (0, 1]"),
-    (["ssl.warmup_fraction=1.0"], "ssl.warmup_fraction: 1.0 must be a fraction of train.max_steps in [0, 1)"),
-    (["ssl.fixmatch_consistency_weight=-1"], "ssl.fixmatch_consistency_weight: -1.0 must be a non-negative weight"),
-])
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (["data.num_classes=3", "ssl.bcp_keep_components=[1]"], "one per foreground class"),
+        (["ssl.fixmatch_threshold=0"], "ssl.fixmatch_threshold: 0.0 must be a confidence in (0, 1]"),
+        (["ssl.warmup_fraction=1.0"], "ssl.warmup_fraction: 1.0 must be a fraction of train.max_steps in [0, 1)"),
+        (["ssl.fixmatch_consistency_weight=-1"], "ssl.fixmatch_consistency_weight: -1.0 must be a non-negative weight"),
+    ],
+)
 def test_bad_recipe_values_are_refused_at_load(sets, message):
     from medeman.config import ConfigError
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")):
+
+    with pytest.raises(
+        ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")
+    ):
         load_config(sets=sets)

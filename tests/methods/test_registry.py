@@ -14,9 +14,20 @@ from medeman.methods import METHODS, Method, build_method, register_method
 from medeman.methods.base import TeacherMethod
 from medeman.train import fit
 
-TINY = ["model.channels=[4,8]", "model.num_res_units=1", "data.patch_size=[16,16,16]", "data.spacing=[1,1,1]",
-        "data.num_classes=3", "data.num_workers=0", "data.cache=none", "data.val_fraction=0.34",
-        "train.val_every_steps=2", "train.log_every_steps=1", "ssl.rampup_steps=2", "ssl.warmup_steps=0"]
+TINY = [
+    "model.channels=[4,8]",
+    "model.num_res_units=1",
+    "data.patch_size=[16,16,16]",
+    "data.spacing=[1,1,1]",
+    "data.num_classes=3",
+    "data.num_workers=0",
+    "data.cache=none",
+    "data.val_fraction=0.34",
+    "train.val_every_steps=2",
+    "train.log_every_steps=1",
+    "ssl.rampup_steps=2",
+    "ssl.warmup_steps=0",
+]
 
 
 class EntropyMinimization(Method):
@@ -40,11 +51,26 @@ class EntropyMinimization(Method):
 @pytest.fixture
 def registry_restored():
     """Registering changes the package's registry and schema: put them back after the test."""
-    saved = (dict(METHODS), dict(config.SCHEMA["ssl"]), list(config._VALUE_RULES), list(config._OPTION_CHECKS),
-             dict(config._METHOD_CHECKS), dict(config._METHOD_SUMMARIES))
+    saved = (
+        dict(METHODS),
+        dict(config.SCHEMA["ssl"]),
+        list(config._VALUE_RULES),
+        list(config._OPTION_CHECKS),
+        dict(config._METHOD_CHECKS),
+        dict(config._METHOD_SUMMARIES),
+    )
     yield
-    for live, old in zip((METHODS, config.SCHEMA["ssl"], config._VALUE_RULES, config._OPTION_CHECKS,
-                          config._METHOD_CHECKS, config._METHOD_SUMMARIES), saved):
+    for live, old in zip(
+        (
+            METHODS,
+            config.SCHEMA["ssl"],
+            config._VALUE_RULES,
+            config._OPTION_CHECKS,
+            config._METHOD_CHECKS,
+            config._METHOD_SUMMARIES,
+        ),
+        saved,
+    ):
         live.clear()
         (live.extend if isinstance(live, list) else live.update)(old)
 
@@ -57,8 +83,13 @@ def test_every_config_choice_is_a_registered_method_and_back():
 
 
 # method -> (has a teacher, uses unlabeled scans)
-ROLES = {"supervised": (False, False), "supervised_ema": (True, False), "mean_teacher": (True, True),
-         "ua_mt": (True, True), "bcp": (True, True)}
+ROLES = {
+    "supervised": (False, False),
+    "supervised_ema": (True, False),
+    "mean_teacher": (True, True),
+    "ua_mt": (True, True),
+    "bcp": (True, True),
+}
 
 
 @pytest.mark.parametrize("name", sorted(ROLES))
@@ -112,10 +143,18 @@ def test_registering_a_key_twice_differently_is_refused(registry_restored):
 def test_each_method_declares_its_own_keys_in_its_file():
     """The method-specific keys live in the method's class, not in the shared schema file."""
     owners = {key: name for name, cls in METHODS.items() for key in vars(cls).get("options", {})}
-    assert owners == {"fixmatch_threshold": "fixmatch", "fixmatch_consistency_weight": "fixmatch", "ua_mt_passes": "ua_mt",
-                      "ua_mt_noise_std": "ua_mt", "ua_mt_noise_clip": "ua_mt", "ua_mt_threshold_start": "ua_mt",
-                      "bcp_box_fraction": "bcp", "bcp_unlabeled_weight": "bcp", "bcp_pretrain_steps": "bcp",
-                      "bcp_keep_components": "bcp"}
+    assert owners == {
+        "fixmatch_threshold": "fixmatch",
+        "fixmatch_consistency_weight": "fixmatch",
+        "ua_mt_passes": "ua_mt",
+        "ua_mt_noise_std": "ua_mt",
+        "ua_mt_noise_clip": "ua_mt",
+        "ua_mt_threshold_start": "ua_mt",
+        "bcp_box_fraction": "bcp",
+        "bcp_unlabeled_weight": "bcp",
+        "bcp_pretrain_steps": "bcp",
+        "bcp_keep_components": "bcp",
+    }
     assert set(owners) <= set(config.SCHEMA["ssl"])
 
 
