@@ -168,14 +168,7 @@ class SSLDataModule(pl.LightningDataModule):
             self.train_cases, self.val_cases = split_cases(
                 labeled, float(data["val_fraction"]), int(data["split_seed"])
             )
-            if self.run_dir is not None:
-                write_split(
-                    self.run_dir / "split.json",
-                    self.train_cases,
-                    self.val_cases,
-                    float(data["val_fraction"]),
-                    int(data["split_seed"]),
-                )
+            self._write_split()
         else:
             self.train_cases, self.val_cases = labeled, val
         self.unlabeled_cases = unlabeled
@@ -221,15 +214,21 @@ class SSLDataModule(pl.LightningDataModule):
             self.cohort = cohort["cohort"]
         if self.focus is not None:
             self.focus.counts.zero_()  # the previous run's teacher chose those centres
+        if self.val is None:
+            self._write_split()
+
+    def _write_split(self) -> None:
+        """``run_dir/split.json``: the deterministic train/validation split of the labeled cases (no ``--val``)."""
+        if self.run_dir is None:
+            return
         data = self.cfg["data"]
-        if self.val is None and self.run_dir is not None:
-            write_split(
-                self.run_dir / "split.json",
-                self.train_cases,
-                self.val_cases,
-                float(data["val_fraction"]),
-                int(data["split_seed"]),
-            )
+        write_split(
+            self.run_dir / "split.json",
+            self.train_cases,
+            self.val_cases,
+            float(data["val_fraction"]),
+            int(data["split_seed"]),
+        )
 
     def _setup(self) -> None:
         self.discover()
