@@ -3,7 +3,8 @@
 A segmentation network's false positives on small structures are mostly speckles: components far
 smaller than any true one. nnU-Net determines on its validation folds, per class, whether keeping
 only the largest component raises Dice (Isensee et al. 2021, Nat. Methods 18:203). medeman learns,
-per class, the minimum component volume (mm^3) that maximises mean validation Dice, and, where every
+per class, the minimum component volume (mm^3) that maximises mean validation Dice (the largest
+component of a class always stays: the rule removes speckles, not the structure), and, where every
 validation case holds the same number k of components of the class (k kidneys), whether keeping
 the k largest raises it further. Removed voxels become background. The rules are plain values,
 stored in ``teacher.pt`` (``extra["postprocessing"]``) and applied by ``medeman infer`` and ``rank``.
@@ -43,6 +44,10 @@ def _components(prediction: np.ndarray, reference: np.ndarray, c: int) -> _Compo
 
 def _kept(comp: _Components, min_voxels: float, keep_largest: int) -> np.ndarray:
     keep = comp.sizes >= min_voxels
+    if comp.sizes.size and not keep.any():
+        # a size rule removes speckles, never the structure: the largest component always stays (a rule
+        # learned on a few validation cases once dropped a whole test liver that was a little smaller)
+        keep[int(np.argmax(comp.sizes))] = True
     if keep_largest > 0 and keep.sum() > keep_largest:
         order = np.argsort(-comp.sizes, kind="stable")
         ranked = order[keep[order]][:keep_largest]
@@ -73,30 +78,36 @@ def learn_postprocessing(
         num_classes: classes including background.
 
     Returns:
-        ``{"classes": {"c": {"min_volume_mm3", "keep_largest", "dice_before", "dice_after"}}}``: a
-        class whose rules would not raise its Dice gets ``min_volume_mm3 = 0`` and ``keep_largest = 0`` (off).
+        ``{"classes": {"c": {"min_volume_mm3", "keep_largest", "drop", "dice_before", "dice_after"}}}``: a
+        class whose rules would not raise its Dice gets ``min_volume_mm3 = 0`` and ``keep_largest = 0`` (off);
+        ``drop`` removes a class that no validation reference holds but the network predicts.
     """
     rules: dict[str, Any] = {}
     for c in range(1, num_classes):
         cases = [_components(p, r, c) for p, r in zip(predictions, references)]
         before = _mean_dice(cases, voxel_mm3, 0.0, 0)
         # candidate thresholds: midway between consecutive predicted component volumes (the widest
-        # margin on both sides), and twice the largest (dropping the class altogether)
+        # margin on both sides); the largest component of a case always stays (_kept)
         volumes = sorted({float(s) * v for comp, v in zip(cases, voxel_mm3) for s in comp.sizes})
         best_mm3, best = 0.0, before
-        for threshold in [(a + b) / 2 for a, b in zip(volumes, volumes[1:])] + [2 * v for v in volumes[-1:]]:
+        for threshold in [(a + b) / 2 for a, b in zip(volumes, volumes[1:])]:
             score = _mean_dice(cases, voxel_mm3, threshold, 0)
             if score > best + 1e-12:
                 best_mm3, best = threshold, score
+        drop = False
+        if not any(comp.reference for comp in cases) and any(comp.sizes.size for comp in cases):
+            # in no validation reference, yet predicted: every prediction of it is false (nnU-Net drops it too)
+            drop, best = True, 1.0
         keep = 0
         counts = {int(ndimage.label(r == c, structure=_STRUCTURE)[1]) for r in references}
         if len(counts) == 1 and (k := counts.pop()) > 0:  # the anatomy has k components in every case
             score = _mean_dice(cases, voxel_mm3, best_mm3, k)
-            if score > best + 1e-12:
+            if not drop and score > best + 1e-12:
                 keep, best = k, score
         rules[str(c)] = {
             "min_volume_mm3": round(best_mm3, 3),
             "keep_largest": keep,
+            "drop": drop,
             "dice_before": round(before, 6),
             "dice_after": round(best, 6),
         }
@@ -110,11 +121,18 @@ def apply_postprocessing(labels: np.ndarray, rules: dict[str, Any] | None, voxel
     """
     if not rules or not rules.get("classes"):
         return labels
-    active = {int(c): r for c, r in rules["classes"].items() if r["min_volume_mm3"] > 0 or r["keep_largest"] > 0}
+    active = {
+        int(c): r
+        for c, r in rules["classes"].items()
+        if r["min_volume_mm3"] > 0 or r["keep_largest"] > 0 or r.get("drop", False)
+    }
     if not active:
         return labels
     out = np.array(labels, copy=True)
     for c, rule in active.items():
+        if rule.get("drop", False):
+            out[out == c] = 0
+            continue
         labelled, n = ndimage.label(out == c, structure=_STRUCTURE)
         if n == 0:
             continue
@@ -173,6 +191,8 @@ def describe(rules: dict[str, Any] | None) -> str:
             )
         if r["keep_largest"] > 0:
             rule.append(f"keep the {r['keep_largest']} largest")
+        if r.get("drop", False):
+            rule.append("drop the class (in no validation reference)")
         lines.append(
             f"class {c}: {', '.join(rule) or 'none'} (validation Dice {r['dice_before']:.3f} -> {r['dice_after']:.3f})"
         )

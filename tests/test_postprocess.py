@@ -34,8 +34,9 @@ def test_speckles_are_dropped_at_the_volume_between_them_and_the_true_structure(
     cleaned = apply_postprocessing(prediction, rules, voxel_mm3=8.0)
     np.testing.assert_array_equal(cleaned, reference)
     assert prediction[SPECKLE_A].all()  # the input is not modified
-    # the rule is a volume: on a grid of 1 mm^3 voxels the 27-voxel cube (27 mm^3) is under it and goes too
-    assert apply_postprocessing(prediction, rules, voxel_mm3=1.0).max() == 0
+    # the rule is a volume: on a grid of 1 mm^3 voxels the 27-voxel cube (27 mm^3) is under it too, but the
+    # largest component of a class always stays: a size rule removes speckles, never the structure
+    np.testing.assert_array_equal(apply_postprocessing(prediction, rules, voxel_mm3=1.0), reference)
 
 
 def test_keep_the_k_largest_where_a_size_threshold_would_cut_true_components():
@@ -66,18 +67,25 @@ def test_no_rule_when_nothing_would_improve_and_other_classes_are_untouched():
     reference = _box((12, 12, 12), (CUBE, 1), (SPECKLE_A, 2))
     prediction = reference.copy()
     rules = learn_postprocessing([prediction], [reference], voxel_mm3=[1.0], num_classes=3)
-    assert rules["classes"]["1"] == {"min_volume_mm3": 0.0, "keep_largest": 0, "dice_before": 1.0, "dice_after": 1.0}
+    assert rules["classes"]["1"] == {
+        "min_volume_mm3": 0.0,
+        "keep_largest": 0,
+        "drop": False,
+        "dice_before": 1.0,
+        "dice_after": 1.0,
+    }
     assert rules["classes"]["2"]["min_volume_mm3"] == 0.0
     assert apply_postprocessing(prediction, rules, 1.0) is prediction
     assert apply_postprocessing(prediction, None, 1.0) is prediction
 
 
-def test_a_class_that_is_only_ever_false_is_dropped_entirely():
+def test_a_class_in_no_validation_reference_is_dropped_entirely():
     reference = _box((18, 18, 18), (CUBE, 1))
     prediction = _box((18, 18, 18), (CUBE, 1), (SPECKLE_B, 2))
     rules = learn_postprocessing([prediction], [reference], voxel_mm3=[1.0], num_classes=3)
-    assert rules["classes"]["2"]["min_volume_mm3"] == pytest.approx(4.0)  # twice the largest (2-voxel) component
+    assert rules["classes"]["2"]["drop"] is True and rules["classes"]["1"]["drop"] is False
     assert rules["classes"]["2"]["dice_before"] == 0.0 and rules["classes"]["2"]["dice_after"] == 1.0
+    assert "class 2: drop the class (in no validation reference)" in describe(rules)
     np.testing.assert_array_equal(apply_postprocessing(prediction, rules, 1.0), reference)
 
 
@@ -113,10 +121,11 @@ def test_training_stores_the_rules_and_infer_and_rank_apply_them(make_cohort, tm
     learned = read_teacher_file(run)["extra"]["postprocessing"]
     assert set(learned["classes"]) == {"1", "2"}
     assert all(r["dice_after"] >= r["dice_before"] for r in learned["classes"].values())
-    # a rule that drops every component of every class (no scan holds 10^9 mm^3) shows that infer applies it
+    # a rule that drops both classes shows that infer applies it
     drop_all = {
         "classes": {
-            c: {"min_volume_mm3": 1e9, "keep_largest": 0, "dice_before": 0.0, "dice_after": 0.0} for c in ("1", "2")
+            c: {"min_volume_mm3": 0.0, "keep_largest": 0, "drop": True, "dice_before": 0.0, "dice_after": 0.0}
+            for c in ("1", "2")
         }
     }
     update_teacher_extra(run / "teacher.pt", postprocessing=drop_all)
