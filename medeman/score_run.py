@@ -45,10 +45,8 @@ def segment_and_score(
     Returns:
         ``(case results, EvaluationSummary)``; print ``summary.table()`` for the table.
     """
-    if isinstance(model, (str, Path)):
-        net, cfg, _ = load_teacher(model)
-        model = (net, cfg)
-    cfg = model[1]
+    # a run folder goes to infer_cases as it is, so the masks are exactly medeman infer's (its post-processing included)
+    cfg = load_teacher(model)[1] if isinstance(model, (str, Path)) else model[1]
     class_names = config_names(cfg) if class_names is None else class_names
     lesion_classes = config_lesions(cfg) if lesion_classes is None else lesion_classes
     results = infer_cases(model, images_dir, output_dir, **infer_options)

@@ -144,6 +144,11 @@ def test_training_stores_the_rules_and_infer_and_rank_apply_them(make_cohort, tm
     assert (read_volume(tmp_path / "clean" / "scan0.nii.gz")[0] == 0).all()
     rows, _ = rank_cases(run, root / "unlabeled", None, strategy="random", progress=False)
     assert rows[0]["volume_ml_c1"] == 0.0  # rank scores the post-processed mask
+    # and the demo's segment_and_score writes (and scores) exactly the masks medeman infer writes
+    from medeman.score_run import segment_and_score
+
+    segment_and_score(run, root / "unlabeled", None, tmp_path / "demo", progress=False)
+    assert (read_volume(tmp_path / "demo" / "scan0.nii.gz")[0] == 0).all()
 
 
 def test_evaluate_reports_before_and_after_a_models_post_processing(tmp_path, volume_writer, capsys):
