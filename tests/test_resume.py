@@ -89,6 +89,21 @@ def test_a_run_stopped_at_max_steps_and_resumed_longer_equals_the_uninterrupted_
     assert [int(r["step"]) for r in _rows(parts) if r["val/dice_teacher"]] == [3, 7]  # after steps 4 and 8
 
 
+def _cli_run_of_4_steps(cohort, run):
+    """Train a 4-step run into ``run`` through ``medeman train``; return the CLI's data and output arguments."""
+    args = [
+        "--labeled",
+        str(cohort / "labeled"),
+        "--unlabeled",
+        str(cohort / "unlabeled"),
+        "--out",
+        str(run),
+        "--no-progress",
+    ]
+    assert main(args + [x for s in TINY + ["train.max_steps=4"] for x in ("--set", s)]) == 0
+    return args
+
+
 def _without_threads_line(err: str) -> str:
     """stderr less the one line that says how many torch threads the process took (medeman.threads)."""
     return "".join(line for line in err.splitlines(keepends=True) if not line.startswith("threads: "))
@@ -170,16 +185,7 @@ def test_a_resume_that_changes_data_or_model_settings_is_refused_and_leaves_the_
     cohort, tmp_path, capsys, changed, named
 ):
     run = tmp_path / "run"
-    args = [
-        "--labeled",
-        str(cohort / "labeled"),
-        "--unlabeled",
-        str(cohort / "unlabeled"),
-        "--out",
-        str(run),
-        "--no-progress",
-    ]
-    assert main(args + [x for s in TINY + ["train.max_steps=4"] for x in ("--set", s)]) == 0
+    args = _cli_run_of_4_steps(cohort, run)
     before = _files(run)
     capsys.readouterr()
     assert main(args + ["--resume"] + [x for s in changed for x in ("--set", s)]) == 2
@@ -291,16 +297,7 @@ def test_changed_settings_lists_each_differing_key():
 def test_a_checkpoint_that_does_not_fit_the_network_is_refused_in_one_line(cohort, tmp_path, capsys):
     """A config.yaml edited by hand passes the settings check; the checkpoint's tensors still must fit."""
     run = tmp_path / "run"
-    args = [
-        "--labeled",
-        str(cohort / "labeled"),
-        "--unlabeled",
-        str(cohort / "unlabeled"),
-        "--out",
-        str(run),
-        "--no-progress",
-    ]
-    assert main(args + [x for s in TINY + ["train.max_steps=4"] for x in ("--set", s)]) == 0
+    args = _cli_run_of_4_steps(cohort, run)
     config = run / "config.yaml"
     config.write_text(config.read_text().replace("channels: [4, 8]", "channels: [4, 16]"))
     before = _files(run)
