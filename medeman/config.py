@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import yaml
 
-from medeman.classes import lesion_classes
+from medeman.classes import names_by_value, resolve_classes
 
 
 class _Loader(yaml.SafeLoader):
@@ -508,8 +508,10 @@ def validate(cfg: dict) -> dict:
         )
     ):
         raise ConfigError(f"data.labels: {names!r} must be null or a map from label values 0..num_classes-1 to names")
-    try:
-        lesion_classes(cfg)
+    try:  # the dict's own values: classes.lesion_classes reads a checked Config
+        resolve_classes(
+            cfg["data"]["lesion_classes"], names_by_value(names), cfg["data"]["num_classes"], "data.lesion_classes"
+        )
     except ValueError as err:
         raise ConfigError(str(err)) from None
     for key in ("patch_size",):
