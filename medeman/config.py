@@ -493,8 +493,11 @@ def validate(cfg: dict) -> dict:
         raise ConfigError(
             f"ssl.teacher_bn_refresh_every: {cfg['ssl']['teacher_bn_refresh_every']!r} must be 0 (never) or a number of steps"
         )
+    from medeman.typed_config import frozen  # the methods' rules read the converted values as attributes
+
+    typed = frozen(cfg)
     for check in _OPTION_CHECKS:  # rules between a method's own keys and others (its keys are in every config)
-        check(cfg)
+        check(typed)
     thr = cfg["ssl"]["pseudo_label_threshold"]
     if thr is not None and not (isinstance(thr, (int, float)) and 0.0 <= thr <= 1.0):
         raise ConfigError(f"ssl.pseudo_label_threshold: {thr!r} must be null or a number in [0, 1]")
@@ -538,7 +541,7 @@ def validate(cfg: dict) -> dict:
     _validate_small_structures(cfg)
     method_check = _METHOD_CHECKS.get(cfg["ssl"]["method"])
     if method_check is not None:  # e.g. a teacher method's teacher_norm=eman needs BatchNorm
-        method_check(cfg)
+        method_check(typed)
     _validate_tune(cfg)
     return cfg
 
@@ -604,8 +607,8 @@ _VALUE_RULES: list[tuple[str, Any, str]] = [
 ]
 # filled by register_method_options: cross-key rules of methods' own keys (every config), and each method's
 # rules for a config that trains with it
-_OPTION_CHECKS: list[Callable[[dict], None]] = []
-_METHOD_CHECKS: dict[str, Callable[[dict], None]] = {}
+_OPTION_CHECKS: list[Callable[[Any], None]] = []  # each called with a medeman.typed_config.Config
+_METHOD_CHECKS: dict[str, Callable[[Any], None]] = {}
 _METHOD_SUMMARIES: dict[str, str] = {}
 
 
@@ -624,8 +627,9 @@ def register_method_options(
         summary: one line for ``ssl.method``'s help (and so ``configs/default.yaml``).
         options: the method's own ``ssl`` keys, flat (``bcp_box_fraction``), by name.
         rules: ``(key, holds, requirement)`` value rules of those keys, as :data:`_VALUE_RULES`' (key without ``ssl.``).
-        option_check: rules between the method's keys and others, checked for every config (ConfigError).
-        method_check: rules for a config that trains with ``method`` (ConfigError).
+        option_check: rules between the method's keys and others, checked for every config (ConfigError);
+            called with the :class:`~medeman.typed_config.Config` of the converted values.
+        method_check: rules for a config that trains with ``method`` (ConfigError), called likewise.
 
     Raises:
         ValueError: a key another method or the schema already declares differently.
@@ -784,9 +788,11 @@ def load_config(paths: Iterable[str | Path] = (), sets: Iterable[str] = ()) -> d
     return validate(cfg)
 
 
-def render_yaml(cfg: dict | None = None) -> str:
-    """Render a config as YAML with each key's one-line meaning as a comment."""
-    cfg = default_config() if cfg is None else cfg
+def render_yaml(cfg: Any = None) -> str:
+    """Render a config (a dict or a :class:`~medeman.typed_config.Config`) as YAML with each key's one-line meaning as a comment."""
+    from medeman.typed_config import Config
+
+    cfg = default_config() if cfg is None else cfg.to_dict() if isinstance(cfg, Config) else cfg
     lines = ["# medeman configuration: every key, its default and its meaning (rendered from medeman/config.py)."]
     for section, options in SCHEMA.items():
         lines.append(f"{section}:")
@@ -800,6 +806,6 @@ def render_yaml(cfg: dict | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def save_config(cfg: dict, path: str | Path) -> None:
-    """Write the resolved config as commented YAML."""
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config (a dict or a :class:`~medeman.typed_config.Config`) as commented YAML."""
     Path(path).write_text(render_yaml(cfg), encoding="utf-8")

@@ -112,5 +112,12 @@ def as_config(cfg: Config | Mapping[str, Mapping[str, Any]]) -> Config:
     """
     if isinstance(cfg, Config):
         return cfg
-    checked = validate(merge(default_config(), copy.deepcopy(dict(cfg))))
+    return frozen(validate(merge(default_config(), copy.deepcopy(dict(cfg)))))
+
+
+def frozen(checked: Mapping[str, Mapping[str, Any]]) -> Config:
+    """A dict whose values :func:`~medeman.config.validate` converted, as a :class:`Config`, without checking it again.
+
+    For the rules :func:`~medeman.config.validate` runs on the typed values (the methods' ``check_config``).
+    """
     return Config(**{section: _section_from_dict(section, checked[section]) for section in SCHEMA})

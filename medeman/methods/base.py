@@ -22,6 +22,7 @@ from torch import nn
 from medeman.config import ConfigError, Option
 from medeman.eman import EMANTeacher, tracked_batchnorms
 from medeman.schedules import RunSchedule, run_schedule
+from medeman.typed_config import Config, as_config
 
 if TYPE_CHECKING:  # the module imports the methods, not the other way round (no import circle)
     from medeman.module import SSLSegModule
@@ -52,27 +53,27 @@ class Method:
     option_rules: tuple[tuple[str, Callable[[Any], bool], str], ...] = ()
 
     @classmethod
-    def check_options(cls, cfg: dict[str, Any]) -> None:
+    def check_options(cls, cfg: Config) -> None:
         """Rules between this class's own :attr:`options` and other keys, checked for every config (they are in every one).
 
         Value rules of one key alone go in :attr:`option_rules` (``(key, holds, requirement)``).
         """
 
     @classmethod
-    def check_config(cls, cfg: dict[str, Any]) -> None:
+    def check_config(cls, cfg: Config) -> None:
         """Rules between config keys for a config that trains with this method (``ConfigError``), checked at load time."""
 
-    def __init__(self, cfg: dict[str, Any]):
-        self.cfg = cfg
-        self.ssl = cfg["ssl"]
-        self.schedule: RunSchedule = run_schedule(cfg)
+    def __init__(self, cfg: Config | dict[str, Any]):
+        self.cfg = as_config(cfg)
+        self.ssl = self.cfg.ssl  # the method's own options too (e.g. self.ssl.bcp_box_fraction)
+        self.schedule: RunSchedule = run_schedule(self.cfg)
 
     @property
     def uses_unlabeled(self) -> bool:
         """Whether training draws unlabeled batches."""
         return bool(self.unlabeled_views)
 
-    def check(self, cfg: dict[str, Any], has_unlabeled: bool) -> None:
+    def check(self, cfg: Config | dict[str, Any], has_unlabeled: bool) -> None:
         """Refuse a config or input this method cannot train with (``ConfigError``), before any data is read.
 
         Rules between config keys alone (e.g. ``teacher_norm: eman`` needs BatchNorm) live in
@@ -153,16 +154,16 @@ class TeacherMethod(Method):
     """
 
     @classmethod
-    def check_config(cls, cfg: dict[str, Any]) -> None:
+    def check_config(cls, cfg: Config) -> None:
         """EMAN averages BatchNorm running statistics: a teacher with ``teacher_norm: eman`` needs a BatchNorm student."""
-        if cfg["ssl"]["teacher_norm"] == "eman" and cfg["model"]["norm"] != "batch":
+        if cfg.ssl.teacher_norm == "eman" and cfg.model.norm != "batch":
             raise ConfigError(
-                f"ssl.teacher_norm=eman needs a BatchNorm network, but model.norm={cfg['model']['norm']} "
+                f"ssl.teacher_norm=eman needs a BatchNorm network, but model.norm={cfg.model.norm} "
                 "(InstanceNorm has no running statistics for EMAN to average): set model.norm=batch, "
                 "or ssl.teacher_norm=ema (a plain weight-EMA teacher)"
             )
 
-    def __init__(self, cfg: dict[str, Any]):
+    def __init__(self, cfg: Config | dict[str, Any]):
         super().__init__(cfg)
         self._recalibrated: dict[
             str, Any
@@ -188,7 +189,7 @@ class TeacherMethod(Method):
         teacher.update(module.student)
         if teacher.updates == self.teacher_start_step() > 0:
             self.start_teacher_from_student(module)
-        every = int(self.ssl["teacher_bn_refresh_every"])
+        every = self.ssl.teacher_bn_refresh_every
         if every > 0 and teacher.updates % every == 0 and tracked_batchnorms(teacher.network):
             self.refresh_teacher_statistics(module)
 
@@ -221,7 +222,7 @@ class TeacherMethod(Method):
     def _recalibrates(self, module: SSLSegModule, when: str) -> bool:
         if not tracked_batchnorms(self.teacher.network):
             return False
-        mode = self.ssl["teacher_bn_recalibration"]
+        mode = self.ssl.teacher_bn_recalibration
         if mode == "best":  # validate both; export what won the last validation
             return when == "validation" or self.chosen_statistics == "recalibrated"
         return mode == "always" or (mode == "export" and when == "export")
@@ -245,7 +246,7 @@ class TeacherMethod(Method):
         teacher = self.recalibrated_teacher(module) if self._recalibrates(module, "validation") else None
         if teacher is not None:
             nets["teacher"] = teacher
-            if self._compare_raw_teacher or self.ssl["teacher_bn_recalibration"] == "best":
+            if self._compare_raw_teacher or self.ssl.teacher_bn_recalibration == "best":
                 nets["teacher_raw"] = (
                     self.teacher.network
                 )  # with its EMA'd (or own) statistics: the first time, or every time to choose
@@ -264,9 +265,9 @@ class TeacherMethod(Method):
         """
         if "teacher_raw" not in results:
             return results, None
-        held = "EMA'd" if self.ssl["teacher_norm"] == "eman" else "own"
+        held = "EMA'd" if self.ssl.teacher_norm == "eman" else "own"
         raw, recalibrated = mean_dice(results["teacher_raw"]), mean_dice(results["teacher"])
-        mode = self.ssl["teacher_bn_recalibration"]
+        mode = self.ssl.teacher_bn_recalibration
         note = ""
         if mode == "best":
             results = {**results, "teacher_recalibrated": results["teacher"]}
@@ -297,4 +298,4 @@ class TeacherMethod(Method):
             net = self.recalibrated_teacher(module)
             if net is not None:
                 return net, "recalibrated"
-        return self.teacher.network, "ema" if self.ssl["teacher_norm"] == "eman" else "batch"
+        return self.teacher.network, "ema" if self.ssl.teacher_norm == "eman" else "batch"

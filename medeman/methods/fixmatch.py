@@ -57,14 +57,14 @@ class FixMatch(MeanTeacher):
         self, module: SSLSegModule, strong_logits: torch.Tensor, weak: torch.Tensor, logs: dict
     ) -> torch.Tensor:
         teacher_probs = module.teacher_probs(weak)
-        labels, mask = voxel_pseudo_labels(teacher_probs, float(self.ssl["fixmatch_threshold"]))
+        labels, mask = voxel_pseudo_labels(teacher_probs, self.ssl.fixmatch_threshold)
         pseudo = masked_cross_entropy(strong_logits, labels, mask, "all") + masked_dice(strong_logits, labels, mask)
         logs["loss/pseudo_label"] = pseudo.detach()
         logs["ssl/pseudo_label_fraction"] = mask.float().mean()
         if module.writes_training_logs():  # one device sync, at logging steps only
             log_pseudo_label_classes(labels, mask, module.num_classes, logs, self.pseudo_label_loss.adaptive_thresholds)
-        weight = float(self.ssl["fixmatch_consistency_weight"])
-        consistency = CONSISTENCY_LOSSES.get(self.ssl["consistency"])
+        weight = self.ssl.fixmatch_consistency_weight
+        consistency = CONSISTENCY_LOSSES.get(self.ssl.consistency)
         if weight > 0 and consistency is not None:
             soft = consistency(strong_logits, teacher_probs)
             logs["loss/consistency"] = soft.detach()

@@ -12,9 +12,10 @@ is one file, inside the package or out of it::
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Mapping, TypeVar
 
 from medeman.config import ConfigError, register_method_options
+from medeman.typed_config import Config
 
 if TYPE_CHECKING:
     from medeman.methods.base import Method
@@ -47,9 +48,10 @@ def register_method(name: str) -> Callable[[_M], _M]:
     return decorator
 
 
-def build_method(cfg: dict[str, Any]) -> Method:
-    """The method object of ``cfg["ssl"]["method"]``."""
-    name = cfg["ssl"]["method"]
+def build_method(cfg: Config | Mapping[str, Any]) -> Method:
+    """The method object of ``ssl.method`` (a dict is checked and frozen by the method, :func:`~medeman.typed_config.as_config`)."""
+    # the name before the dict is checked: an unknown one gets the registry's answer
+    name = cfg.ssl.method if isinstance(cfg, Config) else cfg["ssl"]["method"]
     if name not in METHODS:
         raise ConfigError(f"ssl.method: unknown method {name!r}; registered: {', '.join(METHODS)}")
     return METHODS[name](cfg)

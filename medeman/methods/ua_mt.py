@@ -65,13 +65,13 @@ class UAMT(MeanTeacher):
         probs = stochastic_mean_probs(
             lambda x: main_output(teacher(x)),
             weak,
-            passes=int(ssl["ua_mt_passes"]),
-            noise_std=float(ssl["ua_mt_noise_std"]),
-            noise_clip=float(ssl["ua_mt_noise_clip"]),
+            passes=ssl.ua_mt_passes,
+            noise_std=ssl.ua_mt_noise_std,
+            noise_clip=ssl.ua_mt_noise_clip,
         )
         step = max(module.global_step - self.schedule.warmup_steps, 0)
         threshold = uncertainty_threshold(
-            step, self.schedule.rampup_steps, module.num_classes, float(ssl["ua_mt_threshold_start"])
+            step, self.schedule.rampup_steps, module.num_classes, ssl.ua_mt_threshold_start
         )
         certain = predictive_entropy(probs) < threshold
         loss = uncertainty_masked_mse(strong_logits, probs, certain)
