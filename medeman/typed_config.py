@@ -36,7 +36,7 @@ class Section:
 
     def to_dict(self) -> dict[str, Any]:
         """The section's keys and values as a plain dict (tuples as lists, read-only mappings as dicts)."""
-        return {field.name: _thaw(getattr(self, field.name)) for field in dataclasses.fields(self)}
+        return {field.name: plain(getattr(self, field.name)) for field in dataclasses.fields(self)}
 
     def __reduce__(self) -> tuple:
         # the section types are made at run time, so pickling (loader workers, deepcopy) goes through the values
@@ -70,11 +70,12 @@ def _freeze(value: Any) -> Any:
     return value
 
 
-def _thaw(value: Any) -> Any:
+def plain(value: Any) -> Any:
+    """A config value as plain data again: tuples as lists, read-only mappings as dicts (for JSON, YAML and text)."""
     if isinstance(value, tuple):
-        return [_thaw(v) for v in value]
+        return [plain(v) for v in value]
     if isinstance(value, Mapping):
-        return {k: _thaw(v) for k, v in value.items()}
+        return {k: plain(v) for k, v in value.items()}
     return value
 
 
