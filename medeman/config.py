@@ -21,6 +21,9 @@ from typing import Any, Callable, Iterable, Mapping
 import yaml
 
 from medeman.classes import names_by_value, resolve_classes
+from medeman.eman import NORMS, SCHEDULES
+from medeman.losses import CONSISTENCY_LOSSES, PSEUDO_LABEL_REDUCTIONS
+from medeman.nets import NETWORKS
 
 
 class _Loader(yaml.SafeLoader):
@@ -208,7 +211,7 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "name": Option(
             "unet",
             "student architecture from MONAI, always built with BatchNorm",
-            ("unet", "basicunet", "vnet", "segresnet", "dynunet"),
+            NETWORKS,
         ),
         "channels": Option(
             [16, 32, 64, 128, 256],
@@ -227,7 +230,7 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "teacher_norm": Option(
             "eman",
             "teacher normalization: eman (EMA'd running statistics, Cai et al. 2021), bn (batch statistics, classic mean teacher) or ema (weight EMA only, for networks without BatchNorm, e.g. model.norm=instance)",
-            ("eman", "bn", "ema"),
+            NORMS,
         ),
         "teacher_bn_recalibration": Option(
             "off",
@@ -249,7 +252,7 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "momentum_schedule": Option(
             "window",
             "EMA momentum over the run: constant (ema_momentum), cosine (BYOL: from ema_momentum to 1 over train.max_steps) or window (m = 1 - 1/(momentum_window * train.max_steps))",
-            ("constant", "cosine", "window"),
+            SCHEDULES,
         ),
         "momentum_window": Option(
             0.1, "window schedule: the teacher averages over about this fraction of train.max_steps"
@@ -258,7 +261,9 @@ SCHEMA: dict[str, dict[str, Option]] = {
             True, "use min(1 - 1/(step+1), scheduled momentum) so the teacher follows the student early on"
         ),
         "consistency": Option(
-            "mse", "consistency loss between student and teacher softmax: mse, kl or none", ("mse", "kl", "none")
+            "mse",
+            "consistency loss between student and teacher softmax: mse, kl or none",
+            (*CONSISTENCY_LOSSES, "none"),
         ),
         "consistency_weight": Option(1.0, "weight lambda of the unsupervised losses at the end of the ramp-up"),
         "pseudo_label_threshold": Option(
@@ -281,7 +286,7 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "pseudo_label_reduction": Option(
             "all",
             "pseudo-label cross-entropy averaged over all voxels, (ce * mask).mean() as FixMatch/EMAN, or over the kept voxels only",
-            ("all", "kept"),
+            PSEUDO_LABEL_REDUCTIONS,
         ),
         "rampup_steps": Option(
             None,

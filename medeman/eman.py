@@ -55,6 +55,7 @@ from medeman.distributed_bn import average_bn_statistics
 if TYPE_CHECKING:
     from medeman.typed_config import Config
 
+# the choices of ssl.teacher_norm and ssl.momentum_schedule (medeman.config takes them from here)
 NORMS = ("eman", "bn", "ema")
 SCHEDULES = ("constant", "cosine", "window")
 _NORM_ATTR = "medeman_teacher_norm"

@@ -34,6 +34,7 @@ from tqdm import tqdm
 from medeman.cases import SUFFIXES, Case, CaseError, find_cases, one_line, prepare_output_dir, preprocess_case
 from medeman.checkpoint import ModelFileError, load_teacher
 from medeman.classes import class_names, lesion_classes
+from medeman.config import SCHEMA
 from medeman.data.readers import image_suffix, read_geometry, voxel_spacing, write_volume
 from medeman.data.transforms import preprocessing
 from medeman.labels import argmax_labels, label_dtype
@@ -336,7 +337,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--sw-batch-size", type=int, help="sliding-window patches per forward pass (default: config)")
     parser.add_argument("--overlap", type=float, help="sliding-window overlap in [0, 1) (default: config)")
-    parser.add_argument("--precision", choices=("32", "bf16"), help="bf16 autocast where supported (default: config)")
+    parser.add_argument(
+        "--precision",
+        choices=SCHEMA["infer"]["precision"].choices,
+        help="bf16 autocast where supported (default: config)",
+    )
     parser.add_argument(
         "--format",
         choices=("nifti", "nrrd", "dicom-seg"),

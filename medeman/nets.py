@@ -13,14 +13,16 @@ only the full-resolution logits.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from monai.networks.nets import BasicUNet, DynUNet, SegResNet, UNet, VNet
 from torch import nn
 
-from medeman.typed_config import Config, as_config
+if TYPE_CHECKING:
+    from medeman.typed_config import Config
 
+# the choices of model.name (medeman.config takes them from here)
 NETWORKS = ("unet", "basicunet", "vnet", "segresnet", "dynunet")
 
 
@@ -34,6 +36,8 @@ def build_network(cfg: Config | dict[str, Any]) -> nn.Module:
         A MONAI 3D network with BatchNorm that maps ``(B, in_channels, X, Y, Z)`` to
         ``(B, num_classes, X, Y, Z)`` logits.
     """
+    from medeman.typed_config import as_config  # imported late: medeman.config imports NETWORKS
+
     cfg = as_config(cfg)
     definition = network_definition(cfg)
     kwargs = {k: v for k, v in definition.items() if k != "_target_"}
@@ -57,6 +61,8 @@ def network_definition(cfg: Config | dict[str, Any]) -> dict[str, Any]:
     ``medeman export --format bundle`` writes it as the bundle's ``network_def``, so a bundle
     rebuilds the very network medeman trained with MONAI alone (plain JSON values only).
     """
+    from medeman.typed_config import as_config
+
     cfg = as_config(cfg)
     model, data = cfg.model, cfg.data
     name = model.name
@@ -162,6 +168,8 @@ def _basicunet_features(channels: list[int]) -> list[int]:
 
 def size_divisor(cfg: Config | dict[str, Any]) -> int:
     """The factor every patch side must be divisible by for the network's down-sampling."""
+    from medeman.typed_config import as_config
+
     model = as_config(cfg).model
     name, levels = model.name, len(model.channels)
     if name == "vnet":
