@@ -21,6 +21,7 @@ from torch import nn
 
 from medeman.config import ConfigError, Option
 from medeman.eman import EMANTeacher, tracked_batchnorms
+from medeman.methods.options import read_options
 from medeman.schedules import RunSchedule, run_schedule
 from medeman.typed_config import Config, as_config
 
@@ -39,6 +40,10 @@ class Method:
             (``()``: the method uses no unlabeled scans; ``("weak", "strong")``: a voxel-aligned pair).
         teacher: the teacher object (:meth:`make_teacher`), or ``None``.
         summary: one line for ``ssl.method``'s help.
+        option_type: a frozen dataclass of the method's own options (:mod:`medeman.methods.options`);
+            registering the class makes its fields the keys ``ssl.<name>_<field>`` and fills
+            :attr:`options` and :attr:`option_rules` from it.
+        own_options: an ``option_type`` object with this config's values (``None`` without one).
         options: the method's own ``ssl`` keys (flat names, e.g. ``bcp_box_fraction``), added to
             the config schema when the class is registered.
         option_rules: ``(key, holds, requirement)`` value rules of those keys (``ssl.key: value
@@ -49,6 +54,9 @@ class Method:
     unlabeled_views: tuple[str, ...] = ()
     teacher: EMANTeacher | None = None
     summary = "labeled data only, the baseline"
+    option_type: type | None = None
+    option_prefix = ""  # the registered name of the class that declared option_type
+    own_options: Any = None
     options: dict[str, Option] = {}
     option_rules: tuple[tuple[str, Callable[[Any], bool], str], ...] = ()
 
@@ -67,6 +75,8 @@ class Method:
         self.cfg = as_config(cfg)
         self.ssl = self.cfg.ssl  # the method's own options too (e.g. self.ssl.bcp_box_fraction)
         self.schedule: RunSchedule = run_schedule(self.cfg)
+        if self.option_type is not None:
+            self.own_options = read_options(self.option_prefix, self.option_type, self.ssl)
 
     @property
     def uses_unlabeled(self) -> bool:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable, Mapping, TypeVar
 
 from medeman.config import ConfigError, register_method_options
+from medeman.methods.options import schema_options
 from medeman.typed_config import Config
 
 if TYPE_CHECKING:
@@ -27,20 +28,30 @@ _M = TypeVar("_M", bound="type[Method]")
 def register_method(name: str) -> Callable[[_M], _M]:
     """Class decorator: register a method under the ``ssl.method`` value ``name``, with its own config keys.
 
-    The class's ``name`` becomes ``name``; its ``summary``, and the ``options``, ``option_rules`` and
-    ``check_options`` it defines itself (not inherited ones), go into :mod:`medeman.config`'s schema.
+    The class's ``name`` becomes ``name``; its ``summary``, and the options and ``check_options`` it
+    defines itself (not inherited ones), go into :mod:`medeman.config`'s schema. Options are a frozen
+    dataclass ``option_type`` (:mod:`medeman.methods.options`: its fields become the keys
+    ``ssl.<name>_<field>``, read typed as ``Method.own_options``) or flat ``options`` and ``option_rules``.
     """
 
     def decorator(cls: _M) -> _M:
         own = vars(cls)
+        options, rules = own.get("options", {}), own.get("option_rules", ())
+        if "option_type" in own:
+            derived = "option_prefix" in own  # filled by an earlier registration of this class
+            if ("options" in own or "option_rules" in own) and not derived:
+                raise ValueError(f"method {name}: declare its options as option_type or as options, not both")
+            options, rules = schema_options(name, cls.option_type)
         register_method_options(  # first: a clash leaves nothing registered
             name,
             cls.summary,
-            own.get("options", {}),
-            own.get("option_rules", ()),
+            options,
+            rules,
             option_check=cls.check_options if "check_options" in own else None,
             method_check=cls.check_config,
         )
+        if "option_type" in own:  # the flat keys, as a method declaring options has them; read back under this name
+            cls.options, cls.option_rules, cls.option_prefix = options, rules, name
         cls.name = name
         METHODS[name] = cls
         return cls
