@@ -282,7 +282,7 @@ def objective(
     trial.set_user_attr("run_dir", str(run_dir.resolve()))
     reporter = TrialReporter(trial, cfg.tune.objective_last_k, *validation_schedule(cfg))
     config = trial_config(cfg, params)  # a dict: the cache folder is written into it
-    if config["data"]["cache"] == "disk" and config["data"]["cache_dir"] is None:
+    if cfg.data.cache == "disk" and cfg.data.cache_dir is None:
         config["data"]["cache_dir"] = str((Path(out_dir) / "cache").resolve())
     try:
         train_fn(
