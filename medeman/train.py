@@ -271,9 +271,8 @@ def fit(
         cfg
     )  # built once: its checks, the DataModule's views and the module's training all come from it
     method.check(cfg, has_unlabeled=unlabeled is not None)
-    typed = as_config(
-        cfg
-    )  # types, choices and the rules between keys (config.validate), also for a config built in code
+    # types, choices and the rules between keys (config.validate), also for a config built in code
+    typed = as_config(cfg)
     prepare_run_dir(out_dir, resume, overwrite, keep)
     resume_step, changes = None, {}
     if resume:  # before anything in the run folder is written

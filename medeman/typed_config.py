@@ -121,4 +121,9 @@ def frozen(checked: Mapping[str, Mapping[str, Any]]) -> Config:
 
     For the rules :func:`~medeman.config.validate` runs on the typed values (the methods' ``check_config``).
     """
-    return Config(**{section: _section_from_dict(section, checked[section]) for section in SCHEMA})
+    return Config(
+        **{
+            section: _section_from_dict(section, {key: checked[section][key] for key in options})
+            for section, options in SCHEMA.items()
+        }
+    )
