@@ -29,6 +29,7 @@ from torch import nn
 
 from medeman.classes import class_names, lesion_classes
 from medeman.nets import network_definition
+from medeman.typed_config import Config, as_config, plain
 
 # verify_metadata downloads this schema; the bundle names it as every MONAI model-zoo bundle does
 METADATA_SCHEMA = (
@@ -37,28 +38,27 @@ METADATA_SCHEMA = (
 INPUT_PATTERNS = ("*.nii.gz", "*.nii")  # what MONAI's LoadImaged reads without ITK
 
 
-def channel_names(cfg: dict) -> dict[str, str]:
+def channel_names(cfg: Config | dict) -> dict[str, str]:
     """Output channel -> class name (``class 2`` where unnamed), background first, as bundle metadata keys."""
+    cfg = as_config(cfg)
     names = class_names(cfg)
-    return {
-        str(c): "background" if c == 0 else names.get(c, f"class {c}") for c in range(int(cfg["data"]["num_classes"]))
-    }
+    return {str(c): "background" if c == 0 else names.get(c, f"class {c}") for c in range(cfg.data.num_classes)}
 
 
-def preprocessing_config(cfg: dict) -> dict[str, Any]:
+def preprocessing_config(cfg: Config | dict) -> dict[str, Any]:
     """:func:`medeman.data.transforms.preprocessing` of ``cfg`` as a bundle ``Compose`` of stock MONAI transforms."""
-    data = cfg["data"]
+    data = as_config(cfg).data
     chain: list[dict[str, Any]] = [
         {"_target_": "LoadImaged", "keys": "image", "image_only": True},
         {"_target_": "EnsureChannelFirstd", "keys": "image"},
         {"_target_": "Orientationd", "keys": "image", "axcodes": "RAS", "labels": [["L", "R"], ["P", "A"], ["I", "S"]]},
     ]
-    if data["spacing"] is not None:
+    if data.spacing is not None:
         chain.append(
-            {"_target_": "Spacingd", "keys": "image", "pixdim": [float(s) for s in data["spacing"]], "mode": "bilinear"}
+            {"_target_": "Spacingd", "keys": "image", "pixdim": [float(s) for s in data.spacing], "mode": "bilinear"}
         )
-    if data["modality"] == "CT":
-        low, high = (float(v) for v in data["intensity_window"])
+    if data.modality == "CT":
+        low, high = (float(v) for v in data.intensity_window)
         chain.append(
             {
                 "_target_": "ScaleIntensityRanged",
@@ -76,11 +76,12 @@ def preprocessing_config(cfg: dict) -> dict[str, Any]:
     return {"_target_": "Compose", "transforms": chain}
 
 
-def inference_config(cfg: dict) -> dict[str, Any]:
+def inference_config(cfg: Config | dict) -> dict[str, Any]:
     """``configs/inference.json``: MONAI's default inference bundle config made to run medeman's teacher."""
     from monai.bundle.utils import DEFAULT_INFERENCE
 
-    infer, patch = cfg["infer"], [int(s) for s in cfg["data"]["patch_size"]]
+    cfg = as_config(cfg)
+    infer, patch = cfg.infer, [int(s) for s in cfg.data.patch_size]
     config = copy.deepcopy(DEFAULT_INFERENCE)
     config.pop("dataset_dir", None)
     config.pop("evaluating", None)
@@ -100,8 +101,8 @@ def inference_config(cfg: dict) -> dict[str, Any]:
             "inferer": {
                 "_target_": "SlidingWindowInferer",
                 "roi_size": patch,
-                "sw_batch_size": int(infer["sw_batch_size"]),
-                "overlap": float(infer["overlap"]),
+                "sw_batch_size": infer.sw_batch_size,
+                "overlap": infer.overlap,
                 "mode": "gaussian",
             },
             "postprocessing": {
@@ -145,30 +146,31 @@ def inference_config(cfg: dict) -> dict[str, Any]:
     return config
 
 
-def metadata_config(cfg: dict) -> dict[str, Any]:
+def metadata_config(cfg: Config | dict) -> dict[str, Any]:
     """``configs/metadata.json``: MONAI's default metadata with the network's inputs, outputs and classes."""
     from monai.bundle.utils import DEFAULT_METADATA
 
-    data = cfg["data"]
-    patch = [int(s) for s in data["patch_size"]]
+    cfg = as_config(cfg)
+    data = cfg.data
+    patch = [int(s) for s in data.patch_size]
     channels = channel_names(cfg)
     lesions = lesion_classes(cfg)
-    ct = data["modality"] == "CT"
+    ct = data.modality == "CT"
     meta = copy.deepcopy(DEFAULT_METADATA)
     meta.update(
         {
             "schema": METADATA_SCHEMA,
             "required_packages_version": {"pytorch-ignite": _version("ignite")},
-            "task": f"{data['modality']} segmentation of " + ", ".join(v for k, v in channels.items() if k != "0"),
+            "task": f"{data.modality} segmentation of " + ", ".join(v for k, v in channels.items() if k != "0"),
             "description": "Mean-teacher (EMAN) teacher network trained with medeman; inference.json reproduces "
             "medeman infer (RAS, resampling, intensity normalization, Gaussian sliding window over "
             "the softmax, inversion to each scan's grid).",
             "authors": "exported by medeman",
             "copyright": "the owner of the training data and of this model",
             "data_type": "nibabel",
-            "image_classes": f"one {data['modality']} channel"
-            if int(data["in_channels"]) == 1
-            else f"{data['in_channels']} channels",
+            "image_classes": f"one {data.modality} channel"
+            if data.in_channels == 1
+            else f"{data.in_channels} channels",
             "pred_classes": ", ".join(f"{k}: {v}" for k, v in channels.items()),
             "intended_use": "research only",
             "references": [
@@ -181,20 +183,20 @@ def metadata_config(cfg: dict) -> dict[str, Any]:
                     "image": {
                         "type": "image",
                         "format": "hounsfield" if ct else "magnitude",
-                        "modality": data["modality"],
-                        "num_channels": int(data["in_channels"]),
+                        "modality": data.modality,
+                        "num_channels": data.in_channels,
                         "spatial_shape": patch,
                         "dtype": "float32",
                         "value_range": [0, 1] if ct else [],
                         "is_patch_data": True,
-                        "channel_def": {str(i): "image" for i in range(int(data["in_channels"]))},
+                        "channel_def": {str(i): "image" for i in range(data.in_channels)},
                     }
                 },
                 "outputs": {
                     "pred": {
                         "type": "image",
                         "format": "segmentation",
-                        "num_channels": int(data["num_classes"]),
+                        "num_channels": data.num_classes,
                         "spatial_shape": patch,
                         "dtype": "float32",
                         "value_range": [],
@@ -204,10 +206,10 @@ def metadata_config(cfg: dict) -> dict[str, Any]:
                 },
             },
             "medeman": {
-                "spacing": data["spacing"],
+                "spacing": plain(data.spacing),
                 "orientation": "RAS",
-                "modality": data["modality"],
-                "intensity_window": data["intensity_window"] if ct else None,
+                "modality": data.modality,
+                "intensity_window": plain(data.intensity_window) if ct else None,
                 "lesion_classes": {str(c): channels[str(c)] for c in lesions},
             },
         }
@@ -222,7 +224,7 @@ def _version(module: str) -> str:
         return "not installed"
 
 
-def write_bundle(net: nn.Module, cfg: dict, out_dir: str | Path) -> Path:
+def write_bundle(net: nn.Module, cfg: Config | dict, out_dir: str | Path) -> Path:
     """Write the bundle folder ``out_dir`` (which must not exist yet) and check the network against its metadata.
 
     Args:
@@ -238,9 +240,10 @@ def write_bundle(net: nn.Module, cfg: dict, out_dir: str | Path) -> Path:
     """
     from monai.bundle import init_bundle, verify_net_in_out
 
-    if int(cfg["data"]["in_channels"]) != 1:
+    cfg = as_config(cfg)
+    if cfg.data.in_channels != 1:
         raise ValueError(
-            f"data.in_channels {cfg['data']['in_channels']}: the bundle reads one image file per case; "
+            f"data.in_channels {cfg.data.in_channels}: the bundle reads one image file per case; "
             "export multi-channel models as onnx or torchscript"
         )
     out_dir = Path(out_dir)
@@ -266,17 +269,18 @@ def write_bundle(net: nn.Module, cfg: dict, out_dir: str | Path) -> Path:
     return out_dir
 
 
-def bundle_readme(cfg: dict) -> str:
+def bundle_readme(cfg: Config | dict) -> str:
     """``docs/README.md``: what the bundle segments and the command that runs it."""
     channels = channel_names(cfg)
-    data = cfg["data"]
+    data = as_config(cfg).data
+    spacing, window, patch = plain(data.spacing), plain(data.intensity_window), plain(data.patch_size)
     classes = "\n".join(f"| {k} | {v} |" for k, v in channels.items())
-    return f"""# medeman teacher ({data["modality"]})
+    return f"""# medeman teacher ({data.modality})
 
 A mean-teacher (EMAN) segmentation network exported by `medeman export --format bundle`.
 `configs/inference.json` reproduces `medeman infer` without test-time mirroring: RAS orientation,
-resampling to {data["spacing"]} mm, {"CT window " + str(data["intensity_window"]) + " HU to [0, 1]" if data["modality"] == "CT" else "z-score on the foreground"},
-Gaussian-blended {data["patch_size"]} sliding windows over the softmax, inversion to each scan's grid, argmax.
+resampling to {spacing} mm, {"CT window " + str(window) + " HU to [0, 1]" if data.modality == "CT" else "z-score on the foreground"},
+Gaussian-blended {patch} sliding windows over the softmax, inversion to each scan's grid, argmax.
 
     python -m monai.bundle run --bundle_root BUNDLE --config_file BUNDLE/configs/inference.json \\
         --input_dir SCANS --output_dir MASKS

@@ -23,6 +23,7 @@ import torch
 from medeman.data.dicom import DicomSeries, dicom_files, find_series, is_dicom_file, write_series_volume
 from medeman.data.discovery import group_channels, image_entry, list_images
 from medeman.data.readers import IMAGE_SUFFIXES, image_suffix
+from medeman.typed_config import Config, as_config
 
 # The formats medeman reads, as messages and --help list them: the usual .nii.gz first.
 SUFFIXES = (".nii.gz", *(s for s in IMAGE_SUFFIXES if s != ".nii.gz"))
@@ -123,7 +124,7 @@ def case_volume(case: Case) -> list[Path]:
     return case.files
 
 
-def preprocess_case(case: Case, cfg: dict, transform) -> torch.Tensor:
+def preprocess_case(case: Case, cfg: Config | dict, transform) -> torch.Tensor:
     """Read and preprocess one case for the model; raise CaseError with a one-line reason.
 
     Shared by ``medeman infer`` and ``medeman rank`` so both refuse the same scans with the same words.
@@ -134,7 +135,7 @@ def preprocess_case(case: Case, cfg: dict, transform) -> torch.Tensor:
     except Exception as err:
         raise CaseError(f"{case.source}: cannot read or preprocess: {one_line(err)}") from None
     image = data["image"]
-    expected = int(cfg["data"]["in_channels"])
+    expected = as_config(cfg).data.in_channels
     if image.shape[0] != expected:
         raise CaseError(f"{case.source}: has {image.shape[0]} channel(s), the model takes {expected}")
     if not torch.isfinite(image).all():

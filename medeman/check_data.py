@@ -17,6 +17,7 @@ from medeman.classes import class_names
 from medeman.config import ConfigError, load_config, read_yaml
 from medeman.data.checks import CaseReport, gather_cohort, inspect_case
 from medeman.data.discovery import image_entry
+from medeman.typed_config import Config, as_config
 
 COLUMNS = ("set", "case", "shape", "spacing (mm)", "orient", "intensity", "classes (voxels)", "status")
 
@@ -39,11 +40,11 @@ def format_table(rows: Iterable[tuple[str, ...]]) -> str:
     return "\n".join(lines)
 
 
-def _check_scans(folder: str, cfg: dict) -> int:
+def _check_scans(folder: str, cfg: Config) -> int:
     """Check the scans ``medeman infer`` would segment in ``folder``: a table row each, then every problem; 0 when clean."""
     skipped: list[str] = []
     try:
-        cases, problems = find_cases(folder, int(cfg["data"]["in_channels"]), skipped=skipped)
+        cases, problems = find_cases(folder, cfg.data.in_channels, skipped=skipped)
     except (FileNotFoundError, ValueError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -56,8 +57,8 @@ def _check_scans(folder: str, cfg: dict) -> int:
             continue
         report = inspect_case(
             {"id": case.case_id, "image": image_entry(files)},
-            int(cfg["data"]["num_classes"]),
-            int(cfg["data"]["in_channels"]),
+            cfg.data.num_classes,
+            cfg.data.in_channels,
         )
         rows.append(_row("scans", report))
         # a DICOM series' volume is a temporary file: messages name the series
@@ -123,12 +124,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     if args.scans is not None:
-        code = _check_scans(args.scans, cfg)
+        code = _check_scans(args.scans, as_config(cfg))
         if args.labeled is None:
             return code
         print()
     if not declared:  # check label values for integers >= 0 only, then report the classes found
-        cfg["data"]["num_classes"] = 2**31
+        cfg["data"]["num_classes"] = 2**31  # written into the dict, then checked and frozen
+    cfg = as_config(cfg)
     cohort = gather_cohort(cfg, args.labeled, args.unlabeled, args.val, args.test)
     parts = [
         ("labeled", cohort.labeled),
@@ -144,9 +146,9 @@ def main(argv: list[str] | None = None) -> int:
             classes.update(report.classes)
     print(format_table(rows))
     counts = ", ".join(f"{len(cases)} {part}" for part, cases in parts)
-    print(f"\n{counts} case(s); data.in_channels={cfg['data']['in_channels']}")
+    print(f"\n{counts} case(s); data.in_channels={cfg.data.in_channels}")
     if declared:
-        print(f"data.num_classes={cfg['data']['num_classes']}")
+        print(f"data.num_classes={cfg.data.num_classes}")
     elif classes:
         n = max(classes) + 1
         missing = sorted(set(range(n)) - classes)

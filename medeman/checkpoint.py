@@ -15,6 +15,7 @@ from torch import nn
 
 from medeman.config import default_config, merge, validate
 from medeman.nets import build_network
+from medeman.typed_config import Config
 
 FORMAT = "medeman-teacher-v1"
 
@@ -23,9 +24,10 @@ class ModelFileError(ValueError):
     """A file that is not a loadable medeman model."""
 
 
-def save_teacher(path: str | Path, teacher: nn.Module, cfg: dict, step: int, **extra: Any) -> None:
-    """Write ``teacher.pt``: state_dict on CPU, the resolved config, the training step and plain extras."""
+def save_teacher(path: str | Path, teacher: nn.Module, cfg: Config | dict, step: int, **extra: Any) -> None:
+    """Write ``teacher.pt``: state_dict on CPU, the resolved config (a plain dict), the training step and plain extras."""
     state = {k: v.detach().cpu().clone() for k, v in teacher.state_dict().items()}
+    cfg = cfg.to_dict() if isinstance(cfg, Config) else cfg  # plain values: weights_only loading
     torch.save(
         {"format": FORMAT, "config": cfg, "step": int(step), "state_dict": state, "extra": dict(extra)}, str(path)
     )

@@ -16,13 +16,22 @@ Typical use::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
+
+if TYPE_CHECKING:
+    from medeman.typed_config import Config
 
 
-def class_names(cfg: dict) -> dict[int, str]:
+def class_names(cfg: Config | Mapping[str, Any]) -> dict[int, str]:
     """``data.labels`` as ``{label value: name}``, background (0) left out; empty when unnamed."""
-    names = cfg["data"].get("labels") or {}
-    return {int(k): str(v) for k, v in names.items() if int(k) != 0}
+    from medeman.typed_config import as_config
+
+    return names_by_value(as_config(cfg).data.labels)
+
+
+def names_by_value(labels: Mapping | None) -> dict[int, str]:
+    """A ``data.labels`` map as ``{label value: name}``, background (0) left out; empty for ``None``."""
+    return {int(k): str(v) for k, v in (labels or {}).items() if int(k) != 0}
 
 
 def class_title(label: int, names: Mapping[int, str] | None = None) -> str:
@@ -71,12 +80,12 @@ def resolve_classes(
     return sorted(out)
 
 
-def lesion_classes(cfg: dict) -> list[int]:
+def lesion_classes(cfg: Config | Mapping[str, Any]) -> list[int]:
     """``data.lesion_classes`` as label values (names resolved through ``data.labels``)."""
-    data = cfg["data"]
-    return resolve_classes(
-        data.get("lesion_classes"), class_names(cfg), int(data["num_classes"]), "data.lesion_classes"
-    )
+    from medeman.typed_config import as_config
+
+    data = as_config(cfg).data
+    return resolve_classes(data.lesion_classes, names_by_value(data.labels), data.num_classes, "data.lesion_classes")
 
 
 def load_class_names(spec: str | Path) -> dict[int, str]:

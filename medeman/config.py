@@ -20,7 +20,10 @@ from typing import Any, Callable, Iterable, Mapping
 
 import yaml
 
-from medeman.classes import lesion_classes
+from medeman.classes import names_by_value, resolve_classes
+from medeman.eman import NORMS, SCHEDULES
+from medeman.losses import CONSISTENCY_LOSSES, PSEUDO_LABEL_REDUCTIONS
+from medeman.nets import NETWORKS
 
 
 class _Loader(yaml.SafeLoader):
@@ -208,7 +211,7 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "name": Option(
             "unet",
             "student architecture from MONAI, always built with BatchNorm",
-            ("unet", "basicunet", "vnet", "segresnet", "dynunet"),
+            NETWORKS,
         ),
         "channels": Option(
             [16, 32, 64, 128, 256],
@@ -227,7 +230,7 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "teacher_norm": Option(
             "eman",
             "teacher normalization: eman (EMA'd running statistics, Cai et al. 2021), bn (batch statistics, classic mean teacher) or ema (weight EMA only, for networks without BatchNorm, e.g. model.norm=instance)",
-            ("eman", "bn", "ema"),
+            NORMS,
         ),
         "teacher_bn_recalibration": Option(
             "off",
@@ -249,7 +252,7 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "momentum_schedule": Option(
             "window",
             "EMA momentum over the run: constant (ema_momentum), cosine (BYOL: from ema_momentum to 1 over train.max_steps) or window (m = 1 - 1/(momentum_window * train.max_steps))",
-            ("constant", "cosine", "window"),
+            SCHEDULES,
         ),
         "momentum_window": Option(
             0.1, "window schedule: the teacher averages over about this fraction of train.max_steps"
@@ -258,7 +261,9 @@ SCHEMA: dict[str, dict[str, Option]] = {
             True, "use min(1 - 1/(step+1), scheduled momentum) so the teacher follows the student early on"
         ),
         "consistency": Option(
-            "mse", "consistency loss between student and teacher softmax: mse, kl or none", ("mse", "kl", "none")
+            "mse",
+            "consistency loss between student and teacher softmax: mse, kl or none",
+            (*CONSISTENCY_LOSSES, "none"),
         ),
         "consistency_weight": Option(1.0, "weight lambda of the unsupervised losses at the end of the ramp-up"),
         "pseudo_label_threshold": Option(
@@ -281,7 +286,7 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "pseudo_label_reduction": Option(
             "all",
             "pseudo-label cross-entropy averaged over all voxels, (ce * mask).mean() as FixMatch/EMAN, or over the kept voxels only",
-            ("all", "kept"),
+            PSEUDO_LABEL_REDUCTIONS,
         ),
         "rampup_steps": Option(
             None,
@@ -493,8 +498,11 @@ def validate(cfg: dict) -> dict:
         raise ConfigError(
             f"ssl.teacher_bn_refresh_every: {cfg['ssl']['teacher_bn_refresh_every']!r} must be 0 (never) or a number of steps"
         )
+    from medeman.typed_config import frozen  # the methods' rules read the converted values as attributes
+
+    typed = frozen(cfg)
     for check in _OPTION_CHECKS:  # rules between a method's own keys and others (its keys are in every config)
-        check(cfg)
+        check(typed)
     thr = cfg["ssl"]["pseudo_label_threshold"]
     if thr is not None and not (isinstance(thr, (int, float)) and 0.0 <= thr <= 1.0):
         raise ConfigError(f"ssl.pseudo_label_threshold: {thr!r} must be null or a number in [0, 1]")
@@ -508,8 +516,10 @@ def validate(cfg: dict) -> dict:
         )
     ):
         raise ConfigError(f"data.labels: {names!r} must be null or a map from label values 0..num_classes-1 to names")
-    try:
-        lesion_classes(cfg)
+    try:  # the dict's own values: classes.lesion_classes reads a checked Config
+        resolve_classes(
+            cfg["data"]["lesion_classes"], names_by_value(names), cfg["data"]["num_classes"], "data.lesion_classes"
+        )
     except ValueError as err:
         raise ConfigError(str(err)) from None
     for key in ("patch_size",):
@@ -536,7 +546,7 @@ def validate(cfg: dict) -> dict:
     _validate_small_structures(cfg)
     method_check = _METHOD_CHECKS.get(cfg["ssl"]["method"])
     if method_check is not None:  # e.g. a teacher method's teacher_norm=eman needs BatchNorm
-        method_check(cfg)
+        method_check(typed)
     _validate_tune(cfg)
     return cfg
 
@@ -602,8 +612,8 @@ _VALUE_RULES: list[tuple[str, Any, str]] = [
 ]
 # filled by register_method_options: cross-key rules of methods' own keys (every config), and each method's
 # rules for a config that trains with it
-_OPTION_CHECKS: list[Callable[[dict], None]] = []
-_METHOD_CHECKS: dict[str, Callable[[dict], None]] = {}
+_OPTION_CHECKS: list[Callable[[Any], None]] = []  # each called with a medeman.typed_config.Config
+_METHOD_CHECKS: dict[str, Callable[[Any], None]] = {}
 _METHOD_SUMMARIES: dict[str, str] = {}
 
 
@@ -622,8 +632,9 @@ def register_method_options(
         summary: one line for ``ssl.method``'s help (and so ``configs/default.yaml``).
         options: the method's own ``ssl`` keys, flat (``bcp_box_fraction``), by name.
         rules: ``(key, holds, requirement)`` value rules of those keys, as :data:`_VALUE_RULES`' (key without ``ssl.``).
-        option_check: rules between the method's keys and others, checked for every config (ConfigError).
-        method_check: rules for a config that trains with ``method`` (ConfigError).
+        option_check: rules between the method's keys and others, checked for every config (ConfigError);
+            called with the :class:`~medeman.typed_config.Config` of the converted values.
+        method_check: rules for a config that trains with ``method`` (ConfigError), called likewise.
 
     Raises:
         ValueError: a key another method or the schema already declares differently.
@@ -782,9 +793,11 @@ def load_config(paths: Iterable[str | Path] = (), sets: Iterable[str] = ()) -> d
     return validate(cfg)
 
 
-def render_yaml(cfg: dict | None = None) -> str:
-    """Render a config as YAML with each key's one-line meaning as a comment."""
-    cfg = default_config() if cfg is None else cfg
+def render_yaml(cfg: Any = None) -> str:
+    """Render a config (a dict or a :class:`~medeman.typed_config.Config`) as YAML with each key's one-line meaning as a comment."""
+    from medeman.typed_config import Config
+
+    cfg = default_config() if cfg is None else cfg.to_dict() if isinstance(cfg, Config) else cfg
     lines = ["# medeman configuration: every key, its default and its meaning (rendered from medeman/config.py)."]
     for section, options in SCHEMA.items():
         lines.append(f"{section}:")
@@ -798,6 +811,6 @@ def render_yaml(cfg: dict | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def save_config(cfg: dict, path: str | Path) -> None:
-    """Write the resolved config as commented YAML."""
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config (a dict or a :class:`~medeman.typed_config.Config`) as commented YAML."""
     Path(path).write_text(render_yaml(cfg), encoding="utf-8")

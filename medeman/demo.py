@@ -19,6 +19,7 @@ from medeman.config import load_config
 from medeman.score_run import segment_and_score
 from medeman.threads import set_threads_for_config
 from medeman.train import fit, hide_lightning_advert
+from medeman.typed_config import as_config
 
 
 def _peak_rss_mib() -> float:
@@ -37,22 +38,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     hide_lightning_advert()
     data, out = Path(args.data), Path(args.out)
-    cfg = load_config(args.config or ["configs/sample.yaml"], args.set)
+    cfg = as_config(load_config(args.config or ["configs/sample.yaml"], args.set))
     set_threads_for_config(cfg)  # make demo beside another training: threads that fit the machine
 
     start = time.perf_counter()
     print(
-        f"[1/3] training {cfg['ssl']['method']} (teacher_norm={cfg['ssl']['teacher_norm']}) on {data / 'labeled'} + {data / 'unlabeled'} -> {out}"
+        f"[1/3] training {cfg.ssl.method} (teacher_norm={cfg.ssl.teacher_norm}) on {data / 'labeled'} + {data / 'unlabeled'} -> {out}"
     )
     result = fit(cfg, data / "labeled", data / "unlabeled", out_dir=out, overwrite=True)
     trained = time.perf_counter()
     print(
         f"      validation Dice after {result.steps} steps: teacher {result.last_dice_teacher:.3f}, student {result.last_dice_student:.3f} "
-        f"({out / 'teacher.pt'} holds the {'final-step' if cfg['train']['deploy'] == 'last' else 'best-validation'} teacher)"
+        f"({out / 'teacher.pt'} holds the {'final-step' if cfg.train.deploy == 'last' else 'best-validation'} teacher)"
     )
     stats = read_teacher_file(out / "teacher.pt")["extra"].get("teacher_bn_stats", "unknown")
     print(
-        f"      teacher.pt holds {stats} BatchNorm statistics (ssl.teacher_bn_recalibration={cfg['ssl']['teacher_bn_recalibration']})"
+        f"      teacher.pt holds {stats} BatchNorm statistics (ssl.teacher_bn_recalibration={cfg.ssl.teacher_bn_recalibration})"
     )
 
     print(f"[2/3] segmenting {data / 'test/images'} with the EMA teacher -> {out / 'pred'}")

@@ -44,7 +44,7 @@ from __future__ import annotations
 import copy
 import math
 import weakref
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -52,6 +52,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from medeman.distributed_bn import average_bn_statistics
 
+if TYPE_CHECKING:
+    from medeman.typed_config import Config
+
+# the choices of ssl.teacher_norm and ssl.momentum_schedule (medeman.config takes them from here)
 NORMS = ("eman", "bn", "ema")
 SCHEDULES = ("constant", "cosine", "window")
 _NORM_ATTR = "medeman_teacher_norm"
@@ -495,17 +499,20 @@ class EMANTeacher:
         self.updates = 0
 
     @classmethod
-    def from_config(cls, student: nn.Module, cfg: dict[str, Any]) -> EMANTeacher:
+    def from_config(cls, student: nn.Module, cfg: Config | dict[str, Any]) -> EMANTeacher:
         """The teacher ``ssl.teacher_norm``, ``ssl.ema_momentum``, ``ssl.momentum_*`` and ``train.max_steps`` describe."""
-        ssl = cfg["ssl"]
+        from medeman.typed_config import as_config
+
+        cfg = as_config(cfg)
+        ssl = cfg.ssl
         return cls(
             student,
-            norm=ssl["teacher_norm"],
-            max_steps=int(cfg["train"]["max_steps"]),
-            momentum=float(ssl["ema_momentum"]),
-            schedule=ssl["momentum_schedule"],
-            window=float(ssl["momentum_window"]),
-            warmup=bool(ssl["momentum_warmup"]),
+            norm=ssl.teacher_norm,
+            max_steps=cfg.train.max_steps,
+            momentum=ssl.ema_momentum,
+            schedule=ssl.momentum_schedule,
+            window=ssl.momentum_window,
+            warmup=ssl.momentum_warmup,
         )
 
     def momentum(self, step: int | None = None) -> float:

@@ -26,6 +26,7 @@ from torch import nn
 from medeman.bundle import channel_names, write_bundle
 from medeman.checkpoint import ModelFileError, load_teacher
 from medeman.classes import lesion_classes
+from medeman.typed_config import Config, as_config, plain
 
 FORMATS = ("bundle", "onnx", "torchscript")
 MODEL_FILES = {"onnx": "model.onnx", "torchscript": "model.ts"}
@@ -36,7 +37,7 @@ class ExportError(ValueError):
     """An export that cannot be written (existing outputs, an unsupported model)."""
 
 
-def deployment_metadata(cfg: dict, model_file: str) -> dict:
+def deployment_metadata(cfg: Config | dict, model_file: str) -> dict:
     """What runs around the exported network: ``model.json`` beside ``model.onnx`` / ``model.ts``.
 
     Everything a runtime needs to reproduce ``medeman infer``: reorient to RAS, resample to
@@ -44,57 +45,59 @@ def deployment_metadata(cfg: dict, model_file: str) -> dict:
     weights over the *softmax* of the logits, resample the probabilities back to the scan's grid
     (trilinear) and take the argmax; class names by output channel.
     """
-    data, infer = cfg["data"], cfg["infer"]
-    ct = data["modality"] == "CT"
+    cfg = as_config(cfg)
+    data, infer = cfg.data, cfg.infer
+    ct = data.modality == "CT"
     names = channel_names(cfg)
     return {
         "format": METADATA_FORMAT,
         "model_file": model_file,
         "input": {
             "name": "image",
-            "shape": ["batch", int(data["in_channels"]), *[int(s) for s in data["patch_size"]]],
+            "shape": ["batch", data.in_channels, *[int(s) for s in data.patch_size]],
             "dtype": "float32",
         },
         "output": {
             "name": "logits",
-            "shape": ["batch", int(data["num_classes"]), *[int(s) for s in data["patch_size"]]],
+            "shape": ["batch", data.num_classes, *[int(s) for s in data.patch_size]],
             "dtype": "float32",
             "activation": "softmax over the class axis (1)",
         },
         "preprocessing": {
             "orientation": "RAS",
-            "spacing": data["spacing"],
+            "spacing": plain(data.spacing),  # a list, as in the saved config
             "resampling": "trilinear, border values beyond the edge",
-            "modality": data["modality"],
+            "modality": data.modality,
             "intensity": (
-                {"window": [float(v) for v in data["intensity_window"]], "to": [0.0, 1.0], "clip": True}
+                {"window": [float(v) for v in data.intensity_window], "to": [0.0, 1.0], "clip": True}
                 if ct
                 else {"zscore": "per channel over the nonzero voxels"}
             ),
         },
         "sliding_window": {
-            "roi_size": [int(s) for s in data["patch_size"]],
-            "overlap": float(infer["overlap"]),
+            "roi_size": [int(s) for s in data.patch_size],
+            "overlap": infer.overlap,
             "blend": "gaussian",
             "of": "softmax probabilities",
-            "tta": bool(infer["tta"]),
+            "tta": infer.tta,
         },
         "postprocessing": "probabilities back to the scan's grid (trilinear), then argmax",
-        "num_classes": int(data["num_classes"]),
+        "num_classes": data.num_classes,
         "classes": names,
         "lesion_classes": {str(c): names[str(c)] for c in lesion_classes(cfg)},
-        "model": cfg["model"]["name"],
+        "model": cfg.model.name,
     }
 
 
-def example_input(cfg: dict, batch: int = 1, seed: int = 0) -> torch.Tensor:
+def example_input(cfg: Config | dict, batch: int = 1, seed: int = 0) -> torch.Tensor:
     """A random ``(batch, in_channels, *patch_size)`` patch in the normalized intensity range."""
     generator = torch.Generator().manual_seed(seed)
-    shape = (batch, int(cfg["data"]["in_channels"]), *[int(s) for s in cfg["data"]["patch_size"]])
+    data = as_config(cfg).data
+    shape = (batch, data.in_channels, *[int(s) for s in data.patch_size])
     return torch.rand(shape, generator=generator)
 
 
-def export_torchscript(net: nn.Module, cfg: dict, path: str | Path) -> Path:
+def export_torchscript(net: nn.Module, cfg: Config | dict, path: str | Path) -> Path:
     """Trace the network in eval mode on one patch and save it (``torch.jit.load`` reads it back)."""
     net = net.cpu().eval()
     with torch.no_grad():
@@ -103,7 +106,7 @@ def export_torchscript(net: nn.Module, cfg: dict, path: str | Path) -> Path:
     return Path(path)
 
 
-def export_onnx(net: nn.Module, cfg: dict, path: str | Path) -> Path:
+def export_onnx(net: nn.Module, cfg: Config | dict, path: str | Path) -> Path:
     """Export the network to ONNX (``image`` -> ``logits``, the batch dimension dynamic)."""
     net = net.cpu().eval()
     batch = torch.export.Dim("batch", min=1, max=1024)
@@ -145,6 +148,7 @@ def export_model(
         net, cfg, _ = load_teacher(model)
     else:
         net, cfg = model
+    cfg = as_config(cfg)
     net = net.cpu().eval()
     out_dir = Path(out_dir)
     if fmt == "bundle":

@@ -34,6 +34,7 @@ from tqdm import tqdm
 from medeman.cases import SUFFIXES, Case, CaseError, find_cases, one_line, prepare_output_dir, preprocess_case
 from medeman.checkpoint import ModelFileError, load_teacher
 from medeman.classes import class_names, lesion_classes
+from medeman.config import SCHEMA
 from medeman.data.readers import image_suffix, read_geometry, voxel_spacing, write_volume
 from medeman.data.transforms import preprocessing
 from medeman.labels import argmax_labels, label_dtype
@@ -41,6 +42,7 @@ from medeman.outputs import mask_path, probabilities_path
 from medeman.postprocess import apply_postprocessing
 from medeman.predict import invert_to_input, labels_on_input, predict_volume
 from medeman.threads import apply_threads, choose_threads
+from medeman.typed_config import Config, as_config
 
 # With output_format="input", detached-header formats are written as their single-file twin.
 SINGLE_FILE = {".nhdr": ".nrrd", ".mhd": ".mha"}
@@ -113,9 +115,10 @@ def infer_cases(
     else:
         net, cfg = model
         net = net.to(device).eval()
-    tta = bool(cfg["infer"]["tta"] if tta is None else tta)
+    cfg = as_config(cfg)
+    tta = bool(cfg.infer.tta if tta is None else tta)
     transform = preprocessing(cfg, keys=("image",))
-    in_channels = int(cfg["data"]["in_channels"])
+    in_channels = cfg.data.in_channels
     skipped: list[str] = []
     cases, problems = find_cases(inputs, in_channels, skipped=skipped)
     output_dir = Path(output_dir)
@@ -283,7 +286,7 @@ def _predict_case(
     return mask, None if probs is None else np.moveaxis(probs.float().cpu().numpy(), 0, -1)
 
 
-def _write_case(job: _Job, labels: np.ndarray, probs: np.ndarray | None, cfg: dict) -> float:
+def _write_case(job: _Job, labels: np.ndarray, probs: np.ndarray | None, cfg: Config) -> float:
     """Write one case's mask (and probabilities); return when it finished (``time.perf_counter``)."""
     if job.out_path.suffix == ".dcm":
         from medeman.dicom_seg import write_dicom_seg  # highdicom only when a DICOM-SEG is asked for
@@ -295,7 +298,7 @@ def _write_case(job: _Job, labels: np.ndarray, probs: np.ndarray | None, cfg: di
             job.out_path,
             class_names(cfg),
             set(lesion_classes(cfg)),
-            int(cfg["data"]["num_classes"]),
+            cfg.data.num_classes,
         )
     else:
         write_volume(labels, job.case.files[0], job.out_path, intent="label")
@@ -334,7 +337,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--sw-batch-size", type=int, help="sliding-window patches per forward pass (default: config)")
     parser.add_argument("--overlap", type=float, help="sliding-window overlap in [0, 1) (default: config)")
-    parser.add_argument("--precision", choices=("32", "bf16"), help="bf16 autocast where supported (default: config)")
+    parser.add_argument(
+        "--precision",
+        choices=SCHEMA["infer"]["precision"].choices,
+        help="bf16 autocast where supported (default: config)",
+    )
     parser.add_argument(
         "--format",
         choices=("nifti", "nrrd", "dicom-seg"),

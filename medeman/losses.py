@@ -57,7 +57,7 @@ def softmax_kl(student_logits: torch.Tensor, teacher_probs: torch.Tensor) -> tor
     return (torch.xlogy(teacher_probs, teacher_probs) - teacher_probs * log_student).mean()
 
 
-CONSISTENCY_LOSSES = {"mse": softmax_mse, "kl": softmax_kl}
+CONSISTENCY_LOSSES = {"mse": softmax_mse, "kl": softmax_kl}  # ssl.consistency: one of these, or none
 
 
 def voxel_pseudo_labels(teacher_probs: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,6 +29,7 @@ from medeman.labels import argmax_labels
 from medeman.methods import Method, build_method
 from medeman.nets import build_network, deep_supervision_heads, deep_supervision_weights, main_output
 from medeman.teacher_focus import TeacherFocus
+from medeman.typed_config import Config, as_config
 
 
 class SSLSegModule(pl.LightningModule):
@@ -48,14 +49,15 @@ class SSLSegModule(pl.LightningModule):
         True
     """
 
-    def __init__(self, cfg: dict[str, Any], sync_batchnorm: bool = False, method: Method | None = None):
+    def __init__(self, cfg: Config | dict[str, Any], sync_batchnorm: bool = False, method: Method | None = None):
         super().__init__()
-        self.save_hyperparameters({"cfg": cfg})
+        cfg = as_config(cfg)
+        self.save_hyperparameters({"cfg": cfg.to_dict()})
         self.cfg = cfg
-        self.ssl = cfg["ssl"]
-        self.num_classes = int(cfg["data"]["num_classes"])
+        self.ssl = cfg.ssl
+        self.num_classes = cfg.data.num_classes
         self.student = build_network(cfg)
-        if cfg["train"]["channels_last"]:  # NDHWC, oneDNN's and cuDNN's fast conv3d layout; the teacher copies it
+        if cfg.train.channels_last:  # NDHWC, oneDNN's and cuDNN's fast conv3d layout; the teacher copies it
             self.student = self.student.to(memory_format=torch.channels_last_3d)
         self.method = method if method is not None else build_method(cfg)
         # the method keeps the teacher object (its clock, schedule and updates); its network is a registered
@@ -65,22 +67,20 @@ class SSLSegModule(pl.LightningModule):
         self._validated: dict[str, nn.Module] = {}
         if sync_batchnorm:
             self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
-        if cfg["train"]["compile"]:  # in place (nn.Module.compile): state_dict keys and the EMAN update are unchanged
+        if cfg.train.compile:  # in place (nn.Module.compile): state_dict keys and the EMAN update are unchanged
             for net in (self.student, self.teacher):
                 if net is not None:
                     net.compile()
-        train = cfg["train"]
+        train = cfg.train
         ce_weights = (
-            None if train["ce_class_weights"] is None else torch.tensor([float(w) for w in train["ce_class_weights"]])
+            None if train.ce_class_weights is None else torch.tensor([float(w) for w in train.ce_class_weights])
         )
-        self.supervised_loss = DiceCELoss(
-            to_onehot_y=True, softmax=True, batch=bool(cfg["train"]["batch_dice"]), weight=ce_weights
-        )
+        self.supervised_loss = DiceCELoss(to_onehot_y=True, softmax=True, batch=train.batch_dice, weight=ce_weights)
         if ce_weights is not None:  # MONAI weights its Dice too; train.ce_class_weights is for the cross-entropy only
             self.supervised_loss.dice.class_weight = None
-        if train["deep_supervision"]:  # a list of heads, full resolution first, weighted 1/2^i (nnU-Net)
+        if train.deep_supervision:  # a list of heads, full resolution first, weighted 1/2^i (nnU-Net)
             self.supervised_loss = DeepSupervisionLoss(
-                self.supervised_loss, weights=deep_supervision_weights(1 + int(train["deep_supervision_heads"]))
+                self.supervised_loss, weights=deep_supervision_weights(1 + train.deep_supervision_heads)
             )
         for name, state in self.method.checkpointed_modules().items():  # e.g. adaptive pseudo-label thresholds
             self.add_module(name, state)
@@ -95,9 +95,9 @@ class SSLSegModule(pl.LightningModule):
         So what a step draws is a function of the step only: validation, BatchNorm re-estimation
         and a resume (Lightning does not save the global RNG) never shift it. About 20 us a batch on CPU.
         """
-        accumulate = int(self.cfg["train"]["accumulate_grad_batches"])
+        accumulate = self.cfg.train.accumulate_grad_batches
         batch_index = self.global_step * accumulate + batch_idx % accumulate  # epochs are whole steps
-        seed = stream_seed(int(self.cfg["train"]["seed"]), self.global_rank, 3, batch_index)
+        seed = stream_seed(self.cfg.train.seed, self.global_rank, 3, batch_index)
         torch.default_generator.manual_seed(seed)
         if self.device.type == "cuda":
             torch.cuda.manual_seed(seed)
@@ -145,7 +145,7 @@ class SSLSegModule(pl.LightningModule):
     # ---- building blocks the methods call --------------------------------------------------------
     def supervised_loss_of(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         """Dice+CE of the student's logits on labeled patches (every deep-supervision head, if on)."""
-        if self.cfg["train"]["deep_supervision"]:
+        if self.cfg.train.deep_supervision:
             return self.supervised_loss([head.float() for head in deep_supervision_heads(logits)], label)
         return self.supervised_loss(logits.float(), label)
 
@@ -156,7 +156,7 @@ class SSLSegModule(pl.LightningModule):
 
     def configure_callbacks(self) -> list:
         """The teacher-focused unlabeled sampling's refresh (``data.unlabeled_focus_fraction`` > 0), when there is a teacher."""
-        if self.teacher is None or float(self.cfg["data"]["unlabeled_focus_fraction"]) <= 0:
+        if self.teacher is None or self.cfg.data.unlabeled_focus_fraction <= 0:
             return []
         return [TeacherFocus(self.cfg)]
 
@@ -209,7 +209,7 @@ class SSLSegModule(pl.LightningModule):
         from the schedule (built from this config, so ``train.max_steps`` counts too): a changed
         setting takes effect at the step the run resumed from.
         """
-        lr, weight_decay = float(self.cfg["train"]["lr"]), float(self.cfg["train"]["weight_decay"])
+        lr, weight_decay = self.cfg.train.lr, self.cfg.train.weight_decay
         for scheduler in checkpoint.get("lr_schedulers", []):
             if "base_lrs" in scheduler:
                 scheduler["base_lrs"] = [lr for _ in scheduler["base_lrs"]]
@@ -228,25 +228,25 @@ class SSLSegModule(pl.LightningModule):
                     group["lr"] = base * rate(scheduler.last_epoch)
 
     def configure_optimizers(self):
-        train = self.cfg["train"]
+        train = self.cfg.train
         params = self.student.parameters()
-        lr, wd = float(train["lr"]), float(train["weight_decay"])
+        lr, wd = train.lr, train.weight_decay
         # one fused kernel over all parameters (on CPU PyTorch otherwise loops tensor by tensor: 1.4 ms
         # against 0.35 ms per step for the sample UNet, benchmarks/results/bench_train_step.md)
         fused = self.device.type in ("cpu", "cuda")
-        if train["optimizer"] == "sgd":
+        if train.optimizer == "sgd":
             optimizer = torch.optim.SGD(params, lr=lr, momentum=0.99, nesterov=True, weight_decay=wd, fused=fused)
-        elif train["optimizer"] == "adam":
+        elif train.optimizer == "adam":
             optimizer = torch.optim.Adam(params, lr=lr, weight_decay=wd, fused=fused)
         else:
             optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=wd, fused=fused)
-        total = max(int(train["max_steps"]), 1)
+        total = max(train.max_steps, 1)
         schedules = {
             "poly": lambda s: (1.0 - min(s, total) / total) ** 0.9,
             "cosine": lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, total) / total)),
             "constant": lambda s: 1.0,
         }
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules[train["lr_schedule"]])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules[train.lr_schedule])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---- the deployed network -------------------------------------------------------------------
@@ -258,7 +258,7 @@ class SSLSegModule(pl.LightningModule):
             return None
         return (
             (batch["weak"] if "weak" in batch else batch["image"]).to(self.device)
-            for batch in loader_of(int(self.ssl["recalibration_batches"]))
+            for batch in loader_of(self.ssl.recalibration_batches)
         )
 
     def deployed_network(self) -> tuple[nn.Module, str]:
@@ -289,7 +289,7 @@ class SSLSegModule(pl.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         image, label = batch["image"], batch["label"]
         onehot_label = nn.functional.one_hot(label[:, 0].long(), self.num_classes).movedim(-1, 1)
-        spacing = self.cfg["data"]["spacing"]
+        spacing = self.cfg.data.spacing
         for name, net in self._networks().items():  # the same sliding window as `medeman infer`
             probs = torch.stack([predict_volume(net, volume, self.cfg) for volume in image])
             pred = nn.functional.one_hot(argmax_labels(probs, dim=1, dtype=torch.long), self.num_classes).movedim(-1, 1)

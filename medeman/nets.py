@@ -13,17 +13,21 @@ only the full-resolution logits.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from monai.networks.nets import BasicUNet, DynUNet, SegResNet, UNet, VNet
 from torch import nn
 
+if TYPE_CHECKING:
+    from medeman.typed_config import Config
+
+# the choices of model.name (medeman.config takes them from here)
 NETWORKS = ("unet", "basicunet", "vnet", "segresnet", "dynunet")
 
 
-def build_network(cfg: dict[str, Any]) -> nn.Module:
-    """Build the student network described by ``cfg["model"]`` for ``cfg["data"]``'s channels and classes.
+def build_network(cfg: Config | dict[str, Any]) -> nn.Module:
+    """Build the student network described by ``model`` for the ``data`` section's channels and classes.
 
     Args:
         cfg: a resolved medeman config (see :mod:`medeman.config`).
@@ -32,34 +36,40 @@ def build_network(cfg: dict[str, Any]) -> nn.Module:
         A MONAI 3D network with BatchNorm that maps ``(B, in_channels, X, Y, Z)`` to
         ``(B, num_classes, X, Y, Z)`` logits.
     """
+    from medeman.typed_config import as_config  # imported late: medeman.config imports NETWORKS
+
+    cfg = as_config(cfg)
     definition = network_definition(cfg)
     kwargs = {k: v for k, v in definition.items() if k != "_target_"}
     net = NETWORK_CLASSES[definition["_target_"].rsplit(".", 1)[1]](**kwargs)
-    if cfg["model"]["name"] == "vnet":
+    if cfg.model.name == "vnet":
         # its up_tr64/up_tr32 hard-code Dropout3d(0.5) on the skips: model.dropout must govern all of them
         # (eval mode, the exported teacher, has no dropout either way)
         for module in net.modules():
             if isinstance(module, nn.modules.dropout._DropoutNd):
-                module.p = float(cfg["model"]["dropout"])
+                module.p = cfg.model.dropout
     return net
 
 
 NETWORK_CLASSES = {cls.__name__: cls for cls in (UNet, BasicUNet, VNet, SegResNet, DynUNet)}
 
 
-def network_definition(cfg: dict[str, Any]) -> dict[str, Any]:
+def network_definition(cfg: Config | dict[str, Any]) -> dict[str, Any]:
     """The network of ``cfg`` as a MONAI bundle component: ``{"_target_": "monai.networks.nets.UNet", **kwargs}``.
 
     The one description of each architecture: :func:`build_network` instantiates it, and
     ``medeman export --format bundle`` writes it as the bundle's ``network_def``, so a bundle
     rebuilds the very network medeman trained with MONAI alone (plain JSON values only).
     """
-    model, data = cfg["model"], cfg["data"]
-    name = model["name"]
-    in_ch, out_ch = int(data["in_channels"]), int(data["num_classes"])
-    channels = [int(c) for c in model["channels"]]
-    dropout = float(model["dropout"])
-    norm = model.get("norm", "batch")
+    from medeman.typed_config import as_config
+
+    cfg = as_config(cfg)
+    model, data = cfg.model, cfg.data
+    name = model.name
+    in_ch, out_ch = data.in_channels, data.num_classes
+    channels = list(model.channels)  # positive ints (config.validate); a list: the definition is plain JSON
+    dropout = model.dropout
+    norm = model.norm
     if name == "unet":
         if len(channels) < 2:
             raise ValueError("model.channels needs at least two levels for unet")
@@ -70,7 +80,7 @@ def network_definition(cfg: dict[str, Any]) -> dict[str, Any]:
             out_channels=out_ch,
             channels=channels,
             strides=[2] * (len(channels) - 1),
-            num_res_units=int(model["num_res_units"]),
+            num_res_units=model.num_res_units,
             norm=norm,
             dropout=dropout,
         )
@@ -106,8 +116,7 @@ def network_definition(cfg: dict[str, Any]) -> dict[str, Any]:
         )
     if name == "dynunet":
         n = len(channels)
-        train = cfg.get("train", {})  # configs saved in older teacher.pt files have no deep-supervision keys
-        deep = bool(train.get("deep_supervision", False))
+        deep = cfg.train.deep_supervision  # False in configs of older teacher.pt files (merged with the defaults)
         return _definition(
             DynUNet,
             spatial_dims=3,
@@ -121,7 +130,7 @@ def network_definition(cfg: dict[str, Any]) -> dict[str, Any]:
             dropout=dropout or None,
             res_block=True,
             deep_supervision=deep,
-            deep_supr_num=int(train.get("deep_supervision_heads", 1)) if deep else 1,
+            deep_supr_num=cfg.train.deep_supervision_heads if deep else 1,
         )
     raise ValueError(f"unknown model.name {name!r}: choose one of {', '.join(NETWORKS)}")
 
@@ -157,9 +166,12 @@ def _basicunet_features(channels: list[int]) -> list[int]:
     return [channels[0], channels[0], channels[1], channels[2], channels[3], channels[0]]
 
 
-def size_divisor(cfg: dict[str, Any]) -> int:
+def size_divisor(cfg: Config | dict[str, Any]) -> int:
     """The factor every patch side must be divisible by for the network's down-sampling."""
-    name, levels = cfg["model"]["name"], len(cfg["model"]["channels"])
+    from medeman.typed_config import as_config
+
+    model = as_config(cfg).model
+    name, levels = model.name, len(model.channels)
     if name == "vnet":
         return 16
     if name == "basicunet":

@@ -28,6 +28,7 @@ import numpy as np
 import yaml
 
 from medeman.config import SCHEMA, default_config, merge, validate
+from medeman.typed_config import Config, as_config
 
 # nnU-Net's anisotropy rule: an axis whose spacing is over 3x the finest one, and whose extent in
 # voxels is under a third of the others', is "low resolution": it is not resampled to the median
@@ -227,7 +228,7 @@ class Recipe:
 StepTimer = Callable[[dict], float]
 
 
-def time_training_steps(cfg: dict, steps: int = 5, device: str = "cpu", warmup: int = 2) -> float:
+def time_training_steps(cfg: Config | dict, steps: int = 5, device: str = "cpu", warmup: int = 2) -> float:
     """Median seconds of one real training step of ``cfg``'s method, network and patch on random data.
 
     Builds the LightningModule as training does and runs the method's loss, the backward pass, the
@@ -239,18 +240,15 @@ def time_training_steps(cfg: dict, steps: int = 5, device: str = "cpu", warmup: 
 
     from medeman.module import SSLSegModule
 
+    cfg = as_config(cfg)
     torch.manual_seed(0)
     module = SSLSegModule(cfg).to(device)
     module.student.train()
     optimizer = module.configure_optimizers()["optimizer"]
-    data = cfg["data"]
-    patch = [int(s) for s in data["patch_size"]]
-    n_lab, n_unl, channels = (
-        int(data["batch_size_labeled"]),
-        int(data["batch_size_unlabeled"]),
-        int(data["in_channels"]),
-    )
-    label = torch.randint(0, int(data["num_classes"]), (n_lab, 1, *patch), device=device).float()
+    data = cfg.data
+    patch = [int(s) for s in data.patch_size]
+    n_lab, n_unl, channels = data.batch_size_labeled, data.batch_size_unlabeled, data.in_channels
+    label = torch.randint(0, data.num_classes, (n_lab, 1, *patch), device=device).float()
     batch: dict[str, Any] = {"labeled": {"image": torch.randn(n_lab, channels, *patch, device=device), "label": label}}
     if module.method.uses_unlabeled:
         weak = torch.randn(n_unl, channels, *patch, device=device)

@@ -17,10 +17,13 @@ Examples:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 from scipy import ndimage
+
+if TYPE_CHECKING:
+    from medeman.typed_config import Config
 
 # 26-connectivity, as nnU-Net's and MONAI's component tools: diagonal neighbours are one component
 _STRUCTURE = np.ones((3, 3, 3), dtype=bool)
@@ -145,7 +148,7 @@ def apply_postprocessing(labels: np.ndarray, rules: dict[str, Any] | None, voxel
     return out
 
 
-def learn_on_validation(net, cfg: dict, loader, device: str | Any = "cpu") -> dict[str, Any] | None:
+def learn_on_validation(net, cfg: Config | dict, loader, device: str | Any = "cpu") -> dict[str, Any] | None:
     """Segment the whole validation volumes of ``loader`` with ``net`` and learn the rules on them.
 
     Args:
@@ -161,20 +164,22 @@ def learn_on_validation(net, cfg: dict, loader, device: str | Any = "cpu") -> di
     from medeman.data.readers import voxel_spacing
     from medeman.labels import argmax_labels
     from medeman.predict import predict_volume
+    from medeman.typed_config import as_config
 
+    cfg = as_config(cfg)
     predictions, references, volumes = [], [], []
     for batch in loader:
         image = batch["image"][0]
         probs = predict_volume(net, image, cfg, device=device)
         predictions.append(argmax_labels(probs, dim=0).cpu().numpy())
         references.append(np.rint(torch.as_tensor(batch["label"])[0, 0].cpu().numpy()).astype(np.int64))
-        spacing = cfg["data"]["spacing"]
+        spacing = cfg.data.spacing
         if spacing is None:
             spacing = voxel_spacing(np.asarray(image.affine))
         volumes.append(float(np.prod([float(s) for s in spacing])))
     if not predictions:
         return None
-    return learn_postprocessing(predictions, references, volumes, int(cfg["data"]["num_classes"]))
+    return learn_postprocessing(predictions, references, volumes, cfg.data.num_classes)
 
 
 def describe(rules: dict[str, Any] | None) -> str:

@@ -27,6 +27,7 @@ from torch import nn
 
 from medeman.labels import argmax_labels
 from medeman.resample import Axis, axis_maps, lerp_axis, order_axes, resample_separable
+from medeman.typed_config import Config, as_config
 
 # Test-time augmentation mirrors each patch along every combination of the three spatial axes
 # (identity, 3 single, 3 pairs, all three: 8 passes, as nnU-Net) and averages the softmax.
@@ -49,7 +50,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 def predict_volume(
     net: nn.Module,
     image: torch.Tensor,
-    cfg: dict,
+    cfg: Config | dict,
     tta: bool = False,
     *,
     sw_batch_size: int | None = None,
@@ -71,11 +72,12 @@ def predict_volume(
     Returns:
         ``(num_classes, X, Y, Z)`` float32 probabilities on ``device``.
     """
-    infer = cfg["infer"]
-    sw_batch_size = int(infer["sw_batch_size"] if sw_batch_size is None else sw_batch_size)
-    overlap = float(infer["overlap"] if overlap is None else overlap)
+    cfg = as_config(cfg)
+    infer = cfg.infer
+    sw_batch_size = int(infer.sw_batch_size if sw_batch_size is None else sw_batch_size)
+    overlap = float(infer.overlap if overlap is None else overlap)
     device = torch.device(device) if device is not None else next(net.parameters()).device
-    dtype = autocast_dtype(infer["precision"] if precision is None else precision, device)
+    dtype = autocast_dtype(infer.precision if precision is None else precision, device)
     flips = TTA_FLIPS if tta else ((),)
 
     def predictor(patch: torch.Tensor) -> torch.Tensor:
@@ -92,7 +94,7 @@ def predict_volume(
     with torch.inference_mode():
         probs = sliding_window_inference(
             x,
-            roi_size=[int(s) for s in cfg["data"]["patch_size"]],
+            roi_size=[int(s) for s in cfg.data.patch_size],
             sw_batch_size=sw_batch_size,
             predictor=predictor,
             overlap=overlap,

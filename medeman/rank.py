@@ -60,6 +60,7 @@ from medeman.rank_scores import (
     volume_scores,
 )
 from medeman.threads import apply_threads, choose_threads
+from medeman.typed_config import Config, as_config
 
 OUTPUTS = ("ranking.csv", "uncertainty", "png")
 DISAGREEMENT_COLUMNS = (
@@ -83,7 +84,7 @@ class ScanScores:
 # --------------------------------------------------------------------------- models
 
 
-def load_student(model: str | Path, cfg: dict, device: str | torch.device = "cpu") -> nn.Module | None:
+def load_student(model: str | Path, cfg: Config | dict, device: str | torch.device = "cpu") -> nn.Module | None:
     """The run's final student from ``checkpoints/last.ckpt`` beside ``teacher.pt``, or None when there is none.
 
     Raises:
@@ -125,12 +126,13 @@ class _Mirrored(nn.Module):
         return self.net(x.flip(self.dims)).flip(self.dims) if self.dims else self.net(x)
 
 
-def bottleneck_module(net: nn.Module, cfg: dict) -> nn.Module:
+def bottleneck_module(net: nn.Module, cfg: Config | dict) -> nn.Module:
     """The sub-module whose output has the coarsest grid (most channels on ties): the network's bottleneck.
 
     Found by one forward pass of a zero patch, so it works for every network of :mod:`medeman.nets`.
     """
-    patch = [int(s) for s in cfg["data"]["patch_size"]]
+    data = as_config(cfg).data
+    patch = [int(s) for s in data.patch_size]
     found: list[tuple[int, int, int, nn.Module]] = []
     hooks = []
     for order, (_, module) in enumerate(net.named_modules()):
@@ -143,7 +145,7 @@ def bottleneck_module(net: nn.Module, cfg: dict) -> nn.Module:
     try:
         device = next(net.parameters()).device
         with torch.inference_mode():
-            net(torch.zeros((1, int(cfg["data"]["in_channels"]), *patch), device=device))
+            net(torch.zeros((1, data.in_channels, *patch), device=device))
     finally:
         for hook in hooks:
             hook.remove()
@@ -157,7 +159,7 @@ def score_case(
     case: Case,
     teacher: nn.Module,
     student: nn.Module | None,
-    cfg: dict,
+    cfg: Config | dict,
     transform,
     *,
     tta: bool = False,
@@ -279,8 +281,9 @@ def rank_cases(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if isinstance(model, (str, Path)):
         teacher, cfg, payload = load_teacher(model, device)
+        cfg = as_config(cfg)
         rules = payload["extra"].get("postprocessing")
-        method = cfg["ssl"]["method"]
+        method = cfg.ssl.method
         if not issubclass(METHODS.get(method, TeacherMethod), TeacherMethod):  # its teacher.pt is the student itself
             student = None
             tqdm.write(
@@ -309,7 +312,8 @@ def rank_cases(
     if out is not None:
         _prepare(out, overwrite)
     skipped: list[str] = []
-    cases, problems = find_cases(unlabeled, int(cfg["data"]["in_channels"]), skipped=skipped)
+    cfg = as_config(cfg)
+    cases, problems = find_cases(unlabeled, cfg.data.in_channels, skipped=skipped)
     for message in skipped:
         tqdm.write(f"skipped: {message}", file=sys.stderr)
     for message in problems:

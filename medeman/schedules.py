@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from medeman.eman import scheduled_momentum
+from medeman.typed_config import Config, as_config
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class RunSchedule:
     threshold_momentum: float
 
 
-def run_schedule(cfg: dict[str, Any]) -> RunSchedule:
+def run_schedule(cfg: Config | dict[str, Any]) -> RunSchedule:
     """Resolve ``cfg``'s schedules to steps: a key given in steps wins, ``null`` takes its fraction of ``train.max_steps``.
 
     Examples:
@@ -43,20 +44,20 @@ def run_schedule(cfg: dict[str, Any]) -> RunSchedule:
         >>> s.warmup_steps, s.rampup_steps, round(s.threshold_momentum, 3)
         (100, 300, 0.99)
     """
-    ssl = cfg["ssl"]
-    steps = int(cfg["train"]["max_steps"])
+    cfg = as_config(cfg)
+    ssl, steps = cfg.ssl, cfg.train.max_steps
 
-    def resolved(key: str, fraction: float) -> int:
-        return int(ssl[key]) if ssl[key] is not None else round(fraction * steps)
+    def resolved(steps_given: int | None, fraction: float) -> int:
+        return steps_given if steps_given is not None else round(fraction * steps)
 
-    warmup = resolved("warmup_steps", float(ssl["warmup_fraction"]))
-    momentum = ssl["adaptive_threshold_momentum"]
+    warmup = resolved(ssl.warmup_steps, ssl.warmup_fraction)
+    momentum = ssl.adaptive_threshold_momentum
     return RunSchedule(
         max_steps=steps,
         warmup_steps=warmup,
-        rampup_steps=resolved("rampup_steps", float(ssl["rampup_fraction"])),
-        bcp_pretrain_steps=int(ssl["bcp_pretrain_steps"]) if ssl["bcp_pretrain_steps"] is not None else warmup,
-        threshold_momentum=float(momentum)
+        rampup_steps=resolved(ssl.rampup_steps, ssl.rampup_fraction),
+        bcp_pretrain_steps=ssl.bcp_pretrain_steps if ssl.bcp_pretrain_steps is not None else warmup,
+        threshold_momentum=momentum
         if momentum is not None
-        else scheduled_momentum(0, steps, schedule="window", window=float(ssl["momentum_window"])),
+        else scheduled_momentum(0, steps, schedule="window", window=ssl.momentum_window),
     )

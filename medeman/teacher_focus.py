@@ -29,6 +29,7 @@ from monai.inferers import sliding_window_inference
 
 from medeman.labels import argmax_labels
 from medeman.nets import main_output
+from medeman.typed_config import Config, as_config
 
 
 def focus_centres(
@@ -73,18 +74,15 @@ class TeacherFocus(pl.Callback):
         seed: seed of the centre draws (default: ``train.seed``).
     """
 
-    def __init__(self, cfg: dict[str, Any], seed: int | None = None) -> None:
-        data = cfg["data"]
-        self.cfg = cfg
-        self.every = int(data["unlabeled_focus_every_steps"])
-        self.stride = int(data["unlabeled_focus_stride"])
-        num_classes = int(data["num_classes"])
+    def __init__(self, cfg: Config | dict[str, Any], seed: int | None = None) -> None:
+        self.cfg = cfg = as_config(cfg)
+        data = cfg.data
+        self.every = data.unlabeled_focus_every_steps
+        self.stride = data.unlabeled_focus_stride
         self.classes = (
-            [int(c) for c in data["unlabeled_focus_classes"]]
-            if data["unlabeled_focus_classes"]
-            else list(range(1, num_classes))
+            list(data.unlabeled_focus_classes) if data.unlabeled_focus_classes else list(range(1, data.num_classes))
         )
-        self.rand = np.random.RandomState(int(cfg["train"]["seed"]) if seed is None else seed)
+        self.rand = np.random.RandomState(cfg.train.seed if seed is None else seed)
         self.last_refresh: int | None = None
         self.focus: Any = None  # the DataModule's shared centres, found at setup
         self._restored: dict[str, Any] | None = None  # a checkpoint's state, applied when training starts
@@ -142,14 +140,14 @@ class TeacherFocus(pl.Callback):
         if focus is None:
             return 0.0, 0
         start, focused = time.perf_counter(), 0
-        roi = [int(s) for s in self.cfg["data"]["patch_size"]]
+        roi = [int(s) for s in self.cfg.data.patch_size]
         was_training = teacher.training
         teacher.eval()  # deep-supervision heads off, dropout off; EMAN layers use their statistics anyway
         try:
             for index in range(len(focus)):
                 image = datamodule.preprocessed_unlabeled(index).to(device)[None].float()
                 logits = sliding_window_inference(
-                    image, roi, int(self.cfg["infer"]["sw_batch_size"]), lambda x: main_output(teacher(x)), overlap=0.0
+                    image, roi, self.cfg.infer.sw_batch_size, lambda x: main_output(teacher(x)), overlap=0.0
                 )
                 labels = argmax_labels(logits, dim=1, dtype=torch.long)[0]
                 centres = focus_centres(labels, self.classes, focus.capacity, self.stride, self.rand)

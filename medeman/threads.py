@@ -22,7 +22,10 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
+
+if TYPE_CHECKING:
+    from medeman.typed_config import Config, Section
 
 
 @dataclass(frozen=True)
@@ -108,8 +111,13 @@ def apply_threads(choice: ThreadChoice, *, announce: bool = True) -> int:
     return choice.threads
 
 
-def local_processes(train: Mapping) -> int:
-    """Processes a training starts on each node: the number of ``train.devices`` (DDP local ranks)."""
+def local_processes(train: Section | Mapping) -> int:
+    """Processes a training starts on each node: the number of ``train.devices`` (DDP local ranks).
+
+    ``train``: the ``train`` section of a :class:`~medeman.typed_config.Config`, or a mapping of its
+    ``devices`` (default 1) and ``accelerator``.
+    """
+    train = train if isinstance(train, Mapping) else train.to_dict()
     devices = train.get("devices", 1)
     if isinstance(devices, (list, tuple)):
         return max(1, len(devices))
@@ -125,15 +133,17 @@ def local_processes(train: Mapping) -> int:
     return 1
 
 
-def set_threads_for_config(cfg: Mapping, explicit: int | None = None, *, processes: int | None = None) -> int:
+def set_threads_for_config(cfg: Config | Mapping, explicit: int | None = None, *, processes: int | None = None) -> int:
     """Apply the rule for a training-like command (``train``, ``tune``): threads from ``explicit`` or ``train.num_threads``,
     divided among ``processes`` (default: :func:`local_processes`) and their ``data.num_workers`` loader workers."""
     from medeman.config import ConfigError
+    from medeman.typed_config import as_config
 
-    explicit = explicit if explicit is not None else cfg["train"].get("num_threads")
-    count = local_processes(cfg["train"]) if processes is None else processes
+    cfg = as_config(cfg)
+    explicit = explicit if explicit is not None else cfg.train.num_threads
+    count = local_processes(cfg.train) if processes is None else processes
     try:
-        choice = choose_threads(explicit, processes=count, loader_workers=int(cfg["data"]["num_workers"]))
+        choice = choose_threads(explicit, processes=count, loader_workers=cfg.data.num_workers)
     except ValueError as err:  # a bad OMP_NUM_THREADS: one line, like any other bad setting
         raise ConfigError(str(err)) from None
     return apply_threads(choice)

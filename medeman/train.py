@@ -47,6 +47,7 @@ from medeman.resume import (
     record_resume,
 )
 from medeman.threads import set_threads_for_config
+from medeman.typed_config import Config, as_config
 
 if TYPE_CHECKING:  # the data stack is imported late (heavy)
     from medeman.data.datamodule import CohortCache
@@ -109,9 +110,9 @@ class TeacherExport(Callback):
     from (``extra["candidates"]``), because the best of many noisy validation scores is optimistic.
     """
 
-    def __init__(self, path: Path, cfg: dict):
-        self.path, self.cfg = Path(path), cfg
-        self.rule = cfg["train"]["deploy"]
+    def __init__(self, path: Path, cfg: Config | dict):
+        self.path, self.cfg = Path(path), as_config(cfg)
+        self.rule = self.cfg.train.deploy
         self.best = -math.inf
         self.validations = 0
         self.exported_step: int | None = None
@@ -161,19 +162,19 @@ class TeacherExport(Callback):
         self.validations = int(state_dict.get("validations", 0))
 
 
-def _sync_batchnorm(cfg: dict) -> bool:
+def _sync_batchnorm(cfg: Config | dict) -> bool:
     """Whether to convert the student to SyncBatchNorm: on, several processes, and GPUs."""
-    train = cfg["train"]
-    devices = train["devices"]
+    train = as_config(cfg).train
+    devices = train.devices
     several = (
         devices == -1
         or (isinstance(devices, int) and devices > 1)
         or (isinstance(devices, (list, tuple)) and len(devices) > 1)
-        or int(train["num_nodes"]) > 1
+        or train.num_nodes > 1
     )
-    if not (train["sync_batchnorm"] and several):
+    if not (train.sync_batchnorm and several):
         return False
-    if train["accelerator"] in ("gpu", "auto") and torch.cuda.is_available():
+    if train.accelerator in ("gpu", "auto") and torch.cuda.is_available():
         return True
     warnings.warn(
         "train.sync_batchnorm is on but this multi-process run is on CPU, where PyTorch refuses SyncBatchNorm: "
@@ -223,7 +224,7 @@ def prepare_run_dir(out_dir: Path, resume: bool, overwrite: bool, keep: Sequence
 
 
 def fit(
-    cfg: dict,
+    cfg: Config | dict,
     labeled: str | Path,
     unlabeled: str | Path | None = None,
     val: str | Path | None = None,
@@ -241,7 +242,8 @@ def fit(
     """Train a model as ``cfg`` says and leave a run folder (see module docstring).
 
     Args:
-        cfg: resolved config from :func:`medeman.config.load_config`.
+        cfg: resolved config (:func:`medeman.config.load_config`'s dict or its :class:`~medeman.typed_config.Config`);
+            a resumed run's schedules are pinned in a dict in place (:func:`medeman.resume.pin_schedules`).
         labeled: labeled cohort (``images/`` + ``labels/``, an MSD ``dataset.json`` or nnU-Net folder).
         unlabeled: folder of unlabeled scans (required for ``mean_teacher``).
         val: optional labeled validation cohort; without it a split of ``labeled`` is used.
@@ -269,12 +271,16 @@ def fit(
         cfg
     )  # built once: its checks, the DataModule's views and the module's training all come from it
     method.check(cfg, has_unlabeled=unlabeled is not None)
-    validate(cfg)  # types, choices and the rules between keys (config.validate), also for a config built in code
+    # types, choices and the rules between keys (config.validate), also for a config built in code
+    typed = as_config(cfg)
     prepare_run_dir(out_dir, resume, overwrite, keep)
-    resume_step, changes = (
-        _check_resume(out_dir, cfg) if resume else (None, {})
-    )  # before anything in the run folder is written
-    pl.seed_everything(int(cfg["train"]["seed"]), workers=True, verbose=False)
+    resume_step, changes = None, {}
+    if resume:  # before anything in the run folder is written
+        resume_step, changes, pinned = _check_resume(out_dir, cfg)
+        if pinned != typed:  # schedules pinned where the stopped run had them: the method's schedule too
+            typed, method = pinned, build_method(pinned)
+    cfg = typed
+    pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
     datamodule = SSLDataModule(
         cfg,
         labeled=labeled,
@@ -308,7 +314,7 @@ def fit(
     last = ModelCheckpoint(
         dirpath=out_dir / "checkpoints", filename="last", monitor=None, save_top_k=1, enable_version_counter=False
     )
-    every = int(cfg["train"]["checkpoint_every_steps"])
+    every = cfg.train.checkpoint_every_steps
     if every > 0:  # the same last.ckpt between validations too: a resume from mid-interval is exact (docs/resume.md)
         callbacks = [*callbacks, CadenceCheckpoint(out_dir / "checkpoints", every)]
     loggers = (
@@ -318,19 +324,19 @@ def fit(
     )
     if resume:
         callbacks = [*callbacks, ContinuedStepCount()]
-    train = cfg["train"]
+    train = cfg.train
     trainer = pl.Trainer(
-        accelerator=train["accelerator"],
-        devices=train["devices"],
-        num_nodes=int(train["num_nodes"]),
-        strategy=train["strategy"],
-        precision=train["precision"],
-        max_steps=int(train["max_steps"]),
+        accelerator=train.accelerator,
+        devices=list(train.devices) if isinstance(train.devices, tuple) else train.devices,
+        num_nodes=train.num_nodes,
+        strategy=train.strategy,
+        precision=train.precision,
+        max_steps=train.max_steps,
         max_epochs=-1,
-        accumulate_grad_batches=int(train["accumulate_grad_batches"]),
+        accumulate_grad_batches=train.accumulate_grad_batches,
         check_val_every_n_epoch=1,
         num_sanity_val_steps=0,
-        log_every_n_steps=int(train["log_every_steps"]),
+        log_every_n_steps=train.log_every_steps,
         callbacks=[best, last, export, *callbacks],
         logger=loggers,
         default_root_dir=out_dir,
@@ -367,17 +373,20 @@ def _learn_postprocessing(model: Path, datamodule) -> None:
         print(f"post-processing learned on validation: {describe(rules)}")
 
 
-def _check_resume(out_dir: Path, cfg: dict) -> tuple[int, dict[str, tuple[Any, Any]]]:
-    """The step ``last.ckpt`` resumes from and the settings the resume changes; a one-line ConfigError if it
-    changes data or model settings (:func:`medeman.resume.check_resume`) or the checkpoint does not fit the network."""
+def _check_resume(out_dir: Path, cfg: Config | dict) -> tuple[int, dict[str, tuple[Any, Any]], Config]:
+    """The step ``last.ckpt`` resumes from, the settings the resume changes and the config with its schedules pinned
+    (in place too, for a dict: :func:`medeman.resume.pin_schedules`); a one-line ConfigError if it changes data or
+    model settings (:func:`medeman.resume.check_resume`) or the checkpoint does not fit the network."""
     from medeman.module import SSLSegModule
 
     saved_path = out_dir / "config.yaml"
     if not saved_path.is_file():
         raise nothing_to_resume(out_dir, "config.yaml")
     saved = load_config([saved_path])
+    cfg = cfg.to_dict() if isinstance(cfg, Config) else cfg
     pin_schedules(saved, cfg)
-    changes = check_resume(out_dir, saved, cfg)
+    changes = check_resume(out_dir, saved, validate(cfg))  # a diff of plain dicts (lists, as config.yaml has them)
+    cfg = as_config(cfg)
     path = out_dir / "checkpoints" / "last.ckpt"
     try:
         checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -391,7 +400,7 @@ def _check_resume(out_dir: Path, cfg: dict) -> tuple[int, dict[str, tuple[Any, A
             f"{path}: cannot resume: the checkpoint's network differs from this config's in {len(differ)} "
             f"tensor(s) ({', '.join(differ[:3])}{', ...' if len(differ) > 3 else ''})"
         )
-    return int(checkpoint["global_step"]), changes
+    return int(checkpoint["global_step"]), changes, cfg
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -462,7 +471,7 @@ def _plan_run(args: argparse.Namespace) -> None:
     args.config = [str(out / "plan.yaml")]
 
 
-def fit_time_budget(cfg: dict, budget: str, sets: Sequence[str] = ()) -> dict:
+def fit_time_budget(cfg: Config | dict, budget: str, sets: Sequence[str] = ()) -> dict:
     """``cfg`` with ``train.max_steps`` timed to fit ``budget`` and its step-based keys scaled with it.
 
     A ``--set train.max_steps`` wins over the budget. The ramp-up, warm-up and momentum window
@@ -477,13 +486,14 @@ def fit_time_budget(cfg: dict, budget: str, sets: Sequence[str] = ()) -> dict:
         seconds = parse_duration(budget)
     except ValueError as err:
         raise ConfigError(f"--time-budget: {err}") from None
-    device = "cuda" if cfg["train"]["accelerator"] in ("auto", "gpu") and torch.cuda.is_available() else "cpu"
-    per_step = time_training_steps(cfg, device=device)
+    typed = as_config(cfg)
+    device = "cuda" if typed.train.accelerator in ("auto", "gpu") and torch.cuda.is_available() else "cpu"
+    per_step = time_training_steps(typed, device=device)
     steps = max(1, int(seconds * (1.0 - TIME_OVERHEAD) / per_step))
-    scale = steps / int(cfg["train"]["max_steps"])
-    out = run_config(cfg, {}, steps)
-    out["train"]["val_every_steps"] = max(1, min(steps, round(int(cfg["train"]["val_every_steps"]) * scale)))
-    out["data"]["unlabeled_focus_every_steps"] = max(1, round(int(cfg["data"]["unlabeled_focus_every_steps"]) * scale))
+    scale = steps / typed.train.max_steps
+    out = run_config(typed, {}, steps)  # a dict: the scaled values are written into it
+    out["train"]["val_every_steps"] = max(1, min(steps, round(typed.train.val_every_steps * scale)))
+    out["data"]["unlabeled_focus_every_steps"] = max(1, round(typed.data.unlabeled_focus_every_steps * scale))
     if rank_zero_only.rank == 0:
         print(
             f"--time-budget {budget}: {per_step:.3f} s per timed step -> train.max_steps={steps} (step-based keys scaled x{scale:.3g})"
@@ -548,7 +558,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(
         f"done: {result.steps} steps; validation Dice teacher {result.last_dice_teacher:.3f}, student {result.last_dice_student:.3f} "
-        f"(best validation {result.best_dice_teacher:.3f}); model {result.run_dir / 'teacher.pt'} (train.deploy={cfg['train']['deploy']})"
+        f"(best validation {result.best_dice_teacher:.3f}); model {result.run_dir / 'teacher.pt'} (train.deploy={as_config(cfg).train.deploy})"
     )
     return 0
 

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import gc
 import logging
 import math
@@ -58,7 +57,7 @@ import time
 import traceback
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import optuna
 import yaml
@@ -69,6 +68,7 @@ from optuna.trial import FrozenTrial, TrialState
 from medeman.config import ConfigError, load_config, render_yaml, validate
 from medeman.data.errors import DataError
 from medeman.threads import apply_threads, choose_threads, local_processes
+from medeman.typed_config import Config, Section, as_config
 
 if TYPE_CHECKING:  # the data stack is imported late (heavy)
     from medeman.data.datamodule import CohortCache
@@ -89,8 +89,9 @@ PARAMS: dict[str, bool] = {
 }
 
 
-def suggest(trial: optuna.Trial, tune: dict) -> dict[str, Any]:
+def suggest(trial: optuna.Trial, tune: Section | Mapping[str, Any]) -> dict[str, Any]:
     """Sample one point of the ``tune:`` search space (ranges checked by :func:`medeman.config.validate`)."""
+    tune = tune.to_dict() if isinstance(tune, Section) else tune  # looked up by the names of PARAMS
     for name, log in PARAMS.items():
         if tune[name] is None:
             continue
@@ -102,23 +103,25 @@ def suggest(trial: optuna.Trial, tune: dict) -> dict[str, Any]:
     return dict(trial.params)
 
 
-def trial_steps(cfg: dict) -> int:
+def trial_steps(cfg: Config | dict) -> int:
     """Optimizer steps of one trial."""
-    return int(cfg["tune"]["max_steps"] if cfg["tune"]["max_steps"] is not None else cfg["train"]["max_steps"])
+    cfg = as_config(cfg)
+    return cfg.tune.max_steps if cfg.tune.max_steps is not None else cfg.train.max_steps
 
 
-def momentum_window(cfg: dict, params: dict[str, Any]) -> float | None:
+def momentum_window(cfg: Config | dict, params: dict[str, Any]) -> float | None:
     """The teacher's averaging window as a fraction of the run: the tuned one, else the config's.
 
     ``None`` for a config whose momentum is 1 (a frozen teacher has no window).
     """
     if "momentum_window" in params:
         return float(params["momentum_window"])
-    ssl = cfg["ssl"]
-    if ssl["momentum_schedule"] == "window":
-        return float(ssl["momentum_window"])
-    m = float(ssl["ema_momentum"])
-    return None if m >= 1.0 else 1.0 / ((1.0 - m) * int(cfg["train"]["max_steps"]))
+    cfg = as_config(cfg)
+    ssl = cfg.ssl
+    if ssl.momentum_schedule == "window":
+        return ssl.momentum_window
+    m = ssl.ema_momentum
+    return None if m >= 1.0 else 1.0 / ((1.0 - m) * cfg.train.max_steps)
 
 
 def momentum_for(window: float, steps: int) -> float:
@@ -126,7 +129,7 @@ def momentum_for(window: float, steps: int) -> float:
     return round(max(0.0, 1.0 - 1.0 / (window * steps)), 12)
 
 
-def run_config(cfg: dict, params: dict[str, Any], steps: int) -> dict:
+def run_config(cfg: Config | dict, params: dict[str, Any], steps: int) -> dict:
     """``cfg`` with the trial parameters ``params`` set, for a run of ``steps`` optimizer steps.
 
     ``cfg`` describes the full run (``train.max_steps``) and the parameters are in its units. With
@@ -135,9 +138,10 @@ def run_config(cfg: dict, params: dict[str, Any], steps: int) -> dict:
     else ``ssl.ema_momentum = 1 - 1/(w steps)`` (the start of the cosine schedule). ``cfg`` is not
     changed.
     """
-    out = copy.deepcopy(cfg)
+    cfg = as_config(cfg)
+    out = cfg.to_dict()  # a dict: the trial's values are written into it
     ssl = out["ssl"]
-    full = int(cfg["train"]["max_steps"])
+    full = cfg.train.max_steps
     scale = steps / full
     for key in ("consistency_weight", "pseudo_label_threshold"):
         if key in params:
@@ -150,7 +154,7 @@ def run_config(cfg: dict, params: dict[str, Any], steps: int) -> dict:
         if ssl[key] is not None:
             ssl[key] = round(int(ssl[key]) * scale)
     window = momentum_window(cfg, params)
-    if ssl["momentum_schedule"] == "window":
+    if cfg.ssl.momentum_schedule == "window":
         ssl["momentum_window"] = window
     elif window is not None and ("momentum_window" in params or steps != full):
         ssl["ema_momentum"] = momentum_for(window, steps)
@@ -158,7 +162,7 @@ def run_config(cfg: dict, params: dict[str, Any], steps: int) -> dict:
     return validate(out)
 
 
-def validation_schedule(cfg: dict) -> tuple[int, int]:
+def validation_schedule(cfg: Config | dict) -> tuple[int, int]:
     """``(every, after)``: a trial validates every ``every`` steps, at the steps past ``after`` only.
 
     Only validations that can prune the trial or enter its objective are worth their cost: the
@@ -167,30 +171,31 @@ def validation_schedule(cfg: dict) -> tuple[int, int]:
     of ``T`` up to ``ceil(T (1 - prune_after) / validations)`` (an epoch is one interval, and
     Lightning validates at epoch ends only), so a ``T`` with small divisors spreads them best.
     """
-    steps, tune = trial_steps(cfg), cfg["tune"]
-    target = max(1, math.ceil(steps * (1.0 - float(tune["prune_after"])) / int(tune["validations"])))
+    steps, tune = trial_steps(cfg), as_config(cfg).tune
+    target = max(1, math.ceil(steps * (1.0 - tune.prune_after) / tune.validations))
     every = max(d for d in range(1, target + 1) if steps % d == 0)
-    return every, max(0, steps - every * int(tune["validations"]))
+    return every, max(0, steps - every * tune.validations)
 
 
-def trial_config(cfg: dict, params: dict[str, Any]) -> dict:
+def trial_config(cfg: Config | dict, params: dict[str, Any]) -> dict:
     """The config of one trial: :func:`run_config` for ``tune.max_steps`` steps, validating as :func:`validation_schedule` says."""
     out = run_config(cfg, params, trial_steps(cfg))
     out["train"]["val_every_steps"] = validation_schedule(cfg)[0]
     return out
 
 
-def full_config(cfg: dict, params: dict[str, Any]) -> dict:
+def full_config(cfg: Config | dict, params: dict[str, Any]) -> dict:
     """The config of the full run (``train.max_steps``) with the trial parameters ``params``: what best_config.yaml holds."""
-    return run_config(cfg, params, int(cfg["train"]["max_steps"]))
+    return run_config(cfg, params, as_config(cfg).train.max_steps)
 
 
-def tuned_keys(cfg: dict, params: dict[str, Any]) -> dict[tuple[str, str], Any]:
+def tuned_keys(cfg: Config | dict, params: dict[str, Any]) -> dict[tuple[str, str], Any]:
     """The full-run config values that ``params`` set, ``{(section, key): value}``: best_params.yaml and the table."""
     full = full_config(cfg, params)
     keys = [("ssl", name) for name in params if name in PARAMS and name != "momentum_window"]
     if "momentum_window" in params:
-        keys.insert(0, ("ssl", "momentum_window" if cfg["ssl"]["momentum_schedule"] == "window" else "ema_momentum"))
+        window_key = "momentum_window" if as_config(cfg).ssl.momentum_schedule == "window" else "ema_momentum"
+        keys.insert(0, ("ssl", window_key))
     return {(section, key): full[section][key] for section, key in keys}
 
 
@@ -253,7 +258,7 @@ class TrialReporter(Callback):
 
 def objective(
     trial: optuna.Trial,
-    cfg: dict,
+    cfg: Config | dict,
     labeled: str | Path,
     unlabeled: str | Path | None,
     val: str | Path | None,
@@ -271,12 +276,13 @@ def objective(
     """
     if train_fn is None:
         from medeman.train import fit as train_fn
-    params = suggest(trial, cfg["tune"])
+    cfg = as_config(cfg)
+    params = suggest(trial, cfg.tune)
     run_dir = Path(out_dir) / f"trial_{trial.number:04d}"
     trial.set_user_attr("run_dir", str(run_dir.resolve()))
-    reporter = TrialReporter(trial, cfg["tune"]["objective_last_k"], *validation_schedule(cfg))
-    config = trial_config(cfg, params)
-    if config["data"]["cache"] == "disk" and config["data"]["cache_dir"] is None:
+    reporter = TrialReporter(trial, cfg.tune.objective_last_k, *validation_schedule(cfg))
+    config = trial_config(cfg, params)  # a dict: the cache folder is written into it
+    if cfg.data.cache == "disk" and cfg.data.cache_dir is None:
         config["data"]["cache_dir"] = str((Path(out_dir) / "cache").resolve())
     try:
         train_fn(
@@ -312,13 +318,23 @@ def database_url(url: str) -> str:
     return url
 
 
-def open_storage(storage: str | None, out_dir: Path, tune: dict | None = None) -> optuna.storages.BaseStorage:
+def as_tune(tune: Section | Mapping[str, Any] | None) -> Section | None:
+    """The ``tune`` section of a :class:`~medeman.typed_config.Config`; a mapping is read onto the defaults and checked."""
+    if tune is None or isinstance(tune, Section):
+        return tune
+    return as_config({"tune": dict(tune)}).tune
+
+
+def open_storage(
+    storage: str | None, out_dir: Path, tune: Section | Mapping[str, Any] | None = None
+) -> optuna.storages.BaseStorage:
     """Storage from ``--storage``: default SQLite in ``out_dir``, an SQLAlchemy URL, or a journal file path.
 
     A database storage records heartbeats of running trials (``tune.heartbeat_interval``, ``tune.grace_period``)
     and retries a trial whose heartbeat stopped up to ``tune.max_retries`` times; Optuna's journal
     storage has no heartbeat.
     """
+    tune = as_tune(tune)
     if storage is None:
         out_dir.mkdir(parents=True, exist_ok=True)
         storage = f"sqlite:///{(out_dir / 'study.db').resolve()}"
@@ -326,7 +342,7 @@ def open_storage(storage: str | None, out_dir: Path, tune: dict | None = None) -
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
         Path(storage).parent.mkdir(parents=True, exist_ok=True)
-        if tune is not None and tune["heartbeat_interval"] is not None:
+        if tune is not None and tune.heartbeat_interval is not None:
             _log.info(
                 "a journal storage has no heartbeat: a trial whose worker dies stays RUNNING (use a database to retry it)"
             )
@@ -335,13 +351,13 @@ def open_storage(storage: str | None, out_dir: Path, tune: dict | None = None) -
     given, storage = storage, database_url(storage)
     engine_kwargs = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else {"pool_pre_ping": True}
     heartbeat: dict[str, Any] = {}
-    if tune is not None and tune["heartbeat_interval"] is not None:
+    if tune is not None and tune.heartbeat_interval is not None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            retry = RetryHeartbeatStaleTrialCallback(max_retry=int(tune["max_retries"]))
+            retry = RetryHeartbeatStaleTrialCallback(max_retry=tune.max_retries)
         heartbeat = {
-            "heartbeat_interval": int(tune["heartbeat_interval"]),
-            "grace_period": None if tune["grace_period"] is None else int(tune["grace_period"]),
+            "heartbeat_interval": tune.heartbeat_interval,
+            "grace_period": tune.grace_period,
             "heartbeat_stale_trial_callback": retry,
         }
     # Workers that start together race to create the schema; the loser's error is harmless, so retry.
@@ -407,18 +423,18 @@ def make_sampler(seed: int) -> optuna.samplers.TPESampler:
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
 
 
-def open_study(cfg: dict, study_name: str, storage: optuna.storages.BaseStorage) -> optuna.Study:
+def open_study(cfg: Config | dict, study_name: str, storage: optuna.storages.BaseStorage) -> optuna.Study:
     """Create the study, or load it when it exists (another worker, or an earlier run of this command)."""
-    tune = cfg["tune"]
+    tune = as_config(cfg).tune
     # Reports are keyed by optimizer step; nothing is pruned before prune_after of the trial.
     pruner = optuna.pruners.MedianPruner(
-        n_startup_trials=int(tune["n_startup_trials"]),
-        n_warmup_steps=math.ceil(float(tune["prune_after"]) * trial_steps(cfg)),
+        n_startup_trials=tune.n_startup_trials,
+        n_warmup_steps=math.ceil(tune.prune_after * trial_steps(cfg)),
     )
     return optuna.create_study(
         study_name=study_name,
         storage=storage,
-        sampler=make_sampler(int(tune["sampler_seed"])),
+        sampler=make_sampler(tune.sampler_seed),
         pruner=pruner,
         direction="maximize",
         load_if_exists=True,
@@ -559,7 +575,7 @@ def _others_running(study: optuna.Study) -> int:
 
 
 def run_study(
-    cfg: dict,
+    cfg: Config | dict,
     labeled: str | Path,
     unlabeled: str | Path | None = None,
     val: str | Path | None = None,
@@ -598,11 +614,11 @@ def run_study(
     """
     from medeman.data.datamodule import CohortCache
 
-    validate(cfg)
+    cfg = as_config(cfg)
     out_dir = Path(out_dir)
-    backend = open_storage(storage, out_dir, cfg["tune"])
+    backend = open_storage(storage, out_dir, cfg.tune)
     study = open_study(cfg, study_name, backend)
-    seed = int(cfg["tune"]["sampler_seed"])
+    seed = cfg.tune.sampler_seed
     heartbeat = getattr(backend, "get_heartbeat_interval", lambda: None)() is not None
     deadline = None if timeout is None else time.monotonic() + timeout
     done, waiting = 0, False
@@ -623,7 +639,7 @@ def run_study(
                         _others_running(study),
                     )
                 waiting = True
-                time.sleep(float(cfg["tune"]["heartbeat_interval"]))
+                time.sleep(cfg.tune.heartbeat_interval)
                 continue
             _log.info("study %s holds %d trials, its cap: this worker stops", study_name, max_trials)
             break
@@ -646,7 +662,7 @@ def run_study(
     return study
 
 
-def best_overlay(study: optuna.Study, cfg: dict) -> dict[str, dict[str, Any]]:
+def best_overlay(study: optuna.Study, cfg: Config | dict) -> dict[str, dict[str, Any]]:
     """The best trial's parameters as a config overlay ``{section: {key: value}}`` for the full run."""
     overlay: dict[str, dict[str, Any]] = {}
     for (section, key), value in tuned_keys(cfg, study.best_trial.params).items():
@@ -654,36 +670,40 @@ def best_overlay(study: optuna.Study, cfg: dict) -> dict[str, dict[str, Any]]:
     return overlay
 
 
-def write_best(study: optuna.Study, cfg: dict, out_dir: Path, config_paths: Sequence[str]) -> tuple[Path, Path]:
+def write_best(
+    study: optuna.Study, cfg: Config | dict, out_dir: Path, config_paths: Sequence[str]
+) -> tuple[Path, Path]:
     """Write ``best_params.yaml`` (overlay of the tuned keys) and ``best_config.yaml`` (the full config to train), both for the full run."""
+    cfg = as_config(cfg)
     best = study.best_trial
     overlay = best_overlay(study, cfg)
     params_path = out_dir / "best_params.yaml"
     bases = " ".join(f"--config {p}" for p in [*config_paths, params_path])
-    k = cfg["tune"]["objective_last_k"]
+    k = cfg.tune.objective_last_k
     header = (
         f"# Best of Optuna study '{study.study_name}': trial {best.number}, mean of the last {k} {MONITOR}={best.value:.4f} "
-        f"in {trial_steps(cfg)}-step trials; values for the full run of train.max_steps={cfg['train']['max_steps']} steps.\n"
+        f"in {trial_steps(cfg)}-step trials; values for the full run of train.max_steps={cfg.train.max_steps} steps.\n"
         f"# Overlay it on the tuned config: medeman train {bases} ...\n"
     )
     params_path.write_text(header + yaml.safe_dump(overlay, sort_keys=False), encoding="utf-8")
     config_path = out_dir / "best_config.yaml"
     config_path.write_text(
         f"# Full config: the tuned config with the best parameters of study '{study.study_name}' (trial {best.number}), "
-        f"for train.max_steps={cfg['train']['max_steps']} steps.\n" + render_yaml(full_config(cfg, best.params)),
+        f"for train.max_steps={cfg.train.max_steps} steps.\n" + render_yaml(full_config(cfg, best.params)),
         encoding="utf-8",
     )
     return params_path, config_path
 
 
-def summary_table(study: optuna.Study, cfg: dict) -> str:
+def summary_table(study: optuna.Study, cfg: Config | dict) -> str:
     """One line per trial: number, state, value, tuned keys (full-run values), duration, note."""
+    cfg = as_config(cfg)
     trials = study.get_trials(deepcopy=False)
     best = study.best_trial.number if any(t.state == TrialState.COMPLETE for t in trials) else None
     values = [tuned_keys(cfg, t.params) if t.params else {} for t in trials]
     keys = list(dict.fromkeys(key for v in values for key in v))
     window = any("momentum_window" in t.params for t in trials) and ("ssl", "momentum_window") not in keys
-    k = cfg["tune"]["objective_last_k"]
+    k = cfg.tune.objective_last_k
     full_m = any("momentum_window" in t.params for t in trials) and ("ssl", "ema_momentum") not in keys
     header = [
         "trial",
@@ -709,7 +729,7 @@ def summary_table(study: optuna.Study, cfg: dict) -> str:
             cells.append("-" if value is None else f"{value:.6g}" if isinstance(value, float) else str(value))
         if full_m:
             w = t.params.get("momentum_window")
-            cells.append("-" if w is None else f"{momentum_for(w, int(cfg['train']['max_steps'])):.6g}")
+            cells.append("-" if w is None else f"{momentum_for(w, cfg.train.max_steps):.6g}")
         cells.append("-" if t.duration is None else f"{t.duration.total_seconds():.0f}")
         note = t.user_attrs.get("error", "") if t.state == TrialState.FAIL else ""
         if t.state == TrialState.FAIL and not note:
@@ -724,9 +744,7 @@ def summary_table(study: optuna.Study, cfg: dict) -> str:
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
     footer = (
-        f"\n* best trial; tuned values are for the full run of {cfg['train']['max_steps']} steps"
-        if best is not None
-        else ""
+        f"\n* best trial; tuned values are for the full run of {cfg.train.max_steps} steps" if best is not None else ""
     )
     return "\n".join(lines) + footer
 
@@ -768,8 +786,11 @@ def save_plots(study: optuna.Study, out_dir: Path) -> list[Path]:
     return written
 
 
-def report(study: optuna.Study, cfg: dict, out_dir: Path, config_paths: Sequence[str], plots: bool = True) -> bool:
+def report(
+    study: optuna.Study, cfg: Config | dict, out_dir: Path, config_paths: Sequence[str], plots: bool = True
+) -> bool:
     """Print the trials table, write the best parameters and plots; return False when no trial completed."""
+    cfg = as_config(cfg)
     print(summary_table(study, cfg))
     counts = {state.name: len(study.get_trials(deepcopy=False, states=(state,))) for state in TrialState}
     print("trials: " + ", ".join(f"{n} {name.lower()}" for name, n in counts.items() if n))
@@ -784,11 +805,9 @@ def report(study: optuna.Study, cfg: dict, out_dir: Path, config_paths: Sequence
         for (s, k), v in tuned_keys(cfg, best.params).items()
     )
     if "momentum_window" in best.params:
-        tuned += (
-            f" (EMA momentum m = {momentum_for(best.params['momentum_window'], int(cfg['train']['max_steps'])):.6g})"
-        )
+        tuned += f" (EMA momentum m = {momentum_for(best.params['momentum_window'], cfg.train.max_steps):.6g})"
     print(
-        f"best: trial {best.number}, mean of the last {cfg['tune']['objective_last_k']} {MONITOR}={best.value:.4f}; for the full run: {tuned}"
+        f"best: trial {best.number}, mean of the last {cfg.tune.objective_last_k} {MONITOR}={best.value:.4f}; for the full run: {tuned}"
     )
     print(f"wrote {params_path} (overlay) and {config_path} (full config)")
     if plots:
@@ -869,13 +888,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     workers = args.worker_of or args.workers
     started: list[subprocess.Popen] = []
     try:
-        cfg = load_config(args.config, args.set)
-        threads = args.threads if args.threads is not None else cfg["train"]["num_threads"]
+        cfg = as_config(load_config(args.config, args.set))
+        threads = args.threads if args.threads is not None else cfg.train.num_threads
         try:
             choice = choose_threads(
                 threads,
-                processes=workers * local_processes(cfg["train"]),
-                loader_workers=int(cfg["data"]["num_workers"]),
+                processes=workers * local_processes(cfg.train),
+                loader_workers=cfg.data.num_workers,
             )
         except ValueError as err:
             raise ConfigError(str(err)) from None

@@ -217,7 +217,7 @@ def _student_then_precise_bn(module, state, norm="eman"):
     student = copy.deepcopy(module.student)
     student.load_state_dict(state)
     expected = make_teacher(student, norm=norm)
-    batches = TinyData().recalibration_dataloader(int(module.ssl["recalibration_batches"]))
+    batches = TinyData().recalibration_dataloader(module.ssl.recalibration_batches)
     assert recalibrate_batchnorm(expected, (batch["weak"] for batch in batches)) > 0
     return expected
 

@@ -102,7 +102,7 @@ def test_zero_dropout_is_deterministic_in_train_mode(name):
 
 
 ERROR_CASES = [
-    ["unknown-name", config("resnet"), "unknown model.name"],
+    ["unknown-name", config("resnet"), "model.name: .resnet. is not one of unet, basicunet"],  # refused by as_config
     ["unet-one-level", config("unet", [16]), "at least two levels"],
     ["basicunet-three", config("basicunet", [4, 8, 16]), "basicunet"],
 ]

@@ -22,6 +22,7 @@ from nibabel.orientations import aff2axcodes
 from medeman.data.discovery import Flagged, discover_labeled, discover_test, discover_unlabeled, expand_exclude
 from medeman.data.errors import DataError
 from medeman.data.readers import read_volume, voxel_spacing
+from medeman.typed_config import Config, as_config
 
 AFFINE_TOLERANCE_MM = 1e-3
 """Largest difference (mm) between an image's and its label's affine entries, relative to the voxel size."""
@@ -273,10 +274,10 @@ def _check_label(path: str, ref: tuple[str, _Volume] | None, num_classes: int, r
         problems.append(f"{path}: label values {shown} outside 0..{num_classes - 1} (data.num_classes={num_classes})")
 
 
-def check_cases(cases: list[dict], cfg: dict[str, Any]) -> list[CaseReport]:
+def check_cases(cases: list[dict], cfg: Config | dict[str, Any]) -> list[CaseReport]:
     """Inspect every case with the config's ``data.num_classes`` and ``data.in_channels``."""
-    data = cfg["data"]
-    return [inspect_case(c, int(data["num_classes"]), int(data["in_channels"])) for c in cases]
+    data = as_config(cfg).data
+    return [inspect_case(c, data.num_classes, data.in_channels) for c in cases]
 
 
 def report_problems(reports: list[CaseReport]) -> list[str]:
@@ -400,7 +401,7 @@ class Cohort:
 
 
 def gather_cohort(
-    cfg: dict[str, Any],
+    cfg: Config | dict[str, Any],
     labeled: str | Path,
     unlabeled: str | Path | None = None,
     val: str | Path | None = None,
@@ -423,7 +424,8 @@ def gather_cohort(
         check_unlabeled: read and screen the unlabeled scans by content (off when they are not used).
     """
     cohort, problems = Cohort(), []
-    data = cfg["data"]
+    cfg = as_config(cfg)
+    data = cfg.data
 
     def collect(fn, path):
         try:
@@ -435,7 +437,7 @@ def gather_cohort(
     cohort.labeled = collect(discover_labeled, labeled)
     cohort.val = collect(discover_labeled, val) if val is not None else None
     cohort.test = collect(discover_test, test) if test is not None else []
-    excluded = expand_exclude(list(data["exclude"] or []), problems)
+    excluded = expand_exclude(list(data.exclude or []), problems)
     protect = {"labeled": cohort.labeled, "val": cohort.val or [], "test": cohort.test, "data.exclude": excluded}
     if unlabeled is not None:
         cohort.unlabeled = collect(lambda p, c, pr: discover_unlabeled(p, c, pr, cohort.flagged, protect), unlabeled)
@@ -456,8 +458,8 @@ def gather_cohort(
             cohort.unlabeled,
             cohort.reports["unlabeled"],
             protected,
-            int(data["num_classes"]),
-            bool(data["keep_label_like_unlabeled"]),
+            data.num_classes,
+            data.keep_label_like_unlabeled,
             digests,
         )
         cohort.flagged += flagged

@@ -7,7 +7,7 @@ import hashlib
 import json
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import lightning.pytorch as pl
 import torch
@@ -20,6 +20,7 @@ from medeman.data.batches import StepLoader, StepSampler, stream_seed
 from medeman.data.checks import Cohort, gather_cohort, raise_problems
 from medeman.data.discovery import has_unlabeled_list, split_cases, write_split
 from medeman.data.sampling import FocusCentres
+from medeman.typed_config import Config, Section, as_config
 
 
 class CohortCache:
@@ -53,13 +54,14 @@ class CohortCache:
         self._cohorts[key] = cohort
 
 
-def preprocessing_digest(data: dict[str, Any]) -> str:
+def preprocessing_digest(data: Section | Mapping[str, Any]) -> str:
     """Short hash of the ``data:`` config (less ``cache_dir``): names a disk cache, so a changed config never reads a stale one."""
+    data = data.to_dict() if isinstance(data, Section) else data  # plain values: the same hash as the saved config's
     text = json.dumps({k: v for k, v in data.items() if k != "cache_dir"}, sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
-def _method_views(cfg: dict[str, Any]) -> tuple[str, ...]:
+def _method_views(cfg: Config) -> tuple[str, ...]:
     """The unlabeled views ``ssl.method`` trains on (the method object knows; see medeman.methods)."""
     from medeman.methods import build_method  # imported late: methods import the training stack
 
@@ -123,7 +125,7 @@ class SSLDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        cfg: dict[str, Any],
+        cfg: Config | dict[str, Any],
         labeled: str | Path,
         unlabeled: str | Path | None = None,
         val: str | Path | None = None,
@@ -133,7 +135,7 @@ class SSLDataModule(pl.LightningDataModule):
         views: tuple[str, ...] | None = None,
     ) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.cfg = cfg = as_config(cfg)
         self.cohorts = cohorts
         self.views: tuple[str, ...] = tuple(views) if views is not None else _method_views(cfg)
         self.labeled = Path(labeled)
@@ -156,7 +158,7 @@ class SSLDataModule(pl.LightningDataModule):
 
     def discover(self) -> None:
         """Find and check every case; raise one DataError listing all problems."""
-        cfg, data = self.cfg, self.cfg["data"]
+        cfg, data = self.cfg, self.cfg.data
         unlabeled = (
             self.unlabeled if self.unlabeled is not None or not has_unlabeled_list(self.labeled, cfg) else self.labeled
         )
@@ -165,9 +167,7 @@ class SSLDataModule(pl.LightningDataModule):
         raise_problems(problems, f"{len(problems)} problem(s) in the input data, found before training:")
         labeled, val, unlabeled = self.cohort.labeled, self.cohort.val, self.cohort.unlabeled
         if val is None:
-            self.train_cases, self.val_cases = split_cases(
-                labeled, float(data["val_fraction"]), int(data["split_seed"])
-            )
+            self.train_cases, self.val_cases = split_cases(labeled, data.val_fraction, data.split_seed)
             self._write_split()
         else:
             self.train_cases, self.val_cases = labeled, val
@@ -182,8 +182,8 @@ class SSLDataModule(pl.LightningDataModule):
                 str(self.unlabeled),
                 str(self.val),
                 str(self.test),
-                self.cfg["ssl"]["method"],
-                self.cfg["data"],
+                self.cfg.ssl.method,
+                self.cfg.data.to_dict(),
             ],
             sort_keys=True,
             default=str,
@@ -221,21 +221,15 @@ class SSLDataModule(pl.LightningDataModule):
         """``run_dir/split.json``: the deterministic train/validation split of the labeled cases (no ``--val``)."""
         if self.run_dir is None:
             return
-        data = self.cfg["data"]
-        write_split(
-            self.run_dir / "split.json",
-            self.train_cases,
-            self.val_cases,
-            float(data["val_fraction"]),
-            int(data["split_seed"]),
-        )
+        data = self.cfg.data
+        write_split(self.run_dir / "split.json", self.train_cases, self.val_cases, data.val_fraction, data.split_seed)
 
     def _setup(self) -> None:
         self.discover()
         self._datasets["labeled"] = self._dataset(self.train_cases, tfm.labeled_transforms(self.cfg), "labeled")
         if self.use_unlabeled:
             cases = self.unlabeled_cases
-            if float(self.cfg["data"]["unlabeled_focus_fraction"]) > 0:  # shared before any loader worker starts
+            if self.cfg.data.unlabeled_focus_fraction > 0:  # shared before any loader worker starts
                 self.focus = FocusCentres(len(cases))
                 cases = [{**case, "case_index": i} for i, case in enumerate(cases)]
             self._datasets["unlabeled"] = self._dataset(
@@ -245,12 +239,12 @@ class SSLDataModule(pl.LightningDataModule):
             self._datasets["val"] = self._dataset(self.val_cases, tfm.validation_transforms(self.cfg), "val")
 
     def _dataset(self, cases: list[dict], transform, name: str):
-        data = self.cfg["data"]
-        if data["cache"] == "memory":
-            workers = max(1, int(data["num_workers"]))
+        data = self.cfg.data
+        if data.cache == "memory":
+            workers = max(1, data.num_workers)
             return CacheDataset(cases, transform, cache_rate=1.0, num_workers=workers, progress=False)
-        if data["cache"] == "disk":
-            root = data["cache_dir"] or (
+        if data.cache == "disk":
+            root = data.cache_dir or (
                 self.run_dir / "cache" if self.run_dir is not None else tempfile.mkdtemp(prefix="medeman-cache-")
             )
             # keyed by the data config: runs (and tuning workers) with one preprocessing share a cache, others never read it
@@ -267,21 +261,21 @@ class SSLDataModule(pl.LightningDataModule):
 
     def _seed(self) -> int:
         rank = self.trainer.global_rank if self.trainer is not None else 0
-        return int(self.cfg["train"]["seed"]) + 1000 * rank
+        return self.cfg.train.seed + 1000 * rank
 
     def _first_batch(self) -> int:
         """The batch a new pass of the training loader starts at: the trainer's step (times the accumulated batches)."""
         step = int(self.trainer.global_step) if self.trainer is not None else 0
-        return step * int(self.cfg["train"]["accumulate_grad_batches"])
+        return step * self.cfg.train.accumulate_grad_batches
 
     def _train_loader(self) -> StepLoader:
         """The training loader: every step (``labeled``, and ``unlabeled`` when used) drawn from its own seed,
         both batches of a step made by one worker and handed over as one tensor (:mod:`medeman.data.batches`)."""
-        train, data = self.cfg["train"], self.cfg["data"]
-        n_batches = int(train["val_every_steps"]) * int(train["accumulate_grad_batches"])
-        sizes = {"labeled": int(data["batch_size_labeled"])}
+        train, data = self.cfg.train, self.cfg.data
+        n_batches = train.val_every_steps * train.accumulate_grad_batches
+        sizes = {"labeled": data.batch_size_labeled}
         if self.use_unlabeled:
-            sizes["unlabeled"] = int(data["batch_size_unlabeled"])
+            sizes["unlabeled"] = data.batch_size_unlabeled
         sampler = StepSampler(
             {name: len(self._datasets[name]) for name in sizes},
             sizes,
@@ -289,7 +283,7 @@ class SSLDataModule(pl.LightningDataModule):
             steps=n_batches,
             start=self._first_batch,
         )
-        workers = int(data["num_workers"])
+        workers = data.num_workers
         return StepLoader(
             {name: self._datasets[name] for name in sizes},
             sampler,
@@ -317,7 +311,8 @@ class SSLDataModule(pl.LightningDataModule):
         re-estimation runs.
         """
         name = "unlabeled" if "unlabeled" in self._datasets else "labeled"
-        size = int(self.cfg["data"][f"batch_size_{name}"])
+        data = self.cfg.data
+        size = data.batch_size_unlabeled if name == "unlabeled" else data.batch_size_labeled
         seed = stream_seed(self._seed(), 4)
         sampler = RandomSampler(
             self._datasets[name],

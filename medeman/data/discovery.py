@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterable
 
 from medeman.data.errors import DataError
 from medeman.data.readers import IMAGE_SUFFIXES, image_stem, image_suffix
+from medeman.typed_config import Config, as_config
 
 LABEL_SUFFIXES = ("_seg", "_label", "_mask")
 LABEL_FOLDERS = ("labels", "labelsTr", "labelsTs")
@@ -100,8 +101,8 @@ def _raise_or_collect(problems: list[str] | None, found: list[str]) -> None:
         problems.extend(found)
 
 
-def _in_channels(cfg: dict | None) -> int:
-    return int(cfg["data"]["in_channels"]) if cfg else 1
+def _in_channels(cfg: Config | dict | None) -> int:
+    return as_config(cfg).data.in_channels if cfg else 1
 
 
 def case_key(path: str | Path, in_channels: int = 1) -> tuple[str, int] | None:
@@ -267,7 +268,9 @@ def _dataset_labeled(root: Path, meta: dict, in_channels: int) -> tuple[list[dic
     return match_labels(list_images(root / "imagesTr"), list_images(root / "labelsTr"), n_channels)
 
 
-def discover_labeled(path: str | Path, cfg: dict | None = None, problems: list[str] | None = None) -> list[dict]:
+def discover_labeled(
+    path: str | Path, cfg: Config | dict | None = None, problems: list[str] | None = None
+) -> list[dict]:
     """Find the labeled cases under ``path`` (``images/`` + ``labels/``, or a ``dataset.json`` root).
 
     Args:
@@ -305,7 +308,7 @@ def discover_labeled(path: str | Path, cfg: dict | None = None, problems: list[s
 
 def discover_unlabeled(
     path: str | Path,
-    cfg: dict | None = None,
+    cfg: Config | dict | None = None,
     problems: list[str] | None = None,
     flagged: list[Flagged] | None = None,
     protect: dict[str, list[dict]] | None = None,
@@ -472,7 +475,7 @@ def expand_exclude(patterns: list[str], problems: list[str]) -> list[dict]:
     return list(cases.values())
 
 
-def discover_test(path: str | Path, cfg: dict | None = None, problems: list[str] | None = None) -> list[dict]:
+def discover_test(path: str | Path, cfg: Config | dict | None = None, problems: list[str] | None = None) -> list[dict]:
     """Find the cases of a test cohort: a labeled layout (as :func:`discover_labeled`) or any folder of images."""
     root = _dataset_root(path)
     if (root / "dataset.json").is_file() or (root / "images").is_dir() or (root / "labels").is_dir():
@@ -483,7 +486,7 @@ def discover_test(path: str | Path, cfg: dict | None = None, problems: list[str]
     return cases
 
 
-def has_unlabeled_list(path: str | Path, cfg: dict | None = None) -> bool:
+def has_unlabeled_list(path: str | Path, cfg: Config | dict | None = None) -> bool:
     """Whether a dataset root offers unlabeled scans (a Decathlon ``unlabeled`` list, or ``imagesTs`` when
     ``data.unlabeled_from_imagesTs`` is set)."""
     root = _dataset_root(path)
@@ -491,7 +494,7 @@ def has_unlabeled_list(path: str | Path, cfg: dict | None = None) -> bool:
         return False
     meta = read_dataset_json(root / "dataset.json")
     return bool(meta.get("unlabeled")) or bool(
-        cfg and cfg["data"]["unlabeled_from_imagesTs"] and (root / "imagesTs").is_dir()
+        cfg and as_config(cfg).data.unlabeled_from_imagesTs and (root / "imagesTs").is_dir()
     )
 
 

@@ -55,6 +55,7 @@ from monai.transforms import (
 from medeman.data.readers import VolumeReader
 from medeman.data.spacing import SeparableSpacingd
 from medeman.data.sampling import MAX_LOCATIONS_PER_CLASS, FocusCentres, RandClassCropd, RandFocusCropd
+from medeman.typed_config import Config, as_config
 
 
 class PatchChain(Compose):
@@ -87,7 +88,7 @@ class PatchChain(Compose):
             set_track_meta(tracking)
 
 
-def preprocessing(cfg: dict[str, Any], keys: Sequence[str] = ("image", "label")) -> Compose:
+def preprocessing(cfg: Config | dict[str, Any], keys: Sequence[str] = ("image", "label")) -> Compose:
     """Load and normalize ``keys`` of a case dict: RAS, target spacing, modality-specific intensity.
 
     Args:
@@ -98,7 +99,7 @@ def preprocessing(cfg: dict[str, Any], keys: Sequence[str] = ("image", "label"))
     Returns:
         A ``Compose`` whose output tensors are MetaTensors carrying their transform history.
     """
-    data = cfg["data"]
+    data = as_config(cfg).data
     keys = list(keys)
     modes = _modes(keys)
     chain: list = [
@@ -106,10 +107,10 @@ def preprocessing(cfg: dict[str, Any], keys: Sequence[str] = ("image", "label"))
         EnsureChannelFirstd(keys=keys),
         Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
     ]
-    if data["spacing"] is not None:
-        chain.append(SeparableSpacingd(keys=keys, pixdim=[float(s) for s in data["spacing"]], mode=modes))
-    if data["modality"] == "CT":
-        low, high = (float(v) for v in data["intensity_window"])
+    if data.spacing is not None:
+        chain.append(SeparableSpacingd(keys=keys, pixdim=[float(s) for s in data.spacing], mode=modes))
+    if data.modality == "CT":
+        low, high = (float(v) for v in data.intensity_window)  # list items are not converted by the schema
         chain.append(ScaleIntensityRanged(keys="image", a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True))
     else:
         chain.append(NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True))
@@ -139,8 +140,8 @@ def _modes(keys: Sequence[str], label_mode: str = "nearest", image_mode: str = "
     return [label_mode if key == "label" else image_mode for key in keys]
 
 
-def _patch(cfg: dict[str, Any]) -> list[int]:
-    return [int(s) for s in cfg["data"]["patch_size"]]
+def _patch(cfg: Config) -> list[int]:
+    return [int(s) for s in cfg.data.patch_size]
 
 
 def is_foreground(image: torch.Tensor) -> torch.Tensor:
@@ -148,7 +149,7 @@ def is_foreground(image: torch.Tensor) -> torch.Tensor:
     return image != 0
 
 
-def _cropped_and_padded(cfg: dict[str, Any], keys: Sequence[str]) -> list:
+def _cropped_and_padded(cfg: Config, keys: Sequence[str]) -> list:
     keys = list(keys)
     return [
         *preprocessing(cfg, keys).transforms,
@@ -160,21 +161,22 @@ def _cropped_and_padded(cfg: dict[str, Any], keys: Sequence[str]) -> list:
     ]
 
 
-def spatial_augmentation(cfg: dict[str, Any], keys: Sequence[str]) -> list:
+def spatial_augmentation(cfg: Config | dict[str, Any], keys: Sequence[str]) -> list:
     """Random flips, axial 90-degree rotations and a small affine, identical for every key of a sample.
 
     The rotation is left out when the patch is not square in-plane (it would change the patch shape).
     """
-    data, keys = cfg["data"], list(keys)
-    chain: list = [RandFlipd(keys=keys, prob=float(data["flip_prob"]), spatial_axis=axis) for axis in range(3)]
+    cfg = as_config(cfg)
+    data, keys = cfg.data, list(keys)
+    chain: list = [RandFlipd(keys=keys, prob=data.flip_prob, spatial_axis=axis) for axis in range(3)]
     patch = _patch(cfg)
-    if float(data["rotate90_prob"]) > 0 and patch[0] == patch[1]:
-        chain.append(RandRotate90d(keys=keys, prob=float(data["rotate90_prob"]), spatial_axes=(0, 1)))
-    if float(data["affine_prob"]) > 0:
+    if data.rotate90_prob > 0 and patch[0] == patch[1]:
+        chain.append(RandRotate90d(keys=keys, prob=data.rotate90_prob, spatial_axes=(0, 1)))
+    if data.affine_prob > 0:
         chain.append(
             RandAffined(
                 keys=keys,
-                prob=float(data["affine_prob"]),
+                prob=data.affine_prob,
                 rotate_range=(0.15, 0.15, 0.15),
                 scale_range=(0.1, 0.1, 0.1),
                 mode=_modes(keys),
@@ -184,7 +186,7 @@ def spatial_augmentation(cfg: dict[str, Any], keys: Sequence[str]) -> list:
     return chain
 
 
-def nnunet_augmentation(cfg: dict[str, Any], keys: Sequence[str] = ("image", "label")) -> list:
+def nnunet_augmentation(cfg: Config | dict[str, Any], keys: Sequence[str] = ("image", "label")) -> list:
     """nnU-Net's default augmentation of a labeled patch (Isensee et al., Nature Methods 2021), as MONAI transforms.
 
     Spatial, identical for image and label (nearest for the label): rotation by up to 30 degrees
@@ -194,6 +196,7 @@ def nnunet_augmentation(cfg: dict[str, Any], keys: Sequence[str] = ("image", "la
     mean (0.15), simulated low resolution (0.25), gamma 0.7-1.5 (0.3). The patch keeps its size
     (rotated-in corners are zero, the air value).
     """
+    flip_prob = as_config(cfg).data.flip_prob
     keys = list(keys)
     image = keys[0]
     rotation = 30.0 * math.pi / 180.0
@@ -206,7 +209,7 @@ def nnunet_augmentation(cfg: dict[str, Any], keys: Sequence[str] = ("image", "la
             mode=_modes(keys),
             padding_mode="zeros",
         ),  # 1 - 0.8^2: rotation or scaling, each p=0.2
-        *[RandFlipd(keys=keys, prob=float(cfg["data"]["flip_prob"]), spatial_axis=axis) for axis in range(3)],
+        *[RandFlipd(keys=keys, prob=flip_prob, spatial_axis=axis) for axis in range(3)],
         RandGaussianNoised(keys=image, prob=0.1, mean=0.0, std=0.1),
         RandGaussianSmoothd(keys=image, prob=0.2, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)),
         RandScaleIntensityd(keys=image, prob=0.15, factors=0.25),
@@ -216,24 +219,25 @@ def nnunet_augmentation(cfg: dict[str, Any], keys: Sequence[str] = ("image", "la
     ]
 
 
-def strong_augmentation(cfg: dict[str, Any], key: str = "strong") -> list:
+def strong_augmentation(cfg: Config | dict[str, Any], key: str = "strong") -> list:
     """Intensity perturbations of the student's view: contrast (gamma), brightness, blur, noise, cut-out."""
-    data = cfg["data"]
-    p = float(data["strong_prob"])
-    sigma = tuple(float(s) for s in data["strong_blur_sigma"])
+    cfg = as_config(cfg)
+    data = cfg.data
+    p = data.strong_prob
+    sigma = tuple(float(s) for s in data.strong_blur_sigma)  # a range of two numbers (ints allowed): as floats
     chain: list = [
-        RandAdjustContrastd(keys=key, prob=p, gamma=tuple(float(g) for g in data["strong_contrast"])),
-        RandShiftIntensityd(keys=key, prob=p, offsets=float(data["strong_brightness"])),
+        RandAdjustContrastd(keys=key, prob=p, gamma=tuple(float(g) for g in data.strong_contrast)),
+        RandShiftIntensityd(keys=key, prob=p, offsets=data.strong_brightness),
         RandGaussianSmoothd(keys=key, prob=p, sigma_x=sigma, sigma_y=sigma, sigma_z=sigma),
-        RandGaussianNoised(keys=key, prob=p, mean=0.0, std=float(data["strong_noise_std"])),
+        RandGaussianNoised(keys=key, prob=p, mean=0.0, std=data.strong_noise_std),
     ]
-    if data["strong_cutout"]:
+    if data.strong_cutout:
         hole = [max(1, s // 6) for s in _patch(cfg)]
         chain.append(RandCoarseDropoutd(keys=key, prob=p, holes=4, spatial_size=hole, fill_value=0.0))
     return chain
 
 
-def labeled_transforms(cfg: dict[str, Any]) -> PatchChain:
+def labeled_transforms(cfg: Config | dict[str, Any]) -> PatchChain:
     """Labeled training chain: preprocessing, foreground crop, padding, class locations (all cached),
     then one class-aware patch (:class:`~medeman.data.sampling.RandClassCropd`) with augmentation
     (``data.labeled_augmentation``: :func:`nnunet_augmentation` or :func:`spatial_augmentation`).
@@ -245,9 +249,10 @@ def labeled_transforms(cfg: dict[str, Any]) -> PatchChain:
     Output (a one-element list, as MONAI's patch samplers return; collate with
     ``monai.data.list_data_collate``): ``{"image": float32 (C, *patch), "label": float32 (1, *patch)}``.
     """
-    data = cfg["data"]
+    cfg = as_config(cfg)
+    data = cfg.data
     keys = ["image", "label"]
-    num_classes = int(data["num_classes"])
+    num_classes = data.num_classes
     return PatchChain(
         [
             *_cropped_and_padded(cfg, keys),
@@ -262,14 +267,14 @@ def labeled_transforms(cfg: dict[str, Any]) -> PatchChain:
                 keys=keys,
                 spatial_size=_patch(cfg),
                 num_classes=num_classes,
-                fg_fraction=float(data["fg_class_fraction"]),
-                ratios=data["class_ratios"],
+                fg_fraction=data.fg_class_fraction,
+                ratios=None if data.class_ratios is None else list(data.class_ratios),
                 label_key="label",
                 indices_key="label_cls_indices",
             ),
             *(
                 nnunet_augmentation(cfg, keys)
-                if data["labeled_augmentation"] == "nnunet"
+                if data.labeled_augmentation == "nnunet"
                 else spatial_augmentation(cfg, keys)
             ),
             SelectItemsd(keys=keys),
@@ -279,7 +284,7 @@ def labeled_transforms(cfg: dict[str, Any]) -> PatchChain:
 
 
 def unlabeled_transforms(
-    cfg: dict[str, Any], focus: FocusCentres | None = None, views: Sequence[str] = ("weak", "strong")
+    cfg: Config | dict[str, Any], focus: FocusCentres | None = None, views: Sequence[str] = ("weak", "strong")
 ) -> PatchChain:
     """Unlabeled training chain: preprocessing, foreground crop, padding, a random patch, spatial
     augmentation, then two views of the same voxels.
@@ -298,7 +303,8 @@ def unlabeled_transforms(
     views = list(views)
     if views not in (["weak", "strong"], ["weak"]):
         raise ValueError(f"unlabeled views {views}: medeman makes ('weak', 'strong') or ('weak',)")
-    fraction = float(cfg["data"]["unlabeled_focus_fraction"])
+    cfg = as_config(cfg)
+    fraction = cfg.data.unlabeled_focus_fraction
     if focus is not None and fraction > 0:
         crop = RandFocusCropd(
             keys="image", spatial_size=_patch(cfg), focus=focus, fraction=fraction, index_key="case_index"
@@ -318,7 +324,8 @@ def unlabeled_transforms(
     )
 
 
-def validation_transforms(cfg: dict[str, Any], keys: Sequence[str] = ("image", "label")) -> Compose:
+def validation_transforms(cfg: Config | dict[str, Any], keys: Sequence[str] = ("image", "label")) -> Compose:
     """Whole preprocessed volumes for validation, padded to at least the patch size (MetaTensors)."""
+    cfg = as_config(cfg)
     keys = list(keys)
     return Compose([*preprocessing(cfg, keys).transforms, SpatialPadd(keys=keys, spatial_size=_patch(cfg))])

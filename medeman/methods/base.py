@@ -21,7 +21,9 @@ from torch import nn
 
 from medeman.config import ConfigError, Option
 from medeman.eman import EMANTeacher, tracked_batchnorms
+from medeman.methods.options import read_options
 from medeman.schedules import RunSchedule, run_schedule
+from medeman.typed_config import Config, as_config
 
 if TYPE_CHECKING:  # the module imports the methods, not the other way round (no import circle)
     from medeman.module import SSLSegModule
@@ -38,6 +40,10 @@ class Method:
             (``()``: the method uses no unlabeled scans; ``("weak", "strong")``: a voxel-aligned pair).
         teacher: the teacher object (:meth:`make_teacher`), or ``None``.
         summary: one line for ``ssl.method``'s help.
+        option_type: a frozen dataclass of the method's own options (:mod:`medeman.methods.options`);
+            registering the class makes its fields the keys ``ssl.<name>_<field>`` and fills
+            :attr:`options` and :attr:`option_rules` from it.
+        own_options: an ``option_type`` object with this config's values (``None`` without one).
         options: the method's own ``ssl`` keys (flat names, e.g. ``bcp_box_fraction``), added to
             the config schema when the class is registered.
         option_rules: ``(key, holds, requirement)`` value rules of those keys (``ssl.key: value
@@ -48,31 +54,36 @@ class Method:
     unlabeled_views: tuple[str, ...] = ()
     teacher: EMANTeacher | None = None
     summary = "labeled data only, the baseline"
+    option_type: type | None = None
+    option_prefix = ""  # the registered name of the class that declared option_type
+    own_options: Any = None
     options: dict[str, Option] = {}
     option_rules: tuple[tuple[str, Callable[[Any], bool], str], ...] = ()
 
     @classmethod
-    def check_options(cls, cfg: dict[str, Any]) -> None:
+    def check_options(cls, cfg: Config) -> None:
         """Rules between this class's own :attr:`options` and other keys, checked for every config (they are in every one).
 
         Value rules of one key alone go in :attr:`option_rules` (``(key, holds, requirement)``).
         """
 
     @classmethod
-    def check_config(cls, cfg: dict[str, Any]) -> None:
+    def check_config(cls, cfg: Config) -> None:
         """Rules between config keys for a config that trains with this method (``ConfigError``), checked at load time."""
 
-    def __init__(self, cfg: dict[str, Any]):
-        self.cfg = cfg
-        self.ssl = cfg["ssl"]
-        self.schedule: RunSchedule = run_schedule(cfg)
+    def __init__(self, cfg: Config | dict[str, Any]):
+        self.cfg = as_config(cfg)
+        self.ssl = self.cfg.ssl  # the method's own options too (e.g. self.ssl.bcp_box_fraction)
+        self.schedule: RunSchedule = run_schedule(self.cfg)
+        if self.option_type is not None:
+            self.own_options = read_options(self.option_prefix, self.option_type, self.ssl)
 
     @property
     def uses_unlabeled(self) -> bool:
         """Whether training draws unlabeled batches."""
         return bool(self.unlabeled_views)
 
-    def check(self, cfg: dict[str, Any], has_unlabeled: bool) -> None:
+    def check(self, cfg: Config | dict[str, Any], has_unlabeled: bool) -> None:
         """Refuse a config or input this method cannot train with (``ConfigError``), before any data is read.
 
         Rules between config keys alone (e.g. ``teacher_norm: eman`` needs BatchNorm) live in
@@ -153,16 +164,16 @@ class TeacherMethod(Method):
     """
 
     @classmethod
-    def check_config(cls, cfg: dict[str, Any]) -> None:
+    def check_config(cls, cfg: Config) -> None:
         """EMAN averages BatchNorm running statistics: a teacher with ``teacher_norm: eman`` needs a BatchNorm student."""
-        if cfg["ssl"]["teacher_norm"] == "eman" and cfg["model"]["norm"] != "batch":
+        if cfg.ssl.teacher_norm == "eman" and cfg.model.norm != "batch":
             raise ConfigError(
-                f"ssl.teacher_norm=eman needs a BatchNorm network, but model.norm={cfg['model']['norm']} "
+                f"ssl.teacher_norm=eman needs a BatchNorm network, but model.norm={cfg.model.norm} "
                 "(InstanceNorm has no running statistics for EMAN to average): set model.norm=batch, "
                 "or ssl.teacher_norm=ema (a plain weight-EMA teacher)"
             )
 
-    def __init__(self, cfg: dict[str, Any]):
+    def __init__(self, cfg: Config | dict[str, Any]):
         super().__init__(cfg)
         self._recalibrated: dict[
             str, Any
@@ -188,7 +199,7 @@ class TeacherMethod(Method):
         teacher.update(module.student)
         if teacher.updates == self.teacher_start_step() > 0:
             self.start_teacher_from_student(module)
-        every = int(self.ssl["teacher_bn_refresh_every"])
+        every = self.ssl.teacher_bn_refresh_every
         if every > 0 and teacher.updates % every == 0 and tracked_batchnorms(teacher.network):
             self.refresh_teacher_statistics(module)
 
@@ -221,7 +232,7 @@ class TeacherMethod(Method):
     def _recalibrates(self, module: SSLSegModule, when: str) -> bool:
         if not tracked_batchnorms(self.teacher.network):
             return False
-        mode = self.ssl["teacher_bn_recalibration"]
+        mode = self.ssl.teacher_bn_recalibration
         if mode == "best":  # validate both; export what won the last validation
             return when == "validation" or self.chosen_statistics == "recalibrated"
         return mode == "always" or (mode == "export" and when == "export")
@@ -245,7 +256,7 @@ class TeacherMethod(Method):
         teacher = self.recalibrated_teacher(module) if self._recalibrates(module, "validation") else None
         if teacher is not None:
             nets["teacher"] = teacher
-            if self._compare_raw_teacher or self.ssl["teacher_bn_recalibration"] == "best":
+            if self._compare_raw_teacher or self.ssl.teacher_bn_recalibration == "best":
                 nets["teacher_raw"] = (
                     self.teacher.network
                 )  # with its EMA'd (or own) statistics: the first time, or every time to choose
@@ -264,9 +275,9 @@ class TeacherMethod(Method):
         """
         if "teacher_raw" not in results:
             return results, None
-        held = "EMA'd" if self.ssl["teacher_norm"] == "eman" else "own"
+        held = "EMA'd" if self.ssl.teacher_norm == "eman" else "own"
         raw, recalibrated = mean_dice(results["teacher_raw"]), mean_dice(results["teacher"])
-        mode = self.ssl["teacher_bn_recalibration"]
+        mode = self.ssl.teacher_bn_recalibration
         note = ""
         if mode == "best":
             results = {**results, "teacher_recalibrated": results["teacher"]}
@@ -297,4 +308,4 @@ class TeacherMethod(Method):
             net = self.recalibrated_teacher(module)
             if net is not None:
                 return net, "recalibrated"
-        return self.teacher.network, "ema" if self.ssl["teacher_norm"] == "eman" else "batch"
+        return self.teacher.network, "ema" if self.ssl.teacher_norm == "eman" else "batch"

@@ -19,18 +19,36 @@ views share one spatial augmentation so their voxels align.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from typing import TYPE_CHECKING
 
 import torch
 
-from medeman.config import Option
 from medeman.losses import CONSISTENCY_LOSSES, masked_cross_entropy, masked_dice, voxel_pseudo_labels
 from medeman.methods.mean_teacher import MeanTeacher
 from medeman.methods.pseudo_label_loss import log_pseudo_label_classes
+from medeman.methods.options import option
 from medeman.methods.registry import register_method
 
 if TYPE_CHECKING:
     from medeman.module import SSLSegModule
+
+
+@dataclass(frozen=True)
+class FixMatchOptions:
+    """FixMatch's own options, the config keys ``ssl.fixmatch_<field>``."""
+
+    threshold: float = option(
+        0.9,
+        "teacher confidence (weak view) above which a voxel's argmax is a hard pseudo-label for the strong view (FixMatch's tau)",
+        rule=(lambda v: 0.0 < v <= 1.0, "a confidence in (0, 1]"),
+    )
+    consistency_weight: float = option(
+        0.0,
+        "weight of an added soft consistency loss (ssl.consistency) beside the pseudo-label loss; 0: pseudo-labels only, as FixMatch-EMAN",
+        rule=(lambda v: v >= 0, "a non-negative weight"),
+    )
 
 
 @register_method("fixmatch")
@@ -38,33 +56,21 @@ class FixMatch(MeanTeacher):
     """Confidence-thresholded hard pseudo-labels from the EMAN teacher's weak view on the student's strong view."""
 
     summary = "hard pseudo-labels of the EMAN teacher's weak view on the strong view: FixMatch-EMAN, Cai et al. 2021"
-    options = {
-        "fixmatch_threshold": Option(
-            0.9,
-            "fixmatch: teacher confidence (weak view) above which a voxel's argmax is a hard pseudo-label for the strong view (FixMatch's tau)",
-        ),
-        "fixmatch_consistency_weight": Option(
-            0.0,
-            "fixmatch: weight of an added soft consistency loss (ssl.consistency) beside the pseudo-label loss; 0: pseudo-labels only, as FixMatch-EMAN",
-        ),
-    }
-    option_rules = (
-        ("fixmatch_threshold", lambda v: 0.0 < v <= 1.0, "a confidence in (0, 1]"),
-        ("fixmatch_consistency_weight", lambda v: v >= 0, "a non-negative weight"),
-    )
+    option_type = FixMatchOptions
+    own_options: FixMatchOptions
 
     def unsupervised_loss(
         self, module: SSLSegModule, strong_logits: torch.Tensor, weak: torch.Tensor, logs: dict
     ) -> torch.Tensor:
         teacher_probs = module.teacher_probs(weak)
-        labels, mask = voxel_pseudo_labels(teacher_probs, float(self.ssl["fixmatch_threshold"]))
+        labels, mask = voxel_pseudo_labels(teacher_probs, self.own_options.threshold)
         pseudo = masked_cross_entropy(strong_logits, labels, mask, "all") + masked_dice(strong_logits, labels, mask)
         logs["loss/pseudo_label"] = pseudo.detach()
         logs["ssl/pseudo_label_fraction"] = mask.float().mean()
         if module.writes_training_logs():  # one device sync, at logging steps only
             log_pseudo_label_classes(labels, mask, module.num_classes, logs, self.pseudo_label_loss.adaptive_thresholds)
-        weight = float(self.ssl["fixmatch_consistency_weight"])
-        consistency = CONSISTENCY_LOSSES.get(self.ssl["consistency"])
+        weight = self.own_options.consistency_weight
+        consistency = CONSISTENCY_LOSSES.get(self.ssl.consistency)
         if weight > 0 and consistency is not None:
             soft = consistency(strong_logits, teacher_probs)
             logs["loss/consistency"] = soft.detach()

@@ -54,7 +54,7 @@ class MeanTeacher(TeacherMethod):
         if unlabeled is not None:
             weight = unsupervised_weight(
                 module.global_step,
-                self.ssl["consistency_weight"],
+                self.ssl.consistency_weight,
                 self.schedule.rampup_steps,
                 self.schedule.warmup_steps,
             )

@@ -17,6 +17,7 @@ import torch
 
 from medeman.losses import CONSISTENCY_LOSSES, masked_cross_entropy, masked_dice, voxel_pseudo_labels
 from medeman.pseudo_labels import AdaptiveThresholds, kept_fraction_per_class
+from medeman.typed_config import Config, as_config
 
 
 def log_pseudo_label_classes(
@@ -38,7 +39,7 @@ class ConsistencyPseudoLabelLoss:
     """``consistency(student, teacher) + w_pl * pseudo-label loss`` as ``ssl.consistency`` and ``ssl.pseudo_label_*`` say.
 
     Args:
-        cfg: resolved medeman config.
+        cfg: resolved medeman config (a :class:`~medeman.typed_config.Config` or its dict).
         threshold_momentum: EMA momentum of the adaptive thresholds' statistics
             (:attr:`medeman.schedules.RunSchedule.threshold_momentum`).
 
@@ -47,19 +48,18 @@ class ConsistencyPseudoLabelLoss:
             pseudo-labels); an ``nn.Module`` whose state the training module keeps in checkpoints.
     """
 
-    def __init__(self, cfg: dict[str, Any], threshold_momentum: float):
-        ssl = cfg["ssl"]
-        self.num_classes = int(cfg["data"]["num_classes"])
-        self.consistency = CONSISTENCY_LOSSES.get(ssl["consistency"])
-        self.threshold = ssl["pseudo_label_threshold"]
-        self.weight = float(ssl["pseudo_label_weight"])
-        self.reduction = ssl["pseudo_label_reduction"]
-        self.dice = bool(ssl["pseudo_label_dice"])
+    def __init__(self, cfg: Config | dict[str, Any], threshold_momentum: float):
+        cfg = as_config(cfg)
+        ssl = cfg.ssl
+        self.num_classes = cfg.data.num_classes
+        self.consistency = CONSISTENCY_LOSSES.get(ssl.consistency)
+        self.threshold = ssl.pseudo_label_threshold
+        self.weight = ssl.pseudo_label_weight
+        self.reduction = ssl.pseudo_label_reduction
+        self.dice = ssl.pseudo_label_dice
         self.adaptive_thresholds: AdaptiveThresholds | None = None
-        if ssl["pseudo_label_threshold_mode"] == "adaptive" and self.threshold is not None:
-            self.adaptive_thresholds = AdaptiveThresholds(
-                self.num_classes, threshold_momentum, cap=float(self.threshold)
-            )
+        if ssl.pseudo_label_threshold_mode == "adaptive" and self.threshold is not None:
+            self.adaptive_thresholds = AdaptiveThresholds(self.num_classes, threshold_momentum, cap=self.threshold)
 
     def __call__(
         self, strong_logits: torch.Tensor, teacher_probs: torch.Tensor, logs: dict, log_classes: bool = False
@@ -78,7 +78,7 @@ class ConsistencyPseudoLabelLoss:
             if self.adaptive_thresholds is not None:
                 labels, mask = self.adaptive_thresholds(teacher_probs)
             else:
-                labels, mask = voxel_pseudo_labels(teacher_probs, float(self.threshold))
+                labels, mask = voxel_pseudo_labels(teacher_probs, self.threshold)
             if log_classes:
                 log_pseudo_label_classes(labels, mask, self.num_classes, logs, self.adaptive_thresholds)
             pseudo = masked_cross_entropy(strong_logits, labels, mask, self.reduction)

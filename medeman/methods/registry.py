@@ -12,9 +12,11 @@ is one file, inside the package or out of it::
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Mapping, TypeVar
 
 from medeman.config import ConfigError, register_method_options
+from medeman.methods.options import schema_options
+from medeman.typed_config import Config
 
 if TYPE_CHECKING:
     from medeman.methods.base import Method
@@ -26,20 +28,30 @@ _M = TypeVar("_M", bound="type[Method]")
 def register_method(name: str) -> Callable[[_M], _M]:
     """Class decorator: register a method under the ``ssl.method`` value ``name``, with its own config keys.
 
-    The class's ``name`` becomes ``name``; its ``summary``, and the ``options``, ``option_rules`` and
-    ``check_options`` it defines itself (not inherited ones), go into :mod:`medeman.config`'s schema.
+    The class's ``name`` becomes ``name``; its ``summary``, and the options and ``check_options`` it
+    defines itself (not inherited ones), go into :mod:`medeman.config`'s schema. Options are a frozen
+    dataclass ``option_type`` (:mod:`medeman.methods.options`: its fields become the keys
+    ``ssl.<name>_<field>``, read typed as ``Method.own_options``) or flat ``options`` and ``option_rules``.
     """
 
     def decorator(cls: _M) -> _M:
         own = vars(cls)
+        options, rules = own.get("options", {}), own.get("option_rules", ())
+        if "option_type" in own:
+            derived = "option_prefix" in own  # filled by an earlier registration of this class
+            if ("options" in own or "option_rules" in own) and not derived:
+                raise ValueError(f"method {name}: declare its options as option_type or as options, not both")
+            options, rules = schema_options(name, cls.option_type)
         register_method_options(  # first: a clash leaves nothing registered
             name,
             cls.summary,
-            own.get("options", {}),
-            own.get("option_rules", ()),
+            options,
+            rules,
             option_check=cls.check_options if "check_options" in own else None,
             method_check=cls.check_config,
         )
+        if "option_type" in own:  # the flat keys, as a method declaring options has them; read back under this name
+            cls.options, cls.option_rules, cls.option_prefix = options, rules, name
         cls.name = name
         METHODS[name] = cls
         return cls
@@ -47,9 +59,10 @@ def register_method(name: str) -> Callable[[_M], _M]:
     return decorator
 
 
-def build_method(cfg: dict[str, Any]) -> Method:
-    """The method object of ``cfg["ssl"]["method"]``."""
-    name = cfg["ssl"]["method"]
+def build_method(cfg: Config | Mapping[str, Any]) -> Method:
+    """The method object of ``ssl.method`` (a dict is checked and frozen by the method, :func:`~medeman.typed_config.as_config`)."""
+    # the name before the dict is checked: an unknown one gets the registry's answer
+    name = cfg.ssl.method if isinstance(cfg, Config) else cfg["ssl"]["method"]
     if name not in METHODS:
         raise ConfigError(f"ssl.method: unknown method {name!r}; registered: {', '.join(METHODS)}")
     return METHODS[name](cfg)

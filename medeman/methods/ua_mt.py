@@ -15,12 +15,14 @@ apply.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from typing import TYPE_CHECKING
 
 import torch
 
-from medeman.config import Option
 from medeman.methods.mean_teacher import MeanTeacher
+from medeman.methods.options import option
 from medeman.methods.registry import register_method
 from medeman.methods.uncertainty import (
     predictive_entropy,
@@ -34,45 +36,52 @@ if TYPE_CHECKING:
     from medeman.module import SSLSegModule
 
 
+@dataclass(frozen=True)
+class UAMTOptions:
+    """UA-MT's own options, the config keys ``ssl.ua_mt_<field>``."""
+
+    passes: int = option(
+        8,
+        "stochastic teacher passes T per unlabeled batch for the predictive entropy",
+        rule=(lambda v: v >= 1, "at least 1 stochastic teacher pass"),
+    )
+    noise_std: float = option(
+        0.1,
+        "std of the Gaussian input noise of each teacher pass (normalized intensity units)",
+        rule=(lambda v: v >= 0, "a non-negative standard deviation"),
+    )
+    noise_clip: float = option(
+        0.2, "the input noise is clipped to [-clip, clip]", rule=(lambda v: v >= 0, "a non-negative clip")
+    )
+    threshold_start: float = option(
+        0.75,
+        "the entropy threshold ramps from this fraction of ln(num_classes) to ln(num_classes) over rampup_steps",
+        rule=(lambda v: 0.0 < v <= 1.0, "a fraction in (0, 1]"),
+    )
+
+
 @register_method("ua_mt")
 class UAMT(MeanTeacher):
     """Mean teacher + uncertainty-masked consistency (entropy of T noisy teacher passes)."""
 
     summary = "uncertainty-aware mean teacher, Yu et al. 2019"
-    options = {
-        "ua_mt_passes": Option(8, "ua_mt: stochastic teacher passes T per unlabeled batch for the predictive entropy"),
-        "ua_mt_noise_std": Option(
-            0.1, "ua_mt: std of the Gaussian input noise of each teacher pass (normalized intensity units)"
-        ),
-        "ua_mt_noise_clip": Option(0.2, "ua_mt: the input noise is clipped to [-clip, clip]"),
-        "ua_mt_threshold_start": Option(
-            0.75,
-            "ua_mt: the entropy threshold ramps from this fraction of ln(num_classes) to ln(num_classes) over rampup_steps",
-        ),
-    }
-    option_rules = (
-        ("ua_mt_passes", lambda v: v >= 1, "at least 1 stochastic teacher pass"),
-        ("ua_mt_noise_std", lambda v: v >= 0, "a non-negative standard deviation"),
-        ("ua_mt_noise_clip", lambda v: v >= 0, "a non-negative clip"),
-        ("ua_mt_threshold_start", lambda v: 0.0 < v <= 1.0, "a fraction in (0, 1]"),
-    )
+    option_type = UAMTOptions
+    own_options: UAMTOptions
 
     def unsupervised_loss(
         self, module: SSLSegModule, strong_logits: torch.Tensor, weak: torch.Tensor, logs: dict
     ) -> torch.Tensor:
-        ssl = self.ssl
+        options = self.own_options
         teacher = self.teacher.network
         probs = stochastic_mean_probs(
             lambda x: main_output(teacher(x)),
             weak,
-            passes=int(ssl["ua_mt_passes"]),
-            noise_std=float(ssl["ua_mt_noise_std"]),
-            noise_clip=float(ssl["ua_mt_noise_clip"]),
+            passes=options.passes,
+            noise_std=options.noise_std,
+            noise_clip=options.noise_clip,
         )
         step = max(module.global_step - self.schedule.warmup_steps, 0)
-        threshold = uncertainty_threshold(
-            step, self.schedule.rampup_steps, module.num_classes, float(ssl["ua_mt_threshold_start"])
-        )
+        threshold = uncertainty_threshold(step, self.schedule.rampup_steps, module.num_classes, options.threshold_start)
         certain = predictive_entropy(probs) < threshold
         loss = uncertainty_masked_mse(strong_logits, probs, certain)
         logs["loss/consistency"] = loss.detach()

@@ -42,7 +42,7 @@ class EntropyMinimization(Method):
         sup, logs = super().training_loss(module, batch)
         probs = torch.softmax(module.student(batch["unlabeled"]["strong"]).float(), dim=1)
         entropy = -(probs * torch.log(probs + 1e-6)).sum(1).mean()
-        weight = self.ssl["entropy_min_weight"]
+        weight = self.ssl.entropy_min_weight
         loss = sup + weight * entropy
         logs.update({"loss/entropy": entropy.detach(), "loss/total": loss.detach(), "ssl/weight": weight})
         return loss, logs
