@@ -85,6 +85,12 @@ METHODS = {
         "labeled",
         "mean teacher, EMAN teacher whose statistics are re-estimated every 50 steps",
     ),
+    "mt_eman_focus": (
+        "configs/ablation_mt_eman_focus.yaml",
+        True,
+        "labeled",
+        "mean teacher, EMAN teacher, half the unlabeled crops centred on the teacher's kidneys",
+    ),
     "ua_mt": ("configs/ablation_ua_mt.yaml", True, "labeled", "UA-MT, EMAN teacher"),
     "bcp": ("configs/ablation_bcp.yaml", True, "labeled", "bidirectional copy-paste, EMAN teacher"),
     "upper": (
@@ -111,6 +117,8 @@ PAIRS = (
     ("bcp", "supervised"),
     ("ua_mt", "mt_eman"),
     ("bcp", "mt_eman"),
+    ("mt_eman_focus", "supervised"),
+    ("mt_eman_focus", "mt_eman"),
 )
 NOTES_MARKER = "<!-- notes: text below this line is kept when the table is regenerated -->"
 CSV_COLUMNS = (
