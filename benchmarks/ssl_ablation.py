@@ -91,6 +91,12 @@ METHODS = {
         "labeled",
         "mean teacher, EMAN teacher, half the unlabeled crops centred on the teacher's kidneys",
     ),
+    "mt_eman_focus_liver": (
+        "configs/ablation_mt_eman_focus_liver.yaml",
+        True,
+        "labeled",
+        "control of mt_eman_focus: the same sampler centred on the teacher's liver",
+    ),
     "ua_mt": ("configs/ablation_ua_mt.yaml", True, "labeled", "UA-MT, EMAN teacher"),
     "bcp": ("configs/ablation_bcp.yaml", True, "labeled", "bidirectional copy-paste, EMAN teacher"),
     "upper": (
@@ -119,6 +125,8 @@ PAIRS = (
     ("bcp", "mt_eman"),
     ("mt_eman_focus", "supervised"),
     ("mt_eman_focus", "mt_eman"),
+    ("mt_eman_focus", "mt_eman_focus_liver"),
+    ("mt_eman_focus_liver", "mt_eman"),
 )
 NOTES_MARKER = "<!-- notes: text below this line is kept when the table is regenerated -->"
 CSV_COLUMNS = (
