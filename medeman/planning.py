@@ -37,10 +37,6 @@ ANISOTROPY_RATIO = 3.0
 RARE_FOREGROUND_FRACTION = 0.01
 # ... or when its typical component would fill under 1/1000 of a scan (a 2 cm lesion in a torso)
 SMALL_COMPONENT_FRACTION = 0.001
-# With unlabeled scans, half the unlabeled crops centre on a foreground class under this share of the foreground
-# (the organ cohort's kidneys, 18 %: at 3000 steps, 10 seeds, mean teacher EMAN with the focus beat supervised on
-# 8/10 and plain mt_eman on 9/10, and had the best validation Dice; benchmarks/results/ssl_ablation_v2_3000.md)
-SMALL_FOREGROUND_FRACTION = 0.25
 # Smallest structures stay at least this many voxels across when a CPU plan coarsens the spacing
 MIN_VOXELS_ACROSS = 4.0
 # Bytes of activations per voxel and feature in a training step (forward values kept for backward,
@@ -175,18 +171,6 @@ def rare_classes(summary: dict[str, Any]) -> dict[int, str]:
                 f"median component {component:.0f} mm^3, under 1/{1 / SMALL_COMPONENT_FRACTION:.0f} of a scan"
             )
     return rare
-
-
-def small_classes(summary: dict[str, Any]) -> dict[int, str]:
-    """Foreground classes under :data:`SMALL_FOREGROUND_FRACTION` of the foreground voxels, when there are several."""
-    classes = summary["classes"]
-    if len(classes) < 2:
-        return {}
-    return {
-        int(name): f"{100 * stats['foreground_fraction']:.0f} % of the foreground voxels"
-        for name, stats in classes.items()
-        if stats["foreground_fraction"] < SMALL_FOREGROUND_FRACTION
-    }
 
 
 def smallest_structure_mm(summary: dict[str, Any]) -> float:
@@ -436,7 +420,7 @@ def make_plan(
     )
     _common(plan, summary, unlabeled, batch, num_classes, rare, gpu)
     plan.set("train", "max_steps", steps, steps_reason)
-    _schedules(plan, steps, unlabeled, {**small_classes(summary), **rare})
+    _schedules(plan, steps, unlabeled, rare)
     return plan
 
 
@@ -535,8 +519,8 @@ def _common(
         )
 
 
-def _schedules(plan: Plan, steps: int, unlabeled: bool, focus: dict[int, str]) -> None:
-    """Step-based keys scaled to the run; ``focus``: the rare and small classes the unlabeled crops centre on."""
+def _schedules(plan: Plan, steps: int, unlabeled: bool, rare: dict[int, str]) -> None:
+    """Step-based keys scaled to the run (the lesion recipe's proportions)."""
     # warm-up, ramp-up and the EMA windows are the schema's fractions of train.max_steps (medeman.schedules): not set here
     plan.set(
         "train",
@@ -545,16 +529,14 @@ def _schedules(plan: Plan, steps: int, unlabeled: bool, focus: dict[int, str]) -
         "5 validations a run (the deployed teacher is the final-step one)",
     )
     if unlabeled:
-        if focus:
-            listed = "; ".join(f"class {c}: {why}" for c, why in sorted(focus.items()))
+        if rare:
             plan.set(
                 "data",
                 "unlabeled_focus_fraction",
                 0.5,
-                "half the unlabeled patches centred where the teacher sees a rare or small class (random crops hold few"
-                " of its voxels; +0.009 test Dice over supervised, 8/10 seeds, on the organ cohort at 3000 steps)",
+                "half the unlabeled patches centred where the teacher sees a rare class",
             )
-            plan.set("data", "unlabeled_focus_classes", sorted(focus), f"the rare and small classes ({listed})")
+            plan.set("data", "unlabeled_focus_classes", sorted(rare), "the rare classes")
             plan.set(
                 "data",
                 "unlabeled_focus_every_steps",

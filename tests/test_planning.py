@@ -15,7 +15,6 @@ from medeman.planning import (
     make_plan,
     parse_duration,
     rare_classes,
-    small_classes,
     target_spacing,
     unet_levels,
 )
@@ -128,29 +127,6 @@ def test_unlabeled_scans_make_a_mean_teacher_with_schedules_scaled_to_the_steps(
     assert plan.get("train", "val_every_steps") == steps // 5
     assert plan.get("data", "unlabeled_focus_classes") == [2]
     assert plan.get("data", "unlabeled_focus_every_steps") == steps // 4
-
-
-@pytest.mark.parametrize(
-    "fp, focus",
-    [
-        (ISOTROPIC_CT, [2]),  # kidneys-like: 20 % of the foreground, not rare but small
-        (
-            summary([1.0] * 3, [160] * 3, classes={"1": (0.6, 5e4, 4e4), "2": (0.3, 2e4, 2e4), "3": (0.1, 5e3, 5e3)}),
-            [3],
-        ),
-        (summary([1.0] * 3, [160] * 3, classes={"1": (1.0, 5e4, 4e4)}), None),  # one class: nothing to focus on
-        (summary([1.0] * 3, [160] * 3, classes={"1": (0.5, 5e4, 4e4), "2": (0.5, 5e4, 4e4)}), None),
-    ],
-)
-def test_unlabeled_crops_focus_on_the_small_classes(fp, focus):
-    assert sorted(small_classes(fp)) == (focus or [])
-    plan = make_plan(fp, device="cpu", has_unlabeled=True)
-    assert plan.get("data", "unlabeled_focus_classes") == focus
-    assert plan.get("data", "unlabeled_focus_fraction", 0.0) == (0.5 if focus else 0.0)
-    if focus:
-        assert "small class" in plan.to_yaml()
-    without_unlabeled = make_plan(fp, device="cpu")
-    assert without_unlabeled.get("data", "unlabeled_focus_fraction", 0.0) == 0.0
 
 
 def test_time_budget_picks_the_largest_candidate_that_gets_enough_steps():
