@@ -19,20 +19,13 @@ from medeman.checkpoint import load_teacher
 from medeman.config import load_config
 from medeman.infer import main as infer_main
 from medeman.train import fit
+from tiny_config import TINY_BASE
 
 pytestmark = pytest.mark.gpu
 
 TINY = [
-    "model.channels=[4,8]",
-    "model.num_res_units=1",
-    "data.patch_size=[16,16,16]",
-    "data.spacing=[1,1,1]",
-    "data.num_classes=3",
-    "data.num_workers=0",
-    "data.cache=none",
-    "data.val_fraction=0.34",
+    *TINY_BASE,
     "train.val_every_steps=2",
-    "train.log_every_steps=1",
     "ssl.rampup_steps=2",
     "ssl.warmup_steps=0",
     "train.max_steps=4",

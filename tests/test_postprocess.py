@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from medeman.postprocess import apply_postprocessing, describe, learn_postprocessing
+from tiny_config import TINY_BASE
 
 
 def _box(shape, *slices_and_values):
@@ -89,20 +90,7 @@ def test_a_class_in_no_validation_reference_is_dropped_entirely():
     np.testing.assert_array_equal(apply_postprocessing(prediction, rules, 1.0), reference)
 
 
-TINY = [
-    "model.channels=[4,8]",
-    "model.num_res_units=1",
-    "data.patch_size=[16,16,16]",
-    "data.spacing=[1,1,1]",
-    "data.num_classes=3",
-    "data.num_workers=0",
-    "data.cache=none",
-    "data.val_fraction=0.34",
-    "train.val_every_steps=2",
-    "train.log_every_steps=1",
-    "ssl.method=supervised",
-    "train.max_steps=2",
-]
+TINY = [*TINY_BASE, "train.val_every_steps=2", "ssl.method=supervised", "train.max_steps=2"]
 
 
 def test_training_stores_the_rules_and_infer_and_rank_apply_them(make_cohort, tmp_path):

@@ -10,18 +10,11 @@ import torch
 from medeman.config import load_config
 from medeman.resume import changed_settings, is_fixed
 from medeman.train import fit, main
+from tiny_config import TINY_BASE
 
 TINY = [
-    "model.channels=[4,8]",
-    "model.num_res_units=1",
-    "data.patch_size=[16,16,16]",
-    "data.spacing=[1,1,1]",
-    "data.num_classes=3",
-    "data.num_workers=0",
-    "data.cache=none",
-    "data.val_fraction=0.34",
+    *TINY_BASE,
     "train.val_every_steps=4",
-    "train.log_every_steps=1",
     "ssl.rampup_steps=2",
     "ssl.warmup_steps=0",
     "ssl.recalibration_batches=2",

@@ -11,21 +11,7 @@ from medeman.checkpoint import load_teacher, read_teacher_file
 from medeman.config import ConfigError, load_config
 from medeman.infer import main as infer_main
 from medeman.train import fit, main
-
-TINY = [
-    "model.channels=[4,8]",
-    "model.num_res_units=1",
-    "data.patch_size=[16,16,16]",
-    "data.spacing=[1,1,1]",
-    "data.num_classes=3",
-    "data.num_workers=0",
-    "data.cache=none",
-    "data.val_fraction=0.34",
-    "train.val_every_steps=2",
-    "train.log_every_steps=1",
-    "ssl.rampup_steps=2",
-    "ssl.warmup_steps=0",
-]
+from tiny_config import TINY
 
 
 def _metrics(run):

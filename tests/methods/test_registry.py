@@ -13,21 +13,7 @@ from medeman.config import Option
 from medeman.methods import METHODS, Method, build_method, register_method
 from medeman.methods.base import TeacherMethod
 from medeman.train import fit
-
-TINY = [
-    "model.channels=[4,8]",
-    "model.num_res_units=1",
-    "data.patch_size=[16,16,16]",
-    "data.spacing=[1,1,1]",
-    "data.num_classes=3",
-    "data.num_workers=0",
-    "data.cache=none",
-    "data.val_fraction=0.34",
-    "train.val_every_steps=2",
-    "train.log_every_steps=1",
-    "ssl.rampup_steps=2",
-    "ssl.warmup_steps=0",
-]
+from tiny_config import TINY
 
 
 class EntropyMinimization(Method):
