@@ -97,6 +97,18 @@ METHODS = {
         "labeled",
         "control of mt_eman_focus: the same sampler centred on the teacher's liver",
     ),
+    "mt_eman_focus_placebo": (
+        "configs/ablation_mt_eman_focus_placebo.yaml",
+        True,
+        "labeled",
+        "placebo of mt_eman_focus: the focused sampler without a refresh (every crop random)",
+    ),
+    "mt_eman_focus_unused": (
+        "configs/ablation_mt_eman_focus_unused.yaml",
+        True,
+        "labeled",
+        "placebo of mt_eman_focus: the refresh runs, its centres are never used",
+    ),
     "ua_mt": ("configs/ablation_ua_mt.yaml", True, "labeled", "UA-MT, EMAN teacher"),
     "bcp": ("configs/ablation_bcp.yaml", True, "labeled", "bidirectional copy-paste, EMAN teacher"),
     "upper": (
@@ -127,6 +139,9 @@ PAIRS = (
     ("mt_eman_focus", "mt_eman"),
     ("mt_eman_focus", "mt_eman_focus_liver"),
     ("mt_eman_focus_liver", "mt_eman"),
+    ("mt_eman_focus", "mt_eman_focus_placebo"),
+    ("mt_eman_focus_placebo", "mt_eman"),
+    ("mt_eman_focus_unused", "mt_eman_focus_placebo"),
 )
 NOTES_MARKER = "<!-- notes: text below this line is kept when the table is regenerated -->"
 CSV_COLUMNS = (
