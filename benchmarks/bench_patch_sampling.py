@@ -114,6 +114,7 @@ def run(args: argparse.Namespace) -> None:
     from medeman.data.sampling import FocusCentres, RandClassCropd, RandFocusCropd
     from medeman.data.transforms import labeled_transforms
     from medeman.nets import build_network
+    from medeman.schedules import run_schedule
     from medeman.teacher_focus import TeacherFocus, focus_centres
 
     cfg = load_config([args.config], sets=args.set)
@@ -232,7 +233,7 @@ def run(args: argparse.Namespace) -> None:
             teacher(x[: int(data["batch_size_unlabeled"])])
         steps.append(time.perf_counter() - start)
     step = statistics.median(steps[1:])
-    every = int(cfg_focus["data"]["unlabeled_focus_every_steps"])
+    every = run_schedule(cfg_focus).focus_every_steps
     print(
         f"\nrefresh of {len(dm.unlabeled_cases)} unlabeled scans: {min(seconds):.2f} s; one step's network passes: {step:.3f} s "
         f"({args.threads} thread(s)); every {every} steps the refresh adds {min(seconds) / every:.4f} s per step "

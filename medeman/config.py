@@ -174,8 +174,13 @@ SCHEMA: dict[str, dict[str, Option]] = {
             type=list,
         ),
         "unlabeled_focus_every_steps": Option(
-            500,
-            "the teacher re-segments the cached unlabeled volumes (sliding window, no overlap) every this many steps to refresh the focus centres; the first time at this step (random crops before), so the teacher has learned the class by then",
+            None,
+            "the teacher re-segments the cached unlabeled volumes (sliding window, no overlap) every this many steps to refresh the focus centres; the first time at this step (random crops before), so the teacher has learned the class by then; null: unlabeled_focus_every_fraction of train.max_steps",
+            type=int,
+        ),
+        "unlabeled_focus_every_fraction": Option(
+            0.2,
+            "unlabeled_focus_every_steps null: the focus centres are refreshed every this fraction of train.max_steps",
         ),
         "unlabeled_focus_stride": Option(
             4, "focus centres are taken on a grid of this stride in voxels (the low-resolution class map kept per scan)"
@@ -593,6 +598,7 @@ _VALUE_RULES: list[tuple[str, Any, str]] = [
     ("data.strong_brightness", _non_negative, "a non-negative intensity shift"),
     ("data.strong_contrast", lambda v: _range(0.0)(v) and v[0] > 0, "a gamma range [low, high] with 0 < low <= high"),
     ("data.strong_blur_sigma", _range(0.0), "a sigma range [low, high] with 0 <= low <= high"),
+    ("data.unlabeled_focus_every_fraction", lambda v: 0.0 < v <= 1.0, "a fraction of train.max_steps in (0, 1]"),
     ("data.intensity_window", lambda v: _range(-math.inf)(v) and v[0] < v[1], "a window [low, high] with low < high"),
     (
         "model.channels",
@@ -743,7 +749,7 @@ def _validate_small_structures(cfg: dict) -> None:
             f"data.unlabeled_focus_classes: {focus!r} must be null or a list of foreground classes in 1..{num_classes - 1}"
         )
     for key in ("unlabeled_focus_every_steps", "unlabeled_focus_stride"):
-        if int(data[key]) < 1:
+        if data[key] is not None and int(data[key]) < 1:
             raise ConfigError(f"data.{key} must be a positive integer, got {data[key]!r}")
     momentum = cfg["ssl"]["adaptive_threshold_momentum"]
     if momentum is not None and not 0.0 <= momentum < 1.0:

@@ -539,9 +539,9 @@ def _schedules(plan: Plan, steps: int, unlabeled: bool, rare: dict[int, str]) ->
             plan.set("data", "unlabeled_focus_classes", sorted(rare), "the rare classes")
             plan.set(
                 "data",
-                "unlabeled_focus_every_steps",
-                max(1, steps // 4),
-                "the teacher's rare-class map refreshed 4 times a run",
+                "unlabeled_focus_every_fraction",
+                0.25,
+                "the teacher's rare-class map refreshed every quarter of the run",
             )
 
 

@@ -165,7 +165,7 @@ class CadenceCheckpoint(ModelCheckpoint):
 
 
 def pin_schedules(saved: dict, cfg: dict) -> None:
-    """Keep a resumed run's warm-up, ramp-up and BCP pre-training where the stopped run had them, in steps.
+    """Keep a resumed run's warm-up, ramp-up, BCP pre-training and focus refresh where the stopped run had them, in steps.
 
     They are fractions of ``train.max_steps`` unless given in steps (:mod:`medeman.schedules`): a resume
     that extends the run would otherwise move the end of the warm-up, and the teacher would restart as
@@ -181,3 +181,5 @@ def pin_schedules(saved: dict, cfg: dict) -> None:
             cfg["ssl"][key] = getattr(before, key)
     if cfg["ssl"]["adaptive_threshold_momentum"] is None:
         cfg["ssl"]["adaptive_threshold_momentum"] = before.threshold_momentum
+    if cfg["data"]["unlabeled_focus_fraction"] > 0 and cfg["data"]["unlabeled_focus_every_steps"] is None:
+        cfg["data"]["unlabeled_focus_every_steps"] = before.focus_every_steps

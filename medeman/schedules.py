@@ -5,7 +5,9 @@ gives it in steps, so a 500-step CPU run and a 20k-step GPU run get the same sha
 a supervised warm-up (``ssl.warmup_fraction``), then the unsupervised weight ramps up
 (``ssl.rampup_fraction``, Laine & Aila's ``exp(-5(1-t)^2)``), and statistics that are EMA'd
 (the teacher, the adaptive thresholds) average over the same window of the run
-(``ssl.momentum_window``). One function resolves them; methods, tuning and the docs read it.
+(``ssl.momentum_window``); the teacher-focused crops are refreshed every
+``data.unlabeled_focus_every_fraction`` of the run. One function resolves them; methods, tuning
+and the docs read it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class RunSchedule:
         rampup_steps: steps of the unsupervised weight's sigmoid ramp-up after the warm-up.
         bcp_pretrain_steps: BCP's labeled-only copy-paste pre-training (the warm-up unless set).
         threshold_momentum: EMA momentum of the adaptive pseudo-label thresholds' statistics.
+        focus_every_steps: the teacher-focused unlabeled crops' refresh period (``medeman.teacher_focus``).
     """
 
     max_steps: int
@@ -34,6 +37,7 @@ class RunSchedule:
     rampup_steps: int
     bcp_pretrain_steps: int
     threshold_momentum: float
+    focus_every_steps: int
 
 
 def run_schedule(cfg: Config | dict[str, Any]) -> RunSchedule:
@@ -41,8 +45,8 @@ def run_schedule(cfg: Config | dict[str, Any]) -> RunSchedule:
 
     Examples:
         >>> s = run_schedule(load_config(sets=["train.max_steps=1000"]))
-        >>> s.warmup_steps, s.rampup_steps, round(s.threshold_momentum, 3)
-        (100, 300, 0.99)
+        >>> s.warmup_steps, s.rampup_steps, round(s.threshold_momentum, 3), s.focus_every_steps
+        (100, 300, 0.99, 200)
     """
     cfg = as_config(cfg)
     ssl, steps = cfg.ssl, cfg.train.max_steps
@@ -60,4 +64,7 @@ def run_schedule(cfg: Config | dict[str, Any]) -> RunSchedule:
         threshold_momentum=momentum
         if momentum is not None
         else scheduled_momentum(0, steps, schedule="window", window=ssl.momentum_window),
+        focus_every_steps=max(
+            1, resolved(cfg.data.unlabeled_focus_every_steps, cfg.data.unlabeled_focus_every_fraction)
+        ),
     )

@@ -2,7 +2,8 @@
 
 A random unlabeled patch seldom holds a lesion, so the consistency and pseudo-label losses are
 spent on background and large organs. :class:`TeacherFocus` refreshes, every
-``data.unlabeled_focus_every_steps`` optimizer steps, the crop centres of
+``data.unlabeled_focus_every_fraction`` of the run (or ``data.unlabeled_focus_every_steps``
+optimizer steps where given; :func:`medeman.schedules.run_schedule`), the crop centres of
 :class:`medeman.data.sampling.RandFocusCropd`: the teacher segments every cached unlabeled volume
 (sliding window without overlap, at the training resolution the network was trained at), and on
 a grid of stride ``data.unlabeled_focus_stride`` the voxels it assigns to the focus classes
@@ -29,6 +30,7 @@ from monai.inferers import sliding_window_inference
 
 from medeman.labels import argmax_labels
 from medeman.nets import main_output
+from medeman.schedules import run_schedule
 from medeman.typed_config import Config, as_config
 
 
@@ -61,7 +63,7 @@ def focus_centres(
 
 
 class TeacherFocus(pl.Callback):
-    """Refresh the teacher-focused unlabeled crop centres every ``data.unlabeled_focus_every_steps`` steps.
+    """Refresh the teacher-focused unlabeled crop centres every ``RunSchedule.focus_every_steps`` steps.
 
     Needs the Trainer's DataModule to be an :class:`~medeman.data.SSLDataModule` built with
     ``data.unlabeled_focus_fraction`` > 0 (it then holds ``focus``, the shared centres); added by
@@ -77,7 +79,7 @@ class TeacherFocus(pl.Callback):
     def __init__(self, cfg: Config | dict[str, Any], seed: int | None = None) -> None:
         self.cfg = cfg = as_config(cfg)
         data = cfg.data
-        self.every = data.unlabeled_focus_every_steps
+        self.every = run_schedule(cfg).focus_every_steps
         self.stride = data.unlabeled_focus_stride
         self.classes = (
             list(data.unlabeled_focus_classes) if data.unlabeled_focus_classes else list(range(1, data.num_classes))

@@ -133,7 +133,7 @@ def run_config(cfg: Config | dict, params: dict[str, Any], steps: int) -> dict:
     """``cfg`` with the trial parameters ``params`` set, for a run of ``steps`` optimizer steps.
 
     ``cfg`` describes the full run (``train.max_steps``) and the parameters are in its units. With
-    ``r = steps / train.max_steps``, the ramp-up and warm-up become ``round(r x)`` steps, and the
+    ``r = steps / train.max_steps``, the ramp-up, warm-up and focus refresh given in steps become ``round(r x)`` steps, and the
     momentum keeps its window fraction ``w``: ``ssl.momentum_window = w`` with the window schedule,
     else ``ssl.ema_momentum = 1 - 1/(w steps)`` (the start of the cosine schedule). ``cfg`` is not
     changed.
@@ -153,6 +153,9 @@ def run_config(cfg: Config | dict, params: dict[str, Any], steps: int) -> dict:
     for key in ("warmup_steps", "bcp_pretrain_steps"):
         if ssl[key] is not None:
             ssl[key] = round(int(ssl[key]) * scale)
+    focus_every = out["data"]["unlabeled_focus_every_steps"]
+    if focus_every is not None:
+        out["data"]["unlabeled_focus_every_steps"] = max(1, round(int(focus_every) * scale))
     window = momentum_window(cfg, params)
     if cfg.ssl.momentum_schedule == "window":
         ssl["momentum_window"] = window

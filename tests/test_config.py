@@ -257,6 +257,11 @@ RANGE_CASES = [
     ["data.val_fraction=1", "data.val_fraction: 1.0 must be a fraction in [0, 1)"],
     ["data.flip_prob=1.5", "data.flip_prob: 1.5 must be a probability in [0, 1]"],
     [
+        "data.unlabeled_focus_every_fraction=0",
+        "data.unlabeled_focus_every_fraction: 0.0 must be a fraction of train.max_steps in (0, 1]",
+    ],
+    ["data.unlabeled_focus_every_steps=0", "data.unlabeled_focus_every_steps must be a positive integer, got 0"],
+    [
         "data.intensity_window=[250, -175]",
         "data.intensity_window: [250, -175] must be a window [low, high] with low < high",
     ],

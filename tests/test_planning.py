@@ -126,7 +126,8 @@ def test_unlabeled_scans_make_a_mean_teacher_with_schedules_scaled_to_the_steps(
     assert plan.get("ssl", "rampup_steps") is None  # left to the schema's fraction of the run (medeman.schedules)
     assert plan.get("train", "val_every_steps") == steps // 5
     assert plan.get("data", "unlabeled_focus_classes") == [2]
-    assert plan.get("data", "unlabeled_focus_every_steps") == steps // 4
+    assert plan.get("data", "unlabeled_focus_every_fraction") == 0.25  # a quarter of the run, whatever its length
+    assert plan.get("data", "unlabeled_focus_every_steps") is None
 
 
 def test_time_budget_picks_the_largest_candidate_that_gets_enough_steps():

@@ -200,6 +200,30 @@ def test_module_adds_the_focus_callback_only_when_asked():
     )
 
 
+@pytest.mark.parametrize(
+    "sets, every",
+    [
+        (["train.max_steps=1000"], 200),  # the schema's 0.2 of the run
+        (["train.max_steps=3000", "data.unlabeled_focus_every_fraction=0.25"], 750),
+        (["train.max_steps=3000", "data.unlabeled_focus_every_steps=500"], 500),  # given in steps: not scaled
+    ],
+)
+def test_focus_refresh_period_is_a_fraction_of_the_run_unless_given_in_steps(sets, every):
+    assert TeacherFocus(load_config(sets=TINY + ["data.unlabeled_focus_fraction=0.5", *sets])).every == every
+
+
+def test_a_resume_that_extends_the_run_keeps_the_focus_refresh_where_it_was():
+    from medeman.resume import pin_schedules
+
+    saved = load_config(sets=["train.max_steps=1000", "data.unlabeled_focus_fraction=0.5"])
+    extended = load_config(sets=["train.max_steps=3000", "data.unlabeled_focus_fraction=0.5"])
+    pin_schedules(saved, extended)
+    assert extended["data"]["unlabeled_focus_every_steps"] == 200  # 0.2 of the stopped run, not 600
+    unfocused = load_config(sets=["train.max_steps=3000"])
+    pin_schedules(load_config(sets=["train.max_steps=1000"]), unfocused)
+    assert unfocused["data"]["unlabeled_focus_every_steps"] is None  # no focus: nothing to pin
+
+
 def test_focus_centres_and_draw_state_travel_in_the_checkpoint(make_cohort, tmp_path):
     """A resumed run starts with the centres of the last refresh (not random crops until the next one)."""
     from medeman.train import fit

@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 
 from medeman import tune
 from medeman.config import ConfigError, load_config
+from medeman.schedules import run_schedule
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
@@ -189,6 +190,15 @@ def test_shortened_trial_scales_every_step_key_and_best_config_is_for_the_full_r
         section = "train" if key in ("max_steps", "val_every_steps") else "ssl"
         assert full[section][key] == pytest.approx(value), f"full run {section}.{key}"
     assert cfg["train"]["max_steps"] == 500 and cfg["ssl"]["rampup_steps"] == 200  # the base config is not touched
+
+
+@pytest.mark.parametrize("every, in_trial", [(100, 40), (None, None)])
+def test_shortened_trial_scales_the_focus_refresh(every, in_trial):
+    # a 200-step trial of a 500-step run: a refresh given in steps shrinks with it; a null one is a fraction already
+    cfg = _cfg({**BASE, "data.unlabeled_focus_fraction": 0.5, "data.unlabeled_focus_every_steps": every})
+    trial = tune.trial_config(cfg, POINT)
+    assert trial["data"]["unlabeled_focus_every_steps"] == in_trial
+    assert run_schedule(trial).focus_every_steps == 40  # 100 of 500 steps -> 40 of 200, either way
 
 
 def test_search_space_draws_the_window_fraction_log_uniformly():
