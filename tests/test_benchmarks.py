@@ -136,3 +136,27 @@ def test_report_mean_std_leaves_out_undefined_scores():
     assert mean_std([1.0, 2.0, float("nan")]) == "1.500 ± 0.707"  # stdev of (1, 2) = 1/sqrt(2)
     assert mean_std([5.0], digits=0) == "5 ± 0"
     assert mean_std([]) == mean_std([float("nan")]) == "–"
+
+
+def test_pseudo_label_quality_scores_a_hand_made_prediction():
+    import torch
+
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from pseudo_label_quality import border, class_scores
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    # truth: a 4-voxel bar of class 1 on a 1 x 1 x 8 line; prediction: 5 voxels of class 1 (one too many, at its end)
+    truth = torch.tensor([0, 0, 1, 1, 1, 1, 0, 0]).reshape(1, 1, 8)
+    pred = torch.tensor([0, 0, 1, 1, 1, 1, 1, 0]).reshape(1, 1, 8)
+    confidence = torch.tensor([0.99, 0.99, 0.6, 0.95, 0.95, 0.95, 0.95, 0.6]).reshape(1, 1, 8)
+    probs = torch.stack(
+        [torch.where(pred == 0, confidence, 1 - confidence), torch.where(pred == 1, confidence, 1 - confidence)]
+    )
+    assert border(truth == 1).flatten().tolist() == [0, 1, 1, 0, 0, 1, 1, 0]  # one voxel either side of each edge
+    scores = class_scores(probs, truth, 1, threshold=0.9)
+    assert scores["dice"] == 2 * 4 / (5 + 4)
+    assert scores["confident_recall"] == 3 / 4  # voxel 2 is right but at 0.6
+    assert scores["confident_precision"] == 3 / 4  # confident class-1 voxels 3, 4, 5, 6; voxel 6 is wrong
+    assert scores["errors_at_border"] == 1.0  # the one wrong voxel (6) touches the bar's end
+    assert scores["confident_errors"] == 1.0  # and the teacher is sure of it (0.95)
