@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from _report import commit, hardware, mean_std
 
 REPO = Path(__file__).resolve().parents[1]
+NOTES_MARKER = "<!-- notes: text below this line is kept when the table is regenerated -->"
 SCORES = ("dice", "confident_recall", "confident_precision", "errors_at_border", "confident_errors")
 
 
@@ -93,6 +94,16 @@ def score_run(run: Path, pairs: list[tuple[Path, Path]], threshold: float) -> di
     return {c: {k: statistics.fmean(v) for k, v in scores.items()} for c, scores in per_class.items()}
 
 
+def runs_summary(runs: list[Path]) -> str:
+    """``root/{a,b}/seed{0,1}`` for run folders laid out as ``<root>/<method>/seed<N>``, else the folders."""
+    roots = {run.parent.parent for run in runs}
+    if len(roots) == 1 and all(run.name.startswith("seed") for run in runs):
+        methods = ",".join(dict.fromkeys(run.parent.name for run in runs))
+        seeds = ",".join(dict.fromkeys(run.name.removeprefix("seed") for run in runs))
+        return f"`{roots.pop()}/{{{methods}}}/seed{{{seeds}}}`"
+    return ", ".join(f"`{run}`" for run in runs)
+
+
 def write_report(results: dict[str, list[dict]], names: dict[int, str], args: argparse.Namespace) -> str:
     lines = [
         "# What the teacher teaches: its predictions on the unlabeled scans against their hidden truth",
@@ -110,8 +121,10 @@ def write_report(results: dict[str, list[dict]], names: dict[int, str], args: ar
             lines.append(f"| {method} | {len(runs)} | {c} ({names[c]}) | {' | '.join(cols)} |")
     lines += [
         "",
-        f"- Command: `python benchmarks/pseudo_label_quality.py {' '.join(sys.argv[1:])}`; code at {commit()}.",
+        f"- Runs: {runs_summary(args.runs)}; unlabeled scans `{args.unlabeled}`, truth `{args.truth}`; code at {commit()}.",
         f"- Hardware: {hardware()}.",
+        "",
+        NOTES_MARKER,
     ]
     return "\n".join(lines) + "\n"
 
@@ -153,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         report = write_report(results, names, args)
     print(report)
     if args.out is not None and not args.smoke:
-        args.out.write_text(report, encoding="utf-8")
+        old = args.out.read_text(encoding="utf-8") if args.out.is_file() else ""
+        notes = old.split(NOTES_MARKER, 1)[1].lstrip("\n") if NOTES_MARKER in old else ""
+        args.out.write_text(report + ("\n" + notes if notes else ""), encoding="utf-8")
     return 0
 
 
