@@ -293,7 +293,7 @@ def write_results(records: list[dict], args: argparse.Namespace, wall_s: float, 
         + (f"; overrides {' '.join(args.set)}" if args.set else "")
         + ".",
         f"- Seeds: {' '.join(str(s) for s in sorted({r['seed'] for r in records}))} (`train.seed`).",
-        f"- Hardware: {hardware()}; one run at a time. Training wall time {sum(r['train_s'] for r in records) / 60:.1f} min "
+        f"- Hardware: {hardware()}; one run at a time per process. Training wall time {sum(r['train_s'] for r in records) / 60:.1f} min "
         f"over {len(records)} runs; this invocation {wall_s / 60:.1f} min (runs it did not reuse, with test inference).",
         f"- Every run: `{csv_path.name}`.",
     ]
