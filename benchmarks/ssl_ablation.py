@@ -137,6 +137,7 @@ PAIRS = (
     ("bcp", "mt_eman"),
     ("mt_eman_focus", "supervised"),
     ("mt_eman_focus", "mt_eman"),
+    ("mt_eman_focus", "supervised_ema"),
     ("mt_eman_focus", "mt_eman_focus_liver"),
     ("mt_eman_focus_liver", "mt_eman"),
     ("mt_eman_focus", "mt_eman_focus_placebo"),
