@@ -12,6 +12,7 @@ from medeman.data import SSLDataModule
 from medeman.module import SSLSegModule
 from medeman.nets import build_network, deep_supervision_weights
 from medeman.teacher_focus import TeacherFocus, focus_centres
+from tiny_config import TINY_BASE
 from tiny_patches import TinyData
 
 TINY = [
@@ -239,14 +240,8 @@ def test_focus_centres_and_draw_state_travel_in_the_checkpoint(make_cohort, tmp_
     root = make_cohort(3, 3)
     run = tmp_path / "run"
     sets = [
-        "model.channels=[4,8]",
-        "model.num_res_units=1",
-        "data.patch_size=[16,16,16]",
-        "data.spacing=[1,1,1]",
-        "data.num_classes=3",
-        "data.num_workers=0",
+        *TINY_BASE,
         "data.cache=memory",
-        "data.val_fraction=0.34",
         "data.unlabeled_focus_fraction=0.5",
         "data.unlabeled_focus_every_steps=2",
         "data.unlabeled_focus_stride=1",
