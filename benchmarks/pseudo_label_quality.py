@@ -74,13 +74,13 @@ def class_scores(probs: torch.Tensor, truth: torch.Tensor, label: int, threshold
     }
 
 
-def score_run(run: Path, pairs: list[tuple[Path, Path]], threshold: float) -> dict[int, dict[str, float]]:
-    """Per class, each score averaged over the unlabeled scans (NaNs left out), for the teacher of ``run``."""
-    from medeman.checkpoint import load_teacher
+def score_run(
+    net: torch.nn.Module, cfg: dict, pairs: list[tuple[Path, Path]], threshold: float
+) -> dict[int, dict[str, float]]:
+    """Per class, each score averaged over the unlabeled scans (NaNs left out), for a loaded teacher and its config."""
     from medeman.data.transforms import validation_transforms
     from medeman.predict import predict_volume
 
-    net, cfg, _ = load_teacher(run)
     transform = validation_transforms(cfg)
     per_class: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for image, label in pairs:
@@ -140,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="a tiny cohort and an untrained teacher")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    from medeman.checkpoint import load_teacher
+
     with tempfile.TemporaryDirectory(prefix="pseudo-label-quality-") as tmp:
         if args.smoke:
             _smoke_inputs(args, Path(tmp))
@@ -156,11 +158,10 @@ def main(argv: list[str] | None = None) -> int:
             if not (run / "teacher.pt").is_file():
                 print(f"{run}: no teacher.pt, skipped", file=sys.stderr)
                 continue
-            scores = score_run(run, pairs, args.threshold)
+            net, cfg, _ = load_teacher(run)
+            scores = score_run(net, cfg, pairs, args.threshold)
             results[run.parent.name].append(scores)
-            from medeman.checkpoint import load_teacher
-
-            labels = load_teacher(run)[1]["data"]["labels"] or {}
+            labels = cfg["data"]["labels"] or {}
             names.update({c: str(labels.get(c, f"class {c}")) for c in scores})
             print(f"{run}: " + ", ".join(f"class {c} Dice {s['dice']:.3f}" for c, s in scores.items()), flush=True)
         report = write_report(results, names, args)

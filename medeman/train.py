@@ -491,10 +491,8 @@ def fit_time_budget(cfg: Config | dict, budget: str, sets: Sequence[str] = ()) -
     per_step = time_training_steps(typed, device=device)
     steps = max(1, int(seconds * (1.0 - TIME_OVERHEAD) / per_step))
     scale = steps / typed.train.max_steps
-    out = run_config(typed, {}, steps)  # a dict: the scaled values are written into it
+    out = run_config(typed, {}, steps)  # a dict: the scaled values (schedules, focus refresh) are written into it
     out["train"]["val_every_steps"] = max(1, min(steps, round(typed.train.val_every_steps * scale)))
-    if typed.data.unlabeled_focus_every_steps is not None:  # null is a fraction of max_steps already
-        out["data"]["unlabeled_focus_every_steps"] = max(1, round(typed.data.unlabeled_focus_every_steps * scale))
     if rank_zero_only.rank == 0:
         print(
             f"--time-budget {budget}: {per_step:.3f} s per timed step -> train.max_steps={steps} (step-based keys scaled x{scale:.3g})"
