@@ -1,11 +1,14 @@
 """Lesion benchmark: can a 0.1 % class be learned from few labels, and how much do unlabeled scans add?
 
 On the lesion sample cohort (``medeman.sample_data`` with ``lesions=True``: liver, kidneys and 1-3
-small liver lesions per scan, label 3) three methods train with ``configs/lesion.yaml`` on the same
-step budget, over several seeds, and are scored on the same held-out test cases:
+small liver lesions per scan, label 3) every method trains with ``configs/lesion.yaml`` (the base,
+whose own method is FixMatch-EMAN) on the same step budget, over several seeds, and is scored on
+the same held-out test cases:
 
     supervised_few   the few labeled scans only (``configs/supervised.yaml``)        -- the baseline
-    mt_eman          the few labeled scans + the unlabeled scans, mean teacher with EMAN (``mt_eman.yaml``)
+    supervised_ema   the few labeled scans, an EMA teacher deployed (the weight-averaging control)
+    mt_bn, mt_eman   + the unlabeled scans, mean teacher with a BN / EMAN teacher (``lesion_mean_teacher.yaml``)
+    fixmatch         + the unlabeled scans, FixMatch-EMAN: ``configs/lesion.yaml`` as it is (the default)
     supervised_all   every scan labeled (the labeled ones + the unlabeled ones with their ground truth)
                      -- the upper bound the unlabeled scans could reach at most
 
@@ -15,7 +18,7 @@ is scored through ``teacher.pt``, the network ``medeman train`` leaves for deplo
 lesion-wise detection (connected components, a lesion found at IoU >= 0.1; sensitivity,
 precision and F1 of the counts pooled over the test cases) and lesion-wise Dice. Methods are
 compared per seed (paired: the same seed gives the same initial network and data order), and the
-share of the gap that the unlabeled scans close is ``(mt_eman - few) / (all - few)``.
+share of the gap that the unlabeled scans close is ``(method - few) / (all - few)``.
 
     python benchmarks/lesion_benchmark.py --seeds 0 1 2             # the recorded study
     python benchmarks/lesion_benchmark.py --smoke                   # seconds: does it run end to end
@@ -39,12 +42,17 @@ import torch
 from _report import commit, hardware, mean_std
 
 REPO = Path(__file__).resolve().parents[1]
+# method -> (overlays on the base config, labeled folder). configs/lesion.yaml's own method is FixMatch-EMAN; the
+# mean-teacher rows and the EMA control set back every ssl key it sets (configs/lesion_mean_teacher.yaml).
 METHODS = {
-    "supervised_few": ("configs/supervised.yaml", "labeled"),
-    "mt_eman": ("configs/mt_eman.yaml", "labeled"),
-    "fixmatch": ("configs/ablation_fixmatch.yaml", "labeled"),
-    "supervised_all": ("configs/supervised.yaml", "all_labeled"),
+    "supervised_few": (("configs/supervised.yaml",), "labeled"),
+    "supervised_ema": (("configs/lesion_mean_teacher.yaml", "configs/ablation_supervised_ema.yaml"), "labeled"),
+    "mt_bn": (("configs/lesion_mean_teacher.yaml", "configs/mt_bn.yaml"), "labeled"),
+    "mt_eman": (("configs/lesion_mean_teacher.yaml",), "labeled"),
+    "fixmatch": ((), "labeled"),
+    "supervised_all": (("configs/supervised.yaml",), "all_labeled"),
 }
+BASELINES = ("supervised_few", "supervised_all")
 LESION = 3
 COHORT = {"n_labeled": 3, "n_val": 3, "n_unlabeled": 24, "n_test": 8}
 SMOKE_COHORT = {"n_labeled": 1, "n_val": 1, "n_unlabeled": 2, "n_test": 1}
@@ -154,8 +162,8 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
     done = run_dir / "scores.json"
     if args.reuse and done.is_file():
         return json.loads(done.read_text())
-    overlay, labeled = METHODS[method]
-    cfg = load_config([args.config, REPO / overlay], [*args.set, f"train.seed={seed}"])
+    overlays, labeled = METHODS[method]
+    cfg = load_config([args.config, *(REPO / o for o in overlays)], [*args.set, f"train.seed={seed}"])
     trained = run_dir / "train.json"
     if args.reuse and trained.is_file() and (run_dir / "teacher.pt").is_file():
         record = json.loads(trained.read_text())
@@ -226,7 +234,7 @@ def write_results(records: list[dict], args: argparse.Namespace, wall_s: float, 
     cfg = (
         load_config([Path(records[0]["run_dir"]) / "config.yaml"]) if records else load_config([args.config], args.set)
     )
-    train, data, model, ssl = cfg["train"], cfg["data"], cfg["model"], cfg["ssl"]
+    train, data, model = cfg["train"], cfg["data"], cfg["model"]
     keys = [
         ("lesion_dice", "lesion Dice"),
         ("lesion_f1", "lesion F1"),
@@ -237,7 +245,7 @@ def write_results(records: list[dict], args: argparse.Namespace, wall_s: float, 
         ("dice_kidneys", "kidney Dice"),
     ]
     lines = [
-        "# Lesion benchmark: supervised on few vs mean teacher (EMAN) vs supervised on all",
+        "# Lesion benchmark: supervised on few vs semi-supervised vs supervised on all",
         "",
         f"Test scores of each run's `teacher.pt` on `{args.data}/test` ({_count(args.data / 'test' / 'labels')} cases), "
         "mean ± std over seeds. Lesion = class 3 (1-3 small liver lesions per scan, about 0.1 % of the volume). "
@@ -266,7 +274,7 @@ def write_results(records: list[dict], args: argparse.Namespace, wall_s: float, 
         "|---|---|---|---|---|---|",
     ]
     for key, name in keys[:2] + keys[4:]:
-        for method in ("mt_eman", "fixmatch"):
+        for method in (m for m in METHODS if m not in BASELINES):
             diffs = paired(records, method, "supervised_few", key)
             if not diffs:
                 continue
@@ -286,10 +294,10 @@ def write_results(records: list[dict], args: argparse.Namespace, wall_s: float, 
         f"{_count(args.data / 'unlabeled')} unlabeled scans (their ground truth only for `supervised_all`), "
         f"{_count(args.data / 'test' / 'labels')} test scans.",
         f"- Budget (every run, `{args.config}` from the runs' `config.yaml`): {train['max_steps']} steps, lr {train['lr']}, "
-        f"batch {data['batch_size_labeled']} labeled (+ {data['batch_size_unlabeled']} unlabeled for mt_eman) patches of "
+        f"batch {data['batch_size_labeled']} labeled (+ {data['batch_size_unlabeled']} unlabeled for the semi-supervised methods) patches of "
         f"{data['patch_size']} at {data['spacing']} mm, {model['name']} {model['channels']}; batch Dice {train['batch_dice']}; "
-        f"labeled patches: {_sampling(data)}; mean teacher: ema_momentum {ssl['ema_momentum']} ({ssl['momentum_schedule']}), "
-        f"{ssl['consistency']} consistency weight {ssl['consistency_weight']}, pseudo-labels {_pseudo(ssl)}"
+        f"labeled patches: {_sampling(data)}"
+        + "".join(f"; {method}: {_ssl_recipe(ssl)}" for method, ssl in _method_ssl(records).items())
         + (f"; overrides {' '.join(args.set)}" if args.set else "")
         + ".",
         f"- Seeds: {' '.join(str(s) for s in sorted({r['seed'] for r in records}))} (`train.seed`).",
@@ -312,6 +320,29 @@ def _sampling(data: dict) -> str:
     if data["class_ratios"]:
         return f"class ratios {data['class_ratios']}"
     return f"nnU-Net rule, {data.get('fg_class_fraction')} centred on a present foreground class"
+
+
+def _method_ssl(records: list[dict]) -> dict[str, dict]:
+    """The ``ssl`` section of each semi-supervised method's first run, from its ``config.yaml``."""
+    from medeman.config import load_config
+
+    first = {}
+    for r in records:
+        if r["method"] not in BASELINES and r["method"] not in first:
+            first[r["method"]] = load_config([Path(r["run_dir"]) / "config.yaml"])["ssl"]
+    return first
+
+
+def _ssl_recipe(ssl: dict) -> str:
+    """One method's teacher and unsupervised losses, in words."""
+    recipe = f"{ssl['teacher_norm']} teacher, ema_momentum {ssl['ema_momentum']} ({ssl['momentum_schedule']}), warm-up {ssl['warmup_fraction']}"
+    if ssl["method"] == "fixmatch":
+        return f"{recipe}, hard pseudo-labels >= {ssl['fixmatch_threshold']} weight {ssl['consistency_weight']}"
+    if ssl["method"] == "supervised_ema":
+        return recipe
+    return (
+        f"{recipe}, {ssl['consistency']} consistency weight {ssl['consistency_weight']}, pseudo-labels {_pseudo(ssl)}"
+    )
 
 
 def _pseudo(ssl: dict) -> str:
