@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -54,7 +55,7 @@ METHODS = {
 }
 BASELINES = ("supervised_few", "supervised_all")
 LESION = 3
-COHORT = {"n_labeled": 3, "n_val": 3, "n_unlabeled": 24, "n_test": 8}
+COHORT = {"n_labeled": 3, "n_val": 6, "n_unlabeled": 24, "n_test": 8}
 SMOKE_COHORT = {"n_labeled": 1, "n_val": 1, "n_unlabeled": 2, "n_test": 1}
 SMOKE_SETS = [
     "train.max_steps=4",
@@ -98,6 +99,15 @@ def make_lesion_cohort(root: Path, counts: dict) -> Path:
 
     if not (root / "test" / "labels").is_dir():
         make_cohort(root, seed=11, other_formats=False, unlabeled_labels=True, lesions=True, **counts)
+    elif _count(root / "val" / "labels") < counts["n_val"]:
+        # a cohort written with fewer validation cases: make_cohort renders them last, so the missing ones are
+        # added without changing any other case (the recorded runs' training, test and unlabeled scans)
+        with tempfile.TemporaryDirectory(prefix="lesion_val_") as tmp:
+            full = make_cohort(Path(tmp), seed=11, other_formats=False, unlabeled_labels=True, lesions=True, **counts)
+            for sub in ("images", "labels"):
+                for scan in sorted((full / "val" / sub).iterdir()):
+                    if not (root / "val" / sub / scan.name).exists():
+                        shutil.copy2(scan, root / "val" / sub / scan.name)
     everything = root / "all_labeled"
     if not everything.is_dir():
         for sub in ("images", "labels"):
@@ -111,16 +121,20 @@ def make_lesion_cohort(root: Path, counts: dict) -> Path:
     return root
 
 
-def score_teacher(run_dir: Path, data: Path, lesion_overlap: float) -> dict[str, float]:
-    """Segment ``<data>/test/images`` with the run's ``teacher.pt``; lesion and organ figures of the test cases."""
+def score_teacher(run_dir: Path, data: Path, lesion_overlap: float, part: str = "test") -> dict[str, float]:
+    """Segment ``<data>/<part>/images`` with the run's ``teacher.pt``; lesion and organ figures of those cases.
+
+    ``part`` "val": the final-step teacher on the validation cases, the figures methods are chosen on
+    (training never depends on validation, so scoring it afterwards on more cases changes nothing else).
+    """
     from medeman.score_run import segment_and_score
 
     _, summary = segment_and_score(
         run_dir,
-        data / "test" / "images",
-        data / "test" / "labels",
-        run_dir / "pred_test",
-        csv=run_dir / "test_scores.csv",
+        data / part / "images",
+        data / part / "labels",
+        run_dir / f"pred_{part}",
+        csv=run_dir / f"{part}_scores.csv",
         lesion_overlap=lesion_overlap,
         lesion_classes=[LESION],
         overwrite=True,
@@ -128,11 +142,11 @@ def score_teacher(run_dir: Path, data: Path, lesion_overlap: float) -> dict[str,
         device="cpu",
     )
     if summary.problems:
-        raise RuntimeError(f"{run_dir}: {len(summary.problems)} test case(s) not scored: {summary.problems[0]}")
+        raise RuntimeError(f"{run_dir}: {len(summary.problems)} {part} case(s) not scored: {summary.problems[0]}")
     dice = summary.per_class()
     lesions = summary.lesion_totals().get(LESION)
     if lesions is None:  # neither reference nor prediction has the class: cannot happen on this cohort
-        raise RuntimeError(f"{data}/test: no lesion class in any test case")
+        raise RuntimeError(f"{data}/{part}: no lesion class in any case")
 
     def class_dice(label: int) -> float:
         return dice[label]["dice_mean"] if label in dice else float("nan")
@@ -161,7 +175,12 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
     run_dir = Path(args.out) / method / f"seed{seed}"
     done = run_dir / "scores.json"
     if args.reuse and done.is_file():
-        return json.loads(done.read_text())
+        record = json.loads(done.read_text())
+        if record.get("val_cases") != _count(args.data / "val" / "labels"):  # scored before the validation set grew
+            record["val_scores"] = score_teacher(run_dir, args.data, args.lesion_overlap, "val")
+            record["val_cases"] = _count(args.data / "val" / "labels")
+            done.write_text(json.dumps(record, indent=1))
+        return record
     overlays, labeled = METHODS[method]
     cfg = load_config([args.config, *(REPO / o for o in overlays)], [*args.set, f"train.seed={seed}"])
     trained = run_dir / "train.json"
@@ -191,6 +210,8 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
         }
         trained.write_text(json.dumps(record, indent=1))
     record["scores"] = score_teacher(run_dir, args.data, args.lesion_overlap)
+    record["val_scores"] = score_teacher(run_dir, args.data, args.lesion_overlap, "val")
+    record["val_cases"] = _count(args.data / "val" / "labels")
     done.write_text(json.dumps(record, indent=1))
     return record
 
@@ -251,10 +272,12 @@ def write_results(records: list[dict], args: argparse.Namespace, wall_s: float, 
         "mean ± std over seeds. Lesion = class 3 (1-3 small liver lesions per scan, about 0.1 % of the volume). "
         "*lesion Dice*: voxel Dice of class 3 per case, averaged over cases; *lesion F1, sensitivity, precision*: "
         f"connected components, a lesion found at IoU >= {args.lesion_overlap:g}, counts pooled over the test cases; "
-        "*lesion-wise Dice*: BraTS 2023 (per reference lesion, 0 for each false-positive component).",
+        "*lesion-wise Dice*: BraTS 2023 (per reference lesion, 0 for each false-positive component). "
+        f"*val*: the same teacher on the {_count(args.data / 'val' / 'labels')} validation cases, the mean of the three "
+        "classes' Dice and the lesion's: the only figures a recipe is chosen on.",
         "",
-        "| method | seeds | " + " | ".join(name for _, name in keys) + " | val Dice (final) | train s |",
-        "|---|---|" + "---|" * (len(keys) + 2),
+        "| method | seeds | " + " | ".join(name for _, name in keys) + " | val Dice | val lesion Dice | train s |",
+        "|---|---|" + "---|" * (len(keys) + 3),
     ]
     for method in METHODS:
         runs = [r for r in records if r["method"] == method]
@@ -262,7 +285,8 @@ def write_results(records: list[dict], args: argparse.Namespace, wall_s: float, 
             continue
         cols = [mean_std([r["scores"][k] for r in runs]) for k, _ in keys]
         lines.append(
-            f"| {method} | {len(runs)} | {' | '.join(cols)} | {mean_std([r['val_best_teacher'] for r in runs])} | "
+            f"| {method} | {len(runs)} | {' | '.join(cols)} | {mean_std([_val_dice(r) for r in runs])} | "
+            f"{mean_std([r['val_scores']['lesion_dice'] for r in runs])} | "
             f"{statistics.fmean(r['train_s'] for r in runs):.0f} |"
         )
     lines += [
@@ -290,7 +314,7 @@ def write_results(records: list[dict], args: argparse.Namespace, wall_s: float, 
         f"- Command: `{command}`; code at commit(s) {', '.join(commits)} when the process that trained them started "
         "(`+dirty`: the shared tree also held uncommitted edits of others).",
         f"- Cohort: `medeman.sample_data.make_cohort(seed=11, lesions=True)`: {_count(args.data / 'labeled' / 'labels')} labeled "
-        f"training scans, {_count(args.data / 'val' / 'labels')} validation scans (validated on; the deployed teacher is the final-step one), "
+        f"training scans, {_count(args.data / 'val' / 'labels')} validation scans (the final-step teacher scored on them after training), "
         f"{_count(args.data / 'unlabeled')} unlabeled scans (their ground truth only for `supervised_all`), "
         f"{_count(args.data / 'test' / 'labels')} test scans.",
         f"- Budget (every run, `{args.config}` from the runs' `config.yaml`): {train['max_steps']} steps, lr {train['lr']}, "
@@ -320,6 +344,12 @@ def _sampling(data: dict) -> str:
     if data["class_ratios"]:
         return f"class ratios {data['class_ratios']}"
     return f"nnU-Net rule, {data.get('fg_class_fraction')} centred on a present foreground class"
+
+
+def _val_dice(record: dict) -> float:
+    """The final-step teacher's validation Dice: the mean of liver, kidney and lesion Dice over the validation cases."""
+    val = record["val_scores"]
+    return statistics.fmean([val["dice_liver"], val["dice_kidneys"], val["lesion_dice"]])
 
 
 def _method_ssl(records: list[dict]) -> dict[str, dict]:

@@ -160,3 +160,26 @@ def test_pseudo_label_quality_scores_a_hand_made_prediction():
     assert scores["confident_precision"] == 3 / 4  # confident class-1 voxels 3, 4, 5, 6; voxel 6 is wrong
     assert scores["errors_at_border"] == 1.0  # the one wrong voxel (6) touches the bar's end
     assert scores["confident_errors"] == 1.0  # and the teacher is sure of it (0.95)
+
+
+def test_lesion_cohort_grows_its_validation_set_without_touching_any_other_case(tmp_path):
+    """A cohort written with fewer validation cases gets the missing ones; every existing file stays as it was."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from lesion_benchmark import make_lesion_cohort
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    small = {"n_labeled": 1, "n_val": 1, "n_unlabeled": 1, "n_test": 1}
+    grown, fresh = tmp_path / "grown", tmp_path / "fresh"
+    make_lesion_cohort(grown, small)
+    before = {p.relative_to(grown): p.read_bytes() for p in grown.rglob("*.nii.gz") if not p.is_symlink()}
+    make_lesion_cohort(grown, {**small, "n_val": 2})
+    make_lesion_cohort(fresh, {**small, "n_val": 2})
+
+    def files(root: Path) -> dict[Path, bytes]:
+        return {p.relative_to(root): p.read_bytes() for p in root.rglob("*.nii.gz") if not p.is_symlink()}
+
+    after = files(grown)
+    assert {k: after[k] for k in before} == before  # nothing rewritten
+    assert sorted(set(after) - set(before)) == [Path("val/images/case_005.nii.gz"), Path("val/labels/case_005.nii.gz")]
+    assert after == files(fresh)  # the added case is the one a fresh cohort of that size has
