@@ -16,6 +16,12 @@ scans' ground truth (which training never saw):
 - **confident errors**: share of the wrong voxels the teacher is confident about (>= threshold):
   the confirmation bias hard pseudo-labels would train in.
 
+``--align-to LABELED`` adds a row per method whose probabilities are first aligned to the class
+frequencies of the labeled scans (distribution alignment, Berthelot et al., "ReMixMatch", ICLR
+2020: ``p(c) <- p(c) * prior(c) / marginal(c)``, renormalised, where ``marginal`` is the teacher's
+mean probability over the unlabeled voxels): can a teacher that under-predicts a rare class be
+corrected by the class frequencies alone?
+
 Runs are grouped by their parent folder's name (``<out>/<method>/seed<N>``, as
 ``benchmarks/ssl_ablation.py`` and ``lesion_benchmark.py`` write them), mean ± std over seeds.
 
@@ -74,24 +80,66 @@ def class_scores(probs: torch.Tensor, truth: torch.Tensor, label: int, threshold
     }
 
 
+def align(probs: torch.Tensor, prior: torch.Tensor, marginal: torch.Tensor) -> torch.Tensor:
+    """Distribution alignment (ReMixMatch): ``probs * prior / marginal`` per class, renormalised over classes.
+
+    Args:
+        probs: ``(C, *spatial)`` probabilities.
+        prior: ``(C,)`` target class frequencies (the labeled scans').
+        marginal: ``(C,)`` the model's mean probability per class over the data ``probs`` come from.
+    """
+    shape = (-1,) + (1,) * (probs.dim() - 1)
+    weighted = probs * (prior / marginal.clamp_min(1e-12)).reshape(shape)
+    return weighted / weighted.sum(0, keepdim=True)
+
+
+def class_frequencies(cfg: dict, labeled: Path) -> torch.Tensor:
+    """Class frequencies of ``labeled/labels`` at the training resolution (``labeled/images`` beside them), ``(C,)``."""
+    from medeman.data.transforms import validation_transforms
+
+    transform = validation_transforms(cfg)
+    counts = torch.zeros(cfg["data"]["num_classes"])
+    for label in sorted((labeled / "labels").iterdir()):
+        case = transform({"image": str(labeled / "images" / label.name), "label": str(label)})
+        counts += torch.bincount(torch.as_tensor(case["label"]).round().long().flatten(), minlength=len(counts))
+    return counts / counts.sum()
+
+
 def score_run(
-    net: torch.nn.Module, cfg: dict, pairs: list[tuple[Path, Path]], threshold: float
-) -> dict[int, dict[str, float]]:
-    """Per class, each score averaged over the unlabeled scans (NaNs left out), for a loaded teacher and its config."""
+    net: torch.nn.Module,
+    cfg: dict,
+    pairs: list[tuple[Path, Path]],
+    threshold: float,
+    prior: torch.Tensor | None = None,
+) -> dict[str, dict[int, dict[str, float]]]:
+    """Per class, each score averaged over the unlabeled scans (NaNs left out), for a loaded teacher and its config.
+
+    Returns ``{"": scores}``, and with a ``prior`` also ``{" aligned": scores}`` of the aligned probabilities.
+    """
     from medeman.data.transforms import validation_transforms
     from medeman.predict import predict_volume
 
     transform = validation_transforms(cfg)
-    per_class: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    cases = []
     for image, label in pairs:
         case = transform({"image": str(image), "label": str(label)})
-        probs = predict_volume(net, case["image"], cfg)
-        truth = torch.as_tensor(case["label"])[0].round().long()
-        for c in range(1, probs.shape[0]):
-            for key, value in class_scores(probs, truth, c, threshold).items():
-                if value == value:  # not NaN
-                    per_class[c][key].append(value)
-    return {c: {k: statistics.fmean(v) for k, v in scores.items()} for c, scores in per_class.items()}
+        cases.append((predict_volume(net, case["image"], cfg), torch.as_tensor(case["label"])[0].round().long()))
+    variants = {"": lambda probs: probs}
+    if prior is not None:
+        voxels = sum(probs[0].numel() for probs, _ in cases)
+        marginal = sum(probs.flatten(1).sum(1) for probs, _ in cases) / voxels
+        variants[" aligned"] = lambda probs: align(probs, prior, marginal)
+    results = {}
+    for name, transform_probs in variants.items():
+        per_class: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+        for probs, truth in cases:
+            probs = transform_probs(probs)
+            for c in range(1, probs.shape[0]):
+                for key, value in class_scores(probs, truth, c, threshold).items():
+                    if value == value:  # not NaN
+                        per_class[c][key].append(value)
+        results[name] = {c: {k: statistics.fmean(v) for k, v in scores.items()} for c, scores in per_class.items()}
+    return results
 
 
 def runs_summary(runs: list[Path]) -> str:
@@ -123,6 +171,14 @@ def write_report(results: dict[str, list[dict]], names: dict[int, str], args: ar
         "",
         f"- Runs: {runs_summary(args.runs)}; unlabeled scans `{args.unlabeled}`, truth `{args.truth}`; code at {commit()}.",
         f"- Hardware: {hardware()}.",
+        *(
+            [
+                f"- Rows `<method> aligned`: the same probabilities aligned to the class frequencies of `{args.align_to}` "
+                "(ReMixMatch's distribution alignment, with the teacher's mean probability over the unlabeled voxels)."
+            ]
+            if args.align_to is not None
+            else []
+        ),
         "",
         NOTES_MARKER,
     ]
@@ -135,6 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--unlabeled", type=Path, help="the unlabeled images the runs trained on")
     parser.add_argument("--truth", type=Path, help="their ground-truth labels (same file names)")
     parser.add_argument("--threshold", type=float, default=0.9, help="confidence of a hard pseudo-label")
+    parser.add_argument(
+        "--align-to",
+        type=Path,
+        default=None,
+        help="labeled folder (images/, labels/): add rows with the probabilities aligned to its class frequencies",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the table here (.md) as well as printing it")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--smoke", action="store_true", help="a tiny cohort and an untrained teacher")
@@ -159,11 +221,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{run}: no teacher.pt, skipped", file=sys.stderr)
                 continue
             net, cfg, _ = load_teacher(run)
-            scores = score_run(net, cfg, pairs, args.threshold)
-            results[run.parent.name].append(scores)
-            labels = cfg["data"]["labels"] or {}
-            names.update({c: str(labels.get(c, f"class {c}")) for c in scores})
-            print(f"{run}: " + ", ".join(f"class {c} Dice {s['dice']:.3f}" for c, s in scores.items()), flush=True)
+            prior = class_frequencies(cfg, args.align_to) if args.align_to is not None else None
+            for variant, scores in score_run(net, cfg, pairs, args.threshold, prior).items():
+                results[run.parent.name + variant].append(scores)
+                labels = cfg["data"]["labels"] or {}
+                names.update({c: str(labels.get(c, f"class {c}")) for c in scores})
+                print(
+                    f"{run}{variant}: " + ", ".join(f"class {c} Dice {s['dice']:.3f}" for c, s in scores.items()),
+                    flush=True,
+                )
         report = write_report(results, names, args)
     print(report)
     if args.out is not None and not args.smoke:
@@ -185,6 +251,7 @@ def _smoke_inputs(args: argparse.Namespace, tmp: Path) -> None:
     run.mkdir(parents=True)
     save_teacher(run / "teacher.pt", build_network(cfg), cfg, step=0)
     args.runs, args.unlabeled, args.truth = [run], cohort / "unlabeled", cohort / "unlabeled_labels"
+    args.align_to = cohort / "labeled"
 
 
 if __name__ == "__main__":
