@@ -54,6 +54,12 @@ METHODS = {
     "supervised_all": (("configs/supervised.yaml",), "all_labeled"),
 }
 BASELINES = ("supervised_few", "supervised_all")
+METHOD_PAIRS = (
+    ("mt_eman", "mt_bn"),
+    ("mt_eman", "supervised_ema"),
+    ("fixmatch", "supervised_ema"),
+    ("fixmatch", "mt_eman"),
+)
 LESION = 3
 COHORT = {"n_labeled": 3, "n_val": 6, "n_unlabeled": 24, "n_test": 8}
 SMOKE_COHORT = {"n_labeled": 1, "n_val": 1, "n_unlabeled": 2, "n_test": 1}
@@ -307,6 +313,24 @@ def write_results(records: list[dict], args: argparse.Namespace, wall_s: float, 
                 f"| {name} | {method} | {mean_std(diffs)} | {sum(d > 0 for d in diffs)}/{len(diffs)} | "
                 f"{mean_std(paired(records, 'supervised_all', 'supervised_few', key))} | {share} "
                 f"({', '.join(f'{100 * v:.0f} %' for v in per_seed) or '–'}) |"
+            )
+    between = [
+        (a, b, key, name) for a, b in METHOD_PAIRS for key, name in (keys[0], keys[6]) if paired(records, a, b, key)
+    ]
+    if between:
+        lines += [
+            "",
+            "Between methods (per seed, then mean and seeds where the first is ahead): the EMA control separates what "
+            "the weight average gives from what the unlabeled scans give; BN vs EMAN teacher.",
+            "",
+            "| a − b | score | per seed | mean | ahead |",
+            "|---|---|---|---|---|",
+        ]
+        for a, b, key, name in between:
+            diffs = paired(records, a, b, key)
+            lines.append(
+                f"| {a} − {b} | {name} | {', '.join(f'{d:+.3f}' for d in diffs)} | {statistics.fmean(diffs):+.3f} | "
+                f"{sum(d > 0 for d in diffs)}/{len(diffs)} |"
             )
     commits = sorted({r.get("commit", "?") for r in records})
     lines += [
