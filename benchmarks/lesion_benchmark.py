@@ -20,7 +20,8 @@ precision and F1 of the counts pooled over the test cases) and lesion-wise Dice.
 compared per seed (paired: the same seed gives the same initial network and data order), and the
 share of the gap that the unlabeled scans close is ``(method - few) / (all - few)``.
 
-    python benchmarks/lesion_benchmark.py --seeds 0 1 2             # the recorded study
+    python benchmarks/lesion_benchmark.py --seeds 0 1 2 3 4 5 6 7 8 9     # the recorded study at 3000 steps (lesion.yaml's)
+    python benchmarks/lesion_benchmark.py --seeds 0 1 2 3 4 5 6 7 8 9 --set train.max_steps=1000   # and at 1000
     python benchmarks/lesion_benchmark.py --smoke                   # seconds: does it run end to end
 
 Runs go one at a time (``nice``, one torch thread is the caller's choice); a finished run
