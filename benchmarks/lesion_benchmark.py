@@ -9,6 +9,7 @@ the same held-out test cases:
     supervised_ema   the few labeled scans, an EMA teacher deployed (the weight-averaging control)
     mt_bn, mt_eman   + the unlabeled scans, mean teacher with a BN / EMAN teacher (``lesion_mean_teacher.yaml``)
     fixmatch         + the unlabeled scans, FixMatch-EMAN: ``configs/lesion.yaml`` as it is (the default)
+    bcp              + the unlabeled scans, bidirectional copy-paste on an EMAN teacher (``ablation_bcp.yaml``)
     supervised_all   every scan labeled (the labeled ones + the unlabeled ones with their ground truth)
                      -- the upper bound the unlabeled scans could reach at most
 
@@ -52,6 +53,7 @@ METHODS = {
     "mt_bn": (("configs/lesion_mean_teacher.yaml", "configs/mt_bn.yaml"), "labeled"),
     "mt_eman": (("configs/lesion_mean_teacher.yaml",), "labeled"),
     "fixmatch": ((), "labeled"),
+    "bcp": (("configs/lesion_mean_teacher.yaml", "configs/ablation_bcp.yaml"), "labeled"),
     "supervised_all": (("configs/supervised.yaml",), "all_labeled"),
 }
 BASELINES = ("supervised_few", "supervised_all")
