@@ -185,9 +185,7 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
     done = run_dir / "scores.json"
     if args.reuse and done.is_file():
         record = json.loads(done.read_text())
-        if record.get("val_cases") != _count(args.data / "val" / "labels"):  # scored before the validation set grew
-            record["val_scores"] = score_teacher(run_dir, args.data, args.lesion_overlap, "val")
-            record["val_cases"] = _count(args.data / "val" / "labels")
+        if _score_validation(record, run_dir, args):  # scored before the validation set grew
             done.write_text(json.dumps(record, indent=1))
         return record
     overlays, labeled = METHODS[method]
@@ -219,10 +217,19 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
         }
         trained.write_text(json.dumps(record, indent=1))
     record["scores"] = score_teacher(run_dir, args.data, args.lesion_overlap)
-    record["val_scores"] = score_teacher(run_dir, args.data, args.lesion_overlap, "val")
-    record["val_cases"] = _count(args.data / "val" / "labels")
+    _score_validation(record, run_dir, args)
     done.write_text(json.dumps(record, indent=1))
     return record
+
+
+def _score_validation(record: dict, run_dir: Path, args: argparse.Namespace) -> bool:
+    """Score the run's teacher on the validation cases unless ``record`` holds them for as many cases; True if scored."""
+    cases = _count(args.data / "val" / "labels")
+    if record.get("val_cases") == cases:
+        return False
+    record["val_scores"] = score_teacher(run_dir, args.data, args.lesion_overlap, "val")
+    record["val_cases"] = cases
+    return True
 
 
 def paired(records: list[dict], method: str, base: str, key: str) -> list[float]:

@@ -222,9 +222,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             net, cfg, _ = load_teacher(run)
             prior = class_frequencies(cfg, args.align_to) if args.align_to is not None else None
+            labels = cfg["data"]["labels"] or {}
             for variant, scores in score_run(net, cfg, pairs, args.threshold, prior).items():
                 results[run.parent.name + variant].append(scores)
-                labels = cfg["data"]["labels"] or {}
                 names.update({c: str(labels.get(c, f"class {c}")) for c in scores})
                 print(
                     f"{run}{variant}: " + ", ".join(f"class {c} Dice {s['dice']:.3f}" for c, s in scores.items()),
