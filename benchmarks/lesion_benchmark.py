@@ -53,6 +53,7 @@ METHODS = {
     "mt_bn": (("configs/lesion_mean_teacher.yaml", "configs/mt_bn.yaml"), "labeled"),
     "mt_eman": (("configs/lesion_mean_teacher.yaml",), "labeled"),
     "fixmatch": ((), "labeled"),
+    "fixmatch_da": (("configs/fixmatch_alignment.yaml",), "labeled"),
     "bcp": (("configs/lesion_mean_teacher.yaml", "configs/ablation_bcp.yaml"), "labeled"),
     "supervised_all": (("configs/supervised.yaml",), "all_labeled"),
 }
@@ -62,6 +63,7 @@ METHOD_PAIRS = (
     ("mt_eman", "supervised_ema"),
     ("fixmatch", "supervised_ema"),
     ("fixmatch", "mt_eman"),
+    ("fixmatch_da", "fixmatch"),
 )
 LESION = 3
 COHORT = {"n_labeled": 3, "n_val": 6, "n_unlabeled": 24, "n_test": 8}
@@ -401,7 +403,10 @@ def _ssl_recipe(ssl: dict) -> str:
     """One method's teacher and unsupervised losses, in words."""
     recipe = f"{ssl['teacher_norm']} teacher, ema_momentum {ssl['ema_momentum']} ({ssl['momentum_schedule']}), warm-up {ssl['warmup_fraction']}"
     if ssl["method"] == "fixmatch":
-        return f"{recipe}, hard pseudo-labels >= {ssl['fixmatch_threshold']} weight {ssl['consistency_weight']}"
+        aligned = ", aligned to the labeled class frequencies" if ssl.get("fixmatch_distribution_alignment") else ""
+        return (
+            f"{recipe}, hard pseudo-labels >= {ssl['fixmatch_threshold']}{aligned} weight {ssl['consistency_weight']}"
+        )
     if ssl["method"] == "supervised_ema":
         return recipe
     return (

@@ -80,19 +80,6 @@ def class_scores(probs: torch.Tensor, truth: torch.Tensor, label: int, threshold
     }
 
 
-def align(probs: torch.Tensor, prior: torch.Tensor, marginal: torch.Tensor) -> torch.Tensor:
-    """Distribution alignment (ReMixMatch): ``probs * prior / marginal`` per class, renormalised over classes.
-
-    Args:
-        probs: ``(C, *spatial)`` probabilities.
-        prior: ``(C,)`` target class frequencies (the labeled scans').
-        marginal: ``(C,)`` the model's mean probability per class over the data ``probs`` come from.
-    """
-    shape = (-1,) + (1,) * (probs.dim() - 1)
-    weighted = probs * (prior / marginal.clamp_min(1e-12)).reshape(shape)
-    return weighted / weighted.sum(0, keepdim=True)
-
-
 def class_frequencies(cfg: dict, labeled: Path) -> torch.Tensor:
     """Class frequencies of ``labeled/labels`` at the training resolution (``labeled/images`` beside them), ``(C,)``."""
     from medeman.data.transforms import validation_transforms
@@ -118,6 +105,7 @@ def score_run(
     """
     from medeman.data.transforms import validation_transforms
     from medeman.predict import predict_volume
+    from medeman.pseudo_labels import align_distribution
 
     transform = validation_transforms(cfg)
     cases = []
@@ -128,7 +116,7 @@ def score_run(
     if prior is not None:
         voxels = sum(probs[0].numel() for probs, _ in cases)
         marginal = sum(probs.flatten(1).sum(1) for probs, _ in cases) / voxels
-        variants[" aligned"] = lambda probs: align(probs, prior, marginal)
+        variants[" aligned"] = lambda probs: align_distribution(probs, prior, marginal, class_dim=0)
     results = {}
     for name, transform_probs in variants.items():
         per_class: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))

@@ -155,8 +155,11 @@ class SSLSegModule(pl.LightningModule):
         return torch.softmax(main_output(self.teacher(image)).float(), dim=1)
 
     def configure_callbacks(self) -> list:
-        """The teacher-focused unlabeled sampling's refresh (``data.unlabeled_focus_fraction`` > 0), when there is a teacher."""
-        if self.teacher is None or self.cfg.data.unlabeled_focus_fraction <= 0:
+        """The teacher's periodic pass over the unlabeled scans, when there is a teacher and something uses it: focused
+        crops (``data.unlabeled_focus_fraction`` > 0) or a method's class frequencies (distribution alignment)."""
+        if self.teacher is None or (
+            self.cfg.data.unlabeled_focus_fraction <= 0 and not self.method.uses_unlabeled_frequencies()
+        ):
             return []
         return [TeacherFocus(self.cfg)]
 

@@ -120,3 +120,66 @@ class AdaptiveThresholds(nn.Module):
         labels = self.update(teacher_probs)
         confidence = teacher_probs.float().max(dim=1).values
         return labels, confidence >= self.thresholds().to(confidence.device)[labels]
+
+
+def align_distribution(
+    probs: torch.Tensor, prior: torch.Tensor, marginal: torch.Tensor, class_dim: int = 1
+) -> torch.Tensor:
+    """Distribution alignment (ReMixMatch): ``probs * prior / marginal`` per class, renormalised over classes.
+
+    Berthelot et al., "ReMixMatch: Semi-Supervised Learning with Distribution Matching and
+    Augmentation Anchoring", ICLR 2020.
+
+    Args:
+        probs: probabilities with the classes on ``class_dim``.
+        prior: ``(C,)`` target class frequencies (the labeled scans').
+        marginal: ``(C,)`` the model's mean probability per class over the data ``probs`` come from.
+        class_dim: the class axis of ``probs``.
+    """
+    shape = [1] * probs.dim()
+    shape[class_dim] = -1
+    ratio = (prior / marginal.clamp_min(1e-12)).to(probs.dtype).reshape(shape)
+    weighted = probs * ratio
+    return weighted / weighted.sum(class_dim, keepdim=True).clamp_min(1e-12)
+
+
+class DistributionAlignment(nn.Module):
+    """The teacher's probabilities aligned to the labeled scans' class frequencies before pseudo-labelling.
+
+    ReMixMatch (Berthelot et al., ICLR 2020) multiplies each prediction by ``prior / marginal``, the
+    labeled class frequencies over the model's running mean prediction, and renormalises. A
+    teacher blind to a small structure (a lesion it predicts in a tenth of the voxels the labels
+    hold) then labels more of it. Where medeman differs from ReMixMatch: the marginal is not a
+    running mean over training batches, whose crops are chosen (teacher-focused unlabeled patches
+    are centred on the rare class and would inflate it), but the teacher's mean probability over
+    the whole unlabeled volumes, and the prior the class frequencies of the whole labeled volumes,
+    both at the training resolution; :class:`~medeman.teacher_focus.TeacherFocus` measures them
+    with its periodic teacher pass (:meth:`set_frequencies`). Until then the alignment is the identity.
+
+    Both vectors are buffers: a checkpoint restores the alignment of the last pass exactly.
+
+    Args:
+        num_classes: classes including background.
+    """
+
+    prior: torch.Tensor
+    marginal: torch.Tensor
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.register_buffer("prior", torch.ones(num_classes))
+        self.register_buffer("marginal", torch.ones(num_classes))
+
+    @torch.no_grad()
+    def set_frequencies(self, prior: torch.Tensor, marginal: torch.Tensor) -> None:
+        """Align from now on to ``prior`` (labeled class frequencies) given the teacher's ``marginal``, both ``(C,)``."""
+        self.prior.copy_(prior)
+        self.marginal.copy_(marginal)
+
+    def ratios(self) -> torch.Tensor:
+        """``prior / marginal`` per class, ``(C,)``: how much each class's probability is scaled before renormalising."""
+        return self.prior / self.marginal.clamp_min(1e-12)
+
+    def forward(self, teacher_probs: torch.Tensor) -> torch.Tensor:
+        """``teacher_probs`` ``(B, C, *spatial)`` aligned, still summing to 1 over classes."""
+        return align_distribution(teacher_probs, self.prior, self.marginal, class_dim=1)

@@ -12,6 +12,11 @@ a grid of stride ``data.unlabeled_focus_stride`` the voxels it assigns to the fo
 the teacher predicts there, then a voxel of that class uniformly. So a class predicted in 0.1 %
 of a scan gets the same share of focused patches as a large one.
 
+The same pass measures the teacher's mean probability per class over the whole unlabeled scans,
+which a method that asks for it (:meth:`medeman.methods.base.Method.uses_unlabeled_frequencies`:
+FixMatch's distribution alignment) receives with the labeled scans' class frequencies; for such
+a method the pass runs even without focused crops.
+
 Cost: no per-step work beyond one random draw in the loader; every N steps one teacher pass over
 the unlabeled volumes (about ``volume / patch`` windows per scan) in the training process, logged
 as ``focus/refresh_seconds``; divided by N it is the amortized cost per step. Before the first
@@ -63,10 +68,11 @@ def focus_centres(
 
 
 class TeacherFocus(pl.Callback):
-    """Refresh the teacher-focused unlabeled crop centres every ``RunSchedule.focus_every_steps`` steps.
+    """Every ``RunSchedule.focus_every_steps`` steps, segment the unlabeled scans with the teacher: new crop centres
+    and the class frequencies a method asks for.
 
-    Needs the Trainer's DataModule to be an :class:`~medeman.data.SSLDataModule` built with
-    ``data.unlabeled_focus_fraction`` > 0 (it then holds ``focus``, the shared centres); added by
+    Needs the Trainer's DataModule to be an :class:`~medeman.data.SSLDataModule`; built with
+    ``data.unlabeled_focus_fraction`` > 0 it holds ``focus``, the shared centres. Added by
     ``SSLSegModule.configure_callbacks``. Under DDP every rank refreshes its own copy. The centres,
     the step of the last refresh and the draw state are saved in checkpoints (:meth:`state_dict`),
     so a resumed run focuses from its first step instead of cropping at random until the next refresh.
@@ -87,6 +93,7 @@ class TeacherFocus(pl.Callback):
         self.rand = np.random.RandomState(cfg.train.seed if seed is None else seed)
         self.last_refresh: int | None = None
         self.focus: Any = None  # the DataModule's shared centres, found at setup
+        self.labeled_frequencies: torch.Tensor | None = None  # the labeled scans' class shares, measured once
         self._restored: dict[str, Any] | None = None  # a checkpoint's state, applied when training starts
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -127,7 +134,7 @@ class TeacherFocus(pl.Callback):
         step = trainer.global_step
         if step > 0 and step % self.every == 0 and step != self.last_refresh:
             self.last_refresh = step  # with gradient accumulation several batches end on one step
-            seconds, focused = self.refresh(trainer.datamodule, pl_module.teacher, pl_module.device)
+            seconds, focused = self.refresh(trainer.datamodule, pl_module.teacher, pl_module.device, pl_module.method)
             pl_module.log_dict(
                 {"focus/refresh_seconds": seconds, "focus/scans_with_centres": float(focused)},
                 on_step=True,
@@ -136,25 +143,40 @@ class TeacherFocus(pl.Callback):
             )
 
     @torch.no_grad()
-    def refresh(self, datamodule: Any, teacher: torch.nn.Module, device: torch.device) -> tuple[float, int]:
-        """Re-segment every unlabeled scan with ``teacher`` and store new centres; return (seconds, scans with centres)."""
+    def refresh(
+        self, datamodule: Any, teacher: torch.nn.Module, device: torch.device, method: Any = None
+    ) -> tuple[float, int]:
+        """Re-segment every unlabeled scan with ``teacher``: store new centres and, for a ``method`` that uses them, pass
+        it the class frequencies; return (seconds, scans with centres)."""
         focus = getattr(datamodule, "focus", None)
-        if focus is None:
+        frequencies = method is not None and method.uses_unlabeled_frequencies()
+        if focus is None and not frequencies:
             return 0.0, 0
         start, focused = time.perf_counter(), 0
         roi = [int(s) for s in self.cfg.data.patch_size]
+        probability_sum, voxels = torch.zeros(self.cfg.data.num_classes, dtype=torch.float64), 0
         was_training = teacher.training
         teacher.eval()  # deep-supervision heads off, dropout off; EMAN layers use their statistics anyway
         try:
-            for index in range(len(focus)):
+            for index in range(datamodule.num_unlabeled):
                 image = datamodule.preprocessed_unlabeled(index).to(device)[None].float()
                 logits = sliding_window_inference(
                     image, roi, self.cfg.infer.sw_batch_size, lambda x: main_output(teacher(x)), overlap=0.0
                 )
-                labels = argmax_labels(logits, dim=1, dtype=torch.long)[0]
-                centres = focus_centres(labels, self.classes, focus.capacity, self.stride, self.rand)
-                focus.set(index, centres)
-                focused += int(len(centres) > 0)
+                if frequencies:
+                    probability_sum += torch.softmax(logits.float(), dim=1)[0].flatten(1).sum(1).double().cpu()
+                    voxels += logits[0, 0].numel()
+                if focus is not None:
+                    labels = argmax_labels(logits, dim=1, dtype=torch.long)[0]
+                    centres = focus_centres(labels, self.classes, focus.capacity, self.stride, self.rand)
+                    focus.set(index, centres)
+                    focused += int(len(centres) > 0)
         finally:
             teacher.train(was_training)
+        if frequencies and voxels:
+            if self.labeled_frequencies is None:
+                self.labeled_frequencies = datamodule.labeled_class_frequencies()
+            method.set_unlabeled_frequencies(
+                self.labeled_frequencies.to(device), (probability_sum / voxels).float().to(device)
+            )
         return time.perf_counter() - start, focused

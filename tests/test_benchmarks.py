@@ -183,20 +183,3 @@ def test_lesion_cohort_grows_its_validation_set_without_touching_any_other_case(
     assert {k: after[k] for k in before} == before  # nothing rewritten
     assert sorted(set(after) - set(before)) == [Path("val/images/case_005.nii.gz"), Path("val/labels/case_005.nii.gz")]
     assert after == files(fresh)  # the added case is the one a fresh cohort of that size has
-
-
-def test_pseudo_label_quality_aligns_probabilities_to_the_labeled_class_frequencies():
-    import torch
-
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        from pseudo_label_quality import align
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    # two voxels, two classes; the model predicts class 1 half as often as the labeled scans hold it
-    probs = torch.tensor([[0.8, 0.4], [0.2, 0.6]])
-    prior, marginal = torch.tensor([0.6, 0.4]), torch.tensor([0.8, 0.2])
-    aligned = align(probs, prior, marginal)
-    # weights prior / marginal = (0.75, 2): voxel 0 -> (0.6, 0.4), voxel 1 -> (0.3, 1.2) / 1.5 = (0.2, 0.8)
-    torch.testing.assert_close(aligned, torch.tensor([[0.6, 0.2], [0.4, 0.8]]))
-    torch.testing.assert_close(align(probs, marginal, marginal), probs)  # a calibrated model is left alone

@@ -7,7 +7,14 @@ import math
 import pytest
 import torch
 
-from medeman.pseudo_labels import AdaptiveThresholds, class_confidence, class_thresholds, kept_fraction_per_class
+from medeman.pseudo_labels import (
+    AdaptiveThresholds,
+    DistributionAlignment,
+    align_distribution,
+    class_confidence,
+    class_thresholds,
+    kept_fraction_per_class,
+)
 
 
 def _probs(rows: list[list[float]]) -> torch.Tensor:
@@ -97,3 +104,29 @@ def test_kept_fraction_per_class_by_hand():
     kept = kept_fraction_per_class(labels, mask, 4)
     assert kept[:3].tolist() == pytest.approx([0.5, 1.0, 2 / 3])
     assert math.isnan(kept[3])  # never predicted
+
+
+# two voxels, two classes; the model predicts class 1 half as often as the labeled scans hold it:
+# weights prior / marginal = (0.75, 2): voxel 0 (0.8, 0.2) -> (0.6, 0.4); voxel 1 (0.4, 0.6) -> (0.3, 1.2) / 1.5 = (0.2, 0.8)
+ALIGN_PROBS, ALIGNED = torch.tensor([[0.8, 0.4], [0.2, 0.6]]), torch.tensor([[0.6, 0.2], [0.4, 0.8]])
+PRIOR, MARGINAL = torch.tensor([0.6, 0.4]), torch.tensor([0.8, 0.2])
+
+
+@pytest.mark.parametrize("class_dim", [0, 1])
+def test_distribution_alignment_by_hand(class_dim):
+    probs, expected = (ALIGN_PROBS, ALIGNED) if class_dim == 0 else (ALIGN_PROBS.T, ALIGNED.T)
+    torch.testing.assert_close(align_distribution(probs, PRIOR, MARGINAL, class_dim=class_dim), expected)
+    calibrated = align_distribution(probs, MARGINAL, MARGINAL, class_dim=class_dim)
+    torch.testing.assert_close(calibrated, probs)  # a calibrated teacher is left alone
+
+
+def test_alignment_module_is_the_identity_until_set_and_keeps_its_frequencies_in_the_state_dict():
+    probs = ALIGN_PROBS.reshape(1, 2, 2, 1, 1)
+    alignment = DistributionAlignment(2)
+    torch.testing.assert_close(alignment(probs), probs)
+    alignment.set_frequencies(PRIOR, MARGINAL)
+    torch.testing.assert_close(alignment(probs), ALIGNED.reshape(1, 2, 2, 1, 1))
+    torch.testing.assert_close(alignment.ratios(), torch.tensor([0.75, 2.0]))
+    restored = DistributionAlignment(2)
+    restored.load_state_dict(alignment.state_dict())
+    torch.testing.assert_close(restored(probs), alignment(probs))

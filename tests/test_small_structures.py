@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -267,3 +269,55 @@ def test_focus_centres_and_draw_state_travel_in_the_checkpoint(make_cohort, tmp_
     expected = __import__("numpy").random.RandomState()
     expected.set_state(("MT19937", state["rand"].numpy().astype("uint32"), state["rand_pos"], *state["rand_gauss"]))
     assert probe.draw == expected.rand()
+
+
+class _FrequencyUser:
+    """Stands in for a method that asks for the teacher pass's class frequencies (FixMatch's distribution alignment)."""
+
+    def __init__(self):
+        self.received = None
+
+    def uses_unlabeled_frequencies(self):
+        return True
+
+    def set_unlabeled_frequencies(self, labeled, unlabeled):
+        self.received = labeled, unlabeled
+
+
+def test_teacher_pass_gives_the_method_labeled_frequencies_and_the_teacher_marginal_without_focus(
+    make_cohort, cfg, tmp_path
+):
+    import nibabel as nib
+
+    root = make_cohort(2, 3)
+    cfg["data"].update(patch_size=[8, 8, 8], val_fraction=0.0)
+    dm = SSLDataModule(cfg, root / "labeled", root / "unlabeled", run_dir=tmp_path)
+    dm.setup("fit")
+    assert dm.focus is None  # no focused crops: the pass runs for the method alone
+    method = _FrequencyUser()
+    TeacherFocus(cfg).refresh(dm, _BrightIsClassTwo(), torch.device("cpu"), method)
+    labeled, unlabeled = method.received
+    # labeled: the two label files' class counts (1 mm phantoms at the 1 mm training spacing); the body crop
+    # removes background only, so the organs keep their counts and their ratio, and background loses share
+    counts = sum(
+        torch.bincount(torch.as_tensor(nib.load(case["label"]).get_fdata()).round().long().flatten(), minlength=3)
+        for case in dm.train_cases
+    ).double()
+    assert float(labeled.sum()) == pytest.approx(1.0)
+    assert float(labeled[1] / labeled[2]) == pytest.approx(float(counts[1] / counts[2]), rel=1e-5)
+    assert 0 < float(labeled[0]) < float(counts[0] / counts.sum())
+    # unlabeled: the stand-in's softmax, (1, 1, e^10) / (2 + e^10) where bright, uniform elsewhere, averaged
+    bright = torch.cat([(dm.preprocessed_unlabeled(i) > 0.8).flatten() for i in range(3)]).double().mean()
+    sure = math.exp(10) / (2 + math.exp(10))
+    rest = (1 - sure) / 2
+    expected = torch.tensor([(1 - bright) / 3 + bright * rest] * 2 + [(1 - bright) / 3 + bright * sure])
+    torch.testing.assert_close(unlabeled, expected.float())
+    assert 0 < float(bright) < 1  # both kinds of voxel present: the check has something to weigh
+
+
+def test_module_adds_the_teacher_pass_for_distribution_alignment_without_focus():
+    aligned = TINY + ["ssl.method=fixmatch", "data.unlabeled_focus_fraction=0"]
+    assert SSLSegModule(load_config(sets=aligned)).configure_callbacks() == []
+    module = SSLSegModule(load_config(sets=aligned + ["ssl.fixmatch_distribution_alignment=true"]))
+    assert [type(c) for c in module.configure_callbacks()] == [TeacherFocus]
+    assert {"distribution_alignment.prior", "distribution_alignment.marginal"} <= set(module.state_dict())

@@ -259,6 +259,24 @@ class SSLDataModule(pl.LightningDataModule):
         """
         return torch.as_tensor(deterministic_view(self._datasets["unlabeled"])[index]["image"])
 
+    @property
+    def num_unlabeled(self) -> int:
+        """How many unlabeled scans training draws from (0 when it uses none)."""
+        return len(self._datasets["unlabeled"]) if "unlabeled" in self._datasets else 0
+
+    def labeled_class_frequencies(self) -> torch.Tensor:
+        """Share of each class among the labeled training scans' voxels, as the training chain caches them: ``(C,)`` float32.
+
+        Whole volumes at the training resolution (the frame :meth:`preprocessed_unlabeled` gives),
+        not the crops, whose centres are chosen by class (``data.class_ratios``).
+        """
+        counts = torch.zeros(self.cfg.data.num_classes, dtype=torch.float64)
+        labeled = deterministic_view(self._datasets["labeled"])
+        for index in range(len(labeled)):
+            label = torch.as_tensor(labeled[index]["label"]).round().long().flatten()
+            counts += torch.bincount(label, minlength=len(counts))[: len(counts)].double()
+        return (counts / counts.sum().clamp_min(1.0)).float()
+
     def _seed(self) -> int:
         rank = self.trainer.global_rank if self.trainer is not None else 0
         return self.cfg.train.seed + 1000 * rank

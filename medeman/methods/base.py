@@ -111,6 +111,14 @@ class Method:
         """Modules with state of the method's own (e.g. adaptive thresholds) that the module registers by name, so checkpoints hold them."""
         return {}
 
+    def uses_unlabeled_frequencies(self) -> bool:
+        """Whether the method wants the class frequencies of the periodic teacher pass (:meth:`set_unlabeled_frequencies`)."""
+        return False
+
+    def set_unlabeled_frequencies(self, labeled: torch.Tensor, unlabeled: torch.Tensor) -> None:
+        """Receive, after each teacher pass over the whole unlabeled scans (:class:`~medeman.teacher_focus.TeacherFocus`),
+        the labeled scans' class frequencies and the teacher's mean probability per class on the unlabeled ones, both ``(C,)``."""
+
     def state_dict(self) -> dict[str, Any]:
         """What the method must carry across a resume besides the networks (plain values; saved in Lightning checkpoints)."""
         return {}

@@ -12,6 +12,10 @@ Voxelwise here, one training step::
 
 ``tau`` is ``ssl.fixmatch_threshold``; ``lambda(t)`` is the ramp-up after the supervised warm-up
 (at whose end the teacher restarts as the student, :class:`~medeman.methods.base.TeacherMethod`).
+With ``ssl.fixmatch_distribution_alignment`` the teacher's probabilities are first aligned to the
+labeled class frequencies (ReMixMatch's distribution alignment,
+:class:`~medeman.pseudo_labels.DistributionAlignment`), so a teacher that under-predicts a rare
+class pseudo-labels more of it.
 Where medeman differs from the paper: the loss is voxelwise with a masked Dice term (a small
 structure's few kept voxels otherwise weigh nothing against the background's), and weak and strong
 views share one spatial augmentation so their voxels align.
@@ -21,15 +25,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from medeman.losses import CONSISTENCY_LOSSES, masked_cross_entropy, masked_dice, voxel_pseudo_labels
 from medeman.methods.mean_teacher import MeanTeacher
 from medeman.methods.pseudo_label_loss import log_pseudo_label_classes
 from medeman.methods.options import option
 from medeman.methods.registry import register_method
+from medeman.pseudo_labels import DistributionAlignment
 
 if TYPE_CHECKING:
     from medeman.module import SSLSegModule
@@ -49,6 +55,12 @@ class FixMatchOptions:
         "weight of an added soft consistency loss (ssl.consistency) beside the pseudo-label loss; 0: pseudo-labels only, as FixMatch-EMAN",
         rule=(lambda v: v >= 0, "a non-negative weight"),
     )
+    distribution_alignment: bool = option(
+        False,
+        "align the teacher's probabilities to the labeled class frequencies before thresholding (ReMixMatch's distribution "
+        "alignment; the teacher's marginal from its periodic pass over the whole unlabeled scans, every "
+        "data.unlabeled_focus_every_fraction of the run)",
+    )
 
 
 @register_method("fixmatch")
@@ -59,16 +71,40 @@ class FixMatch(MeanTeacher):
     option_type = FixMatchOptions
     own_options: FixMatchOptions
 
+    def __init__(self, cfg: Any):
+        super().__init__(cfg)
+        self.alignment = (
+            DistributionAlignment(self.cfg.data.num_classes) if self.own_options.distribution_alignment else None
+        )
+
+    def checkpointed_modules(self) -> dict[str, nn.Module]:
+        modules = super().checkpointed_modules()
+        if self.alignment is not None:
+            modules["distribution_alignment"] = self.alignment  # a resume aligns as the last teacher pass said
+        return modules
+
+    def uses_unlabeled_frequencies(self) -> bool:
+        return self.alignment is not None
+
+    def set_unlabeled_frequencies(self, labeled: torch.Tensor, unlabeled: torch.Tensor) -> None:
+        if self.alignment is not None:
+            self.alignment.set_frequencies(labeled, unlabeled)
+
     def unsupervised_loss(
         self, module: SSLSegModule, strong_logits: torch.Tensor, weak: torch.Tensor, logs: dict
     ) -> torch.Tensor:
         teacher_probs = module.teacher_probs(weak)
+        if self.alignment is not None:
+            teacher_probs = self.alignment(teacher_probs)
         labels, mask = voxel_pseudo_labels(teacher_probs, self.own_options.threshold)
         pseudo = masked_cross_entropy(strong_logits, labels, mask, "all") + masked_dice(strong_logits, labels, mask)
         logs["loss/pseudo_label"] = pseudo.detach()
         logs["ssl/pseudo_label_fraction"] = mask.float().mean()
         if module.writes_training_logs():  # one device sync, at logging steps only
             log_pseudo_label_classes(labels, mask, module.num_classes, logs, self.pseudo_label_loss.adaptive_thresholds)
+            if self.alignment is not None:
+                for c, ratio in enumerate(self.alignment.ratios().tolist()):
+                    logs[f"ssl/alignment_ratio_class{c}"] = ratio
         weight = self.own_options.consistency_weight
         consistency = CONSISTENCY_LOSSES.get(self.ssl.consistency)
         if weight > 0 and consistency is not None:

@@ -54,6 +54,25 @@ def test_fixmatch_loss_is_hard_pseudo_label_ce_over_all_voxels_plus_masked_dice(
     assert float(logs["ssl/pseudo_label_fraction"]) == pytest.approx(0.5)
 
 
+def test_distribution_alignment_pseudo_labels_the_aligned_teacher_probabilities():
+    sets = ["ssl.method=fixmatch", "ssl.fixmatch_threshold=0.9"]
+    probs, logits = _two_voxels()
+    aligned_method = build_method(load_config(sets=sets + ["ssl.fixmatch_distribution_alignment=true"]))
+    before = {}
+    unaligned = float(aligned_method.unsupervised_loss(_Teacher(probs), logits, None, before))
+    assert float(before["ssl/pseudo_label_fraction"]) == pytest.approx(0.5)  # the identity until a teacher pass
+    # the labeled scans hold class 1 six times as often as the teacher predicts it: ratios (1/6, 6);
+    # voxel 1 (0.6, 0.4) -> (0.1, 2.4) / 2.5 = (0.04, 0.96), now a confident class-1 pseudo-label
+    aligned_method.set_unlabeled_frequencies(torch.tensor([0.5, 0.5]), torch.tensor([3.0, 1 / 12]))
+    after = {}
+    loss = aligned_method.unsupervised_loss(_Teacher(probs), logits, None, after)
+    assert float(after["ssl/pseudo_label_fraction"]) == pytest.approx(1.0)
+    by_hand = torch.tensor([[0.05 / 6, 0.6 / 6], [0.95 * 6, 0.4 * 6]]).reshape(1, 2, 2, 1, 1)
+    by_hand = by_hand / by_hand.sum(1, keepdim=True)
+    plain = build_method(load_config(sets=sets)).unsupervised_loss(_Teacher(by_hand), logits, None, {})
+    assert float(loss) == pytest.approx(float(plain), rel=1e-6) and float(loss) != pytest.approx(unaligned)
+
+
 def _label_map():
     labels = torch.zeros(1, 12, 4, 4, dtype=torch.long)
     labels[0, 0:4] = 1  # class 1: a 4-slab (64 voxels) ...
