@@ -192,7 +192,9 @@ def run(args: argparse.Namespace) -> None:
 
         teacher = load_teacher(args.teacher)[0]
         learned = FocusCentres(len(volumes))
-        stand_in = SimpleNamespace(focus=learned, preprocessed_unlabeled=lambda i: volumes[i]["image"])
+        stand_in = SimpleNamespace(
+            focus=learned, num_unlabeled=len(volumes), preprocessed_unlabeled=lambda i: volumes[i]["image"]
+        )
         cfg_teacher = load_config([args.config], sets=[*args.set, f"data.unlabeled_focus_classes=[{args.lesion}]"])
         seconds, focused = TeacherFocus(cfg_teacher).refresh(stand_in, teacher, torch.device("cpu"))
         on_lesion = [
