@@ -2,13 +2,15 @@
 
 On the lesion sample cohort (``medeman.sample_data`` with ``lesions=True``: liver, kidneys and 1-3
 small liver lesions per scan, label 3) every method trains with ``configs/lesion.yaml`` (the base,
-whose own method is FixMatch-EMAN) on the same step budget, over several seeds, and is scored on
+whose own method is FixMatch-EMAN with distribution alignment) on the same step budget, over several seeds, and is scored on
 the same held-out test cases:
 
     supervised_few   the few labeled scans only (``configs/supervised.yaml``)        -- the baseline
     supervised_ema   the few labeled scans, an EMA teacher deployed (the weight-averaging control)
     mt_bn, mt_eman   + the unlabeled scans, mean teacher with a BN / EMAN teacher (``lesion_mean_teacher.yaml``)
-    fixmatch         + the unlabeled scans, FixMatch-EMAN: ``configs/lesion.yaml`` as it is (the default)
+    fixmatch         + the unlabeled scans, FixMatch-EMAN (``fixmatch_unaligned.yaml``)
+    fixmatch_da      + the unlabeled scans, FixMatch-EMAN, the teacher aligned to the labeled class frequencies:
+                     ``configs/lesion.yaml`` as it is (the default)
     bcp              + the unlabeled scans, bidirectional copy-paste on an EMAN teacher (``ablation_bcp.yaml``)
     supervised_all   every scan labeled (the labeled ones + the unlabeled ones with their ground truth)
                      -- the upper bound the unlabeled scans could reach at most
@@ -45,15 +47,16 @@ import torch
 from _report import commit, hardware, mean_std
 
 REPO = Path(__file__).resolve().parents[1]
-# method -> (overlays on the base config, labeled folder). configs/lesion.yaml's own method is FixMatch-EMAN; the
-# mean-teacher rows and the EMA control set back every ssl key it sets (configs/lesion_mean_teacher.yaml).
+# method -> (overlays on the base config, labeled folder). configs/lesion.yaml's own method is FixMatch-EMAN with
+# distribution alignment (fixmatch_da); the mean-teacher rows and the EMA control set back every ssl key it sets
+# (configs/lesion_mean_teacher.yaml), the fixmatch row its alignment (configs/fixmatch_unaligned.yaml).
 METHODS = {
     "supervised_few": (("configs/supervised.yaml",), "labeled"),
     "supervised_ema": (("configs/lesion_mean_teacher.yaml", "configs/ablation_supervised_ema.yaml"), "labeled"),
     "mt_bn": (("configs/lesion_mean_teacher.yaml", "configs/mt_bn.yaml"), "labeled"),
     "mt_eman": (("configs/lesion_mean_teacher.yaml",), "labeled"),
-    "fixmatch": ((), "labeled"),
-    "fixmatch_da": (("configs/fixmatch_alignment.yaml",), "labeled"),
+    "fixmatch": (("configs/fixmatch_unaligned.yaml",), "labeled"),
+    "fixmatch_da": ((), "labeled"),
     "bcp": (("configs/lesion_mean_teacher.yaml", "configs/ablation_bcp.yaml"), "labeled"),
     "supervised_all": (("configs/supervised.yaml",), "all_labeled"),
 }
