@@ -58,8 +58,8 @@ class FixMatchOptions:
     distribution_alignment: bool = option(
         False,
         "align the teacher's probabilities to the labeled class frequencies before thresholding (ReMixMatch's distribution "
-        "alignment; the teacher's marginal from its periodic pass over the whole unlabeled scans, every "
-        "data.unlabeled_focus_every_fraction of the run)",
+        "alignment; the teacher's marginal from its periodic pass over the whole unlabeled scans, as often as "
+        "data.unlabeled_focus_every_fraction / _steps say)",
     )
 
 
