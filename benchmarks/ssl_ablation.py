@@ -79,6 +79,12 @@ METHODS = {
         "labeled",
         "FixMatch-EMAN: hard thresholded pseudo-labels of the EMAN teacher",
     ),
+    "fixmatch_da": (
+        "configs/ablation_fixmatch_da.yaml",
+        True,
+        "labeled",
+        "FixMatch-EMAN, the teacher aligned to the labeled class frequencies (distribution alignment)",
+    ),
     "mt_eman_refresh": (
         "configs/ablation_mt_eman_refresh.yaml",
         True,
@@ -125,6 +131,8 @@ PAIRS = (
     ("fixmatch", "supervised"),
     ("fixmatch", "mt_eman"),
     ("fixmatch", "supervised_ema"),
+    ("fixmatch_da", "supervised"),
+    ("fixmatch_da", "fixmatch"),
     ("mt_eman", "mt_bn"),
     ("mt_eman", "supervised"),
     ("mt_bn", "supervised"),
