@@ -84,12 +84,14 @@ def class_frequencies(cfg: dict, labeled: Path) -> torch.Tensor:
     """Class frequencies of ``labeled/labels`` at the training resolution (``labeled/images`` beside them), ``(C,)``."""
     from medeman.data.transforms import validation_transforms
 
+    from medeman.pseudo_labels import class_shares
+
     transform = validation_transforms(cfg)
-    counts = torch.zeros(cfg["data"]["num_classes"])
-    for label in sorted((labeled / "labels").iterdir()):
-        case = transform({"image": str(labeled / "images" / label.name), "label": str(label)})
-        counts += torch.bincount(torch.as_tensor(case["label"]).round().long().flatten(), minlength=len(counts))
-    return counts / counts.sum()
+    cases = (
+        transform({"image": str(labeled / "images" / label.name), "label": str(label)})
+        for label in sorted((labeled / "labels").iterdir())
+    )
+    return class_shares((case["label"] for case in cases), cfg["data"]["num_classes"])
 
 
 def score_run(

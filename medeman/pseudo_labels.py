@@ -22,6 +22,8 @@ admits more voxels of the uncertain classes than the fixed rule would.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
@@ -120,6 +122,17 @@ class AdaptiveThresholds(nn.Module):
         labels = self.update(teacher_probs)
         confidence = teacher_probs.float().max(dim=1).values
         return labels, confidence >= self.thresholds().to(confidence.device)[labels]
+
+
+def class_shares(label_maps: Iterable[torch.Tensor], num_classes: int) -> torch.Tensor:
+    """Share of each class among all voxels of ``label_maps`` (integer-valued maps, any shape): ``(C,)`` float32.
+
+    The prior of :func:`align_distribution` (the labeled scans' class frequencies).
+    """
+    counts = torch.zeros(num_classes, dtype=torch.float64)
+    for label in label_maps:
+        counts += torch.bincount(torch.as_tensor(label).round().long().flatten(), minlength=num_classes)[:num_classes]
+    return (counts / counts.sum().clamp_min(1.0)).float()
 
 
 def align_distribution(

@@ -11,6 +11,7 @@ from medeman.pseudo_labels import (
     AdaptiveThresholds,
     DistributionAlignment,
     align_distribution,
+    class_shares,
     class_confidence,
     class_thresholds,
     kept_fraction_per_class,
@@ -130,3 +131,9 @@ def test_alignment_module_is_the_identity_until_set_and_keeps_its_frequencies_in
     restored = DistributionAlignment(2)
     restored.load_state_dict(alignment.state_dict())
     torch.testing.assert_close(restored(probs), alignment(probs))
+
+
+def test_class_shares_by_hand():
+    # 6 voxels of class 0, 3 of class 1, 1 of class 2 over two maps of different shapes (float labels are rounded)
+    maps = [torch.tensor([[0.0, 0.0, 1.0], [0.0, 2.0, 1.0]]), torch.tensor([0, 0, 0, 1.0])]
+    torch.testing.assert_close(class_shares(maps, 3), torch.tensor([0.6, 0.3, 0.1]))

@@ -20,6 +20,7 @@ from medeman.data.batches import StepLoader, StepSampler, stream_seed
 from medeman.data.checks import Cohort, gather_cohort, raise_problems
 from medeman.data.discovery import has_unlabeled_list, split_cases, write_split
 from medeman.data.sampling import FocusCentres
+from medeman.pseudo_labels import class_shares
 from medeman.typed_config import Config, Section, as_config
 
 
@@ -270,12 +271,8 @@ class SSLDataModule(pl.LightningDataModule):
         Whole volumes at the training resolution (the frame :meth:`preprocessed_unlabeled` gives),
         not the crops, whose centres are chosen by class (``data.class_ratios``).
         """
-        counts = torch.zeros(self.cfg.data.num_classes, dtype=torch.float64)
         labeled = deterministic_view(self._datasets["labeled"])
-        for index in range(len(labeled)):
-            label = torch.as_tensor(labeled[index]["label"]).round().long().flatten()
-            counts += torch.bincount(label, minlength=len(counts))[: len(counts)].double()
-        return (counts / counts.sum().clamp_min(1.0)).float()
+        return class_shares((labeled[i]["label"] for i in range(len(labeled))), self.cfg.data.num_classes)
 
     def _seed(self) -> int:
         rank = self.trainer.global_rank if self.trainer is not None else 0
