@@ -6,6 +6,7 @@ The scripts import it as ``from _report import ...``: Python puts a script's own
 
 from __future__ import annotations
 
+import itertools
 import os
 import platform
 import statistics
@@ -67,3 +68,23 @@ def code_version() -> str:
         return f"medeman from {root} (not a git checkout)"
     head, _, dirty = version.partition("+")
     return f"medeman at commit `{head}`{' with local changes' if dirty else ''} ({root})"
+
+
+def parse_grid(specs: list[str]) -> list[list[str]]:
+    """``["a.b=1,10", "c.d=null,0.9"]`` -> every combination as ``--set`` lists."""
+    axes = []
+    for spec in specs:
+        if "=" not in spec:
+            raise SystemExit(f"--grid {spec!r}: expected KEY=V1,V2,...")
+        key, values = spec.split("=", 1)
+        axes.append([f"{key}={v}" for v in values.split(",")])
+    return [list(combo) for combo in itertools.product(*axes)]
+
+
+def grid_tag(sets: list[str]) -> str:
+    """A folder name for one grid point: ``["ssl.fixmatch_threshold=0.7"]`` -> ``"fixmatch_threshold-0.7"``."""
+    parts = []
+    for item in sets:
+        key, _, value = item.partition("=")
+        parts.append(f"{key.split('.')[-1]}-{value}")  # the key's last part: a value's own dots stay
+    return "_".join(parts)

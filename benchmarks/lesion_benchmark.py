@@ -25,7 +25,13 @@ share of the gap that the unlabeled scans close is ``(method - few) / (all - few
 
     python benchmarks/lesion_benchmark.py --seeds 0 1 2 3 4 5 6 7 8 9     # the recorded study at 3000 steps (lesion.yaml's)
     python benchmarks/lesion_benchmark.py --seeds 0 1 2 3 4 5 6 7 8 9 --set train.max_steps=1000   # and at 1000
+    python benchmarks/lesion_benchmark.py --seeds 0 1 2 3 4 5 6 7 8 9 --methods fixmatch_da --tag fixmatch \
+        --grid ssl.fixmatch_threshold=0.9,0.7 ssl.consistency_weight=0.3,1.0   # a recipe chosen on validation
     python benchmarks/lesion_benchmark.py --smoke                   # seconds: does it run end to end
+
+A grid point that leaves the method's config as it is shares the method's own run; the others train under
+``<out>/grid/<method>/<point>/seed<N>``. The grid report (``lesion_benchmark_grid_<tag>.md``) pairs each point with
+the method's own config on the validation cases; the test cases are shown, never chosen on.
 
 Runs go one at a time (``nice``, one torch thread is the caller's choice); a finished run
 (``scores.json``) is reused with ``--reuse``; ``--report-only`` rewrites the table from finished runs.
@@ -44,7 +50,7 @@ import time
 from pathlib import Path
 
 import torch
-from _report import commit, hardware, mean_std
+from _report import commit, grid_tag, hardware, mean_std, parse_grid
 
 REPO = Path(__file__).resolve().parents[1]
 # method -> (overlays on the base config, labeled folder). configs/lesion.yaml's own method is FixMatch-EMAN with
@@ -180,23 +186,36 @@ def score_teacher(run_dir: Path, data: Path, lesion_overlap: float, part: str = 
     }
 
 
-def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
-    """Train one (method, seed) run unless ``--reuse`` finds it scored, then score its teacher on the test cases."""
+def run_one(method: str, seed: int, args: argparse.Namespace, sets: tuple[str, ...] = ()) -> dict:
+    """Train one (method, seed) run unless ``--reuse`` finds it scored, then score its teacher on the test cases.
+
+    ``sets`` are a grid point's overrides; a point that leaves the method's config as it is shares the method's
+    own run (``<out>/<method>/seed<N>``), any other trains under ``<out>/grid/<method>/<grid_tag>/seed<N>``. A run is
+    reused only if its saved ``config.yaml`` is the config it would be trained with now (a changed base config or
+    overlay retrains it).
+    """
     from medeman.config import load_config
     from medeman.methods import build_method
     from medeman.train import fit
 
+    overlays, labeled = METHODS[method]
+    sources = [args.config, *(REPO / o for o in overlays)]
+    cfg = load_config(sources, [*args.set, *sets, f"train.seed={seed}"])
     run_dir = Path(args.out) / method / f"seed{seed}"
-    done = run_dir / "scores.json"
-    if args.reuse and done.is_file():
+    if sets and cfg != load_config(sources, [*args.set, f"train.seed={seed}"]):
+        run_dir = Path(args.out) / "grid" / method / grid_tag(list(sets)) / f"seed{seed}"
+    done, trained = run_dir / "scores.json", run_dir / "train.json"
+    saved = run_dir / "config.yaml"
+    same_config = saved.is_file() and load_config([saved]) == cfg
+    if args.reuse and saved.is_file() and not same_config:
+        print(f"{run_dir}: trained with another config than now, retraining it", flush=True)
+    if args.reuse and same_config and done.is_file():
         record = json.loads(done.read_text())
+        record.update(run_dir=str(run_dir), sets=" ".join(sets))  # the folder may have moved; the grid point asked for
         if _score_validation(record, run_dir, args):  # scored before the validation set grew
             done.write_text(json.dumps(record, indent=1))
         return record
-    overlays, labeled = METHODS[method]
-    cfg = load_config([args.config, *(REPO / o for o in overlays)], [*args.set, f"train.seed={seed}"])
-    trained = run_dir / "train.json"
-    if args.reuse and trained.is_file() and (run_dir / "teacher.pt").is_file():
+    if args.reuse and same_config and trained.is_file() and (run_dir / "teacher.pt").is_file():
         record = json.loads(trained.read_text())
     else:
         start = time.perf_counter()
@@ -218,9 +237,9 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
             "train_s": round(time.perf_counter() - start, 1),
             "val_best_teacher": result.last_dice_teacher,
             "commit": args.commit,
-            "run_dir": str(run_dir),
         }
-        trained.write_text(json.dumps(record, indent=1))
+    record.update(run_dir=str(run_dir), sets=" ".join(sets))
+    trained.write_text(json.dumps(record, indent=1))
     record["scores"] = score_teacher(run_dir, args.data, args.lesion_overlap)
     _score_validation(record, run_dir, args)
     done.write_text(json.dumps(record, indent=1))
@@ -368,12 +387,106 @@ def write_results(records: list[dict], args: argparse.Namespace, wall_s: float, 
         f"over {len(records)} runs; this invocation {wall_s / 60:.1f} min (runs it did not reuse, with test inference).",
         f"- Every run: `{csv_path.name}`.",
     ]
-    notes = ""
-    if md_path.is_file() and NOTES_MARKER in md_path.read_text(
-        encoding="utf-8"
-    ):  # hand-written findings survive a rerun
-        notes = md_path.read_text(encoding="utf-8").split(NOTES_MARKER, 1)[1]
+    write_keeping_notes(md_path, lines)
+    return md_path
+
+
+def write_keeping_notes(md_path: Path, lines: list[str]) -> None:
+    """Write the generated ``lines``; hand-written findings below :data:`NOTES_MARKER` survive a rerun."""
+    old = md_path.read_text(encoding="utf-8") if md_path.is_file() else ""
+    notes = old.split(NOTES_MARKER, 1)[1] if NOTES_MARKER in old else ""
     md_path.write_text("\n".join(lines) + "\n\n" + NOTES_MARKER + (notes or "\n"), encoding="utf-8")
+
+
+def run_grid(args: argparse.Namespace, command: str) -> Path | None:
+    """Every ``--grid`` combination for every method and seed; the report says which validates best."""
+    combos = [tuple(sets) for sets in parse_grid(args.grid)]
+    records, md = [], None
+    for seed in args.seeds:
+        for method in args.methods:
+            for sets in combos:
+                try:
+                    record = run_one(method, seed, args, sets)
+                except Exception as err:  # as in the table: one failed run must not cost the others
+                    print(
+                        f"grid {method} {' '.join(sets)} seed {seed}: FAILED: {type(err).__name__}: {err}", flush=True
+                    )
+                    if args.smoke:
+                        raise
+                    continue
+                records.append(record)
+                print(
+                    f"grid {method} {' '.join(sets)} seed {seed}: val Dice {_val_dice(record):.3f}, val lesion "
+                    f"{record['val_scores']['lesion_dice']:.3f} (test lesion {record['scores']['lesion_dice']:.3f}, not used)",
+                    flush=True,
+                )
+                md = write_grid_results(records, args, command)
+    return md
+
+
+def write_grid_results(records: list[dict], args: argparse.Namespace, command: str) -> Path:
+    """``lesion_benchmark_grid[_tag].{md,csv}``: each grid point's validation figures, paired with the method's own config."""
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    stem = "lesion_benchmark_grid" + (f"_{args.tag}" if args.tag else "")
+    columns = ("method", "sets", "seed", "val_dice", "val_lesion_dice", "lesion_dice", "train_s", "run_dir")
+    with open(results / f"{stem}.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        for r in records:
+            writer.writerow(
+                {
+                    **{k: r[k] for k in ("method", "sets", "seed", "train_s", "run_dir")},
+                    "val_dice": f"{_val_dice(r):.4f}",
+                    "val_lesion_dice": f"{r['val_scores']['lesion_dice']:.4f}",
+                    "lesion_dice": f"{r['scores']['lesion_dice']:.4f}",
+                }
+            )
+    lines = [
+        "# Lesion recipe: grid points chosen on validation",
+        "",
+        f"Each method trained at every grid point and seed; the final-step teacher scored on the "
+        f"{_count(args.data / 'val' / 'labels')} validation cases (*val Dice*: the mean of the liver, kidney and lesion "
+        "Dice; *val lesion*: the lesion's). The chosen point validates best on the mean over seeds; *vs own*: paired "
+        "per seed against the method's own config (the point that changes nothing, marked *own*), with the seeds ahead. "
+        "The test column is there for the record: it played no part in the choice.",
+        "",
+        "| method | setting | seeds | val Dice | val lesion Dice | val Dice vs own (ahead) | val lesion vs own (ahead) "
+        "| test lesion Dice (not used) | train s | chosen |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method in dict.fromkeys(r["method"] for r in records):
+        mine = [r for r in records if r["method"] == method]
+        own = {r["seed"]: r for r in mine if Path(r["run_dir"]).parent == Path(args.out) / method}
+        by_set = {s: [r for r in mine if r["sets"] == s] for s in dict.fromkeys(r["sets"] for r in mine)}
+        best = max(by_set, key=lambda s: statistics.fmean(_val_dice(r) for r in by_set[s]))
+        for sets, runs in by_set.items():
+            is_own = all(r["seed"] in own and r["run_dir"] == own[r["seed"]]["run_dir"] for r in runs)
+            paired_cols = []
+            for score in (_val_dice, lambda r: r["val_scores"]["lesion_dice"]):
+                diffs = [score(r) - score(own[r["seed"]]) for r in runs if r["seed"] in own]
+                paired_cols.append(
+                    "own"
+                    if is_own
+                    else (
+                        f"{statistics.fmean(diffs):+.3f} ({sum(d > 0 for d in diffs)}/{len(diffs)})" if diffs else "–"
+                    )
+                )
+            lines.append(
+                f"| {method} | `{sets or 'as configured'}` | {len(runs)} | {mean_std([_val_dice(r) for r in runs])} | "
+                f"{mean_std([r['val_scores']['lesion_dice'] for r in runs])} | {' | '.join(paired_cols)} | "
+                f"{mean_std([r['scores']['lesion_dice'] for r in runs])} | {statistics.fmean(r['train_s'] for r in runs):.0f} | "
+                f"{'**yes**' if sets == best else ''} |"
+            )
+    lines += [
+        "",
+        f"- Command: `{command}`; code at commit(s) {', '.join(sorted({r.get('commit', '?') for r in records}))}.",
+        f"- Base config `{args.config}`"
+        + (f", overrides {' '.join(args.set)}" if args.set else "")
+        + f"; seeds {' '.join(str(s) for s in sorted({r['seed'] for r in records}))}; hardware: {hardware()}.",
+    ]
+    md_path = results / f"{stem}.md"
+    write_keeping_notes(md_path, lines)
     return md_path
 
 
@@ -452,6 +565,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--tag", default="", help="suffix of the result files (lesion_benchmark_<tag>.md) for side studies"
     )
+    parser.add_argument(
+        "--grid",
+        nargs="+",
+        default=None,
+        metavar="KEY=V1,V2",
+        help="validation grid instead of the table: every combination for each of --methods and --seeds "
+        "(lesion_benchmark_grid[_<tag>].md)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine)")
     parser.add_argument("--reuse", action="store_true", help="reuse scored runs (scores.json) instead of retraining")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the report from scored runs")
@@ -475,6 +596,11 @@ def main(argv: list[str] | None = None) -> int:
         args.data, args.out, args.results = root / "data", str(root / "runs"), str(root / "results")
         args.seeds, args.set = args.seeds[:1], [*SMOKE_SETS, *args.set]
     make_lesion_cohort(args.data, SMOKE_COHORT if args.smoke else COHORT)
+    if args.grid and not args.smoke:
+        md = run_grid(args, command)
+        if md is not None:
+            print(md.read_text())
+        return 0 if md is not None else 1
     start = time.perf_counter()
     records = []
     for seed in args.seeds:  # seed-major: a cut-short study still has every method at the seeds it reached
@@ -501,6 +627,10 @@ def main(argv: list[str] | None = None) -> int:
             md = write_results(records, args, time.perf_counter() - start, command)
     if records:
         print(md.read_text())
+    if args.smoke:  # and a two-point grid: the point that changes nothing reuses the table's run
+        grid = argparse.Namespace(**{**vars(args), "methods": ["fixmatch_da"], "reuse": True})
+        grid.grid = args.grid or ["ssl.fixmatch_threshold=0.9,0.7"]
+        print(run_grid(grid, command).read_text())
     if scratch is not None:
         scratch.cleanup()
     return 0 if records else 1

@@ -47,7 +47,6 @@ import argparse
 import contextlib
 import csv
 import io
-import itertools
 import json
 import os
 import shutil
@@ -59,7 +58,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from _report import code_version, hardware, mean_std
+from _report import code_version, hardware, grid_tag, mean_std, parse_grid
 
 REPO = Path(__file__).resolve().parents[1]
 # name: (overlay config, uses the unlabeled scans, labeled training part of the cohort, one-line description)
@@ -611,23 +610,12 @@ def _count(folder: Path) -> int:
 
 
 # ---- grid on validation -------------------------------------------------------------------------
-def parse_grid(specs: list[str]) -> list[list[str]]:
-    """``["a.b=1,10", "c.d=null,0.9"]`` -> every combination as ``--set`` lists."""
-    axes = []
-    for spec in specs:
-        if "=" not in spec:
-            raise SystemExit(f"--grid {spec!r}: expected KEY=V1,V2,...")
-        key, values = spec.split("=", 1)
-        axes.append([f"{key}={v}" for v in values.split(",")])
-    return [list(combo) for combo in itertools.product(*axes)]
-
-
 def run_grid(args: argparse.Namespace, cohort: Path, command: str) -> int:
     combos = parse_grid(args.grid)
     rows = []
     for method in args.methods:
         for sets in combos:
-            tag = "_".join(s.split(".")[-1].replace("=", "-") for s in sets)
+            tag = grid_tag(sets)
             for seed in args.seeds:
                 record = run_one(
                     method, seed, Path(args.out) / "grid" / method / tag / f"seed{seed}", sets, args, cohort

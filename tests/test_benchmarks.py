@@ -183,3 +183,64 @@ def test_lesion_cohort_grows_its_validation_set_without_touching_any_other_case(
     assert {k: after[k] for k in before} == before  # nothing rewritten
     assert sorted(set(after) - set(before)) == [Path("val/images/case_005.nii.gz"), Path("val/labels/case_005.nii.gz")]
     assert after == files(fresh)  # the added case is the one a fresh cohort of that size has
+
+
+def test_grid_points_get_one_folder_each_even_when_values_hold_dots():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from _report import grid_tag, parse_grid
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    combos = parse_grid(["ssl.fixmatch_threshold=0.9,0.7", "ssl.consistency_weight=0.3,1.3"])
+    assert combos[1] == ["ssl.fixmatch_threshold=0.9", "ssl.consistency_weight=1.3"]
+    tags = [grid_tag(c) for c in combos]
+    assert tags[1] == "fixmatch_threshold-0.9_consistency_weight-1.3"
+    assert len(set(tags)) == 4  # 0.3 and 1.3 once both became "3"
+
+
+def test_lesion_grid_report_pairs_each_point_with_the_methods_own_runs_and_chooses_on_validation(tmp_path):
+    import argparse
+
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from lesion_benchmark import write_grid_results
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    out = tmp_path / "runs"
+
+    def record(sets: str, seed: int, lesion_val: float, lesion_test: float) -> dict:
+        own = sets.endswith("0.9")  # the point that changes nothing shares the method's own run, <out>/<method>
+        folder = out / "fixmatch_da" if own else out / "grid" / "fixmatch_da" / sets.replace("=", "-")
+        val = {"dice_liver": 0.9, "dice_kidneys": 0.6, "lesion_dice": lesion_val}
+        return {
+            "method": "fixmatch_da",
+            "sets": sets,
+            "seed": seed,
+            "train_s": 100.0,
+            "run_dir": str(folder / f"seed{seed}"),
+            "val_scores": val,
+            "scores": {"lesion_dice": lesion_test},
+        }
+
+    # own config: val lesion 0.3 and 0.1; the 0.7 point: 0.6 and 0.0 (ahead at seed 0 only), its test scores lower
+    records = [
+        record("ssl.fixmatch_threshold=0.9", 0, 0.3, 0.5),
+        record("ssl.fixmatch_threshold=0.7", 0, 0.6, 0.1),
+        record("ssl.fixmatch_threshold=0.9", 1, 0.1, 0.5),
+        record("ssl.fixmatch_threshold=0.7", 1, 0.0, 0.1),
+    ]
+    data = tmp_path / "data"
+    args = argparse.Namespace(results=str(tmp_path / "results"), tag="t", data=data, out=str(out), config="c", set=[])
+    text = write_grid_results(records, args, "cmd").read_text()
+    rows = {
+        line.split("|")[2].strip(): [c.strip() for c in line.split("|")[1:-1]]
+        for line in text.splitlines()
+        if line.startswith("| fixmatch_da")
+    }
+    own, low = rows["`ssl.fixmatch_threshold=0.9`"], rows["`ssl.fixmatch_threshold=0.7`"]
+    assert own[5:7] == ["own", "own"]
+    # val Dice = mean(0.9, 0.6, lesion): the 0.7 point is +0.3/3 at seed 0, -0.1/3 at seed 1: +0.033 on the mean, 1/2 ahead
+    assert low[5] == "+0.033 (1/2)"
+    assert low[6] == "+0.100 (1/2)"
+    assert low[9] == "**yes**" and own[9] == ""  # chosen on validation although its test lesion Dice is 0.1 vs 0.5
+    assert (tmp_path / "results" / "lesion_benchmark_grid_t.csv").read_text().count("\n") == 5
