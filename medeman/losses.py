@@ -74,7 +74,11 @@ PSEUDO_LABEL_REDUCTIONS = ("all", "kept")
 
 
 def masked_cross_entropy(
-    student_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, reduction: str = "all"
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor,
+    reduction: str = "all",
+    class_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of the kept (masked) voxels.
 
@@ -83,14 +87,19 @@ def masked_cross_entropy(
             2020) and EMAN write it: the loss grows with the fraction of confident voxels, so an
             unsure teacher pulls less. ``"kept"`` - the mean over the kept voxels only (0 when
             none is kept): a few confident voxels pull as hard as a whole patch.
+        class_weights: ``(C,)``, each voxel's cross-entropy times the weight of its pseudo-label's
+            class (as ``torch.nn.functional.cross_entropy``'s ``weight``); ``"kept"`` then divides by the
+            kept voxels' summed weights (a weighted mean), ``"all"`` still by the number of voxels.
     """
     if reduction not in PSEUDO_LABEL_REDUCTIONS:
         raise ValueError(f"unknown pseudo-label reduction {reduction!r}: use 'all' or 'kept'")
     per_voxel = F.cross_entropy(student_logits.float(), labels, reduction="none")
     kept = mask.to(per_voxel.dtype)
+    if class_weights is not None:
+        kept = kept * class_weights.to(per_voxel)[labels]
     if reduction == "all":
         return (per_voxel * kept).mean()
-    return (per_voxel * kept).sum() / kept.sum().clamp_min(1.0)
+    return (per_voxel * kept).sum() / kept.sum().clamp_min(1e-12)  # 0 when nothing (or only weight 0) is kept
 
 
 def masked_dice(

@@ -110,6 +110,27 @@ def test_pseudo_label_reduction_all_divides_by_every_voxel_kept_by_kept_ones(kep
     )  # FixMatch's is the default
 
 
+@pytest.mark.parametrize(
+    "kept, weights", [([True, True, True, True], [1.0, 10.0]), ([True, False, False, True], [0.5, 3.0])]
+)
+def test_class_weighted_pseudo_label_ce_weighs_each_voxel_by_its_labels_class(kept, weights):
+    # the voxels of REDUCTION_CASES: labels 0, 0, 0, 1, so voxel 3's CE counts weights[1] times, the others weights[0]
+    logits = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 2.0], [0.0, 4.0]]).T.reshape(1, 2, 4, 1, 1)
+    labels = torch.tensor([0, 0, 0, 1]).reshape(1, 4, 1, 1)
+    mask = torch.tensor(kept).reshape(1, 4, 1, 1)
+    w = [weights[0], weights[0], weights[0], weights[1]]
+    num = sum(wi * ce for wi, ce, k in zip(w, _CE, kept) if k)
+    class_weights = torch.tensor(weights)
+    assert masked_cross_entropy(logits, labels, mask, "all", class_weights).item() == pytest.approx(num / 4, rel=1e-6)
+    kept_weight = sum(wi for wi, k in zip(w, kept) if k)
+    assert masked_cross_entropy(logits, labels, mask, "kept", class_weights).item() == pytest.approx(
+        num / kept_weight, rel=1e-6
+    )
+    assert masked_cross_entropy(logits, labels, mask, "all", torch.ones(2)).item() == pytest.approx(
+        masked_cross_entropy(logits, labels, mask, "all").item(), rel=1e-7
+    )
+
+
 def test_unknown_pseudo_label_reduction_is_refused():
     with pytest.raises(ValueError, match="'all' or 'kept'"):
         masked_cross_entropy(

@@ -15,7 +15,8 @@ Voxelwise here, one training step::
 With ``ssl.fixmatch_distribution_alignment`` the teacher's probabilities are first aligned to the
 labeled class frequencies (ReMixMatch's distribution alignment,
 :class:`~medeman.pseudo_labels.DistributionAlignment`), so a teacher that under-predicts a rare
-class pseudo-labels more of it.
+class pseudo-labels more of it. With ``ssl.fixmatch_class_weighted`` each pseudo-label's
+cross-entropy is weighted by its class's ``train.ce_class_weights``, as the labeled loss is.
 Where medeman differs from the paper: the loss is voxelwise with a masked Dice term (a small
 structure's few kept voxels otherwise weigh nothing against the background's), and weak and strong
 views share one spatial augmentation so their voxels align.
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from medeman.config import ConfigError
 from medeman.losses import CONSISTENCY_LOSSES, masked_cross_entropy, masked_dice, voxel_pseudo_labels
 from medeman.methods.mean_teacher import MeanTeacher
 from medeman.methods.pseudo_label_loss import log_pseudo_label_classes
@@ -38,6 +40,7 @@ from medeman.methods.registry import register_method
 from medeman.pseudo_labels import DistributionAlignment
 
 if TYPE_CHECKING:
+    from medeman.typed_config import Config
     from medeman.module import SSLSegModule
 
 
@@ -55,6 +58,11 @@ class FixMatchOptions:
         "weight of an added soft consistency loss (ssl.consistency) beside the pseudo-label loss; 0: pseudo-labels only, as FixMatch-EMAN",
         rule=(lambda v: v >= 0, "a non-negative weight"),
     )
+    class_weighted: bool = option(
+        False,
+        "weigh each pseudo-label's cross-entropy by its class's train.ce_class_weights, as the labeled loss does "
+        "(a rare class's few pseudo-labelled voxels otherwise weigh as little as its share of the volume)",
+    )
     distribution_alignment: bool = option(
         False,
         "align the teacher's probabilities to the labeled class frequencies before thresholding (ReMixMatch's distribution "
@@ -71,8 +79,19 @@ class FixMatch(MeanTeacher):
     option_type = FixMatchOptions
     own_options: FixMatchOptions
 
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        super().check_config(cfg)
+        if cfg.ssl.fixmatch_class_weighted and cfg.train.ce_class_weights is None:
+            raise ConfigError(
+                "ssl.fixmatch_class_weighted weighs the pseudo-labels with train.ce_class_weights, which is null: "
+                "set it (one weight per class) or turn the option off"
+            )
+
     def __init__(self, cfg: Any):
         super().__init__(cfg)
+        weights = self.cfg.train.ce_class_weights if self.own_options.class_weighted else None
+        self.class_weights = None if weights is None else torch.tensor([float(w) for w in weights])
         self.alignment = (
             DistributionAlignment(self.cfg.data.num_classes) if self.own_options.distribution_alignment else None
         )
@@ -97,7 +116,10 @@ class FixMatch(MeanTeacher):
         if self.alignment is not None:
             teacher_probs = self.alignment(teacher_probs)
         labels, mask = voxel_pseudo_labels(teacher_probs, self.own_options.threshold)
-        pseudo = masked_cross_entropy(strong_logits, labels, mask, "all") + masked_dice(strong_logits, labels, mask)
+        if self.class_weights is not None and self.class_weights.device != strong_logits.device:
+            self.class_weights = self.class_weights.to(strong_logits.device)  # once, not a copy per step
+        ce = masked_cross_entropy(strong_logits, labels, mask, "all", self.class_weights)
+        pseudo = ce + masked_dice(strong_logits, labels, mask)
         logs["loss/pseudo_label"] = pseudo.detach()
         logs["ssl/pseudo_label_fraction"] = mask.float().mean()
         if module.writes_training_logs():  # one device sync, at logging steps only

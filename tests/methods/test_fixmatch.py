@@ -73,6 +73,24 @@ def test_distribution_alignment_pseudo_labels_the_aligned_teacher_probabilities(
     assert float(loss) == pytest.approx(float(plain), rel=1e-6) and float(loss) != pytest.approx(unaligned)
 
 
+def test_class_weighted_pseudo_labels_weigh_the_ce_by_train_ce_class_weights():
+    sets = ["ssl.method=fixmatch", "ssl.fixmatch_threshold=0.9", "data.num_classes=2", "train.ce_class_weights=[1,4]"]
+    probs, logits = _two_voxels()
+    plain = float(build_method(load_config(sets=sets)).unsupervised_loss(_Teacher(probs), logits, None, {}))
+    weighted_method = build_method(load_config(sets=sets + ["ssl.fixmatch_class_weighted=true"]))
+    weighted = float(weighted_method.unsupervised_loss(_Teacher(probs), logits, None, {}))
+    # the one kept voxel is a class-1 pseudo-label: its CE (-log 0.75, over 2 voxels) counts 4 times; the Dice is unchanged
+    assert weighted - plain == pytest.approx(3 * -math.log(0.75) / 2, rel=1e-5)
+
+
+def test_class_weighted_pseudo_labels_need_class_weights():
+    from medeman.config import ConfigError
+
+    with pytest.raises(ConfigError, match="ssl.fixmatch_class_weighted .* train.ce_class_weights, which is null"):
+        load_config(sets=["ssl.method=fixmatch", "ssl.fixmatch_class_weighted=true"])
+    load_config(sets=["ssl.method=mean_teacher", "ssl.fixmatch_class_weighted=true"])  # not FixMatch: not its concern
+
+
 def _label_map():
     labels = torch.zeros(1, 12, 4, 4, dtype=torch.long)
     labels[0, 0:4] = 1  # class 1: a 4-slab (64 voxels) ...
