@@ -26,10 +26,11 @@ share of the gap that the unlabeled scans close is ``(method - few) / (all - few
     python benchmarks/lesion_benchmark.py --seeds 0 1 2 3 4 5 6 7 8 9     # the recorded study at 3000 steps (lesion.yaml's)
     python benchmarks/lesion_benchmark.py --seeds 0 1 2 3 4 5 6 7 8 9 --set train.max_steps=1000   # and at 1000
     python benchmarks/lesion_benchmark.py --seeds 0 1 2 3 4 5 6 7 8 9 --methods fixmatch_da --tag fixmatch \
-        --grid ssl.fixmatch_threshold=0.9,0.7 ssl.consistency_weight=0.3,1.0   # a recipe chosen on validation
+        --grid ssl.fixmatch_threshold=0.7 --grid ssl.consistency_weight=1.0     # a recipe chosen on validation
     python benchmarks/lesion_benchmark.py --smoke                   # seconds: does it run end to end
 
-A grid point that leaves the method's config as it is shares the method's own run; the others train under
+Each ``--grid`` is a product of values; the method's own config is always a point, and a point that leaves it as it is
+shares its runs (``<out>/<method>/seed<N>``, the table's); the others train under
 ``<out>/grid/<method>/<point>/seed<N>``. The grid report (``lesion_benchmark_grid_<tag>.md``) pairs each point with
 the method's own config on the validation cases; the test cases are shown, never chosen on.
 
@@ -399,8 +400,9 @@ def write_keeping_notes(md_path: Path, lines: list[str]) -> None:
 
 
 def run_grid(args: argparse.Namespace, command: str) -> Path | None:
-    """Every ``--grid`` combination for every method and seed; the report says which validates best."""
-    combos = [tuple(sets) for sets in parse_grid(args.grid)]
+    """The method's own config and every combination of each ``--grid``, for every method and seed; the report says
+    which validates best."""
+    combos = list(dict.fromkeys([(), *(tuple(sets) for spec in args.grid for sets in parse_grid(spec))]))
     records, md = [], None
     for seed in args.seeds:
         for method in args.methods:
@@ -568,10 +570,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--grid",
         nargs="+",
+        action="append",
         default=None,
         metavar="KEY=V1,V2",
-        help="validation grid instead of the table: every combination for each of --methods and --seeds "
-        "(lesion_benchmark_grid[_<tag>].md)",
+        help="validation grid instead of the table: every combination, beside the method's own config, for each of "
+        "--methods and --seeds (lesion_benchmark_grid[_<tag>].md); repeat --grid for points that are not one product",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine)")
     parser.add_argument("--reuse", action="store_true", help="reuse scored runs (scores.json) instead of retraining")
@@ -629,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
         print(md.read_text())
     if args.smoke:  # and a two-point grid: the point that changes nothing reuses the table's run
         grid = argparse.Namespace(**{**vars(args), "methods": ["fixmatch_da"], "reuse": True})
-        grid.grid = args.grid or ["ssl.fixmatch_threshold=0.9,0.7"]
+        grid.grid = args.grid or [["ssl.fixmatch_threshold=0.7"]]
         print(run_grid(grid, command).read_text())
     if scratch is not None:
         scratch.cleanup()
