@@ -188,6 +188,16 @@ def score_teacher(run_dir: Path, data: Path, lesion_overlap: float, part: str = 
     }
 
 
+def what_trains(cfg: dict) -> dict:
+    """``cfg`` without the ``ssl`` options of the methods it does not train with (a supervised run is the same run
+    whatever ``ssl.fixmatch_*`` says): what decides whether a finished run can be reused."""
+    from medeman.methods import METHODS
+
+    trained = METHODS[cfg["ssl"]["method"]].__mro__  # FixMatch reads the mean teacher's options too
+    unused = {key for cls in METHODS.values() if cls not in trained for key in vars(cls).get("options", {})}
+    return {**cfg, "ssl": {k: v for k, v in cfg["ssl"].items() if k not in unused}}
+
+
 def run_config(method: str, seed: int, args: argparse.Namespace, sets: tuple[str, ...] = ()) -> tuple[dict, Path]:
     """The config one (method, seed, grid point) run trains with, and its folder (rules in :func:`run_one`)."""
     from medeman.config import load_config
@@ -206,8 +216,8 @@ def run_one(method: str, seed: int, args: argparse.Namespace, sets: tuple[str, .
 
     ``sets`` are a grid point's overrides; a point that leaves the method's config as it is shares the method's
     own run (``<out>/<method>/seed<N>``), any other trains under ``<out>/grid/<method>/<grid_tag>/seed<N>``. A run is
-    reused only if its saved ``config.yaml`` is the config it would be trained with now (a changed base config or
-    overlay retrains it).
+    reused only if its saved ``config.yaml`` trains as the config it would be trained with now (:func:`what_trains`;
+    a changed base config or overlay retrains it).
     """
     from medeman.config import load_config
     from medeman.methods import build_method
@@ -217,7 +227,7 @@ def run_one(method: str, seed: int, args: argparse.Namespace, sets: tuple[str, .
     labeled = METHODS[method][1]
     done, trained = run_dir / "scores.json", run_dir / "train.json"
     saved = run_dir / "config.yaml"
-    same_config = saved.is_file() and load_config([saved]) == cfg
+    same_config = saved.is_file() and what_trains(load_config([saved])) == what_trains(cfg)
     if args.reuse and saved.is_file() and not same_config:
         print(f"{run_dir}: trained with another config than now, retraining it", flush=True)
     if args.reuse and same_config and done.is_file():

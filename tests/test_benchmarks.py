@@ -252,3 +252,22 @@ def test_lesion_grid_report_pairs_each_point_with_the_methods_own_runs_and_choos
     own, low = rows()
     assert low[5] == "+0.067 (2/2)"
     assert low[9] == "**yes**" and own[9] == ""  # chosen on validation although its test lesion Dice is 0.1 vs 0.5
+
+
+@pytest.mark.parametrize(
+    "method, reused",
+    [("supervised", True), ("fixmatch", False)],  # a FixMatch option changes a FixMatch run only
+)
+def test_lesion_benchmark_reuses_a_run_whatever_the_options_of_methods_it_does_not_train_with(method, reused):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from lesion_benchmark import what_trains
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    from medeman.config import load_config
+
+    before = load_config(sets=[f"ssl.method={method}"])
+    after = load_config(sets=[f"ssl.method={method}", "ssl.fixmatch_threshold=0.7"])
+    assert (what_trains(before) == what_trains(after)) is reused
+    changed = load_config(sets=[f"ssl.method={method}", "train.lr=0.5"])
+    assert what_trains(before) != what_trains(changed)  # a key every method reads always counts
