@@ -2,14 +2,17 @@
 
 On the lesion sample cohort (``medeman.sample_data`` with ``lesions=True``: liver, kidneys and 1-3
 small liver lesions per scan, label 3) every method trains with ``configs/lesion.yaml`` (the base,
-whose own method is FixMatch-EMAN with distribution alignment) on the same step budget, over several seeds, and is scored on
+whose own method is FixMatch-EMAN with distribution alignment and class-weighted pseudo-labels) on the same step
+budget, over several seeds, and is scored on
 the same held-out test cases:
 
     supervised_few   the few labeled scans only (``configs/supervised.yaml``)        -- the baseline
     supervised_ema   the few labeled scans, an EMA teacher deployed (the weight-averaging control)
     mt_bn, mt_eman   + the unlabeled scans, mean teacher with a BN / EMAN teacher (``lesion_mean_teacher.yaml``)
-    fixmatch         + the unlabeled scans, FixMatch-EMAN (``fixmatch_unaligned.yaml``)
-    fixmatch_da      + the unlabeled scans, FixMatch-EMAN, the teacher aligned to the labeled class frequencies:
+    fixmatch         + the unlabeled scans, FixMatch-EMAN (``fixmatch_unweighted.yaml``, ``fixmatch_unaligned.yaml``)
+    fixmatch_da      + the unlabeled scans, FixMatch-EMAN, the teacher aligned to the labeled class frequencies
+                     (``fixmatch_unweighted.yaml``)
+    fixmatch_da_cw   and each pseudo-label's cross-entropy weighted by its class's ``train.ce_class_weights``:
                      ``configs/lesion.yaml`` as it is (the default)
     bcp              + the unlabeled scans, bidirectional copy-paste on an EMAN teacher (``ablation_bcp.yaml``)
     supervised_all   every scan labeled (the labeled ones + the unlabeled ones with their ground truth)
@@ -55,15 +58,17 @@ from _report import commit, grid_tag, hardware, mean_std, parse_grid
 
 REPO = Path(__file__).resolve().parents[1]
 # method -> (overlays on the base config, labeled folder). configs/lesion.yaml's own method is FixMatch-EMAN with
-# distribution alignment (fixmatch_da); the mean-teacher rows and the EMA control set back every ssl key it sets
-# (configs/lesion_mean_teacher.yaml), the fixmatch row its alignment (configs/fixmatch_unaligned.yaml).
+# distribution alignment and class-weighted pseudo-labels (fixmatch_da_cw); the mean-teacher rows and the EMA control
+# set back every ssl key it sets (configs/lesion_mean_teacher.yaml), the fixmatch rows its class weights
+# (configs/fixmatch_unweighted.yaml) and the fixmatch row its alignment (configs/fixmatch_unaligned.yaml).
 METHODS = {
     "supervised_few": (("configs/supervised.yaml",), "labeled"),
     "supervised_ema": (("configs/lesion_mean_teacher.yaml", "configs/ablation_supervised_ema.yaml"), "labeled"),
     "mt_bn": (("configs/lesion_mean_teacher.yaml", "configs/mt_bn.yaml"), "labeled"),
     "mt_eman": (("configs/lesion_mean_teacher.yaml",), "labeled"),
-    "fixmatch": (("configs/fixmatch_unaligned.yaml",), "labeled"),
-    "fixmatch_da": ((), "labeled"),
+    "fixmatch": (("configs/fixmatch_unweighted.yaml", "configs/fixmatch_unaligned.yaml"), "labeled"),
+    "fixmatch_da": (("configs/fixmatch_unweighted.yaml",), "labeled"),
+    "fixmatch_da_cw": ((), "labeled"),
     "bcp": (("configs/lesion_mean_teacher.yaml", "configs/ablation_bcp.yaml"), "labeled"),
     "supervised_all": (("configs/supervised.yaml",), "all_labeled"),
 }
@@ -74,6 +79,7 @@ METHOD_PAIRS = (
     ("fixmatch", "supervised_ema"),
     ("fixmatch", "mt_eman"),
     ("fixmatch_da", "fixmatch"),
+    ("fixmatch_da_cw", "fixmatch_da"),
 )
 LESION = 3
 CHOICE_SEEDS_AHEAD = 0.8  # a grid point replaces the method's own config only if ahead on validation in 8 of 10 seeds
@@ -232,7 +238,8 @@ def run_one(method: str, seed: int, args: argparse.Namespace, sets: tuple[str, .
         print(f"{run_dir}: trained with another config than now, retraining it", flush=True)
     if args.reuse and same_config and done.is_file():
         record = json.loads(done.read_text())
-        record.update(run_dir=str(run_dir), sets=" ".join(sets))  # the folder may have moved; the grid point asked for
+        # the folder may have moved (or been copied from a grid point to the row it became); the point asked for
+        record.update(method=method, run_dir=str(run_dir), sets=" ".join(sets))
         if _score_validation(record, run_dir, args):  # scored before the validation set grew
             done.write_text(json.dumps(record, indent=1))
         return record
@@ -259,7 +266,7 @@ def run_one(method: str, seed: int, args: argparse.Namespace, sets: tuple[str, .
             "val_best_teacher": result.last_dice_teacher,
             "commit": args.commit,
         }
-    record.update(run_dir=str(run_dir), sets=" ".join(sets))
+    record.update(method=method, run_dir=str(run_dir), sets=" ".join(sets))
     trained.write_text(json.dumps(record, indent=1))
     record["scores"] = score_teacher(run_dir, args.data, args.lesion_overlap)
     _score_validation(record, run_dir, args)
@@ -562,6 +569,7 @@ def _ssl_recipe(ssl: dict) -> str:
     recipe = f"{ssl['teacher_norm']} teacher, ema_momentum {ssl['ema_momentum']} ({ssl['momentum_schedule']}), warm-up {ssl['warmup_fraction']}"
     if ssl["method"] == "fixmatch":
         aligned = ", aligned to the labeled class frequencies" if ssl.get("fixmatch_distribution_alignment") else ""
+        aligned += ", class-weighted as the labels" if ssl.get("fixmatch_class_weighted") else ""
         return (
             f"{recipe}, hard pseudo-labels >= {ssl['fixmatch_threshold']}{aligned} weight {ssl['consistency_weight']}"
         )

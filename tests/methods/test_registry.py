@@ -132,6 +132,7 @@ def test_each_method_declares_its_own_keys_in_its_file():
     assert owners == {
         "fixmatch_threshold": "fixmatch",
         "fixmatch_consistency_weight": "fixmatch",
+        "fixmatch_class_weighted": "fixmatch",
         "fixmatch_distribution_alignment": "fixmatch",
         "ua_mt_passes": "ua_mt",
         "ua_mt_noise_std": "ua_mt",
