@@ -2,18 +2,19 @@
 
 On the lesion sample cohort (``medeman.sample_data`` with ``lesions=True``: liver, kidneys and 1-3
 small liver lesions per scan, label 3) every method trains with ``configs/lesion.yaml`` (the base,
-whose own method is FixMatch-EMAN with distribution alignment and class-weighted pseudo-labels) on the same step
+whose own method is FixMatch-EMAN with distribution alignment and 4 unlabeled patches a step) on the same step
 budget, over several seeds, and is scored on
 the same held-out test cases:
 
     supervised_few   the few labeled scans only (``configs/supervised.yaml``)        -- the baseline
     supervised_ema   the few labeled scans, an EMA teacher deployed (the weight-averaging control)
     mt_bn, mt_eman   + the unlabeled scans, mean teacher with a BN / EMAN teacher (``lesion_mean_teacher.yaml``)
-    fixmatch         + the unlabeled scans, FixMatch-EMAN (``fixmatch_unweighted.yaml``, ``fixmatch_unaligned.yaml``)
-    fixmatch_da      + the unlabeled scans, FixMatch-EMAN, the teacher aligned to the labeled class frequencies
-                     (``fixmatch_unweighted.yaml``)
-    fixmatch_da_cw   and each pseudo-label's cross-entropy weighted by its class's ``train.ce_class_weights``:
-                     ``configs/lesion.yaml`` as it is (the default)
+    fixmatch         + the unlabeled scans, FixMatch-EMAN, 2 unlabeled patches a step (``lesion_unlabeled_batch2.yaml``,
+                     ``fixmatch_unaligned.yaml``)
+    fixmatch_da      + the teacher aligned to the labeled class frequencies (``lesion_unlabeled_batch2.yaml``)
+    fixmatch_da_cw   + each pseudo-label's cross-entropy weighted by its class's ``train.ce_class_weights``
+                     (``lesion_unlabeled_batch2.yaml``, ``fixmatch_class_weighted.yaml``)
+    fixmatch_da_u4   fixmatch_da with 4 unlabeled patches a step: ``configs/lesion.yaml`` as it is (the default)
     bcp              + the unlabeled scans, bidirectional copy-paste on an EMAN teacher (``ablation_bcp.yaml``)
     supervised_all   every scan labeled (the labeled ones + the unlabeled ones with their ground truth)
                      -- the upper bound the unlabeled scans could reach at most
@@ -58,17 +59,18 @@ from _report import commit, grid_tag, hardware, mean_std, parse_grid
 
 REPO = Path(__file__).resolve().parents[1]
 # method -> (overlays on the base config, labeled folder). configs/lesion.yaml's own method is FixMatch-EMAN with
-# distribution alignment and class-weighted pseudo-labels (fixmatch_da_cw); the mean-teacher rows and the EMA control
-# set back every ssl key it sets (configs/lesion_mean_teacher.yaml), the fixmatch rows its class weights
-# (configs/fixmatch_unweighted.yaml) and the fixmatch row its alignment (configs/fixmatch_unaligned.yaml).
+# distribution alignment and 4 unlabeled patches a step (fixmatch_da_u4); the mean-teacher rows and the EMA control
+# set back every ssl key it sets and the unlabeled batch (configs/lesion_mean_teacher.yaml), the other fixmatch rows
+# the unlabeled batch (configs/lesion_unlabeled_batch2.yaml) and the fixmatch row its alignment too.
 METHODS = {
     "supervised_few": (("configs/supervised.yaml",), "labeled"),
     "supervised_ema": (("configs/lesion_mean_teacher.yaml", "configs/ablation_supervised_ema.yaml"), "labeled"),
     "mt_bn": (("configs/lesion_mean_teacher.yaml", "configs/mt_bn.yaml"), "labeled"),
     "mt_eman": (("configs/lesion_mean_teacher.yaml",), "labeled"),
-    "fixmatch": (("configs/fixmatch_unweighted.yaml", "configs/fixmatch_unaligned.yaml"), "labeled"),
-    "fixmatch_da": (("configs/fixmatch_unweighted.yaml",), "labeled"),
-    "fixmatch_da_cw": ((), "labeled"),
+    "fixmatch": (("configs/lesion_unlabeled_batch2.yaml", "configs/fixmatch_unaligned.yaml"), "labeled"),
+    "fixmatch_da": (("configs/lesion_unlabeled_batch2.yaml",), "labeled"),
+    "fixmatch_da_cw": (("configs/lesion_unlabeled_batch2.yaml", "configs/fixmatch_class_weighted.yaml"), "labeled"),
+    "fixmatch_da_u4": ((), "labeled"),
     "bcp": (("configs/lesion_mean_teacher.yaml", "configs/ablation_bcp.yaml"), "labeled"),
     "supervised_all": (("configs/supervised.yaml",), "all_labeled"),
 }
@@ -80,6 +82,7 @@ METHOD_PAIRS = (
     ("fixmatch", "mt_eman"),
     ("fixmatch_da", "fixmatch"),
     ("fixmatch_da_cw", "fixmatch_da"),
+    ("fixmatch_da_u4", "fixmatch_da"),
 )
 LESION = 3
 CHOICE_SEEDS_AHEAD = 0.8  # a grid point replaces the method's own config only if ahead on validation in 8 of 10 seeds
@@ -195,13 +198,17 @@ def score_teacher(run_dir: Path, data: Path, lesion_overlap: float, part: str = 
 
 
 def what_trains(cfg: dict) -> dict:
-    """``cfg`` without the ``ssl`` options of the methods it does not train with (a supervised run is the same run
-    whatever ``ssl.fixmatch_*`` says): what decides whether a finished run can be reused."""
-    from medeman.methods import METHODS
+    """``cfg`` without the ``ssl`` options of the methods it does not train with, and without the unlabeled batch
+    size for a method that reads no unlabeled scans (a supervised run is the same run whatever ``ssl.fixmatch_*`` or
+    ``data.batch_size_unlabeled`` say): what decides whether a finished run can be reused."""
+    from medeman.methods import METHODS, build_method
 
     trained = METHODS[cfg["ssl"]["method"]].__mro__  # FixMatch reads the mean teacher's options too
     unused = {key for cls in METHODS.values() if cls not in trained for key in vars(cls).get("options", {})}
-    return {**cfg, "ssl": {k: v for k, v in cfg["ssl"].items() if k not in unused}}
+    data = dict(cfg["data"])
+    if not build_method(cfg).uses_unlabeled:
+        data.pop("batch_size_unlabeled")
+    return {**cfg, "data": data, "ssl": {k: v for k, v in cfg["ssl"].items() if k not in unused}}
 
 
 def run_config(method: str, seed: int, args: argparse.Namespace, sets: tuple[str, ...] = ()) -> tuple[dict, Path]:
@@ -407,7 +414,7 @@ def write_results(records: list[dict], args: argparse.Namespace, wall_s: float, 
         f"batch {data['batch_size_labeled']} labeled (+ {data['batch_size_unlabeled']} unlabeled for the semi-supervised methods) patches of "
         f"{data['patch_size']} at {data['spacing']} mm, {model['name']} {model['channels']}; batch Dice {train['batch_dice']}; "
         f"labeled patches: {_sampling(data)}"
-        + "".join(f"; {method}: {_ssl_recipe(ssl)}" for method, ssl in _method_ssl(records).items())
+        + "".join(f"; {method}: {_ssl_recipe(cfg)}" for method, cfg in _method_configs(records).items())
         + (f"; overrides {' '.join(args.set)}" if args.set else "")
         + ".",
         f"- Seeds: {' '.join(str(s) for s in sorted({r['seed'] for r in records}))} (`train.seed`).",
@@ -553,20 +560,21 @@ def _val_dice(record: dict) -> float:
     return statistics.fmean([val["dice_liver"], val["dice_kidneys"], val["lesion_dice"]])
 
 
-def _method_ssl(records: list[dict]) -> dict[str, dict]:
-    """The ``ssl`` section of each semi-supervised method's first run, from its ``config.yaml``."""
+def _method_configs(records: list[dict]) -> dict[str, dict]:
+    """The config of each semi-supervised method's first run, from its ``config.yaml``."""
     from medeman.config import load_config
 
     first = {}
     for r in records:
         if r["method"] not in BASELINES and r["method"] not in first:
-            first[r["method"]] = load_config([Path(r["run_dir"]) / "config.yaml"])["ssl"]
+            first[r["method"]] = load_config([Path(r["run_dir"]) / "config.yaml"])
     return first
 
 
-def _ssl_recipe(ssl: dict) -> str:
-    """One method's teacher and unsupervised losses, in words."""
-    recipe = f"{ssl['teacher_norm']} teacher, ema_momentum {ssl['ema_momentum']} ({ssl['momentum_schedule']}), warm-up {ssl['warmup_fraction']}"
+def _ssl_recipe(cfg: dict) -> str:
+    """One method's teacher, unlabeled batch and unsupervised losses, in words."""
+    ssl = cfg["ssl"]
+    recipe = f"{cfg['data']['batch_size_unlabeled']} unlabeled patches, {ssl['teacher_norm']} teacher, ema_momentum {ssl['ema_momentum']} ({ssl['momentum_schedule']}), warm-up {ssl['warmup_fraction']}"
     if ssl["method"] == "fixmatch":
         aligned = ", aligned to the labeled class frequencies" if ssl.get("fixmatch_distribution_alignment") else ""
         aligned += ", class-weighted as the labels" if ssl.get("fixmatch_class_weighted") else ""

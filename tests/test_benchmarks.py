@@ -256,7 +256,7 @@ def test_lesion_grid_report_pairs_each_point_with_the_methods_own_runs_and_choos
 
 @pytest.mark.parametrize(
     "method, reused",
-    [("supervised", True), ("fixmatch", False)],  # a FixMatch option changes a FixMatch run only
+    [("supervised", True), ("fixmatch", False)],  # a FixMatch option and the unlabeled batch change a FixMatch run only
 )
 def test_lesion_benchmark_reuses_a_run_whatever_the_options_of_methods_it_does_not_train_with(method, reused):
     sys.path.insert(0, str(BENCHMARKS))
@@ -269,5 +269,7 @@ def test_lesion_benchmark_reuses_a_run_whatever_the_options_of_methods_it_does_n
     before = load_config(sets=[f"ssl.method={method}"])
     after = load_config(sets=[f"ssl.method={method}", "ssl.fixmatch_threshold=0.7"])
     assert (what_trains(before) == what_trains(after)) is reused
+    more_unlabeled = load_config(sets=[f"ssl.method={method}", "data.batch_size_unlabeled=4"])
+    assert (what_trains(before) == what_trains(more_unlabeled)) is reused  # read by a method that uses unlabeled scans
     changed = load_config(sets=[f"ssl.method={method}", "train.lr=0.5"])
     assert what_trains(before) != what_trains(changed)  # a key every method reads always counts
