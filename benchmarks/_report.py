@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+NOTES_MARKER = "<!-- notes: text below this line is kept when the table is regenerated -->"
+
 
 def mean_std(values: list[float], digits: int = 3) -> str:
     """``"mean ± sample std"`` of ``values``; NaN (an undefined score, e.g. precision with nothing predicted) left out, "–" if none is left."""
@@ -88,3 +90,10 @@ def grid_tag(sets: list[str]) -> str:
         key, _, value = item.partition("=")
         parts.append(f"{key.split('.')[-1]}-{value}")  # the key's last part: a value's own dots stay
     return "_".join(parts)
+
+
+def notes_below(md_path: Path) -> str | None:
+    """The hand-written text below :data:`NOTES_MARKER` in an existing report (kept when it is regenerated); ``None``
+    when there is no such file or marker."""
+    old = Path(md_path).read_text(encoding="utf-8") if Path(md_path).is_file() else ""
+    return old.split(NOTES_MARKER, 1)[1] if NOTES_MARKER in old else None

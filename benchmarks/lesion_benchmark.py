@@ -55,7 +55,7 @@ import time
 from pathlib import Path
 
 import torch
-from _report import commit, grid_tag, hardware, mean_std, parse_grid
+from _report import NOTES_MARKER, commit, grid_tag, hardware, mean_std, notes_below, parse_grid
 
 REPO = Path(__file__).resolve().parents[1]
 # method -> (overlays on the base config, labeled folder). configs/lesion.yaml's own method is FixMatch-EMAN with
@@ -117,7 +117,6 @@ CSV_COLUMNS = (
     "commit",
     "run_dir",
 )
-NOTES_MARKER = "<!-- notes: text below this line is kept when the table is regenerated -->"
 
 
 def make_lesion_cohort(root: Path, counts: dict) -> Path:
@@ -428,9 +427,7 @@ def write_results(records: list[dict], args: argparse.Namespace, wall_s: float, 
 
 def write_keeping_notes(md_path: Path, lines: list[str]) -> None:
     """Write the generated ``lines``; hand-written findings below :data:`NOTES_MARKER` survive a rerun."""
-    old = md_path.read_text(encoding="utf-8") if md_path.is_file() else ""
-    notes = old.split(NOTES_MARKER, 1)[1] if NOTES_MARKER in old else ""
-    md_path.write_text("\n".join(lines) + "\n\n" + NOTES_MARKER + (notes or "\n"), encoding="utf-8")
+    md_path.write_text("\n".join(lines) + "\n\n" + NOTES_MARKER + (notes_below(md_path) or "\n"), encoding="utf-8")
 
 
 def run_grid(args: argparse.Namespace, command: str) -> Path | None:

@@ -32,12 +32,11 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from _report import commit, mean_std
+from _report import NOTES_MARKER, commit, mean_std, notes_below
 from scipy import ndimage
 
 LIVER, LESION = 1, 3
 LOOKS = ("hypodense", "hyperdense", "rim-enhancing", "faint")
-NOTES_MARKER = "<!-- notes: text below this line is kept when the table is regenerated -->"
 
 
 def lesion_looks(image: np.ndarray, label: np.ndarray) -> list[tuple[np.ndarray, str]]:
@@ -145,8 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("smoke: the labels as predictions must find every lesion")
     print(text)
     if args.out is not None:
-        old = args.out.read_text(encoding="utf-8") if args.out.is_file() else ""
-        notes = old.split(NOTES_MARKER, 1)[1].lstrip("\n") if NOTES_MARKER in old else ""
+        notes = (notes_below(args.out) or "").lstrip("\n")
         args.out.write_text(text + ("\n" + notes if notes else ""), encoding="utf-8")
     return 0
 

@@ -41,10 +41,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _report import commit, hardware, mean_std
+from _report import NOTES_MARKER, commit, hardware, mean_std, notes_below
 
 REPO = Path(__file__).resolve().parents[1]
-NOTES_MARKER = "<!-- notes: text below this line is kept when the table is regenerated -->"
 SCORES = ("dice", "confident_recall", "confident_precision", "errors_at_border", "confident_errors")
 
 
@@ -223,8 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         report = write_report(results, names, args)
     print(report)
     if args.out is not None and not args.smoke:
-        old = args.out.read_text(encoding="utf-8") if args.out.is_file() else ""
-        notes = old.split(NOTES_MARKER, 1)[1].lstrip("\n") if NOTES_MARKER in old else ""
+        notes = (notes_below(args.out) or "").lstrip("\n")
         args.out.write_text(report + ("\n" + notes if notes else ""), encoding="utf-8")
     return 0
 

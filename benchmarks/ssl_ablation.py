@@ -58,7 +58,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from _report import code_version, hardware, grid_tag, mean_std, parse_grid
+from _report import NOTES_MARKER, code_version, grid_tag, hardware, mean_std, notes_below, parse_grid
 
 REPO = Path(__file__).resolve().parents[1]
 # name: (overlay config, uses the unlabeled scans, labeled training part of the cohort, one-line description)
@@ -151,7 +151,6 @@ PAIRS = (
     ("mt_eman_focus_placebo", "mt_eman"),
     ("mt_eman_focus_unused", "mt_eman_focus_placebo"),
 )
-NOTES_MARKER = "<!-- notes: text below this line is kept when the table is regenerated -->"
 CSV_COLUMNS = (
     "method",
     "seed",
@@ -501,11 +500,8 @@ def write_results(records: list[dict], args: argparse.Namespace, cohort: Path, c
     ]
     if missing:
         lines.append(f"- Not run: {', '.join(missing)} (no finished runs in `{args.out}`).")
-    notes = "\n"
-    if md_path.is_file() and NOTES_MARKER in md_path.read_text(
-        encoding="utf-8"
-    ):  # hand-written findings survive a rerun
-        notes = md_path.read_text(encoding="utf-8").split(NOTES_MARKER, 1)[1]
+    notes = notes_below(md_path)  # hand-written findings survive a rerun
+    notes = "\n" if notes is None else notes
     md_path.write_text("\n".join(lines) + "\n\n" + NOTES_MARKER + notes, encoding="utf-8")
     return md_path
 

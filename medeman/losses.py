@@ -12,6 +12,7 @@ References:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +72,12 @@ def voxel_pseudo_labels(teacher_probs: torch.Tensor, threshold: float) -> tuple[
 
 
 PSEUDO_LABEL_REDUCTIONS = ("all", "kept")
+
+
+def class_weight_tensor(weights: Sequence[float] | None) -> torch.Tensor | None:
+    """``train.ce_class_weights`` as a float tensor ``(C,)``, or ``None``: the supervised loss's weights, and the
+    pseudo-labels' with ``ssl.fixmatch_class_weighted``."""
+    return None if weights is None else torch.tensor([float(w) for w in weights])
 
 
 def masked_cross_entropy(

@@ -26,6 +26,7 @@ from torch import nn
 from medeman.data.batches import stream_seed
 from medeman.predict import predict_volume
 from medeman.labels import argmax_labels
+from medeman.losses import class_weight_tensor
 from medeman.methods import Method, build_method
 from medeman.nets import build_network, deep_supervision_heads, deep_supervision_weights, main_output
 from medeman.teacher_focus import TeacherFocus
@@ -72,9 +73,7 @@ class SSLSegModule(pl.LightningModule):
                 if net is not None:
                     net.compile()
         train = cfg.train
-        ce_weights = (
-            None if train.ce_class_weights is None else torch.tensor([float(w) for w in train.ce_class_weights])
-        )
+        ce_weights = class_weight_tensor(train.ce_class_weights)
         self.supervised_loss = DiceCELoss(to_onehot_y=True, softmax=True, batch=train.batch_dice, weight=ce_weights)
         if ce_weights is not None:  # MONAI weights its Dice too; train.ce_class_weights is for the cross-entropy only
             self.supervised_loss.dice.class_weight = None

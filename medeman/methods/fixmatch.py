@@ -32,7 +32,13 @@ import torch
 from torch import nn
 
 from medeman.config import ConfigError
-from medeman.losses import CONSISTENCY_LOSSES, masked_cross_entropy, masked_dice, voxel_pseudo_labels
+from medeman.losses import (
+    CONSISTENCY_LOSSES,
+    class_weight_tensor,
+    masked_cross_entropy,
+    masked_dice,
+    voxel_pseudo_labels,
+)
 from medeman.methods.mean_teacher import MeanTeacher
 from medeman.methods.pseudo_label_loss import log_pseudo_label_classes
 from medeman.methods.options import option
@@ -90,8 +96,9 @@ class FixMatch(MeanTeacher):
 
     def __init__(self, cfg: Any):
         super().__init__(cfg)
-        weights = self.cfg.train.ce_class_weights if self.own_options.class_weighted else None
-        self.class_weights = None if weights is None else torch.tensor([float(w) for w in weights])
+        self.class_weights = class_weight_tensor(
+            self.cfg.train.ce_class_weights if self.own_options.class_weighted else None
+        )
         self.alignment = (
             DistributionAlignment(self.cfg.data.num_classes) if self.own_options.distribution_alignment else None
         )
