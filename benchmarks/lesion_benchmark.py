@@ -15,6 +15,8 @@ the same held-out test cases:
     fixmatch_da_cw   + each pseudo-label's cross-entropy weighted by its class's ``train.ce_class_weights``
                      (``lesion_unlabeled_batch2.yaml``, ``fixmatch_class_weighted.yaml``)
     fixmatch_da_u4   fixmatch_da with 4 unlabeled patches a step: ``configs/lesion.yaml`` as it is (the default)
+    fixmatch_da_paste  fixmatch_da pasting labeled lesions into half of the unlabeled patches' livers
+                     (``lesion_unlabeled_batch2.yaml``, ``fixmatch_lesion_paste.yaml``)
     bcp              + the unlabeled scans, bidirectional copy-paste on an EMAN teacher (``ablation_bcp.yaml``)
     supervised_all   every scan labeled (the labeled ones + the unlabeled ones with their ground truth)
                      -- the upper bound the unlabeled scans could reach at most
@@ -71,6 +73,7 @@ METHODS = {
     "fixmatch_da": (("configs/lesion_unlabeled_batch2.yaml",), "labeled"),
     "fixmatch_da_cw": (("configs/lesion_unlabeled_batch2.yaml", "configs/fixmatch_class_weighted.yaml"), "labeled"),
     "fixmatch_da_u4": ((), "labeled"),
+    "fixmatch_da_paste": (("configs/lesion_unlabeled_batch2.yaml", "configs/fixmatch_lesion_paste.yaml"), "labeled"),
     "bcp": (("configs/lesion_mean_teacher.yaml", "configs/ablation_bcp.yaml"), "labeled"),
     "supervised_all": (("configs/supervised.yaml",), "all_labeled"),
 }
@@ -83,6 +86,7 @@ METHOD_PAIRS = (
     ("fixmatch_da", "fixmatch"),
     ("fixmatch_da_cw", "fixmatch_da"),
     ("fixmatch_da_u4", "fixmatch_da"),
+    ("fixmatch_da_paste", "fixmatch_da"),
 )
 LESION = 3
 CHOICE_SEEDS_AHEAD = 0.8  # a grid point replaces the method's own config only if ahead on validation in 8 of 10 seeds

@@ -16,7 +16,10 @@ With ``ssl.fixmatch_distribution_alignment`` the teacher's probabilities are fir
 labeled class frequencies (ReMixMatch's distribution alignment,
 :class:`~medeman.pseudo_labels.DistributionAlignment`), so a teacher that under-predicts a rare
 class pseudo-labels more of it. With ``ssl.fixmatch_class_weighted`` each pseudo-label's
-cross-entropy is weighted by its class's ``train.ce_class_weights``, as the labeled loss is.
+cross-entropy is weighted by its class's ``train.ce_class_weights``, as the labeled loss is. With
+``ssl.fixmatch_paste_probability`` a labeled patch's lesions are pasted into unlabeled strong views
+where the teacher sees their host organ, their ground truth the target there (object copy-paste,
+:mod:`medeman.methods.lesion_paste`).
 Where medeman differs from the paper: the loss is voxelwise with a masked Dice term (a small
 structure's few kept voxels otherwise weigh nothing against the background's), and weak and strong
 views share one spatial augmentation so their voxels align.
@@ -31,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from medeman.classes import lesion_classes, names_by_value, resolve_classes
 from medeman.config import ConfigError
 from medeman.losses import (
     CONSISTENCY_LOSSES,
@@ -39,6 +43,7 @@ from medeman.losses import (
     masked_dice,
     voxel_pseudo_labels,
 )
+from medeman.methods.lesion_paste import NOT_PASTED, paste_lesions
 from medeman.methods.mean_teacher import MeanTeacher
 from medeman.methods.pseudo_label_loss import log_pseudo_label_classes
 from medeman.methods.options import option
@@ -69,6 +74,19 @@ class FixMatchOptions:
         "weigh each pseudo-label's cross-entropy by its class's train.ce_class_weights, as the labeled loss does "
         "(a rare class's few pseudo-labelled voxels otherwise weigh as little as its share of the volume)",
     )
+    paste_probability: float = option(
+        0.0,
+        "probability that an unlabeled strong view gets a labeled patch's lesions (data.lesion_classes) pasted where the "
+        "teacher confidently sees their host organ, their ground truth the target there (object copy-paste, TumorCP, "
+        "Yang et al. 2021); 0: off",
+        rule=(lambda v: 0.0 <= v <= 1.0, "a probability in [0, 1]"),
+    )
+    paste_host_classes: tuple | None = option(
+        None,
+        "the classes a pasted lesion may land in, by value or name (e.g. [liver]); null: every foreground class "
+        "that is not a lesion class",
+        type=list,
+    )
     distribution_alignment: bool = option(
         False,
         "align the teacher's probabilities to the labeled class frequencies before thresholding (ReMixMatch's distribution "
@@ -93,6 +111,8 @@ class FixMatch(MeanTeacher):
                 "ssl.fixmatch_class_weighted weighs the pseudo-labels with train.ce_class_weights, which is null: "
                 "set it (one weight per class) or turn the option off"
             )
+        if cfg.ssl.fixmatch_paste_probability > 0:
+            paste_classes(cfg)
 
     def __init__(self, cfg: Any):
         super().__init__(cfg)
@@ -102,6 +122,7 @@ class FixMatch(MeanTeacher):
         self.alignment = (
             DistributionAlignment(self.cfg.data.num_classes) if self.own_options.distribution_alignment else None
         )
+        self.pasted, self.hosts = paste_classes(self.cfg) if self.own_options.paste_probability > 0 else ([], [])
 
     def checkpointed_modules(self) -> dict[str, nn.Module]:
         modules = super().checkpointed_modules()
@@ -116,13 +137,46 @@ class FixMatch(MeanTeacher):
         if self.alignment is not None:
             self.alignment.set_frequencies(labeled, unlabeled)
 
-    def unsupervised_loss(
-        self, module: SSLSegModule, strong_logits: torch.Tensor, weak: torch.Tensor, logs: dict
-    ) -> torch.Tensor:
-        teacher_probs = module.teacher_probs(weak)
-        if self.alignment is not None:
-            teacher_probs = self.alignment(teacher_probs)
+    def aligned_teacher_probs(self, module: SSLSegModule, weak: torch.Tensor) -> torch.Tensor:
+        """The teacher's probabilities on the weak view, aligned when ``ssl.fixmatch_distribution_alignment`` says so."""
+        with torch.no_grad():
+            teacher_probs = module.teacher_probs(weak)
+        return teacher_probs if self.alignment is None else self.alignment(teacher_probs)
+
+    def strong_view(self, module: SSLSegModule, labeled: dict, unlabeled: dict) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The strong views, with labeled lesions pasted into some when ``ssl.fixmatch_paste_probability`` > 0.
+
+        Pasting needs the teacher's host organ first, so its probabilities are computed here once and
+        handed on to :meth:`unsupervised_loss` with the pasted labels.
+        """
+        strong = unlabeled["strong"]
+        if not self.pasted:
+            return strong, {}
+        teacher_probs = self.aligned_teacher_probs(module, unlabeled["weak"])
         labels, mask = voxel_pseudo_labels(teacher_probs, self.own_options.threshold)
+        host = mask & torch.isin(labels, torch.as_tensor(self.hosts, device=labels.device))
+        chosen = torch.rand(strong.shape[0]) < self.own_options.paste_probability
+        pasted = paste_lesions(strong, host, labeled["image"], labeled["label"], self.pasted, self.hosts, chosen)
+        return pasted.image, {"teacher_probs": teacher_probs, "pasted": pasted.label}
+
+    def unsupervised_loss(
+        self,
+        module: SSLSegModule,
+        strong_logits: torch.Tensor,
+        weak: torch.Tensor,
+        logs: dict,
+        teacher_probs: torch.Tensor | None = None,
+        pasted: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Hard pseudo-labels of the teacher on ``weak`` (or its given ``teacher_probs``) train ``strong_logits``;
+        ``pasted`` lesion labels (:meth:`strong_view`) replace them where they are not ``NOT_PASTED``."""
+        if teacher_probs is None:
+            teacher_probs = self.aligned_teacher_probs(module, weak)
+        labels, mask = voxel_pseudo_labels(teacher_probs, self.own_options.threshold)
+        if pasted is not None:
+            where = pasted != NOT_PASTED
+            labels, mask = torch.where(where, pasted, labels), mask | where
+            logs["ssl/pasted_fraction"] = where.float().mean()
         if self.class_weights is not None and self.class_weights.device != strong_logits.device:
             self.class_weights = self.class_weights.to(strong_logits.device)  # once, not a copy per step
         ce = masked_cross_entropy(strong_logits, labels, mask, "all", self.class_weights)
@@ -141,3 +195,32 @@ class FixMatch(MeanTeacher):
             logs["loss/consistency"] = soft.detach()
             pseudo = pseudo + weight * soft
         return pseudo
+
+
+def paste_classes(cfg: Config) -> tuple[list[int], list[int]]:
+    """The classes ``ssl.fixmatch_paste_probability`` pastes (``data.lesion_classes``) and their hosts.
+
+    Raises:
+        ConfigError: no lesion classes, host classes that are not classes, or a host that is a lesion class.
+    """
+    lesions = lesion_classes(cfg)
+    if not lesions:
+        raise ConfigError(
+            "ssl.fixmatch_paste_probability pastes the classes of data.lesion_classes, which is empty: name the "
+            "lesion classes (e.g. data.lesion_classes=[lesion]) or set the probability to 0"
+        )
+    spec = cfg.ssl.fixmatch_paste_host_classes
+    if spec is None:
+        return lesions, [c for c in range(1, cfg.data.num_classes) if c not in lesions]
+    try:
+        hosts = resolve_classes(
+            spec, names_by_value(cfg.data.labels), cfg.data.num_classes, "ssl.fixmatch_paste_host_classes"
+        )
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if not hosts or set(hosts) & set(lesions):
+        raise ConfigError(
+            f"ssl.fixmatch_paste_host_classes: {list(spec)!r} must name at least one class where lesions lie, "
+            f"none of them a lesion class ({lesions})"
+        )
+    return lesions, hosts

@@ -60,7 +60,8 @@ class MeanTeacher(TeacherMethod):
             )
         n_labeled = image.shape[0]
         if weight > 0.0:
-            logits = module.student(torch.cat([image, unlabeled["strong"]]))
+            strong, extra = self.strong_view(module, labeled, unlabeled)
+            logits = module.student(torch.cat([image, strong]))
             labeled_logits, strong_logits = logits[:n_labeled], main_output(logits[n_labeled:])
         else:  # supervised-only warm-up: skip the unlabeled passes entirely
             labeled_logits, strong_logits = module.student(image), None
@@ -68,12 +69,16 @@ class MeanTeacher(TeacherMethod):
         loss = sup
         logs: dict[str, Any] = {"loss/sup": sup.detach()}
         if strong_logits is not None:
-            unsup = self.unsupervised_loss(module, strong_logits, unlabeled["weak"], logs)
+            unsup = self.unsupervised_loss(module, strong_logits, unlabeled["weak"], logs, **extra)
             loss = loss + weight * unsup
             logs["loss/unsup"] = unsup.detach()
         logs["loss/total"] = loss.detach()
         logs["ssl/weight"] = float(weight)
         return loss, logs
+
+    def strong_view(self, module: SSLSegModule, labeled: dict, unlabeled: dict) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The student's unlabeled input and keyword arguments for :meth:`unsupervised_loss`: here the strong view as drawn."""
+        return unlabeled["strong"], {}
 
     def unsupervised_loss(
         self, module: SSLSegModule, strong_logits: torch.Tensor, weak: torch.Tensor, logs: dict
