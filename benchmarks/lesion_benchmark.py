@@ -7,6 +7,8 @@ budget, over several seeds, and is scored on
 the same held-out test cases:
 
     supervised_few   the few labeled scans only (``configs/supervised.yaml``)        -- the baseline
+    supervised_paste the few labeled scans, each batch's lesions pasted into half of its patches' livers
+                     (``labeled_lesion_paste.yaml``): what copy-paste gives without unlabeled scans
     supervised_ema   the few labeled scans, an EMA teacher deployed (the weight-averaging control)
     mt_bn, mt_eman   + the unlabeled scans, mean teacher with a BN / EMAN teacher (``lesion_mean_teacher.yaml``)
     fixmatch         + the unlabeled scans, FixMatch-EMAN, 2 unlabeled patches a step (``lesion_unlabeled_batch2.yaml``,
@@ -66,6 +68,7 @@ REPO = Path(__file__).resolve().parents[1]
 # the unlabeled batch (configs/lesion_unlabeled_batch2.yaml) and the fixmatch row its alignment too.
 METHODS = {
     "supervised_few": (("configs/supervised.yaml",), "labeled"),
+    "supervised_paste": (("configs/supervised.yaml", "configs/labeled_lesion_paste.yaml"), "labeled"),
     "supervised_ema": (("configs/lesion_mean_teacher.yaml", "configs/ablation_supervised_ema.yaml"), "labeled"),
     "mt_bn": (("configs/lesion_mean_teacher.yaml", "configs/mt_bn.yaml"), "labeled"),
     "mt_eman": (("configs/lesion_mean_teacher.yaml",), "labeled"),
@@ -87,6 +90,7 @@ METHOD_PAIRS = (
     ("fixmatch_da_cw", "fixmatch_da"),
     ("fixmatch_da_u4", "fixmatch_da"),
     ("fixmatch_da_paste", "fixmatch_da"),
+    ("fixmatch_da_paste", "supervised_paste"),
 )
 LESION = 3
 CHOICE_SEEDS_AHEAD = 0.8  # a grid point replaces the method's own config only if ahead on validation in 8 of 10 seeds

@@ -88,6 +88,19 @@ def lesion_classes(cfg: Config | Mapping[str, Any]) -> list[int]:
     return resolve_classes(data.lesion_classes, names_by_value(data.labels), data.num_classes, "data.lesion_classes")
 
 
+def lesion_host_classes(cfg: Config | Mapping[str, Any]) -> list[int]:
+    """``data.lesion_host_classes`` as label values; when null, every foreground class that is not a lesion class."""
+    from medeman.typed_config import as_config
+
+    data = as_config(cfg).data
+    if data.lesion_host_classes is None:
+        lesions = lesion_classes(cfg)
+        return [c for c in range(1, data.num_classes) if c not in lesions]
+    return resolve_classes(
+        data.lesion_host_classes, names_by_value(data.labels), data.num_classes, "data.lesion_host_classes"
+    )
+
+
 def load_class_names(spec: str | Path) -> dict[int, str]:
     """Class names by label value, from a file or written out.
 

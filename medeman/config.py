@@ -141,6 +141,12 @@ SCHEMA: dict[str, dict[str, Option]] = {
             "classes scored lesion-wise by medeman evaluate (connected components: detected, missed, false positives), by value or name, e.g. [3] or [lesion]; null: none, organs get Dice and distances only",
             type=list,
         ),
+        "lesion_host_classes": Option(
+            None,
+            "classes the lesions lie in, by value or name (e.g. [liver]): where lesion copy-paste puts them "
+            "(ssl.fixmatch_paste_probability, data.labeled_lesion_paste); null: every foreground class that is not a lesion class",
+            type=list,
+        ),
         "in_channels": Option(1, "image channels per case (nnU-Net _0000, _0001, ... files grouped into one case)"),
         "val_fraction": Option(0.2, "fraction of labeled cases held out for validation when no --val folder is given"),
         "split_seed": Option(0, "seed of the deterministic train/validation split"),
@@ -189,6 +195,12 @@ SCHEMA: dict[str, dict[str, Option]] = {
             "nnunet",
             "augmentation of labeled patches, shared by every method: nnunet (nnU-Net's: rotation and scaling, mirroring, gamma, contrast, brightness, noise, blur, simulated low resolution) or basic (the flips, 90-degree rotations and affine_prob below, as the unlabeled views)",
             ("nnunet", "basic"),
+        ),
+        "labeled_lesion_paste": Option(
+            0.0,
+            "probability that a labeled patch gets the lesions (data.lesion_classes) of a labeled patch of its batch pasted "
+            "where its ground truth shows their host organ (data.lesion_host_classes), shared by every method (object "
+            "copy-paste, TumorCP, Yang et al. 2021); 0: off",
         ),
         "flip_prob": Option(0.5, "probability of a flip per axis, applied identically to both unlabeled views"),
         "rotate90_prob": Option(0.25, "probability of an axial 90-degree rotation, identical for both views"),
@@ -522,11 +534,27 @@ def validate(cfg: dict) -> dict:
     ):
         raise ConfigError(f"data.labels: {names!r} must be null or a map from label values 0..num_classes-1 to names")
     try:  # the dict's own values: classes.lesion_classes reads a checked Config
-        resolve_classes(
+        lesions = resolve_classes(
             cfg["data"]["lesion_classes"], names_by_value(names), cfg["data"]["num_classes"], "data.lesion_classes"
+        )
+        hosts = resolve_classes(
+            cfg["data"]["lesion_host_classes"],
+            names_by_value(names),
+            cfg["data"]["num_classes"],
+            "data.lesion_host_classes",
         )
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    if cfg["data"]["lesion_host_classes"] is not None and (not hosts or set(hosts) & set(lesions)):
+        raise ConfigError(
+            f"data.lesion_host_classes: {cfg['data']['lesion_host_classes']!r} must name at least one class the "
+            f"lesions lie in, none of them a lesion class ({lesions})"
+        )
+    if cfg["data"]["labeled_lesion_paste"] > 0 and not lesions:
+        raise ConfigError(
+            "data.labeled_lesion_paste pastes the classes of data.lesion_classes, which is empty: name the lesion "
+            "classes (e.g. data.lesion_classes=[lesion]) or set it to 0"
+        )
     for key in ("patch_size",):
         value = cfg["data"][key]
         if not (isinstance(value, (list, tuple)) and len(value) == 3 and all(int(v) > 0 for v in value)):
@@ -593,6 +621,7 @@ _VALUE_RULES: list[tuple[str, Any, str]] = [
     ("data.flip_prob", _fraction, "a probability in [0, 1]"),
     ("data.rotate90_prob", _fraction, "a probability in [0, 1]"),
     ("data.affine_prob", _fraction, "a probability in [0, 1]"),
+    ("data.labeled_lesion_paste", _fraction, "a probability in [0, 1]"),
     ("data.strong_prob", _fraction, "a probability in [0, 1]"),
     ("data.strong_noise_std", _non_negative, "a non-negative standard deviation"),
     ("data.strong_brightness", _non_negative, "a non-negative intensity shift"),

@@ -25,9 +25,11 @@ from torch import nn
 
 from medeman.data.batches import stream_seed
 from medeman.predict import predict_volume
+from medeman.classes import lesion_classes, lesion_host_classes
 from medeman.labels import argmax_labels
 from medeman.losses import class_weight_tensor
 from medeman.methods import Method, build_method
+from medeman.methods.lesion_paste import paste_into_labeled
 from medeman.nets import build_network, deep_supervision_heads, deep_supervision_weights, main_output
 from medeman.teacher_focus import TeacherFocus
 from medeman.typed_config import Config, as_config
@@ -81,6 +83,9 @@ class SSLSegModule(pl.LightningModule):
             self.supervised_loss = DeepSupervisionLoss(
                 self.supervised_loss, weights=deep_supervision_weights(1 + train.deep_supervision_heads)
             )
+        self.labeled_paste = (  # data.labeled_lesion_paste: (lesion classes, their hosts), or None
+            (lesion_classes(cfg), lesion_host_classes(cfg)) if cfg.data.labeled_lesion_paste > 0 else None
+        )
         for name, state in self.method.checkpointed_modules().items():  # e.g. adaptive pseudo-label thresholds
             self.add_module(name, state)
         # per validated network, made when the method first names it (Method.validated_networks)
@@ -102,6 +107,8 @@ class SSLSegModule(pl.LightningModule):
             torch.cuda.manual_seed(seed)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if self.labeled_paste is not None:
+            batch = {**batch, "labeled": self.paste_labeled_lesions(batch["labeled"])}
         loss, logs = self.method.training_loss(self, batch)
         if (
             not self.writes_training_logs()
@@ -129,6 +136,13 @@ class SSLSegModule(pl.LightningModule):
                 batch_size=batch_size,
             )
         return loss
+
+    def paste_labeled_lesions(self, labeled: dict) -> dict:
+        """``data.labeled_lesion_paste``: the batch's lesions pasted into some of its labeled patches, for every method."""
+        image = labeled["image"]
+        chosen = torch.rand(image.shape[0]) < self.cfg.data.labeled_lesion_paste  # the RNG seeded per batch
+        image, label = paste_into_labeled(image, labeled["label"], *self.labeled_paste, chosen)
+        return {**labeled, "image": image, "label": label}
 
     def writes_training_logs(self) -> bool:
         """Whether the loggers write this training step's logs (Lightning's rule: ``(step + 1) % log_every_n_steps == 0``).

@@ -347,6 +347,8 @@ def test_default_yaml_matches_schema():
 def test_shipped_configs_load(path):
     # an ablation overlay is loaded over the ablation's base config, as benchmarks/ssl_ablation.py loads it
     base = [CONFIGS / "ablation.yaml"] if path.name.startswith("ablation_") else []
+    if "--config configs/lesion.yaml" in path.read_text():  # a lesion overlay says so in its usage line
+        base = [CONFIGS / "lesion.yaml"]
     load_config([*base, path])
 
 

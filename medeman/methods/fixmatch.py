@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from medeman.classes import lesion_classes, names_by_value, resolve_classes
+from medeman.classes import lesion_classes, lesion_host_classes
 from medeman.config import ConfigError
 from medeman.losses import (
     CONSISTENCY_LOSSES,
@@ -77,15 +77,9 @@ class FixMatchOptions:
     paste_probability: float = option(
         0.0,
         "probability that an unlabeled strong view gets a labeled patch's lesions (data.lesion_classes) pasted where the "
-        "teacher confidently sees their host organ, their ground truth the target there (object copy-paste, TumorCP, "
+        "teacher confidently sees their host organ (data.lesion_host_classes), their ground truth the target there (object copy-paste, TumorCP, "
         "Yang et al. 2021); 0: off",
         rule=(lambda v: 0.0 <= v <= 1.0, "a probability in [0, 1]"),
-    )
-    paste_host_classes: tuple | None = option(
-        None,
-        "the classes a pasted lesion may land in, by value or name (e.g. [liver]); null: every foreground class "
-        "that is not a lesion class",
-        type=list,
     )
     distribution_alignment: bool = option(
         False,
@@ -201,7 +195,7 @@ def paste_classes(cfg: Config) -> tuple[list[int], list[int]]:
     """The classes ``ssl.fixmatch_paste_probability`` pastes (``data.lesion_classes``) and their hosts.
 
     Raises:
-        ConfigError: no lesion classes, host classes that are not classes, or a host that is a lesion class.
+        ConfigError: no lesion classes.
     """
     lesions = lesion_classes(cfg)
     if not lesions:
@@ -209,18 +203,4 @@ def paste_classes(cfg: Config) -> tuple[list[int], list[int]]:
             "ssl.fixmatch_paste_probability pastes the classes of data.lesion_classes, which is empty: name the "
             "lesion classes (e.g. data.lesion_classes=[lesion]) or set the probability to 0"
         )
-    spec = cfg.ssl.fixmatch_paste_host_classes
-    if spec is None:
-        return lesions, [c for c in range(1, cfg.data.num_classes) if c not in lesions]
-    try:
-        hosts = resolve_classes(
-            spec, names_by_value(cfg.data.labels), cfg.data.num_classes, "ssl.fixmatch_paste_host_classes"
-        )
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    if not hosts or set(hosts) & set(lesions):
-        raise ConfigError(
-            f"ssl.fixmatch_paste_host_classes: {list(spec)!r} must name at least one class where lesions lie, "
-            f"none of them a lesion class ({lesions})"
-        )
-    return lesions, hosts
+    return lesions, lesion_host_classes(cfg)

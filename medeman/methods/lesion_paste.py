@@ -111,3 +111,34 @@ def paste_lesions(
         out[i][(slice(None), *target.T)] = destination_mean[:, None] + (lesion - source_mean[:, None])
         pasted[i][tuple(target.T)] = source_label[j][tuple(voxels.T)]
     return PastedBatch(image=out, label=pasted)
+
+
+def paste_into_labeled(
+    image: torch.Tensor,
+    label: torch.Tensor,
+    lesion_classes: Sequence[int],
+    host_classes: Sequence[int],
+    chosen: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labeled patches with the lesions of a labeled patch of the batch pasted on their ground-truth host organ.
+
+    ``data.labeled_lesion_paste``: the same paste as :func:`paste_lesions`, the host read from each
+    patch's own labels, the pasted voxels relabelled as the lesion (existing lesions are not host voxels,
+    so they stay as they are).
+
+    Args:
+        image: ``(B, C, *spatial)`` labeled patches.
+        label: ``(B, 1, *spatial)`` their classes.
+        lesion_classes, host_classes: as for :func:`paste_lesions`.
+        chosen: bool ``(B,)``, which patches receive a lesion.
+        generator: CPU generator for the draws (the global one if ``None``).
+
+    Returns:
+        ``(image, label)`` of the same shapes and dtypes.
+    """
+    classes = label[:, 0].long()
+    host = torch.isin(classes, torch.as_tensor(list(host_classes), device=classes.device))
+    pasted = paste_lesions(image, host, image, classes, lesion_classes, host_classes, chosen, generator)
+    classes = torch.where(pasted.label != NOT_PASTED, pasted.label, classes)
+    return pasted.image, classes.unsqueeze(1).to(label.dtype)

@@ -134,7 +134,6 @@ def test_each_method_declares_its_own_keys_in_its_file():
         "fixmatch_consistency_weight": "fixmatch",
         "fixmatch_class_weighted": "fixmatch",
         "fixmatch_paste_probability": "fixmatch",
-        "fixmatch_paste_host_classes": "fixmatch",
         "fixmatch_distribution_alignment": "fixmatch",
         "ua_mt_passes": "ua_mt",
         "ua_mt_noise_std": "ua_mt",
