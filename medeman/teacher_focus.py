@@ -154,7 +154,9 @@ class TeacherFocus(pl.Callback):
             return 0.0, 0
         start, focused = time.perf_counter(), 0
         roi = [int(s) for s in self.cfg.data.patch_size]
-        probability_sum, voxels = torch.zeros(self.cfg.data.num_classes, dtype=torch.float64), 0
+        # summed on the device: one copy to the host after the pass, not one per scan (MPS has no float64: float32 there)
+        sum_dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64
+        probability_sum, voxels = torch.zeros(self.cfg.data.num_classes, dtype=sum_dtype, device=device), 0
         was_training = teacher.training
         teacher.eval()  # deep-supervision heads off, dropout off; EMAN layers use their statistics anyway
         try:
@@ -164,7 +166,7 @@ class TeacherFocus(pl.Callback):
                     image, roi, self.cfg.infer.sw_batch_size, lambda x: main_output(teacher(x)), overlap=0.0
                 )
                 if frequencies:
-                    probability_sum += torch.softmax(logits.float(), dim=1)[0].flatten(1).sum(1).double().cpu()
+                    probability_sum += torch.softmax(logits.float(), dim=1)[0].flatten(1).sum(1).to(sum_dtype)
                     voxels += logits[0, 0].numel()
                 if focus is not None:
                     labels = argmax_labels(logits, dim=1, dtype=torch.long)[0]
@@ -177,6 +179,6 @@ class TeacherFocus(pl.Callback):
             if self.labeled_frequencies is None:
                 self.labeled_frequencies = datamodule.labeled_class_frequencies()
             method.set_unlabeled_frequencies(
-                self.labeled_frequencies.to(device), (probability_sum / voxels).float().to(device)
+                self.labeled_frequencies.to(device), (probability_sum / voxels).float()
             )
         return time.perf_counter() - start, focused
