@@ -20,8 +20,10 @@ the same held-out test cases:
     fixmatch_da_paste  fixmatch_da pasting labeled lesions into half of the unlabeled patches' livers
                      (``lesion_unlabeled_batch2.yaml``, ``fixmatch_lesion_paste.yaml``)
     bcp              + the unlabeled scans, bidirectional copy-paste on an EMAN teacher (``ablation_bcp.yaml``)
+    fixmatch_da_paste_both  fixmatch_da pasting lesions into labeled and unlabeled patches (both overlays)
     supervised_all   every scan labeled (the labeled ones + the unlabeled ones with their ground truth)
                      -- the upper bound the unlabeled scans could reach at most
+    supervised_all_paste  supervised_all pasting lesions into its labeled patches: the upper bound of the paste rows
 
 Every run validates on the same ``val/`` cases (so model selection never sees the test cases) and
 is scored through ``teacher.pt``, the network ``medeman train`` leaves for deployment, with
@@ -78,9 +80,18 @@ METHODS = {
     "fixmatch_da_u4": ((), "labeled"),
     "fixmatch_da_paste": (("configs/lesion_unlabeled_batch2.yaml", "configs/fixmatch_lesion_paste.yaml"), "labeled"),
     "bcp": (("configs/lesion_mean_teacher.yaml", "configs/ablation_bcp.yaml"), "labeled"),
+    "fixmatch_da_paste_both": (
+        (
+            "configs/lesion_unlabeled_batch2.yaml",
+            "configs/fixmatch_lesion_paste.yaml",
+            "configs/labeled_lesion_paste.yaml",
+        ),
+        "labeled",
+    ),
     "supervised_all": (("configs/supervised.yaml",), "all_labeled"),
+    "supervised_all_paste": (("configs/supervised.yaml", "configs/labeled_lesion_paste.yaml"), "all_labeled"),
 }
-BASELINES = ("supervised_few", "supervised_all")
+BASELINES = ("supervised_few", "supervised_all", "supervised_all_paste")
 METHOD_PAIRS = (
     ("mt_eman", "mt_bn"),
     ("mt_eman", "supervised_ema"),
@@ -90,7 +101,8 @@ METHOD_PAIRS = (
     ("fixmatch_da_cw", "fixmatch_da"),
     ("fixmatch_da_u4", "fixmatch_da"),
     ("fixmatch_da_paste", "fixmatch_da"),
-    ("fixmatch_da_paste", "supervised_paste"),
+    ("fixmatch_da_paste_both", "supervised_paste"),
+    ("fixmatch_da_paste_both", "fixmatch_da_paste"),
 )
 LESION = 3
 CHOICE_SEEDS_AHEAD = 0.8  # a grid point replaces the method's own config only if ahead on validation in 8 of 10 seeds
