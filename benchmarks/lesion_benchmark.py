@@ -92,6 +92,10 @@ METHODS = {
     "supervised_all_paste": (("configs/supervised.yaml", "configs/labeled_lesion_paste.yaml"), "all_labeled"),
 }
 BASELINES = ("supervised_few", "supervised_all", "supervised_all_paste")
+# the methods that paste lesions into their labeled patches are also measured against the supervised run that does
+# the same (the copy-paste baseline), and their gap against the all-labeled run that does the same
+PASTE_BASELINES = ("supervised_paste", "supervised_all_paste")
+LABELED_PASTE = "configs/labeled_lesion_paste.yaml"
 METHOD_PAIRS = (
     ("mt_eman", "mt_bn"),
     ("mt_eman", "supervised_ema"),
@@ -320,9 +324,15 @@ def paired(records: list[dict], method: str, base: str, key: str) -> list[float]
     ]
 
 
-def gap_closed(records: list[dict], key: str, method: str = "mt_eman") -> tuple[str, list[float]]:
-    """Share of the few -> all gap ``method`` closes: from the seed means, and per seed."""
-    ssl, full = paired(records, method, "supervised_few", key), paired(records, "supervised_all", "supervised_few", key)
+def gap_closed(
+    records: list[dict],
+    key: str,
+    method: str = "mt_eman",
+    baselines: tuple[str, str] = ("supervised_few", "supervised_all"),
+) -> tuple[str, list[float]]:
+    """Share of the few -> all gap (``baselines``) ``method`` closes: from the seed means, and per seed."""
+    few, all_ = baselines
+    ssl, full = paired(records, method, few, key), paired(records, all_, few, key)
     per_seed = [a / b for a, b in zip(ssl, full) if abs(b) > 1e-9]
     if not ssl or not full or statistics.fmean(full) <= 1e-9:
         return "n/a (all labels do not beat few)", per_seed
@@ -400,6 +410,32 @@ def write_results(records: list[dict], args: argparse.Namespace, wall_s: float, 
             lines.append(
                 f"| {name} | {method} | {mean_std(diffs)} | {sum(d > 0 for d in diffs)}/{len(diffs)} | "
                 f"{mean_std(paired(records, 'supervised_all', 'supervised_few', key))} | {share} "
+                f"({', '.join(f'{100 * v:.0f} %' for v in per_seed) or '–'}) |"
+            )
+    pasting = [m for m, (overlays, _) in METHODS.items() if LABELED_PASTE in overlays and m not in PASTE_BASELINES]
+    against_paste = [
+        (key, name, m)
+        for key, name in keys[:1] + keys[4:]
+        for m in pasting
+        if paired(records, m, PASTE_BASELINES[0], key)
+    ]
+    if against_paste:
+        few, all_ = PASTE_BASELINES
+        lines += [
+            "",
+            f"Against the copy-paste baseline: the methods that paste lesions into their labeled patches, paired with "
+            f"`{few}` (the few labeled scans, pasting the same way), and the gap to `{all_}` (every scan labeled, "
+            "pasting the same way):",
+            "",
+            f"| score | method | method - {few} | seeds ahead | {all_} - {few} | gap closed |",
+            "|---|---|---|---|---|---|",
+        ]
+        for key, name, method in against_paste:
+            diffs = paired(records, method, few, key)
+            share, per_seed = gap_closed(records, key, method, PASTE_BASELINES)
+            lines.append(
+                f"| {name} | {method} | {mean_std(diffs)} | {sum(d > 0 for d in diffs)}/{len(diffs)} | "
+                f"{mean_std(paired(records, all_, few, key)) if paired(records, all_, few, key) else '–'} | {share} "
                 f"({', '.join(f'{100 * v:.0f} %' for v in per_seed) or '–'}) |"
             )
     between = [

@@ -273,3 +273,33 @@ def test_lesion_benchmark_reuses_a_run_whatever_the_options_of_methods_it_does_n
     assert (what_trains(before) == what_trains(more_unlabeled)) is reused  # read by a method that uses unlabeled scans
     changed = load_config(sets=[f"ssl.method={method}", "train.lr=0.5"])
     assert what_trains(before) != what_trains(changed)  # a key every method reads always counts
+
+
+def test_lesion_gap_closed_against_the_copy_paste_baselines():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from lesion_benchmark import PASTE_BASELINES, gap_closed
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+    def run(method: str, seed: int, dice: float) -> dict:
+        return {"method": method, "seed": seed, "scores": {"lesion_dice": dice}}
+
+    # seed 0: baseline 0.30, method 0.33, upper bound 0.40 (30 % of the gap); seed 1: 0.20, 0.26, 0.40 (30 %)
+    records = [
+        run("supervised_few", 0, 0.10),
+        run("supervised_all", 0, 0.50),
+        *[
+            run(m, 0, d)
+            for m, d in zip(("supervised_paste", "fixmatch_da_paste_both", "supervised_all_paste"), (0.30, 0.33, 0.40))
+        ],
+        *[
+            run(m, 1, d)
+            for m, d in zip(("supervised_paste", "fixmatch_da_paste_both", "supervised_all_paste"), (0.20, 0.26, 0.40))
+        ],
+    ]
+    share, per_seed = gap_closed(records, "lesion_dice", "fixmatch_da_paste_both", PASTE_BASELINES)
+    assert share == "30 %"  # mean gain 0.045 over mean gap 0.15
+    assert per_seed == pytest.approx([0.3, 0.3])
+    # against the runs without paste (seed 0 only): (0.33 - 0.10) / (0.50 - 0.10), the paste's own gain counted in
+    assert gap_closed(records, "lesion_dice", "fixmatch_da_paste_both") == ("58 %", pytest.approx([0.575]))
