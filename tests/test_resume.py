@@ -142,6 +142,21 @@ class _KillAt(pl.Callback):
             6,
             ["ssl.method=fixmatch", "ssl.fixmatch_distribution_alignment=true", "ssl.fixmatch_threshold=0.4"],
         ),
+        # lesion copy-paste into labeled and unlabeled patches: its draws come from the RNG seeded per batch
+        (
+            3,
+            7,
+            False,
+            6,
+            [
+                "ssl.method=fixmatch",
+                "ssl.fixmatch_threshold=0.4",
+                "data.lesion_classes=[2]",
+                "data.lesion_host_classes=[1]",
+                "data.labeled_lesion_paste=1",
+                "ssl.fixmatch_paste_probability=1",
+            ],
+        ),
         (4, 8, True, 4, []),  # killed in a validation: the checkpoint of its step is the one written after it
     ],
 )
@@ -175,6 +190,8 @@ def test_a_run_killed_and_resumed_equals_the_uninterrupted_run(
         progress_bar=False,
     )
     _assert_same_run(killed, whole)
+    if "ssl.fixmatch_paste_probability=1" in sets:  # the case pastes at all
+        assert any(float(r.get("ssl/pasted_fraction") or 0) > 0 for r in _rows(whole))
 
 
 @pytest.mark.parametrize(
