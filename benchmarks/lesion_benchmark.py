@@ -2,28 +2,27 @@
 
 On the lesion sample cohort (``medeman.sample_data`` with ``lesions=True``: liver, kidneys and 1-3
 small liver lesions per scan, label 3) every method trains with ``configs/lesion.yaml`` (the base,
-whose own method is FixMatch-EMAN with distribution alignment and 4 unlabeled patches a step) on the same step
-budget, over several seeds, and is scored on
-the same held-out test cases:
+whose own method is FixMatch-EMAN with distribution alignment and lesion copy-paste into labeled and
+unlabeled patches) on the same step budget, over several seeds, and is scored on the same held-out
+test cases. Rows without copy-paste layer ``lesion_no_paste.yaml`` under their own overlays:
 
-    supervised_few   the few labeled scans only (``configs/supervised.yaml``)        -- the baseline
-    supervised_paste the few labeled scans, each batch's lesions pasted into half of its patches' livers
-                     (``labeled_lesion_paste.yaml``): what copy-paste gives without unlabeled scans
+    supervised_few   the few labeled scans only (``supervised.yaml``)                -- the baseline
+    supervised_paste the few labeled scans, lesions of the batch pasted into half of its patches' livers:
+                     what copy-paste gives without unlabeled scans                  -- the copy-paste baseline
     supervised_ema   the few labeled scans, an EMA teacher deployed (the weight-averaging control)
     mt_bn, mt_eman   + the unlabeled scans, mean teacher with a BN / EMAN teacher (``lesion_mean_teacher.yaml``)
-    fixmatch         + the unlabeled scans, FixMatch-EMAN, 2 unlabeled patches a step (``lesion_unlabeled_batch2.yaml``,
-                     ``fixmatch_unaligned.yaml``)
-    fixmatch_da      + the teacher aligned to the labeled class frequencies (``lesion_unlabeled_batch2.yaml``)
+    fixmatch         + the unlabeled scans, FixMatch-EMAN, 2 unlabeled patches a step (``fixmatch_unaligned.yaml``)
+    fixmatch_da      + the teacher aligned to the labeled class frequencies
     fixmatch_da_cw   + each pseudo-label's cross-entropy weighted by its class's ``train.ce_class_weights``
-                     (``lesion_unlabeled_batch2.yaml``, ``fixmatch_class_weighted.yaml``)
-    fixmatch_da_u4   fixmatch_da with 4 unlabeled patches a step: ``configs/lesion.yaml`` as it is (the default)
-    fixmatch_da_paste  fixmatch_da pasting labeled lesions into half of the unlabeled patches' livers
-                     (``lesion_unlabeled_batch2.yaml``, ``fixmatch_lesion_paste.yaml``)
+                     (``fixmatch_class_weighted.yaml``)
+    fixmatch_da_u4   fixmatch_da with 4 unlabeled patches a step (``lesion_unlabeled_batch4.yaml``)
+    fixmatch_da_paste  fixmatch_da pasting labeled lesions into half of the unlabeled strong views' livers
+                     (``fixmatch_lesion_paste.yaml``)
+    fixmatch_da_paste_both  and into half of the labeled patches: ``configs/lesion.yaml`` as it is (the default)
     bcp              + the unlabeled scans, bidirectional copy-paste on an EMAN teacher (``ablation_bcp.yaml``)
-    fixmatch_da_paste_both  fixmatch_da pasting lesions into labeled and unlabeled patches (both overlays)
     supervised_all   every scan labeled (the labeled ones + the unlabeled ones with their ground truth)
                      -- the upper bound the unlabeled scans could reach at most
-    supervised_all_paste  supervised_all pasting lesions into its labeled patches: the upper bound of the paste rows
+    supervised_all_paste  every scan labeled, pasting as supervised_paste   -- the copy-paste upper bound
 
 Every run validates on the same ``val/`` cases (so model selection never sees the test cases) and
 is scored through ``teacher.pt``, the network ``medeman train`` leaves for deployment, with
@@ -31,7 +30,8 @@ is scored through ``teacher.pt``, the network ``medeman train`` leaves for deplo
 lesion-wise detection (connected components, a lesion found at IoU >= 0.1; sensitivity,
 precision and F1 of the counts pooled over the test cases) and lesion-wise Dice. Methods are
 compared per seed (paired: the same seed gives the same initial network and data order), and the
-share of the gap that the unlabeled scans close is ``(method - few) / (all - few)``.
+share of the gap that the unlabeled scans close is ``(method - few) / (all - few)``; for the methods that paste
+into their labeled patches also ``(method - supervised_paste) / (supervised_all_paste - supervised_paste)``.
 
     python benchmarks/lesion_benchmark.py --seeds 0 1 2 3 4 5 6 7 8 9     # the recorded study at 3000 steps (lesion.yaml's)
     python benchmarks/lesion_benchmark.py --seeds 0 1 2 3 4 5 6 7 8 9 --set train.max_steps=1000   # and at 1000
@@ -65,37 +65,33 @@ from _report import NOTES_MARKER, commit, grid_tag, hardware, mean_std, notes_be
 
 REPO = Path(__file__).resolve().parents[1]
 # method -> (overlays on the base config, labeled folder). configs/lesion.yaml's own method is FixMatch-EMAN with
-# distribution alignment and 4 unlabeled patches a step (fixmatch_da_u4); the mean-teacher rows and the EMA control
-# set back every ssl key it sets and the unlabeled batch (configs/lesion_mean_teacher.yaml), the other fixmatch rows
-# the unlabeled batch (configs/lesion_unlabeled_batch2.yaml) and the fixmatch row its alignment too.
+# distribution alignment and lesion copy-paste into labeled and unlabeled patches (fixmatch_da_paste_both); every row
+# trained without copy-paste sets it back (configs/lesion_no_paste.yaml), the mean-teacher rows and the EMA control also
+# every ssl key lesion.yaml sets (configs/lesion_mean_teacher.yaml).
+NO_PASTE = "configs/lesion_no_paste.yaml"
 METHODS = {
-    "supervised_few": (("configs/supervised.yaml",), "labeled"),
-    "supervised_paste": (("configs/supervised.yaml", "configs/labeled_lesion_paste.yaml"), "labeled"),
-    "supervised_ema": (("configs/lesion_mean_teacher.yaml", "configs/ablation_supervised_ema.yaml"), "labeled"),
-    "mt_bn": (("configs/lesion_mean_teacher.yaml", "configs/mt_bn.yaml"), "labeled"),
-    "mt_eman": (("configs/lesion_mean_teacher.yaml",), "labeled"),
-    "fixmatch": (("configs/lesion_unlabeled_batch2.yaml", "configs/fixmatch_unaligned.yaml"), "labeled"),
-    "fixmatch_da": (("configs/lesion_unlabeled_batch2.yaml",), "labeled"),
-    "fixmatch_da_cw": (("configs/lesion_unlabeled_batch2.yaml", "configs/fixmatch_class_weighted.yaml"), "labeled"),
-    "fixmatch_da_u4": ((), "labeled"),
-    "fixmatch_da_paste": (("configs/lesion_unlabeled_batch2.yaml", "configs/fixmatch_lesion_paste.yaml"), "labeled"),
-    "bcp": (("configs/lesion_mean_teacher.yaml", "configs/ablation_bcp.yaml"), "labeled"),
-    "fixmatch_da_paste_both": (
-        (
-            "configs/lesion_unlabeled_batch2.yaml",
-            "configs/fixmatch_lesion_paste.yaml",
-            "configs/labeled_lesion_paste.yaml",
-        ),
+    "supervised_few": (("configs/supervised.yaml", NO_PASTE), "labeled"),
+    "supervised_paste": (("configs/supervised.yaml",), "labeled"),
+    "supervised_ema": (
+        ("configs/lesion_mean_teacher.yaml", "configs/ablation_supervised_ema.yaml", NO_PASTE),
         "labeled",
     ),
-    "supervised_all": (("configs/supervised.yaml",), "all_labeled"),
-    "supervised_all_paste": (("configs/supervised.yaml", "configs/labeled_lesion_paste.yaml"), "all_labeled"),
+    "mt_bn": (("configs/lesion_mean_teacher.yaml", "configs/mt_bn.yaml", NO_PASTE), "labeled"),
+    "mt_eman": (("configs/lesion_mean_teacher.yaml", NO_PASTE), "labeled"),
+    "fixmatch": ((NO_PASTE, "configs/fixmatch_unaligned.yaml"), "labeled"),
+    "fixmatch_da": ((NO_PASTE,), "labeled"),
+    "fixmatch_da_cw": ((NO_PASTE, "configs/fixmatch_class_weighted.yaml"), "labeled"),
+    "fixmatch_da_u4": ((NO_PASTE, "configs/lesion_unlabeled_batch4.yaml"), "labeled"),
+    "fixmatch_da_paste": ((NO_PASTE, "configs/fixmatch_lesion_paste.yaml"), "labeled"),
+    "fixmatch_da_paste_both": ((), "labeled"),
+    "bcp": (("configs/lesion_mean_teacher.yaml", "configs/ablation_bcp.yaml", NO_PASTE), "labeled"),
+    "supervised_all": (("configs/supervised.yaml", NO_PASTE), "all_labeled"),
+    "supervised_all_paste": (("configs/supervised.yaml",), "all_labeled"),
 }
 BASELINES = ("supervised_few", "supervised_all", "supervised_all_paste")
 # the methods that paste lesions into their labeled patches are also measured against the supervised run that does
 # the same (the copy-paste baseline), and their gap against the all-labeled run that does the same
 PASTE_BASELINES = ("supervised_paste", "supervised_all_paste")
-LABELED_PASTE = "configs/labeled_lesion_paste.yaml"
 METHOD_PAIRS = (
     ("mt_eman", "mt_bn"),
     ("mt_eman", "supervised_ema"),
@@ -412,7 +408,8 @@ def write_results(records: list[dict], args: argparse.Namespace, wall_s: float, 
                 f"{mean_std(paired(records, 'supervised_all', 'supervised_few', key))} | {share} "
                 f"({', '.join(f'{100 * v:.0f} %' for v in per_seed) or '–'}) |"
             )
-    pasting = [m for m, (overlays, _) in METHODS.items() if LABELED_PASTE in overlays and m not in PASTE_BASELINES]
+    configs = _method_configs(records)
+    pasting = [m for m, c in configs.items() if c["data"]["labeled_lesion_paste"] > 0 and m not in PASTE_BASELINES]
     against_paste = [
         (key, name, m)
         for key, name in keys[:1] + keys[4:]

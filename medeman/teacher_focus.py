@@ -178,7 +178,5 @@ class TeacherFocus(pl.Callback):
         if frequencies and voxels:
             if self.labeled_frequencies is None:
                 self.labeled_frequencies = datamodule.labeled_class_frequencies()
-            method.set_unlabeled_frequencies(
-                self.labeled_frequencies.to(device), (probability_sum / voxels).float()
-            )
+            method.set_unlabeled_frequencies(self.labeled_frequencies.to(device), (probability_sum / voxels).float())
         return time.perf_counter() - start, focused
