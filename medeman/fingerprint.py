@@ -25,7 +25,7 @@ from medeman.data.discovery import discover_labeled, discover_unlabeled
 from medeman.data.errors import DataError
 from medeman.data.readers import read_geometry, read_volume, voxel_spacing
 
-VERSION = 1
+VERSION = 2  # 2: each class's border (neighbours)
 # nnU-Net samples 10 000 foreground voxels per case for its intensity statistics: enough for
 # stable 0.5/99.5 percentiles, and it keeps the fingerprint's JSON small
 INTENSITY_SAMPLES_PER_CASE = 10_000
@@ -53,7 +53,8 @@ def case_fingerprint(
         ``{"spacing", "shape", "orientation", "num_classes", "class_voxels", "components",
         "foreground_intensities", "image_min"}``: spacing in mm and shape in (x, y, z) RAS order,
         ``class_voxels[c]`` voxels of class c, ``components[c]`` the volumes (mm^3) of class c's
-        connected components (26-connectivity), a sample of foreground intensities.
+        connected components (26-connectivity), ``neighbours[c]`` the classes of the voxels just outside
+        class c (:func:`border_classes`), a sample of foreground intensities.
     """
     image, affine = _read(image_path)
     label, _ = _read(label_path)
@@ -75,6 +76,7 @@ def case_fingerprint(
         labelled, n = ndimage.label(label == c, structure=np.ones((3, 3, 3), bool))
         sizes = np.bincount(labelled.ravel(), minlength=n + 1)[1:] if n else np.zeros(0, int)
         components[str(c)] = [round(float(s) * voxel_mm3, 3) for s in sizes]
+    neighbours = {str(c): border_classes(label, c, classes) for c in range(1, classes)}
     foreground = image[label > 0]
     rng = np.random.default_rng(seed)
     if foreground.size > INTENSITY_SAMPLES_PER_CASE:
@@ -88,9 +90,23 @@ def case_fingerprint(
         "num_classes": classes,
         "class_voxels": [int(v) for v in counts],
         "components": components,
+        "neighbours": neighbours,
         "foreground_intensities": [float(v) for v in foreground],
         "image_min": float(image.min()),
     }
+
+
+def border_classes(label: np.ndarray, c: int, num_classes: int) -> list[int]:
+    """Voxel counts per class of class ``c``'s border: the voxels one step (26 neighbours) outside its mask.
+
+    A lesion inside the liver has a border of liver voxels; what it lies in tells where copy-paste may put it
+    (:mod:`medeman.planning`).
+    """
+    mask = label == c
+    if not mask.any():
+        return [0] * num_classes
+    shell = ndimage.binary_dilation(mask, structure=np.ones((3, 3, 3), bool)) & ~mask
+    return [int(v) for v in np.bincount(label[shell], minlength=num_classes)[:num_classes]]
 
 
 def _read(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -124,7 +140,12 @@ def summarize(cases: list[dict[str, Any]], unlabeled: list[dict[str, Any]]) -> d
     for k in range(1, num_classes):
         volumes = [v for c in cases for v in c["components"].get(str(k), [])]
         per_case = [len(c["components"].get(str(k), [])) for c in cases]
+        border = np.zeros(num_classes, dtype=np.int64)
+        for c in cases:
+            counts = c.get("neighbours", {}).get(str(k), [])
+            border[: len(counts)] += counts
         classes[str(k)] = {
+            "border_fraction": [float(v) for v in border / max(int(border.sum()), 1)],
             "foreground_fraction": float(voxels[k] / foreground),
             "volume_fraction": float(voxels[k] / max(int(voxels.sum()), 1)),
             "cases_with_class": int(sum(n > 0 for n in per_case)),

@@ -37,6 +37,11 @@ ANISOTROPY_RATIO = 3.0
 RARE_FOREGROUND_FRACTION = 0.01
 # ... or when its typical component would fill under 1/1000 of a scan (a 2 cm lesion in a torso)
 SMALL_COMPONENT_FRACTION = 0.001
+# A rare class lies inside another when this share of its border (the voxels just outside it) is that class: a lesion
+# in its organ, which copy-paste may put elsewhere in the organ
+HOST_BORDER_FRACTION = 0.5
+# what labeled lesion copy-paste measured on the lesion sample cohort, said in the plan's reason
+PASTE_GAIN = "0.18 -> 0.31 on the lesion sample cohort (benchmarks/results/lesion_benchmark_paste_3000.md)"
 # Smallest structures stay at least this many voxels across when a CPU plan coarsens the spacing
 MIN_VOXELS_ACROSS = 4.0
 # Bytes of activations per voxel and feature in a training step (forward values kept for backward,
@@ -171,6 +176,23 @@ def rare_classes(summary: dict[str, Any]) -> dict[int, str]:
                 f"median component {component:.0f} mm^3, under 1/{1 / SMALL_COMPONENT_FRACTION:.0f} of a scan"
             )
     return rare
+
+
+def lesion_hosts(summary: dict[str, Any], rare: dict[int, str]) -> dict[int, int]:
+    """The rare classes that lie inside one foreground class, and that class: ``{lesion: host}``.
+
+    A class lies inside another when at least :data:`HOST_BORDER_FRACTION` of its border voxels
+    (``border_fraction`` of the fingerprint) belong to it; a class bordering mostly background or
+    several classes has no host.
+    """
+    hosts = {}
+    for c in sorted(rare):
+        border = summary["classes"].get(str(c), {}).get("border_fraction", [])
+        if len(border) > 1:
+            host = int(np.argmax(border[1:])) + 1
+            if host != c and border[host] >= HOST_BORDER_FRACTION:
+                hosts[c] = host
+    return hosts
 
 
 def smallest_structure_mm(summary: dict[str, Any]) -> float:
@@ -488,6 +510,21 @@ def _common(
             weights,
             "rare classes weigh 10 in the cross-entropy (configs/lesion.yaml: a lesion unlearned after 600 steps without it)",
         )
+        hosts = lesion_hosts(summary, rare)
+        if hosts:
+            inside = "; ".join(
+                f"class {c} inside class {h} ({100 * summary['classes'][str(c)]['border_fraction'][h]:.0f} % of its border)"
+                for c, h in hosts.items()
+            )
+            plan.set("data", "lesion_classes", sorted(hosts), f"rare classes inside an organ ({inside}): lesions")
+            plan.set("data", "lesion_host_classes", sorted(set(hosts.values())), "the organs they lie in")
+            plan.set(
+                "data",
+                "labeled_lesion_paste",
+                0.5,
+                "half the labeled patches get a lesion of their batch pasted into its organ: supervised lesion Dice "
+                + PASTE_GAIN,
+            )
     else:
         plan.set(
             "data",

@@ -51,6 +51,22 @@ def test_case_fingerprint_has_the_written_spacing_shape_classes_and_components(c
     assert set(a["foreground_intensities"]) == {100.0}
 
 
+def test_a_class_border_counts_the_classes_just_outside_it():
+    from medeman.fingerprint import border_classes
+
+    label = np.zeros((7, 7, 7), dtype=np.int64)
+    label[1:6, 1:6, 1:6] = 1  # an organ, 5^3 ...
+    label[3, 3, 3] = 2  # ... with a one-voxel lesion in its middle: its 26 neighbours are organ
+    label[0, 0, 0] = 2  # and a lesion in the corner, outside the organ: 7 neighbours, 1 of them organ
+    assert border_classes(label, 2, 3) == [6, 26 + 1, 0]
+    # the organ's border: the 7^3 - 5^3 shell, background but for the corner lesion, and the hole of the middle one
+    assert border_classes(label, 1, 3) == [7**3 - 5**3 - 1, 0, 2]
+    assert border_classes(label, 2, 4) == [6, 27, 0, 0] and border_classes(np.zeros((2, 2, 2), np.int64), 1, 2) == [
+        0,
+        0,
+    ]
+
+
 def test_summary_takes_medians_fractions_and_intensity_percentiles(cohort):
     summary = fingerprint_cohort(cohort)["summary"]
     assert summary["num_labeled"] == 3 and summary["num_classes"] == 3
@@ -60,6 +76,8 @@ def test_summary_takes_medians_fractions_and_intensity_percentiles(cohort):
     assert summary["classes"]["1"]["foreground_fraction"] == pytest.approx(35 / 67)
     assert summary["classes"]["2"]["foreground_fraction"] == pytest.approx(32 / 67)
     assert summary["classes"]["1"]["components_per_case"] == [2, 2, 2]
+    # each class lies in background: the cubes and the box are apart (the box's border at the image edge, z 0..3)
+    assert summary["classes"]["2"]["border_fraction"] == [1.0, 0.0, 0.0]
     assert summary["classes"]["2"]["component_volume_mm3"]["min"] == pytest.approx(32 * 3.0)  # case b: 1x1x3 mm voxels
     values = np.repeat([100.0, 150.0, 200.0], 67)
     assert summary["intensity"]["p00_5"] == pytest.approx(np.percentile(values, 0.5))

@@ -113,6 +113,29 @@ def test_tiny_lesions_are_oversampled_and_keep_their_resolution_on_a_cpu():
     assert "class 2" in plan.to_yaml()
 
 
+@pytest.mark.parametrize(
+    "border, pasted",
+    [
+        ([0.1, 0.9, 0.0], True),  # the lesion lies in class 1: copy-paste into class 1
+        ([0.6, 0.4, 0.0], False),  # mostly background around it: no organ to paste into
+    ],
+)
+def test_rare_classes_inside_an_organ_are_lesions_pasted_into_it(border, pasted):
+    fp = summary(
+        [1.0, 1.0, 1.0], [200, 200, 200], classes={"1": (0.99, 900_000.0, 800_000.0), "2": (0.004, 300.0, 100.0)}
+    )
+    fp["classes"]["2"]["border_fraction"] = border
+    plan = make_plan(fp, device="cpu")
+    if pasted:
+        assert plan.get("data", "lesion_classes") == [2] and plan.get("data", "lesion_host_classes") == [1]
+        assert plan.get("data", "labeled_lesion_paste") == 0.5
+        assert "class 2 inside class 1 (90 % of its border)" in plan.to_yaml()
+        assert plan.config()["data"]["lesion_host_classes"] == [1]  # a valid config
+    else:
+        assert plan.get("data", "lesion_classes") is None and plan.get("data", "labeled_lesion_paste") is None
+    assert plan.get("data", "class_ratios") == [1, 1, 3]  # rare either way
+
+
 def test_cpu_plan_coarsens_large_organs_to_about_64_voxels():
     plan = make_plan(ISOTROPIC_CT, device="cpu")
     assert plan.get("data", "spacing") == pytest.approx([2.5] * 3)  # 160 mm / 64 voxels
