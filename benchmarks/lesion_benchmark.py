@@ -392,7 +392,7 @@ def write_results(records: list[dict], args: argparse.Namespace, wall_s: float, 
     lines += [
         "",
         "Paired per-seed differences (same seed: same initial network and data order), mean ± std over seeds, "
-        "and the share of the few -> all gap that the unlabeled scans close (from the seed means; per seed in brackets):",
+        "and the share of the few -> all gap each method closes (from the seed means; per seed in brackets):",
         "",
         "| score | method | method - few | seeds ahead | all - few | gap closed |",
         "|---|---|---|---|---|---|",
