@@ -463,7 +463,7 @@ def write_results(records: list[dict], args: argparse.Namespace, wall_s: float, 
         f"{_count(args.data / 'unlabeled')} unlabeled scans (their ground truth only for `supervised_all`), "
         f"{_count(args.data / 'test' / 'labels')} test scans.",
         f"- Budget (every run, `{args.config}` from the runs' `config.yaml`): {train['max_steps']} steps, lr {train['lr']}, "
-        f"batch {data['batch_size_labeled']} labeled (+ {data['batch_size_unlabeled']} unlabeled for the semi-supervised methods) patches of "
+        f"batch {data['batch_size_labeled']} labeled patches (and the unlabeled ones each recipe below names) of "
         f"{data['patch_size']} at {data['spacing']} mm, {model['name']} {model['channels']}; batch Dice {train['batch_dice']}; "
         f"labeled patches: {_sampling(data)}"
         + "".join(f"; {method}: {_ssl_recipe(cfg)}" for method, cfg in _method_configs(records).items())
@@ -624,12 +624,18 @@ def _method_configs(records: list[dict]) -> dict[str, dict]:
 def _ssl_recipe(cfg: dict) -> str:
     """One method's teacher, unlabeled batch and unsupervised losses, in words."""
     ssl = cfg["ssl"]
-    recipe = f"{cfg['data']['batch_size_unlabeled']} unlabeled patches, {ssl['teacher_norm']} teacher, ema_momentum {ssl['ema_momentum']} ({ssl['momentum_schedule']}), warm-up {ssl['warmup_fraction']}"
+    pasted = f"lesions pasted into {cfg['data']['labeled_lesion_paste']} of the labeled patches"
+    if ssl["method"] == "supervised":
+        return f"supervised, {pasted}" if cfg["data"]["labeled_lesion_paste"] > 0 else "supervised"
+    pasted = f"{pasted}, " if cfg["data"]["labeled_lesion_paste"] > 0 else ""
+    recipe = f"{pasted}{cfg['data']['batch_size_unlabeled']} unlabeled patches, {ssl['teacher_norm']} teacher, ema_momentum {ssl['ema_momentum']} ({ssl['momentum_schedule']}), warm-up {ssl['warmup_fraction']}"
     if ssl["method"] == "fixmatch":
         aligned = ", aligned to the labeled class frequencies" if ssl.get("fixmatch_distribution_alignment") else ""
         aligned += ", class-weighted as the labels" if ssl.get("fixmatch_class_weighted") else ""
+        if ssl.get("fixmatch_paste_probability"):
+            aligned += f", lesions pasted into {ssl['fixmatch_paste_probability']} of the strong views"
         return (
-            f"{recipe}, hard pseudo-labels >= {ssl['fixmatch_threshold']}{aligned} weight {ssl['consistency_weight']}"
+            f"{recipe}, hard pseudo-labels >= {ssl['fixmatch_threshold']}{aligned}, weight {ssl['consistency_weight']}"
         )
     if ssl["method"] == "supervised_ema":
         return recipe
