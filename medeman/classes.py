@@ -88,6 +88,14 @@ def lesion_classes(cfg: Config | Mapping[str, Any]) -> list[int]:
     return resolve_classes(data.lesion_classes, names_by_value(data.labels), data.num_classes, "data.lesion_classes")
 
 
+def no_lesion_classes(key: str) -> str:
+    """The error of a copy-paste setting ``key`` turned on while ``data.lesion_classes`` names no class."""
+    return (
+        f"{key} pastes the classes of data.lesion_classes, which is empty: name the lesion classes "
+        "(e.g. data.lesion_classes=[lesion]) or set it to 0"
+    )
+
+
 def lesion_host_classes(cfg: Config | Mapping[str, Any]) -> list[int]:
     """``data.lesion_host_classes`` as label values; when null, every foreground class that is not a lesion class."""
     from medeman.typed_config import as_config

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import yaml
 
-from medeman.classes import names_by_value, resolve_classes
+from medeman.classes import names_by_value, no_lesion_classes, resolve_classes
 from medeman.eman import NORMS, SCHEDULES
 from medeman.losses import CONSISTENCY_LOSSES, PSEUDO_LABEL_REDUCTIONS
 from medeman.nets import NETWORKS
@@ -551,10 +551,7 @@ def validate(cfg: dict) -> dict:
             f"lesions lie in, none of them a lesion class ({lesions})"
         )
     if cfg["data"]["labeled_lesion_paste"] > 0 and not lesions:
-        raise ConfigError(
-            "data.labeled_lesion_paste pastes the classes of data.lesion_classes, which is empty: name the lesion "
-            "classes (e.g. data.lesion_classes=[lesion]) or set it to 0"
-        )
+        raise ConfigError(no_lesion_classes("data.labeled_lesion_paste"))
     for key in ("patch_size",):
         value = cfg["data"][key]
         if not (isinstance(value, (list, tuple)) and len(value) == 3 and all(int(v) > 0 for v in value)):

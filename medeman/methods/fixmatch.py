@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from medeman.classes import lesion_classes, lesion_host_classes
+from medeman.classes import lesion_classes, lesion_host_classes, no_lesion_classes
 from medeman.config import ConfigError
 from medeman.losses import (
     CONSISTENCY_LOSSES,
@@ -199,8 +199,5 @@ def paste_classes(cfg: Config) -> tuple[list[int], list[int]]:
     """
     lesions = lesion_classes(cfg)
     if not lesions:
-        raise ConfigError(
-            "ssl.fixmatch_paste_probability pastes the classes of data.lesion_classes, which is empty: name the "
-            "lesion classes (e.g. data.lesion_classes=[lesion]) or set the probability to 0"
-        )
+        raise ConfigError(no_lesion_classes("ssl.fixmatch_paste_probability"))
     return lesions, lesion_host_classes(cfg)

@@ -7,19 +7,7 @@ import torch
 
 from medeman.config import load_config
 from medeman.methods import build_method
-
-
-class _Teacher:
-    """Stands in for the module: a fixed teacher softmax, no logging steps."""
-
-    def __init__(self, probs):
-        self.probs = probs
-
-    def teacher_probs(self, weak):
-        return self.probs
-
-    def writes_training_logs(self):
-        return False
+from stand_in_module import FixedTeacherModule as _Teacher
 
 
 def _two_voxels():

@@ -8,6 +8,7 @@ import torch
 from medeman.config import ConfigError, load_config
 from medeman.methods import build_method
 from medeman.methods.lesion_paste import NOT_PASTED, paste_lesions
+from stand_in_module import FixedTeacherModule as _Teacher
 
 LESION, LIVER = 3, 1
 
@@ -31,6 +32,13 @@ def _unlabeled(batch=2):
     return image, host
 
 
+def _paste_into_one(image, host, seed=None):
+    """:func:`paste_lesions` of :func:`_source`'s lesion into the one patch ``image`` (chosen)."""
+    source_image, source_label = _source()
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    return paste_lesions(image, host, source_image, source_label, [LESION], [LIVER], torch.tensor([True]), generator)
+
+
 def test_a_pasted_lesion_keeps_its_contrast_to_its_organ_at_the_new_organs_level():
     image, host = _unlabeled()
     source_image, source_label = _source()
@@ -52,8 +60,7 @@ def test_a_lesion_lands_only_on_host_voxels():
     image, _ = _unlabeled(1)
     host = torch.zeros(1, 8, 8, 8, dtype=torch.bool)
     host[0, 5, 5, 5] = True  # one host voxel: the lesion's centre lands on it, its other voxel does not
-    source_image, source_label = _source()
-    out = paste_lesions(image, host, source_image, source_label, [LESION], [LIVER], torch.tensor([True]))
+    out = _paste_into_one(image, host)
     assert torch.nonzero(out.label[0] != NOT_PASTED).tolist() == [[5, 5, 5]]
 
 
@@ -71,55 +78,11 @@ def test_nothing_is_pasted_without_a_lesion_or_a_host(case):
 
 def test_the_place_follows_the_generator():
     image, host = _unlabeled(1)
-    source_image, source_label = _source()
     places = {
-        tuple(torch.nonzero(out.label[0] != NOT_PASTED).flatten().tolist())
+        tuple(torch.nonzero(_paste_into_one(image, host, seed).label[0] != NOT_PASTED).flatten().tolist())
         for seed in range(6)
-        for out in [
-            paste_lesions(
-                image,
-                host,
-                source_image,
-                source_label,
-                [LESION],
-                [LIVER],
-                torch.tensor([True]),
-                torch.Generator().manual_seed(seed),
-            )
-        ]
     }
-    again = paste_lesions(
-        image,
-        host,
-        source_image,
-        source_label,
-        [LESION],
-        [LIVER],
-        torch.tensor([True]),
-        torch.Generator().manual_seed(0),
-    )
-    first = paste_lesions(
-        image,
-        host,
-        source_image,
-        source_label,
-        [LESION],
-        [LIVER],
-        torch.tensor([True]),
-        torch.Generator().manual_seed(0),
-    )
-    assert len(places) > 1 and torch.equal(again.label, first.label)
-
-
-class _Teacher:
-    def __init__(self, probs):
-        self.probs = probs
-
-    def teacher_probs(self, weak):
-        return self.probs
-
-    def writes_training_logs(self):
-        return False
+    assert len(places) > 1 and torch.equal(_paste_into_one(image, host, 0).label, _paste_into_one(image, host, 0).label)
 
 
 def test_fixmatch_trains_pasted_voxels_on_their_ground_truth():
