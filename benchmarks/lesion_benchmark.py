@@ -262,6 +262,11 @@ def run_one(method: str, seed: int, args: argparse.Namespace, sets: tuple[str, .
     same_config = saved.is_file() and what_trains(load_config([saved])) == what_trains(cfg)
     if args.reuse and saved.is_file() and not same_config:
         print(f"{run_dir}: trained with another config than now, retraining it", flush=True)
+    if args.relearn_postprocessing and same_config and trained.is_file() and (run_dir / "teacher.pt").is_file():
+        from medeman.train import relearn_postprocessing
+
+        relearn_postprocessing(run_dir, args.data / labeled, args.data / "val")
+        done.unlink(missing_ok=True)  # scored again below, through the new rules
     if args.reuse and same_config and done.is_file():
         record = json.loads(done.read_text())
         # the folder may have moved (or been copied from a grid point to the row it became); the point asked for
@@ -678,6 +683,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--tag", default="", help="suffix of the result files (lesion_benchmark_<tag>.md) for side studies"
+    )
+    parser.add_argument(
+        "--relearn-postprocessing",
+        action="store_true",
+        help="with --reuse: learn each finished run's post-processing (class scales, component rules) again on the "
+        "validation cases with this version's rules, then score it again (run a copy of --out to keep the old scores)",
     )
     parser.add_argument(
         "--grid",

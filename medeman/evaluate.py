@@ -66,7 +66,7 @@ from medeman.metrics import (  # noqa: F401  (re-exported: the scores were defin
     mask_scores,
 )
 from medeman.outputs import picture_path, prediction_id
-from medeman.postprocess import apply_postprocessing, describe
+from medeman.postprocess import apply_postprocessing, class_scales, describe
 
 label_case_id = label_id  # a label file's case id: name without image suffix and without _seg/_label/_mask
 CSV_COLUMNS = (
@@ -531,6 +531,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"as predicted ({args.pred}):\n{summary.table()}\n")
         print(f"after the post-processing of {args.postprocessing} ({describe(rules)}):")
+        if any(s != 1.0 for s in class_scales(rules) or []):
+            print(
+                f"note: {args.postprocessing} also scales class probabilities before the argmax, which masks cannot "
+                "show: the table applies its component rules only (medeman infer with post-processing applies both)"
+            )
         summary = after
     for note in summary.notes:
         print(f"note: {note}")

@@ -39,7 +39,7 @@ from medeman.data.readers import image_suffix, read_geometry, voxel_spacing, wri
 from medeman.data.transforms import preprocessing
 from medeman.labels import argmax_labels, label_dtype
 from medeman.outputs import mask_path, probabilities_path
-from medeman.postprocess import apply_postprocessing
+from medeman.postprocess import apply_postprocessing, class_scales, scale_classes
 from medeman.predict import invert_to_input, labels_on_input, predict_volume
 from medeman.threads import apply_threads, choose_threads
 from medeman.typed_config import Config, as_config
@@ -93,7 +93,7 @@ def infer_cases(
         output_format: ``"nii.gz"`` (or ``"nifti"``), ``"nrrd"``, ``"dicom-seg"`` (DICOM series inputs only)
             or ``"input"`` (each mask in its scan's own kind: a DICOM series gets a DICOM-SEG).
         device: ``None`` picks CUDA when available.
-        postprocess: apply the model's component rules learned on validation (``teacher.pt``'s
+        postprocess: apply the model's class scales and component rules learned on validation (``teacher.pt``'s
             ``extra["postprocessing"]``, :mod:`medeman.postprocess`) to the masks; False writes the raw argmax.
 
     Returns:
@@ -273,11 +273,12 @@ def _predict_case(
         net, image, cfg, tta, sw_batch_size=sw_batch_size, overlap=overlap, precision=precision, device=device
     )
     dtype = label_dtype(probs.shape[0])
+    scales = class_scales(postprocessing)  # the operating point learned on validation (probabilities stay as they are)
     if job.probs_path is None:  # the class map alone: resampled without a scan-sized probability volume
-        labels, probs = labels_on_input(probs, image, transform, dtype), None
+        labels, probs = labels_on_input(scale_classes(probs, scales), image, transform, dtype), None
     else:
         probs = invert_to_input(probs, image, transform)
-        labels = argmax_labels(probs, dim=0, dtype=dtype)
+        labels = argmax_labels(scale_classes(probs, scales), dim=0, dtype=dtype)
     scan = job.case.files[0]
     shape, affine = read_geometry(scan)
     if tuple(labels.shape) != shape:
@@ -360,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-postprocessing",
         action="store_true",
-        help="write the raw argmax, without the model's component rules learned on validation (to compare with medeman evaluate)",
+        help="write the raw argmax, without the model's class scales and component rules learned on validation "
+        "(to compare with medeman evaluate)",
     )
     return parser
 

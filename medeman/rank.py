@@ -45,7 +45,7 @@ from medeman.cases import SUFFIXES, Case, CaseError, find_cases, one_line, prepa
 from medeman.labels import argmax_labels
 from medeman.methods import METHODS, TeacherMethod
 from medeman.outputs import uncertainty_path
-from medeman.postprocess import apply_postprocessing
+from medeman.postprocess import apply_postprocessing, class_scales, scale_classes
 from medeman.nets import build_network
 from medeman.predict import TTA_FLIPS, invert_to_input, predict_volume
 from medeman.rank_scores import (
@@ -204,7 +204,7 @@ def score_case(
     if tuple(maps.shape[1:4]) != shape:
         raise CaseError(f"{case.source}: prediction came back as {tuple(maps.shape[1:])}, not the scan's {shape}")
     teacher_probs = maps[:num_classes]
-    teacher_mask = argmax_labels(teacher_probs, dim=0)
+    teacher_mask = argmax_labels(scale_classes(teacher_probs, class_scales(postprocessing)), dim=0)
     if postprocessing:  # the mask infer would write: scores measure the structures a user would get
         cleaned = apply_postprocessing(teacher_mask.numpy(), postprocessing, float(np.prod(voxel_spacing(affine))))
         teacher_mask = torch.from_numpy(cleaned)

@@ -36,7 +36,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from medeman.checkpoint import save_teacher
+from medeman.checkpoint import read_teacher_file, save_teacher
 from medeman.config import ConfigError, load_config, save_config, validate
 from medeman.resume import (
     CadenceCheckpoint,
@@ -371,6 +371,19 @@ def _learn_postprocessing(model: Path, datamodule) -> None:
     if rules is not None:
         update_teacher_extra(model, postprocessing=rules)
         print(f"post-processing learned on validation: {describe(rules)}")
+
+
+def relearn_postprocessing(run_dir: str | Path, labeled: str | Path, val: str | Path) -> dict[str, Any] | None:
+    """Learn a finished run's post-processing (class scales, component rules) again on ``val`` with this version's
+    rules, and store it in its ``teacher.pt`` (the network is untouched); ``labeled`` is the folder it trained on."""
+    from medeman.data.datamodule import SSLDataModule
+
+    run_dir = Path(run_dir)
+    cfg = load_config([run_dir / "config.yaml"])
+    datamodule = SSLDataModule(cfg, labeled=labeled, val=val)
+    datamodule.setup("fit")
+    _learn_postprocessing(run_dir / "teacher.pt", datamodule)
+    return read_teacher_file(run_dir / "teacher.pt")["extra"].get("postprocessing")
 
 
 def _check_resume(out_dir: Path, cfg: Config | dict) -> tuple[int, dict[str, tuple[Any, Any]], Config]:
