@@ -26,6 +26,7 @@ from torch import nn
 from medeman.bundle import channel_names, write_bundle
 from medeman.checkpoint import ModelFileError, load_teacher
 from medeman.classes import lesion_classes
+from medeman.postprocess import class_scales
 from medeman.typed_config import Config, as_config, plain
 
 FORMATS = ("bundle", "onnx", "torchscript")
@@ -37,13 +38,16 @@ class ExportError(ValueError):
     """An export that cannot be written (existing outputs, an unsupported model)."""
 
 
-def deployment_metadata(cfg: Config | dict, model_file: str) -> dict:
+def deployment_metadata(cfg: Config | dict, model_file: str, rules: dict | None = None) -> dict:
     """What runs around the exported network: ``model.json`` beside ``model.onnx`` / ``model.ts``.
 
     Everything a runtime needs to reproduce ``medeman infer``: reorient to RAS, resample to
     ``spacing`` (trilinear), normalize intensities, slide ``patch_size`` windows with Gaussian
     weights over the *softmax* of the logits, resample the probabilities back to the scan's grid
-    (trilinear) and take the argmax; class names by output channel.
+    (trilinear) and take the argmax of the probabilities times ``class_scales`` (the operating point
+    learned on validation, ``rules`` from ``teacher.pt``'s ``extra["postprocessing"]``; 1 without);
+    class names by output channel. ``component_rules`` are :mod:`medeman.postprocess`'s, for a service
+    that applies them too.
     """
     cfg = as_config(cfg)
     data, infer = cfg.data, cfg.infer
@@ -81,7 +85,9 @@ def deployment_metadata(cfg: Config | dict, model_file: str) -> dict:
             "of": "softmax probabilities",
             "tta": infer.tta,
         },
-        "postprocessing": "probabilities back to the scan's grid (trilinear), then argmax",
+        "postprocessing": "probabilities back to the scan's grid (trilinear), then argmax of probabilities x class_scales",
+        "class_scales": [float(s) for s in class_scales(rules) or [1.0] * data.num_classes],
+        "component_rules": (rules or {}).get("classes", {}),
         "num_classes": data.num_classes,
         "classes": names,
         "lesion_classes": {str(c): names[str(c)] for c in lesion_classes(cfg)},
@@ -144,8 +150,10 @@ def export_model(
     """
     if fmt not in FORMATS:
         raise ExportError(f"format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    rules = None
     if isinstance(model, (str, Path)):
-        net, cfg, _ = load_teacher(model)
+        net, cfg, payload = load_teacher(model)
+        rules = payload["extra"].get("postprocessing")
     else:
         net, cfg = model
     cfg = as_config(cfg)
@@ -163,7 +171,9 @@ def export_model(
         raise ExportError(f"{existing[0]} exists; kept (pass --overwrite to replace it)")
     out_dir.mkdir(parents=True, exist_ok=True)
     (export_onnx if fmt == "onnx" else export_torchscript)(net, cfg, model_path)
-    meta_path.write_text(json.dumps(deployment_metadata(cfg, model_path.name), indent=2) + "\n", encoding="utf-8")
+    meta_path.write_text(
+        json.dumps(deployment_metadata(cfg, model_path.name, rules), indent=2) + "\n", encoding="utf-8"
+    )
     return [model_path, meta_path]
 
 

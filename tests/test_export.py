@@ -18,7 +18,8 @@ def run_dir(tmp_path):
     net, cfg = trained_teacher()
     cfg["data"]["lesion_classes"] = ["bright"]
     (tmp_path / "run").mkdir()
-    save_teacher(tmp_path / "run" / "teacher.pt", net, cfg, step=60)
+    rules = {"classes": {"1": {"min_volume_mm3": 5.0, "keep_largest": 0}}, "class_scales": [1.0, 3.0]}
+    save_teacher(tmp_path / "run" / "teacher.pt", net, cfg, step=60, postprocessing=rules)
     return tmp_path / "run"
 
 
@@ -57,6 +58,10 @@ def test_metadata_beside_the_model_says_preprocessing_and_classes(run_dir, tmp_p
     assert got["preprocessing"]["intensity"] == {"window": [0.0, 100.0], "to": [0.0, 1.0], "clip": True}
     assert got["sliding_window"]["roi_size"] == [16, 16, 16] and got["sliding_window"]["overlap"] == 0.5
     assert got["input"]["shape"] == ["batch", 1, 16, 16, 16] and got["output"]["shape"] == ["batch", 2, 16, 16, 16]
+    # the operating point and component rules learned on validation, for a service to apply as medeman infer does
+    assert got["class_scales"] == [1.0, 3.0] and got["component_rules"] == {
+        "1": {"min_volume_mm3": 5.0, "keep_largest": 0}
+    }
 
 
 def test_export_keeps_earlier_files_without_overwrite(run_dir, tmp_path, capsys):
