@@ -10,6 +10,9 @@ reader would, against the median intensity of the liver (label 1) of its scan:
 - **hypodense**: else, its core is more than ``20`` below the liver;
 - **faint**: none of these (the scan's blur and noise took the contrast).
 
+It also gives each run's *extent*: of the voxels of the test lesions it finds, the share its mask covers (a network
+that finds a lesion but segments only its core scores low Dice for it).
+
 It counts the looks among the labeled training scans' lesions and the test scans' (``--data``:
 ``labeled/`` and ``test/``, each ``images/`` + ``labels/``), and for each run folder (``pred_test/``, the
 test predictions ``benchmarks/lesion_benchmark.py`` writes) the share of each look's test lesions that
@@ -37,6 +40,7 @@ from scipy import ndimage
 
 LIVER, LESION = 1, 3
 LOOKS = ("hypodense", "hyperdense", "rim-enhancing", "faint")
+EXTENT = "extent"  # of the voxels of the test lesions a run finds, the share it segments
 
 
 def lesion_looks(image: np.ndarray, label: np.ndarray) -> list[tuple[np.ndarray, str]]:
@@ -76,11 +80,19 @@ def detection_by_look(run: Path, test: dict, overlap: float) -> dict[str, float]
     from medeman.metrics import lesion_counts
 
     found = defaultdict(list)
+    covered = size = 0  # voxels of the found lesions: segmented, in all
     for name, lesions in test.items():
         pred = np.asarray(nib.load(str(run / "pred_test" / name)).dataobj) == LESION
         for mask, look in lesions:
-            found[look].append(lesion_counts(pred, mask, overlap).detected)
-    return {look: statistics.fmean(hits) for look, hits in found.items()}
+            detected = lesion_counts(pred, mask, overlap).detected
+            found[look].append(detected)
+            if detected:
+                covered += int((pred & mask).sum())
+                size += int(mask.sum())
+    shares = {look: statistics.fmean(hits) for look, hits in found.items()}
+    if size:
+        shares[EXTENT] = covered / size
+    return shares
 
 
 def report(labeled: dict, test: dict, results: dict[str, list[dict]], args: argparse.Namespace) -> str:
@@ -91,17 +103,18 @@ def report(labeled: dict, test: dict, results: dict[str, list[dict]], args: argp
         "# Lesions by look: what the labeled scans show, what the teachers find",
         "",
         f"Looks read from the images (rules in `benchmarks/lesion_looks.py`); *found*: share of the test lesions of that "
-        f"look detected at IoU >= {args.lesion_overlap:g}, mean ± std over seeds.",
+        f"look detected at IoU >= {args.lesion_overlap:g}, mean ± std over seeds; *extent*: of the voxels of the "
+        "lesions a run finds (any look), the share its mask covers.",
         "",
-        "| | " + " | ".join(LOOKS) + " |",
-        "|---|" + "---|" * len(LOOKS),
+        "| | " + " | ".join(LOOKS) + " | extent |",
+        "|---|" + "---|" * (len(LOOKS) + 1),
         f"| lesions in the {len(labeled)} labeled training scans | "
         + " | ".join(str(count(labeled, k)) for k in LOOKS)
-        + " |",
-        f"| lesions in the {len(test)} test scans | " + " | ".join(str(count(test, k)) for k in LOOKS) + " |",
+        + " | |",
+        f"| lesions in the {len(test)} test scans | " + " | ".join(str(count(test, k)) for k in LOOKS) + " | |",
     ]
     for method, runs in results.items():
-        cols = [mean_std([r[k] for r in runs if k in r], 2) for k in LOOKS]
+        cols = [mean_std([r[k] for r in runs if k in r], 2) for k in (*LOOKS, EXTENT)]
         lines.append(f"| found by {method} ({len(runs)} runs) | " + " | ".join(cols) + " |")
     lines += ["", f"- Cohort `{args.data}`; code at {commit()}.", "", NOTES_MARKER]
     return "\n".join(lines) + "\n"

@@ -162,6 +162,29 @@ def test_pseudo_label_quality_scores_a_hand_made_prediction():
     assert scores["confident_errors"] == 1.0  # and the teacher is sure of it (0.95)
 
 
+def test_lesion_extent_counts_the_voxels_of_found_lesions_only(tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from lesion_looks import EXTENT, LESION, detection_by_look
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    # two lesions: a 2x2x2 cube (8 voxels) whose prediction covers 4 of them (IoU 0.5: found), and a lone voxel
+    # that is missed; extent counts the found one alone: 4 / 8
+    big = np.zeros((12, 12, 12), dtype=bool)
+    big[1:3, 1:3, 1:3] = True
+    small = np.zeros_like(big)
+    small[9, 9, 9] = True
+    pred = np.zeros(big.shape, dtype=np.uint8)
+    pred[1:3, 1:3, 1:2] = LESION
+    (tmp_path / "run" / "pred_test").mkdir(parents=True)
+    nib.save(nib.Nifti1Image(pred, np.eye(4)), str(tmp_path / "run" / "pred_test" / "a.nii.gz"))
+    shares = detection_by_look(tmp_path / "run", {"a.nii.gz": [(big, "hyperdense"), (small, "faint")]}, 0.1)
+    assert shares == {"hyperdense": 1.0, "faint": 0.0, EXTENT: 0.5}
+
+
 def test_lesion_cohort_grows_its_validation_set_without_touching_any_other_case(tmp_path):
     """A cohort written with fewer validation cases gets the missing ones; every existing file stays as it was."""
     sys.path.insert(0, str(BENCHMARKS))
