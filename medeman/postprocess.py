@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 # 26-connectivity, as nnU-Net's and MONAI's component tools: diagonal neighbours are one component
 _STRUCTURE = np.ones((3, 3, 3), dtype=bool)
 # the probability scales tried per class (>= 1: a class the network under-calls gets a lower bar, never a higher one)
-SCALE_CANDIDATES = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)
+SCALE_CANDIDATES = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0)
 # a scale stays only if it raises the mean foreground validation Dice by this much: on 2-6 validation cases smaller
 # gains are noise, and an organ the network already calls well keeps its plain argmax
 MIN_SCALE_GAIN = 0.005
