@@ -2,8 +2,8 @@
 
 On the lesion sample cohort (``medeman.sample_data`` with ``lesions=True``: liver, kidneys and 1-3
 small liver lesions per scan, label 3) every method trains with ``configs/lesion.yaml`` (the base,
-whose own method is FixMatch-EMAN with distribution alignment and lesion copy-paste into labeled and
-unlabeled patches) on the same step budget, over several seeds, and is scored on the same held-out
+whose own method is FixMatch-EMAN with distribution alignment, class-weighted pseudo-labels and lesion copy-paste
+into labeled and unlabeled patches) on the same step budget, over several seeds, and is scored on the same held-out
 test cases. Rows without copy-paste layer ``lesion_no_paste.yaml`` under their own overlays:
 
     supervised_few   the few labeled scans only (``supervised.yaml``)                -- the baseline
@@ -18,7 +18,8 @@ test cases. Rows without copy-paste layer ``lesion_no_paste.yaml`` under their o
     fixmatch_da_u4   fixmatch_da with 4 unlabeled patches a step (``lesion_unlabeled_batch4.yaml``)
     fixmatch_da_paste  fixmatch_da pasting labeled lesions into half of the unlabeled strong views' livers
                      (``fixmatch_lesion_paste.yaml``)
-    fixmatch_da_paste_both  and into half of the labeled patches: ``configs/lesion.yaml`` as it is (the default)
+    fixmatch_da_paste_both  and into half of the labeled patches, unweighted pseudo-labels (``fixmatch_unweighted.yaml``)
+    fixmatch_da_paste_both_cw  and class-weighted pseudo-labels: ``configs/lesion.yaml`` as it is (the default)
     bcp              + the unlabeled scans, bidirectional copy-paste on an EMAN teacher (``ablation_bcp.yaml``)
     supervised_all   every scan labeled (the labeled ones + the unlabeled ones with their ground truth)
                      -- the upper bound the unlabeled scans could reach at most
@@ -65,7 +66,8 @@ from _report import NOTES_MARKER, commit, grid_tag, hardware, mean_std, notes_be
 
 REPO = Path(__file__).resolve().parents[1]
 # method -> (overlays on the base config, labeled folder). configs/lesion.yaml's own method is FixMatch-EMAN with
-# distribution alignment and lesion copy-paste into labeled and unlabeled patches (fixmatch_da_paste_both); every row
+# distribution alignment, class-weighted pseudo-labels and lesion copy-paste into labeled and unlabeled patches
+# (fixmatch_da_paste_both_cw); every row
 # trained without copy-paste sets it back (configs/lesion_no_paste.yaml), the mean-teacher rows and the EMA control also
 # every ssl key lesion.yaml sets (configs/lesion_mean_teacher.yaml).
 NO_PASTE = "configs/lesion_no_paste.yaml"
@@ -83,7 +85,8 @@ METHODS = {
     "fixmatch_da_cw": ((NO_PASTE, "configs/fixmatch_class_weighted.yaml"), "labeled"),
     "fixmatch_da_u4": ((NO_PASTE, "configs/lesion_unlabeled_batch4.yaml"), "labeled"),
     "fixmatch_da_paste": ((NO_PASTE, "configs/fixmatch_lesion_paste.yaml"), "labeled"),
-    "fixmatch_da_paste_both": ((), "labeled"),
+    "fixmatch_da_paste_both": (("configs/fixmatch_unweighted.yaml",), "labeled"),
+    "fixmatch_da_paste_both_cw": ((), "labeled"),
     "bcp": (("configs/lesion_mean_teacher.yaml", "configs/ablation_bcp.yaml", NO_PASTE), "labeled"),
     "supervised_all": (("configs/supervised.yaml", NO_PASTE), "all_labeled"),
     "supervised_all_paste": (("configs/supervised.yaml",), "all_labeled"),
@@ -103,6 +106,8 @@ METHOD_PAIRS = (
     ("fixmatch_da_paste", "fixmatch_da"),
     ("fixmatch_da_paste_both", "supervised_paste"),
     ("fixmatch_da_paste_both", "fixmatch_da_paste"),
+    ("fixmatch_da_paste_both_cw", "supervised_paste"),
+    ("fixmatch_da_paste_both_cw", "fixmatch_da_paste_both"),
 )
 LESION = 3
 CHOICE_SEEDS_AHEAD = 0.8  # a grid point replaces the method's own config only if ahead on validation in 8 of 10 seeds
