@@ -14,8 +14,7 @@ only the largest component raises Dice (Isensee et al. 2021, Nat. Methods 18:203
 per class, the minimum component volume (mm^3) that maximises mean validation Dice (the largest
 component of a class always stays: the rule removes speckles, not the structure), and, where every
 validation case holds the same number k of components of the class (k kidneys), whether keeping
-the k largest raises it further (learned on the masks the scales give); ``data.lesion_classes`` get no component rule
-(a small lesion is a finding). Removed voxels become background. The rules
+the k largest raises it further (learned on the masks the scales give). Removed voxels become background. The rules
 are plain values, stored in ``teacher.pt`` (``extra["postprocessing"]``) and applied by ``medeman infer`` and ``rank``
 (``--no-postprocessing``: the raw argmax).
 
@@ -87,11 +86,7 @@ def _mean_dice(cases: list[_Components], volumes: Sequence[float], min_mm3: floa
 
 
 def learn_postprocessing(
-    predictions: Sequence[np.ndarray],
-    references: Sequence[np.ndarray],
-    voxel_mm3: Sequence[float],
-    num_classes: int,
-    lesion_classes: Sequence[int] = (),
+    predictions: Sequence[np.ndarray], references: Sequence[np.ndarray], voxel_mm3: Sequence[float], num_classes: int
 ) -> dict[str, Any]:
     """Per class, the component rules that maximise mean validation Dice (ties: the mildest rule).
 
@@ -99,8 +94,6 @@ def learn_postprocessing(
         predictions, references: label maps of the validation cases (same grid per pair).
         voxel_mm3: each case's voxel volume in mm^3 (thresholds are volumes, so they hold on any grid).
         num_classes: classes including background.
-        lesion_classes: classes that get no rule: their small components are findings, not speckles (on the
-            lesion cohort a size rule learned on 6 validation cases cost 0.012 test lesion Dice, 8 of 10 seeds).
 
     Returns:
         ``{"classes": {"c": {"min_volume_mm3", "keep_largest", "drop", "dice_before", "dice_after"}}}``: a
@@ -111,9 +104,6 @@ def learn_postprocessing(
     for c in range(1, num_classes):
         cases = [_components(p, r, c) for p, r in zip(predictions, references)]
         before = _mean_dice(cases, voxel_mm3, 0.0, 0)
-        if c in lesion_classes:
-            rules[str(c)] = _no_rule(before) | {"lesion": True}
-            continue
         # candidate thresholds: midway between consecutive predicted component volumes (the widest
         # margin on both sides); the largest component of a case always stays (_kept)
         volumes = sorted({float(s) * v for comp, v in zip(cases, voxel_mm3) for s in comp.sizes})
@@ -223,16 +213,6 @@ def learn_class_scales(
     return {"scales": [float(s) for s in scales], "dice_before": round(before, 6), "dice_after": round(current, 6)}
 
 
-def _no_rule(dice: float) -> dict[str, Any]:
-    return {
-        "min_volume_mm3": 0.0,
-        "keep_largest": 0,
-        "drop": False,
-        "dice_before": round(dice, 6),
-        "dice_after": round(dice, 6),
-    }
-
-
 def apply_postprocessing(labels: np.ndarray, rules: dict[str, Any] | None, voxel_mm3: float) -> np.ndarray:
     """``labels`` with each class's small (and surplus) components set to background; ``rules`` from :func:`learn_postprocessing`.
 
@@ -298,11 +278,7 @@ def learn_on_validation(net, cfg: Config | dict, loader, device: str | Any = "cp
         return None
     learned = learn_class_scales(probabilities, references)
     predictions = [argmax_labels(scale_classes(p, learned["scales"]), dim=0).numpy() for p in probabilities]
-    from medeman.classes import lesion_classes
-
-    rules = learn_postprocessing(
-        predictions, [r.numpy() for r in references], volumes, cfg.data.num_classes, lesion_classes(cfg)
-    )
+    rules = learn_postprocessing(predictions, [r.numpy() for r in references], volumes, cfg.data.num_classes)
     rules["class_scales"] = learned["scales"]
     rules["scale_dice"] = [learned["dice_before"], learned["dice_after"]]
     return rules
@@ -332,8 +308,6 @@ def describe(rules: dict[str, Any] | None) -> str:
             rule.append(f"keep the {r['keep_largest']} largest")
         if r.get("drop", False):
             rule.append("drop the class (in no validation reference)")
-        if r.get("lesion", False):
-            rule.append("none (a lesion class: every component kept)")
         lines.append(
             f"class {c}: {', '.join(rule) or 'none'} (validation Dice {r['dice_before']:.3f} -> {r['dice_after']:.3f})"
         )
