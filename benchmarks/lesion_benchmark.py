@@ -111,7 +111,8 @@ METHOD_PAIRS = (
 )
 LESION = 3
 CHOICE_SEEDS_AHEAD = 0.8  # a grid point replaces the method's own config only if ahead on validation in 8 of 10 seeds
-COHORT = {"n_labeled": 3, "n_val": 6, "n_unlabeled": 24, "n_test": 8}
+COHORT = {"n_labeled": 3, "n_val": 6, "n_unlabeled": 24, "n_test": 8, "n_test_extra": 40}  # 48 test cases: with 8 the
+# per-seed spread of paired differences was all network x case interaction (lesion_benchmark_op_3000_t48.md)
 SMOKE_COHORT = {"n_labeled": 1, "n_val": 1, "n_unlabeled": 2, "n_test": 1}
 SMOKE_SETS = [
     "train.max_steps=4",
@@ -148,21 +149,15 @@ def make_lesion_cohort(root: Path, counts: dict) -> Path:
     """Write the lesion cohort (once) and ``all_labeled/``: the labeled scans plus the unlabeled ones with their truth.
 
     ``all_labeled`` holds symbolic links, so the upper bound trains on exactly the scans the
-    others see; its validation cases are the shared ``val/`` folder.
+    others see; its validation cases are the shared ``val/`` folder. A cohort written with fewer validation or extra
+    test cases than ``counts`` gets the missing ones (:func:`_grow_cohort`).
     """
     from medeman.sample_data import make_cohort
 
     if not (root / "test" / "labels").is_dir():
         make_cohort(root, seed=11, other_formats=False, unlabeled_labels=True, lesions=True, **counts)
-    elif _count(root / "val" / "labels") < counts["n_val"]:
-        # a cohort written with fewer validation cases: make_cohort renders them last, so the missing ones are
-        # added without changing any other case (the recorded runs' training, test and unlabeled scans)
-        with tempfile.TemporaryDirectory(prefix="lesion_val_") as tmp:
-            full = make_cohort(Path(tmp), seed=11, other_formats=False, unlabeled_labels=True, lesions=True, **counts)
-            for sub in ("images", "labels"):
-                for scan in sorted((full / "val" / sub).iterdir()):
-                    if not (root / "val" / sub / scan.name).exists():
-                        shutil.copy2(scan, root / "val" / sub / scan.name)
+    else:
+        _grow_cohort(root, counts)
     everything = root / "all_labeled"
     if not everything.is_dir():
         for sub in ("images", "labels"):
@@ -174,6 +169,33 @@ def make_lesion_cohort(root: Path, counts: dict) -> Path:
             (everything / "images" / scan.name).symlink_to(scan.resolve())
             (everything / "labels" / scan.name).symlink_to((root / "unlabeled_labels" / scan.name).resolve())
     return root
+
+
+def _grow_cohort(root: Path, counts: dict) -> None:
+    """Add the validation and test cases ``counts`` asks for and ``root`` lacks, changing no case it holds.
+
+    ``make_cohort`` renders the validation cases after every training and test case, and the extra test cases
+    (``n_test_extra``) after those: the missing ones are the last cases of a cohort of the asked size. The validation
+    set cannot grow once extra test cases exist (they would no longer be the cases that follow it).
+    """
+    from medeman.sample_data import make_cohort
+
+    want = {"val": counts["n_val"], "test": counts["n_test"] + counts.get("n_test_extra", 0)}
+    missing = [part for part, n in want.items() if _count(root / part / "labels") < n]
+    if not missing:
+        return
+    if "val" in missing and _count(root / "test" / "labels") > counts["n_test"]:
+        raise SystemExit(
+            f"{root}: the validation set cannot grow to {counts['n_val']} cases once it has extra test cases "
+            "(they are rendered after it); write the cohort anew in another folder"
+        )
+    with tempfile.TemporaryDirectory(prefix="lesion_grow_") as tmp:
+        full = make_cohort(Path(tmp), seed=11, other_formats=False, unlabeled_labels=True, lesions=True, **counts)
+        for part in missing:
+            for sub in ("images", "labels"):
+                for scan in sorted((full / part / sub).iterdir()):
+                    if not (root / part / sub / scan.name).exists():
+                        shutil.copy2(scan, root / part / sub / scan.name)
 
 
 def score_teacher(run_dir: Path, data: Path, lesion_overlap: float, part: str = "test") -> dict[str, float]:
@@ -276,7 +298,7 @@ def run_one(method: str, seed: int, args: argparse.Namespace, sets: tuple[str, .
         record = json.loads(done.read_text())
         # the folder may have moved (or been copied from a grid point to the row it became); the point asked for
         record.update(method=method, run_dir=str(run_dir), sets=" ".join(sets))
-        if _score_validation(record, run_dir, args):  # scored before the validation set grew
+        if _score_new_cases(record, run_dir, args):  # scored before the validation or test set grew
             done.write_text(json.dumps(record, indent=1))
         return record
     if args.reuse and same_config and trained.is_file() and (run_dir / "teacher.pt").is_file():
@@ -305,19 +327,43 @@ def run_one(method: str, seed: int, args: argparse.Namespace, sets: tuple[str, .
     record.update(method=method, run_dir=str(run_dir), sets=" ".join(sets))
     trained.write_text(json.dumps(record, indent=1))
     record["scores"] = score_teacher(run_dir, args.data, args.lesion_overlap)
-    _score_validation(record, run_dir, args)
+    _score_new_cases(record, run_dir, args)
     done.write_text(json.dumps(record, indent=1))
     return record
 
 
-def _score_validation(record: dict, run_dir: Path, args: argparse.Namespace) -> bool:
-    """Score the run's teacher on the validation cases unless ``record`` holds them for as many cases; True if scored."""
-    cases = _count(args.data / "val" / "labels")
-    if record.get("val_cases") == cases:
-        return False
-    record["val_scores"] = score_teacher(run_dir, args.data, args.lesion_overlap, "val")
-    record["val_cases"] = cases
-    return True
+def _score_new_cases(record: dict, run_dir: Path, args: argparse.Namespace) -> bool:
+    """Score the run's teacher again on each part (test, validation) whose cases are not the ones its
+    ``<part>_scores.csv`` holds (the part grew, :func:`_grow_cohort`); True if anything was scored.
+
+    Training never depends on validation or test cases, so scoring more of them changes nothing else.
+    """
+    scored = False
+    for part, key in (("test", "scores"), ("val", "val_scores")):
+        cases = {_case_name(p) for p in (args.data / part / "labels").iterdir()}
+        if key in record and _scored_cases(run_dir / f"{part}_scores.csv") == cases:
+            continue
+        record[key] = score_teacher(run_dir, args.data, args.lesion_overlap, part)
+        record[f"{part}_cases"] = len(cases)
+        scored = True
+    return scored
+
+
+def _scored_cases(csv_path: Path) -> set[str]:
+    """The cases a ``*_scores.csv`` written by :func:`score_teacher` holds (none if it is missing)."""
+    if not csv_path.is_file():
+        return set()
+    with open(csv_path, newline="", encoding="utf-8") as handle:
+        return {row["case"] for row in csv.DictReader(handle)}
+
+
+def _case_name(path: Path) -> str:
+    """``case_004.nii.gz`` -> ``case_004``: the name ``medeman evaluate`` gives a case."""
+    name = path.name
+    for suffix in (".nii.gz", ".nii", ".mha", ".nrrd"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 def paired(records: list[dict], method: str, base: str, key: str) -> list[float]:

@@ -234,6 +234,7 @@ def make_cohort(
     unlabeled_labels: bool = False,
     lesions: bool = False,
     unseen_every: int = 0,
+    n_test_extra: int = 0,
 ) -> Path:
     """Write a cohort: ``labeled/{images,labels}``, ``unlabeled/`` and ``test/{images,labels}``.
 
@@ -251,6 +252,8 @@ def make_cohort(
         unseen_every: when ``N > 0``, every N-th test and unlabeled case comes from
             :data:`UNSEEN_SCANNER`, which no labeled or validation case does (a new scanner in the
             pool, for active-learning benchmarks); ``scanners.csv`` then lists every case's scanner.
+        n_test_extra: more test cases, in ``test/`` too, rendered after the validation cases: a test set
+            grows (to measure finer differences) without changing any other case.
 
     Returns:
         ``out`` as a Path.
@@ -258,7 +261,14 @@ def make_cohort(
     out = Path(out)
     index = 0
     manifest = []
-    for part, count in (("labeled", n_labeled), ("test", n_test), ("unlabeled", n_unlabeled), ("val", n_val)):
+    parts = (
+        ("labeled", n_labeled),
+        ("test", n_test),
+        ("unlabeled", n_unlabeled),
+        ("val", n_val),
+        ("test", n_test_extra),
+    )
+    for part, count in parts:
         for i in range(count):
             rng = np.random.default_rng([seed, index])
             unseen = unseen_every > 0 and part in ("test", "unlabeled") and i % unseen_every == unseen_every - 1

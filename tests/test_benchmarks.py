@@ -15,6 +15,7 @@ listed: a new ``benchmarks/*.py`` or ``*.sh`` is tested as soon as it exists, an
 
 from __future__ import annotations
 
+import argparse
 import ast
 import os
 import shutil
@@ -206,6 +207,67 @@ def test_lesion_cohort_grows_its_validation_set_without_touching_any_other_case(
     assert {k: after[k] for k in before} == before  # nothing rewritten
     assert sorted(set(after) - set(before)) == [Path("val/images/case_005.nii.gz"), Path("val/labels/case_005.nii.gz")]
     assert after == files(fresh)  # the added case is the one a fresh cohort of that size has
+
+
+def test_lesion_cohort_grows_its_test_set_after_validation_and_then_refuses_to_grow_validation(tmp_path):
+    """Extra test cases are the cases rendered after validation: existing files stay, the added ones are a fresh
+    cohort's; validation cannot grow past them."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from lesion_benchmark import make_lesion_cohort
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    small = {"n_labeled": 1, "n_val": 1, "n_unlabeled": 1, "n_test": 1}
+    grown, fresh = tmp_path / "grown", tmp_path / "fresh"
+    make_lesion_cohort(grown, small)
+    before = {p.relative_to(grown): p.read_bytes() for p in grown.rglob("*.nii.gz") if not p.is_symlink()}
+    make_lesion_cohort(grown, {**small, "n_test_extra": 2})
+    make_lesion_cohort(fresh, {**small, "n_test_extra": 2})
+
+    def files(root: Path) -> dict[Path, bytes]:
+        return {p.relative_to(root): p.read_bytes() for p in root.rglob("*.nii.gz") if not p.is_symlink()}
+
+    after = files(grown)
+    assert {k: after[k] for k in before} == before
+    # case 1 labeled, 2 test, 3 unlabeled, 4 validation: the extra test cases are 5 and 6
+    assert sorted(set(after) - set(before)) == [
+        Path(f"test/{sub}/case_{i:03d}.nii.gz") for sub in ("images", "labels") for i in (5, 6)
+    ]
+    assert after == files(fresh)
+    with pytest.raises(SystemExit, match="validation set cannot grow to 2 cases once it has extra test cases"):
+        make_lesion_cohort(grown, {**small, "n_val": 2, "n_test_extra": 2})
+
+
+def test_reused_runs_are_scored_again_only_on_the_parts_whose_cases_changed(tmp_path, monkeypatch):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import lesion_benchmark
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    data, run = tmp_path / "data", tmp_path / "run"
+    for part, cases in (("test", ["case_002", "case_005"]), ("val", ["case_004"])):
+        (data / part / "labels").mkdir(parents=True)
+        for case in cases:
+            (data / part / "labels" / f"{case}.nii.gz").write_bytes(b"")
+    run.mkdir()
+    (run / "test_scores.csv").write_text(
+        "case,class,dice\ncase_002,1,0.5\ncase_002,3,0.1\n"
+    )  # before the test set grew
+    (run / "val_scores.csv").write_text("case,class,dice\ncase_004,1,0.5\n")
+    calls = []
+
+    def fake_score(run_dir, data_dir, overlap, part="test"):
+        calls.append(part)
+        return {"lesion_dice": 0.25}
+
+    monkeypatch.setattr(lesion_benchmark, "score_teacher", fake_score)
+    args = argparse.Namespace(data=data, lesion_overlap=0.1)
+    record = {"scores": {"lesion_dice": 0.1}, "val_scores": {"lesion_dice": 0.3}}
+    assert lesion_benchmark._score_new_cases(record, run, args)
+    assert calls == ["test"] and record["scores"] == {"lesion_dice": 0.25} and record["test_cases"] == 2
+    assert record["val_scores"] == {"lesion_dice": 0.3}
+    (run / "test_scores.csv").write_text("case,class,dice\ncase_002,1,0.5\ncase_005,1,0.4\n")
+    assert not lesion_benchmark._score_new_cases(record, run, args) and calls == ["test"]
 
 
 def test_grid_points_get_one_folder_each_even_when_values_hold_dots():
