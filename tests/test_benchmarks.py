@@ -23,6 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -388,3 +389,50 @@ def test_lesion_gap_closed_against_the_copy_paste_baselines():
     assert per_seed == pytest.approx([0.3, 0.3])
     # against the runs without paste (seed 0 only): (0.33 - 0.10) / (0.50 - 0.10), the paste's own gain counted in
     assert gap_closed(records, "lesion_dice", "fixmatch_da_paste_both") == ("58 %", pytest.approx([0.575]))
+
+
+def _paired_noise():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import paired_noise
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return paired_noise
+
+
+@pytest.mark.parametrize(
+    "table, interaction, seed_means_var, seed_var",
+    [
+        ([[1.0, 3.0], [3.0, 5.0]], 0.0, 2.0, 2.0),  # additive: seed means 2 and 4, no residual
+        ([[1.0, 0.0], [0.0, 1.0]], 1.0, 0.0, 0.0),  # residuals +-0.5: 4 x 0.25 / (1 x 1); seeds 0 - 1/2, floored
+        # row means 0.1, 0; column means 0.1, 0, 0.05; grand 0.05; residuals (0.05, -0.05, 0), (-0.05, 0.05, 0):
+        # 4 x 0.0025 / (1 x 2) = 0.005; seed means' variance (0.1 - 0)^2 / 2 = 0.005; seeds 0.005 - 0.005 / 3
+        ([[0.2, 0.0, 0.1], [0.0, 0.0, 0.0]], 0.005, 0.005, 0.005 - 0.005 / 3),
+    ],
+)
+def test_paired_noise_splits_the_seed_spread_into_seed_and_interaction_variance(
+    table, interaction, seed_means_var, seed_var
+):
+    parts = _paired_noise().decompose(np.asarray(table))
+    assert parts["interaction_var"] == pytest.approx(interaction)
+    assert parts["seed_means_var"] == pytest.approx(seed_means_var)
+    assert parts["seed_var"] == pytest.approx(seed_var, abs=1e-12)
+
+
+def test_paired_noise_reads_per_case_dice_and_refuses_runs_scored_on_other_cases(tmp_path, capsys):
+    noise = _paired_noise()
+    rows = {("a", 0): (0.5, 0.2), ("b", 0): (0.3, 0.2), ("a", 1): (0.4, 0.6), ("b", 1): (0.4, 0.3)}
+    for (method, seed), (x, y) in rows.items():
+        run = tmp_path / method / f"seed{seed}"
+        run.mkdir(parents=True)
+        (run / "test_scores.csv").write_text(f"case,class,dice\nc1,1,0.9\nc1,3,{x}\nc2,3,{y}\nc2,1,0.8\n")
+    d = noise.differences(tmp_path, "a", "b", [0, 1], 3)
+    assert d == pytest.approx(np.array([[0.2, 0.0], [0.0, 0.3]]))
+    assert noise.main(["--out", str(tmp_path), "--method", "a", "--base", "b", "--seeds", "0", "1"]) == 0
+    assert "per-seed differences: +0.100 +0.150 (ahead 2)" in capsys.readouterr().out
+    (tmp_path / "b" / "seed1" / "test_scores.csv").write_text("case,class,dice\nc1,3,0.4\nc3,3,0.3\n")
+    with pytest.raises(SystemExit, match="seed 1: a and b were scored on different test cases"):
+        noise.differences(tmp_path, "a", "b", [0, 1], 3)
+    (tmp_path / "b" / "seed1" / "test_scores.csv").write_text("case,class,dice\nc1,3,\nc2,3,0.3\n")
+    with pytest.raises(SystemExit, match="class 3 has no Dice in c1"):
+        noise.differences(tmp_path, "a", "b", [0, 1], 3)
