@@ -66,28 +66,31 @@ from _report import NOTES_MARKER, commit, grid_tag, hardware, mean_std, notes_be
 
 REPO = Path(__file__).resolve().parents[1]
 # method -> (overlays on the base config, labeled folder). configs/lesion.yaml's own method is FixMatch-EMAN with
-# distribution alignment, class-weighted pseudo-labels and lesion copy-paste into labeled and unlabeled patches
-# (fixmatch_da_paste_both_cw); every row
-# trained without copy-paste sets it back (configs/lesion_no_paste.yaml), the mean-teacher rows and the EMA control also
-# every ssl key lesion.yaml sets (configs/lesion_mean_teacher.yaml).
+# distribution alignment, class-weighted pseudo-labels at weight 1.0 and lesion copy-paste into the labeled patches and
+# every unlabeled strong view (fixmatch_da_paste_both_cw_w1); the rows before it set weight 0.3 and half the views back
+# (configs/fixmatch_weight03_paste05.yaml); every row trained without copy-paste sets it back (configs/lesion_no_paste.yaml,
+# which also sets FixMatch's weight 0.3), the mean-teacher rows and the EMA control then set every ssl key lesion.yaml
+# sets (configs/lesion_mean_teacher.yaml, over it).
 NO_PASTE = "configs/lesion_no_paste.yaml"
+BEFORE_W1 = "configs/fixmatch_weight03_paste05.yaml"
 METHODS = {
     "supervised_few": (("configs/supervised.yaml", NO_PASTE), "labeled"),
     "supervised_paste": (("configs/supervised.yaml",), "labeled"),
     "supervised_ema": (
-        ("configs/lesion_mean_teacher.yaml", "configs/ablation_supervised_ema.yaml", NO_PASTE),
+        (NO_PASTE, "configs/lesion_mean_teacher.yaml", "configs/ablation_supervised_ema.yaml"),
         "labeled",
     ),
-    "mt_bn": (("configs/lesion_mean_teacher.yaml", "configs/mt_bn.yaml", NO_PASTE), "labeled"),
-    "mt_eman": (("configs/lesion_mean_teacher.yaml", NO_PASTE), "labeled"),
+    "mt_bn": ((NO_PASTE, "configs/lesion_mean_teacher.yaml", "configs/mt_bn.yaml"), "labeled"),
+    "mt_eman": ((NO_PASTE, "configs/lesion_mean_teacher.yaml"), "labeled"),
     "fixmatch": ((NO_PASTE, "configs/fixmatch_unaligned.yaml"), "labeled"),
     "fixmatch_da": ((NO_PASTE,), "labeled"),
     "fixmatch_da_cw": ((NO_PASTE, "configs/fixmatch_class_weighted.yaml"), "labeled"),
     "fixmatch_da_u4": ((NO_PASTE, "configs/lesion_unlabeled_batch4.yaml"), "labeled"),
     "fixmatch_da_paste": ((NO_PASTE, "configs/fixmatch_lesion_paste.yaml"), "labeled"),
-    "fixmatch_da_paste_both": (("configs/fixmatch_unweighted.yaml",), "labeled"),
-    "fixmatch_da_paste_both_cw": ((), "labeled"),
-    "bcp": (("configs/lesion_mean_teacher.yaml", "configs/ablation_bcp.yaml", NO_PASTE), "labeled"),
+    "fixmatch_da_paste_both": ((BEFORE_W1, "configs/fixmatch_unweighted.yaml"), "labeled"),
+    "fixmatch_da_paste_both_cw": ((BEFORE_W1,), "labeled"),
+    "fixmatch_da_paste_both_cw_w1": ((), "labeled"),
+    "bcp": ((NO_PASTE, "configs/lesion_mean_teacher.yaml", "configs/ablation_bcp.yaml"), "labeled"),
     "supervised_all": (("configs/supervised.yaml", NO_PASTE), "all_labeled"),
     "supervised_all_paste": (("configs/supervised.yaml",), "all_labeled"),
 }
@@ -108,6 +111,8 @@ METHOD_PAIRS = (
     ("fixmatch_da_paste_both", "fixmatch_da_paste"),
     ("fixmatch_da_paste_both_cw", "supervised_paste"),
     ("fixmatch_da_paste_both_cw", "fixmatch_da_paste_both"),
+    ("fixmatch_da_paste_both_cw_w1", "supervised_paste"),
+    ("fixmatch_da_paste_both_cw_w1", "fixmatch_da_paste_both_cw"),
 )
 LESION = 3
 CHOICE_SEEDS_AHEAD = 0.8  # a grid point replaces the method's own config only if ahead on validation in 8 of 10 seeds
@@ -245,8 +250,9 @@ def score_teacher(run_dir: Path, data: Path, lesion_overlap: float, part: str = 
 
 def what_trains(cfg: dict) -> dict:
     """``cfg`` without the ``ssl`` options of the methods it does not train with, and without the unlabeled batch
-    size for a method that reads no unlabeled scans (a supervised run is the same run whatever ``ssl.fixmatch_*`` or
-    ``data.batch_size_unlabeled`` say): what decides whether a finished run can be reused."""
+    size and the unsupervised loss's weight for a method that reads no unlabeled scans (a supervised run is the same
+    run whatever ``ssl.fixmatch_*``, ``ssl.consistency_weight`` or ``data.batch_size_unlabeled`` say): what decides
+    whether a finished run can be reused."""
     from medeman.methods import METHODS, build_method
 
     trained = METHODS[cfg["ssl"]["method"]].__mro__  # FixMatch reads the mean teacher's options too
@@ -254,6 +260,7 @@ def what_trains(cfg: dict) -> dict:
     data = dict(cfg["data"])
     if not build_method(cfg).uses_unlabeled:
         data.pop("batch_size_unlabeled")
+        unused.add("consistency_weight")  # weighs the loss of the unlabeled scans only
     return {**cfg, "data": data, "ssl": {k: v for k, v in cfg["ssl"].items() if k not in unused}}
 
 

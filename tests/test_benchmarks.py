@@ -357,6 +357,8 @@ def test_lesion_benchmark_reuses_a_run_whatever_the_options_of_methods_it_does_n
     assert (what_trains(before) == what_trains(after)) is reused
     more_unlabeled = load_config(sets=[f"ssl.method={method}", "data.batch_size_unlabeled=4"])
     assert (what_trains(before) == what_trains(more_unlabeled)) is reused  # read by a method that uses unlabeled scans
+    heavier = load_config(sets=[f"ssl.method={method}", "ssl.consistency_weight=0.3"])
+    assert (what_trains(before) == what_trains(heavier)) is reused  # weighs the unlabeled scans' loss only
     changed = load_config(sets=[f"ssl.method={method}", "train.lr=0.5"])
     assert what_trains(before) != what_trains(changed)  # a key every method reads always counts
 
