@@ -186,6 +186,11 @@ def _grow_cohort(root: Path, counts: dict) -> None:
     from medeman.sample_data import make_cohort
 
     want = {"val": counts["n_val"], "test": counts["n_test"] + counts.get("n_test_extra", 0)}
+    if _count(root / "test" / "labels") > want["test"]:
+        raise SystemExit(
+            f"{root}: holds {_count(root / 'test' / 'labels')} test cases, {want['test']} asked for "
+            f"(--test-extra {counts.get('n_test_extra', 0)}): use the cohort folder of that test set"
+        )
     missing = [part for part, n in want.items() if _count(root / part / "labels") < n]
     if not missing:
         return
@@ -735,6 +740,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--lesion-overlap", type=float, default=0.1, help="IoU a lesion needs to count as detected (0: any overlap)"
     )
+    parser.add_argument(
+        "--test-extra",
+        type=int,
+        default=COHORT["n_test_extra"],
+        help=f"test cases beyond the first {COHORT['n_test']} (default {COHORT['n_test_extra']}; 0: the 8-case test set of "
+        "the tables before lesion_benchmark_op_3000_t48.md). A cohort folder with fewer gets them added, and reused "
+        "runs are scored again on the grown set",
+    )
     parser.add_argument("--out", default="runs/lesion_benchmark", help="run folders: <out>/<method>/seed<N>")
     parser.add_argument(
         "--results", default=str(REPO / "benchmarks" / "results"), help="where lesion_benchmark.md/.csv go"
@@ -779,7 +792,7 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(scratch.name)
         args.data, args.out, args.results = root / "data", str(root / "runs"), str(root / "results")
         args.seeds, args.set = args.seeds[:1], [*SMOKE_SETS, *args.set]
-    make_lesion_cohort(args.data, SMOKE_COHORT if args.smoke else COHORT)
+    make_lesion_cohort(args.data, SMOKE_COHORT if args.smoke else {**COHORT, "n_test_extra": args.test_extra})
     if args.grid and not args.smoke:
         md = run_grid(args, command)
         if md is not None:

@@ -237,6 +237,8 @@ def test_lesion_cohort_grows_its_test_set_after_validation_and_then_refuses_to_g
     assert after == files(fresh)
     with pytest.raises(SystemExit, match="validation set cannot grow to 2 cases once it has extra test cases"):
         make_lesion_cohort(grown, {**small, "n_val": 2, "n_test_extra": 2})
+    with pytest.raises(SystemExit, match="holds 3 test cases, 1 asked for"):
+        make_lesion_cohort(grown, small)  # a smaller test set than the folder's: scores would mix the two
 
 
 def test_reused_runs_are_scored_again_only_on_the_parts_whose_cases_changed(tmp_path, monkeypatch):
