@@ -457,25 +457,29 @@ def write_results(records: list[dict], args: argparse.Namespace, wall_s: float, 
             f"{mean_std([r['val_scores']['lesion_dice'] for r in runs])} | "
             f"{statistics.fmean(r['train_s'] for r in runs):.0f} |"
         )
-    lines += [
-        "",
-        "Paired per-seed differences (same seed: same initial network and data order), mean ± std over seeds, "
-        "and the share of the few -> all gap each method closes (from the seed means; per seed in brackets):",
-        "",
-        "| score | method | method - few | seeds ahead | all - few | gap closed |",
-        "|---|---|---|---|---|---|",
+    against_few = [
+        (key, name, method)
+        for key, name in keys[:2] + keys[4:]
+        for method in METHODS
+        if method not in BASELINES and paired(records, method, "supervised_few", key)
     ]
-    for key, name in keys[:2] + keys[4:]:
-        for method in (m for m in METHODS if m not in BASELINES):
-            diffs = paired(records, method, "supervised_few", key)
-            if not diffs:
-                continue
-            share, per_seed = gap_closed(records, key, method)
-            lines.append(
-                f"| {name} | {method} | {mean_std(diffs)} | {sum(d > 0 for d in diffs)}/{len(diffs)} | "
-                f"{mean_std(paired(records, 'supervised_all', 'supervised_few', key))} | {share} "
-                f"({', '.join(f'{100 * v:.0f} %' for v in per_seed) or '–'}) |"
-            )
+    if against_few:  # a study without supervised_few (e.g. the copy-paste rows alone) has no such table
+        lines += [
+            "",
+            "Paired per-seed differences (same seed: same initial network and data order), mean ± std over seeds, "
+            "and the share of the few -> all gap each method closes (from the seed means; per seed in brackets):",
+            "",
+            "| score | method | method - few | seeds ahead | all - few | gap closed |",
+            "|---|---|---|---|---|---|",
+        ]
+    for key, name, method in against_few:
+        diffs = paired(records, method, "supervised_few", key)
+        share, per_seed = gap_closed(records, key, method)
+        lines.append(
+            f"| {name} | {method} | {mean_std(diffs)} | {sum(d > 0 for d in diffs)}/{len(diffs)} | "
+            f"{mean_std(paired(records, 'supervised_all', 'supervised_few', key))} | {share} "
+            f"({', '.join(f'{100 * v:.0f} %' for v in per_seed) or '–'}) |"
+        )
     configs = _method_configs(records)
     pasting = [m for m, c in configs.items() if c["data"]["labeled_lesion_paste"] > 0 and m not in PASTE_BASELINES]
     against_paste = [
