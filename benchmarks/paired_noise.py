@@ -28,6 +28,8 @@ import numpy as np
 
 def case_dice(csv_path: Path, label: int) -> dict[str, float]:
     """``{case: Dice}`` of class ``label`` in a ``medeman evaluate``-style ``*_scores.csv``."""
+    if not csv_path.is_file():
+        raise SystemExit(f"{csv_path}: no such file (is --out the benchmark's run folder, and was the run scored?)")
     with open(csv_path, newline="", encoding="utf-8") as handle:
         rows = [row for row in csv.DictReader(handle) if row["class"] == str(label)]
     if not rows:

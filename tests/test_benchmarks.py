@@ -440,3 +440,5 @@ def test_paired_noise_reads_per_case_dice_and_refuses_runs_scored_on_other_cases
     (tmp_path / "b" / "seed1" / "test_scores.csv").write_text("case,class,dice\nc1,3,\nc2,3,0.3\n")
     with pytest.raises(SystemExit, match="class 3 has no Dice in c1"):
         noise.differences(tmp_path, "a", "b", [0, 1], 3)
+    with pytest.raises(SystemExit, match="seed2/test_scores.csv: no such file"):
+        noise.differences(tmp_path, "a", "b", [2], 3)
