@@ -350,9 +350,11 @@ def _score_new_cases(record: dict, run_dir: Path, args: argparse.Namespace) -> b
 
     Training never depends on validation or test cases, so scoring more of them changes nothing else.
     """
+    from medeman.data.readers import image_stem  # the case name medeman evaluate writes
+
     scored = False
     for part, key in (("test", "scores"), ("val", "val_scores")):
-        cases = {_case_name(p) for p in (args.data / part / "labels").iterdir()}
+        cases = {image_stem(p) for p in (args.data / part / "labels").iterdir()}
         if key in record and _scored_cases(run_dir / f"{part}_scores.csv") == cases:
             continue
         record[key] = score_teacher(run_dir, args.data, args.lesion_overlap, part)
@@ -367,15 +369,6 @@ def _scored_cases(csv_path: Path) -> set[str]:
         return set()
     with open(csv_path, newline="", encoding="utf-8") as handle:
         return {row["case"] for row in csv.DictReader(handle)}
-
-
-def _case_name(path: Path) -> str:
-    """``case_004.nii.gz`` -> ``case_004``: the name ``medeman evaluate`` gives a case."""
-    name = path.name
-    for suffix in (".nii.gz", ".nii", ".mha", ".nrrd"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def paired(records: list[dict], method: str, base: str, key: str) -> list[float]:

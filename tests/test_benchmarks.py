@@ -187,58 +187,56 @@ def test_lesion_extent_counts_the_voxels_of_found_lesions_only(tmp_path):
     assert shares == {"hyperdense": 1.0, "faint": 0.0, EXTENT: 0.5}
 
 
-def test_lesion_cohort_grows_its_validation_set_without_touching_any_other_case(tmp_path):
-    """A cohort written with fewer validation cases gets the missing ones; every existing file stays as it was."""
+def _make_lesion_cohort():
     sys.path.insert(0, str(BENCHMARKS))
     try:
         from lesion_benchmark import make_lesion_cohort
     finally:
         sys.path.remove(str(BENCHMARKS))
-    small = {"n_labeled": 1, "n_val": 1, "n_unlabeled": 1, "n_test": 1}
+    return make_lesion_cohort
+
+
+def _cohort_files(root: Path) -> dict[Path, bytes]:
+    return {p.relative_to(root): p.read_bytes() for p in root.rglob("*.nii.gz") if not p.is_symlink()}
+
+
+SMALL_COHORT = {"n_labeled": 1, "n_val": 1, "n_unlabeled": 1, "n_test": 1}
+
+
+@pytest.mark.parametrize(
+    "grow, added",
+    [
+        ({"n_val": 2}, [Path("val/images/case_005.nii.gz"), Path("val/labels/case_005.nii.gz")]),
+        # case 1 labeled, 2 test, 3 unlabeled, 4 validation: the extra test cases are 5 and 6
+        (
+            {"n_test_extra": 2},
+            [Path(f"test/{sub}/case_{i:03d}.nii.gz") for sub in ("images", "labels") for i in (5, 6)],
+        ),
+    ],
+    ids=["validation", "extra test cases"],
+)
+def test_lesion_cohort_grows_a_part_without_touching_any_other_case(tmp_path, grow, added):
+    """A cohort written with fewer validation (or extra test) cases gets the missing ones, the cases a fresh cohort of
+    that size has; every existing file stays as it was."""
+    make_lesion_cohort = _make_lesion_cohort()
     grown, fresh = tmp_path / "grown", tmp_path / "fresh"
-    make_lesion_cohort(grown, small)
-    before = {p.relative_to(grown): p.read_bytes() for p in grown.rglob("*.nii.gz") if not p.is_symlink()}
-    make_lesion_cohort(grown, {**small, "n_val": 2})
-    make_lesion_cohort(fresh, {**small, "n_val": 2})
-
-    def files(root: Path) -> dict[Path, bytes]:
-        return {p.relative_to(root): p.read_bytes() for p in root.rglob("*.nii.gz") if not p.is_symlink()}
-
-    after = files(grown)
+    make_lesion_cohort(grown, SMALL_COHORT)
+    before = _cohort_files(grown)
+    make_lesion_cohort(grown, {**SMALL_COHORT, **grow})
+    make_lesion_cohort(fresh, {**SMALL_COHORT, **grow})
+    after = _cohort_files(grown)
     assert {k: after[k] for k in before} == before  # nothing rewritten
-    assert sorted(set(after) - set(before)) == [Path("val/images/case_005.nii.gz"), Path("val/labels/case_005.nii.gz")]
-    assert after == files(fresh)  # the added case is the one a fresh cohort of that size has
+    assert sorted(set(after) - set(before)) == added
+    assert after == _cohort_files(fresh)  # the added cases are the ones a fresh cohort of that size has
 
 
-def test_lesion_cohort_grows_its_test_set_after_validation_and_then_refuses_to_grow_validation(tmp_path):
-    """Extra test cases are the cases rendered after validation: existing files stay, the added ones are a fresh
-    cohort's; validation cannot grow past them."""
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        from lesion_benchmark import make_lesion_cohort
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    small = {"n_labeled": 1, "n_val": 1, "n_unlabeled": 1, "n_test": 1}
-    grown, fresh = tmp_path / "grown", tmp_path / "fresh"
-    make_lesion_cohort(grown, small)
-    before = {p.relative_to(grown): p.read_bytes() for p in grown.rglob("*.nii.gz") if not p.is_symlink()}
-    make_lesion_cohort(grown, {**small, "n_test_extra": 2})
-    make_lesion_cohort(fresh, {**small, "n_test_extra": 2})
-
-    def files(root: Path) -> dict[Path, bytes]:
-        return {p.relative_to(root): p.read_bytes() for p in root.rglob("*.nii.gz") if not p.is_symlink()}
-
-    after = files(grown)
-    assert {k: after[k] for k in before} == before
-    # case 1 labeled, 2 test, 3 unlabeled, 4 validation: the extra test cases are 5 and 6
-    assert sorted(set(after) - set(before)) == [
-        Path(f"test/{sub}/case_{i:03d}.nii.gz") for sub in ("images", "labels") for i in (5, 6)
-    ]
-    assert after == files(fresh)
+def test_lesion_cohort_refuses_to_grow_validation_past_extra_test_cases_or_to_score_fewer_test_cases(tmp_path):
+    make_lesion_cohort = _make_lesion_cohort()
+    make_lesion_cohort(tmp_path, {**SMALL_COHORT, "n_test_extra": 2})
     with pytest.raises(SystemExit, match="validation set cannot grow to 2 cases once it has extra test cases"):
-        make_lesion_cohort(grown, {**small, "n_val": 2, "n_test_extra": 2})
+        make_lesion_cohort(tmp_path, {**SMALL_COHORT, "n_val": 2, "n_test_extra": 2})
     with pytest.raises(SystemExit, match="holds 3 test cases, 1 asked for"):
-        make_lesion_cohort(grown, small)  # a smaller test set than the folder's: scores would mix the two
+        make_lesion_cohort(tmp_path, SMALL_COHORT)  # a smaller test set than the folder's: scores would mix the two
 
 
 def test_reused_runs_are_scored_again_only_on_the_parts_whose_cases_changed(tmp_path, monkeypatch):
