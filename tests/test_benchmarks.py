@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import importlib
 import os
 import shutil
 import subprocess
@@ -187,13 +188,13 @@ def test_lesion_extent_counts_the_voxels_of_found_lesions_only(tmp_path):
     assert shares == {"hyperdense": 1.0, "faint": 0.0, EXTENT: 0.5}
 
 
-def _make_lesion_cohort():
+def _benchmark(name: str):
+    """The module ``benchmarks/<name>.py`` (imported with ``benchmarks/`` on the path, as the script runs)."""
     sys.path.insert(0, str(BENCHMARKS))
     try:
-        from lesion_benchmark import make_lesion_cohort
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(BENCHMARKS))
-    return make_lesion_cohort
 
 
 def _cohort_files(root: Path) -> dict[Path, bytes]:
@@ -218,7 +219,7 @@ SMALL_COHORT = {"n_labeled": 1, "n_val": 1, "n_unlabeled": 1, "n_test": 1}
 def test_lesion_cohort_grows_a_part_without_touching_any_other_case(tmp_path, grow, added):
     """A cohort written with fewer validation (or extra test) cases gets the missing ones, the cases a fresh cohort of
     that size has; every existing file stays as it was."""
-    make_lesion_cohort = _make_lesion_cohort()
+    make_lesion_cohort = _benchmark("lesion_benchmark").make_lesion_cohort
     grown, fresh = tmp_path / "grown", tmp_path / "fresh"
     make_lesion_cohort(grown, SMALL_COHORT)
     before = _cohort_files(grown)
@@ -231,7 +232,7 @@ def test_lesion_cohort_grows_a_part_without_touching_any_other_case(tmp_path, gr
 
 
 def test_lesion_cohort_refuses_to_grow_validation_past_extra_test_cases_or_to_score_fewer_test_cases(tmp_path):
-    make_lesion_cohort = _make_lesion_cohort()
+    make_lesion_cohort = _benchmark("lesion_benchmark").make_lesion_cohort
     make_lesion_cohort(tmp_path, {**SMALL_COHORT, "n_test_extra": 2})
     with pytest.raises(SystemExit, match="validation set cannot grow to 2 cases once it has extra test cases"):
         make_lesion_cohort(tmp_path, {**SMALL_COHORT, "n_val": 2, "n_test_extra": 2})
@@ -394,12 +395,7 @@ def test_lesion_gap_closed_against_the_copy_paste_baselines():
 
 
 def _paired_noise():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import paired_noise
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return paired_noise
+    return _benchmark("paired_noise")
 
 
 @pytest.mark.parametrize(
