@@ -5,15 +5,18 @@ the same layout) and reproduces ``medeman infer``: the same network (:func:`mede
 the same preprocessing as :func:`medeman.data.transforms.preprocessing` written with MONAI's stock
 transforms (``Orientationd`` to RAS, ``Spacingd`` trilinear, the CT window or the MR z-score), the same
 Gaussian-blended sliding window over the *softmax* (medeman blends probabilities, not logits), and the
-way back to each scan's grid (``Invertd``, trilinear on the probabilities, then the argmax). Test-time
-mirroring is left out (``medeman infer`` leaves it out unless ``--tta``).
+way back to each scan's grid (``Invertd``, trilinear on the probabilities, then the argmax), and the
+post-processing learned on validation (``teacher.pt``'s ``extra["postprocessing"]``): the probabilities times the
+class scales before the argmax (``Lambdad``), then the component rules, run by ``scripts/component_rules.py``, a
+verbatim copy of :mod:`medeman.component_rules` (numpy and scipy; loaded with ``runpy``, so no ``PYTHONPATH``).
+Test-time mirroring is left out (``medeman infer`` leaves it out unless ``--tta``).
 
 The files start from MONAI's own templates (``monai.bundle.init_bundle`` with
 ``DEFAULT_METADATA``/``DEFAULT_INFERENCE``) and are checked with ``monai.bundle.verify_net_in_out``.
 
 Typical use::
 
-    write_bundle(net, cfg, "runs/demo/bundle")
+    write_bundle(net, cfg, "runs/demo/bundle", rules=payload["extra"].get("postprocessing"))
     # python -m monai.bundle run --bundle_root runs/demo/bundle \
     #     --config_file runs/demo/bundle/configs/inference.json --input_dir scans --output_dir masks
 """
@@ -27,8 +30,10 @@ from typing import Any
 
 from torch import nn
 
+from medeman import component_rules
 from medeman.classes import class_names, lesion_classes
 from medeman.nets import network_definition
+from medeman.postprocess import class_scales, describe
 from medeman.typed_config import Config, as_config, plain
 
 # verify_metadata downloads this schema; the bundle names it as every MONAI model-zoo bundle does
@@ -36,6 +41,21 @@ METADATA_SCHEMA = (
     "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
 )
 INPUT_PATTERNS = ("*.nii.gz", "*.nii")  # what MONAI's LoadImaged reads without ITK
+COMPONENT_SCRIPT = "scripts/component_rules.py"  # medeman.component_rules, copied into the bundle
+
+
+def _scales(rules: dict | None) -> list[float] | None:
+    """The learned class scales, or None where they change nothing."""
+    scales = class_scales(rules)
+    return [float(s) for s in scales] if scales and any(float(s) != 1.0 for s in scales) else None
+
+
+def _component_rules(rules: dict | None) -> dict[str, dict] | None:
+    """The component rules that change a mask (plain values, as stored in ``teacher.pt``), or None."""
+    active = component_rules.active_rules((rules or {}).get("classes"))
+    if not active:
+        return None
+    return {str(c): {k: r[k] for k in ("min_volume_mm3", "keep_largest", "drop") if k in r} for c, r in active.items()}
 
 
 def channel_names(cfg: Config | dict) -> dict[str, str]:
@@ -76,18 +96,48 @@ def preprocessing_config(cfg: Config | dict) -> dict[str, Any]:
     return {"_target_": "Compose", "transforms": chain}
 
 
-def inference_config(cfg: Config | dict) -> dict[str, Any]:
-    """``configs/inference.json``: MONAI's default inference bundle config made to run medeman's teacher."""
+def inference_config(cfg: Config | dict, rules: dict | None = None) -> dict[str, Any]:
+    """``configs/inference.json``: MONAI's default inference bundle config made to run medeman's teacher.
+
+    Args:
+        cfg: the teacher's resolved config.
+        rules: the post-processing learned on validation (``teacher.pt``'s ``extra["postprocessing"]``); None: the
+            plain argmax.
+    """
     from monai.bundle.utils import DEFAULT_INFERENCE
 
     cfg = as_config(cfg)
+    scales, components = _scales(rules), _component_rules(rules)
+    after_argmax: list[dict[str, Any]] = []
+    before_argmax: list[dict[str, Any]] = []
+    extra: dict[str, Any] = {}
+    if scales:  # the operating point learned on validation: the argmax of probabilities x scales
+        extra["class_scales"] = scales
+        before_argmax.append(
+            {
+                "_target_": "Lambdad",
+                "keys": "pred",
+                "func": "$lambda p: p * torch.tensor(@class_scales, dtype=p.dtype, device=p.device)"
+                ".view(-1, *[1] * (p.ndim - 1))",
+            }
+        )
+    if components:
+        extra["component_rules"] = components
+        extra["component_script"] = "$runpy.run_path(os.path.join(@bundle_root, " + repr(COMPONENT_SCRIPT) + "))"
+        after_argmax.append(
+            {
+                "_target_": "Lambdad",
+                "keys": "pred",
+                "func": "$lambda p: @component_script['apply_to_prediction'](p, @component_rules)",
+            }
+        )
     infer, patch = cfg.infer, [int(s) for s in cfg.data.patch_size]
     config = copy.deepcopy(DEFAULT_INFERENCE)
     config.pop("dataset_dir", None)
     config.pop("evaluating", None)
     config.update(
         {
-            "imports": ["$import glob", "$import os"],
+            "imports": ["$import glob", "$import os", "$import runpy"],
             "bundle_root": ".",
             "input_dir": "$@bundle_root + '/input'",
             "output_dir": "$@bundle_root + '/eval'",
@@ -116,7 +166,9 @@ def inference_config(cfg: Config | dict) -> dict[str, Any]:
                         "nearest_interp": False,
                         "to_tensor": True,
                     },
+                    *before_argmax,
                     {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
+                    *after_argmax,
                     {
                         "_target_": "SaveImaged",
                         "keys": "pred",
@@ -139,6 +191,7 @@ def inference_config(cfg: Config | dict) -> dict[str, Any]:
                 }
             ],
             "run": ["$@evaluator.run()"],
+            **extra,
         }
     )
     config["dataset"]["data"] = "@datalist"
@@ -146,8 +199,9 @@ def inference_config(cfg: Config | dict) -> dict[str, Any]:
     return config
 
 
-def metadata_config(cfg: Config | dict) -> dict[str, Any]:
-    """``configs/metadata.json``: MONAI's default metadata with the network's inputs, outputs and classes."""
+def metadata_config(cfg: Config | dict, rules: dict | None = None) -> dict[str, Any]:
+    """``configs/metadata.json``: MONAI's default metadata with the network's inputs, outputs, classes and the
+    post-processing ``rules`` learned on validation (None: the plain argmax)."""
     from monai.bundle.utils import DEFAULT_METADATA
 
     cfg = as_config(cfg)
@@ -211,6 +265,8 @@ def metadata_config(cfg: Config | dict) -> dict[str, Any]:
                 "modality": data.modality,
                 "intensity_window": plain(data.intensity_window) if ct else None,
                 "lesion_classes": {str(c): channels[str(c)] for c in lesions},
+                "class_scales": _scales(rules) or [1.0] * data.num_classes,
+                "component_rules": _component_rules(rules) or {},
             },
         }
     )
@@ -224,13 +280,15 @@ def _version(module: str) -> str:
         return "not installed"
 
 
-def write_bundle(net: nn.Module, cfg: Config | dict, out_dir: str | Path) -> Path:
+def write_bundle(net: nn.Module, cfg: Config | dict, out_dir: str | Path, rules: dict | None = None) -> Path:
     """Write the bundle folder ``out_dir`` (which must not exist yet) and check the network against its metadata.
 
     Args:
         net: the teacher network (its weights go to ``models/model.pt``).
         cfg: the teacher's resolved config.
         out_dir: the bundle folder to create.
+        rules: the post-processing learned on validation (``teacher.pt``'s ``extra["postprocessing"]``): class scales
+            and component rules, applied by the bundle as ``medeman infer`` applies them; None: the plain argmax.
 
     Returns:
         ``out_dir``.
@@ -248,9 +306,16 @@ def write_bundle(net: nn.Module, cfg: Config | dict, out_dir: str | Path) -> Pat
         )
     out_dir = Path(out_dir)
     init_bundle(
-        out_dir, network=net.cpu().eval(), metadata_str=metadata_config(cfg), inference_str=inference_config(cfg)
+        out_dir,
+        network=net.cpu().eval(),
+        metadata_str=metadata_config(cfg, rules),
+        inference_str=inference_config(cfg, rules),
     )
-    (out_dir / "docs" / "README.md").write_text(bundle_readme(cfg), encoding="utf-8")
+    if _component_rules(rules):
+        script = out_dir / COMPONENT_SCRIPT
+        script.parent.mkdir(parents=True, exist_ok=True)
+        script.write_text(Path(component_rules.__file__).read_text(encoding="utf-8"), encoding="utf-8")
+    (out_dir / "docs" / "README.md").write_text(bundle_readme(cfg, rules), encoding="utf-8")
     (out_dir / "LICENSE").write_text(
         "The weights are the owner's of the training data: state their terms here.\n", encoding="utf-8"
     )
@@ -269,9 +334,15 @@ def write_bundle(net: nn.Module, cfg: Config | dict, out_dir: str | Path) -> Pat
     return out_dir
 
 
-def bundle_readme(cfg: Config | dict) -> str:
-    """``docs/README.md``: what the bundle segments and the command that runs it."""
+def bundle_readme(cfg: Config | dict, rules: dict | None = None) -> str:
+    """``docs/README.md``: what the bundle segments, its post-processing and the command that runs it."""
     channels = channel_names(cfg)
+    post = (
+        f"Post-processing learned on validation, as `medeman infer` applies it: {describe(rules)}."
+        + (f" The component rules run `{COMPONENT_SCRIPT}` (numpy and scipy)." if _component_rules(rules) else "")
+        if _scales(rules) or _component_rules(rules)
+        else "No post-processing was learned: the masks are the plain argmax."
+    )
     data = as_config(cfg).data
     spacing, window, patch = plain(data.spacing), plain(data.intensity_window), plain(data.patch_size)
     classes = "\n".join(f"| {k} | {v} |" for k, v in channels.items())
@@ -281,6 +352,7 @@ A mean-teacher (EMAN) segmentation network exported by `medeman export --format 
 `configs/inference.json` reproduces `medeman infer` without test-time mirroring: RAS orientation,
 resampling to {spacing} mm, {"CT window " + str(window) + " HU to [0, 1]" if data.modality == "CT" else "z-score on the foreground"},
 Gaussian-blended {patch} sliding windows over the softmax, inversion to each scan's grid, argmax.
+{post}
 
     python -m monai.bundle run --bundle_root BUNDLE --config_file BUNDLE/configs/inference.json \\
         --input_dir SCANS --output_dir MASKS

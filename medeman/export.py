@@ -162,7 +162,7 @@ def export_model(
     if fmt == "bundle":
         _clear_bundle(out_dir, overwrite)
         try:
-            return [write_bundle(net, cfg, out_dir)]
+            return [write_bundle(net, cfg, out_dir, rules)]
         except ValueError as err:
             raise ExportError(str(err)) from None
     model_path, meta_path = out_dir / MODEL_FILES[fmt], out_dir / "model.json"

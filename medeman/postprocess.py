@@ -32,11 +32,11 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from medeman.component_rules import STRUCTURE, apply_component_rules, kept_components
+
 if TYPE_CHECKING:
     from medeman.typed_config import Config
 
-# 26-connectivity, as nnU-Net's and MONAI's component tools: diagonal neighbours are one component
-_STRUCTURE = np.ones((3, 3, 3), dtype=bool)
 # the probability scales tried per class (>= 1: a class the network under-calls gets a lower bar, never a higher one)
 SCALE_CANDIDATES = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0)
 # a scale stays only if it raises the mean foreground validation Dice by this much: on 2-6 validation cases smaller
@@ -54,24 +54,10 @@ class _Components:
 
 
 def _components(prediction: np.ndarray, reference: np.ndarray, c: int) -> _Components:
-    labelled, n = ndimage.label(prediction == c, structure=_STRUCTURE)
+    labelled, n = ndimage.label(prediction == c, structure=STRUCTURE)
     sizes = np.bincount(labelled.ravel(), minlength=n + 1)[1:]
     overlaps = np.bincount(labelled.ravel(), weights=(reference == c).ravel(), minlength=n + 1)[1:]
     return _Components(sizes.astype(np.int64), overlaps.astype(np.int64), int((reference == c).sum()))
-
-
-def _kept(comp: _Components, min_voxels: float, keep_largest: int) -> np.ndarray:
-    keep = comp.sizes >= min_voxels
-    if comp.sizes.size and not keep.any():
-        # a size rule removes speckles, never the structure: the largest component always stays (a rule
-        # learned on a few validation cases once dropped a whole test liver that was a little smaller)
-        keep[int(np.argmax(comp.sizes))] = True
-    if keep_largest > 0 and keep.sum() > keep_largest:
-        order = np.argsort(-comp.sizes, kind="stable")
-        ranked = order[keep[order]][:keep_largest]
-        keep = np.zeros_like(keep)
-        keep[ranked] = True
-    return keep
 
 
 def _dice(comp: _Components, keep: np.ndarray) -> float:
@@ -82,7 +68,11 @@ def _dice(comp: _Components, keep: np.ndarray) -> float:
 
 
 def _mean_dice(cases: list[_Components], volumes: Sequence[float], min_mm3: float, keep_largest: int) -> float:
-    return float(np.mean([_dice(comp, _kept(comp, min_mm3 / v, keep_largest)) for comp, v in zip(cases, volumes)]))
+    return float(
+        np.mean(
+            [_dice(comp, kept_components(comp.sizes, min_mm3 / v, keep_largest)) for comp, v in zip(cases, volumes)]
+        )
+    )
 
 
 def learn_postprocessing(
@@ -105,7 +95,7 @@ def learn_postprocessing(
         cases = [_components(p, r, c) for p, r in zip(predictions, references)]
         before = _mean_dice(cases, voxel_mm3, 0.0, 0)
         # candidate thresholds: midway between consecutive predicted component volumes (the widest
-        # margin on both sides); the largest component of a case always stays (_kept)
+        # margin on both sides); the largest component of a case always stays (kept_components)
         volumes = sorted({float(s) * v for comp, v in zip(cases, voxel_mm3) for s in comp.sizes})
         best_mm3, best = 0.0, before
         for threshold in [(a + b) / 2 for a, b in zip(volumes, volumes[1:])]:
@@ -117,7 +107,7 @@ def learn_postprocessing(
             # in no validation reference, yet predicted: every prediction of it is false (nnU-Net drops it too)
             drop, best = True, 1.0
         keep = 0
-        counts = {int(ndimage.label(r == c, structure=_STRUCTURE)[1]) for r in references}
+        counts = {int(ndimage.label(r == c, structure=STRUCTURE)[1]) for r in references}
         if len(counts) == 1 and (k := counts.pop()) > 0:  # the anatomy has k components in every case
             score = _mean_dice(cases, voxel_mm3, best_mm3, k)
             if not drop and score > best + 1e-12:
@@ -216,32 +206,10 @@ def learn_class_scales(
 def apply_postprocessing(labels: np.ndarray, rules: dict[str, Any] | None, voxel_mm3: float) -> np.ndarray:
     """``labels`` with each class's small (and surplus) components set to background; ``rules`` from :func:`learn_postprocessing`.
 
-    ``None`` or empty rules return ``labels`` unchanged (the same array).
+    ``None`` or empty rules return ``labels`` unchanged (the same array). The rules are applied by
+    :func:`medeman.component_rules.apply_component_rules`, the code an exported MONAI bundle runs too.
     """
-    if not rules or not rules.get("classes"):
-        return labels
-    active = {
-        int(c): r
-        for c, r in rules["classes"].items()
-        if r["min_volume_mm3"] > 0 or r["keep_largest"] > 0 or r.get("drop", False)
-    }
-    if not active:
-        return labels
-    out = np.array(labels, copy=True)
-    for c, rule in active.items():
-        if rule.get("drop", False):
-            out[out == c] = 0
-            continue
-        labelled, n = ndimage.label(out == c, structure=_STRUCTURE)
-        if n == 0:
-            continue
-        sizes = np.bincount(labelled.ravel(), minlength=n + 1)[1:]
-        comp = _Components(sizes, np.zeros_like(sizes), 0)
-        keep = _kept(comp, float(rule["min_volume_mm3"]) / voxel_mm3, int(rule["keep_largest"]))
-        drop = np.flatnonzero(~keep) + 1
-        if drop.size:
-            out[np.isin(labelled, drop)] = 0
-    return out
+    return apply_component_rules(labels, (rules or {}).get("classes"), voxel_mm3)
 
 
 def learn_on_validation(net, cfg: Config | dict, loader, device: str | Any = "cpu") -> dict[str, Any] | None:

@@ -26,18 +26,15 @@ SCANS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """A run, its bundle, the scans, and the masks of medeman infer and of `python -m monai.bundle run`."""
-    root = tmp_path_factory.mktemp("bundle")
-    net, cfg = trained_teacher()
-    (root / "run").mkdir()
-    save_teacher(root / "run" / "teacher.pt", net, cfg, step=60)
-    for i, (name, shape, affine) in enumerate(SCANS):
-        write_volume(smooth_scan(shape, seed=i), affine, root / "scans" / f"{name}.nii.gz")
-    assert main(["--model", str(root / "run"), "--format", "bundle", "--out", str(root / "bundle")]) == 0
-    infer_cases(root / "run", root / "scans", root / "medeman", device="cpu", progress=False)
-    bundle = root / "bundle"
+# post-processing as medeman learns it on validation: the bright class's probability x 1.5 before the argmax, then
+# its components under 60 mm^3 dropped (the largest always stays) and at most 2 kept
+RULES = {
+    "class_scales": [1.0, 1.5],
+    "classes": {"1": {"min_volume_mm3": 60.0, "keep_largest": 2, "drop": False, "dice_before": 0.5, "dice_after": 0.6}},
+}
+
+
+def _run_bundle(bundle, scans, out):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [
@@ -50,9 +47,9 @@ def exported(tmp_path_factory):
             "--config_file",
             str(bundle / "configs" / "inference.json"),
             "--input_dir",
-            str(root / "scans"),
+            str(scans),
             "--output_dir",
-            str(root / "monai"),
+            str(out),
         ],
         capture_output=True,
         text=True,
@@ -60,6 +57,29 @@ def exported(tmp_path_factory):
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """Two runs (without and with learned post-processing), their bundles, the scans, and the masks of
+    medeman infer (``medeman``, ``medeman_rules``, ``medeman_raw``: the second run without its post-processing) and of
+    `python -m monai.bundle run` (``monai``, ``monai_rules``)."""
+    root = tmp_path_factory.mktemp("bundle")
+    net, cfg = trained_teacher()
+    for i, (name, shape, affine) in enumerate(SCANS):
+        write_volume(smooth_scan(shape, seed=i), affine, root / "scans" / f"{name}.nii.gz")
+    for run, extra in (("run", {}), ("run_rules", {"postprocessing": RULES})):
+        (root / run).mkdir()
+        save_teacher(root / run / "teacher.pt", net, cfg, step=60, **extra)
+    assert main(["--model", str(root / "run"), "--format", "bundle", "--out", str(root / "bundle")]) == 0
+    assert main(["--model", str(root / "run_rules"), "--format", "bundle", "--out", str(root / "bundle_rules")]) == 0
+    infer_cases(root / "run", root / "scans", root / "medeman", device="cpu", progress=False)
+    infer_cases(root / "run_rules", root / "scans", root / "medeman_rules", device="cpu", progress=False)
+    infer_cases(
+        root / "run_rules", root / "scans", root / "medeman_raw", device="cpu", progress=False, postprocess=False
+    )
+    _run_bundle(root / "bundle", root / "scans", root / "monai")
+    _run_bundle(root / "bundle_rules", root / "scans", root / "monai_rules")
     return root
 
 
@@ -101,16 +121,47 @@ def test_bundle_network_loads_with_monai_alone(exported):
         assert torch.allclose(net.eval()(x), reference(x), atol=1e-6)
 
 
+def _masks(root, folder, name):
+    image = nib.load(str(root / folder / f"{name}.nii.gz"))
+    return np.asarray(image.dataobj), image.affine
+
+
+@pytest.mark.parametrize("rules", [False, True], ids=["argmax", "learned_rules"])
 @pytest.mark.parametrize("name,shape,affine", SCANS, ids=[s[0] for s in SCANS])
-def test_bundle_masks_agree_with_medeman_infer(exported, name, shape, affine):
-    ours = nib.load(str(exported / "medeman" / f"{name}.nii.gz"))
-    theirs = nib.load(str(exported / "monai" / f"{name}.nii.gz"))
-    a, b = np.asarray(ours.dataobj), np.asarray(theirs.dataobj)
+def test_bundle_masks_agree_with_medeman_infer(exported, name, shape, affine, rules):
+    suffix = "_rules" if rules else ""
+    a, ours_affine = _masks(exported, "medeman" + suffix, name)
+    b, theirs_affine = _masks(exported, "monai" + suffix, name)
     assert a.shape == b.shape == shape
-    np.testing.assert_allclose(theirs.affine, ours.affine, atol=1e-4)
+    np.testing.assert_allclose(theirs_affine, ours_affine, atol=1e-4)
     assert 0.1 < a.mean() < 0.9  # both classes cover a real share: boundaries run through the scan
     agreement = float((a == b).mean())
     assert agreement >= 0.995, f"{name}: {agreement:.4%} of voxels agree"
+
+
+def test_bundle_applies_the_learned_rules(exported):
+    """The rules change medeman's masks (more bright voxels from the scale, at most 2 components left), and the
+    bundle's masks follow them, not the raw argmax; the bundle carries the component script and names the rules."""
+    from scipy import ndimage
+
+    changed = 0
+    for name, _, _ in SCANS:
+        raw, _ = _masks(exported, "medeman_raw", name)
+        ruled, _ = _masks(exported, "medeman_rules", name)
+        theirs, _ = _masks(exported, "monai_rules", name)
+        changed += int((raw != ruled).sum())
+        assert ndimage.label(theirs == 1, structure=np.ones((3, 3, 3)))[1] <= 2
+        assert float((theirs == ruled).mean()) > float((theirs == raw).mean())
+    assert changed > 0
+    bundle = exported / "bundle_rules"
+    assert (bundle / "scripts" / "component_rules.py").is_file()
+    assert not (exported / "bundle" / "scripts" / "component_rules.py").exists()
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())["medeman"]
+    assert meta["class_scales"] == [1.0, 1.5]
+    assert meta["component_rules"] == {"1": {"min_volume_mm3": 60.0, "keep_largest": 2, "drop": False}}
+    readme = (bundle / "docs" / "README.md").read_text()
+    assert "class probabilities x 1.5 (class 1)" in readme and "keep the 2 largest" in readme
+    assert "plain argmax" in (exported / "bundle" / "docs" / "README.md").read_text()
 
 
 def test_bundle_export_keeps_an_earlier_bundle_and_other_folders(exported, tmp_path, capsys):
