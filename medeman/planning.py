@@ -54,6 +54,11 @@ TIME_OVERHEAD = 0.3
 MIN_STEPS = 1000
 DEFAULT_CPU_STEPS = 2000
 DEFAULT_GPU_STEPS = 20000
+# A planned CT window is never narrower than this (HU). medeman scales the window to [0, 1] and its intensity
+# augmentations (noise, brightness, contrast) act in those units, so a narrow window shrinks them in HU: on the organ
+# cohort nnU-Net's foreground clip (149 HU) cost the kidneys 0.074 test Dice (6/6 seeds); 500 HU was the best
+# validation Dice of 400, 500 and 700 (benchmarks/results/plan_ct_window.md)
+MIN_CT_WINDOW_HU = 500.0
 
 
 @dataclass
@@ -457,6 +462,31 @@ def _candidate_config(
     return trial.config()
 
 
+def ct_window(p00_5: float, p99_5: float, min_width: float = MIN_CT_WINDOW_HU) -> tuple[list[float], str]:
+    """The planned CT window: the foreground's 0.5-99.5 percentiles (nnU-Net's CT clip), widened about their centre to
+    ``min_width`` HU where narrower; and the plan's reason for it.
+
+    Examples:
+        >>> ct_window(-5.0, 144.0)[0]  # 149 HU wide: widened about 69.5 HU
+        [-180.5, 319.5]
+        >>> ct_window(-300.0, 500.0)[0]
+        [-300.0, 500.0]
+    """
+    low, high = float(p00_5), float(p99_5)
+    reason = (
+        f"foreground 0.5-99.5 percentiles [{low:.1f}, {high:.1f}] (nnU-Net's CT clip), scaled to [0, 1]: an affine map "
+        "of nnU-Net's z-score that the first convolution and BatchNorm absorb"
+    )
+    if high - low >= min_width:
+        return [round(low, 1), round(high, 1)], reason
+    centre = (low + high) / 2
+    window = [round(centre - min_width / 2, 1), round(centre + min_width / 2, 1)]
+    return window, (
+        f"{reason}, widened about their centre to {min_width:.0f} HU: the intensity augmentations act in window units, "
+        "and a narrower window shrinks them in HU (benchmarks/results/plan_ct_window.md)"
+    )
+
+
 def _common(
     plan: Plan, summary: dict, unlabeled: bool, batch: int, num_classes: int, rare: dict[int, str], gpu: bool
 ) -> None:
@@ -464,15 +494,9 @@ def _common(
     plan.set("data", "num_classes", num_classes, f"label values 0..{num_classes - 1} found in the labeled cases")
     intensity = summary["intensity"]
     if summary["modality_guess"] == "CT":
-        window = [round(intensity["p00_5"], 1), round(intensity["p99_5"], 1)]
+        window, reason = ct_window(intensity["p00_5"], intensity["p99_5"])
         plan.set("data", "modality", "CT", f"intensities in Hounsfield units (minimum {intensity['min']:.0f})")
-        plan.set(
-            "data",
-            "intensity_window",
-            window,
-            "foreground 0.5-99.5 percentiles (nnU-Net's CT clip), scaled to [0, 1]: an affine map of nnU-Net's z-score "
-            "that the first convolution and BatchNorm absorb, in the units of medeman's strong-view noise",
-        )
+        plan.set("data", "intensity_window", window, reason)
     else:
         plan.set(
             "data",
