@@ -716,11 +716,10 @@ def _pseudo(ssl: dict) -> str:
 
 
 def _count(folder: Path) -> int:
-    return (
-        sum(1 for p in Path(folder).glob("*") if p.name.endswith((".nii.gz", ".nii", ".mha", ".nrrd")))
-        if Path(folder).is_dir()
-        else 0
-    )
+    """Image files in ``folder`` (any format medeman reads; 0 where the folder is absent)."""
+    from medeman.data.readers import image_suffix
+
+    return sum(1 for p in Path(folder).iterdir() if image_suffix(p)) if Path(folder).is_dir() else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
