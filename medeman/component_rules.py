@@ -107,9 +107,9 @@ def apply_to_prediction(pred: Any, rules: Mapping[str, Mapping[str, Any]] | None
 
     affine = np.asarray(pred.affine, dtype=np.float64)
     voxel_mm3 = float(np.prod(np.linalg.norm(affine[:3, :3], axis=0)))
-    labels = pred.detach().cpu().numpy()
-    cleaned = apply_component_rules(labels[0], rules, voxel_mm3)
-    if cleaned is labels[0]:
+    labels = pred.detach().cpu().numpy()[0]
+    cleaned = apply_component_rules(labels, rules, voxel_mm3)
+    if cleaned is labels:  # no rule changes anything
         return pred
     out = pred.clone()
     out[0] = torch.as_tensor(cleaned, dtype=pred.dtype, device=pred.device)

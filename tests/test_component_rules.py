@@ -56,6 +56,8 @@ def test_bundle_entry_takes_the_voxel_volume_from_the_affine(voxel_sizes, expect
 
 def test_no_active_rule_returns_the_input_itself():
     labels = _two_components()
+    pred = MetaTensor(torch.from_numpy(labels[None].astype(np.float32)), affine=torch.eye(4))
+    assert apply_to_prediction(pred, {"1": {"min_volume_mm3": 0.0, "keep_largest": 0}}) is pred
     inactive = {"1": {"min_volume_mm3": 0.0, "keep_largest": 0, "drop": False}}
     assert apply_component_rules(labels, inactive, 1.0) is labels
     assert apply_component_rules(labels, None, 1.0) is labels
