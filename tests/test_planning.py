@@ -81,8 +81,8 @@ def test_isotropic_ct_plan_on_a_gpu():
     plan = make_plan(ISOTROPIC_CT, device="gpu", memory_gb=8)
     assert plan.get("data", "spacing") == [1.0, 1.0, 1.0]
     assert plan.get("data", "modality") == "CT"
-    # the foreground percentiles -80..240 (320 HU) widened about their centre, 80 HU, to 500 HU
-    assert plan.get("data", "intensity_window") == [-170.0, 330.0]
+    # the foreground percentiles -80..240 (320 HU) widened about their centre, 80 HU, to 400 HU
+    assert plan.get("data", "intensity_window") == [-120.0, 280.0]
     patch, channels = plan.get("data", "patch_size"), plan.get("model", "channels")
     assert patch == [128, 128, 128]  # shrunk from 160^3 to fit 8 GB, evenly (an isotropic median shape)
     assert len(channels) == unet_levels(patch, 6) == 6 and channels[0] == 32 and max(channels) == 320
@@ -93,8 +93,8 @@ def test_isotropic_ct_plan_on_a_gpu():
 @pytest.mark.parametrize(
     "p00_5, p99_5, width, expected",
     [
-        (-5.0, 144.0, 400.0, [-130.5, 269.5]),  # the organ cohort's 149 HU: centre 69.5 +- 200
-        (-5.0, 144.0, None, [-180.5, 319.5]),  # the planner's width, 500 HU
+        (-5.0, 144.0, 500.0, [-180.5, 319.5]),  # the organ cohort's 149 HU: centre 69.5 +- 250
+        (-5.0, 144.0, None, [-130.5, 269.5]),  # the planner's width, 400 HU
         (-300.0, 500.0, 400.0, [-300.0, 500.0]),  # wide enough: nnU-Net's clip as it is
         (0.0, 400.0, 400.0, [0.0, 400.0]),  # exactly the width
         (10.0, 20.0, 100.0, [-35.0, 65.0]),
@@ -104,7 +104,7 @@ def test_ct_window_is_the_foreground_clip_widened_about_its_centre(p00_5, p99_5,
     window, reason = ct_window(p00_5, p99_5) if width is None else ct_window(p00_5, p99_5, width)
     assert window == expected
     assert f"[{p00_5:.1f}, {p99_5:.1f}]" in reason
-    assert ("widened about their centre" in reason) == (p99_5 - p00_5 < (width or 500.0))
+    assert ("widened about their centre" in reason) == (p99_5 - p00_5 < (width or 400.0))
 
 
 def test_anisotropic_mr_plan_keeps_thick_slices_and_a_flat_patch():
