@@ -28,6 +28,7 @@ import numpy as np
 import yaml
 
 from medeman.config import SCHEMA, default_config, merge, validate
+from medeman.schedules import steady_state_config
 from medeman.typed_config import Config, as_config
 
 # nnU-Net's anisotropy rule: an axis whose spacing is over 3x the finest one, and whose extent in
@@ -256,24 +257,13 @@ class Recipe:
 StepTimer = Callable[[dict], float]
 
 
-def steady_state_config(cfg: Config | dict) -> dict:
-    """``cfg`` (a plain dict copy) whose first step is already a steady-state step of the run: no supervised warm-up, no
-    ramp-up, no BCP pre-training, so a method runs all of its passes from step 0 (what most of a run's steps do)."""
-    plain_cfg = copy.deepcopy(cfg.to_dict() if isinstance(cfg, Config) else cfg)
-    ssl = plain_cfg["ssl"]
-    ssl.update(warmup_steps=0, rampup_steps=0)
-    if "bcp_pretrain_steps" in ssl:
-        ssl["bcp_pretrain_steps"] = 0
-    return validate(plain_cfg)
-
-
 def time_training_steps(cfg: Config | dict, steps: int = 5, device: str = "cpu", warmup: int = 2) -> float:
     """Median seconds of one real training step of ``cfg``'s method, network and patch on random data.
 
     Builds the LightningModule as training does and runs the method's loss, the backward pass, the
     optimizer step and the teacher update, after ``warmup`` untimed steps (with one, the timed steps
     still came out 25 % slower than the run's: allocator and oneDNN warm-up). The steps are the run's
-    steady state (:func:`steady_state_config`: the unsupervised losses at full weight), not its supervised
+    steady state (:func:`medeman.schedules.steady_state_config`: the unsupervised losses at full weight), not its supervised
     warm-up, which skips the unlabeled passes: on the sample cohort's planned mean-teacher recipe (2 threads)
     the warm-up step timed 0.057 s, the steady-state step 0.127 s and the run's mean step was 0.137 s, so a
     3-minute budget ran 5 minutes. Data loading is not included: the plan leaves :data:`TIME_OVERHEAD` of the budget for

@@ -12,6 +12,7 @@ and the docs read it.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,3 +69,17 @@ def run_schedule(cfg: Config | dict[str, Any]) -> RunSchedule:
             1, resolved(cfg.data.unlabeled_focus_every_steps, cfg.data.unlabeled_focus_every_fraction)
         ),
     )
+
+
+def steady_state_config(cfg: Config | dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` (a validated plain-dict copy) without the run's opening phases: no supervised warm-up, no ramp-up, no BCP
+    pre-training, so every method runs all of its passes from step 0, as most of a run's steps do (what
+    :func:`medeman.planning.time_training_steps` times)."""
+    from medeman.config import validate
+
+    plain_cfg = copy.deepcopy(cfg.to_dict() if isinstance(cfg, Config) else cfg)
+    ssl = plain_cfg["ssl"]
+    ssl.update(warmup_steps=0, rampup_steps=0)
+    if "bcp_pretrain_steps" in ssl:  # BCP's own key: present when the method is BCP
+        ssl["bcp_pretrain_steps"] = 0
+    return validate(plain_cfg)
